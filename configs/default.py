@@ -1,0 +1,75 @@
+"""The README's main job: portraits + CCP on a CPU laptop in about an hour, a useful model."""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Default configuration; every other config starts from this one."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_devices = 0  # 0 = every device of every process
+
+    c.data = ml_collections.ConfigDict()
+    # name:weight pairs; each training batch holds examples in these proportions.
+    c.data.train = "portrait_segmentation:1,ccp_person:1"
+    c.data.train_split = "train"
+    c.data.eval = "portrait_segmentation,ccp_person"
+    c.data.eval_split = "validation"
+    c.data.image_size = 128
+    c.data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.folder = ""  # a person_folder dataset's root, when used
+    c.data.num_workers = 2  # decoding/augmentation threads per process
+    c.data.prefetch = 2  # batches prepared ahead, on device
+
+    c.data.aug = ml_collections.ConfigDict()
+    c.data.aug.enabled = True
+    c.data.aug.scale_min = 0.75  # zoom range of the random scale-and-crop
+    c.data.aug.scale_max = 1.25
+    c.data.aug.max_shift = 0.1  # fraction of the image size
+    c.data.aug.rotate_degrees = 10.0
+    c.data.aug.hflip = True
+    c.data.aug.brightness = 0.2
+    c.data.aug.contrast = 0.2
+    c.data.aug.saturation = 0.2
+
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 4
+    c.model.base_features = 16
+    c.model.norm = "batch"
+    c.model.residual = False
+    c.model.dropout = 0.1
+    c.model.upsample = "transpose"
+    c.model.num_classes = 1
+    c.model.compute_dtype = "float32"
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.ce_weight = 1.0
+    c.loss.dice_weight = 1.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.optimizer = "adamw"
+    c.optim.learning_rate = 3e-3
+    c.optim.final_lr_fraction = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 1e-4
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 100
+    c.optim.step_fractions = (0.6, 0.85)
+    c.optim.step_decay = 0.1
+    c.optim.grad_clip_norm = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 16  # global, over all devices and processes
+    c.train.num_steps = 4000
+    c.train.log_every = 50
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.num_logged_images = 4
+    c.train.init_checkpoint = ""  # used only when the workdir has no checkpoint yet
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 16
+    c.eval.threshold = 0.5
+    c.eval.flip_tta = False
+    return c

@@ -1,0 +1,104 @@
+"""Orbax checkpoints of the train state: the last N periodic saves, and the best by validation IoU.
+
+Layout under the workdir: `checkpoints/<step>/` (latest N) and `best/<step>/` (one, highest
+validation IoU). Each holds `state` (the train-state pytree) and `meta` (JSON: config, step,
+data position, metrics). Orbax writes to a temporary directory and renames it when complete, so a
+hard kill during a save leaves the previous checkpoint usable.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+
+
+def _manager(directory: pathlib.Path, options: ocp.CheckpointManagerOptions):
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
+
+
+class Checkpoints:
+    """The workdir's two checkpoint series (periodic and best)."""
+
+    def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        workdir = pathlib.Path(workdir)
+        self.latest = _manager(workdir / LATEST_DIR, ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
+            create=not read_only))
+        self.best = _manager(workdir / BEST_DIR, ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m["val_iou"], best_mode="max",
+            keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save,
+            read_only=read_only, create=not read_only))
+
+    def save(self, step: int, state, meta: dict, *, force: bool = False) -> None:
+        """Periodic save (asynchronous): the state and its JSON metadata."""
+        self.latest.save(step, args=_save_args(state, meta), force=force)
+
+    def save_best(self, step: int, state, meta: dict, val_iou: float) -> None:
+        """Offers a checkpoint to the best series; orbax keeps it only if its IoU is the highest."""
+        self.best.save(step, args=_save_args(state, meta), metrics={"val_iou": float(val_iou)},
+                       force=True)
+
+    def latest_step(self) -> int | None:
+        """Newest periodic step, or None."""
+        return self.latest.latest_step()
+
+    def best_step(self) -> int | None:
+        """Step of the best checkpoint, or None."""
+        return self.best.best_step()
+
+    def resolve(self, which: str) -> tuple[ocp.CheckpointManager, int]:
+        """'best', 'latest' or a step number -> (manager, step); errors name what exists."""
+        if which == "best":
+            step = self.best_step()
+            if step is not None:
+                return self.best, step
+            which = "latest"  # a run that never validated still has its latest checkpoint
+        if which == "latest":
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.latest.directory}")
+            return self.latest, step
+        step = int(which)
+        for manager in (self.latest, self.best):
+            if step in manager.all_steps():
+                return manager, step
+        raise FileNotFoundError(
+            f"no checkpoint at step {step}; available: periodic {self.latest.all_steps()}, "
+            f"best {self.best.all_steps()}")
+
+    def restore(self, which: str | int, abstract_state) -> tuple[object, dict, int]:
+        """Restores onto `abstract_state` (shapes, dtypes and target shardings): (state, meta, step)."""
+        manager, step = self.resolve(str(which))
+        out = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return out.state, dict(out.meta), step
+
+    def read_meta(self, which: str | int) -> tuple[dict, int]:
+        """Only the JSON metadata of a checkpoint: (meta, step)."""
+        manager, step = self.resolve(str(which))
+        out = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out.meta), step
+
+    def wait(self) -> None:
+        """Blocks until every asynchronous save has been committed."""
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the managers."""
+        self.latest.close()
+        self.best.close()
+
+
+def _save_args(state, meta: dict):
+    return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+
+def abstract_like(state, sharding) -> object:
+    """ShapeDtypeStructs of `state` placed with `sharding` (restore onto any device count)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)

@@ -1,0 +1,64 @@
+"""Validation of a training/evaluation config before any data or device is touched."""
+from __future__ import annotations
+
+from jaxseg import datasets, input_pipeline
+
+_CHOICES = {
+    "model.norm": ("batch", "group"),
+    "model.upsample": ("transpose", "resize"),
+    "model.num_classes": (1, 2),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "optim.schedule": ("cosine", "constant", "step"),
+    "optim.optimizer": ("adamw",),
+}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, with what to change."""
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def validate(config, num_devices: int) -> None:
+    """Raises ConfigError naming the field and the fix for the first impossible value found."""
+    problems = []
+    for field, allowed in _CHOICES.items():
+        if _get(config, field) not in allowed:
+            problems.append(f"{field}={_get(config, field)!r} is not one of {allowed}")
+    size, depth = config.data.image_size, config.model.depth
+    if depth < 1 or size % (2**depth):
+        problems.append(
+            f"data.image_size={size} must be divisible by 2**model.depth={2**depth}: "
+            f"use a multiple of {2**depth}, or a smaller depth")
+    for field in ("train.batch_size", "eval.batch_size"):
+        batch = _get(config, field)
+        if batch <= 0 or batch % num_devices:
+            problems.append(
+                f"{field}={batch} must be a positive multiple of the {num_devices} devices "
+                f"in use (set --config.{field} to a multiple, or --config.num_devices)")
+    for field in ("train.num_steps", "train.log_every", "train.eval_every",
+                  "train.checkpoint_every", "model.base_features", "optim.learning_rate"):
+        if _get(config, field) <= 0:
+            problems.append(f"{field}={_get(config, field)} must be positive")
+    if not 0 <= config.model.dropout < 1:
+        problems.append(f"model.dropout={config.model.dropout} must be in [0, 1)")
+    if not 0 < config.eval.threshold < 1:
+        problems.append(f"eval.threshold={config.eval.threshold} must be in (0, 1)")
+    try:
+        names = [n for n, _ in input_pipeline.parse_mixture(config.data.train)]
+        names += [n for n, _ in input_pipeline.parse_mixture(config.data.eval)]
+    except ValueError as e:
+        problems.append(f"data.train / data.eval: {e}")
+        names = []
+    for name in names:
+        if name not in datasets.DATASETS:
+            problems.append(f"unknown dataset {name!r} in data.train/data.eval; known: {datasets.DATASETS}")
+        if name == "person_folder" and not config.data.folder:
+            problems.append("person_folder needs --config.data.folder=PATH")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,213 @@
+"""Reading and validating photos and person masks for the dataset builders.
+
+Photos decode to uint8 HxWx3 RGB with the EXIF orientation applied; masks to
+uint8 HxW of 0 (background) / 1 (person). Every problem with a file surfaces as
+`BadFile`, whose message is the reason written to the build report.
+"""
+import dataclasses
+import io
+import pathlib
+
+import cv2
+import numpy as np
+import scipy.io
+from PIL import Image
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientations 5..8 swap width and height.
+_TRANSPOSING = frozenset({5, 6, 7, 8})
+
+
+class BadFile(ValueError):
+    """A file that cannot be used; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Photo:
+    """A validated photo: its displayed size and how it will be stored."""
+
+    path: pathlib.Path
+    height: int  # after the EXIF orientation
+    width: int
+    orientation: int  # EXIF orientation, 1 = as stored
+    as_is: bool  # the original file bytes are stored (plain 8-bit RGB JPEG, no rotation)
+    notes: tuple[str, ...]  # conversions applied, for the build report
+
+
+def _read_bytes(path: pathlib.Path) -> bytes:
+    try:
+        data = pathlib.Path(path).read_bytes()
+    except OSError as e:
+        raise BadFile(f"cannot read file: {e}") from e
+    if not data:
+        raise BadFile("empty file (0 bytes)")
+    return data
+
+
+def _open_checked(data: bytes) -> Image.Image:
+    """Open and fully decode with Pillow, which raises on truncated or corrupt data.
+
+    OpenCV decodes a truncated JPEG partially with only a warning on stderr, so
+    Pillow's full decode is the check that the pixel data is complete.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as e:  # Pillow signals bad data with many exception types.
+        raise BadFile(f"not a readable image: {type(e).__name__}: {e}") from e
+    return image
+
+
+def _orientation(image: Image.Image) -> int:
+    value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    return value if value in range(1, 9) else 1
+
+
+def orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply EXIF ORIENTATION (1..8) to an HxW[xC] array, as a viewer displays it."""
+    transposed = np.swapaxes(array, 0, 1)
+    return {
+        1: array,
+        2: array[:, ::-1],
+        3: array[::-1, ::-1],
+        4: array[::-1],
+        5: transposed,
+        6: transposed[:, ::-1],  # rotate 90 degrees clockwise
+        7: transposed[::-1, ::-1],
+        8: transposed[::-1],  # rotate 90 degrees counter-clockwise
+    }[orientation]
+
+
+def _decode_rgb(data: bytes, orientation: int) -> tuple[np.ndarray, list[str]]:
+    """Decode to uint8 RGB the way OpenCV reads the stored bytes back, then orient."""
+    # IMREAD_COLOR turns grayscale, palette, RGBA and CMYK into 3 channels;
+    # ANYDEPTH keeps 16 bits so that the reduction to 8 bits is explicit here.
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if bgr is None:
+        raise BadFile("OpenCV cannot decode the image")
+    notes = []
+    if bgr.dtype == np.uint16:
+        bgr = (bgr >> 8).astype(np.uint8)
+        notes.append("16-bit image reduced to 8 bits")
+    elif bgr.dtype != np.uint8:
+        raise BadFile(f"unsupported pixel type {bgr.dtype}")
+    rgb = np.ascontiguousarray(orient(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), orientation))
+    return rgb, notes
+
+
+def probe_photo(path: pathlib.Path) -> Photo:
+    """Validate the photo at PATH fully (decodes it) and describe how to store it."""
+    data = _read_bytes(path)
+    image = _open_checked(data)
+    orientation = _orientation(image)
+    as_is = image.format == "JPEG" and image.mode == "RGB" and orientation == 1
+    notes = []
+    if image.mode != "RGB":
+        notes.append(f"{image.mode} image converted to RGB")
+    if orientation != 1:
+        notes.append(f"EXIF orientation {orientation} applied")
+    height, width = image.height, image.width
+    if not as_is:
+        # Converted photos are decoded again when written; decoding here proves
+        # that OpenCV reads them and gives the size Pillow reported.
+        rgb, depth_notes = _decode_rgb(data, orientation)
+        notes += depth_notes
+        if orientation in _TRANSPOSING:
+            height, width = width, height
+        if rgb.shape[:2] != (height, width):
+            raise BadFile(f"OpenCV decodes {rgb.shape[1]}x{rgb.shape[0]}, Pillow {width}x{height}")
+    return Photo(pathlib.Path(path), height, width, orientation, as_is, tuple(notes))
+
+
+def read_photo(path: pathlib.Path) -> np.ndarray:
+    """The photo at PATH as uint8 HxWx3 RGB, EXIF orientation applied (the stored pixels)."""
+    data = _read_bytes(path)
+    return _decode_rgb(data, _orientation(_open_checked(data)))[0]
+
+
+def photo_bytes(photo: Photo) -> bytes:
+    """Encoded image to store: the original JPEG when it decodes unchanged, else lossless PNG."""
+    data = _read_bytes(photo.path)
+    if photo.as_is:
+        return data
+    return encode_png(_decode_rgb(data, photo.orientation)[0])
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Lossless PNG of a uint8 HxW (gray) or HxWx3 (RGB) array."""
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".png", array)
+    if not ok:
+        raise BadFile("PNG encoding failed")
+    return buffer.tobytes()
+
+
+def read_mask_image(path: pathlib.Path) -> np.ndarray:
+    """Raw values of a mask image as a 2-D array (palette images give their indices)."""
+    image = _open_checked(_read_bytes(path))
+    if image.mode in ("P", "PA", "L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(image)
+        return values[..., 0] if values.ndim == 3 else values.astype(np.uint8) if values.dtype == bool else values
+    # Colour masks: any bright channel marks the person (alpha is ignored).
+    return np.asarray(image.convert("RGB")).max(axis=2)
+
+
+def read_mat(path: pathlib.Path, variable: str) -> np.ndarray:
+    """Variable VARIABLE of the MATLAB file at PATH."""
+    if not pathlib.Path(path).stat().st_size:
+        raise BadFile("empty file (0 bytes)")
+    try:
+        return scipy.io.loadmat(path, variable_names=[variable])[variable]
+    except KeyError as e:
+        raise BadFile(f"no variable {variable!r} in the .mat file") from e
+    except Exception as e:  # scipy signals bad files with many exception types.
+        raise BadFile(f"not a readable .mat file: {type(e).__name__}: {e}") from e
+
+
+def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """0/1 uint8 mask from 0/1 or 0/255 (0/65535) values; a note when other values occur."""
+    if ((values == 0) | (values == 1)).all():
+        return (values == 1).astype(np.uint8), None
+    top = values.max()
+    full = 255 if top <= 255 else 65535
+    if ((values == 0) | (values == full)).all():
+        return (values == full).astype(np.uint8), None
+    # Small maxima mean a 0/1-style (or label) mask with stray values.
+    threshold = 0 if top < 128 else full // 2
+    note = f"mask values other than 0/1/{full} (max {top}); person = value > {threshold}"
+    return (values > threshold).astype(np.uint8), note
+
+
+def _same_aspect(mask_hw: tuple[int, int], photo_hw: tuple[int, int]) -> bool:
+    """True when MASK_HW is PHOTO_HW scaled, allowing one pixel of rounding."""
+    (h, w), (big_h, big_w) = mask_hw, photo_hw
+    return abs(w - big_w * h / big_h) <= 1 or abs(h - big_h * w / big_w) <= 1
+
+
+def fit_mask(mask: np.ndarray, photo: Photo) -> tuple[np.ndarray, str | None]:
+    """MASK sized to PHOTO: rescaled (nearest) at the same aspect ratio, else `BadFile`.
+
+    A mask that matches the photo's stored pixels rather than its EXIF-rotated
+    view (only detectable when the rotation swaps width and height) is rotated
+    with the photo. Same-shape masks are taken to follow the displayed view.
+    """
+    size = (photo.height, photo.width)
+    note = None
+    if not _same_aspect(mask.shape, size):
+        if photo.orientation in _TRANSPOSING and _same_aspect(mask.shape, size[::-1]):
+            mask = np.ascontiguousarray(orient(mask, photo.orientation))
+            note = f"mask follows the unrotated photo; EXIF orientation {photo.orientation} applied to it"
+        else:
+            raise BadFile(
+                f"mask is {mask.shape[1]}x{mask.shape[0]} but the photo is "
+                f"{photo.width}x{photo.height}: different aspect ratio"
+            )
+    if mask.shape != size:
+        resized = f"mask {mask.shape[1]}x{mask.shape[0]} resized to {photo.width}x{photo.height}"
+        note = f"{note}; {resized}" if note else resized
+        mask = cv2.resize(mask, (photo.width, photo.height), interpolation=cv2.INTER_NEAREST)
+    return mask, note

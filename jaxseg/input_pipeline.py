@@ -1,0 +1,199 @@
+"""Input pipeline: random-access sources -> per-process numpy batches -> global sharded arrays.
+
+Training batches are a pure function of (seed, step): slot j of the global batch at step s is
+fixed by the mixture proportions and a per-epoch permutation of each dataset, and its augmentation
+is keyed by (seed, s, j). Each process decodes only the slots that live on its own devices, so a
+resumed run, or a run on another number of processes, sees exactly the same global batches.
+
+Evaluation visits every example once in fixed order: each process takes a contiguous shard of the
+split, all processes run the same number of batches, and padding rows carry `valid = 0`.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from jaxseg import preprocess, resolution, sharding
+
+ID_BYTES = 64  # ids travel inside batches as fixed-width uint8 rows, so they gather like numbers
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """'a:1,b:2' -> [('a', 1.0), ('b', 2.0)]; a missing weight is 1."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, weight = item.partition(":")
+        w = float(weight) if weight else 1.0
+        if w <= 0:
+            raise ValueError(f"mixture weight for {name!r} must be positive, got {w}")
+        out.append((name.strip(), w))
+    if not out:
+        raise ValueError(f"empty dataset mixture {spec!r}")
+    return out
+
+
+def mixture_counts(weights: Sequence[float], batch_size: int) -> list[int]:
+    """Examples per dataset in each batch: proportional, largest remainder, each at least 1."""
+    if batch_size < len(weights):
+        raise ValueError(f"batch size {batch_size} is smaller than the {len(weights)} mixed datasets")
+    w = np.asarray(weights, np.float64) / np.sum(weights)
+    extra = batch_size - len(w)
+    raw = w * extra
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: extra - counts.sum()]:
+        counts[i] += 1
+    return list(counts + 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_permutation(seed: int, dataset: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, dataset, epoch]).permutation(n)
+
+
+def encode_id(example_id: str) -> np.ndarray:
+    """Fixed-width uint8 row for an id (utf-8, zero padded)."""
+    raw = example_id.encode("utf-8")
+    if len(raw) > ID_BYTES:
+        raise ValueError(f"example id longer than {ID_BYTES} bytes: {example_id!r}")
+    return np.frombuffer(raw.ljust(ID_BYTES, b"\0"), np.uint8)
+
+
+def decode_id(row: np.ndarray) -> str:
+    """Inverse of encode_id."""
+    return bytes(np.asarray(row, np.uint8)).rstrip(b"\0").decode("utf-8")
+
+
+class TrainBatches:
+    """Endless training batches of this process's slots, starting at `start_step`."""
+
+    def __init__(self, sources: Sequence, weights: Sequence[float], *, global_batch: int,
+                 image_size: int, aug, seed: int, start_step: int = 0,
+                 slots: slice | None = None, num_workers: int = 2, prefetch: int = 2):
+        self.sources = list(sources)
+        for src in self.sources:
+            if len(src) == 0:
+                raise ValueError(f"training source {src!r} has no examples")
+        self.counts = mixture_counts(weights, global_batch)
+        self.global_batch = global_batch
+        self.image_size = image_size
+        self.aug = aug
+        self.seed = seed
+        self.step = start_step
+        self.slots = slots or slice(0, global_batch)
+        self.prefetch = prefetch
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers))
+        self._pending: collections.deque = collections.deque()
+
+    def example_at(self, step: int, slot: int) -> tuple[int, int]:
+        """(dataset number, example index) that fills `slot` of the global batch at `step`."""
+        offset = 0
+        for d, n_d in enumerate(self.counts):
+            if slot < offset + n_d:
+                position = step * n_d + (slot - offset)
+                size = len(self.sources[d])
+                epoch, within = divmod(position, size)
+                return d, int(_epoch_permutation(self.seed, d, epoch, size)[within])
+            offset += n_d
+        raise IndexError(f"slot {slot} outside a batch of {self.global_batch}")
+
+    def _load(self, step: int, slot: int):
+        d, i = self.example_at(step, slot)
+        return preprocess.train_example(self.sources[d][i], self.image_size, self.aug,
+                                        self.seed, step, slot)
+
+    def _submit(self, step: int):
+        slots = range(self.slots.start, self.slots.stop)
+        return [self._pool.submit(self._load, step, j) for j in slots]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while len(self._pending) < self.prefetch + 1:
+            self._pending.append(self._submit(self.step + len(self._pending)))
+        futures = self._pending.popleft()
+        self.step += 1
+        images, masks = zip(*(f.result() for f in futures))
+        return {"image": np.stack(images), "mask": np.stack(masks),
+                "valid": np.ones(len(images), np.float32)}
+
+    def close(self):
+        """Stops the worker threads (pending work is dropped)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def example_sizes(source) -> np.ndarray:
+    """(N, 2) heights and widths of every example of a source (reads each once)."""
+    return np.array([source[i]["image"].shape[:2] for i in range(len(source))], np.int32)
+
+
+def process_shard(n: int, process_index: int, process_count: int) -> range:
+    """Contiguous, near-equal share of n examples for one process."""
+    per = -(-n // process_count)
+    return range(min(n, process_index * per), min(n, (process_index + 1) * per))
+
+
+class EvalBatches:
+    """One pass over a source in fixed order, padded, the same batch count on every process.
+
+    Each local batch has: image (b,S,S,3) and mask (b,S,S,1) at model resolution; full_mask
+    (b,H,W) on the canvas at original resolution; size (b,2) original (height, width); valid (b,);
+    regions (b,) connected person regions in the ground truth; id (b, ID_BYTES) uint8.
+    """
+
+    def __init__(self, source, *, local_batch: int, image_size: int,
+                 canvas: tuple[int, int], process_index: int = 0, process_count: int = 1,
+                 num_workers: int = 2):
+        self.source = source
+        self.image_size = image_size
+        self.canvas = canvas
+        self.local_batch = local_batch
+        self.indices = process_shard(len(source), process_index, process_count)
+        per_process = -(-len(source) // process_count)
+        self.num_batches = max(1, -(-per_process // local_batch))
+        self.num_workers = num_workers
+
+    def _example(self, i: int | None):
+        s, c = self.image_size, self.canvas
+        if i is None:
+            return (np.zeros((s, s, 3), np.uint8), np.zeros((s, s, 1), np.uint8),
+                    np.zeros(c, np.uint8), np.zeros(2, np.int32), 0.0, 0,
+                    np.zeros(ID_BYTES, np.uint8))
+        ex = self.source[i]
+        image, mask = preprocess.model_input(ex, s)
+        full = ex["mask"][..., 0]
+        regions = cv2.connectedComponents(full.astype(np.uint8), connectivity=8)[0] - 1
+        return (image, mask, resolution.pad_to_canvas(full, c), np.array(full.shape, np.int32),
+                1.0, regions, encode_id(ex["id"]))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        order = list(self.indices)
+        order += [None] * (self.num_batches * self.local_batch - len(order))
+        keys = ("image", "mask", "full_mask", "size", "valid", "regions", "id")
+        with concurrent.futures.ThreadPoolExecutor(max(1, self.num_workers)) as pool:
+            for b in range(self.num_batches):
+                rows = pool.map(self._example, order[b * self.local_batch:(b + 1) * self.local_batch])
+                cols = zip(*rows)
+                batch = {k: np.stack(v) for k, v in zip(keys, cols)}
+                batch["valid"] = batch["valid"].astype(np.float32)
+                batch["regions"] = batch["regions"].astype(np.int32)
+                yield batch
+
+
+def prefetch_to_mesh(batches, mesh, size: int = 2) -> Iterator[dict]:
+    """Turns local numpy batches into global arrays on the mesh, `size` batches ahead."""
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(sharding.to_global(batch, mesh))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

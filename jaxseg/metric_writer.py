@@ -1,0 +1,53 @@
+"""Training logs: a JSONL file (one record per logged step) and TensorBoard scalars and images."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricWriter:
+    """Writes on process 0 only; other processes get a writer that does nothing."""
+
+    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
+
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(workdir / METRICS_FILE, "a", encoding="utf-8")
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def scalars(self, step: int, values: dict, *, kind: str = "train") -> None:
+        """One JSONL record {"step", "kind", **values} and the same values as TensorBoard scalars."""
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items()}
+        self._jsonl.write(json.dumps({"step": int(step), "kind": kind, **clean}) + "\n")
+        self._jsonl.flush()
+        for k, v in clean.items():
+            self._tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def images(self, step: int, tag: str, images: np.ndarray) -> None:
+        """uint8 (N, H, W, 3) images to TensorBoard."""
+        if self.enabled:
+            self._tb.add_images(tag, np.asarray(images), step, dataformats="NHWC")
+
+    def close(self) -> None:
+        """Flushes and closes the files."""
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+    """All records of a workdir's metrics file (empty when there is none)."""
+    path = pathlib.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

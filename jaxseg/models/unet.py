@@ -1,0 +1,161 @@
+"""A Flax NNX U-Net for binary person segmentation.
+
+Two formulations are chosen for speed on CPU backends, both exactly equivalent to the textbook
+layers: 2x2/stride-2 max-pooling is a reshape and a max (XLA's generic reduce_window backward is
+slow), and the 2x2/stride-2 transposed convolution is a 1x1 convolution to 4x the channels followed
+by a depth-to-space rearrangement (same parameters, same function, fast gradients).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Images arrive as uint8 RGB; the model owns its input normalisation so that every caller
+# (training, evaluation, prediction, exports) feeds raw pixels the same way.
+_RGB_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+_RGB_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pooling with stride 2 (NHWC, even H and W)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def depth_to_space_2x2(x: jax.Array) -> jax.Array:
+    """Rearranges (B, H, W, 4C) into (B, 2H, 2W, C); channel index = (dy * 2 + dx) * C + c."""
+    b, h, w, c4 = x.shape
+    c = c4 // 4
+    x = x.reshape(b, h, w, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def _norm(kind: str, features: int, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    if kind == "batch":
+        return nnx.BatchNorm(features, momentum=0.9, dtype=dtype, rngs=rngs)
+    if kind == "group":
+        return nnx.GroupNorm(features, num_groups=min(8, features), dtype=dtype, rngs=rngs)
+    raise ValueError(f"unknown normalisation {kind!r}: use 'batch' or 'group'")
+
+
+class ConvBlock(nnx.Module):
+    """Two 3x3 conv -> norm -> ReLU layers, optionally with a residual (1x1-projected) shortcut."""
+
+    def __init__(self, cin: int, cout: int, *, norm: str, residual: bool, dtype, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(cin, cout, (3, 3), use_bias=False, dtype=dtype, rngs=rngs)
+        self.norm1 = _norm(norm, cout, dtype, rngs)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, dtype=dtype, rngs=rngs)
+        self.norm2 = _norm(norm, cout, dtype, rngs)
+        self.shortcut = (
+            nnx.Conv(cin, cout, (1, 1), use_bias=False, dtype=dtype, rngs=rngs) if residual else None
+        )
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        y = jax.nn.relu(self._apply_norm(self.norm1, self.conv1(x), train))
+        y = self._apply_norm(self.norm2, self.conv2(y), train)
+        if self.shortcut is not None:
+            y = y + self.shortcut(x)
+        return jax.nn.relu(y)
+
+    @staticmethod
+    def _apply_norm(norm: nnx.Module, x: jax.Array, train: bool) -> jax.Array:
+        if isinstance(norm, nnx.BatchNorm):
+            return norm(x, use_running_average=not train)
+        return norm(x)
+
+
+class Upsample(nnx.Module):
+    """2x upsampling: 'transpose' (exact 2x2/stride-2 transposed conv) or 'resize' (nearest + 3x3 conv)."""
+
+    def __init__(self, cin: int, cout: int, *, mode: str, dtype, rngs: nnx.Rngs):
+        if mode not in ("transpose", "resize"):
+            raise ValueError(f"unknown upsampling {mode!r}: use 'transpose' or 'resize'")
+        self.mode = mode
+        if mode == "transpose":
+            self.conv = nnx.Conv(cin, 4 * cout, (1, 1), dtype=dtype, rngs=rngs)
+        else:
+            self.conv = nnx.Conv(cin, cout, (3, 3), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.mode == "transpose":
+            return depth_to_space_2x2(self.conv(x))
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+class UNet(nnx.Module):
+    """U-Net: `depth` 2x downsamplings, widths base * 2**level, skip connections by concatenation.
+
+    Input: uint8 or float RGB images (B, H, W, 3) in 0..255, H and W divisible by 2**depth.
+    Output: float32 logits (B, H, W, num_classes); num_classes 1 = sigmoid person logit,
+    2 = softmax over (background, person).
+    """
+
+    def __init__(
+        self,
+        *,
+        depth: int = 4,
+        base_features: int = 16,
+        norm: str = "batch",
+        residual: bool = False,
+        dropout: float = 0.0,
+        upsample: str = "transpose",
+        num_classes: int = 1,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if num_classes not in (1, 2):
+            raise ValueError(f"num_classes must be 1 (sigmoid) or 2 (softmax), got {num_classes}")
+        self.depth = depth
+        self.dtype = dtype
+        widths = [base_features * 2**i for i in range(depth + 1)]
+        block = dict(norm=norm, residual=residual, dtype=dtype, rngs=rngs)
+        self.down = nnx.List(
+            [ConvBlock(3 if i == 0 else widths[i - 1], widths[i], **block) for i in range(depth)]
+        )
+        self.bottleneck = ConvBlock(widths[depth - 1], widths[depth], **block)
+        self.dropout = nnx.Dropout(dropout)
+        self.up = nnx.List(
+            [Upsample(widths[i + 1], widths[i], mode=upsample, dtype=dtype, rngs=rngs)
+             for i in reversed(range(depth))]
+        )
+        self.up_blocks = nnx.List(
+            [ConvBlock(2 * widths[i], widths[i], **block) for i in reversed(range(depth))]
+        )
+        self.head = nnx.Conv(widths[0], num_classes, (1, 1), dtype=dtype, rngs=rngs)
+
+    def __call__(self, images: jax.Array, *, train: bool = False,
+                 dropout_key: jax.Array | None = None):
+        """Logits for a batch of RGB images; `dropout_key` is needed when training with dropout."""
+        size = 2**self.depth
+        if images.shape[1] % size or images.shape[2] % size:
+            raise ValueError(
+                f"image size {images.shape[1:3]} must be divisible by 2**depth = {size}"
+            )
+        x = (images.astype(jnp.float32) - jnp.array(_RGB_MEAN)) / jnp.array(_RGB_STD)
+        x = x.astype(self.dtype)
+        skips = []
+        for block in self.down:
+            x = block(x, train)
+            skips.append(x)
+            x = max_pool_2x2(x)
+        x = self.bottleneck(x, train)
+        x = self.dropout(x, deterministic=not train, rngs=dropout_key)
+        for up, block, skip in zip(self.up, self.up_blocks, reversed(skips)):
+            x = block(jnp.concatenate([up(x), skip], axis=-1), train)
+        return self.head(x).astype(jnp.float32)
+
+
+def create_model(model_config, *, seed: int = 0) -> UNet:
+    """Builds the U-Net described by a config's `model` section."""
+    return UNet(
+        depth=model_config.depth,
+        base_features=model_config.base_features,
+        norm=model_config.norm,
+        residual=model_config.residual,
+        dropout=model_config.dropout,
+        upsample=model_config.upsample,
+        num_classes=model_config.num_classes,
+        dtype=jnp.dtype(model_config.compute_dtype),
+        rngs=nnx.Rngs(params=seed),
+    )

@@ -1,0 +1,308 @@
+"""Data-parallel training: `python -m jaxseg.train --config configs/default.py --workdir DIR`.
+
+The train state (model parameters, batch statistics, optimiser state and step) is one pytree,
+replicated over a 1-D device mesh; each batch is sharded over the mesh axis 'data' and XLA inserts
+the gradient all-reduce and BatchNorm's cross-device statistics. Running the same command again
+resumes from the workdir's latest checkpoint (resume order: workdir > train.init_checkpoint >
+scratch); the batch at step s depends only on (seed, s), so a resumed run is exact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxseg import (checkpointing, config_check, datasets, distributed, input_pipeline, losses,
+                    metric_writer, optim, sharding)
+from jaxseg.models import create_model
+
+log = logging.getLogger("jaxseg.train")
+
+
+def create_train_state(config):
+    """(graphdef, state) of {'model', 'opt'} for a config; state is the checkpointed pytree."""
+    model = create_model(config.model, seed=config.seed)
+    tx = optim.make_optimizer(config.optim, config.train.num_steps)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return nnx.split({"model": model, "opt": optimizer})
+
+
+def make_train_step(graphdef, config, mesh):
+    """The jitted, state-donating train step: (state, batch) -> (state, metrics).
+
+    A step whose loss or gradient is not finite leaves the state unchanged and reports
+    `finite = False`; the loop stops on it.
+    """
+    schedule = optim.make_schedule(config.optim, config.train.num_steps)
+    dropout_root = jax.random.key(config.seed + 1)
+
+    def step_fn(state, batch):
+        nodes = nnx.merge(graphdef, state)
+        model, optimizer = nodes["model"], nodes["opt"]
+        step = optimizer.step[...]
+        dropout_key = jax.random.fold_in(dropout_root, step)
+
+        def loss_fn(model):
+            logits = model(batch["image"], train=True, dropout_key=dropout_key)
+            return losses.segmentation_loss(
+                logits, batch["mask"], batch["valid"],
+                ce_weight=config.loss.ce_weight, dice_weight=config.loss.dice_weight)
+
+        (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        grad_norm = optax.global_norm(grads)
+        optimizer.update(model, grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                 nnx.state(nodes), state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step),
+                   "finite": finite, **parts}
+        return new_state, metrics
+
+    rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+    return jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def _data_dir(config):
+    return config.data.data_dir or None
+
+
+def train_sources(config):
+    """(sources, weights) of the training mixture."""
+    mixture = input_pipeline.parse_mixture(config.data.train)
+    sources = [datasets.data_source(name, config.data.train_split, data_dir=_data_dir(config),
+                                    folder=config.data.folder or None) for name, _ in mixture]
+    return sources, [w for _, w in mixture]
+
+
+def validation_evaluators(config, mesh):
+    """{dataset name: Evaluator} over the validation split of each evaluation dataset."""
+    from jaxseg.evaluate import Evaluator
+
+    out = {}
+    for name, _ in input_pipeline.parse_mixture(config.data.eval):
+        source = datasets.data_source(name, config.data.eval_split, data_dir=_data_dir(config),
+                                      folder=config.data.folder or None)
+        out[name] = Evaluator(source, mesh=mesh, image_size=config.data.image_size,
+                              batch_size=config.eval.batch_size, threshold=config.eval.threshold,
+                              num_workers=config.data.num_workers)
+    return out
+
+
+def restore_model(config, state_restorer):
+    """A model whose state comes from `state_restorer(abstract_train_state)`."""
+    graphdef, abstract = nnx.eval_shape(lambda: create_train_state(config))
+    state = state_restorer(abstract)
+    return nnx.merge(graphdef, state)["model"]
+
+
+def load_model(workdir: str, checkpoint: str = "best"):
+    """(model, config, step) from a workdir checkpoint, placed on the default device."""
+    from jaxseg.inference import config_from_json
+
+    ckpts = checkpointing.Checkpoints(workdir, read_only=True)
+    meta, _ = ckpts.read_meta(checkpoint)
+    config = config_from_json(meta["config"])
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    holder = {}
+
+    def restorer(abstract):
+        state, _, holder["step"] = ckpts.restore(
+            checkpoint, checkpointing.abstract_like(abstract, device))
+        return state
+
+    model = restore_model(config, restorer)
+    ckpts.close()
+    return model, config, holder["step"]
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag checked at step boundaries (all processes agree on it)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array(self.requested))
+        return bool(np.any(flags))
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _meta(config, step: int, extra: dict | None = None) -> dict:
+    return {"config": json.loads(config.to_json()), "step": int(step), "seed": config.seed,
+            "global_batch": config.train.batch_size, "data_train": config.data.train,
+            **(extra or {})}
+
+
+def _initial_state(config, ckpts, graphdef, state, mesh):
+    """Resume order: the workdir's latest checkpoint > train.init_checkpoint > scratch."""
+    rep = sharding.replicated(mesh)
+    if ckpts.latest_step() is not None:
+        restored, meta, step = ckpts.restore("latest", checkpointing.abstract_like(state, rep))
+        log.info("resumed from %s at step %d", ckpts.latest.directory, step)
+        return restored, step
+    state = sharding.replicate(state, mesh)
+    if config.train.init_checkpoint:
+        model, _, step = load_model(config.train.init_checkpoint)
+        nodes = nnx.merge(graphdef, state)
+        nnx.update(nodes["model"], nnx.state(model))
+        log.info("initialised the model from %s (step %d)", config.train.init_checkpoint, step)
+        state = sharding.replicate(nnx.state(nodes), mesh)
+    return state, 0
+
+
+def validate(evaluators, state, graphdef) -> dict:
+    """Validation metrics per dataset, and `val_iou`: their mean original-resolution IoU."""
+    model = nnx.merge(graphdef, state)["model"]
+    out = {}
+    for name, evaluator in evaluators.items():
+        result = evaluator.evaluate_model(model)
+        out[f"{name}/iou"] = result["iou"]
+        out[f"{name}/model_res_iou"] = result["model_resolution"]["iou"]
+    out["val_iou"] = float(np.mean([out[f"{n}/iou"] for n in evaluators]))
+    return out
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains to config.train.num_steps (or SIGTERM), validating and checkpointing on the way.
+
+    Returns the last logged training metrics and validation results.
+    """
+    workdir = pathlib.Path(workdir)
+    mesh = sharding.make_mesh(config.num_devices or None)
+    config_check.validate(config, mesh.devices.size)
+    main = distributed.is_main_process()
+    writer = metric_writer.MetricWriter(workdir, enabled=main)
+    ckpts = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+
+    graphdef, state = create_train_state(config)
+    state, start = _initial_state(config, ckpts, graphdef, state, mesh)
+    train_step = make_train_step(graphdef, config, mesh)
+    num_steps = config.train.num_steps
+    if main:
+        (workdir / "config.json").write_text(config.to_json(indent=2))
+
+    sources, weights = train_sources(config)
+    batches = input_pipeline.TrainBatches(
+        sources, weights, global_batch=config.train.batch_size, image_size=config.data.image_size,
+        aug=config.data.aug, seed=config.seed, start_step=start,
+        slots=sharding.local_batch_slice(config.train.batch_size, mesh),
+        num_workers=config.data.num_workers, prefetch=config.data.prefetch)
+    train_iter = input_pipeline.prefetch_to_mesh(batches, mesh, size=config.data.prefetch)
+    evaluators = validation_evaluators(config, mesh)
+    preemption = _Preemption()
+
+    progress = None
+    if main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    last = {"step": start}
+    pending = None  # the previous step's metrics, read one step late to keep the device busy
+    window_start, window_steps = time.perf_counter(), 0
+    step = start
+    try:
+        while step < num_steps:
+            batch = next(train_iter)
+            state, metrics = train_step(state, batch)
+            if pending is not None:
+                _check_finite(pending, step - 1, ckpts)
+            pending = metrics
+            step += 1
+            window_steps += 1
+            if progress is not None:
+                progress.update(1)
+            if step % config.train.log_every == 0 or step == num_steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+                elapsed = time.perf_counter() - window_start
+                values["images_per_second"] = window_steps * config.train.batch_size / elapsed
+                writer.scalars(step, values)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{values['loss']:.4f}")
+                last.update(values, step=step)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % config.train.eval_every == 0 or step == num_steps:
+                _check_finite(pending, step - 1, ckpts)
+                val = validate(evaluators, state, graphdef)
+                writer.scalars(step, val, kind="validation")
+                ckpts.save_best(step, state, _meta(config, step, {"validation": val}), val["val_iou"])
+                last.update(val)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % config.train.checkpoint_every == 0 or step == num_steps:
+                _check_finite(pending, step - 1, ckpts)
+                ckpts.save(step, state, _meta(config, step), force=True)
+            if preemption.should_stop() and step < num_steps:
+                _check_finite(pending, step - 1, ckpts)
+                ckpts.save(step, state, _meta(config, step, {"preempted": True}), force=True)
+                log.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
+                            step, ckpts.latest.directory)
+                last["preempted"] = True
+                break
+    finally:
+        preemption.restore()
+        batches.close()
+        ckpts.close()
+        writer.close()
+        if progress is not None:
+            progress.close()
+    last["step"] = step
+    return last
+
+
+def _check_finite(metrics, step: int, ckpts) -> None:
+    if not bool(jax.device_get(metrics["finite"])):
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {step + 1}; the state was not updated and the "
+            f"last good checkpoint (step {ckpts.latest_step()}) is intact. Lower "
+            "optim.learning_rate, keep optim.grad_clip_norm on, or check the data.")
+
+
+def main(argv):
+    """Entry point: flags -> distributed init -> train_and_evaluate."""
+    del argv
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    logging.basicConfig(level=logging.INFO if distributed.is_main_process() else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if distributed.is_main_process():
+        print(json.dumps({k: v for k, v in result.items()}, indent=1, default=float))
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.")
+    flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.", required=True)
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
+    flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
+    flags.DEFINE_integer("process_id", -1, "This process's id (multi-process runs).")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
