@@ -181,3 +181,123 @@ def read_prediction(path: pathlib.Path, size: tuple[int, int]) -> np.ndarray:
     if mask.shape != tuple(size):
         mask = cv2.resize(mask, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
     return mask
+
+
+def folder_root(images: str, masks: str) -> pathlib.Path:
+    """A person_folder root with `images/` and `masks/` for two arbitrary folders.
+
+    Sibling folders named images/ and masks/ are used in place; otherwise a root of two symlinks
+    is made under $TFDS_DATA_DIR (stable per pair of paths, so prepared data is reused).
+    """
+    images_dir, masks_dir = pathlib.Path(images).resolve(), pathlib.Path(masks).resolve()
+    for d in (images_dir, masks_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"not a folder: {d}")
+    if (images_dir.parent == masks_dir.parent and images_dir.name == "images"
+            and masks_dir.name == "masks"):
+        return images_dir.parent
+    import hashlib
+    import os
+
+    key = hashlib.sha256(f"{images_dir}\0{masks_dir}".encode()).hexdigest()[:16]
+    base = pathlib.Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+    root = base / "jaxseg_folder_pairs" / key
+    root.mkdir(parents=True, exist_ok=True)
+    for name, target in (("images", images_dir), ("masks", masks_dir)):
+        link = root / name
+        if not link.is_symlink():
+            link.symlink_to(target, target_is_directory=True)
+    return root
+
+
+def _source_for(flags_):
+    from jaxseg import datasets
+
+    data_dir = flags_.data_dir or None
+    if flags_.images or flags_.masks:
+        if not (flags_.images and flags_.masks):
+            raise ValueError("--images and --masks go together")
+        root = folder_root(flags_.images, flags_.masks)
+        split = flags_.split if flags_.split in datasets.split_sizes(
+            "person_folder", data_dir=data_dir, folder=str(root)) else None
+        split = split or next(iter(datasets.split_sizes("person_folder", data_dir=data_dir,
+                                                        folder=str(root))))
+        return "person_folder", split, datasets.data_source(
+            "person_folder", split, data_dir=data_dir, folder=str(root))
+    if not flags_.dataset:
+        raise ValueError("say what to evaluate on: --dataset NAME --split SPLIT, or --images/--masks")
+    return flags_.dataset, flags_.split, datasets.data_source(flags_.dataset, flags_.split,
+                                                             data_dir=data_dir)
+
+
+def main(argv):
+    """Entry point: evaluate a checkpoint, the pretrained model, or a folder of predictions."""
+    del argv
+    from absl import flags
+
+    from jaxseg import distributed, inference
+
+    f = flags.FLAGS
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    dataset, split, source = _source_for(f)
+    mesh = sharding.make_mesh()
+    batch = -(-f.batch_size // mesh.devices.size) * mesh.devices.size
+    if f.predictions:
+        image_size, model, described = 0, None, {"source": str(f.predictions),
+                                                 "checkpoint_step": None}
+    else:
+        model, config, described = inference.load(f.workdir or None, f.checkpoint)
+        image_size = config.data.image_size
+    threshold = f.threshold if f.threshold > 0 else 0.5
+    evaluator = Evaluator(source, mesh=mesh, image_size=max(image_size, 32), batch_size=batch,
+                          threshold=threshold)
+    if model is None:
+        result = evaluator.evaluate_predictions(f.predictions)
+    else:
+        result = evaluator.evaluate_model(model, flip_tta=f.flip_tta)
+    result.update(dataset=dataset, split=split, model=described["source"],
+                  checkpoint_step=described["checkpoint_step"], flip_tta=bool(f.flip_tta))
+    if distributed.is_main_process():
+        output = pathlib.Path(f.output) if f.output else _default_output(f, dataset, split)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=1) + "\n")
+        summary = {k: result[k] for k in ("iou", "mean_image_iou", "miou", "dice", "precision",
+                                          "recall", "pixel_accuracy", "boundary_f1")}
+        print(json.dumps({"dataset": dataset, "split": split, "num_images": result["num_images"],
+                          **{k: round(v, 4) for k, v in summary.items()}}))
+        print(f"wrote {output}")
+
+
+def _default_output(f, dataset: str, split: str) -> pathlib.Path:
+    if f.predictions:
+        return pathlib.Path(f.predictions).parent / f"{pathlib.Path(f.predictions).name}_{dataset}_{split}.json"
+    base = pathlib.Path(f.workdir) / "eval" if f.workdir else pathlib.Path("runs") / "eval" / "pretrained"
+    suffix = "_flip" if f.flip_tta else ""
+    return base / f"{f.checkpoint}_{dataset}_{split}{suffix}.json"
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("workdir", "", "Training workdir; empty = the pretrained model.")
+    flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+    flags.DEFINE_string("dataset", "", "portrait_segmentation, ccp_person or person_folder.")
+    flags.DEFINE_string("split", "test", "Split to evaluate.")
+    flags.DEFINE_string("images", "", "Folder of photos (with --masks) instead of --dataset.")
+    flags.DEFINE_string("masks", "", "Folder of masks paired with --images by file stem.")
+    flags.DEFINE_string("predictions", "", "Score <id>.png masks from any model instead.")
+    flags.DEFINE_string("output", "", "Metrics JSON path (default under the workdir).")
+    flags.DEFINE_string("data_dir", "", "TFDS data dir (default $TFDS_DATA_DIR).")
+    flags.DEFINE_integer("batch_size", 16, "Global batch (rounded up to the device count).")
+    flags.DEFINE_float("threshold", 0.5, "Probability threshold for the person class.")
+    flags.DEFINE_bool("flip_tta", False, "Average predictions with the mirrored image.")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
+    flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
+    flags.DEFINE_integer("process_id", -1, "This process's id (multi-process runs).")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,75 @@
+"""The evaluator's integer counts do not depend on the device count or on batch padding."""
+import cv2
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fake_data import fake_source
+from jaxseg import evaluate, metrics, resolution, sharding
+from jaxseg.models.unet import UNet
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = UNet(depth=2, base_features=4, norm="group", rngs=nnx.Rngs(0))
+    return m
+
+
+def run(model, source, num_devices, batch_per_device=2):
+    mesh = sharding.make_mesh(num_devices)
+    ev = evaluate.Evaluator(source, mesh=mesh, image_size=32,
+                            batch_size=batch_per_device * num_devices)
+    return ev.evaluate_model(model)
+
+
+def test_counts_identical_on_1_3_8_devices(model):
+    source = fake_source(11)  # 11 examples: every device count ends on a padded batch
+    results = [run(model, source, n) for n in (1, 3, 8)]
+    for r in results[1:]:
+        assert r["per_image"] == results[0]["per_image"]
+        assert r["iou"] == results[0]["iou"]
+        assert r["model_resolution"] == results[0]["model_resolution"]
+        assert r["threshold_sweep"] == results[0]["threshold_sweep"]
+    assert results[0]["num_images"] == 11
+
+
+def test_original_resolution_counts_match_an_independent_numpy_pipeline(model):
+    source = fake_source(5, seed=4)
+    result = run(model, source, 1)
+    images = np.stack([resolution.resize_image(ex["image"], 32) for ex in source])
+    probs = np.asarray(nnx.sigmoid(model(jnp.asarray(images)))[..., 0])
+    for ex, p, rec in zip(source, probs, result["per_image"]):
+        h, w = ex["mask"].shape[:2]
+        up = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
+        target = ex["mask"][..., 0] > 0
+        assert rec["id"] == ex["id"]
+        # OpenCV and JAX bilinear weights differ in the last float bits: allow a pixel or two
+        # at exactly-0.5 probabilities.
+        assert abs(rec["tp"] - int((up & target).sum())) <= 2
+        assert abs(rec["fp"] - int((up & ~target).sum())) <= 2
+
+
+def test_prediction_folder_scoring(tmp_path):
+    source = fake_source(6, seed=2)
+    mesh = sharding.make_mesh(2)
+    ev = evaluate.Evaluator(source, mesh=mesh, image_size=32, batch_size=4)
+    for ex in source[:-1]:  # ground truth as 0/255 PNGs, half of them at a smaller size
+        m = ex["mask"][..., 0] * 255
+        cv2.imwrite(str(tmp_path / f"{ex['id']}.png"), m)
+    with pytest.raises(FileNotFoundError, match=source[-1]["id"]):
+        ev.evaluate_predictions(tmp_path)
+    cv2.imwrite(str(tmp_path / f"{source[-1]['id']}.png"), source[-1]["mask"][..., 0])  # 0/1
+    perfect = ev.evaluate_predictions(tmp_path)
+    assert perfect["iou"] == 1.0 and perfect["boundary_f1"] == 1.0
+    assert perfect["model_resolution"] is None
+
+
+def test_empty_prediction_scores_zero(tmp_path):
+    source = fake_source(3, seed=5)
+    for ex in source:
+        cv2.imwrite(str(tmp_path / f"{ex['id']}.png"), np.zeros(ex["mask"].shape[:2], np.uint8))
+    ev = evaluate.Evaluator(source, mesh=sharding.make_mesh(1), image_size=32, batch_size=2)
+    r = ev.evaluate_predictions(tmp_path)
+    assert r["iou"] == 0.0 and r["recall"] == 0.0
+    assert metrics.image_iou({"tp": [0], "fp": [0], "fn": [0]})[0] == 1.0

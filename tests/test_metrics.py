@@ -1,0 +1,93 @@
+"""Metric counts against a plain numpy/scipy reference; the resolution rule against OpenCV."""
+import cv2
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from jaxseg import metrics, resolution
+
+
+def numpy_boundary(mask, region):
+    outside = ~mask & region
+    near_outside = ndimage.maximum_filter(outside.astype(np.uint8), size=3, mode="constant") > 0
+    return mask & near_outside
+
+
+def numpy_counts(pred, target, region, tol):
+    pred, target = pred & region, target & region
+    pb, tb = numpy_boundary(pred, region), numpy_boundary(target, region)
+    dil = lambda b: ndimage.maximum_filter(b.astype(np.uint8), size=2 * tol + 1, mode="constant") > 0
+    return {
+        "tp": (pred & target).sum(), "fp": (pred & ~target).sum(),
+        "fn": (~pred & target).sum(), "tn": (~pred & ~target & region).sum(),
+        "pred_boundary": pb.sum(), "pred_boundary_hit": (pb & dil(tb)).sum(),
+        "true_boundary": tb.sum(), "true_boundary_hit": (tb & dil(pb)).sum(),
+    }
+
+
+def random_masks(rng, b, h, w):
+    # Smooth blobs rather than salt noise, so boundaries look like real masks.
+    noise = rng.normal(size=(b, h, w))
+    smooth = np.stack([ndimage.gaussian_filter(n, 2.0) for n in noise])
+    return smooth > 0
+
+
+def test_counts_match_numpy_reference():
+    rng = np.random.default_rng(0)
+    pred, target = random_masks(rng, 4, 37, 29), random_masks(rng, 4, 37, 29)
+    region = np.ones_like(pred)
+    region[1, 30:, :] = False
+    region[2, :, 20:] = False
+    got = metrics.per_image_counts(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(region), 2)
+    for i in range(4):
+        ref = numpy_counts(pred[i], target[i], region[i], 2)
+        for k in metrics.COUNT_KEYS:
+            assert int(got[k][i]) == ref[k], (k, i)
+
+
+def test_metrics_from_counts_match_numpy():
+    rng = np.random.default_rng(1)
+    pred, target = random_masks(rng, 3, 20, 20), random_masks(rng, 3, 20, 20)
+    region = np.ones_like(pred)
+    counts = {k: np.asarray(v) for k, v in metrics.per_image_counts(
+        jnp.asarray(pred), jnp.asarray(target), jnp.asarray(region), 1).items()}
+    m = metrics.metrics_from_counts(counts)
+    inter, union = (pred & target).sum(), (pred | target).sum()
+    assert m["iou"] == pytest.approx(inter / union)
+    assert m["mean_image_iou"] == pytest.approx(
+        np.mean([(p & t).sum() / (p | t).sum() for p, t in zip(pred, target)]))
+    assert m["precision"] == pytest.approx(inter / pred.sum())
+    assert m["recall"] == pytest.approx(inter / target.sum())
+    assert m["dice"] == pytest.approx(2 * inter / (pred.sum() + target.sum()))
+    assert m["pixel_accuracy"] == pytest.approx((pred == target).mean())
+    bg = ((~pred) & (~target)).sum() / ((~pred) | (~target)).sum()
+    assert m["miou"] == pytest.approx((inter / union + bg) / 2)
+
+
+def test_perfect_and_empty_predictions():
+    rng = np.random.default_rng(2)
+    target = jnp.asarray(random_masks(rng, 2, 24, 24))
+    region = jnp.ones_like(target)
+    perfect = metrics.metrics_from_counts(metrics.per_image_counts(target, target, region, 1))
+    assert perfect["iou"] == 1.0 and perfect["boundary_f1"] == 1.0 and perfect["dice"] == 1.0
+    empty = metrics.metrics_from_counts(
+        metrics.per_image_counts(jnp.zeros_like(target), target, region, 1))
+    assert empty["iou"] == 0.0 and empty["recall"] == 0.0
+
+
+def test_restore_probabilities_matches_opencv_bilinear():
+    rng = np.random.default_rng(3)
+    probs = rng.random((2, 16, 16)).astype(np.float32)
+    sizes = np.array([[40, 24], [23, 37]], np.int32)
+    canvas = resolution.canvas_for(sizes, multiple=8)
+    out = np.asarray(resolution.restore_probabilities(jnp.asarray(probs), jnp.asarray(sizes), canvas))
+    for i, (h, w) in enumerate(sizes):
+        ref = cv2.resize(probs[i], (int(w), int(h)), interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_allclose(out[i, :h, :w], ref, atol=1e-4)
+        assert not out[i, h:, :].any() and not out[i, :, w:].any()
+
+
+def test_boundary_tolerance_scales_with_diagonal():
+    assert metrics.boundary_tolerance(600, 800) == 8
+    assert metrics.boundary_tolerance(16, 16) == 1

@@ -1,0 +1,92 @@
+"""U-Net: output shape/dtype, exact parameter count by arithmetic, exact fast formulations."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxseg.models.unet import UNet, depth_to_space_2x2, max_pool_2x2
+
+
+def count_params(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def expected_params(depth, base, residual, upsample, num_classes):
+    """Independent arithmetic for the parameter count of the U-Net described in unet.py."""
+    w = [base * 2**i for i in range(depth + 1)]
+
+    def block(cin, cout):
+        # two bias-free 3x3 convs, two norms with a scale and a bias per channel
+        n = 9 * cin * cout + 9 * cout * cout + 2 * 2 * cout
+        return n + (cin * cout if residual else 0)
+
+    total = block(3, w[0]) + sum(block(w[i - 1], w[i]) for i in range(1, depth))
+    total += block(w[depth - 1], w[depth])
+    for i in range(depth):
+        if upsample == "transpose":
+            total += w[i + 1] * 4 * w[i] + 4 * w[i]
+        else:
+            total += 9 * w[i + 1] * w[i] + w[i]
+        total += block(2 * w[i], w[i])
+    return total + w[0] * num_classes + num_classes
+
+
+@pytest.mark.parametrize("depth,base,norm,residual,upsample,classes", [
+    (4, 16, "batch", False, "transpose", 1),
+    (3, 8, "group", True, "resize", 2),
+])
+def test_parameter_count_is_exact(depth, base, norm, residual, upsample, classes):
+    model = UNet(depth=depth, base_features=base, norm=norm, residual=residual,
+                 upsample=upsample, num_classes=classes, rngs=nnx.Rngs(0))
+    # BatchNorm's running statistics are not Params and are not counted.
+    assert count_params(model) == expected_params(depth, base, residual, upsample, classes)
+
+
+def test_output_shape_dtype_and_count_independent_of_resolution():
+    model = UNet(depth=3, base_features=8, rngs=nnx.Rngs(0))
+    for size in (64, 96):
+        out = model(jnp.zeros((2, size, size, 3), jnp.uint8))
+        assert out.shape == (2, size, size, 1) and out.dtype == jnp.float32
+    two = UNet(depth=3, base_features=8, num_classes=2, rngs=nnx.Rngs(0))
+    assert two(jnp.zeros((1, 64, 64, 3), jnp.uint8)).shape == (1, 64, 64, 2)
+    assert count_params(model) == count_params(UNet(depth=3, base_features=8, rngs=nnx.Rngs(1)))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = UNet(depth=2, base_features=8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert model(jnp.zeros((1, 32, 32, 3), jnp.uint8)).dtype == jnp.float32
+
+
+def test_size_not_divisible_is_a_clear_error():
+    model = UNet(depth=3, base_features=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*depth = 8"):
+        model(jnp.zeros((1, 60, 64, 3), jnp.uint8))
+
+
+def test_max_pool_equals_reduce_window_max_pool():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
+    ref = nnx.max_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(max_pool_2x2(x), ref)
+
+
+def test_depth_to_space_conv_equals_transposed_conv():
+    cin, cout = 5, 3
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, cin))
+    transposed = nnx.ConvTranspose(cin, cout, (2, 2), strides=(2, 2), padding="VALID",
+                                   rngs=nnx.Rngs(0))
+    # The same linear map: a 1x1 conv to 4*cout channels, weights from the (flipped) 2x2 kernel.
+    w = transposed.kernel[...][::-1, ::-1].transpose(2, 0, 1, 3).reshape(cin, 4 * cout)
+    b = jnp.tile(transposed.bias[...], 4)
+    ours = depth_to_space_2x2(x @ w + b)
+    np.testing.assert_allclose(ours, transposed(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_needs_a_key_only_in_training():
+    model = UNet(depth=2, base_features=4, dropout=0.5, rngs=nnx.Rngs(0))
+    x = jax.random.randint(jax.random.key(0), (1, 16, 16, 3), 0, 255).astype(jnp.uint8)
+    a = model(x, train=True, dropout_key=jax.random.key(1))
+    b = model(x, train=True, dropout_key=jax.random.key(2))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(model(x), model(x))
