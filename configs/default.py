@@ -60,10 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 16  # global, over all devices and processes
-    c.train.num_steps = 4000
+    c.train.num_steps = 2400
     c.train.log_every = 50
-    c.train.eval_every = 1000
-    c.train.checkpoint_every = 500
+    c.train.eval_every = 600
+    c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 3
     c.train.num_logged_images = 4
     c.train.init_checkpoint = ""  # used only when the workdir has no checkpoint yet
@@ -72,4 +72,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.threshold = 0.5
     c.eval.flip_tta = False
+    c.lock()  # unknown fields (typos in overrides) are errors, not silent additions
     return c

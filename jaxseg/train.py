@@ -45,6 +45,8 @@ def make_train_step(graphdef, config, mesh):
     dropout_root = jax.random.key(config.seed + 1)
 
     def step_fn(state, batch):
+        # Leaves taken before merging: the merged modules update their variables in place.
+        old_leaves = jax.tree.leaves(state)
         nodes = nnx.merge(graphdef, state)
         model, optimizer = nodes["model"], nodes["opt"]
         step = optimizer.step[...]
@@ -57,11 +59,12 @@ def make_train_step(graphdef, config, mesh):
                 ce_weight=config.loss.ce_weight, dice_weight=config.loss.dice_weight)
 
         (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                 nnx.state(nodes), state)
+        new_leaves, treedef = jax.tree.flatten(nnx.state(nodes))
+        new_state = jax.tree.unflatten(treedef, [jnp.where(finite, new, old)
+                                                 for new, old in zip(new_leaves, old_leaves)])
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step),
                    "finite": finite, **parts}
         return new_state, metrics

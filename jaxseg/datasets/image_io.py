@@ -55,13 +55,18 @@ def _open_checked(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+    except Image.UnidentifiedImageError as e:
+        raise BadFile("not an image (unknown or corrupt format)") from e
     except Exception as e:  # Pillow signals bad data with many exception types.
         raise BadFile(f"not a readable image: {type(e).__name__}: {e}") from e
     return image
 
 
 def _orientation(image: Image.Image) -> int:
-    value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # unparsable EXIF: the pixels are fine, show them as stored
+        return 1
     return value if value in range(1, 9) else 1
 
 
@@ -149,9 +154,10 @@ def encode_png(array: np.ndarray) -> bytes:
 def read_mask_image(path: pathlib.Path) -> np.ndarray:
     """Raw values of a mask image as a 2-D array (palette images give their indices)."""
     image = _open_checked(_read_bytes(path))
-    if image.mode in ("P", "PA", "L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F"):
-        values = np.asarray(image)
-        return values[..., 0] if values.ndim == 3 else values.astype(np.uint8) if values.dtype == bool else values
+    if image.mode in ("LA", "PA"):  # a value plus alpha: the value is the label
+        return np.asarray(image)[..., 0]
+    if len(image.getbands()) == 1:  # gray, palette index, 1-bit, 16/32-bit
+        return np.asarray(image)
     # Colour masks: any bright channel marks the person (alpha is ignored).
     return np.asarray(image.convert("RGB")).max(axis=2)
 

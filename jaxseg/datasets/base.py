@@ -1,0 +1,239 @@
+"""Shared machinery of the person-segmentation builders: splits, build report, checks.
+
+A build runs in two passes. `_split_generators` lists the photo/mask pairs,
+validates every pair (in threads: decoding releases the GIL) and records each
+skipped, excluded or converted file in a `Report`; only then are the splits
+known to be non-empty (TFDS cannot write an empty split). `_generate_examples`
+then writes the validated pairs, reading each photo file once more.
+"""
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from jaxseg.datasets import image_io
+
+ON_BAD = ("skip", "error")
+REPORT_FILE = "build_report.json"
+
+
+def hash_split(key: str, fractions: Mapping[str, float]) -> str:
+    """Split for KEY from a stable hash: same answer on every run, whatever other keys exist.
+
+    FRACTIONS maps split names to their share, in order; the last takes the rest.
+    """
+    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    upper = 0.0
+    for name, share in fractions.items():
+        upper += share
+        if u < upper:
+            return name
+    return name
+
+
+class BadDataError(ValueError):
+    """Bad files met with on_bad='error' (or nothing usable left); the message names them."""
+
+    def __init__(self, dataset: str, entries: list[dict], headline: str = "bad file(s) with on_bad='error'"):
+        self.files = [e["file"] for e in entries]
+        lines = "".join(f"\n  {e['file']}: {e['reason']}" for e in entries)
+        super().__init__(f"{dataset}: {len(entries)} {headline}:{lines}")
+
+
+@dataclasses.dataclass
+class Report:
+    """What a build kept and dropped, with file names relative to the source folder.
+
+    `skipped`: bad files (unreadable, mismatched, unpaired in a user folder):
+    these are what `on_bad` governs. `excluded`: files that the dataset's own
+    definition leaves out (e.g. masks whose photo the authors lost). `warnings`:
+    examples that were kept after a conversion or fix.
+    """
+
+    dataset: str
+    root: pathlib.Path
+    on_bad: str
+    counts: dict = dataclasses.field(default_factory=dict)
+    skipped: list = dataclasses.field(default_factory=list)
+    excluded: list = dataclasses.field(default_factory=list)
+    warnings: list = dataclasses.field(default_factory=list)
+
+    def add(self, kind: str, path: pathlib.Path, text: str) -> None:
+        """Record PATH under KIND ('skipped', 'excluded' or 'warnings')."""
+        file = pathlib.Path(path).relative_to(self.root).as_posix()
+        key = "note" if kind == "warnings" else "reason"
+        getattr(self, kind).append({"file": file, key: text})
+
+    def write(self, path: pathlib.Path, split_sizes: dict[str, int]) -> None:
+        """Store the report as JSON at PATH."""
+        counts = dict(self.counts, examples=split_sizes, skipped=len(self.skipped),
+                      excluded=len(self.excluded), warnings=len(self.warnings))
+        report = dict(dataset=self.dataset, source_dir=str(self.root), on_bad=self.on_bad, counts=counts,
+                      skipped=self.skipped, excluded=self.excluded, warnings=self.warnings)
+        pathlib.Path(path).write_text(json.dumps(report, indent=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A photo/mask pair found in the source folder, not yet validated."""
+
+    id: str
+    split: str
+    photo: pathlib.Path
+    mask: pathlib.Path
+
+
+@dataclasses.dataclass(frozen=True)
+class _Example:
+    id: str
+    split: str
+    photo: image_io.Photo
+    mask_png: bytes  # masks are small once PNG-compressed, so they stay in memory
+
+
+class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the builders: image, mask, id and source per example, stored as array_record."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    HOMEPAGE = ""
+    CITATION = ""
+    URL = ""  # public archive of the dataset
+    ARCHIVE_DIR = ""  # top folder inside the archive
+    LAYOUT: tuple[str, ...] = ()  # paths a source folder must contain
+    # In the curated datasets an empty annotation is a labelling error, not a
+    # photo without people.
+    EXCLUDE_EMPTY = True
+
+    def __init__(self, *, on_bad: str = "skip", **kwargs):
+        """ON_BAD: 'skip' bad files and list them in the report, or 'error' out naming them."""
+        if on_bad not in ON_BAD:
+            raise ValueError(f"on_bad must be one of {ON_BAD}, not {on_bad!r}")
+        self.on_bad = on_bad
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(**kwargs)
+
+    # TFDS locates a builder's source file (to look for a checksums file) via
+    # `importlib_resources`, which tensorflow-datasets 4.9.10 only declares for
+    # Python < 3.9, so on 3.12 preparing fails with ModuleNotFoundError. This
+    # returns what TFDS's own fallback computes.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(inspect.getfile(cls))
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                "id": tfds.features.Text(),
+                "source": tfds.features.Text(),
+            }),
+            supervised_keys=("image", "mask"),
+            homepage=self.HOMEPAGE,
+            citation=self.CITATION,
+        )
+
+    def _candidates(self, root: pathlib.Path, report: Report) -> list[Candidate]:
+        """Pairs to validate; records the dataset-level counts and exclusions in REPORT."""
+        raise NotImplementedError
+
+    def _read_mask(self, path: pathlib.Path) -> tuple[np.ndarray, str | None]:
+        """The 0/1 person mask stored at PATH, and a note when its values needed fixing."""
+        raise NotImplementedError
+
+    def _find_layout(self, folder: pathlib.Path) -> pathlib.Path | None:
+        for root in (folder, folder / self.ARCHIVE_DIR):
+            if all((root / p).exists() for p in self.LAYOUT):
+                return root
+        return None
+
+    def _locate(self, dl_manager: tfds.download.DownloadManager) -> pathlib.Path:
+        """Source folder: the manual dir when it holds the dataset, else the downloaded archive."""
+        try:
+            manual = pathlib.Path(dl_manager.manual_dir)
+        except AssertionError:  # TFDS's way of saying: no manual dir, or an empty one
+            manual = None
+        if manual:
+            if root := self._find_layout(manual):
+                return root
+            logging.warning("%s: %s lacks %s; downloading %s", self.name, manual, self.LAYOUT, self.URL)
+        extracted = pathlib.Path(os.fspath(dl_manager.download_and_extract(self.URL)))
+        if root := self._find_layout(extracted):
+            return root
+        raise FileNotFoundError(f"{self.URL} did not unpack to the expected layout {self.LAYOUT}")
+
+    def _check(self, candidate: Candidate) -> tuple[_Example | None, list[tuple[str, pathlib.Path, str]]]:
+        """Validate one pair: the example to write (or None) and report events."""
+        try:
+            photo = image_io.probe_photo(candidate.photo)
+        except image_io.BadFile as e:
+            return None, [("skipped", candidate.photo, str(e))]
+        try:
+            mask, value_note = self._read_mask(candidate.mask)
+            mask, size_note = image_io.fit_mask(mask, photo)
+        except image_io.BadFile as e:
+            return None, [("skipped", candidate.mask, str(e))]
+        events = [("warnings", candidate.photo, note) for note in photo.notes]
+        events += [("warnings", candidate.mask, note) for note in (value_note, size_note) if note]
+        if not mask.any():
+            if self.EXCLUDE_EMPTY:
+                return None, [("excluded", candidate.mask, "empty annotation (no person pixels)")]
+            events.append(("warnings", candidate.mask, "empty mask (no person pixels)"))
+        return _Example(candidate.id, candidate.split, photo, image_io.encode_png(mask)), events
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        root = self._locate(dl_manager)
+        self._report = Report(self.name, root, self.on_bad)
+        candidates = self._candidates(root, self._report)
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+            checked = list(pool.map(self._check, candidates))
+        splits = collections.defaultdict(list)
+        for example, events in checked:
+            for kind, path, text in events:
+                self._report.add(kind, path, text)
+            if example:
+                splits[example.split].append(example)
+        if self.on_bad == "error" and self._report.skipped:
+            raise BadDataError(self.name, self._report.skipped)
+        if not splits:
+            raise BadDataError(self.name, self._report.skipped + self._report.excluded,
+                               f"file(s) dropped and no usable example left in {root}")
+        return {name: self._generate_examples(examples) for name, examples in sorted(splits.items())}
+
+    def _generate_examples(self, examples: list[_Example]) -> Iterator[tuple[str, dict]]:
+        for example in examples:
+            yield example.id, {
+                "image": image_io.photo_bytes(example.photo),
+                "mask": example.mask_png,
+                "id": example.id,
+                "source": self.name,
+            }
+
+    def _download_and_prepare(self, dl_manager, download_config):
+        super()._download_and_prepare(dl_manager, download_config)
+        sizes = {name: split.num_examples for name, split in self.info.splits.items()}
+        self._report.write(self.data_path / REPORT_FILE, sizes)
+
+    def download_and_prepare(self, **kwargs):
+        """Prepare once; with on_bad='error', data prepared earlier must have skipped nothing."""
+        super().download_and_prepare(**kwargs)
+        if self.on_bad == "error" and (skipped := self.report()["skipped"]):
+            raise BadDataError(self.name, skipped)
+
+    def report(self) -> dict:
+        """The build report stored with the prepared data."""
+        return json.loads((self.data_path / REPORT_FILE).read_text())

@@ -1,0 +1,128 @@
+"""`person_folder`: a user's own photos and person masks, paired by file name."""
+import collections
+import dataclasses
+import hashlib
+import pathlib
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxseg.datasets import base, image_io
+
+SPLITS = ("train", "validation", "test")
+# A mask may repeat its photo's stem with one of these suffixes: a.jpg <- a_mask.png.
+MASK_SUFFIX = re.compile(r"[_-](mask|matte|label|seg|gt)$", re.IGNORECASE)
+
+
+@dataclasses.dataclass
+class PersonFolderConfig(tfds.core.BuilderConfig):
+    """Config for one folder; its name fingerprints the folder (see `config_for`)."""
+
+    folder: str = ""
+
+
+def layout(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Split name -> directory holding that split's images/ and masks/."""
+    split_dirs = {name: folder / name for name in SPLITS if (folder / name).is_dir()}
+    if split_dirs and (folder / "images").exists():
+        raise ValueError(f"{folder}: has both images/ and split folders {sorted(split_dirs)}; use one layout")
+    if split_dirs:
+        return split_dirs
+    if (folder / "images").is_dir():
+        return {"train": folder}
+    raise ValueError(f"{folder}: expected images/ and masks/, or train/ validation/ test/ folders holding them")
+
+
+def config_for(folder: str | pathlib.Path) -> PersonFolderConfig:
+    """Config whose name hashes FOLDER's resolved path and its files' names, sizes and mtimes.
+
+    Two folders, or one folder after a change, so never share prepared data.
+    """
+    root = pathlib.Path(folder).expanduser().resolve()
+    digest = hashlib.sha256(str(root).encode())
+    for split, directory in sorted(layout(root).items()):
+        for sub in ("images", "masks"):
+            if (directory / sub).is_dir():
+                for f in sorted((directory / sub).iterdir()):
+                    stat = f.stat()
+                    digest.update(f"{split}/{sub}/{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    name = re.sub(r"[^\w.-]", "_", root.name or "root")
+    return PersonFolderConfig(name=f"{name}-{digest.hexdigest()[:12]}", folder=str(root),
+                              description=f"Photos and masks from {root}")
+
+
+def pair_files(directory: pathlib.Path) -> tuple[list[tuple[str, pathlib.Path, pathlib.Path]],
+                                                  list[tuple[pathlib.Path, str]]]:
+    """Pair DIRECTORY/images/* with DIRECTORY/masks/* by stem: (stem, image, mask) list, bad (file, reason) list."""
+    bad = []
+
+    def listing(sub: str) -> dict[str, list[pathlib.Path]]:
+        by_stem = collections.defaultdict(list)
+        if (directory / sub).is_dir():
+            for f in sorted((directory / sub).iterdir()):
+                if f.is_dir():
+                    bad.append((f, f"folder inside {sub}/ (not read)"))
+                elif f.suffix.lower() not in image_io.IMAGE_SUFFIXES:
+                    bad.append((f, f"not an image file (extension {f.suffix or 'none'!r})"))
+                else:
+                    by_stem[f.stem].append(f)
+        return by_stem
+
+    images = listing("images")
+    masks = collections.defaultdict(list)
+    for stem, files in listing("masks").items():
+        masks[stem if stem in images else MASK_SUFFIX.sub("", stem)].extend(files)
+    pairs = []
+    for stem in sorted(images.keys() | masks.keys()):
+        found = images.get(stem, []) + masks.get(stem, [])
+        if len(images.get(stem, [])) == len(masks.get(stem, [])) == 1:
+            pairs.append((stem, *found))
+            continue
+        if stem not in images:
+            reason = "mask without image"
+        elif stem not in masks:
+            reason = "image without mask"
+        else:
+            reason = "ambiguous pairing between " + ", ".join(f"{f.parent.name}/{f.name}" for f in found)
+        bad += [(f, reason) for f in found]
+    return pairs, bad
+
+
+class PersonFolder(base.PersonSegBuilder):
+    """A user's folder of photos (images/) and person masks (masks/), paired by file stem.
+
+    Layout: FOLDER/images/ and FOLDER/masks/, which become the single split
+    `train` (so training code needs no special case); or FOLDER/train/,
+    FOLDER/validation/, FOLDER/test/ (any of them), each holding images/ and
+    masks/, which become those splits. A mask pairs with the photo of the same
+    stem, optionally with a suffix such as `_mask` (`a.jpg` <- `a_mask.png`);
+    jpg, jpeg, png, bmp and webp are read. Ids are the photo stems.
+
+    Masks may be 0/1, 0/255, palette indices or colour (any bright channel);
+    other values are thresholded with a warning. A mask at the photo's aspect
+    ratio but another size is resized (nearest). Bad files (unreadable,
+    truncated, empty, not images, unpaired, different aspect ratio) are skipped
+    and listed in the build report, or stop the build with on_bad='error'.
+    Empty masks are kept (photos without people) with a warning.
+    """
+
+    EXCLUDE_EMPTY = False
+
+    def _locate(self, dl_manager) -> pathlib.Path:
+        if not self.builder_config:
+            raise ValueError("person_folder needs a folder: use jaxseg.datasets.builder('person_folder', folder=...)")
+        return pathlib.Path(self.builder_config.folder)
+
+    def _candidates(self, root: pathlib.Path, report: base.Report) -> list[base.Candidate]:
+        candidates = []
+        for split, directory in layout(root).items():
+            pairs, bad = pair_files(directory)
+            for path, reason in bad:
+                report.add("skipped", path, reason)
+            candidates += [base.Candidate(stem, split, image, mask) for stem, image, mask in pairs]
+        report.counts.update(pairs=len(candidates))
+        return candidates
+
+    def _read_mask(self, path: pathlib.Path) -> tuple[np.ndarray, str | None]:
+        return image_io.binarize(image_io.read_mask_image(path))

@@ -1,0 +1,306 @@
+"""Prediction on images, folders and videos: `python -m jaxseg.predict INPUT... --output DIR`.
+
+Images are grouped by canvas bucket (their size rounded up to 64 pixels) and run through one
+compiled function per bucket and batch size; the probability map comes back to each image's own
+size by the shared resolution rule (jaxseg.resolution), exactly as the evaluator scores it.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import pathlib
+import sys
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseg import resolution
+from jaxseg.inference import person_probabilities
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+MODES = ("mask", "cutout", "overlay", "background")
+BUCKET = 64
+
+
+class Predictor:
+    """Batched person probabilities at each input's own size, one compilation per canvas bucket."""
+
+    def __init__(self, model, image_size: int, *, batch_size: int = 8, flip_tta: bool = False):
+        from flax import nnx
+
+        self.graphdef, self.state = nnx.split(model)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.flip_tta = flip_tta
+
+    @functools.partial(jax.jit, static_argnums=(0, 3))
+    def _run(self, state, images, canvas, sizes):
+        from flax import nnx
+
+        model = nnx.merge(self.graphdef, state)
+        probs = person_probabilities(model, images, flip_tta=self.flip_tta)
+        return resolution.restore_probabilities(probs, sizes, canvas)
+
+    def __hash__(self):  # jit's static self: one Predictor, one cache
+        return id(self)
+
+    def probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """float32 (H, W) P(person) for each uint8 RGB image (all sizes mixed freely)."""
+        out: list[np.ndarray | None] = [None] * len(images)
+        buckets = collections.defaultdict(list)
+        for i, image in enumerate(images):
+            buckets[resolution.canvas_for([image.shape[:2]], BUCKET)].append(i)
+        for canvas, members in buckets.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                pad = self.batch_size - len(chunk)
+                batch = np.stack([resolution.resize_image(images[i], self.image_size)
+                                  for i in chunk] + [np.zeros((self.image_size,) * 2 + (3,), np.uint8)] * pad)
+                sizes = np.array([images[i].shape[:2] for i in chunk] + [(1, 1)] * pad, np.int32)
+                probs = np.asarray(self._run(self.state, jnp.asarray(batch), canvas, jnp.asarray(sizes)))
+                for row, i in enumerate(chunk):
+                    h, w = images[i].shape[:2]
+                    out[i] = probs[row, :h, :w]
+        return out
+
+
+def parse_colour(text: str) -> tuple[int, int, int]:
+    """'#00ff00', '0,255,0' or a name (white, black, green, blue, red, gray) -> RGB."""
+    names = {"white": (255, 255, 255), "black": (0, 0, 0), "green": (0, 255, 0),
+             "blue": (0, 0, 255), "red": (255, 0, 0), "gray": (128, 128, 128)}
+    if text in names:
+        return names[text]
+    if text.startswith("#") and len(text) == 7:
+        return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))
+    parts = text.split(",")
+    if len(parts) == 3 and all(p.strip().isdigit() for p in parts):
+        return tuple(int(p) for p in parts)
+    raise ValueError(f"not a colour: {text!r} (use a name, #rrggbb or r,g,b)")
+
+
+@dataclasses.dataclass
+class Renderer:
+    """Turns (RGB image, probability map) into the requested output."""
+
+    mode: str = "mask"
+    threshold: float = 0.5
+    soft: bool = False
+    background: np.ndarray | tuple[int, int, int] | None = None
+
+    def alpha(self, probs: np.ndarray) -> np.ndarray:
+        """Person opacity in [0, 1]: the probability (soft) or the thresholded mask."""
+        return probs if self.soft else (probs >= self.threshold).astype(np.float32)
+
+    def render(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """uint8 output: mask (H,W), cutout RGBA, overlay RGB or background RGB."""
+        a = self.alpha(probs)
+        if self.mode == "mask":
+            return np.round(a * 255).astype(np.uint8)
+        if self.mode == "cutout":
+            return np.dstack([image, np.round(a * 255).astype(np.uint8)])
+        if self.mode == "overlay":
+            tint = np.array([255, 0, 160], np.float32)
+            out = image.astype(np.float32)
+            out = out * (1 - 0.5 * a[..., None]) + tint * 0.5 * a[..., None]
+            return np.clip(out, 0, 255).astype(np.uint8)
+        if self.mode == "background":
+            bg = self.background_for(image.shape[:2])
+            out = image.astype(np.float32) * a[..., None] + bg * (1 - a[..., None])
+            return np.clip(out, 0, 255).astype(np.uint8)
+        raise ValueError(f"unknown mode {self.mode!r}; use one of {MODES}")
+
+    def background_for(self, size) -> np.ndarray:
+        if isinstance(self.background, np.ndarray):
+            return cv2.resize(self.background, (size[1], size[0]),
+                              interpolation=cv2.INTER_AREA).astype(np.float32)
+        colour = self.background if self.background is not None else (0, 255, 0)
+        return np.broadcast_to(np.array(colour, np.float32), (*size, 3))
+
+
+class InputError(ValueError):
+    """An input that cannot be processed (unreadable, too large, not an image)."""
+
+
+def read_image(path: pathlib.Path, max_pixels: int) -> np.ndarray:
+    """RGB uint8 image; EXIF orientation applied; refused before decoding when too large."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # reads the header only
+            w, h = im.size
+    except Exception as e:  # PIL raises many types for non-images
+        raise InputError(f"not a readable image ({e.__class__.__name__})") from None
+    if w * h > max_pixels:
+        raise InputError(f"{w}x{h} = {w * h} pixels exceeds --max_pixels={max_pixels}")
+    data = np.fromfile(path, np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise InputError("could not decode the image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def write_image(path: pathlib.Path, array: np.ndarray) -> None:
+    """Writes RGB/RGBA/gray uint8 as PNG (channel order converted for OpenCV)."""
+    if array.ndim == 3 and array.shape[2] == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"could not write {path}")
+
+
+def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list]:
+    """(images, videos, problems): [(path, relative output stem)], files under `output` skipped."""
+    images, videos, problems = [], [], []
+    output = output.resolve()
+    for raw in inputs:
+        path = pathlib.Path(raw)
+        if path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                if output == f.resolve().parent or output in f.resolve().parents:
+                    continue
+                rel = f.relative_to(path).with_suffix("")
+                (videos if f.suffix.lower() in VIDEO_SUFFIXES else images).append(
+                    (f, pathlib.Path(path.name) / rel))
+        elif path.is_file():
+            (videos if path.suffix.lower() in VIDEO_SUFFIXES else images).append(
+                (path, pathlib.Path(path.stem)))
+        else:
+            problems.append((path, "no such file or folder"))
+    return images, videos, problems
+
+
+def output_path(output: pathlib.Path, stem: pathlib.Path, mode: str, suffix: str) -> pathlib.Path:
+    """`output/stem_mode.suffix`."""
+    return output / stem.parent / f"{stem.name}_{mode}{suffix}"
+
+
+def predict_images(predictor, renderer, items, output, *, max_pixels, inputs_resolved, progress):
+    """Processes image files in chunks; returns [(path, problem)] for the skipped ones."""
+    problems = []
+    chunk = max(predictor.batch_size * 4, 16)
+    for start in range(0, len(items), chunk):
+        loaded = []
+        for path, stem in items[start:start + chunk]:
+            target = output_path(output, stem, renderer.mode, ".png")
+            if target.resolve() in inputs_resolved:
+                problems.append((path, f"output {target} would overwrite an input"))
+                continue
+            try:
+                loaded.append((path, target, read_image(path, max_pixels)))
+            except InputError as e:
+                problems.append((path, str(e)))
+        probs = predictor.probabilities([image for _, _, image in loaded])
+        for (path, target, image), p in zip(loaded, probs):
+            write_image(target, renderer.render(image, p))
+        progress.update(len(items[start:start + chunk]))
+    return problems
+
+
+def predict_video(predictor, renderer, path, target, *, progress=None):
+    """Writes the rendered video (same frame rate and size; mp4v codec; audio is dropped)."""
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise InputError("could not open the video")
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    frames = 0
+    try:
+        while True:
+            batch = []
+            while len(batch) < predictor.batch_size:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                batch.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+            if not batch:
+                break
+            for frame, p in zip(batch, predictor.probabilities(batch)):
+                out = renderer.render(frame, p)
+                if out.ndim == 2:
+                    out = np.dstack([out] * 3)
+                elif out.shape[2] == 4:  # video has no alpha: cut out onto black
+                    out = (out[..., :3].astype(np.float32) * (out[..., 3:] / 255.0)).astype(np.uint8)
+                writer.write(cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
+            frames += len(batch)
+            if progress is not None:
+                progress.set_postfix(frames=frames)
+    finally:
+        capture.release()
+        writer.release()
+    if frames == 0:
+        raise InputError("the video has no readable frames")
+    return frames
+
+
+def main(argv):
+    """Entry point: collect inputs, load the model, write outputs, report problems."""
+    from absl import flags
+    from tqdm import tqdm
+
+    from jaxseg import inference
+
+    f = flags.FLAGS
+    inputs = argv[1:]
+    if not inputs:
+        raise SystemExit("usage: python -m jaxseg.predict INPUT... --output DIR [--mode mask]")
+    output = pathlib.Path(f.output)
+    images, videos, problems = collect_inputs(inputs, output)
+    background = None
+    if f.mode == "background":
+        bg_path = pathlib.Path(f.background)
+        background = (read_image(bg_path, f.max_pixels) if bg_path.is_file()
+                      else parse_colour(f.background))
+    renderer = Renderer(mode=f.mode, threshold=f.threshold, soft=f.soft, background=background)
+    model, config, described = inference.load(f.workdir or None, f.checkpoint)
+    predictor = Predictor(model, config.data.image_size, batch_size=f.batch_size,
+                          flip_tta=f.flip_tta)
+    inputs_resolved = {p.resolve() for p, _ in images + videos}
+    with tqdm(total=len(images), desc="images", unit="img", disable=not images) as progress:
+        problems += predict_images(predictor, renderer, images, output, max_pixels=f.max_pixels,
+                                   inputs_resolved=inputs_resolved, progress=progress)
+    for path, stem in videos:
+        target = output_path(output, stem, f.mode, ".mp4")
+        if target.resolve() in inputs_resolved:
+            problems.append((path, f"output {target} would overwrite an input"))
+            continue
+        try:
+            with tqdm(desc=path.name, unit="batch") as progress:
+                predict_video(predictor, renderer, path, target, progress=progress)
+        except InputError as e:
+            problems.append((path, str(e)))
+    done = len(images) + len(videos) - len(problems)
+    print(f"model: {described['source']} (step {described['checkpoint_step']}); "
+          f"wrote {done} outputs to {output}")
+    for path, why in problems:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("output", None, "Output folder.", required=True)
+    flags.DEFINE_enum("mode", "mask", MODES, "What to write.")
+    flags.DEFINE_string("background", "green", "Image file or colour for --mode=background.")
+    flags.DEFINE_float("threshold", 0.5, "Person probability threshold.")
+    flags.DEFINE_bool("soft", False, "Use the probability as alpha instead of a hard mask.")
+    flags.DEFINE_string("workdir", "", "Training workdir; empty = the pretrained model.")
+    flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+    flags.DEFINE_integer("batch_size", 8, "Images per compiled batch.")
+    flags.DEFINE_bool("flip_tta", False, "Average with the mirrored image.")
+    flags.DEFINE_integer("max_pixels", 80_000_000, "Refuse larger images (decompression bombs).")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,357 @@
+"""Dataset builders: fixture datasets in the real layouts, bad files, splits, download path, real data."""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import cv2
+import numpy as np
+import pytest
+import scipy.io
+import tensorflow_datasets as tfds
+from PIL import Image, ImageOps
+
+import fixtures_data as fx
+from jaxseg import datasets
+from jaxseg.datasets import base, ccp_person, image_io, portrait_segmentation
+
+
+def ids_by_split(name: str, data_dir, folder=None) -> dict[str, list[str]]:
+    """Ids of every split, in the sources' order."""
+    sizes = datasets.split_sizes(name, data_dir=str(data_dir), folder=folder)
+    out = {}
+    for split in sizes:
+        src = datasets.data_source(name, split, data_dir=str(data_dir), folder=folder)
+        out[split] = [src[i]["id"] for i in range(len(src))]
+    return out
+
+
+def reference_rgb(path: pathlib.Path) -> np.ndarray:
+    """OpenCV's own reading (EXIF orientation applied, 8-bit BGR) as RGB: independent of image_io."""
+    return cv2.imread(str(path))[..., ::-1]
+
+
+# ---------------------------------------------------------------- image_io units
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_matches_pillow(orientation):
+    stored = fx.photo(orientation, 6, 4)
+    tagged = Image.fromarray(stored)
+    tagged.getexif()[0x0112] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(tagged))
+    np.testing.assert_array_equal(image_io.orient(stored, orientation), expected)
+
+
+def test_binarize_rules():
+    mask, note = image_io.binarize(np.array([[0, 1], [1, 0]], np.uint8))
+    assert note is None and mask.tolist() == [[0, 1], [1, 0]]
+    mask, note = image_io.binarize(np.array([[0, 255]], np.uint8))
+    assert note is None and mask.tolist() == [[0, 1]]
+    mask, note = image_io.binarize(np.array([[0, 65535]], np.uint16))
+    assert note is None and mask.tolist() == [[0, 1]]
+    mask, note = image_io.binarize(np.array([[0, 100, 128, 254]], np.uint8))
+    assert "> 127" in note and mask.tolist() == [[0, 0, 1, 1]]
+    mask, note = image_io.binarize(np.array([[0, 1, 2, 3]], np.uint8))  # label map style
+    assert "> 0" in note and mask.tolist() == [[0, 1, 1, 1]]
+
+
+def test_hash_split_is_pinned():
+    # The rule must never change: prepared splits and published numbers depend on it.
+    fractions = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    assert [base.hash_split(k, fractions) for k in ("0001", "0016", "0007")] == ["train", "validation", "test"]
+    shares = [base.hash_split(str(i), fractions) for i in range(20000)]
+    assert abs(shares.count("train") / 20000 - 0.8) < 0.015
+
+
+# ---------------------------------------------------------------- portraits
+
+
+@pytest.fixture(scope="module")
+def portraits(tmp_path_factory):
+    """(manual root, expectations, data dir) of the fixture portraits, built via $JAXSEG_MANUAL_DIR."""
+    manual = tmp_path_factory.mktemp("manual")
+    expected = fx.make_portraits(manual / "portraits")
+    data_dir = tmp_path_factory.mktemp("dd_portraits")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXSEG_MANUAL_DIR", str(manual))
+        datasets.prepare("portrait_segmentation", data_dir=str(data_dir))
+    return manual / "portraits", expected, data_dir
+
+
+def test_portraits_splits_and_report(portraits):
+    root, expected, data_dir = portraits
+    ids = ids_by_split("portrait_segmentation", data_dir)
+    assert set(ids["test"]) == expected["test"]
+    assert set(ids["train"]) | set(ids["validation"]) == expected["train+validation"]
+    assert ids["validation"] and not set(ids["train"]) & set(ids["validation"])
+    report = datasets.build_report("portrait_segmentation", data_dir=str(data_dir))
+    assert {e["file"]: e["reason"] for e in report["excluded"]} == expected["excluded"]
+    assert report["skipped"] == []
+    assert {e["file"]: e["note"] for e in report["warnings"]} == expected["warnings"]
+    assert expected["counts"].items() <= report["counts"].items()
+    assert report["counts"]["examples"] == {k: len(v) for k, v in ids.items()}
+    stored = pathlib.Path(datasets.builder("portrait_segmentation", data_dir=str(data_dir)).data_dir)
+    assert (stored / datasets.REPORT_FILE).is_file()
+
+
+def test_portraits_examples_match_files(portraits):
+    root, _, data_dir = portraits
+    src = datasets.data_source("portrait_segmentation", "train", data_dir=str(data_dir))
+    for i in range(len(src)):
+        ex = src[i]
+        assert ex["source"] == "portrait_segmentation"
+        assert ex["image"].dtype == np.uint8 and ex["image"].shape == (fx.H, fx.W, 3)
+        assert ex["mask"].dtype == np.uint8 and ex["mask"].shape == (fx.H, fx.W, 1)
+        np.testing.assert_array_equal(ex["image"], reference_rgb(root / f"data/images_data_crop/{ex['id']}.jpg"))
+        mask = scipy.io.loadmat(root / f"data/images_mask/{ex['id']}_mask.mat")["mask"]
+        np.testing.assert_array_equal(ex["mask"][..., 0], mask)
+    assert src[-1]["id"] == src[len(src) - 1]["id"]
+    with pytest.raises(IndexError):
+        src[len(src)]
+
+
+def test_split_of_an_id_is_stable(portraits, tmp_path):
+    root, _, data_dir = portraits
+    first = ids_by_split("portrait_segmentation", data_dir)
+    # Same data, another data dir (and on_bad='error': exclusions are not bad files).
+    datasets.prepare("portrait_segmentation", data_dir=str(tmp_path / "again"), manual_dir=str(root), on_bad="error")
+    assert ids_by_split("portrait_segmentation", tmp_path / "again") == first
+    # Fewer photos: every remaining id keeps its split.
+    fewer = shutil.copytree(root, tmp_path / "fewer")
+    for i in (1, 2, 9):
+        (fewer / f"data/images_data_crop/{i:05d}.jpg").unlink()
+    datasets.prepare("portrait_segmentation", data_dir=str(tmp_path / "fewer_dd"), manual_dir=str(fewer))
+    split_of = {id_: split for split, ids in first.items() for id_ in ids}
+    for split, ids in ids_by_split("portrait_segmentation", tmp_path / "fewer_dd").items():
+        assert ids and all(split_of[id_] == split for id_ in ids)
+
+
+# ---------------------------------------------------------------- ccp
+
+
+def test_ccp_fixture(tmp_path):
+    expected = fx.make_ccp(tmp_path / "ccp")
+    data_dir = str(tmp_path / "dd")
+    datasets.prepare("ccp_person", data_dir=data_dir, manual_dir=str(tmp_path / "ccp"))
+    ids = ids_by_split("ccp_person", data_dir)
+    assert {i for v in ids.values() for i in v} == expected["ids"]
+    assert all(split == base.hash_split(i, ccp_person.FRACTIONS) for split, v in ids.items() for i in v)
+    report = datasets.build_report("ccp_person", data_dir=data_dir)
+    assert {e["file"]: e["reason"] for e in report["excluded"]} == expected["excluded"]
+    src = datasets.data_source("ccp_person", "train", data_dir=data_dir)
+    for i in range(len(src)):
+        ex = src[i]
+        labels = scipy.io.loadmat(tmp_path / f"ccp/annotations/pixel-level/{ex['id']}.mat")["groundtruth"]
+        np.testing.assert_array_equal(ex["mask"][..., 0], labels != 0)
+        np.testing.assert_array_equal(ex["image"], reference_rgb(tmp_path / f"ccp/photos/{ex['id']}.jpg"))
+    # Registered with TFDS: readable by name without this package's API.
+    assert len(tfds.data_source("ccp_person", split="train", data_dir=data_dir)) == len(src)
+
+
+@pytest.mark.parametrize("name, make", [("portrait_segmentation", fx.make_portraits), ("ccp_person", fx.make_ccp)])
+def test_download_path(name, make, tmp_path, monkeypatch):
+    cls = {"portrait_segmentation": portrait_segmentation.PortraitSegmentation,
+           "ccp_person": ccp_person.CcpPerson}[name]
+    make(tmp_path / "src")
+    archive = fx.zip_archive(tmp_path / "src", cls.ARCHIVE_DIR, tmp_path / "master.zip")
+    requested = []
+
+    def download_and_extract(self, url):
+        requested.append(url)
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp_path / "extracted")
+        return tmp_path / "extracted"
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
+    monkeypatch.delenv("JAXSEG_MANUAL_DIR", raising=False)
+    sizes = datasets.split_sizes(name, data_dir=str(tmp_path / "dd"))
+    assert requested == [cls.URL]
+    assert sum(sizes.values()) == {"portrait_segmentation": 12, "ccp_person": 11}[name]
+
+
+# ---------------------------------------------------------------- person_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """(folder, expectations, data dir) of the every-case person folder, built with on_bad='skip'."""
+    root = tmp_path_factory.mktemp("people") / "my photos"
+    expected = fx.make_person_folder(root)
+    data_dir = tmp_path_factory.mktemp("dd_folder")
+    datasets.prepare("person_folder", data_dir=str(data_dir), folder=str(root))
+    return root, expected, data_dir
+
+
+def test_folder_bad_cases_are_skipped_with_reasons(folder):
+    root, expected, data_dir = folder
+    report = datasets.build_report("person_folder", data_dir=str(data_dir), folder=str(root))
+    skipped = {e["file"]: e["reason"] for e in report["skipped"]}
+    assert skipped.keys() == expected["skipped"].keys()
+    for file, reason in expected["skipped"].items():
+        assert reason in skipped[file], (file, skipped[file])
+    notes = {(e["file"], e["note"]) for e in report["warnings"]}
+    for file, note in expected["warnings"].items():
+        assert any(f == file and note in n for f, n in notes), (file, note, notes)
+    assert report["counts"]["examples"] == {"train": len(expected["masks"])}
+
+
+def test_folder_kept_examples_are_converted(folder):
+    root, expected, data_dir = folder
+    src = datasets.data_source("person_folder", "train", data_dir=str(data_dir), folder=str(root))
+    seen = set()
+    for i in range(len(src)):
+        ex = src[i]
+        seen.add(ex["id"])
+        (photo,) = (root / "images").glob(f"{ex['id']}.*")
+        assert ex["image"].shape == (fx.H, fx.W, 3), ex["id"]  # EXIF-rotated ones included
+        np.testing.assert_array_equal(ex["image"], reference_rgb(photo), err_msg=ex["id"])
+        np.testing.assert_array_equal(ex["mask"][..., 0], expected["masks"][ex["id"]], err_msg=ex["id"])
+        assert ex["source"] == "person_folder"
+    assert seen == expected["masks"].keys()
+    np.testing.assert_array_equal(src[[ex["id"] for ex in src].index("deep")]["image"], fx.photo(7))
+
+
+def test_folder_plain_jpegs_are_stored_as_is(folder):
+    root, expected, data_dir = folder
+    ds_builder = datasets.builder("person_folder", data_dir=str(data_dir), folder=str(root))
+    raw = ds_builder.as_data_source("train", deserialize_method=tfds.decode.DeserializeMethod.DESERIALIZE_NO_DECODE)
+    for i in range(len(raw)):
+        features = raw[i].features.feature
+        id_ = features["id"].bytes_list.value[0].decode()
+        stored = features["image"].bytes_list.value[0]
+        if id_ in expected["as_is"]:
+            (photo,) = (root / "images").glob(f"{id_}.*")
+            assert stored == photo.read_bytes(), id_
+        else:
+            assert stored.startswith(b"\x89PNG"), id_
+
+
+def test_folder_on_bad_error_names_the_files(folder, tmp_path):
+    root, expected, data_dir = folder
+    with pytest.raises(datasets.BadDataError) as fresh:
+        datasets.prepare("person_folder", data_dir=str(tmp_path / "dd"), folder=str(root), on_bad="error")
+    assert set(fresh.value.files) == expected["skipped"].keys()
+    for file in expected["skipped"]:
+        assert file in str(fresh.value)
+    assert not list((tmp_path / "dd").glob("person_folder/*/*/dataset_info.json"))
+    # Data prepared earlier with on_bad='skip' does not slip through either.
+    with pytest.raises(datasets.BadDataError):
+        datasets.data_source("person_folder", "train", data_dir=str(data_dir), folder=str(root), on_bad="error")
+
+
+def test_folder_reads_without_tensorflow(folder):
+    root, _, data_dir = folder
+    script = textwrap.dedent(f"""
+        import importlib.abc, importlib.util, sys
+        class NoTensorFlow(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] == "tensorflow":
+                    raise ModuleNotFoundError(name)
+        sys.meta_path.insert(0, NoTensorFlow())
+        find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "tensorflow" else find_spec(name, *a)
+        from jaxseg import datasets
+        src = datasets.data_source("person_folder", "train", data_dir={str(data_dir)!r}, folder={str(root)!r})
+        ex = src[0]
+        assert ex["image"].shape[2] == 3 and ex["mask"].shape[2] == 1 and isinstance(ex["id"], str)
+        assert "tensorflow" not in sys.modules, "tensorflow was imported"
+        print("ok", len(src))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_two_folders_never_share_prepared_data(tmp_path):
+    data_dir = str(tmp_path / "dd")
+    a = fx.make_simple_folder(tmp_path / "a", ["x", "y"])
+    b = fx.make_simple_folder(tmp_path / "b", ["x", "y", "z"], seed=10)
+    assert sorted(ids_by_split("person_folder", data_dir, str(a))["train"]) == ["x", "y"]
+    assert sorted(ids_by_split("person_folder", data_dir, str(b))["train"]) == ["x", "y", "z"]
+    image_a = datasets.data_source("person_folder", "train", data_dir=data_dir, folder=str(a))[0]["image"]
+    image_b = datasets.data_source("person_folder", "train", data_dir=data_dir, folder=str(b))[0]["image"]
+    assert not np.array_equal(image_a, image_b)
+    name_a = datasets.builder("person_folder", folder=str(a)).builder_config.name
+    assert name_a == datasets.builder("person_folder", folder=str(a)).builder_config.name  # cached
+    fx.make_simple_folder(a, ["w"], seed=20)  # the folder changes: new prepared data
+    assert datasets.builder("person_folder", folder=str(a)).builder_config.name != name_a
+    assert sorted(ids_by_split("person_folder", data_dir, str(a))["train"]) == ["w", "x", "y"]
+
+
+def test_folder_split_subfolders(tmp_path):
+    root = tmp_path / "split"
+    fx.make_simple_folder(root / "train", ["a", "b"])
+    fx.make_simple_folder(root / "test", ["c"], seed=5)
+    fx.write(root / "test" / "images" / "lonely.jpg", fx.photo(9))
+    data_dir = str(tmp_path / "dd")
+    assert datasets.split_sizes("person_folder", data_dir=data_dir, folder=str(root)) == {"test": 1, "train": 2}
+    report = datasets.build_report("person_folder", data_dir=data_dir, folder=str(root))
+    assert report["skipped"] == [{"file": "test/images/lonely.jpg", "reason": "image without mask"}]
+    fx.make_simple_folder(root, ["d"])  # images/ beside train/: ambiguous layout
+    with pytest.raises(ValueError, match="one layout"):
+        datasets.builder("person_folder", folder=str(root))
+
+
+# ---------------------------------------------------------------- real data (runs in CI)
+
+
+@pytest.fixture(scope="module")
+def real_data_dir(manual_dir, tmp_path_factory):
+    """Both real datasets prepared (reused from $TFDS_DATA_DIR when CI has them there)."""
+    data_dir = os.environ.get("TFDS_DATA_DIR") or str(tmp_path_factory.mktemp("real"))
+    for name, sub in datasets.MANUAL_SUBDIRS.items():
+        datasets.prepare(name, data_dir=data_dir, manual_dir=str(manual_dir / sub))
+    return data_dir
+
+
+def _stems(folder: pathlib.Path, suffix: str) -> set[str]:
+    return {p.name.removesuffix(suffix) for p in folder.iterdir() if p.name.endswith(suffix)}
+
+
+def test_real_portraits_split_sizes(real_data_dir, manual_dir):
+    data = manual_dir / "portraits" / "data"
+    photos = _stems(data / "images_data_crop", ".jpg")
+    masks = _stems(data / "images_mask", "_mask.mat")
+    test_list = {f"{i:05d}" for i in scipy.io.loadmat(data / "testlist.mat")["testlist"].ravel()}
+    train_list = {f"{i:05d}" for i in scipy.io.loadmat(data / "trainlist.mat")["trainlist"].ravel()}
+    usable = {i for i in photos & masks if scipy.io.loadmat(data / f"images_mask/{i}_mask.mat")["mask"].any()}
+    rest = usable - test_list
+    train = {i for i in rest if base.hash_split(i, portrait_segmentation.TRAIN_FRACTIONS) == "train"}
+    sizes = datasets.split_sizes("portrait_segmentation", data_dir=real_data_dir)
+    assert sizes == {"test": len(usable & test_list), "train": len(train), "validation": len(rest - train)}
+    assert sizes["train"] + sizes["validation"] == len(rest)
+    counts = datasets.build_report("portrait_segmentation", data_dir=real_data_dir)["counts"]
+    assert counts["masks_without_photo"] == len(masks - photos)
+    assert counts["photos_without_mask"] == len(photos - masks)
+    assert counts["listed_without_photo"] == {"train": len(train_list - photos), "test": len(test_list - photos)}
+    assert counts["unlisted_photos"] == len((photos & masks) - train_list - test_list)
+    assert counts["skipped"] == 0
+
+
+def test_real_ccp_split_sizes(real_data_dir, manual_dir):
+    root = manual_dir / "ccp"
+    photos = _stems(root / "photos", ".jpg")
+    labelled = {i for i in _stems(root / "annotations/pixel-level", ".mat") & photos
+                if scipy.io.loadmat(root / f"annotations/pixel-level/{i}.mat")["groundtruth"].any()}
+    assert "0536" not in labelled
+    expected = {s: sum(base.hash_split(i, ccp_person.FRACTIONS) == s for i in labelled) for s in ccp_person.FRACTIONS}
+    assert datasets.split_sizes("ccp_person", data_dir=real_data_dir) == expected
+    report = datasets.build_report("ccp_person", data_dir=real_data_dir)
+    assert report["excluded"] == [{"file": "annotations/pixel-level/0536.mat",
+                                   "reason": "empty annotation (no person pixels)"}]
+
+
+@pytest.mark.parametrize("name, photo_path", [
+    ("portrait_segmentation", "portraits/data/images_data_crop/{}.jpg"),
+    ("ccp_person", "ccp/photos/{}.jpg"),
+])
+def test_real_examples_decode_bit_identical(real_data_dir, manual_dir, name, photo_path):
+    src = datasets.data_source(name, "validation", data_dir=real_data_dir)
+    for i in range(0, len(src), 10):
+        ex = src[i]
+        np.testing.assert_array_equal(ex["image"], reference_rgb(manual_dir / photo_path.format(ex["id"])))
+        assert ex["mask"].shape == ex["image"].shape[:2] + (1,) and ex["mask"].max() == 1
