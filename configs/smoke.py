@@ -16,4 +16,5 @@ def get_config():
     c.train.checkpoint_every = 10
     c.train.num_logged_images = 2
     c.eval.batch_size = 16
+    c.eval.max_examples = 32
     return c

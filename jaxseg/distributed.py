@@ -26,7 +26,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     count = num_processes or int(os.environ.get(_ENV[1], "0") or 0)
     pid = process_id if process_id >= 0 else int(os.environ.get(_ENV[2], "-1") or -1)
     if address or count > 1:
-        missing = [name for name, v in zip(_ENV, (address, count, pid)) if v in ("", 0, -1)]
+        missing = [name for name, value, unset in zip(_ENV, (address, count, pid), ("", 0, -1))
+                   if value == unset]
         if missing:
             raise ValueError(
                 "a multi-process launch needs the coordinator address, the process count and this "
@@ -41,3 +42,14 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 def is_main_process() -> bool:
     """True on process 0, which alone logs, reports and writes files beside checkpoints."""
     return jax.process_index() == 0
+
+
+def main_process_first(fn):
+    """Runs `fn` on process 0, then on the others once it is done (e.g. preparing shared data)."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result = fn() if is_main_process() else None
+    multihost_utils.sync_global_devices("jaxseg:main_process_first")
+    return result if is_main_process() else fn()

@@ -234,6 +234,9 @@ def main(argv):
     """Entry point: evaluate a checkpoint, the pretrained model, or a folder of predictions."""
     del argv
     from absl import flags
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
 
     from jaxseg import distributed, inference
 

@@ -11,6 +11,7 @@ split, all processes run the same number of batches, and padding rows carry `val
 from __future__ import annotations
 
 import collections
+import collections.abc
 import concurrent.futures
 import functools
 from typing import Iterator, Sequence
@@ -125,6 +126,22 @@ class TrainBatches:
     def close(self):
         """Stops the worker threads (pending work is dropped)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Head(collections.abc.Sequence):
+    """The first `n` examples of a source (all of them when n <= 0)."""
+
+    def __init__(self, source, n: int):
+        self.source = source
+        self.n = len(source) if n <= 0 else min(n, len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.source[i]
 
 
 def example_sizes(source) -> np.ndarray:

@@ -244,7 +244,10 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
 def main(argv):
     """Entry point: collect inputs, load the model, write outputs, report problems."""
     from absl import flags
+    from absl import logging as absl_logging
     from tqdm import tqdm
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
 
     from jaxseg import inference
 

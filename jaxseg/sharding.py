@@ -60,5 +60,6 @@ def to_global(local_batch: dict, mesh: Mesh) -> dict:
 
 
 def replicate(tree, mesh: Mesh):
-    """Places a pytree of arrays on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
+    """Places a pytree of (host-identical) arrays on every device of the mesh, on every process."""
+    # Through host memory: a single-device array cannot be moved onto devices of other processes.
+    return jax.device_put(jax.device_get(tree), replicated(mesh))

@@ -15,62 +15,14 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from jaxseg import (checkpointing, config_check, datasets, distributed, input_pipeline, losses,
-                    metric_writer, optim, sharding)
-from jaxseg.models import create_model
+from jaxseg import (checkpointing, config_check, datasets, distributed, input_pipeline,
+                    metric_writer, sharding)
+from jaxseg.train_step import create_train_state, make_train_step
 
 log = logging.getLogger("jaxseg.train")
-
-
-def create_train_state(config):
-    """(graphdef, state) of {'model', 'opt'} for a config; state is the checkpointed pytree."""
-    model = create_model(config.model, seed=config.seed)
-    tx = optim.make_optimizer(config.optim, config.train.num_steps)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    return nnx.split({"model": model, "opt": optimizer})
-
-
-def make_train_step(graphdef, config, mesh):
-    """The jitted, state-donating train step: (state, batch) -> (state, metrics).
-
-    A step whose loss or gradient is not finite leaves the state unchanged and reports
-    `finite = False`; the loop stops on it.
-    """
-    schedule = optim.make_schedule(config.optim, config.train.num_steps)
-    dropout_root = jax.random.key(config.seed + 1)
-
-    def step_fn(state, batch):
-        # Leaves taken before merging: the merged modules update their variables in place.
-        old_leaves = jax.tree.leaves(state)
-        nodes = nnx.merge(graphdef, state)
-        model, optimizer = nodes["model"], nodes["opt"]
-        step = optimizer.step[...]
-        dropout_key = jax.random.fold_in(dropout_root, step)
-
-        def loss_fn(model):
-            logits = model(batch["image"], train=True, dropout_key=dropout_key)
-            return losses.segmentation_loss(
-                logits, batch["mask"], batch["valid"],
-                ce_weight=config.loss.ce_weight, dice_weight=config.loss.dice_weight)
-
-        (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        grad_norm = optax.tree.norm(grads)
-        optimizer.update(model, grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_leaves, treedef = jax.tree.flatten(nnx.state(nodes))
-        new_state = jax.tree.unflatten(treedef, [jnp.where(finite, new, old)
-                                                 for new, old in zip(new_leaves, old_leaves)])
-        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step),
-                   "finite": finite, **parts}
-        return new_state, metrics
-
-    rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
-    return jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
 
 
 def _data_dir(config):
@@ -79,6 +31,9 @@ def _data_dir(config):
 
 def train_sources(config):
     """(sources, weights) of the training mixture."""
+    distributed.main_process_first(lambda: [
+        datasets.prepare(n, data_dir=_data_dir(config), folder=config.data.folder or None)
+        for n, _ in input_pipeline.parse_mixture(f"{config.data.train},{config.data.eval}")])
     mixture = input_pipeline.parse_mixture(config.data.train)
     sources = [datasets.data_source(name, config.data.train_split, data_dir=_data_dir(config),
                                     folder=config.data.folder or None) for name, _ in mixture]
@@ -93,6 +48,7 @@ def validation_evaluators(config, mesh):
     for name, _ in input_pipeline.parse_mixture(config.data.eval):
         source = datasets.data_source(name, config.data.eval_split, data_dir=_data_dir(config),
                                       folder=config.data.folder or None)
+        source = input_pipeline.Head(source, config.eval.max_examples)
         out[name] = Evaluator(source, mesh=mesh, image_size=config.data.image_size,
                               batch_size=config.eval.batch_size, threshold=config.eval.threshold,
                               num_workers=config.data.num_workers)
@@ -113,7 +69,7 @@ def load_model(workdir: str, checkpoint: str = "best"):
     ckpts = checkpointing.Checkpoints(workdir, read_only=True)
     meta, _ = ckpts.read_meta(checkpoint)
     config = config_from_json(meta["config"])
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     holder = {}
 
     def restorer(abstract):
@@ -250,12 +206,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 ckpts.save_best(step, state, _meta(config, step, {"validation": val}), val["val_iou"])
                 last.update(val)
                 window_start, window_steps = time.perf_counter(), 0
-            if step % config.train.checkpoint_every == 0 or step == num_steps:
+            stop = preemption.should_stop() and step < num_steps
+            if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
                 _check_finite(pending, step - 1, ckpts)
-                ckpts.save(step, state, _meta(config, step), force=True)
-            if preemption.should_stop() and step < num_steps:
-                _check_finite(pending, step - 1, ckpts)
-                ckpts.save(step, state, _meta(config, step, {"preempted": True}), force=True)
+                extra = {"preempted": True} if stop else None
+                ckpts.save(step, state, _meta(config, step, extra), force=True)
+            if stop:
                 log.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
                             step, ckpts.latest.directory)
                 last["preempted"] = True
@@ -283,6 +239,9 @@ def main(argv):
     """Entry point: flags -> distributed init -> train_and_evaluate."""
     del argv
     from absl import flags
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
 
     FLAGS = flags.FLAGS
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

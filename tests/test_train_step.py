@@ -5,7 +5,7 @@ import pytest
 
 from configs import smoke
 from fake_data import fake_source
-from jaxseg import config_check, input_pipeline, sharding, train
+from jaxseg import config_check, input_pipeline, sharding, train_step
 
 
 def tiny_config():
@@ -21,9 +21,9 @@ def tiny_config():
 
 def run_steps(config, num_devices, num_steps=3):
     mesh = sharding.make_mesh(num_devices)
-    graphdef, state = train.create_train_state(config)
+    graphdef, state = train_step.create_train_state(config)
     state = sharding.replicate(state, mesh)
-    step = train.make_train_step(graphdef, config, mesh)
+    step = train_step.make_train_step(graphdef, config, mesh)
     tb = input_pipeline.TrainBatches([fake_source(12, 0), fake_source(9, 1)], [1, 1],
                                      global_batch=config.train.batch_size,
                                      image_size=config.data.image_size, aug=config.data.aug,
@@ -48,16 +48,16 @@ def test_eight_devices_equal_one_device():
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
                                    rtol=1e-4, atol=2e-5)
     # BatchNorm statistics were computed over the global batch, not per device.
-    assert not np.allclose(jax.tree.leaves(one)[0], jax.tree.leaves(train.create_train_state(config)[1])[0])
+    assert not np.allclose(jax.tree.leaves(one)[0], jax.tree.leaves(train_step.create_train_state(config)[1])[0])
 
 
 def test_non_finite_step_leaves_state_unchanged():
     config = tiny_config()
     mesh = sharding.make_mesh(2)
-    graphdef, state = train.create_train_state(config)
+    graphdef, state = train_step.create_train_state(config)
     state = sharding.replicate(state, mesh)
     before = jax.device_get(state)
-    step = train.make_train_step(graphdef, config, mesh)
+    step = train_step.make_train_step(graphdef, config, mesh)
     batch = {"image": np.zeros((8, 32, 32, 3), np.uint8), "mask": np.zeros((8, 32, 32, 1), np.uint8),
              "valid": np.full(8, np.nan, np.float32)}
     state, metrics = step(state, sharding.to_global(batch, mesh))

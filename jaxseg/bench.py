@@ -1,0 +1,304 @@
+"""Speed benchmarks: `python -m jaxseg.bench SUBCOMMAND [flags]`.
+
+Subcommands (one function each, registered in `SUBCOMMANDS`):
+  train  Train-step images/second of the JAX U-Net, on synthetic batches through
+         jaxseg.train.make_train_step, against an identical tf.keras U-Net timed in the same
+         process (repetitions alternate, medians reported). The last line is
+         `jax/keras ratio: X.XX`. With --gpu_config it times JAX alone on an accelerator
+         (TensorFlow is not imported) and reports the fraction of --peak_tflops achieved.
+
+Keras is a benchmark-only dependency (keras 3, which ships with tensorflow-cpu).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxseg import sharding
+from jaxseg.train_step import create_train_state, make_train_step
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def step_flops(jitted, *args) -> float:
+    """FLOPs of one call of a jitted function on `args`, from XLA's cost analysis."""
+    cost = jitted.lower(*args).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax versions return one dict per computation
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A training batch shaped like the input pipeline's: uint8 images and 0/1 masks, all valid."""
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),
+        "mask": rng.integers(0, 2, (batch_size, image_size, image_size, 1), dtype=np.uint8),
+        "valid": np.ones(batch_size, np.float32),
+    }
+
+
+def jax_param_counts(model) -> tuple[int, int]:
+    """(trainable, non-trainable) element counts of an NNX model: Params and BatchStats."""
+    def count(kind):
+        return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, kind)))
+
+    return count(nnx.Param), count(nnx.BatchStat)
+
+
+def _time_steps(run_steps, steps: int) -> float:
+    """Seconds taken by `run_steps(steps)` (which must wait for its last step)."""
+    start = time.perf_counter()
+    run_steps(steps)
+    return time.perf_counter() - start
+
+
+def _median_rate(seconds: list[float], steps: int, batch_size: int) -> float:
+    return steps * batch_size / statistics.median(seconds)
+
+
+class JaxTrainer:
+    """The training loop's step, on one device, repeatedly applied to one synthetic batch."""
+
+    def __init__(self, config, batch: dict[str, np.ndarray]):
+        mesh = sharding.make_mesh(1)
+        self.graphdef, state = create_train_state(config)
+        self.state = sharding.replicate(state, mesh)
+        self.batch = jax.device_put(batch, sharding.data_sharded(mesh))
+        self.step = make_train_step(self.graphdef, config, mesh)
+
+    def flops_per_call(self) -> float:
+        """FLOPs of one train step (forward, backward and optimiser update) for the whole batch."""
+        return step_flops(self.step, self.state, self.batch)
+
+    def run(self, steps: int) -> None:
+        """Runs `steps` train steps and waits for the last one."""
+        for _ in range(steps):
+            self.state, metrics = self.step(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+
+
+# --------------------------------------------------------------------------------------------
+# The Keras twin of jaxseg.models.unet.UNet (TensorFlow backend)
+
+
+def _import_keras():
+    # Keras 3 picks its backend at import; the comparison is only meaningful against TensorFlow.
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(f"keras was already imported with the {keras.backend.backend()} backend")
+    return keras
+
+
+def keras_unet(model_config, image_size: int):
+    """A tf.keras U-Net with the same layers as jaxseg's (transposed-conv upsampling, no residual).
+
+    uint8 images in, float32 logits out; input normalisation inside the model, as in JAX.
+    """
+    from jaxseg.models import unet
+
+    keras = _import_keras()
+    from keras import layers, ops
+
+    c = model_config
+    if c.residual or c.upsample != "transpose" or c.norm != "batch":
+        raise ValueError("the Keras twin covers norm='batch', upsample='transpose', residual=False")
+
+    def block(x, features):
+        for _ in range(2):
+            x = layers.Conv2D(features, 3, padding="same", use_bias=False)(x)
+            # Flax's BatchNorm: momentum 0.9, epsilon 1e-5 (Keras defaults differ).
+            x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x)
+            x = layers.ReLU()(x)
+        return x
+
+    widths = [c.base_features * 2**i for i in range(c.depth + 1)]
+    images = keras.Input((image_size, image_size, 3), dtype="uint8")
+    x = (ops.cast(images, "float32") - np.array(unet._RGB_MEAN, np.float32)) / np.array(
+        unet._RGB_STD, np.float32)
+    skips = []
+    for w in widths[:-1]:
+        x = block(x, w)
+        skips.append(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = block(x, widths[-1])
+    x = layers.Dropout(c.dropout)(x)
+    for w, skip in zip(reversed(widths[:-1]), reversed(skips)):
+        x = layers.Conv2DTranspose(w, 2, strides=2)(x)
+        x = block(layers.Concatenate()([x, skip]), w)
+    logits = layers.Conv2D(c.num_classes, 1)(x)
+    return keras.Model(images, logits)
+
+
+def keras_loss(ce_weight: float, dice_weight: float):
+    """Per-image sigmoid cross-entropy + soft Dice (eps 1), as jaxseg.losses for a 1-logit head."""
+    _import_keras()
+    from keras import ops
+
+    def loss(masks, logits):
+        t = ops.cast(masks[..., 0], "float32")
+        z = logits[..., 0]
+        ce = ops.mean(ops.maximum(z, 0) - z * t + ops.log1p(ops.exp(-ops.abs(z))), axis=(1, 2))
+        p = ops.sigmoid(z)
+        dice = (2 * ops.sum(p * t, axis=(1, 2)) + 1) / (
+            ops.sum(p, axis=(1, 2)) + ops.sum(t, axis=(1, 2)) + 1)
+        return ce_weight * ce + dice_weight * (1 - dice)
+
+    return loss
+
+
+def keras_optimizer(optim_config, num_steps: int):
+    """AdamW matching jaxseg.optim: warmup + cosine, global-norm clipping, decay on kernels only."""
+    keras = _import_keras()
+    c = optim_config
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, max(num_steps - c.warmup_steps, 1), alpha=c.final_lr_fraction,
+        warmup_target=c.learning_rate, warmup_steps=c.warmup_steps)
+    opt = keras.optimizers.AdamW(schedule, weight_decay=c.weight_decay, beta_1=c.b1,
+                                 beta_2=c.b2, epsilon=1e-8, global_clipnorm=c.grad_clip_norm or None)
+    opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    return opt
+
+
+class KerasTrainer:
+    """The Keras twin compiled for training, repeatedly applied to one synthetic batch."""
+
+    def __init__(self, config, batch: dict[str, np.ndarray], jit_compile: bool):
+        import tensorflow as tf
+
+        self.model = keras_unet(config.model, config.data.image_size)
+        self.model.compile(
+            optimizer=keras_optimizer(config.optim, config.train.num_steps),
+            loss=keras_loss(config.loss.ce_weight, config.loss.dice_weight),
+            jit_compile=jit_compile)
+        self.images = tf.constant(batch["image"])
+        self.masks = tf.constant(batch["mask"])
+
+    def run(self, steps: int) -> None:
+        """Runs `steps` train steps; train_on_batch returns numpy logs, so the last one is waited for."""
+        for _ in range(steps):
+            self.model.train_on_batch(self.images, self.masks)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+def _load_config(gpu: bool):
+    from configs import default
+
+    if not gpu:
+        return default.get_config()
+    try:
+        return importlib.import_module("configs.gpu").get_config()
+    except ModuleNotFoundError as e:
+        if e.name != "configs.gpu":
+            raise
+    config = default.get_config()
+    config.model.compute_dtype = "bfloat16"
+    config.data.image_size = 256
+    config.train.batch_size = 64
+    return config
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxseg.bench train", description=train.__doc__)
+    p.add_argument("--image_size", type=int, help="default: the config's data.image_size")
+    p.add_argument("--batch_size", type=int, help="default: the config's train.batch_size")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per framework")
+    p.add_argument("--steps", type=int, default=10, help="train steps per repetition")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation included)")
+    p.add_argument("--keras_jit", choices=("both", "on", "off"), default="both",
+                   help="Keras jit_compile settings to time; the faster one is compared")
+    p.add_argument("--gpu_config", action="store_true",
+                   help="configs/gpu.py (else default + bf16, 256px, batch 64); JAX only, no TF")
+    p.add_argument("--peak_tflops", type=float, default=989.0,
+                   help="accelerator peak for --gpu_config (H100 dense bf16: 989)")
+    return p
+
+
+def train(argv: list[str]) -> None:
+    """Train-step images/s: JAX vs an identical tf.keras U-Net, or JAX alone with --gpu_config."""
+    args = _train_parser().parse_args(argv)
+    config = _load_config(args.gpu_config)
+    if args.image_size:
+        config.data.image_size = args.image_size
+    if args.batch_size:
+        config.train.batch_size = args.batch_size
+    size, batch_size, m = config.data.image_size, config.train.batch_size, config.model
+    print(f"config: image_size={size} batch_size={batch_size} depth={m.depth} "
+          f"base_features={m.base_features} norm={m.norm} dropout={m.dropout} "
+          f"upsample={m.upsample} compute_dtype={m.compute_dtype} "
+          f"device={jax.devices()[0].device_kind} (1 of {jax.device_count()})")
+
+    batch = synthetic_batch(batch_size, size)
+    jax_trainer = JaxTrainer(config, batch)
+    model = nnx.merge(jax_trainer.graphdef, jax_trainer.state)["model"]
+    trainable, stats = jax_param_counts(model)
+    flops = jax_trainer.flops_per_call() / batch_size
+    print(f"jax parameters: {trainable:,} trainable + {stats:,} batch statistics")
+    print(f"jax train step: {flops / 1e9:.3f} GFLOP/image (XLA cost analysis)")
+
+    timed = {"jax": jax_trainer}
+    if not args.gpu_config:
+        jits = {"both": (True, False), "on": (True,), "off": (False,)}[args.keras_jit]
+        for jit in jits:
+            k = KerasTrainer(config, batch, jit_compile=jit)
+            timed[f"keras jit_compile={jit}"] = k
+        k_trainable = sum(int(np.prod(w.shape)) for w in k.model.trainable_weights)
+        k_stats = sum(int(np.prod(w.shape)) for w in k.model.non_trainable_weights)
+        print(f"keras parameters: {k_trainable:,} trainable + {k_stats:,} batch statistics")
+
+    for trainer in timed.values():
+        trainer.run(args.warmup)
+    seconds = {name: [] for name in timed}
+    # Alternating repetitions spread machine noise (shared cores) evenly over the frameworks.
+    for rep in range(args.repeats):
+        line = []
+        for name, trainer in timed.items():
+            seconds[name].append(_time_steps(trainer.run, args.steps))
+            line.append(f"{name} {args.steps * batch_size / seconds[name][-1]:.1f}")
+        print(f"rep {rep + 1}/{args.repeats} images/s: " + " | ".join(line), flush=True)
+
+    rates = {name: _median_rate(s, args.steps, batch_size) for name, s in seconds.items()}
+    for name, rate in rates.items():
+        print(f"median images/s {name}: {rate:.1f}")
+    jax_rate = rates["jax"]
+    achieved = flops * jax_rate
+    print(f"jax achieved: {achieved / 1e9:.1f} GFLOP/s")
+    if args.gpu_config:
+        print(f"fraction of peak ({args.peak_tflops:g} TFLOP/s): "
+              f"{achieved / (args.peak_tflops * 1e12):.4f}")
+        return
+    best = max((n for n in rates if n != "jax"), key=rates.get)
+    print(f"faster keras: {best}")
+    print(f"jax/keras ratio: {jax_rate / rates[best]:.2f}")
+
+
+SUBCOMMANDS = {"train": train}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatches `python -m jaxseg.bench SUBCOMMAND [flags]`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SUBCOMMANDS:
+        sys.exit(f"usage: python -m jaxseg.bench {{{','.join(SUBCOMMANDS)}}} [flags]")
+    SUBCOMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

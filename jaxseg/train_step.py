@@ -1,0 +1,60 @@
+"""The train state and the jitted data-parallel train step (no data or I/O dependencies).
+
+Kept apart from jaxseg.train so that the step runs wherever JAX does, e.g. on an accelerator
+machine fed from an array file (launch/gpu_array_train.py) without TFDS or OpenCV.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxseg import losses, optim, sharding
+from jaxseg.models import create_model
+
+
+def create_train_state(config):
+    """(graphdef, state) of {'model', 'opt'} for a config; state is the checkpointed pytree."""
+    model = create_model(config.model, seed=config.seed)
+    tx = optim.make_optimizer(config.optim, config.train.num_steps)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return nnx.split({"model": model, "opt": optimizer})
+
+
+def make_train_step(graphdef, config, mesh):
+    """The jitted, state-donating train step: (state, batch) -> (state, metrics).
+
+    A step whose loss or gradient is not finite leaves the state unchanged and reports
+    `finite = False`; the loop stops on it.
+    """
+    schedule = optim.make_schedule(config.optim, config.train.num_steps)
+    dropout_root = jax.random.key(config.seed + 1)
+
+    def step_fn(state, batch):
+        # Leaves taken before merging: the merged modules update their variables in place.
+        old_leaves = jax.tree.leaves(state)
+        nodes = nnx.merge(graphdef, state)
+        model, optimizer = nodes["model"], nodes["opt"]
+        step = optimizer.step[...]
+        dropout_key = jax.random.fold_in(dropout_root, step)
+
+        def loss_fn(model):
+            logits = model(batch["image"], train=True, dropout_key=dropout_key)
+            return losses.segmentation_loss(
+                logits, batch["mask"], batch["valid"],
+                ce_weight=config.loss.ce_weight, dice_weight=config.loss.dice_weight)
+
+        (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        grad_norm = optax.tree.norm(grads)
+        optimizer.update(model, grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_leaves, treedef = jax.tree.flatten(nnx.state(nodes))
+        new_state = jax.tree.unflatten(treedef, [jnp.where(finite, new, old)
+                                                 for new, old in zip(new_leaves, old_leaves)])
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step),
+                   "finite": finite, **parts}
+        return new_state, metrics
+
+    rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+    return jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)

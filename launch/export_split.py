@@ -1,0 +1,75 @@
+"""Export one split's photos as lossless PNG files `<id>.png`, for models run outside jaxseg.
+
+Run with jaxseg's own environment (it reads the prepared TFDS data through
+`jaxseg.datasets.data_source`):
+
+    python launch/export_split.py --dataset portrait_segmentation --split test --out DIR
+
+Each example's `image` (uint8 HxWx3 RGB, original size) is written to `DIR/<id>.png` in the
+usual PNG channel order, so any reader that returns RGB (PIL, or OpenCV's BGR flipped) sees
+exactly the pixels jaxseg trains and evaluates on. `DIR/ids.txt` lists the ids in the source's
+order, one a line, so that a consumer processes exactly this split even if DIR holds other files.
+Only the photos are exported: the ground-truth masks stay inside jaxseg's evaluator.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import sys
+
+import cv2
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: make `import jaxseg` work from anywhere
+    sys.path.insert(0, str(REPO))
+
+IDS_FILE = "ids.txt"
+_SAFE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def export(source, out_dir: str | pathlib.Path, *, limit: int | None = None) -> list[str]:
+    """Write `<id>.png` (RGB) for each example of `source` (or its first `limit`); returns the ids."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = len(source) if limit is None else min(limit, len(source))
+    ids = []
+    for i in range(count):
+        example = source[i]
+        example_id = example["id"]
+        if not _SAFE_ID.fullmatch(example_id) or example_id in (".", ".."):
+            raise ValueError(f"example {i}: id {example_id!r} is not usable as a file name")
+        image = np.asarray(example["image"])
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"example {example_id}: expected uint8 HxWx3 RGB, got "
+                             f"{image.dtype} {image.shape}")
+        path = out_dir / f"{example_id}.png"
+        if not cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1])):  # RGB -> BGR for cv2
+            raise OSError(f"cannot write {path}")
+        ids.append(example_id)
+    if len(set(ids)) != len(ids):
+        raise ValueError("duplicate ids in the source")
+    (out_dir / IDS_FILE).write_text("".join(f"{i}\n" for i in ids))
+    return ids
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, help="portrait_segmentation, ccp_person, ...")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", required=True, help="folder for <id>.png and ids.txt")
+    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR)")
+    parser.add_argument("--limit", type=int, default=None, help="export only the first N examples")
+    args = parser.parse_args(argv)
+
+    from jaxseg import datasets
+
+    source = datasets.data_source(args.dataset, args.split, data_dir=args.data_dir)
+    ids = export(source, args.out, limit=args.limit)
+    print(f"exported {len(ids)} images of {args.dataset}/{args.split} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

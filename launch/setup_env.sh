@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sourced by .ci/run and launch/cpu.sh: creates .venv with Python 3.12+ and installs requirements.txt,
+# and points the datasets at ../shared/data (or $JAXSEG_MANUAL_DIR) and a local TFDS data dir.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python_bin=${PYTHON:-$(command -v python3.12 || command -v python3.13 || true)}
+if [ -z "$python_bin" ]; then
+  echo "error: Python 3.12 or newer is needed (jax 0.12); set PYTHON=/path/to/python3.12" >&2
+  exit 1
+fi
+[ -x "$repo/.venv/bin/python" ] || "$python_bin" -m venv "$repo/.venv"
+"$repo/.venv/bin/pip" install -q --disable-pip-version-check -r "$repo/requirements.txt"
+export JAXSEG_MANUAL_DIR=${JAXSEG_MANUAL_DIR:-$(cd "$repo/.." && pwd)/shared/data}
+export TFDS_DATA_DIR=${TFDS_DATA_DIR:-$repo/.tfds}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+export PATH="$repo/.venv/bin:$PATH"
+echo "environment ready: $(python --version), data from $JAXSEG_MANUAL_DIR, built data in $TFDS_DATA_DIR"

@@ -1,0 +1,133 @@
+"""Exports (StableHLO, SavedModel, TFLite) compute what the JAX model computes, and the TF forms
+run in a Python that has neither jaxseg nor flax."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default
+from jaxseg import export, inference, resolution
+from jaxseg.models import create_model
+
+SIZE = 32
+BATCH = 3
+# Tolerances on probabilities. The XLA forms (StableHLO through JAX, SavedModel through TF's XLA)
+# run the same StableHLO, but another compilation (weights as constants or arguments, another XLA
+# version) may fuse and reassociate float32 sums differently: a few ulp per layer. TFLite runs
+# other kernels (XNNPACK convolutions, its own sigmoid). Measured on this model: <= 1e-6 (XLA) and
+# <= 2e-6 (TFLite); 1e-5 and 1e-4 leave >= 10x headroom for other CPUs' vector widths, while a real
+# discrepancy (normalisation, channel order, a layer) moves probabilities spread over (0, 1) by
+# far more.
+XLA_ATOL = 1e-5
+TFLITE_ATOL = 1e-4
+
+
+def random_model(config):
+    """A freshly initialised model made less trivial than at initialisation: random batch statistics
+    (inference-mode normalisation is then not the identity) and a larger head (random logits are
+    then spread over the sigmoid's range instead of giving P(person) ~ 0.5 everywhere)."""
+    model = create_model(config.model, seed=1)
+    rng = np.random.default_rng(1)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.BatchNorm):
+            shape = module.mean.value.shape
+            module.mean.value = rng.normal(0, 0.1, shape).astype(np.float32)
+            module.var.value = rng.uniform(0.5, 2, shape).astype(np.float32)
+    model.head.kernel.value = np.asarray(model.head.kernel.value) * 50
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(export folder, manifest, reference fn) for a tiny random model round-tripped via save_pretrained."""
+    root = tmp_path_factory.mktemp("export")
+    config = default.get_config()
+    config.data.image_size = SIZE
+    config.model.depth, config.model.base_features = 2, 4
+    inference.save_pretrained(random_model(config), config, {"steps": 0}, root / "pretrained")
+    model, config, _ = inference.load_pretrained(root / "pretrained")
+    manifest = export.export_all(model, config, root / "out", batch_size=BATCH)
+    fn, leaves = export.inference_function(model)
+    jitted = jax.jit(fn)
+    return root / "out", manifest, lambda images: np.asarray(jitted(leaves, images))
+
+
+@pytest.fixture(scope="module")
+def photos(manual_dir):
+    """BATCH real test photos resized to the model resolution by the shared rule."""
+    from jaxseg import datasets
+
+    source = datasets.data_source("portrait_segmentation", "test")
+    return np.stack([resolution.resize_image(source[i]["image"], SIZE) for i in range(BATCH)])
+
+
+def test_manifest_describes_every_form(exported):
+    out, manifest, _ = exported
+    assert manifest == json.loads((out / export.MANIFEST_FILE).read_text())
+    assert (manifest["input"]["shape"], manifest["input"]["dtype"]) == (["batch", SIZE, SIZE, 3], "uint8")
+    assert (manifest["output"]["shape"], manifest["output"]["dtype"]) == (["batch", SIZE, SIZE], "float32")
+    assert manifest["stablehlo"]["batch"] == "symbolic"
+    assert manifest["saved_model"]["signatures"] == {"serving_default": 1, f"batch_{BATCH}": BATCH}
+    # TFLite converts with this TensorFlow; if a later one cannot, the reason must be recorded.
+    assert "file" in manifest["tflite"], manifest["tflite"]
+
+
+def test_exports_match_jax_on_real_photos(exported, photos):
+    out, _, reference = exported
+    forms = export.runners(out)
+    tolerance = {"stablehlo": XLA_ATOL, "saved_model": XLA_ATOL, "tflite": TFLITE_ATOL}
+    assert set(forms) == set(tolerance)
+    for images in (photos[:1], photos):
+        want = reference(images)
+        # Probabilities spread over (0, 1), so that a wrong form could not pass by chance.
+        assert want.shape == (len(images), SIZE, SIZE) and want.std() > 0.1
+        for name, by_batch in forms.items():
+            got = by_batch.get(len(images), by_batch.get(None))(images)
+            assert got.dtype == np.float32 and got.shape == want.shape, name
+            np.testing.assert_allclose(got, want, rtol=0, atol=tolerance[name], err_msg=name)
+    # The symbolic batch of the StableHLO form takes batch sizes no signature was made for.
+    np.testing.assert_allclose(forms["stablehlo"][None](photos[:2]), reference(photos[:2]),
+                               rtol=0, atol=XLA_ATOL)
+
+
+# Runs in a fresh interpreter with only TensorFlow and NumPy: loads both TF forms, runs them on
+# images.npy, saves what each returns and prints which of flax and jaxseg got imported. JAX is made
+# unimportable first, as on a serving machine without it (TFLite's own optional `from jax import
+# jit` then falls back as designed).
+TF_ONLY_SCRIPT = """
+import json, sys
+sys.modules["jax"] = None
+import numpy as np
+import tensorflow as tf
+
+images = np.load("images.npy")
+manifest = json.load(open("out/export.json"))
+model = tf.saved_model.load("out/" + manifest["saved_model"]["dir"])
+outputs = {"saved_model": model.signatures["serving_default"](images=tf.constant(images[:1]))}
+runner = tf.lite.Interpreter("out/" + manifest["tflite"]["file"]).get_signature_runner("batch_%d")
+outputs["tflite"] = runner(images=images)
+np.savez("outputs.npz", **{k: np.asarray(v["probabilities"]) for k, v in outputs.items()})
+print(json.dumps([m for m in ("flax", "jaxseg") if m in sys.modules]))
+""" % BATCH
+
+
+def test_tf_forms_run_without_jax_flax_or_jaxseg(exported, tmp_path):
+    out, _, reference = exported
+    images = np.random.default_rng(0).integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    (tmp_path / "out").symlink_to(out)
+    # Neither the repository nor the test's XLA flags reach the child.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    result = subprocess.run([sys.executable, "-c", TF_ONLY_SCRIPT], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+    got = np.load(tmp_path / "outputs.npz")
+    np.testing.assert_allclose(got["saved_model"], reference(images[:1]), rtol=0, atol=XLA_ATOL)
+    np.testing.assert_allclose(got["tflite"], reference(images), rtol=0, atol=TFLITE_ATOL)
+

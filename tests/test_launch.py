@@ -1,0 +1,220 @@
+"""The launch scripts: syntax, dry runs, clear failures without their tools, a real local cluster."""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = ["gpu.sh", "tpu_vm.sh", "slurm.sbatch", "local_cluster.sh"]
+# What the scripts may use besides the tools under test; a PATH of just these lacks gcloud/srun/...
+BASICS = ["bash", "sh", "env", "dirname", "basename", "sed", "cat", "mktemp", "rm", "mkdir", "tar",
+          "seq", "sleep", "tail"]
+
+
+@pytest.fixture
+def bin_dir(tmp_path):
+    """A PATH folder with the basic utilities only (add fake tools with `_stub`)."""
+    path = tmp_path / "bin"
+    path.mkdir()
+    for tool in BASICS:
+        found = shutil.which(tool)
+        if found:
+            (path / tool).symlink_to(found)
+    return path
+
+
+def _stub(path, name):
+    """A fake `name` that says it was called and fails (dry runs must not call it)."""
+    (path / name).write_text(f"#!/bin/sh\necho 'stub {name} called' >&2\nexit 1\n")
+    (path / name).chmod(0o755)
+
+
+def _run(args, path, env=None, cwd=REPO, timeout=60):
+    full_env = {"PATH": str(path), "HOME": os.environ.get("HOME", "/tmp"), **(env or {})}
+    return subprocess.run(["bash", *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_syntax_and_help(script):
+    assert subprocess.run(["bash", "-n", LAUNCH / script]).returncode == 0
+    out = subprocess.run(["bash", LAUNCH / script, "-h"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "Usage" in out.stdout or "sbatch" in out.stdout
+
+
+def test_gpu_without_nvidia_smi(bin_dir):
+    out = _run([LAUNCH / "gpu.sh", "--dry-run"], bin_dir)
+    assert out.returncode != 0
+    assert "nvidia-smi not found" in out.stderr
+
+
+def test_gpu_dry_run(bin_dir):
+    _stub(bin_dir, "nvidia-smi")
+    out = _run([LAUNCH / "gpu.sh", "--dry-run", "--config.train.num_steps=100"], bin_dir,
+               env={"WORKDIR": "/tmp/w"})
+    assert out.returncode == 0, out.stderr
+    pinned = next(line.split("==")[1].strip() for line in (REPO / "requirements.txt").read_text()
+                  .splitlines() if line.startswith("jax=="))
+    assert f"jax\\[cuda12\\]=={pinned}" in out.stdout
+    assert ("-m jaxseg.train --config configs/gpu.py --workdir /tmp/w --config.train.num_steps=100"
+            in out.stdout)
+    for dataset in ("portrait_segmentation", "ccp_person"):
+        assert f"--checkpoint best --dataset {dataset} --split test" in out.stdout
+    assert "stub" not in out.stderr  # nothing ran
+
+
+def test_tpu_without_gcloud(bin_dir):
+    out = _run([LAUNCH / "tpu_vm.sh", "--zone", "z", "--workdir", "gs://b/w", "--manual-dir",
+                "gs://b/d", "--dry-run"], bin_dir)
+    assert out.returncode != 0
+    assert "gcloud not found" in out.stderr
+
+
+def test_tpu_missing_settings(bin_dir):
+    _stub(bin_dir, "gcloud")
+    out = _run([LAUNCH / "tpu_vm.sh", "--zone", "z", "--manual-dir", "gs://b/d", "--dry-run"], bin_dir)
+    assert out.returncode != 0 and "--workdir is required" in out.stderr
+    out = _run([LAUNCH / "tpu_vm.sh", "--zone", "z", "--workdir", "gs://b/w", "--accelerator-type",
+                "x-8", "--manual-dir", "gs://b/d", "--dry-run"], bin_dir)
+    assert out.returncode != 0 and "--runtime-version" in out.stderr
+
+
+def test_tpu_dry_run(bin_dir, tmp_path):
+    _stub(bin_dir, "gcloud")
+    data = tmp_path / "mydata"
+    (data / "portraits").mkdir(parents=True)
+    out = _run([LAUNCH / "tpu_vm.sh", "--zone=us-central2-b", "--accelerator-type", "v4-32",
+                "--workdir", "gs://b/run", "--manual-dir", data, "--project", "p", "--dry-run",
+                "--", "--config.train.num_steps=10"], bin_dir)
+    assert out.returncode == 0, out.stderr
+    s = out.stdout
+    assert ("gcloud compute tpus tpu-vm create jaxseg-tpu --zone=us-central2-b --project=p "
+            "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base") in s
+    assert f"scp --recurse {data} jaxseg-tpu:" in s
+    assert s.count("--worker=all") == 5  # 2 copies, install, train, evaluate
+    assert "jax\\[tpu\\]==" in s
+    assert ("-m jaxseg.train --config configs/tpu.py --workdir gs://b/run "
+            "--config.train.num_steps=10") in s
+    assert "JAXSEG_MANUAL_DIR=$HOME/mydata" in s
+    assert "--dataset ccp_person --split test" in s
+    assert "stub" not in out.stderr
+
+
+def test_slurm_without_srun(bin_dir):
+    out = _run([LAUNCH / "slurm.sbatch", "--dry-run"], bin_dir, env={"SLURM_JOB_ID": "1"})
+    assert out.returncode != 0
+    assert "srun not found" in out.stderr
+
+
+def test_slurm_outside_allocation(bin_dir):
+    _stub(bin_dir, "srun")
+    out = _run([LAUNCH / "slurm.sbatch", "--dry-run"], bin_dir)
+    assert out.returncode != 0 and "sbatch" in out.stderr
+
+
+def test_slurm_dry_run(bin_dir, tmp_path):
+    _stub(bin_dir, "srun")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    env = {"SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_NTASKS_PER_NODE": "4(x2)",
+           "SLURM_JOB_NUM_NODES": "2", "VENV": str(venv)}
+    out = _run([LAUNCH / "slurm.sbatch", "--dry-run", "--config.train.batch_size=128"], bin_dir,
+               env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (f"srun --ntasks-per-node=4 --kill-on-bad-exit=1 {venv}/bin/python -m jaxseg.train "
+            "--config configs/gpu.py --workdir runs/slurm-7 --config.train.batch_size=128") in out.stdout
+    assert "-m jaxseg.evaluate --workdir runs/slurm-7 --checkpoint best" in out.stdout
+
+
+def test_local_cluster_dry_run(bin_dir):
+    out = _run([LAUNCH / "local_cluster.sh", "-n", "3", "-d", "4", "-p", "12345", "--dry-run",
+                "--config.train.num_steps=5"], bin_dir, env={"PYTHON": sys.executable})
+    assert out.returncode == 0, out.stderr
+    assert "3 processes x 4 CPU devices, coordinator 127.0.0.1:12345" in out.stdout
+    assert "--xla_force_host_platform_device_count=4" in out.stdout
+    assert ("-m jaxseg.train --config configs/smoke.py --workdir runs/local_cluster "
+            "--config.train.num_steps=5") in out.stdout
+    out = _run([LAUNCH / "local_cluster.sh", "-m", "evaluate", "--dry-run", "--dataset", "ccp_person"],
+               bin_dir, env={"PYTHON": sys.executable})
+    assert "-m jaxseg.evaluate --workdir runs/local_cluster --dataset ccp_person" in out.stdout
+    out = _run([LAUNCH / "local_cluster.sh", "-n", "0"], bin_dir, env={"PYTHON": sys.executable})
+    assert out.returncode != 0 and "-n must be a positive integer" in out.stderr
+
+
+CLUSTER_CHECK = textwrap.dedent('''
+    """Joins the cluster from the JAXSEG_* variables and sums one value per device over processes."""
+    import os
+    import sys
+
+    if "--fail" in sys.argv and os.environ["JAXSEG_PROCESS_ID"] == "1":
+        sys.exit(7)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    jax.distributed.initialize(os.environ["JAXSEG_COORDINATOR_ADDRESS"],
+                               int(os.environ["JAXSEG_NUM_PROCESSES"]),
+                               int(os.environ["JAXSEG_PROCESS_ID"]))
+    mesh = jax.make_mesh((jax.device_count(),), ("d",))
+    local = np.full((jax.local_device_count(),), jax.process_index() + 1, np.float32)
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)
+    total = float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x))
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices,"
+          f" total {total}")
+''')
+
+
+@pytest.fixture
+def cluster_module(tmp_path):
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / "cluster_check.py").write_text(CLUSTER_CHECK)
+    return {"PYTHON": sys.executable, "PYTHONPATH": str(tmp_path / "mod"),
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # must be overridden
+
+
+def test_local_cluster_runs_collective(cluster_module, tmp_path):
+    """2 processes x 2 devices: process p contributes p + 1 per device, so the sum is 2*1 + 2*2."""
+    out = _run([LAUNCH / "local_cluster.sh", "-n", "2", "-d", "2", "-m", "cluster_check", "-w",
+                tmp_path / "w"], os.environ["PATH"], env=cluster_module, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for i in range(2):
+        log = (tmp_path / "w" / "logs" / f"process_{i}.log").read_text()
+        assert f"process {i} of 2: 4 devices, total 6.0" in log
+    assert "all 2 processes finished" in out.stdout
+
+
+def test_local_cluster_failure_stops_the_others(cluster_module, tmp_path):
+    """Process 1 exits with 7 at once; process 0 (waiting for it) is stopped, status 7."""
+    out = _run([LAUNCH / "local_cluster.sh", "-n", "3", "-d", "1", "-m", "cluster_check", "-l",
+                tmp_path / "logs", "--", "--fail"], os.environ["PATH"], env=cluster_module,
+               timeout=120)
+    assert out.returncode == 7, out.stdout + out.stderr
+    assert "process 1 failed (exit 7)" in out.stderr
+
+
+def _validate_or_skip():
+    try:
+        from jaxseg import config_check, datasets
+    except ImportError as e:
+        pytest.skip(f"jaxseg.config_check does not import yet: {e}")
+    if not hasattr(datasets, "DATASETS"):
+        pytest.skip("jaxseg.datasets is not written yet (no DATASETS)")
+    return config_check.validate
+
+
+@pytest.mark.parametrize("name,num_devices", [("gpu", 1), ("tpu", 32), ("tpu", 8)])
+def test_accelerator_configs(name, num_devices):
+    import importlib
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.model.compute_dtype == "bfloat16"
+    assert config.data.image_size == 256
+    _validate_or_skip()(config, num_devices=num_devices)

@@ -1,0 +1,196 @@
+"""The report built from synthetic inputs: both files, every figure embedded, and recommendations
+that follow from the numbers (checked against cases whose right answer is known by construction)."""
+import base64
+import json
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fake_data import fake_source
+from jaxseg import metrics, report
+from jaxseg.evaluate import SWEEP_THRESHOLDS
+
+STEP = 20
+
+
+class Brightness(nnx.Module):
+    """A parameter-free stand-in for the U-Net (building one takes many seconds on a busy CPU):
+    the fake source's people are 100 grey levels brighter than its background."""
+
+    def __call__(self, images, *, train=False):
+        del train
+        return (images.astype(jnp.float32).mean(axis=-1, keepdims=True) - 125.0) / 10.0
+
+
+def fake_eval(source, person_p, background_p, *, boundary_f1, resolution_gain, seed=0):
+    """An eval JSON as jaxseg.evaluate writes it, for probability maps drawn uniformly within
+    ±0.1 of `person_p` on person pixels and of `background_p` elsewhere."""
+    rng = np.random.default_rng(seed)
+    counts = {k: [] for k in metrics.COUNT_KEYS}
+    person = np.zeros(len(SWEEP_THRESHOLDS), np.int64)
+    pixels = np.zeros(len(SWEEP_THRESHOLDS), np.int64)
+    per_image = []
+    for i, ex in enumerate(source):
+        target = ex["mask"][..., 0] > 0
+        probs = np.where(target, person_p, background_p) + rng.uniform(-0.1, 0.1, target.shape)
+        pred = probs >= 0.5
+        c = {"tp": int((pred & target).sum()), "fp": int((pred & ~target).sum()),
+             "fn": int((~pred & target).sum()), "tn": int((~pred & ~target).sum())}
+        for k in metrics.COUNT_KEYS:
+            counts[k].append(c.get(k, 0))
+        iou = float(metrics.image_iou({k: [c[k]] for k in c})[0])
+        per_image.append({"id": ex["id"], "iou": iou, "dice": 0.0, "regions": i % 3,
+                          "person_fraction": float(target.mean()),
+                          "tp": c["tp"], "fp": c["fp"], "fn": c["fn"]})
+        for j, t in enumerate(SWEEP_THRESHOLDS):
+            person[j] += int((target & (probs >= t)).sum())
+            pixels[j] += int((probs >= t).sum())
+    result = metrics.metrics_from_counts(counts)
+    result["boundary_f1"] = boundary_f1
+    result["model_resolution"] = dict(result, iou=result["iou"] + resolution_gain, boundary_f1=0.5)
+    result.update(per_image=per_image, num_images=len(source), threshold=0.5, dataset="fake",
+                  split="validation", model="W", checkpoint_step=STEP, flip_tta=False,
+                  canvas=[64, 64], boundary_tolerance_px={"original": 1, "model": 1},
+                  threshold_sweep={"thresholds": list(SWEEP_THRESHOLDS), "person": person.tolist(),
+                                   "pixels": pixels.tolist()})
+    return result
+
+
+def make_workdir(tmp_path, result):
+    """A workdir with a training log, an eval JSON, and a peers folder beside it."""
+    workdir = tmp_path / "run"
+    (workdir / "eval").mkdir(parents=True)
+    records = [{"step": s, "kind": "train", "loss": 1 / s, "ce": 0.5 / s, "dice_loss": 0.5 / s,
+                "learning_rate": 1e-3 / s} for s in (1, 2, 3)]
+    records.append({"step": 3, "kind": "validation", "fake/iou": 0.5, "fake/model_res_iou": 0.55})
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (workdir / "config.json").write_text(json.dumps({"data": {"image_size": 32}}))
+    (workdir / "eval" / "best_fake_validation.json").write_text(json.dumps(result))
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    peer = dict(result, iou=0.9, boundary_f1=0.8, model_resolution=None, model="peers/masks")
+    (peers / "mediapipe_fake_validation.json").write_text(json.dumps(peer))
+    other = dict(peer, dataset="other", split="test")  # no own row for it: left out
+    (peers / "mediapipe_other_test.json").write_text(json.dumps(other))
+    (peers / "timing.json").write_text(json.dumps({"ms": 3}))  # not an eval JSON: ignored
+    return workdir
+
+
+CASES = {
+    # Person probabilities just under 0.5, background below 0.3: at 0.5 most person pixels are
+    # missed, and every person pixel (none of the background) is >= 0.3.
+    "under": dict(person_p=0.42, background_p=0.2, boundary_f1=0.0, resolution_gain=0.05,
+                  expect=["Lower the threshold from 0.5 to 0.3", "under-segments",
+                          "Upsampling costs 0.050 IoU", "now 32px; try 64px"]),
+    # Background probabilities in [0.5, 0.7) and people above 0.8: at 0.5 everything is person.
+    "over": dict(person_p=0.9, background_p=0.6, boundary_f1=0.0, resolution_gain=0.0,
+                 expect=["Raise the threshold from 0.5 to 0.7", "over-segments",
+                         "Boundaries are the weak point", "resolution is not the bottleneck"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_report_files_figures_and_recommendations(tmp_path, case):
+    params = dict(CASES[case])
+    expect = params.pop("expect")
+    source = fake_source(8, seed=3, min_size=40, max_size=60)
+    result = fake_eval(source, **params)
+    workdir = make_workdir(tmp_path, result)
+    if case == "under":  # the real overlay path (Predictor, id lookup) on the fake source
+        examples = report.ModelExamples(Brightness(), 32, STEP,
+                                        source_for=lambda dataset, split: source)
+    else:
+        examples = None
+    paths = report.build_report(workdir, k=2, examples=examples)
+
+    assert paths["html"] == workdir / "report" / "report.html"  # the default output folder
+    page, markdown = paths["html"].read_text(), paths["markdown"].read_text()
+    names = [p.stem for p in paths["figures"]]
+    expected = {"training_curves", "best-fake-validation_distribution",
+                "best-fake-validation_threshold"}
+    if examples is not None:
+        expected |= {"best-fake-validation_best", "best-fake-validation_worst"}
+    else:
+        assert "Overlays skipped" in page
+    assert set(names) == expected and len(names) == len(expected)
+    # Self-contained HTML: every source is an embedded PNG, one per figure.
+    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert len(sources) == len(names)
+    for src in sources:
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        assert base64.b64decode(src[len(prefix):]).startswith(b"\x89PNG")
+    # Markdown: every figure is a PNG file beside it.
+    for name in names:
+        assert f"]({name}.png)" in markdown
+        assert (paths["markdown"].parent / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+
+    for phrase in expect:
+        assert phrase in page and phrase in markdown, phrase
+    # The peer of the same dataset and split sits in the metric table; the other one does not.
+    assert "| mediapipe (peer) | 0.900 |" in markdown
+    assert "Behind mediapipe (peer)" in markdown
+    assert "other / test" not in markdown and "timing" not in markdown
+
+
+def test_threshold_curves_match_the_headline_counts():
+    source = fake_source(5, seed=1)
+    result = fake_eval(source, 0.55, 0.35, boundary_f1=0.5, resolution_gain=0.0)
+    curves = report.threshold_curves(result["threshold_sweep"])
+    at = SWEEP_THRESHOLDS.index(0.5)
+    assert curves["iou"][at] == pytest.approx(result["iou"])
+    assert curves["precision"][at] == pytest.approx(result["precision"])
+    assert curves["recall"][at] == pytest.approx(result["recall"])
+
+
+def test_calibration_of_calibrated_probabilities():
+    # Labels drawn with P(person) = p: each bin's person fraction is its centre, ECE near zero.
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 400_000)
+    label = rng.uniform(0, 1, p.size) < p
+    sweep = {"thresholds": list(SWEEP_THRESHOLDS),
+             "person": [int((label & (p >= t)).sum()) for t in SWEEP_THRESHOLDS],
+             "pixels": [int((p >= t).sum()) for t in SWEEP_THRESHOLDS]}
+    cal = report.calibration(sweep)
+    np.testing.assert_allclose(cal["fraction"], cal["centre"], atol=0.02)
+    assert cal["ece"] < 0.01 and cal["pixels"].sum() == p.size
+
+
+def test_buckets_name_the_costliest_failure():
+    # Totals: tp 100, fp 10, fn 90 -> IoU 0.5. The two small people hold every miss: without them
+    # IoU would be 190 / 200; each people bucket holds only part of them.
+    per_image = [
+        {"id": "a", "iou": 0.1, "person_fraction": 0.05, "regions": 1, "tp": 5, "fp": 0, "fn": 50},
+        {"id": "b", "iou": 0.1, "person_fraction": 0.08, "regions": 2, "tp": 5, "fp": 0, "fn": 40},
+        {"id": "c", "iou": 0.9, "person_fraction": 0.6, "regions": 3, "tp": 90, "fp": 10, "fn": 0}]
+    area = report.bucket_rows(per_image, "person_fraction", report.AREA_BUCKETS)
+    people = report.bucket_rows(per_image, "regions", report.REGION_BUCKETS)
+    assert area[0]["iou_lost"] == pytest.approx(0.95 - 0.5)
+    assert area[3]["iou_lost"] == pytest.approx(100 / 190 - 0.5)
+    assert people[1]["iou_lost"] == pytest.approx(150 / 200 - 0.5)
+    assert area[0]["error_share"] == pytest.approx(0.9) and area[0]["images"] == 2
+    assert area[1]["images"] == 0 and np.isnan(area[1]["mean_iou"])
+    result = {"per_image": per_image, "iou": 0.5, "threshold": 0.5, "split": "validation",
+              "precision": 100 / 110, "recall": 0.5, "boundary_f1": 0.45,
+              "threshold_sweep": {"thresholds": [0.0, 0.5], "person": [190, 100],
+                                  "pixels": [400, 110]}}
+    recs = report.recommendations(result, area, people, [], None)
+    assert recs[0].startswith("Most IoU is lost on person area <10%") and "small people" in recs[0]
+
+
+def test_a_bucket_failing_only_by_its_size_gets_no_specific_advice():
+    per_image = [{"id": str(i), "iou": 0.5, "person_fraction": 0.3, "regions": 3, "tp": 50,
+                  "fp": 25, "fn": 25} for i in range(4)]
+    area = report.bucket_rows(per_image, "person_fraction", report.AREA_BUCKETS)
+    people = report.bucket_rows(per_image, "regions", report.REGION_BUCKETS)
+    result = {"per_image": per_image, "iou": 0.5, "threshold": 0.5, "split": "validation",
+              "precision": 2 / 3, "recall": 2 / 3, "boundary_f1": 0.45,
+              "threshold_sweep": {"thresholds": [0.0, 0.5], "person": [300, 200],
+                                  "pixels": [1000, 300]}}
+    recs = report.recommendations(result, area, people, [], None)
+    assert "in proportion" in recs[0] and "Suggested" not in recs[0]
+    assert not any(r.startswith("Out of proportion") for r in recs)
+    assert "balanced" in recs[2]

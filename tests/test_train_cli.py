@@ -1,0 +1,114 @@
+"""Training through its command line on the real data: checkpoints, exact resume, preemption."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxseg import checkpointing, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 12
+OVERRIDES = [f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=4",
+             "--config.train.eval_every=12", "--config.train.log_every=2",
+             "--config.eval.max_examples=16", "--config.data.image_size=32",
+             "--config.model.depth=2"]
+
+
+def train_command(workdir, *extra):
+    return [sys.executable, "-m", "jaxseg.train", "--config", "configs/smoke.py",
+            "--workdir", str(workdir), *OVERRIDES, *extra]
+
+
+def run_env(manual_dir):
+    env = dict(os.environ, JAXSEG_MANUAL_DIR=str(manual_dir))
+    env.setdefault("TFDS_DATA_DIR", str(pathlib.Path.home() / "tensorflow_datasets"))
+    return env
+
+
+def final_state(workdir):
+    model, config, step = train.load_model(str(workdir), "latest")
+    from flax import nnx
+    return jax.device_get(nnx.state(model)), step
+
+
+def last_train_record(workdir):
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "train"][-1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(manual_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(train_command(workdir), cwd=REPO, env=run_env(manual_dir), check=True,
+                   timeout=600, capture_output=True)
+    return workdir
+
+
+def test_run_writes_checkpoints_logs_and_best(uninterrupted):
+    ckpts = checkpointing.Checkpoints(uninterrupted, read_only=True)
+    assert ckpts.latest.all_steps() == [4, 8, 12]
+    assert ckpts.best_step() == STEPS
+    meta, _ = ckpts.read_meta("best")
+    assert 0.0 <= meta["validation"]["val_iou"] <= 1.0
+    assert meta["config"]["train"]["num_steps"] == STEPS
+    records = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(2, STEPS + 1, 2))
+    assert any(r["kind"] == "validation" and "val_iou" in r for r in records)
+    assert list((uninterrupted / "tensorboard").iterdir())
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_run(manual_dir, uninterrupted, tmp_path):
+    env = run_env(manual_dir)
+    proc = subprocess.Popen(train_command(tmp_path), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (tmp_path / "checkpoints" / "8").is_dir():  # orbax renames a save when complete
+        assert proc.poll() is None and time.time() < deadline, "training ended before step 8"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = checkpointing.Checkpoints(tmp_path, read_only=True).latest.all_steps()
+    assert steps and max(steps) < STEPS
+    subprocess.run(train_command(tmp_path), cwd=REPO, env=env, check=True, timeout=600,
+                   capture_output=True)
+    resumed, step = final_state(tmp_path)
+    reference, ref_step = final_state(uninterrupted)
+    assert step == ref_step == STEPS
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+    assert last_train_record(tmp_path)["loss"] == last_train_record(uninterrupted)["loss"]
+
+
+def test_sigterm_saves_and_exits_cleanly(manual_dir, tmp_path):
+    proc = subprocess.Popen(train_command(tmp_path, "--config.train.num_steps=400"), cwd=REPO,
+                            env=run_env(manual_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (tmp_path / "checkpoints" / "4").is_dir():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    ckpts = checkpointing.Checkpoints(tmp_path, read_only=True)
+    meta, step = ckpts.read_meta("latest")
+    assert meta.get("preempted") is True and 4 <= step < 400
+    assert "rerun the same command to resume" in err
+
+
+def test_impossible_config_fails_before_touching_data(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.train", "--config", "configs/smoke.py", "--workdir",
+         str(tmp_path), "--config.train.batch_size=12"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
+    assert result.returncode != 0
+    assert "train.batch_size=12 must be a positive multiple of the 8 devices" in result.stderr
+    assert not (tmp_path / "tfds").exists()
