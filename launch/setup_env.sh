@@ -3,7 +3,16 @@
 # and points the datasets at ../shared/data (or $JAXSEG_MANUAL_DIR) and a local TFDS data dir.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-python_bin=${PYTHON:-$(command -v python3.12 || command -v python3.13 || true)}
+python_bin=${PYTHON:-}
+if [ -z "$python_bin" ]; then
+  # pyenv shims exist for versions that are not active, so each candidate is tried, not just found.
+  for candidate in python3 python3.12 python3.13 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python; do
+    if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+      python_bin=$candidate
+      break
+    fi
+  done
+fi
 if [ -z "$python_bin" ]; then
   echo "error: Python 3.12 or newer is needed (jax 0.12); set PYTHON=/path/to/python3.12" >&2
   exit 1
