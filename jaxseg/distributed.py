@@ -39,6 +39,15 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
         jax.distributed.initialize()
 
 
+def define_flags() -> None:
+    """The absl flags every multi-process entry point takes (read by `initialize`)."""
+    from absl import flags
+
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
+    flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
+    flags.DEFINE_integer("process_id", -1, "This process's id (multi-process runs).")
+
+
 def is_main_process() -> bool:
     """True on process 0, which alone logs, reports and writes files beside checkpoints."""
     return jax.process_index() == 0

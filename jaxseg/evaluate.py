@@ -294,9 +294,9 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 16, "Global batch (rounded up to the device count).")
     flags.DEFINE_float("threshold", 0.5, "Probability threshold for the person class.")
     flags.DEFINE_bool("flip_tta", False, "Average predictions with the mirrored image.")
-    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
-    flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
-    flags.DEFINE_integer("process_id", -1, "This process's id (multi-process runs).")
+    from jaxseg import distributed
+
+    distributed.define_flags()
 
 
 if __name__ == "__main__":

@@ -258,9 +258,9 @@ def _define_flags():
 
     config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.")
     flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.", required=True)
-    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
-    flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
-    flags.DEFINE_integer("process_id", -1, "This process's id (multi-process runs).")
+    from jaxseg import distributed
+
+    distributed.define_flags()
 
 
 if __name__ == "__main__":
