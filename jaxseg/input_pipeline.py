@@ -149,6 +149,18 @@ def example_sizes(source) -> np.ndarray:
     return np.array([source[i]["image"].shape[:2] for i in range(len(source))], np.int32)
 
 
+# Hand-made masks carry specks of a few pixels beside the person; a region must cover at least
+# this fraction of the image to count as a person.
+MIN_REGION_FRACTION = 0.001
+
+
+def count_regions(mask: np.ndarray) -> int:
+    """8-connected person regions of at least MIN_REGION_FRACTION of the image."""
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    min_area = max(1, MIN_REGION_FRACTION * mask.shape[0] * mask.shape[1])
+    return int(np.sum(stats[1:n, cv2.CC_STAT_AREA] >= min_area))
+
+
 def process_shard(n: int, process_index: int, process_count: int) -> range:
     """Contiguous, near-equal share of n examples for one process."""
     per = -(-n // process_count)
@@ -160,7 +172,7 @@ class EvalBatches:
 
     Each local batch has: image (b,S,S,3) and mask (b,S,S,1) at model resolution; full_mask
     (b,H,W) on the canvas at original resolution; size (b,2) original (height, width); valid (b,);
-    regions (b,) connected person regions in the ground truth; id (b, ID_BYTES) uint8.
+    regions (b,) person regions in the ground truth (count_regions); id (b, ID_BYTES) uint8.
     """
 
     def __init__(self, source, *, local_batch: int, image_size: int,
@@ -184,7 +196,7 @@ class EvalBatches:
         ex = self.source[i]
         image, mask = preprocess.model_input(ex, s)
         full = ex["mask"][..., 0]
-        regions = cv2.connectedComponents(full.astype(np.uint8), connectivity=8)[0] - 1
+        regions = count_regions(full)
         return (image, mask, resolution.pad_to_canvas(full, c), np.array(full.shape, np.int32),
                 1.0, regions, encode_id(ex["id"]))
 

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import (checkpointing, config_check, datasets, distributed, input_pipeline,
-                    metric_writer, sharding)
+                    metric_writer, preprocess, sharding)
 from jaxseg.train_step import create_train_state, make_train_step
 
 log = logging.getLogger("jaxseg.train")
@@ -140,6 +140,27 @@ def validate(evaluators, state, graphdef) -> dict:
     return out
 
 
+@nnx.jit
+def _probabilities(model, images):
+    from jaxseg.inference import person_probabilities
+
+    return person_probabilities(model, images)
+
+
+def prediction_overlays(state, graphdef, source, count: int, image_size: int) -> np.ndarray:
+    """(count, S, S*2, 3) uint8: each validation photo beside its tinted prediction."""
+    from jaxseg.predict import Renderer
+
+    # A host copy of the replicated state: works the same on every process and device count.
+    model = nnx.merge(graphdef, jax.device_get(state))["model"]
+    examples = [source[i] for i in range(min(count, len(source)))]
+    images = np.stack([preprocess.model_input(ex, image_size)[0] for ex in examples])
+    probs = np.asarray(_probabilities(model, images))
+    overlay = Renderer(mode="overlay")
+    return np.stack([np.concatenate([im, overlay.render(im, p)], axis=1)
+                     for im, p in zip(images, probs)])
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains to config.train.num_steps (or SIGTERM), validating and checkpointing on the way.
 
@@ -203,6 +224,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 _check_finite(pending, step - 1, ckpts)
                 val = validate(evaluators, state, graphdef)
                 writer.scalars(step, val, kind="validation")
+                if main and config.train.num_logged_images:
+                    first = next(iter(evaluators.values()))
+                    writer.images(step, "validation/predictions", prediction_overlays(
+                        state, graphdef, first.source, config.train.num_logged_images,
+                        config.data.image_size))
                 ckpts.save_best(step, state, _meta(config, step, {"validation": val}), val["val_iou"])
                 last.update(val)
                 window_start, window_steps = time.perf_counter(), 0

@@ -109,3 +109,12 @@ def test_ids_round_trip():
     for s in ("00042", "ccp/0001", "ünï"):
         assert input_pipeline.decode_id(input_pipeline.encode_id(s)) == s
     assert jax.device_count() == 8
+
+
+def test_region_count_ignores_specks():
+    mask = np.zeros((100, 100), np.uint8)
+    mask[10:40, 10:30] = 1  # a person
+    mask[60:90, 50:80] = 1  # another
+    mask[95, 95] = 1  # a 1-pixel annotation speck (< 0.1% of the image)
+    assert input_pipeline.count_regions(mask) == 2
+    assert input_pipeline.count_regions(np.zeros((10, 10), np.uint8)) == 0

@@ -61,7 +61,8 @@ def test_run_writes_checkpoints_logs_and_best(uninterrupted):
     records = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(2, STEPS + 1, 2))
     assert any(r["kind"] == "validation" and "val_iou" in r for r in records)
-    assert list((uninterrupted / "tensorboard").iterdir())
+    events = b"".join(f.read_bytes() for f in (uninterrupted / "tensorboard").iterdir())
+    assert b"train/loss" in events and b"validation/predictions" in events  # scalars and overlays
 
 
 def test_sigkill_then_rerun_equals_uninterrupted_run(manual_dir, uninterrupted, tmp_path):
