@@ -1,9 +1,11 @@
 """A Flax NNX U-Net for binary person segmentation.
 
-Two formulations are chosen for speed on CPU backends, both exactly equivalent to the textbook
-layers: 2x2/stride-2 max-pooling is a reshape and a max (XLA's generic reduce_window backward is
-slow), and the 2x2/stride-2 transposed convolution is a 1x1 convolution to 4x the channels followed
-by a depth-to-space rearrangement (same parameters, same function, fast gradients).
+Two formulations are chosen for speed on CPU backends: 2x2/stride-2 max-pooling is a reshape and
+a max (exactly nnx.max_pool; XLA's generic reduce_window backward is slow), and the 2x2/stride-2
+transposed convolution is a 1x1 convolution to 4x the channels followed by a depth-to-space
+rearrangement (fast gradients). The latter has the same kernel parameters as ConvTranspose and one
+bias per output phase (4*cout instead of cout): with equal phase biases it is exactly
+nnx.ConvTranspose (tests/test_model.py), and it can represent a little more.
 """
 from __future__ import annotations
 
