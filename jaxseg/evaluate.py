@@ -140,12 +140,15 @@ class Evaluator:
         info = [o["info"] for o in host]
         merged = {k: np.concatenate([o["full"][k] for o in host]) for k in host[0]["full"]}
         valid = np.concatenate([i["valid"] for i in info]) > 0
-        full = {k: v[valid] for k, v in merged.items()}
-        ids = [input_pipeline.decode_id(r) for r in np.concatenate([i["id"] for i in info])[valid]]
-        regions = np.concatenate([i["regions"] for i in info])[valid]
+        # Valid rows in id order, so that float means do not depend on the process count.
+        all_ids = [input_pipeline.decode_id(r) for r in np.concatenate([i["id"] for i in info])]
+        rows = np.array(sorted(np.flatnonzero(valid), key=all_ids.__getitem__), dtype=np.int64)
+        full = {k: v[rows] for k, v in merged.items()}
+        ids = [all_ids[r] for r in rows]
+        regions = np.concatenate([i["regions"] for i in info])[rows]
         result = metrics.metrics_from_counts(full)
         if "model" in host[0]:
-            at_model = {k: np.concatenate([o["model"][k] for o in host])[valid]
+            at_model = {k: np.concatenate([o["model"][k] for o in host])[rows]
                         for k in host[0]["model"]}
             result["model_resolution"] = metrics.metrics_from_counts(at_model)
         else:
@@ -271,10 +274,14 @@ def main(argv):
         print(f"wrote {output}")
 
 
+# Where results of the pretrained model go when no workdir is given (read by jaxseg.report too).
+PRETRAINED_RUN_DIR = "runs/pretrained"
+
+
 def _default_output(f, dataset: str, split: str) -> pathlib.Path:
     if f.predictions:
         return pathlib.Path(f.predictions).parent / f"{pathlib.Path(f.predictions).name}_{dataset}_{split}.json"
-    base = pathlib.Path(f.workdir) / "eval" if f.workdir else pathlib.Path("runs") / "eval" / "pretrained"
+    base = pathlib.Path(f.workdir or PRETRAINED_RUN_DIR) / "eval"
     suffix = "_flip" if f.flip_tta else ""
     return base / f"{f.checkpoint}_{dataset}_{split}{suffix}.json"
 

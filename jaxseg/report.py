@@ -30,7 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from jaxseg import metric_writer, metrics
+from jaxseg import input_pipeline, metric_writer, metrics
 from jaxseg.predict import Renderer
 
 # Person area (fraction of the image) and ground-truth region count buckets: (label, low, high).
@@ -643,8 +643,9 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
               Heading("Where it fails", 3),
               distribution_figure(name, r, area, people),
               Text("IoU lost = how much the dataset IoU would rise if the bucket's images had no "
-                   "errors. People = connected ground-truth regions as the evaluator counts them "
-                   "(8-connected, no minimum size: stray annotation specks count too)."),
+                   "errors. People = 8-connected ground-truth regions covering at least "
+                   f"{input_pipeline.MIN_REGION_FRACTION:.1%} of the image, as the evaluator "
+                   "counts them."),
               _bucket_table("person area", area), _bucket_table("people", people),
               Heading("Threshold and calibration", 3), threshold_figure(name, r),
               Heading("Best and worst predictions", 3)]
@@ -725,13 +726,22 @@ def main(argv):
     del argv
     from absl import flags
 
+    from jaxseg import evaluate, inference
+
     f = flags.FLAGS
+    workdir = f.workdir
+    if not workdir:  # the pretrained model: its eval JSONs are where jaxseg.evaluate put them
+        workdir = pathlib.Path(evaluate.PRETRAINED_RUN_DIR)
+        model, config, card = inference.load_pretrained()
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json(indent=2))
     try:
-        examples = ModelExamples.from_workdir(f.workdir, f.checkpoint)
+        examples = (ModelExamples.from_workdir(workdir, f.checkpoint) if f.workdir else
+                    ModelExamples(model, config.data.image_size, card.get("steps")))
     except FileNotFoundError as err:  # eval JSONs without checkpoints still make a report
         print(f"no model for the overlays ({err}); reporting every eval JSON without them")
         examples = None
-    paths = build_report(f.workdir, f.output or None, k=f.k, peer_dir=f.peer_dir or None,
+    paths = build_report(workdir, f.output or None, k=f.k, peer_dir=f.peer_dir or None,
                          examples=examples)
     print(f"wrote {paths['html']} and {paths['markdown']} ({len(paths['figures'])} figures)")
 
@@ -739,7 +749,7 @@ def main(argv):
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
+    flags.DEFINE_string("workdir", "", "Training workdir; empty = the pretrained model.")
     flags.DEFINE_string("output", "", "Report folder (default WORKDIR/report).")
     flags.DEFINE_integer("k", 6, "Best and worst predictions shown per evaluation.")
     flags.DEFINE_string("peer_dir", "", "Eval JSONs of other models (default WORKDIR/../peers).")
