@@ -6,6 +6,12 @@ Subcommands (one function each, registered in `SUBCOMMANDS`):
          timed in the same process (repetitions alternate, medians reported). The last line is
          `jax/keras ratio: X.XX`. With --gpu_config it times JAX alone on an accelerator
          (TensorFlow is not imported) and reports the fraction of --peak_tflops achieved.
+  infer  Inference latency and throughput of a trained model (default: the pretrained one) as
+         jitted JAX and through each export (jaxseg.bench_infer).
+  input  Training input pipeline examples/second (jaxseg.input_pipeline.TrainBatches on the
+         config's mixture of real train splits, augmentation on) for each image size and worker
+         count, against the train step's images/second at the same size, and the train step fed
+         by the pipeline (both sharing the machine's cores, as in training).
 
 Keras is a benchmark-only dependency (keras 3, which ships with tensorflow-cpu).
 """
@@ -302,7 +308,149 @@ def train(argv: list[str]) -> None:
     print(f"jax/keras ratio: {jax_rate / rates[best]:.2f}")
 
 
-SUBCOMMANDS = {"train": train}
+# --------------------------------------------------------------------------------------------
+# infer
+
+
+def infer(argv: list[str]) -> None:
+    """Inference latency and throughput of JAX and each export (jaxseg.bench_infer)."""
+    from jaxseg import bench_infer  # imported here: it loads the export machinery
+
+    bench_infer.main(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# input
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _input_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxseg.bench input", description=input_bench.__doc__)
+    p.add_argument("--image_sizes", type=_int_list, default=[128, 256], help="comma-separated")
+    p.add_argument("--workers", type=_int_list, default=[1, 2],
+                   help="comma-separated TrainBatches worker-thread counts")
+    p.add_argument("--batch_size", type=int, help="default: the config's train.batch_size")
+    p.add_argument("--batches", type=int, default=12, help="timed pipeline batches per setting")
+    p.add_argument("--warmup", type=int, default=3, help="untimed pipeline batches per setting")
+    p.add_argument("--steps", type=int, default=3, help="timed train steps per size (0: skip)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed repetitions of --batches / --steps; the median is reported")
+    return p
+
+
+def pipeline_rate(sources, weights, *, image_size: int, batch_size: int, num_workers: int, aug,
+                  batches: int, warmup: int = 1, prefetch: int = 2, seed: int = 0,
+                  start_step: int = 0) -> float:
+    """Examples/second that TrainBatches delivers to a consumer that never waits.
+
+    The first `warmup` batches (thread start-up, file opening) are not timed; the timed ones come
+    from the steady state in which `prefetch + 1` batches are always in flight.
+    """
+    from jaxseg import input_pipeline
+
+    stream = input_pipeline.TrainBatches(
+        sources, weights, global_batch=batch_size, image_size=image_size, aug=aug, seed=seed,
+        start_step=start_step, num_workers=num_workers, prefetch=prefetch)
+    try:
+        for _ in range(warmup):
+            next(stream)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(stream)
+        return batches * batch_size / (time.perf_counter() - start)
+    finally:
+        stream.close()
+
+
+def fed_steps(trainer: JaxTrainer, batches):
+    """A `run(steps)` for `trainer`'s step and state taking each batch from `batches`, as training
+    does (host batch -> device, then the step); the pipeline's threads work while the step runs."""
+    shardings = jax.tree.map(lambda x: x.sharding, trainer.batch)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            batch = jax.device_put(next(batches), shardings)
+            trainer.state, metrics = trainer.step(trainer.state, batch)
+        jax.block_until_ready((trainer.state, metrics))
+
+    return run
+
+
+def input_bench(argv: list[str], sources=None) -> None:
+    """Input pipeline examples/s per image size and worker count vs the train step's images/s.
+
+    `sources`: (sources, weights) instead of the default config's mixture of real train splits.
+    """
+    from configs import default
+    from jaxseg import datasets, input_pipeline
+
+    args = _input_parser().parse_args(argv)
+    config = default.get_config()
+    batch_size = args.batch_size or config.train.batch_size
+    if sources is None:
+        mixture = input_pipeline.parse_mixture(config.data.train)
+        sources = ([datasets.data_source(name, config.data.train_split,
+                                         data_dir=config.data.data_dir or None)
+                    for name, _ in mixture], [w for _, w in mixture])
+    sources, weights = sources
+    cores = len(os.sched_getaffinity(0))
+    import cv2
+
+    names = [f"{getattr(s, 'name', 'source')}/{getattr(s, 'split', '?')} {len(s)}" for s in sources]
+    print(f"mixture: weights {weights} ({' + '.join(names)} examples), batch {batch_size}, "
+          f"augmentation {'on' if config.data.aug.enabled else 'off'}, "
+          f"prefetch {config.data.prefetch}, cores {cores}, OpenCV threads {cv2.getNumThreads()}, "
+          f"default workers {config.data.num_workers}")
+
+    rates = {}
+    for size in args.image_sizes:
+        for workers in args.workers:
+            reps = [pipeline_rate(sources, weights, image_size=size, batch_size=batch_size,
+                                  num_workers=workers, aug=config.data.aug, batches=args.batches,
+                                  warmup=args.warmup, prefetch=config.data.prefetch,
+                                  seed=config.seed, start_step=1000 * rep)
+                    for rep in range(args.repeats)]
+            rates[size, workers] = statistics.median(reps)
+            print(f"pipeline {size}x{size} workers={workers}: {rates[size, workers]:.1f} examples/s "
+                  f"(reps {', '.join(f'{r:.1f}' for r in reps)})", flush=True)
+    if not args.steps:
+        return
+
+    for size in args.image_sizes:
+        c = default.get_config()
+        c.data.image_size, c.train.batch_size = size, batch_size
+        trainer = JaxTrainer(c, synthetic_batch(batch_size, size))
+        trainer.run(1)  # compilation
+        seconds = [_time_steps(trainer.run, args.steps) for _ in range(args.repeats)]
+        step_rate = _median_rate(seconds, args.steps, batch_size)
+        print(f"train step {size}x{size} (default model, JAX, synthetic batch): "
+              f"{step_rate:.1f} images/s ({statistics.median(seconds) / args.steps:.2f} s/step)")
+        for workers in args.workers:
+            rate = rates[size, workers]
+            verdict = ("feeds the step faster than it consumes" if rate > step_rate
+                       else "is SLOWER than the step: training would wait for data")
+            print(f"  pipeline workers={workers}: {rate:.1f} examples/s = {rate / step_rate:.1f}x "
+                  f"the step: the pipeline {verdict}")
+        workers = config.data.num_workers
+        stream = input_pipeline.TrainBatches(
+            sources, weights, global_batch=batch_size, image_size=size, aug=config.data.aug,
+            seed=config.seed, num_workers=workers, prefetch=config.data.prefetch)
+        try:
+            fed = fed_steps(trainer, stream)
+            fed(1)  # the pipeline filling its prefetch queue
+            fed_seconds = [_time_steps(fed, args.steps) for _ in range(args.repeats)]
+        finally:
+            stream.close()
+        fed_rate = _median_rate(fed_seconds, args.steps, batch_size)
+        print(f"  train step fed by the pipeline (workers={workers}, sharing the {cores} cores): "
+              f"{fed_rate:.1f} images/s = {fed_rate / step_rate:.2f}x the synthetic-batch step",
+              flush=True)
+
+
+SUBCOMMANDS = {"train": train, "infer": infer, "input": input_bench}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,25 +32,19 @@ def config_from_json(text: str | dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(data)
 
 
-def abstract_model_state(config) -> nnx.State:
-    """Shapes and dtypes of a model's state (params and batch statistics) without allocating it."""
-    return nnx.state(nnx.eval_shape(lambda: create_model(config.model)))
-
-
-def load_pretrained(directory: str | pathlib.Path = PRETRAINED_DIR):
-    """(model, config, card) of the pretrained model stored in the repository."""
-    directory = pathlib.Path(directory)
+def load_pretrained(directory: str | pathlib.Path | None = None):
+    """(model, config, card) of the pretrained model stored in the repository (or `directory`)."""
+    directory = pathlib.Path(directory or PRETRAINED_DIR)
     card_path = directory / MODEL_CARD
     if not card_path.exists():
         raise FileNotFoundError(
             f"no pretrained model at {directory}: pass --workdir with a trained run instead")
     card = json.loads(card_path.read_text())
     config = config_from_json(card["config"])
-    abstract = abstract_model_state(config)
+    # Shapes only: initialising real weights that the restore overwrites costs seconds.
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(config.model)))
     state = ocp.StandardCheckpointer().restore((directory / PRETRAINED_WEIGHTS).absolute(), abstract)
-    model = create_model(config.model)
-    nnx.update(model, state)
-    return model, config, card
+    return nnx.merge(graphdef, state), config, card
 
 
 def save_pretrained(model, config, card: dict, directory: str | pathlib.Path = PRETRAINED_DIR):

@@ -129,11 +129,17 @@ def read_image(path: pathlib.Path, max_pixels: int) -> np.ndarray:
     """RGB uint8 image; EXIF orientation applied; refused before decoding when too large."""
     from PIL import Image
 
+    # PIL's own decompression-bomb guard (an error above ~179M pixels) would pre-empt the size
+    # check below with a misleading "not a readable image" and cap --max_pixels; this check
+    # replaces it, so it is off while the header is read.
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(path) as im:  # reads the header only
             w, h = im.size
     except Exception as e:  # PIL raises many types for non-images
         raise InputError(f"not a readable image ({e.__class__.__name__})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     if w * h > max_pixels:
         raise InputError(f"{w}x{h} = {w * h} pixels exceeds --max_pixels={max_pixels}")
     data = np.fromfile(path, np.uint8)
@@ -154,15 +160,27 @@ def write_image(path: pathlib.Path, array: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
+def _outputs_inside(folder: pathlib.Path, output: pathlib.Path) -> pathlib.Path | None:
+    """The part of FOLDER's tree holding this tool's outputs (earlier runs' ones are not inputs).
+
+    An output folder strictly inside FOLDER is skipped whole. When OUTPUT is FOLDER itself (or an
+    ancestor), only the subfolder that FOLDER's outputs go to, `output/<folder name>`, is; where
+    that is FOLDER itself (output = its parent) nothing is skipped, or no input would remain.
+    """
+    inside = output if folder.resolve() in output.parents else output / folder.name
+    return None if inside == folder.resolve() else inside
+
+
 def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list]:
-    """(images, videos, problems): [(path, relative output stem)], files under `output` skipped."""
+    """(images, videos, problems): [(path, relative output stem)]; earlier outputs skipped."""
     images, videos, problems = [], [], []
     output = output.resolve()
     for raw in inputs:
         path = pathlib.Path(raw)
         if path.is_dir():
+            skip = _outputs_inside(path, output)
             for f in sorted(p for p in path.rglob("*") if p.is_file()):
-                if output == f.resolve().parent or output in f.resolve().parents:
+                if skip is not None and skip in f.resolve().parents:
                     continue
                 rel = f.relative_to(path).with_suffix("")
                 (videos if f.suffix.lower() in VIDEO_SUFFIXES else images).append(
@@ -180,16 +198,34 @@ def output_path(output: pathlib.Path, stem: pathlib.Path, mode: str, suffix: str
     return output / stem.parent / f"{stem.name}_{mode}{suffix}"
 
 
-def predict_images(predictor, renderer, items, output, *, max_pixels, inputs_resolved, progress):
+def claim_output(target: pathlib.Path, path: pathlib.Path, inputs_resolved, claimed: dict):
+    """Reserves TARGET for PATH; the reason it cannot be written, or None.
+
+    An output never replaces an input, nor the output of another input of the same run (a.jpg and
+    a.png in one folder both map to a_mask.png).
+    """
+    resolved = target.resolve()
+    if resolved in inputs_resolved:
+        return f"output {target} would overwrite an input"
+    if resolved in claimed:
+        return f"output {target} is already the output of {claimed[resolved]}"
+    claimed[resolved] = path
+    return None
+
+
+def predict_images(predictor, renderer, items, output, *, max_pixels, inputs_resolved, progress,
+                   claimed=None):
     """Processes image files in chunks; returns [(path, problem)] for the skipped ones."""
     problems = []
+    claimed = {} if claimed is None else claimed
     chunk = max(predictor.batch_size * 4, 16)
     for start in range(0, len(items), chunk):
         loaded = []
         for path, stem in items[start:start + chunk]:
             target = output_path(output, stem, renderer.mode, ".png")
-            if target.resolve() in inputs_resolved:
-                problems.append((path, f"output {target} would overwrite an input"))
+            why = claim_output(target, path, inputs_resolved, claimed)
+            if why:
+                problems.append((path, why))
                 continue
             try:
                 loaded.append((path, target, read_image(path, max_pixels)))
@@ -210,8 +246,14 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
     height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    if width <= 0 or height <= 0:
+        capture.release()
+        raise InputError("the video has no frame size")
     target.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        capture.release()
+        raise InputError(f"could not open {target} for writing")
     frames = 0
     try:
         while True:
@@ -237,6 +279,7 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
         capture.release()
         writer.release()
     if frames == 0:
+        target.unlink(missing_ok=True)  # no empty video left behind
         raise InputError("the video has no readable frames")
     return frames
 
@@ -260,27 +303,36 @@ def main(argv):
     background = None
     if f.mode == "background":
         bg_path = pathlib.Path(f.background)
-        background = (read_image(bg_path, f.max_pixels) if bg_path.is_file()
-                      else parse_colour(f.background))
+        try:
+            background = (read_image(bg_path, f.max_pixels) if bg_path.is_file()
+                          else parse_colour(f.background))
+        except ValueError as e:  # InputError is one
+            raise SystemExit(f"--background {f.background}: {e}") from None
     renderer = Renderer(mode=f.mode, threshold=f.threshold, soft=f.soft, background=background)
     model, config, described = inference.load(f.workdir or None, f.checkpoint)
     predictor = Predictor(model, config.data.image_size, batch_size=f.batch_size,
                           flip_tta=f.flip_tta)
     inputs_resolved = {p.resolve() for p, _ in images + videos}
+    claimed = {}
     with tqdm(total=len(images), desc="images", unit="img", disable=not images) as progress:
-        problems += predict_images(predictor, renderer, images, output, max_pixels=f.max_pixels,
-                                   inputs_resolved=inputs_resolved, progress=progress)
+        image_problems = predict_images(predictor, renderer, images, output,
+                                        max_pixels=f.max_pixels, inputs_resolved=inputs_resolved,
+                                        progress=progress, claimed=claimed)
+    video_problems = []
     for path, stem in videos:
         target = output_path(output, stem, f.mode, ".mp4")
-        if target.resolve() in inputs_resolved:
-            problems.append((path, f"output {target} would overwrite an input"))
+        why = claim_output(target, path, inputs_resolved, claimed)
+        if why:
+            video_problems.append((path, why))
             continue
         try:
             with tqdm(desc=path.name, unit="batch") as progress:
                 predict_video(predictor, renderer, path, target, progress=progress)
         except InputError as e:
-            problems.append((path, str(e)))
-    done = len(images) + len(videos) - len(problems)
+            video_problems.append((path, str(e)))
+    # Missing paths (already in `problems`) are neither images nor videos: not subtracted.
+    done = len(images) + len(videos) - len(image_problems) - len(video_problems)
+    problems += image_problems + video_problems
     print(f"model: {described['source']} (step {described['checkpoint_step']}); "
           f"wrote {done} outputs to {output}")
     for path, why in problems:

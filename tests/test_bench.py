@@ -41,3 +41,25 @@ def test_train_step_flops_are_positive():
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                          bench.synthetic_batch(c.train.batch_size, c.data.image_size))
     assert bench.step_flops(step, state, batch) > 0
+
+
+def test_input_pipeline_rates_from_in_memory_sources(capsys):
+    from fake_data import fake_source
+
+    sources = ([fake_source(6, seed=0), fake_source(4, seed=1)], [1.0, 1.0])
+    bench.input_bench(["--image_sizes", "32,48", "--workers", "1,2", "--batch_size", "4",
+                       "--batches", "2", "--warmup", "1", "--repeats", "2", "--steps", "0"],
+                      sources=sources)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("mixture: weights [1.0, 1.0] (source/? 6 + source/? 4 examples)")
+    rates = [line for line in lines if line.startswith("pipeline ")]
+    assert [r.split(":")[0] for r in rates] == [
+        "pipeline 32x32 workers=1", "pipeline 32x32 workers=2",
+        "pipeline 48x48 workers=1", "pipeline 48x48 workers=2"]
+    assert all(float(r.split(": ")[1].split()[0]) > 0 for r in rates)
+
+
+def test_subcommands_are_registered():
+    assert set(bench.SUBCOMMANDS) == {"train", "infer", "input"}
+    with pytest.raises(SystemExit, match="infer,input"):
+        bench.main(["nope"])

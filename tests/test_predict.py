@@ -1,0 +1,383 @@
+"""jaxseg.predict: the CLI on folders, videos and bad files, every output mode, and the resolution rule.
+
+The CLI runs in subprocesses on a tiny random U-Net saved with inference.save_pretrained (the
+subprocess points load_pretrained's default folder at it, then runs `python -m jaxseg.predict`
+unchanged), so that each run costs seconds. The real-photo check uses the shipped pretrained model.
+"""
+import hashlib
+import json
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+import zlib
+
+import cv2
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from jaxseg import inference, input_pipeline, predict, resolution, sharding
+from jaxseg.models import create_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs the real entry point (`python -m jaxseg.predict ...`) with the "pretrained" model taken
+# from the folder given as the first argument.
+CLI = """
+import runpy, sys
+from jaxseg import inference
+inference.load_pretrained.__defaults__ = (sys.argv.pop(1),)
+sys.argv[0] = "jaxseg.predict"
+runpy.run_module("jaxseg.predict", run_name="__main__", alter_sys=True)
+"""
+
+
+SAVE_TINY = """
+import sys
+from configs import default
+from jaxseg import inference
+from jaxseg.models import create_model
+
+c = default.get_config()
+c.data.image_size, c.model.depth, c.model.base_features = 32, 1, 4
+inference.save_pretrained(create_model(c.model, seed=3), c, {"steps": 0}, sys.argv[1])
+"""
+
+
+def python(script, *args, cache=None):
+    """Runs SCRIPT in a fresh interpreter on one CPU device; with CACHE, JAX's persistent
+    compilation cache is used for every compilation (even the initialisers' small eager ones)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    """Shared by the subprocesses: only the first one compiles the tiny model's functions."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(jax_cache, tmp_path_factory):
+    """A random 32x32 U-Net (depth 1, 4 features) saved as a pretrained model."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    result = python(SAVE_TINY, path, cache=jax_cache)  # a subprocess, to fill the cache
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def run_cli(model_dir, *args, cache=None):
+    return python(CLI, model_dir, *args, cache=cache)
+
+
+def restore(directory):
+    """(model, config) of a saved pretrained model, restored into an abstract U-Net.
+
+    The same weights as inference.load_pretrained, without its eager initialisation of a model
+    that the restore then overwrites (5-15 s of CPU, compiling each initialiser).
+    """
+    directory = pathlib.Path(directory)
+    card = json.loads((directory / inference.MODEL_CARD).read_text())
+    config = inference.config_from_json(card["config"])
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(config.model)))
+    state = ocp.StandardCheckpointer().restore(
+        (directory / inference.PRETRAINED_WEIGHTS).absolute(), abstract)
+    return nnx.merge(graphdef, state), config
+
+
+def photo(h, w, seed=0):
+    """A smooth RGB image with a bright blob, so that a random model's mask is not uniform."""
+    rng = np.random.default_rng(seed)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (7, 7), 0)
+    cv2.ellipse(image, (w // 2, h // 2), (w // 4, h // 3), 0, 0, 360, (250, 220, 200), -1)
+    return image
+
+
+def write_rgb(path, rgb):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def read_rgb(path, flags=cv2.IMREAD_UNCHANGED):
+    image = cv2.imread(str(path), flags)
+    assert image is not None, path
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+    return image
+
+
+def huge_png(path, width=50_000, height=50_000):
+    """A 100-byte PNG whose header declares WIDTH x HEIGHT pixels (2.5 G by default)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def write_video(path, frames=5, size=(96, 64), fps=10.0):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    assert writer.isOpened()
+    for i in range(frames):
+        writer.write(cv2.cvtColor(photo(size[1], size[0], seed=i), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def read_video(path):
+    capture = cv2.VideoCapture(str(path))
+    assert capture.isOpened(), path
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return frames, fps
+
+
+def digest(folder):
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file()}
+
+
+# Sizes and aspects: landscape, tall and thin, wide, exactly one bucket, one pixel over it.
+SIZES = {"a.png": (50, 70), "sub/b.png": (131, 40), "sub/deeper/c.bmp": (90, 200),
+         "sub/deeper/d.png": (64, 64), "e.jpg": (65, 33)}
+
+
+@pytest.fixture(scope="module")
+def mask_run(tiny_model_dir, jax_cache, tmp_path_factory):
+    """One CLI run (mask mode) over a nested folder of good and bad inputs, a video, and a missing path."""
+    root = tmp_path_factory.mktemp("mask_run")
+    photos = root / "photos"
+    for i, (name, (h, w)) in enumerate(SIZES.items()):
+        write_rgb(photos / name, photo(h, w, seed=i))
+    write_video(photos / "sub" / "clip.mp4")
+    ok, png = cv2.imencode(".png", photo(60, 60))
+    (photos / "sub" / "corrupt.png").write_bytes(png.tobytes()[: len(png) // 2])
+    (photos / "empty.jpg").write_bytes(b"")
+    (photos / "notes.txt").write_text("not an image\n")
+    (photos / "broken.mp4").write_text("not a video\n")
+    huge_png(photos / "huge.png")
+    write_rgb(photos / "e.png", photo(20, 20))  # e.jpg's output name too: e_mask.png
+    before = digest(photos)
+    out = root / "out"
+    result = run_cli(tiny_model_dir, photos, root / "missing", "--output", out, cache=jax_cache)
+    return dict(result=result, photos=photos, out=out / "photos", before=before)
+
+
+def test_cli_masks_every_image_at_its_own_size(mask_run):
+    assert mask_run["result"].returncode == 0, mask_run["result"].stderr
+    for name, size in SIZES.items():
+        stem = pathlib.Path(name).with_suffix("")
+        mask = read_rgb(mask_run["out"] / stem.parent / f"{stem.name}_mask.png")
+        assert mask.shape == size and mask.dtype == np.uint8, name
+        assert set(np.unique(mask)) <= {0, 255}, name
+    # The random model still gives both classes: the mode tests below compare against them.
+    assert set(np.unique(read_rgb(mask_run["out"] / "a_mask.png"))) == {0, 255}
+    assert digest(mask_run["photos"]) == mask_run["before"]  # inputs untouched
+
+
+def test_cli_video_keeps_frame_count_size_and_rate(mask_run):
+    frames, fps = read_video(mask_run["out"] / "sub" / "clip_mask.mp4")
+    assert len(frames) == 5
+    assert frames[0].shape == (64, 96, 3)
+    assert fps == pytest.approx(10.0)
+
+
+def test_cli_reports_and_skips_bad_inputs(mask_run):
+    result, out = mask_run["result"], mask_run["out"]
+    skipped = {line.split(": ", 1)[0].removeprefix("skipped "): line.split(": ", 1)[1]
+               for line in result.stderr.splitlines() if line.startswith("skipped ")}
+    photos = mask_run["photos"]
+    expected = {
+        photos / "sub" / "corrupt.png": "could not decode",
+        photos / "empty.jpg": "not a readable image",
+        photos / "notes.txt": "not a readable image",
+        photos / "broken.mp4": "could not open the video",
+        # Refused by --max_pixels before decoding (not by PIL's own guard, with a vaguer message).
+        photos / "huge.png": "50000x50000 = 2500000000 pixels exceeds --max_pixels=80000000",
+        photos / "e.png": f"is already the output of {photos / 'e.jpg'}",  # sorted first
+        photos.parent / "missing": "no such file or folder",
+    }
+    assert set(skipped) == {str(p) for p in expected}
+    for path, why in expected.items():
+        assert why in skipped[str(path)], (path, skipped[str(path)])
+    for stem in ("sub/corrupt", "empty", "notes", "huge"):
+        assert not (out / f"{stem}_mask.png").exists()
+    assert not (out / "broken_mask.mp4").exists()  # no empty video left behind
+    # The 5 images and the video.
+    assert "wrote 6 outputs" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def same_folder_runs(tiny_model_dir, jax_cache, tmp_path_factory):
+    """cutout then background with --output = the input folder; overlay on single files."""
+    photos = tmp_path_factory.mktemp("same") / "photos"
+    image = photo(*SIZES["a.png"], seed=0)  # the mask run's a.png: same pixels, same mask
+    write_rgb(photos / "a.png", image)
+    write_rgb(photos / "x.png", photo(40, 30, seed=9))
+    write_rgb(photos / "x_overlay.png", photo(30, 40, seed=8))
+    write_rgb(photos / "big.png", photo(60, 60, seed=7))
+    before = digest(photos)
+    runs = {
+        "cutout": run_cli(tiny_model_dir, photos, "--output", photos, "--mode", "cutout",
+                          cache=jax_cache),
+        # A second run in the same folder must not take the first one's outputs as inputs.
+        "background": run_cli(tiny_model_dir, photos, "--output", photos, "--mode", "background",
+                              "--background", "0,0,255", cache=jax_cache),
+        # Single files: x.png's output would be the input x_overlay.png (refused), big.png is
+        # over --max_pixels (3600 > 3500) and a.png exactly at it.
+        "overlay": run_cli(tiny_model_dir, *(photos / n for n in ("x.png", "x_overlay.png", "a.png", "big.png")),
+                           "--output", photos, "--mode", "overlay", "--max_pixels", 3500,
+                           cache=jax_cache),
+    }
+    return dict(runs=runs, photos=photos, image=image, before=before)
+
+
+def test_output_folder_equal_to_input_folder(same_folder_runs):
+    photos, runs = same_folder_runs["photos"], same_folder_runs["runs"]
+    for mode, result in runs.items():
+        assert result.returncode == 0, (mode, result.stderr)
+    after = digest(photos)
+    assert {k: after[k] for k in same_folder_runs["before"]} == same_folder_runs["before"]
+    outputs = photos / "photos"  # output/<input folder name>/...
+    assert sorted(p.name for p in outputs.glob("*_cutout.png")) == [
+        "a_cutout.png", "big_cutout.png", "x_cutout.png", "x_overlay_cutout.png"]
+    assert "wrote 4 outputs" in runs["cutout"].stdout
+    # The background run skipped photos/photos/ (the cutout outputs): no *_cutout_background.
+    assert sorted(p.name for p in outputs.glob("*_background.png")) == [
+        "a_background.png", "big_background.png", "x_background.png", "x_overlay_background.png"]
+    assert "wrote 4 outputs" in runs["background"].stdout
+
+
+def test_output_never_overwrites_an_input_and_max_pixels_refuses(same_folder_runs):
+    photos, result = same_folder_runs["photos"], same_folder_runs["runs"]["overlay"]
+    assert f"skipped {photos / 'x.png'}: output {photos / 'x_overlay.png'} would overwrite an input" \
+        in result.stderr
+    assert f"skipped {photos / 'big.png'}: 60x60 = 3600 pixels exceeds --max_pixels=3500" in result.stderr
+    assert "wrote 2 outputs" in result.stdout
+    assert (photos / "x_overlay_overlay.png").exists() and (photos / "a_overlay.png").exists()
+    assert not (photos / "big_overlay.png").exists()
+
+
+def test_modes_compose_the_mask(mask_run, same_folder_runs):
+    image, photos = same_folder_runs["image"], same_folder_runs["photos"]
+    mask = read_rgb(mask_run["out"] / "a_mask.png")
+    person = (mask == 255)[..., None]
+
+    cutout = read_rgb(photos / "photos" / "a_cutout.png")
+    assert cutout.shape == (*mask.shape, 4)
+    np.testing.assert_array_equal(cutout[..., :3], image)
+    np.testing.assert_array_equal(cutout[..., 3], mask)  # alpha = the mask
+
+    background = read_rgb(photos / "photos" / "a_background.png")
+    np.testing.assert_array_equal(background, np.where(person, image, [0, 0, 255]))
+
+    overlay = read_rgb(photos / "a_overlay.png")
+    assert overlay.shape == image.shape
+    np.testing.assert_array_equal(np.where(person, 0, overlay), np.where(person, 0, image))
+    assert np.all(np.any(overlay != image, axis=-1)[person[..., 0]])  # tinted where the person is
+
+
+def test_a_bad_background_is_a_usage_error(tiny_model_dir, jax_cache, tmp_path):
+    write_rgb(tmp_path / "a.png", photo(20, 20))
+    result = run_cli(tiny_model_dir, tmp_path / "a.png", "--output", tmp_path / "out",
+                     "--mode", "background", "--background", "purple", cache=jax_cache)
+    assert result.returncode != 0
+    assert "--background purple: not a colour" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_parse_colour():
+    assert predict.parse_colour("white") == (255, 255, 255)
+    assert predict.parse_colour("#00ff80") == (0, 255, 128)
+    assert predict.parse_colour("1, 2,3") == (1, 2, 3)
+    with pytest.raises(ValueError):
+        predict.parse_colour("#00ff")
+
+
+def test_collect_inputs_skips_earlier_outputs_only(tmp_path):
+    photos = tmp_path / "photos"
+    for name in ("a.png", "sub/b.png", "out/photos/a_mask.png", "photos/c_mask.png"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(b"")
+
+    def names(output):
+        images, _, _ = predict.collect_inputs([photos], output)
+        return sorted(str(p.relative_to(photos)) for p, _ in images)
+
+    # Output inside the input folder: all of it skipped.
+    assert names(photos / "out") == ["a.png", "photos/c_mask.png", "sub/b.png"]
+    # Output = the input folder: only photos/photos/, where its outputs go, is skipped.
+    assert names(photos) == ["a.png", "out/photos/a_mask.png", "sub/b.png"]
+    # Output = the parent: outputs land in photos/ itself; nothing can be told apart.
+    assert len(names(tmp_path)) == 4
+    assert len(names(tmp_path / "elsewhere")) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# In process: batching by canvas bucket, and the evaluator's resolution rule on a real photo
+
+
+def test_mixed_sizes_equal_one_at_a_time_one_compilation_per_bucket(tiny_model_dir):
+    model, config = restore(tiny_model_dir)
+    predictor = predict.Predictor(model, config.data.image_size, batch_size=2)
+    sizes = [(50, 70), (131, 40), (64, 64), (60, 33), (65, 64), (33, 60), (1, 1), (40, 64)]
+    images = [photo(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    buckets = {resolution.canvas_for([s], predict.BUCKET) for s in sizes}
+    assert len(buckets) == 4
+
+    cache = predict.Predictor._run._cache_size  # one jit, keyed by (predictor, canvas, shapes)
+    before = cache()
+    together = predictor.probabilities(images)
+    assert cache() - before == len(buckets)
+    alone = [predictor.probabilities([image])[0] for image in images]
+    assert cache() - before == len(buckets)  # single images reuse their bucket's function
+    for image, t, a in zip(images, together, alone):
+        assert t.shape == a.shape == image.shape[:2] and t.dtype == np.float32
+        np.testing.assert_allclose(t, a, atol=1e-6)
+    assert predictor.probabilities([]) == []
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    return restore(inference.PRETRAINED_DIR)
+
+
+def test_real_photo_mask_scores_as_the_evaluator_scores_the_model(manual_dir, pretrained, tmp_path):
+    from jaxseg import datasets, evaluate
+
+    model, config = pretrained
+    source = input_pipeline.Head(datasets.data_source("portrait_segmentation", "test"), 1)
+    example = source[0]
+    predictor = predict.Predictor(model, config.data.image_size)
+    probs = predictor.probabilities([example["image"]])[0]
+    mask = predict.Renderer(mode="mask").render(example["image"], probs)
+    assert mask.shape == example["image"].shape[:2]
+    predict.write_image(tmp_path / f"{example['id']}.png", mask)
+
+    evaluator = evaluate.Evaluator(source, mesh=sharding.make_mesh(1),
+                                   image_size=config.data.image_size, batch_size=1)
+    of_masks = evaluator.evaluate_predictions(tmp_path)["per_image"][0]
+    of_model = evaluator.evaluate_model(model)["per_image"][0]
+    assert of_masks["iou"] > 0.8
+    # Same probabilities, same upsampling rule (the evaluator's canvas is larger): the same
+    # pixels, up to the last float bit at exactly the threshold.
+    for k in ("tp", "fp", "fn"):
+        assert abs(of_masks[k] - of_model[k]) <= 2, (k, of_masks, of_model)
