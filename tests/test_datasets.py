@@ -1,4 +1,5 @@
 """Dataset builders: fixture datasets in the real layouts, bad files, splits, download path, real data."""
+import json
 import os
 import pathlib
 import shutil
@@ -355,3 +356,15 @@ def test_real_examples_decode_bit_identical(real_data_dir, manual_dir, name, pho
         ex = src[i]
         np.testing.assert_array_equal(ex["image"], reference_rgb(manual_dir / photo_path.format(ex["id"])))
         assert ex["mask"].shape == ex["image"].shape[:2] + (1,) and ex["mask"].max() == 1
+
+
+def test_build_command_prepares_and_reports(tmp_path):
+    expected = fx.make_ccp(tmp_path / "ccp")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.datasets", "build", "ccp_person", "--manual_dir",
+         str(tmp_path / "ccp"), "--data_dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = json.loads([l for l in result.stdout.splitlines() if l.startswith("{")][-1])
+    assert sum(line["splits"].values()) == len(expected["ids"])
+    assert line["counts"]["excluded"] == len(expected["excluded"]) and pathlib.Path(line["report"]).exists()

@@ -1,0 +1,34 @@
+"""`python -m jaxseg.datasets build NAME... [--manual_dir DIR] [--data_dir DIR] [--folder DIR]`.
+
+Prepares datasets like `tfds build` does (TFDS 4.9.10's own `tfds` command needs apache-beam,
+which jaxseg does not install: `tfds build --imports jaxseg.datasets NAME --manual_dir DIR` works
+where it is), then prints split sizes and where the build report is.
+"""
+import argparse
+import json
+import pathlib
+
+from jaxseg import datasets
+
+
+def main(argv=None):
+    """Builds each named dataset and prints its split sizes and build-report counts."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("command", choices=["build"])
+    p.add_argument("names", nargs="+", choices=datasets.DATASETS)
+    p.add_argument("--manual_dir", help="default: $JAXSEG_MANUAL_DIR/<portraits|ccp>")
+    p.add_argument("--data_dir", help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
+    p.add_argument("--folder", help="person_folder: the folder with images/ and masks/")
+    p.add_argument("--on_bad", choices=["skip", "error"], default="skip")
+    args = p.parse_args(argv)
+    for name in args.names:
+        builder = datasets.prepare(name, data_dir=args.data_dir, folder=args.folder,
+                                   on_bad=args.on_bad, manual_dir=args.manual_dir)
+        sizes = {s: i.num_examples for s, i in builder.info.splits.items()}
+        report = pathlib.Path(builder.data_dir) / datasets.REPORT_FILE
+        print(json.dumps({"dataset": name, "splits": sizes,
+                          "counts": builder.report().get("counts", {}), "report": str(report)}))
+
+
+if __name__ == "__main__":
+    main()
