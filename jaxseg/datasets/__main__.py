@@ -1,8 +1,9 @@
 """`python -m jaxseg.datasets build NAME... [--manual_dir DIR] [--data_dir DIR] [--folder DIR]`.
 
-Prepares datasets like `tfds build` does (TFDS 4.9.10's own `tfds` command needs apache-beam,
-which jaxseg does not install: `tfds build --imports jaxseg.datasets NAME --manual_dir DIR` works
-where it is), then prints split sizes and where the build report is.
+Prepares datasets like `tfds build` does, then prints split sizes and where the build report is.
+TFDS 4.9.10's own `tfds` command imports apache-beam and mlcroissant, which would downgrade
+jaxseg's numpy and protobuf; in an environment that has them,
+`tfds build --imports jaxseg.datasets NAME --manual_dir DIR` builds the same data (checked).
 """
 import argparse
 import json
