@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 
 import jax
 
 _ENV = ("JAXSEG_COORDINATOR_ADDRESS", "JAXSEG_NUM_PROCESSES", "JAXSEG_PROCESS_ID")
+HEARTBEAT_ENV = "JAXSEG_HEARTBEAT_TIMEOUT_S"
 
 
 def _auto_detected() -> bool:
@@ -20,7 +23,10 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     """Calls jax.distributed.initialize when this is one process of several; no-op otherwise.
 
     Explicit arguments win, then $JAXSEG_COORDINATOR_ADDRESS / $JAXSEG_NUM_PROCESSES /
-    $JAXSEG_PROCESS_ID, then what JAX detects itself (Cloud TPU VMs, SLURM).
+    $JAXSEG_PROCESS_ID, then what JAX detects itself (Cloud TPU VMs, SLURM). In a run of several
+    processes, one that stops sending heartbeats for `heartbeat_timeout_s()` seconds counts as dead
+    and the others stop, and an uncaught exception ends this process at once (so that the others
+    stop too instead of waiting for it).
     """
     address = coordinator_address or os.environ.get(_ENV[0], "")
     count = num_processes or int(os.environ.get(_ENV[1], "0") or 0)
@@ -33,10 +39,71 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
                 "a multi-process launch needs the coordinator address, the process count and this "
                 f"process's id; missing: {', '.join(missing)} (or the matching --flags)")
         if count > 1:
+            heartbeat = heartbeat_timeout_s(timeout_s)
             jax.distributed.initialize(address, count, pid, initialization_timeout=timeout_s,
-                                       heartbeat_timeout_seconds=timeout_s // 5 or 10)
+                                       heartbeat_timeout_seconds=heartbeat)
+            _stop_all_on_failure(pid, count, heartbeat)
     elif _auto_detected():
-        jax.distributed.initialize()
+        heartbeat = {"heartbeat_timeout_seconds": heartbeat_timeout_s()} if os.environ.get(
+            HEARTBEAT_ENV) else {}
+        jax.distributed.initialize(**heartbeat)
+        _stop_all_on_failure(jax.process_index(), jax.process_count(),
+                             heartbeat.get("heartbeat_timeout_seconds"))
+
+
+def heartbeat_timeout_s(timeout_s: int = 300) -> int:
+    """Seconds without a heartbeat after which a process counts as dead and the others stop.
+
+    $JAXSEG_HEARTBEAT_TIMEOUT_S when set (tests use ~10 s), else a fifth of the start-up timeout.
+    """
+    value = os.environ.get(HEARTBEAT_ENV, "")
+    if value:
+        try:
+            seconds = int(value)
+        except ValueError:
+            seconds = 0
+        if seconds < 1:
+            raise ValueError(
+                f"${HEARTBEAT_ENV} must be a positive number of seconds, got {value!r}")
+        return seconds
+    return timeout_s // 5 or 10
+
+
+# What a failed cross-process operation says when the cause is another process, not this one.
+_PEER_FAILURE = re.compile(r"gloo|connection (closed|reset)|unavailable|heartbeat|"
+                           r"deadline_exceeded|barrier|coordination service|socket closed",
+                           re.IGNORECASE)
+
+
+def _stop_all_on_failure(index: int, count: int, heartbeat_s: int | None) -> None:
+    """Makes an uncaught exception end this process at once, with a line saying what it means.
+
+    Left alone, a process whose Python code raises waits at exit in JAX's shutdown barrier for
+    the others, which wait in their next collective for it: the whole run hangs. Exiting at once
+    closes its connections, so the others' collectives fail (or, if it was process 0, they lose
+    the coordinator) and they stop too, each through this same hook; a process that is killed
+    outright is noticed by the others' collectives or, at the latest, by the heartbeat timeout.
+    """
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        try:
+            previous(exc_type, exc, tb)
+            if _PEER_FAILURE.search(f"{exc_type.__name__}: {exc}"):
+                why = ("a cross-process operation failed: another process of this run probably "
+                       "died or was killed; its log has the first error")
+            else:
+                latest = f" (at the latest after the {heartbeat_s} s heartbeat timeout)" if (
+                    heartbeat_s) else ""
+                why = ("the error above is this process's own; the other processes stop when "
+                       f"their next cross-process operation fails{latest}")
+            print(f"jaxseg: process {index} of {count} is stopping: {why}.", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(130 if issubclass(exc_type, KeyboardInterrupt) else 1)
+
+    sys.excepthook = hook
 
 
 def define_flags() -> None:

@@ -1,0 +1,314 @@
+"""A real multi-process run: two processes x two CPU devices joined by jax.distributed on 127.0.0.1.
+
+Training and evaluation on such a cluster are compared with one process holding four devices (same
+global batch, same mesh size), and a process that dies or fails must stop the others quickly.
+
+Cross-process and in-process collectives sum in different orders (gloo's all-reduce between the
+processes, XLA's in-process reduction within one), so float32 sums may differ in their last bit;
+the training comparison allows for that (see `PARAM_ATOL`), evaluation must match exactly.
+"""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import fixtures_data as fx
+from jaxseg import checkpointing, distributed, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 4
+OVERRIDES = [f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=4",
+             "--config.train.eval_every=4", "--config.train.log_every=2",
+             "--config.eval.max_examples=16", "--config.data.image_size=32",
+             "--config.model.depth=2"]
+TIMEOUT_S = 300  # per launch; a healthy one takes well under a minute
+# Measured after 4 steps (2x2 vs 1x4 devices): at most 1.3e-7 absolute on any parameter or batch
+# statistic (float32 round-off of differently ordered sums, carried through 4 Adam steps), loss
+# 1 ulp apart at step 4 and identical at step 2. A wrong data split or a missing all-reduce changes
+# parameters by the size of a training update: Adam's first steps move every parameter that has a
+# gradient by about the learning rate (1.5e-3 here), three orders of magnitude above PARAM_ATOL.
+PARAM_ATOL = 1e-6
+LOSS_RTOL = 1e-6
+HEARTBEAT_S = 10
+PEER_DIED = ("is stopping: a cross-process operation failed: another process of this run probably "
+             "died or was killed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    for name in ("JAXSEG_COORDINATOR_ADDRESS", "JAXSEG_NUM_PROCESSES", "JAXSEG_PROCESS_ID"):
+        env.pop(name, None)
+    return env
+
+
+class Cluster:
+    """`num` processes of one command with `devices` CPU devices each (num=1: no jax.distributed).
+
+    Output goes to files (a full pipe cannot block a process); `wait` bounds the run in time
+    and kills whatever of its own processes is left.
+    """
+
+    def __init__(self, cmd, *, num: int, devices: int, env: dict, log_dir: pathlib.Path):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.logs = [log_dir / f"process_{i}.log" for i in range(num)]
+        port = free_port()
+        self.procs = []
+        for i in range(num):
+            proc_env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+            if num > 1:
+                proc_env.update(JAXSEG_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                JAXSEG_NUM_PROCESSES=str(num), JAXSEG_PROCESS_ID=str(i))
+            with open(self.logs[i], "w") as log:
+                self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=proc_env, stdout=log,
+                                                   stderr=subprocess.STDOUT))
+
+    def log(self, i: int) -> str:
+        return self.logs[i].read_text(errors="replace")
+
+    def kill(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def wait(self, timeout: float = TIMEOUT_S) -> None:
+        """Waits for all; fails (after stopping the rest) on a non-zero exit or the timeout."""
+        deadline = time.monotonic() + timeout
+        try:
+            for i, proc in enumerate(self.procs):
+                try:
+                    rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"process {i} still running after {timeout} s:\n"
+                                f"{self.log(i)[-3000:]}")
+                assert rc == 0, f"process {i} exited {rc}:\n{self.log(i)[-3000:]}"
+        finally:
+            self.kill()
+
+
+def wait_all(*clusters):
+    """Waits for every cluster; whatever fails or times out, none of their processes is left."""
+    try:
+        for cluster in clusters:
+            cluster.wait()
+    finally:
+        for cluster in clusters:
+            cluster.kill()
+
+
+def train_command(workdir, *extra):
+    return [sys.executable, "-m", "jaxseg.train", "--config", "configs/smoke.py",
+            "--workdir", str(workdir), *OVERRIDES, *extra]
+
+
+def evaluate_command(workdir, output):
+    return [sys.executable, "-m", "jaxseg.evaluate", "--workdir", str(workdir), "--checkpoint",
+            "latest", "--dataset", "ccp_person", "--split", "validation", "--output", str(output)]
+
+
+def records(workdir, kind):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def model_state(workdir):
+    model, _, step = train.load_model(str(workdir), "latest")
+    return jax.device_get(nnx.state(model)), step
+
+
+@pytest.fixture(scope="module")
+def runs(manual_dir, tmp_path_factory):
+    """Workdirs and evaluation results of the 2x2 cluster and of one process with 4 devices.
+
+    The two trainings run side by side, then both evaluations of the cluster's checkpoint (as two
+    processes and as one), to keep the wall time down on small machines.
+    """
+    root = tmp_path_factory.mktemp("multiprocess")
+    env = base_env(JAXSEG_MANUAL_DIR=str(manual_dir))
+    env.setdefault("TFDS_DATA_DIR", str(pathlib.Path.home() / "tensorflow_datasets"))
+    two, one = root / "two_processes", root / "one_process"
+    timings = {}
+    start = time.monotonic()
+    wait_all(Cluster(train_command(two), num=2, devices=2, env=env, log_dir=root / "logs_train2"),
+             Cluster(train_command(one), num=1, devices=4, env=env, log_dir=root / "logs_train1"))
+    timings["train"] = time.monotonic() - start
+    start = time.monotonic()
+    out2, out1 = root / "eval_two.json", root / "eval_one.json"
+    wait_all(Cluster(evaluate_command(two, out2), num=2, devices=2, env=env,
+                     log_dir=root / "logs_eval2"),
+             Cluster(evaluate_command(two, out1), num=1, devices=4, env=env,
+                     log_dir=root / "logs_eval1"))
+    timings["evaluate"] = time.monotonic() - start
+    print(f"wall time: {timings}")
+    return {"two": two, "one": one, "eval_two": json.loads(out2.read_text()),
+            "eval_one": json.loads(out1.read_text())}
+
+
+def test_two_processes_train_like_one(runs):
+    two, one = runs["two"], runs["one"]
+    state2, step2 = model_state(two)  # restores in this single process
+    state1, step1 = model_state(one)
+    assert step2 == step1 == STEPS
+    leaves2, leaves1 = jax.tree.leaves(state2), jax.tree.leaves(state1)
+    assert len(leaves2) == len(leaves1) and leaves1
+    worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(leaves2, leaves1))
+    assert worst <= PARAM_ATOL, f"parameters differ by up to {worst}"
+
+    train2, train1 = records(two, "train"), records(one, "train")
+    assert [r["step"] for r in train2] == [r["step"] for r in train1] == [2, 4]
+    for r2, r1 in zip(train2, train1):
+        assert r2.keys() == r1.keys()
+        for key in ("loss", "ce", "dice_loss", "grad_norm", "learning_rate"):
+            np.testing.assert_allclose(r2[key], r1[key], rtol=LOSS_RTOL, err_msg=key)
+    val2, val1 = records(two, "validation"), records(one, "validation")
+    assert [r["step"] for r in val2] == [r["step"] for r in val1] == [STEPS]
+    # Model-resolution counts are thresholded probabilities of nearly equal models.
+    np.testing.assert_allclose(val2[0]["val_iou"], val1[0]["val_iou"], atol=1e-4)
+
+
+def test_one_checkpoint_series_written_once(runs):
+    two, one = runs["two"], runs["one"]
+    # Process 0 writes the logs; orbax commits each checkpoint once for all processes.
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    ckpts = checkpointing.Checkpoints(two, read_only=True)
+    assert ckpts.latest.all_steps() == [STEPS]
+    assert ckpts.best.all_steps() == [STEPS]
+    for series in (checkpointing.LATEST_DIR, checkpointing.BEST_DIR):
+        assert [p.name for p in (two / series).iterdir()] == [str(STEPS)]
+        assert (two / series / str(STEPS) / "commit_success.txt").exists()
+    meta, _ = ckpts.read_meta("latest")
+    assert meta["step"] == STEPS and meta["global_batch"] == 8
+    assert len(list((two / "tensorboard").iterdir())) == 1
+    kinds = [(r["step"], r["kind"]) for r in map(json.loads,
+                                                 (two / "metrics.jsonl").read_text().splitlines())]
+    assert kinds == [(2, "train"), (4, "train"), (4, "validation")]
+
+
+def test_evaluation_identical_on_two_processes_and_one(runs):
+    two, one = runs["eval_two"], runs["eval_one"]
+    assert two["num_images"] == one["num_images"] == 98  # the whole ccp_person validation split
+    assert two["checkpoint_step"] == STEPS
+    assert two["per_image"] == one["per_image"]
+    assert two == one  # every metric, the threshold sweep and the model-resolution metrics
+
+
+# ------------------------------------------------------------------ failures stop the whole run
+
+
+def test_killed_process_stops_the_other(tmp_path):
+    """SIGKILL one process mid-training: the other exits non-zero within seconds, saying why.
+
+    Synthetic data in a fresh TFDS dir, so this also checks that two processes preparing one
+    dataset at once do not collide (distributed.main_process_first).
+    """
+    folder = tmp_path / "folder"
+    fx.make_simple_folder(folder / "train", [f"t{i:02d}" for i in range(12)])
+    fx.make_simple_folder(folder / "validation", [f"v{i}" for i in range(4)], seed=50)
+    workdir = tmp_path / "work"
+    cmd = train_command(workdir, "--config.data.train=person_folder",
+                        "--config.data.eval=person_folder", f"--config.data.folder={folder}",
+                        "--config.train.num_steps=100000", "--config.train.log_every=1",
+                        "--config.train.eval_every=100000",
+                        "--config.train.checkpoint_every=100000",
+                        "--config.eval.max_examples=4", "--config.train.num_logged_images=0")
+    env = base_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), JAXSEG_MANUAL_DIR=str(tmp_path / "none"),
+                   JAXSEG_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
+    cluster = Cluster(cmd, num=2, devices=2, env=env, log_dir=tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        metrics = workdir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            for i, proc in enumerate(cluster.procs):
+                assert proc.poll() is None, f"process {i} ended early:\n{cluster.log(i)[-3000:]}"
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        cluster.procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        try:
+            rc = cluster.procs[0].wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"process 0 still running 60 s after process 1 died:\n"
+                        f"{cluster.log(0)[-3000:]}")
+        took = time.monotonic() - killed
+    finally:
+        cluster.kill()
+    # Process 0 prepared the dataset while process 1 waited, then process 1 read it.
+    assert [p.name for p in (tmp_path / "tfds" / "person_folder").glob("*/*")] == ["1.0.0"]
+    assert "Downloading and preparing dataset" in cluster.log(0)
+    assert "Downloading and preparing dataset" not in cluster.log(1)
+    log = cluster.log(0)
+    assert rc != 0, log[-3000:]
+    assert took < 3 * HEARTBEAT_S, (took, log[-3000:])
+    # Ours when a collective fails at once (the peer's sockets closed), JAX's when the survivor
+    # was blocked until the coordination service missed the dead process's heartbeats.
+    assert (PEER_DIED in log or ("Terminating process because the JAX distributed service "
+                                 "detected fatal errors" in log and "another task died" in log
+                                 and "stopped sending heartbeats" in log)), log[-3000:]
+    print(f"process 0 exited {rc} {took:.1f} s after process 1 was killed")
+
+
+RAISES = textwrap.dedent('''
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jaxseg import distributed
+
+    distributed.initialize()
+    import jax
+
+    multihost_utils.sync_global_devices("started")
+    if jax.process_index() == 1:
+        raise RuntimeError("a bug in process 1 only")
+    multihost_utils.process_allgather(np.ones(3))  # process 1 never joins this one
+''')
+
+
+def test_process_that_raises_stops_the_other(tmp_path):
+    """An exception in one process ends it at once, and the one waiting for it in a collective.
+
+    Without distributed's exit hook, the raising process waits at exit in JAX's shutdown barrier
+    for the other, which waits in its collective for the first: both hang.
+    """
+    env = base_env(JAXSEG_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S), PYTHONPATH=str(REPO))
+    cluster = Cluster([sys.executable, "-c", RAISES], num=2, devices=1, env=env,
+                      log_dir=tmp_path / "logs")
+    start = time.monotonic()
+    try:
+        rcs = [proc.wait(timeout=120) for proc in cluster.procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung:\n{cluster.log(0)[-2000:]}\n{cluster.log(1)[-2000:]}")
+    finally:
+        cluster.kill()
+    assert all(rc != 0 for rc in rcs), rcs
+    assert time.monotonic() - start < 60
+    assert "RuntimeError: a bug in process 1 only" in cluster.log(1)
+    assert ("jaxseg: process 1 of 2 is stopping: the error above is this process's own"
+            in cluster.log(1))
+    assert f"jaxseg: process 0 of 2 {PEER_DIED}" in cluster.log(0), cluster.log(0)[-2000:]
+
+
+def test_heartbeat_timeout_from_the_environment(monkeypatch):
+    monkeypatch.delenv(distributed.HEARTBEAT_ENV, raising=False)
+    assert distributed.heartbeat_timeout_s(300) == 60
+    monkeypatch.setenv(distributed.HEARTBEAT_ENV, "10")
+    assert distributed.heartbeat_timeout_s(300) == 10
+    for bad in ("0", "ten"):
+        monkeypatch.setenv(distributed.HEARTBEAT_ENV, bad)
+        with pytest.raises(ValueError, match="JAXSEG_HEARTBEAT_TIMEOUT_S must be a positive"):
+            distributed.heartbeat_timeout_s(300)
