@@ -221,10 +221,9 @@ def _source_for(flags_):
         if not (flags_.images and flags_.masks):
             raise ValueError("--images and --masks go together")
         root = folder_root(flags_.images, flags_.masks)
-        split = flags_.split if flags_.split in datasets.split_sizes(
-            "person_folder", data_dir=data_dir, folder=str(root)) else None
-        split = split or next(iter(datasets.split_sizes("person_folder", data_dir=data_dir,
-                                                        folder=str(root))))
+        splits = datasets.split_sizes("person_folder", data_dir=data_dir, folder=str(root))
+        # A folder without split subfolders has one split; use it whatever --split says.
+        split = flags_.split if flags_.split in splits else next(iter(splits))
         return "person_folder", split, datasets.data_source(
             "person_folder", split, data_dir=data_dir, folder=str(root))
     if not flags_.dataset:
