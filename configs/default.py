@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 3
     c.train.num_logged_images = 4
+    c.train.ema_decay = 0.0  # > 0 keeps and evaluates an exponential moving average of the weights
     c.train.init_checkpoint = ""  # used only when the workdir has no checkpoint yet
 
     c.eval = ml_collections.ConfigDict()

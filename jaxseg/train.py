@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import (checkpointing, config_check, datasets, distributed, input_pipeline,
-                    metric_writer, preprocess, sharding)
+                    metric_writer, mixture, preprocess, sharding, train_step)
 from jaxseg.train_step import create_train_state, make_train_step
 
 log = logging.getLogger("jaxseg.train")
@@ -33,11 +33,11 @@ def train_sources(config):
     """(sources, weights) of the training mixture."""
     distributed.main_process_first(lambda: [
         datasets.prepare(n, data_dir=_data_dir(config), folder=config.data.folder or None)
-        for n, _ in input_pipeline.parse_mixture(f"{config.data.train},{config.data.eval}")])
-    mixture = input_pipeline.parse_mixture(config.data.train)
+        for n, _ in mixture.parse_mixture(f"{config.data.train},{config.data.eval}")])
+    names_weights = mixture.parse_mixture(config.data.train)
     sources = [datasets.data_source(name, config.data.train_split, data_dir=_data_dir(config),
-                                    folder=config.data.folder or None) for name, _ in mixture]
-    return sources, [w for _, w in mixture]
+                                    folder=config.data.folder or None) for name, _ in names_weights]
+    return sources, [w for _, w in names_weights]
 
 
 def validation_evaluators(config, mesh):
@@ -45,7 +45,7 @@ def validation_evaluators(config, mesh):
     from jaxseg.evaluate import Evaluator
 
     out = {}
-    for name, _ in input_pipeline.parse_mixture(config.data.eval):
+    for name, _ in mixture.parse_mixture(config.data.eval):
         source = datasets.data_source(name, config.data.eval_split, data_dir=_data_dir(config),
                                       folder=config.data.folder or None)
         source = input_pipeline.Head(source, config.eval.max_examples)
@@ -59,7 +59,7 @@ def restore_model(config, state_restorer):
     """A model whose state comes from `state_restorer(abstract_train_state)`."""
     graphdef, abstract = nnx.eval_shape(lambda: create_train_state(config))
     state = state_restorer(abstract)
-    return nnx.merge(graphdef, state)["model"]
+    return train_step.inference_model(nnx.merge(graphdef, state))
 
 
 def load_model(workdir: str, checkpoint: str = "best"):
@@ -122,7 +122,9 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
     if config.train.init_checkpoint:
         model, _, step = load_model(config.train.init_checkpoint)
         nodes = nnx.merge(graphdef, state)
-        nnx.update(nodes["model"], nnx.state(model))
+        for name in ("model", "ema"):
+            if name in nodes:
+                nnx.update(nodes[name], nnx.state(model))
         log.info("initialised the model from %s (step %d)", config.train.init_checkpoint, step)
         state = sharding.replicate(nnx.state(nodes), mesh)
     return state, 0
@@ -130,7 +132,7 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
 
 def validate(evaluators, state, graphdef) -> dict:
     """Validation metrics per dataset, and `val_iou`: their mean original-resolution IoU."""
-    model = nnx.merge(graphdef, state)["model"]
+    model = train_step.inference_model(nnx.merge(graphdef, state))
     out = {}
     for name, evaluator in evaluators.items():
         result = evaluator.evaluate_model(model)
@@ -152,7 +154,7 @@ def prediction_overlays(state, graphdef, source, count: int, image_size: int) ->
     from jaxseg.predict import Renderer
 
     # A host copy of the replicated state: works the same on every process and device count.
-    model = nnx.merge(graphdef, jax.device_get(state))["model"]
+    model = train_step.inference_model(nnx.merge(graphdef, jax.device_get(state)))
     examples = [source[i] for i in range(min(count, len(source)))]
     images = np.stack([preprocess.model_input(ex, image_size)[0] for ex in examples])
     probs = np.asarray(_probabilities(model, images))

@@ -14,12 +14,41 @@ from jaxseg import losses, optim, sharding
 from jaxseg.models import create_model
 
 
+def ema_decay(config) -> float:
+    """The config's weight-EMA decay; 0 (no EMA) for configs saved before the field existed."""
+    return config.train.get("ema_decay", 0.0)
+
+
 def create_train_state(config):
-    """(graphdef, state) of {'model', 'opt'} for a config; state is the checkpointed pytree."""
+    """(graphdef, state) of {'model', 'opt'[, 'ema']} for a config; state is the checkpointed pytree.
+
+    With `train.ema_decay > 0`, 'ema' is a second model holding the exponential moving average of
+    the trained model's parameters and BatchNorm statistics; it is the model that gets evaluated.
+    """
     model = create_model(config.model, seed=config.seed)
     tx = optim.make_optimizer(config.optim, config.train.num_steps)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    return nnx.split({"model": model, "opt": optimizer})
+    nodes = {"model": model, "opt": nnx.Optimizer(model, tx, wrt=nnx.Param)}
+    if ema_decay(config) > 0:
+        nodes["ema"] = nnx.clone(model)
+    return nnx.split(nodes)
+
+
+def inference_model(nodes):
+    """The model to evaluate and ship from merged train-state nodes: the EMA model when kept."""
+    return nodes.get("ema", nodes["model"])
+
+
+def update_ema(ema, model, decay: float, step: jax.Array) -> None:
+    """ema <- d * ema + (1 - d) * model with d = min(decay, (1 + step) / (10 + step)).
+
+    The step-dependent cap lets the average forget the random initialisation in the first
+    few hundred steps instead of carrying it for ~1 / (1 - decay) steps.
+    """
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    averaged = jax.tree.map(lambda e, m: d * e + (1 - d) * m,
+                            nnx.state(ema, (nnx.Param, nnx.BatchStat)),
+                            nnx.state(model, (nnx.Param, nnx.BatchStat)))
+    nnx.update(ema, averaged)
 
 
 def make_train_step(graphdef, config, mesh):
@@ -48,6 +77,8 @@ def make_train_step(graphdef, config, mesh):
         (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)
+        if "ema" in nodes:
+            update_ema(nodes["ema"], model, ema_decay(config), step)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_leaves, treedef = jax.tree.flatten(nnx.state(nodes))
         new_state = jax.tree.unflatten(treedef, [jnp.where(finite, new, old)

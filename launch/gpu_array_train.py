@@ -1,10 +1,13 @@
 """Trains the U-Net on an accelerator from a packed array file (launch/make_array_file.py).
 
 For machines with JAX but no TFDS/TensorFlow/OpenCV: the whole training set lives on the device,
-batches are sampled and augmented there (jaxseg.device_augment), and the step is jaxseg's own
-(jaxseg.train_step). The number of steps is fitted to a wall-clock budget by timing a short
-calibration run first, so the cosine schedule always completes. Writes the final model state as
-one .npz (flat key -> array) plus a JSON with the config and figures.
+batches are drawn in the config's mixture proportions and augmented there (jaxseg.device_augment),
+and the step is jaxseg's own (jaxseg.train_step, with its weight EMA when --ema_decay > 0). The
+number of steps is fitted to a wall-clock budget by timing a short calibration run first, so the
+cosine schedule completes. Validation IoU (model resolution, per dataset) is measured at a few
+points; the best of the trained and EMA weights by mean validation IoU is written as one .npz
+(flat key -> array) plus a JSON with the config and figures, each time it improves, so a run cut
+short by --deadline_s or by the machine still leaves its best model behind.
 """
 import argparse
 import io
@@ -19,7 +22,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import default
-from jaxseg import device_augment, losses, sharding, train_step
+from jaxseg import device_augment, losses, mixture, sharding, train_step
 
 
 def decode(buf, offsets):
@@ -29,39 +32,49 @@ def decode(buf, offsets):
 
 
 def config_for(size, num_steps, args):
-    """The default config at this size and batch, bf16 compute."""
+    """The default config at this size, width, batch and EMA, bf16 compute."""
     c = default.get_config()
     c.data.image_size = size
     c.model.base_features = args.base_features
+    c.model.residual = args.residual
     c.model.compute_dtype = "bfloat16"
     c.train.batch_size = args.batch_size
     c.train.num_steps = num_steps
+    c.train.ema_decay = args.ema_decay
     c.optim.learning_rate = args.learning_rate
     c.optim.warmup_steps = min(300, num_steps // 10)
     return c
 
 
 def main():
-    """Calibrates, trains for the budget, reports validation IoU at model resolution, saves."""
+    """Calibrates, trains for the budget with validation checkpoints, saves the best weights."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--budget_s", type=float, default=420)
+    p.add_argument("--budget_s", type=float, default=420, help="training seconds to plan for")
+    p.add_argument("--deadline_s", type=float, default=0,
+                   help="stop training this many seconds after start, planned or not (0 = never)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--base_features", type=int, default=16)
+    p.add_argument("--residual", action="store_true")
     p.add_argument("--learning_rate", type=float, default=3e-3)
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--num_validations", type=int, default=4)
     args = p.parse_args()
     t0 = time.time()
     z = np.load(args.data)
     images = decode(z["image_bytes"], z["image_offsets"])
     masks = (decode(z["mask_bytes"], z["mask_offsets"]) > 127).astype(np.uint8)[..., None]
-    train_idx, val_idx = np.where(z["split"] == 0)[0], np.where(z["split"] == 1)[0]
-    size = int(z["size"])
+    size, split, source = int(z["size"]), z["split"], z["source"]
+    names = [str(n) for n in z["source_names"]]
     print(f"decoded {len(images)} examples at {size}px in {time.time() - t0:.1f}s; "
           f"device {jax.devices()[0].device_kind}", flush=True)
     mesh = sharding.make_mesh()
-    train_images = jax.device_put(images[train_idx])
-    train_masks = jax.device_put(masks[train_idx])
+    weights = dict(mixture.parse_mixture(default.get_config().data.train))
+    counts = [int(c) for c in mixture.mixture_counts([weights[n] for n in names], args.batch_size)]
+    per_source = [jax.device_put(images[(split == 0) & (source == d)]) for d in range(len(names))]
+    per_source_masks = [jax.device_put(masks[(split == 0) & (source == d)]) for d in range(len(names))]
+    val_rows = {n: np.where((split == 1) & (source == d))[0] for d, n in enumerate(names)}
 
     def build(num_steps):
         config = config_for(size, num_steps, args)
@@ -70,10 +83,12 @@ def main():
 
         @jax.jit
         def full_step(state, key):
-            k1, k2 = jax.random.split(key)
-            idx = jax.random.randint(k1, (config.train.batch_size,), 0, train_images.shape[0])
-            imgs, msks = device_augment.augment_batch(k2, train_images[idx], train_masks[idx],
-                                                      config.data.aug)
+            keys = jax.random.split(key, len(names) + 1)
+            idx = [jax.random.randint(k, (c,), 0, x.shape[0])
+                   for k, c, x in zip(keys, counts, per_source)]
+            imgs = jnp.concatenate([x[i] for x, i in zip(per_source, idx)])
+            msks = jnp.concatenate([m[i] for m, i in zip(per_source_masks, idx)])
+            imgs, msks = device_augment.augment_batch(keys[-1], imgs, msks, config.data.aug)
             batch = {"image": imgs, "mask": msks,
                      "valid": jnp.ones(config.train.batch_size, jnp.float32)}
             return step(state, batch)
@@ -92,39 +107,79 @@ def main():
     rate = n_cal / (time.time() - t)
     num_steps = max(100, int(rate * args.budget_s))
     print(f"calibration: {rate:.1f} steps/s = {rate * args.batch_size:.0f} images/s; "
-          f"training {num_steps} steps", flush=True)
+          f"training {num_steps} steps (mixture {dict(zip(names, counts))} per batch)", flush=True)
 
-    config, graphdef, state, full_step = build(num_steps)
-    t = time.time()
-    for i in range(num_steps):
-        state, m = full_step(state, jax.random.fold_in(root, 10_000_000 + i))
-        if (i + 1) % 500 == 0 or i + 1 == num_steps:
-            print(f"step {i + 1}: loss {float(m['loss']):.4f} lr {float(m['learning_rate']):.2e}",
-                  flush=True)
-    train_s = time.time() - t
-    model = nnx.merge(graphdef, state)["model"]
-
-    @jax.jit
-    def counts(images, masks):
+    @nnx.jit
+    def counts_of(model, images, masks):
         probs = losses.person_probability(model(images, train=False))
         pred, target = probs >= 0.5, masks[..., 0] > 0
-        return jnp.sum(pred & target), jnp.sum(pred | target)
+        return jnp.sum(pred & target, axis=(1, 2)), jnp.sum(pred | target, axis=(1, 2))
 
-    inter = union = 0
-    for s in range(0, len(val_idx), 64):
-        i, u = counts(images[val_idx[s:s + 64]], masks[val_idx[s:s + 64]])
-        inter, union = inter + int(i), union + int(u)
+    def validation_iou(model, batch=64):
+        out = {}
+        for name, rows in val_rows.items():
+            # Padded to whole batches (padding rows dropped below) so that one compilation serves all.
+            padded = np.concatenate([rows, np.full(-len(rows) % batch, rows[0])])
+            inter = union = 0
+            for s in range(0, len(padded), batch):
+                i, u = counts_of(model, images[padded[s:s + batch]], masks[padded[s:s + batch]])
+                keep = min(batch, len(rows) - s)
+                inter, union = inter + int(np.sum(i[:keep])), union + int(np.sum(u[:keep]))
+            out[name] = inter / max(union, 1)
+        out["mean"] = float(np.mean(list(out.values())))
+        return out
+
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    flat = {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(nnx.state(model)))}
-    np.savez(out / "model_state.npz", **flat)
-    summary = {"config": json.loads(config.to_json()), "num_steps": num_steps,
-               "train_seconds": train_s, "images_per_second": num_steps * args.batch_size / train_s,
-               "val_iou_model_resolution": inter / max(union, 1), "device": jax.devices()[0].device_kind,
-               "train_examples": int(len(train_idx)), "validation_examples": int(len(val_idx))}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}), flush=True)
+    config, graphdef, state, full_step = build(num_steps)
+    best = {"mean": -1.0}
+    history = []
+
+    def checkpoint(step, train_s):
+        nonlocal best
+        nodes = nnx.merge(graphdef, state)
+        for kind in ("model", "ema"):
+            if kind not in nodes:
+                continue
+            model = nodes[kind]
+            val = validation_iou(model)
+            history.append({"step": step, "weights": kind, **val})
+            print(f"step {step} {kind}: validation IoU {json.dumps(val)}", flush=True)
+            if val["mean"] <= best["mean"]:
+                continue
+            best = {**val, "step": step, "weights": kind}
+            flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+                    jax.tree_util.tree_leaves_with_path(jax.device_get(nnx.state(model)))}
+            np.savez(out / "model_state.npz", **flat)
+            summary = {"config": json.loads(config.to_json()), "num_steps": num_steps,
+                       "steps_done": step, "train_seconds": train_s,
+                       "images_per_second": step * args.batch_size / max(train_s, 1e-9),
+                       "selected": best, "validation_history": history,
+                       "device": jax.devices()[0].device_kind,
+                       "train_examples": {n: int(x.shape[0]) for n, x in zip(names, per_source)},
+                       "validation_examples": {n: int(len(r)) for n, r in val_rows.items()},
+                       "batch_mixture": dict(zip(names, counts))}
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    validate_at = {int(num_steps * (k + 1) / args.num_validations) for k in range(args.num_validations)}
+    t = time.time()
+    step, eval_s = 0, 0.0
+    for step in range(1, num_steps + 1):
+        state, m = full_step(state, jax.random.fold_in(root, 10_000_000 + step))
+        if step % 500 == 0 or step == num_steps:
+            print(f"step {step}: loss {float(m['loss']):.4f} lr {float(m['learning_rate']):.2e} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+        late = args.deadline_s and time.time() - t0 > args.deadline_s
+        if step in validate_at or late:
+            jax.block_until_ready(m["loss"])
+            t_eval = time.time()
+            checkpoint(step, t_eval - t - eval_s)
+            eval_s += time.time() - t_eval
+        if late:
+            print(f"deadline reached at step {step} of {num_steps}", flush=True)
+            break
+    print(json.dumps({"selected": best, "steps_done": step, "num_steps": num_steps,
+                      "seconds": time.time() - t0}), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 `python launch/make_array_file.py --size 192 --output .gpu/person_192.npz` (jaxseg's environment,
 data through JAXSEG_MANUAL_DIR/TFDS_DATA_DIR). Each example is resized with jaxseg's resolution rule
-and stored as JPEG (photo, quality 95) and PNG (mask) bytes, concatenated with offsets, so that the
+and stored as JPEG (photo, --jpeg_quality, default 95) and PNG (mask) bytes, concatenated with offsets, so that the
 file is small and needs neither TFDS, TensorFlow nor OpenCV to read (Pillow decodes it).
 """
 import argparse
@@ -22,6 +22,7 @@ def main():
     parser.add_argument("--size", type=int, default=192)
     parser.add_argument("--datasets", default="portrait_segmentation,ccp_person")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--jpeg_quality", type=int, default=95)
     args = parser.parse_args()
     images, masks, split_ids, source_ids = [], [], [], []
     names = args.datasets.split(",")
@@ -33,7 +34,7 @@ def main():
                 image = resolution.resize_image(ex["image"], args.size)
                 mask = resolution.resize_mask(ex["mask"], args.size)[..., 0] * 255
                 images.append(cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                                           [cv2.IMWRITE_JPEG_QUALITY, 95])[1])
+                                           [cv2.IMWRITE_JPEG_QUALITY, args.jpeg_quality])[1])
                 masks.append(cv2.imencode(".png", mask)[1])
                 split_ids.append(split_id)
                 source_ids.append(d)

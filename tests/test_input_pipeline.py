@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fake_data import fake_source
-from jaxseg import input_pipeline, sharding
+from jaxseg import input_pipeline, mixture, sharding
 
 
 def aug_config(enabled=True):
@@ -22,12 +22,12 @@ def batches(sources, start=0, slots=None, batch=8):
 
 
 def test_mixture_counts_and_parsing():
-    assert input_pipeline.mixture_counts([1, 1], 8) == [4, 4]
-    assert input_pipeline.mixture_counts([3, 1], 8) == [6, 2]
-    assert sum(input_pipeline.mixture_counts([1, 2, 7], 16)) == 16
-    assert input_pipeline.parse_mixture("a:2, b") == [("a", 2.0), ("b", 1.0)]
+    assert mixture.mixture_counts([1, 1], 8) == [4, 4]
+    assert mixture.mixture_counts([3, 1], 8) == [6, 2]
+    assert sum(mixture.mixture_counts([1, 2, 7], 16)) == 16
+    assert mixture.parse_mixture("a:2, b") == [("a", 2.0), ("b", 1.0)]
     with pytest.raises(ValueError):
-        input_pipeline.parse_mixture("a:0")
+        mixture.parse_mixture("a:0")
 
 
 def test_resumed_and_sliced_batches_equal_the_uninterrupted_stream():

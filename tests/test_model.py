@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import default
+from jaxseg.models import create_model
 from jaxseg.models.unet import UNet, depth_to_space_2x2, max_pool_2x2
 
 
@@ -57,6 +59,15 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     model = UNet(depth=2, base_features=8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert model(jnp.zeros((1, 32, 32, 3), jnp.uint8)).dtype == jnp.float32
+
+
+def test_bfloat16_config_computes_float32_on_cpu():
+    config = default.get_config().model
+    config.compute_dtype = "bfloat16"
+    assert jax.default_backend() == "cpu"
+    assert create_model(config).dtype == jnp.float32
+    config.compute_dtype = "float32"
+    assert create_model(config).dtype == jnp.float32
 
 
 def test_size_not_divisible_is_a_clear_error():

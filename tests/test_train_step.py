@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import smoke
 from fake_data import fake_source
@@ -84,3 +85,33 @@ def test_unknown_field_is_rejected():
     config = tiny_config()
     with pytest.raises(AttributeError):
         config.train.nosuchfield = 1  # the config is locked: a typo is an error
+
+
+def test_ema_follows_the_trained_weights_by_its_formula():
+    config = tiny_config()
+    config.train.ema_decay = 0.9
+    mesh = sharding.make_mesh(1)
+    graphdef, state = train_step.create_train_state(config)
+    state = sharding.replicate(state, mesh)
+    step = train_step.make_train_step(graphdef, config, mesh)
+    tb = input_pipeline.TrainBatches([fake_source(12, 0)], [1], global_batch=config.train.batch_size,
+                                     image_size=config.data.image_size, aug=config.data.aug, seed=0)
+    pick = lambda s, name: [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(s[name]))]
+    reference = pick(state, "model")
+    assert all(np.array_equal(a, b) for a, b in zip(reference, pick(state, "ema")))
+    for i in range(4):
+        state, _ = step(state, sharding.to_global(next(tb), mesh))
+        d = min(0.9, (1 + i) / (10 + i))  # the step counter before the update is i
+        reference = [d * r + (1 - d) * m for r, m in zip(reference, pick(state, "model"))]
+    tb.close()
+    ema = pick(state, "ema")
+    for r, e in zip(reference, ema):
+        np.testing.assert_allclose(e, r, rtol=1e-5, atol=1e-6)
+    # The average lags the trained weights: after 4 steps they differ.
+    assert any(not np.allclose(e, m) for e, m in zip(ema, pick(state, "model")))
+    assert train_step.inference_model(nnx.merge(graphdef, state)) is not None
+
+
+def test_no_ema_state_without_decay():
+    _, state = train_step.create_train_state(tiny_config())
+    assert set(state.keys()) == {"model", "opt"}

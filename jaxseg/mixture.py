@@ -1,0 +1,36 @@
+"""Dataset mixtures: parsing 'name:weight' lists and splitting a batch between the datasets.
+
+Kept free of TFDS/OpenCV so that accelerator-only scripts (launch/gpu_array_train.py) share it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """'a:1,b:2' -> [('a', 1.0), ('b', 2.0)]; a missing weight is 1."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, weight = item.partition(":")
+        w = float(weight) if weight else 1.0
+        if w <= 0:
+            raise ValueError(f"mixture weight for {name!r} must be positive, got {w}")
+        out.append((name.strip(), w))
+    if not out:
+        raise ValueError(f"empty dataset mixture {spec!r}")
+    return out
+
+
+def mixture_counts(weights: Sequence[float], batch_size: int) -> list[int]:
+    """Examples per dataset in each batch: proportional, largest remainder, each at least 1."""
+    if batch_size < len(weights):
+        raise ValueError(f"batch size {batch_size} is smaller than the {len(weights)} mixed datasets")
+    w = np.asarray(weights, np.float64) / np.sum(weights)
+    extra = batch_size - len(w)
+    raw = w * extra
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: extra - counts.sum()]:
+        counts[i] += 1
+    return list(counts + 1)
