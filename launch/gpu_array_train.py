@@ -52,6 +52,7 @@ def main():
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--budget_s", type=float, default=420, help="training seconds to plan for")
+    p.add_argument("--num_steps", type=int, default=0, help="train this many steps (no calibration)")
     p.add_argument("--deadline_s", type=float, default=0,
                    help="stop training this many seconds after start, planned or not (0 = never)")
     p.add_argument("--batch_size", type=int, default=64)
@@ -96,18 +97,20 @@ def main():
         return config, graphdef, sharding.replicate(state, mesh), full_step
 
     root = jax.random.key(0)
-    _, _, state, full_step = build(1000)
-    state, m = full_step(state, root)
-    jax.block_until_ready(m["loss"])
-    n_cal = 30
-    t = time.time()
-    for i in range(n_cal):
-        state, m = full_step(state, jax.random.fold_in(root, i))
-    jax.block_until_ready(m["loss"])
-    rate = n_cal / (time.time() - t)
-    num_steps = max(100, int(rate * args.budget_s))
-    print(f"calibration: {rate:.1f} steps/s = {rate * args.batch_size:.0f} images/s; "
-          f"training {num_steps} steps (mixture {dict(zip(names, counts))} per batch)", flush=True)
+    num_steps = args.num_steps
+    if not num_steps:
+        _, _, state, full_step = build(1000)
+        state, m = full_step(state, root)
+        jax.block_until_ready(m["loss"])
+        n_cal = 30
+        t = time.time()
+        for i in range(n_cal):
+            state, m = full_step(state, jax.random.fold_in(root, i))
+        jax.block_until_ready(m["loss"])
+        rate = n_cal / (time.time() - t)
+        num_steps = max(100, int(rate * args.budget_s))
+        print(f"calibration: {rate:.1f} steps/s = {rate * args.batch_size:.0f} images/s", flush=True)
+    print(f"training {num_steps} steps (mixture {dict(zip(names, counts))} per batch)", flush=True)
 
     @nnx.jit
     def counts_of(model, images, masks):
@@ -153,7 +156,7 @@ def main():
             np.savez(out / "model_state.npz", **flat)
             summary = {"config": json.loads(config.to_json()), "num_steps": num_steps,
                        "steps_done": step, "train_seconds": train_s,
-                       "images_per_second": step * args.batch_size / max(train_s, 1e-9),
+                       "images_per_second": (step - 1) * args.batch_size / max(train_s, 1e-9),
                        "selected": best, "validation_history": history,
                        "device": jax.devices()[0].device_kind,
                        "train_examples": {n: int(x.shape[0]) for n, x in zip(names, per_source)},
@@ -166,6 +169,9 @@ def main():
     step, eval_s = 0, 0.0
     for step in range(1, num_steps + 1):
         state, m = full_step(state, jax.random.fold_in(root, 10_000_000 + step))
+        if step == 1:  # the clock starts after compilation: figures are of training proper
+            jax.block_until_ready(m["loss"])
+            t = time.time()
         if step % 500 == 0 or step == num_steps:
             print(f"step {step}: loss {float(m['loss']):.4f} lr {float(m['learning_rate']):.2e} "
                   f"{time.time() - t0:.0f}s", flush=True)
