@@ -284,8 +284,15 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
     return frames
 
 
+# Exit status when some inputs were skipped (the others were processed); 1 stays for usage errors.
+EXIT_SKIPPED = 2
+
+
 def main(argv):
-    """Entry point: collect inputs, load the model, write outputs, report problems."""
+    """Entry point: collect inputs, load the model, write outputs, report problems.
+
+    Exits with EXIT_SKIPPED after processing everything else when any input was skipped.
+    """
     from absl import flags
     from absl import logging as absl_logging
     from tqdm import tqdm
@@ -337,6 +344,10 @@ def main(argv):
           f"wrote {done} outputs to {output}")
     for path, why in problems:
         print(f"skipped {path}: {why}", file=sys.stderr)
+    if problems:
+        # Scripts must notice skipped inputs; every other input's output is already written.
+        print(f"{len(problems)} input(s) skipped", file=sys.stderr)
+        sys.exit(EXIT_SKIPPED)
 
 
 def _define_flags():
