@@ -7,25 +7,28 @@ hard kill during a save leaves the previous checkpoint usable.
 """
 from __future__ import annotations
 
-import pathlib
+import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxseg.workdir import workdir_path
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
 
 
-def _manager(directory: pathlib.Path, options: ocp.CheckpointManagerOptions):
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
+def _manager(directory: epath.Path, options: ocp.CheckpointManagerOptions):
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
 class Checkpoints:
     """The workdir's two checkpoint series (periodic and best)."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, async_save: bool = True,
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
-        workdir = pathlib.Path(workdir)
+        workdir = workdir_path(workdir)
         self.latest = _manager(workdir / LATEST_DIR, ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
             create=not read_only))

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import input_pipeline, metrics, resolution, sharding
+from jaxseg.workdir import workdir_path
 from jaxseg.inference import person_probabilities
 
 # Thresholds at which per-pixel counts are kept for the threshold sweep and calibration.
@@ -280,7 +281,7 @@ PRETRAINED_RUN_DIR = "runs/pretrained"
 def _default_output(f, dataset: str, split: str) -> pathlib.Path:
     if f.predictions:
         return pathlib.Path(f.predictions).parent / f"{pathlib.Path(f.predictions).name}_{dataset}_{split}.json"
-    base = pathlib.Path(f.workdir or PRETRAINED_RUN_DIR) / "eval"
+    base = (workdir_path(f.workdir) if f.workdir else pathlib.Path(PRETRAINED_RUN_DIR)) / "eval"
     suffix = "_flip" if f.flip_tta else ""
     return base / f"{f.checkpoint}_{dataset}_{split}{suffix}.json"
 

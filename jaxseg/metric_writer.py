@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 
 import numpy as np
+
+from jaxseg.workdir import workdir_path
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -12,15 +14,15 @@ METRICS_FILE = "metrics.jsonl"
 class MetricWriter:
     """Writes on process 0 only; other processes get a writer that does nothing."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
 
-        workdir = pathlib.Path(workdir)
+        workdir = workdir_path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / METRICS_FILE, "a", encoding="utf-8")
+        self._jsonl = (workdir / METRICS_FILE).open("a")
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def scalars(self, step: int, values: dict, *, kind: str = "train") -> None:
@@ -45,9 +47,9 @@ class MetricWriter:
             self._tb.close()
 
 
-def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """All records of a workdir's metrics file (empty when there is none)."""
-    path = pathlib.Path(workdir) / METRICS_FILE
+    path = workdir_path(workdir) / METRICS_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

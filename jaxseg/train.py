@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
 import signal
 import time
 
@@ -21,6 +20,7 @@ from flax import nnx
 from jaxseg import (checkpointing, config_check, datasets, distributed, input_pipeline,
                     metric_writer, mixture, preprocess, sharding, train_step)
 from jaxseg.train_step import create_train_state, make_train_step
+from jaxseg.workdir import workdir_path
 
 log = logging.getLogger("jaxseg.train")
 
@@ -168,7 +168,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     Returns the last logged training metrics and validation results.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = workdir_path(workdir)
     mesh = sharding.make_mesh(config.num_devices or None)
     config_check.validate(config, mesh.devices.size)
     main = distributed.is_main_process()
@@ -177,7 +177,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     graphdef, state = create_train_state(config)
     state, start = _initial_state(config, ckpts, graphdef, state, mesh)
-    train_step = make_train_step(graphdef, config, mesh)
+    step_fn = make_train_step(graphdef, config, mesh)
     num_steps = config.train.num_steps
     if main:
         (workdir / "config.json").write_text(config.to_json(indent=2))
@@ -205,7 +205,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     try:
         while step < num_steps:
             batch = next(train_iter)
-            state, metrics = train_step(state, batch)
+            state, metrics = step_fn(state, batch)
             if pending is not None:
                 _check_finite(pending, step - 1, ckpts)
             pending = metrics

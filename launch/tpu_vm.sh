@@ -126,7 +126,8 @@ if [ ! -x ~/jaxseg-venv/bin/python ]; then
   if command -v python3.12 >/dev/null; then python3.12 -m venv ~/jaxseg-venv
   else python3 -m pip install -q --user uv && ~/.local/bin/uv venv --seed --python 3.12 ~/jaxseg-venv; fi
 fi
-cd ~/jaxseg && ~/jaxseg-venv/bin/python -m pip install -q -r requirements.txt $(q "jax[tpu]==$jax_version")"
+cd ~/jaxseg && ~/jaxseg-venv/bin/python -m pip install -q -r requirements.txt $(q "jax[tpu]==$jax_version") \
+  google-cloud-storage==3.17.1"  # TensorBoard events into a gs:// workdir (tensorboardX)
 
 # 4. Train on all workers at once (jax.distributed.initialize() finds the slice by itself), then
 #    evaluate; process 0 writes the results, copied into WORKDIR/eval/.

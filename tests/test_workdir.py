@@ -1,0 +1,14 @@
+"""Workdirs keep storage URLs intact (pathlib would collapse gs://b/run into the folder gs:/b/run)."""
+import os
+
+from jaxseg.workdir import workdir_path
+
+
+def test_url_workdirs_stay_urls():
+    path = workdir_path("gs://bucket/jaxseg/run1")
+    assert os.fspath(path / "checkpoints") == "gs://bucket/jaxseg/run1/checkpoints"
+
+
+def test_local_workdirs_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(workdir_path("runs/a")) == os.fspath(tmp_path / "runs" / "a")
