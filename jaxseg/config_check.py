@@ -1,7 +1,7 @@
 """Validation of a training/evaluation config before any data or device is touched."""
 from __future__ import annotations
 
-from jaxseg import datasets, mixture
+from jaxseg import datasets, mixture, train_step
 
 _CHOICES = {
     "model.norm": ("batch", "group"),
@@ -47,8 +47,8 @@ def validate(config, num_devices: int) -> None:
             problems.append(f"{field}={_get(config, field)} must be positive")
     if not 0 <= config.model.dropout < 1:
         problems.append(f"model.dropout={config.model.dropout} must be in [0, 1)")
-    if not 0 <= config.train.ema_decay < 1:
-        problems.append(f"train.ema_decay={config.train.ema_decay} must be in [0, 1) (0 = no EMA)")
+    if not 0 <= train_step.ema_decay(config) < 1:
+        problems.append(f"train.ema_decay={train_step.ema_decay(config)} must be in [0, 1) (0 = no EMA)")
     if not 0 < config.eval.threshold < 1:
         problems.append(f"eval.threshold={config.eval.threshold} must be in (0, 1)")
     try:

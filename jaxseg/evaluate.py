@@ -278,7 +278,7 @@ def main(argv):
 PRETRAINED_RUN_DIR = "runs/pretrained"
 
 
-def _default_output(f, dataset: str, split: str) -> pathlib.Path:
+def _default_output(f, dataset: str, split: str):
     if f.predictions:
         return pathlib.Path(f.predictions).parent / f"{pathlib.Path(f.predictions).name}_{dataset}_{split}.json"
     base = (workdir_path(f.workdir) if f.workdir else pathlib.Path(PRETRAINED_RUN_DIR)) / "eval"

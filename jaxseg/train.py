@@ -19,7 +19,6 @@ from flax import nnx
 
 from jaxseg import (checkpointing, config_check, datasets, distributed, input_pipeline,
                     metric_writer, mixture, preprocess, sharding, train_step)
-from jaxseg.train_step import create_train_state, make_train_step
 from jaxseg.workdir import workdir_path
 
 log = logging.getLogger("jaxseg.train")
@@ -57,7 +56,7 @@ def validation_evaluators(config, mesh):
 
 def restore_model(config, state_restorer):
     """A model whose state comes from `state_restorer(abstract_train_state)`."""
-    graphdef, abstract = nnx.eval_shape(lambda: create_train_state(config))
+    graphdef, abstract = nnx.eval_shape(lambda: train_step.create_train_state(config))
     state = state_restorer(abstract)
     return train_step.inference_model(nnx.merge(graphdef, state))
 
@@ -111,15 +110,31 @@ def _meta(config, step: int, extra: dict | None = None) -> dict:
             **(extra or {})}
 
 
+def _check_same_ema(config, ckpts) -> None:
+    """A workdir resumes only with the EMA setting it was written with (the state differs)."""
+    from jaxseg.inference import config_from_json
+
+    meta, _ = ckpts.read_meta("latest")
+    saved = train_step.ema_decay(config_from_json(meta["config"]))
+    if (saved > 0) != (train_step.ema_decay(config) > 0):
+        raise config_check.ConfigError(
+            f"the workdir's checkpoints were written with train.ema_decay={saved}, this config has "
+            f"{train_step.ema_decay(config)}: resume with EMA {'on' if saved > 0 else 'off'} "
+            f"(--config.train.ema_decay=...), or use a new workdir with "
+            f"--config.train.init_checkpoint=OLD_WORKDIR")
+
+
 def _initial_state(config, ckpts, graphdef, state, mesh):
     """Resume order: the workdir's latest checkpoint > train.init_checkpoint > scratch."""
     rep = sharding.replicated(mesh)
     if ckpts.latest_step() is not None:
+        _check_same_ema(config, ckpts)
         restored, meta, step = ckpts.restore("latest", checkpointing.abstract_like(state, rep))
         log.info("resumed from %s at step %d", ckpts.latest.directory, step)
         return restored, step
     state = sharding.replicate(state, mesh)
     if config.train.init_checkpoint:
+        # The checkpoint's evaluated model (its EMA when it kept one) starts both models here.
         model, _, step = load_model(config.train.init_checkpoint)
         nodes = nnx.merge(graphdef, state)
         for name in ("model", "ema"):
@@ -175,9 +190,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = metric_writer.MetricWriter(workdir, enabled=main)
     ckpts = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
 
-    graphdef, state = create_train_state(config)
+    graphdef, state = train_step.create_train_state(config)
     state, start = _initial_state(config, ckpts, graphdef, state, mesh)
-    step_fn = make_train_step(graphdef, config, mesh)
+    step_fn = train_step.make_train_step(graphdef, config, mesh)
     num_steps = config.train.num_steps
     if main:
         (workdir / "config.json").write_text(config.to_json(indent=2))

@@ -29,7 +29,10 @@ def create_train_state(config):
     tx = optim.make_optimizer(config.optim, config.train.num_steps)
     nodes = {"model": model, "opt": nnx.Optimizer(model, tx, wrt=nnx.Param)}
     if ema_decay(config) > 0:
-        nodes["ema"] = nnx.clone(model)
+        ema = nnx.clone(model)
+        # Own buffers: the step donates the state, and a buffer must not appear in it twice.
+        nnx.update(ema, jax.tree.map(jnp.copy, nnx.state(ema)))
+        nodes["ema"] = ema
     return nnx.split(nodes)
 
 
@@ -41,8 +44,9 @@ def inference_model(nodes):
 def update_ema(ema, model, decay: float, step: jax.Array) -> None:
     """ema <- d * ema + (1 - d) * model with d = min(decay, (1 + step) / (10 + step)).
 
-    The step-dependent cap lets the average forget the random initialisation in the first
-    few hundred steps instead of carrying it for ~1 / (1 - decay) steps.
+    The step-dependent cap lets the average forget the random initialisation early (d is 0.97 at
+    step 300) instead of carrying it for ~1 / (1 - decay) steps; it reaches 0.999 only at step
+    8,990, so shorter runs average with d = (1 + step) / (10 + step) throughout.
     """
     d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     averaged = jax.tree.map(lambda e, m: d * e + (1 - d) * m,

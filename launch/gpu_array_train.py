@@ -62,6 +62,8 @@ def main():
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--num_validations", type=int, default=4)
     args = p.parse_args()
+    if args.num_validations < 1:
+        p.error("--num_validations must be at least 1: validation picks the weights that are saved")
     t0 = time.time()
     z = np.load(args.data)
     images = decode(z["image_bytes"], z["image_offsets"])
@@ -71,11 +73,16 @@ def main():
     print(f"decoded {len(images)} examples at {size}px in {time.time() - t0:.1f}s; "
           f"device {jax.devices()[0].device_kind}", flush=True)
     mesh = sharding.make_mesh()
+    # The default config's mixture weights; a dataset it does not name gets weight 1.
     weights = dict(mixture.parse_mixture(default.get_config().data.train))
-    counts = [int(c) for c in mixture.mixture_counts([weights[n] for n in names], args.batch_size)]
+    counts = [int(c) for c in mixture.mixture_counts([weights.get(n, 1.0) for n in names],
+                                                     args.batch_size)]
     per_source = [jax.device_put(images[(split == 0) & (source == d)]) for d in range(len(names))]
     per_source_masks = [jax.device_put(masks[(split == 0) & (source == d)]) for d in range(len(names))]
     val_rows = {n: np.where((split == 1) & (source == d))[0] for d, n in enumerate(names)}
+    val_rows = {n: rows for n, rows in val_rows.items() if len(rows)}
+    if not val_rows:
+        p.error(f"{args.data} holds no validation examples to select the weights with")
 
     def build(num_steps):
         config = config_for(size, num_steps, args)
@@ -148,21 +155,21 @@ def main():
             val = validation_iou(model)
             history.append({"step": step, "weights": kind, **val})
             print(f"step {step} {kind}: validation IoU {json.dumps(val)}", flush=True)
-            if val["mean"] <= best["mean"]:
-                continue
-            best = {**val, "step": step, "weights": kind}
-            flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
-                    jax.tree_util.tree_leaves_with_path(jax.device_get(nnx.state(model)))}
-            np.savez(out / "model_state.npz", **flat)
-            summary = {"config": json.loads(config.to_json()), "num_steps": num_steps,
-                       "steps_done": step, "train_seconds": train_s,
-                       "images_per_second": (step - 1) * args.batch_size / max(train_s, 1e-9),
-                       "selected": best, "validation_history": history,
-                       "device": jax.devices()[0].device_kind,
-                       "train_examples": {n: int(x.shape[0]) for n, x in zip(names, per_source)},
-                       "validation_examples": {n: int(len(r)) for n, r in val_rows.items()},
-                       "batch_mixture": dict(zip(names, counts))}
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            if val["mean"] > best["mean"]:
+                best = {**val, "step": step, "weights": kind}
+                flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+                        jax.tree_util.tree_leaves_with_path(jax.device_get(nnx.state(model)))}
+                np.savez(out / "model_state.npz", **flat)
+        # Rewritten at every validation: the whole history and the steps trained so far.
+        summary = {"config": json.loads(config.to_json()), "num_steps": num_steps,
+                   "steps_done": step, "train_seconds": train_s,
+                   "images_per_second": (step - 1) * args.batch_size / max(train_s, 1e-9),
+                   "selected": best, "validation_history": history,
+                   "device": jax.devices()[0].device_kind,
+                   "train_examples": {n: int(x.shape[0]) for n, x in zip(names, per_source)},
+                   "validation_examples": {n: int(len(r)) for n, r in val_rows.items()},
+                   "batch_mixture": dict(zip(names, counts))}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     validate_at = {int(num_steps * (k + 1) / args.num_validations) for k in range(args.num_validations)}
     t = time.time()
@@ -175,6 +182,8 @@ def main():
         if step % 500 == 0 or step == num_steps:
             print(f"step {step}: loss {float(m['loss']):.4f} lr {float(m['learning_rate']):.2e} "
                   f"{time.time() - t0:.0f}s", flush=True)
+        if step % 100 == 0:  # the host must not run far ahead of the device: the deadline is wall time
+            jax.block_until_ready(m["loss"])
         late = args.deadline_s and time.time() - t0 > args.deadline_s
         if step in validate_at or late:
             jax.block_until_ready(m["loss"])

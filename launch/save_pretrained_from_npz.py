@@ -28,7 +28,7 @@ def main():
     leaves = [flat[jax.tree_util.keystr(p)] for p, _ in paths]
     nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
     card = {k: v for k, v in summary.items() if k != "config"}
-    card["steps"] = summary["steps_done"]
+    card["steps"] = summary.get("selected", {}).get("step", summary["num_steps"])
     inference.save_pretrained(model, config, card)
     print(f"saved to {inference.PRETRAINED_DIR}")
 

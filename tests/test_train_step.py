@@ -109,7 +109,8 @@ def test_ema_follows_the_trained_weights_by_its_formula():
         np.testing.assert_allclose(e, r, rtol=1e-5, atol=1e-6)
     # The average lags the trained weights: after 4 steps they differ.
     assert any(not np.allclose(e, m) for e, m in zip(ema, pick(state, "model")))
-    assert train_step.inference_model(nnx.merge(graphdef, state)) is not None
+    nodes = nnx.merge(graphdef, state)
+    assert train_step.inference_model(nodes) is nodes["ema"]
 
 
 def test_no_ema_state_without_decay():
