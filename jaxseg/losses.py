@@ -16,8 +16,23 @@ def _weights(valid: jax.Array, ndim: int) -> jax.Array:
     return valid.reshape(valid.shape + (1,) * (ndim - 1)).astype(jnp.float32)
 
 
-def cross_entropy(logits: jax.Array, masks: jax.Array, valid: jax.Array) -> jax.Array:
-    """Mean pixel cross-entropy over valid examples (sigmoid for 1 logit, softmax for 2)."""
+def boundary_band(masks: jax.Array, radius: int) -> jax.Array:
+    """1.0 where a (B, H, W, 1) mask has both classes within `radius` pixels (a square window)."""
+    m = masks[..., 0].astype(jnp.float32)
+    window, strides = (1, 2 * radius + 1, 2 * radius + 1), (1, 1, 1)
+    hi = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, window, strides, "SAME")
+    lo = jax.lax.reduce_window(m, jnp.inf, jax.lax.min, window, strides, "SAME")
+    return (hi != lo).astype(jnp.float32)
+
+
+def cross_entropy(logits: jax.Array, masks: jax.Array, valid: jax.Array, *,
+                  boundary_weight: float = 0.0, boundary_radius: int = 2) -> jax.Array:
+    """Mean pixel cross-entropy over valid examples (sigmoid for 1 logit, softmax for 2).
+
+    With boundary_weight > 0, pixels within boundary_radius of the mask's edge weigh
+    1 + boundary_weight and the mean is taken over the weights, so that the thin band where
+    IoU is won or lost is not drowned by the easy interior and background.
+    """
     target = masks[..., 0].astype(jnp.float32)
     if logits.shape[-1] == 1:
         z = logits[..., 0]
@@ -26,8 +41,11 @@ def cross_entropy(logits: jax.Array, masks: jax.Array, valid: jax.Array) -> jax.
         logp = jax.nn.log_softmax(logits, axis=-1)
         per_pixel = -(target * logp[..., 1] + (1 - target) * logp[..., 0])
     w = _weights(valid, per_pixel.ndim)
-    pixels = per_pixel.shape[1] * per_pixel.shape[2]
-    return jnp.sum(per_pixel * w) / jnp.maximum(jnp.sum(w) * pixels, 1.0)
+    if boundary_weight:
+        w = w * (1.0 + boundary_weight * boundary_band(masks, boundary_radius))
+    else:
+        w = jnp.broadcast_to(w, per_pixel.shape)
+    return jnp.sum(per_pixel * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def soft_dice(logits: jax.Array, masks: jax.Array, valid: jax.Array, eps: float = 1.0) -> jax.Array:
@@ -40,8 +58,10 @@ def soft_dice(logits: jax.Array, masks: jax.Array, valid: jax.Array, eps: float 
     return jnp.sum((1 - dice) * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def segmentation_loss(logits, masks, valid, *, ce_weight: float = 1.0, dice_weight: float = 1.0):
-    """Weighted sum of cross-entropy and soft Dice; returns (loss, parts)."""
-    ce = cross_entropy(logits, masks, valid)
+def segmentation_loss(logits, masks, valid, *, ce_weight: float = 1.0, dice_weight: float = 1.0,
+                      boundary_weight: float = 0.0, boundary_radius: int = 2):
+    """Weighted sum of (boundary-weighted) cross-entropy and soft Dice; returns (loss, parts)."""
+    ce = cross_entropy(logits, masks, valid, boundary_weight=boundary_weight,
+                       boundary_radius=boundary_radius)
     dice = soft_dice(logits, masks, valid)
     return ce_weight * ce + dice_weight * dice, {"ce": ce, "dice_loss": dice}

@@ -76,7 +76,10 @@ def make_train_step(graphdef, config, mesh):
             logits = model(batch["image"], train=True, dropout_key=dropout_key)
             return losses.segmentation_loss(
                 logits, batch["mask"], batch["valid"],
-                ce_weight=config.loss.ce_weight, dice_weight=config.loss.dice_weight)
+                ce_weight=config.loss.ce_weight, dice_weight=config.loss.dice_weight,
+                # .get: configs saved before these fields existed train without the extra weight.
+                boundary_weight=config.loss.get("boundary_weight", 0.0),
+                boundary_radius=config.loss.get("boundary_radius", 2))
 
         (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         grad_norm = optax.tree.norm(grads)

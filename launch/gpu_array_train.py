@@ -41,6 +41,7 @@ def config_for(size, num_steps, args):
     c.train.batch_size = args.batch_size
     c.train.num_steps = num_steps
     c.train.ema_decay = args.ema_decay
+    c.loss.boundary_weight = args.boundary_weight
     c.optim.learning_rate = args.learning_rate
     c.optim.warmup_steps = min(300, num_steps // 10)
     return c
@@ -60,6 +61,8 @@ def main():
     p.add_argument("--residual", action="store_true")
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--boundary_weight", type=float, default=0.0,
+                   help="extra cross-entropy weight near mask edges (config loss.boundary_weight)")
     p.add_argument("--num_validations", type=int, default=4)
     args = p.parse_args()
     if args.num_validations < 1:

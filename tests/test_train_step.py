@@ -72,6 +72,8 @@ def test_non_finite_step_leaves_state_unchanged():
     ("data.image_size", 102, "divisible by 2\\*\\*model.depth"),
     ("model.norm", "layer", "model.norm"),
     ("data.train", "nosuchset:1", "unknown dataset"),
+    ("loss.boundary_weight", -1.0, "loss.boundary_weight=-1.0 must be >= 0"),
+    ("loss.boundary_radius", 0, "loss.boundary_radius=0 >= 1"),
 ])
 def test_impossible_config_fails_before_any_work(field, value, message):
     config = tiny_config()
