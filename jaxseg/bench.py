@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import sharding
+from jaxseg.models import unet
 from jaxseg.train_step import create_train_state, make_train_step
 
 
@@ -264,6 +265,7 @@ def train(argv: list[str]) -> None:
     print(f"config: image_size={size} batch_size={batch_size} depth={m.depth} "
           f"base_features={m.base_features} norm={m.norm} dropout={m.dropout} "
           f"upsample={m.upsample} compute_dtype={m.compute_dtype} "
+          f"(runs as {unet.compute_dtype(m.compute_dtype).name}) "
           f"device={jax.devices()[0].device_kind} (1 of {jax.device_count()})")
 
     batch = synthetic_batch(batch_size, size)

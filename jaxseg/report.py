@@ -21,17 +21,19 @@ import datetime
 import html
 import io
 import json
-import pathlib
+import os
 import re
 
 import cv2
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from etils import epath
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from jaxseg import input_pipeline, metric_writer, metrics
 from jaxseg.predict import Renderer
+from jaxseg.workdir import workdir_path
 
 # Person area (fraction of the image) and ground-truth region count buckets: (label, low, high).
 AREA_BUCKETS = (("<10%", 0.0, 0.10), ("10-25%", 0.10, 0.25), ("25-50%", 0.25, 0.50),
@@ -185,7 +187,7 @@ def _fmt(value) -> str:
 class EvalFile:
     """One eval JSON and how the report labels it."""
 
-    path: pathlib.Path
+    path: epath.Path
     result: dict
     peer: bool
 
@@ -206,7 +208,7 @@ class EvalFile:
         return f"{stem} (step {self.result.get('checkpoint_step')})"
 
 
-def find_evals(folder: pathlib.Path, *, peer: bool) -> list[EvalFile]:
+def find_evals(folder: epath.Path, *, peer: bool) -> list[EvalFile]:
     """The eval JSONs directly in `folder` (other JSON files are ignored), sorted by name."""
     found = []
     if folder.is_dir():
@@ -239,7 +241,7 @@ class ModelExamples:
         self._predictors = {}  # flip_tta -> Predictor (one compilation cache each)
 
     @classmethod
-    def from_workdir(cls, workdir: str | pathlib.Path, checkpoint: str = "best") -> "ModelExamples":
+    def from_workdir(cls, workdir: str | os.PathLike, checkpoint: str = "best") -> "ModelExamples":
         """The workdir's checkpoint and the prepared datasets."""
         from jaxseg import inference
 
@@ -664,16 +666,17 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
     return blocks, recs
 
 
-def build_report(workdir: str | pathlib.Path, output: str | pathlib.Path | None = None, *,
-                 k: int = 6, peer_dir: str | pathlib.Path | None = None, examples=None) -> dict:
+def build_report(workdir: str | os.PathLike, output: str | os.PathLike | None = None, *,
+                 k: int = 6, peer_dir: str | os.PathLike | None = None, examples=None) -> dict:
     """Writes report.html and report.md (+ PNGs) to `output`; returns their paths.
 
     `examples` supplies the overlays (`.step` and `.fetch`, see ModelExamples); own eval files of
     that checkpoint step get the detailed analysis (all own eval files when it is None).
     """
-    workdir = pathlib.Path(workdir)
-    output = pathlib.Path(output) if output else workdir / "report"
-    peer_dir = pathlib.Path(peer_dir) if peer_dir else workdir.parent / "peers"
+    # workdir_path: a gs:// workdir stays a URL (pathlib would make it a local 'gs:/' folder).
+    workdir = workdir_path(workdir)
+    output = workdir_path(output) if output else workdir / "report"
+    peer_dir = workdir_path(peer_dir) if peer_dir else workdir.parent / "peers"
     own = find_evals(workdir / "eval", peer=False)
     peers = [p for p in find_evals(peer_dir, peer=True) if p.key in {e.key for e in own}]
     config_path = workdir / "config.json"
@@ -683,7 +686,7 @@ def build_report(workdir: str | pathlib.Path, output: str | pathlib.Path | None 
     detailed = [e for e in own if examples is None or e.result.get("checkpoint_step") == step]
 
     model = config.get("model", {})
-    blocks = [Text(f"Workdir {workdir.resolve()} · model depth {model.get('depth', '?')}, "
+    blocks = [Text(f"Workdir {workdir} · model depth {model.get('depth', '?')}, "
                    f"{model.get('base_features', '?')} base features, trained at "
                    f"{image_size or '?'}px · generated {datetime.datetime.now():%Y-%m-%d %H:%M}.")]
     sections, all_recs = [], []
@@ -710,7 +713,7 @@ def build_report(workdir: str | pathlib.Path, output: str | pathlib.Path | None 
     blocks += metric_tables(own, peers)
     blocks += sections
 
-    title = f"jaxseg report: {workdir.resolve().name}"
+    title = f"jaxseg report: {workdir.name}"
     output.mkdir(parents=True, exist_ok=True)
     for b in blocks:
         if isinstance(b, Image):
@@ -731,7 +734,7 @@ def main(argv):
     f = flags.FLAGS
     workdir = f.workdir
     if not workdir:  # the pretrained model: its eval JSONs are where jaxseg.evaluate put them
-        workdir = pathlib.Path(evaluate.PRETRAINED_RUN_DIR)
+        workdir = workdir_path(evaluate.PRETRAINED_RUN_DIR)
         model, config, card = inference.load_pretrained()
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json(indent=2))
