@@ -122,8 +122,6 @@ def keras_unet(model_config, image_size: int):
 
     uint8 images in, float32 logits out; input normalisation inside the model, as in JAX.
     """
-    from jaxseg.models import unet
-
     keras = _import_keras()
     from keras import layers, ops
 

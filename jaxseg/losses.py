@@ -31,7 +31,8 @@ def cross_entropy(logits: jax.Array, masks: jax.Array, valid: jax.Array, *,
 
     With boundary_weight > 0, pixels within boundary_radius of the mask's edge weigh
     1 + boundary_weight and the mean is taken over the weights, so that the thin band where
-    IoU is won or lost is not drowned by the easy interior and background.
+    IoU is won or lost is not drowned by the easy interior and background. boundary_weight is a
+    static Python number (a config value), not a traced array.
     """
     target = masks[..., 0].astype(jnp.float32)
     if logits.shape[-1] == 1:

@@ -77,9 +77,8 @@ def make_train_step(graphdef, config, mesh):
             return losses.segmentation_loss(
                 logits, batch["mask"], batch["valid"],
                 ce_weight=config.loss.ce_weight, dice_weight=config.loss.dice_weight,
-                # .get: configs saved before these fields existed train without the extra weight.
-                boundary_weight=config.loss.get("boundary_weight", 0.0),
-                boundary_radius=config.loss.get("boundary_radius", 2))
+                boundary_weight=config.loss.boundary_weight,
+                boundary_radius=config.loss.boundary_radius)
 
         (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         grad_norm = optax.tree.norm(grads)

@@ -64,3 +64,13 @@ def test_boundary_weight_raises_the_loss_of_edge_errors(example):
     weighted = float(losses.cross_entropy(logits, masks, valid, boundary_weight=3.0,
                                           boundary_radius=1))
     assert weighted > plain
+
+
+def test_two_logit_softmax_weighs_the_band_like_the_sigmoid(example):
+    """Logits (-z/2, z/2) under softmax are the sigmoid of z: both heads must give one loss."""
+    logits, masks = example
+    two = np.concatenate([-logits / 2, logits / 2], axis=-1)
+    valid = np.ones(3, np.float32)
+    kwargs = dict(boundary_weight=3.0, boundary_radius=1)
+    assert float(losses.cross_entropy(two, masks, valid, **kwargs)) == pytest.approx(
+        float(losses.cross_entropy(logits, masks, valid, **kwargs)), rel=1e-5)

@@ -73,7 +73,7 @@ def test_non_finite_step_leaves_state_unchanged():
     ("model.norm", "layer", "model.norm"),
     ("data.train", "nosuchset:1", "unknown dataset"),
     ("loss.boundary_weight", -1.0, "loss.boundary_weight=-1.0 must be >= 0"),
-    ("loss.boundary_radius", 0, "loss.boundary_radius=0 >= 1"),
+    ("loss.boundary_radius", 0, "loss.boundary_radius=0 must be >= 1"),
 ])
 def test_impossible_config_fails_before_any_work(field, value, message):
     config = tiny_config()
