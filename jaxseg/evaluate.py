@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import input_pipeline, metrics, resolution, sharding
-from jaxseg.workdir import workdir_path
 from jaxseg.inference import person_probabilities
+from jaxseg.workdir import workdir_path
 
 # Thresholds at which per-pixel counts are kept for the threshold sweep and calibration.
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(20))

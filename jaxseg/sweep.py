@@ -17,6 +17,8 @@ import re
 import subprocess
 import sys
 
+from jaxseg import metric_writer
+
 RESULT_FILE = "sweep_result.json"
 
 
@@ -59,7 +61,7 @@ def _command(config: str, workdir: pathlib.Path, values: dict, extra: list[str])
 
 
 def _result(workdir: pathlib.Path, values: dict) -> dict:
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    records = metric_writer.read_metrics(workdir)
     validation = [r for r in records if r["kind"] == "validation"]
     if not validation:
         raise RuntimeError(f"trial {workdir} finished without a validation record")

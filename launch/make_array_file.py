@@ -2,8 +2,9 @@
 
 `python launch/make_array_file.py --size 192 --output .gpu/person_192.npz` (jaxseg's environment,
 data through JAXSEG_MANUAL_DIR/TFDS_DATA_DIR). Each example is resized with jaxseg's resolution rule
-and stored as JPEG (photo, --jpeg_quality, default 95) and PNG (mask) bytes, concatenated with offsets, so that the
-file is small and needs neither TFDS, TensorFlow nor OpenCV to read (Pillow decodes it).
+and stored as JPEG (photo, --jpeg_quality, default 95) and PNG (mask) bytes, concatenated with
+offsets, so that the file is small and needs neither TFDS, TensorFlow nor OpenCV to read (Pillow
+decodes it).
 """
 import argparse
 import pathlib

@@ -1,4 +1,4 @@
-"""Tiny fixture datasets, written in the layouts of the real archives, for tests/test_datasets.py."""
+"""Tiny fixture datasets in the layouts of the real archives, and the image helpers behind them."""
 import pathlib
 import zipfile
 

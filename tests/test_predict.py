@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+import fixtures_data as fx
 from jaxseg import inference, input_pipeline, predict, resolution, sharding
 from jaxseg.models import create_model
 
@@ -101,12 +102,6 @@ def photo(h, w, seed=0):
     return image
 
 
-def write_rgb(path, rgb):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    return path
-
-
 def read_rgb(path, flags=cv2.IMREAD_UNCHANGED):
     image = cv2.imread(str(path), flags)
     assert image is not None, path
@@ -166,7 +161,7 @@ def mask_run(tiny_model_dir, jax_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("mask_run")
     photos = root / "photos"
     for i, (name, (h, w)) in enumerate(SIZES.items()):
-        write_rgb(photos / name, photo(h, w, seed=i))
+        fx.write(photos / name, photo(h, w, seed=i))
     write_video(photos / "sub" / "clip.mp4")
     ok, png = cv2.imencode(".png", photo(60, 60))
     (photos / "sub" / "corrupt.png").write_bytes(png.tobytes()[: len(png) // 2])
@@ -174,7 +169,7 @@ def mask_run(tiny_model_dir, jax_cache, tmp_path_factory):
     (photos / "notes.txt").write_text("not an image\n")
     (photos / "broken.mp4").write_text("not a video\n")
     huge_png(photos / "huge.png")
-    write_rgb(photos / "e.png", photo(20, 20))  # e.jpg's output name too: e_mask.png
+    fx.write(photos / "e.png", photo(20, 20))  # e.jpg's output name too: e_mask.png
     before = digest(photos)
     out = root / "out"
     result = run_cli(tiny_model_dir, photos, root / "missing", "--output", out, cache=jax_cache)
@@ -232,10 +227,10 @@ def same_folder_runs(tiny_model_dir, jax_cache, tmp_path_factory):
     """cutout then background with --output = the input folder; overlay on single files."""
     photos = tmp_path_factory.mktemp("same") / "photos"
     image = photo(*SIZES["a.png"], seed=0)  # the mask run's a.png: same pixels, same mask
-    write_rgb(photos / "a.png", image)
-    write_rgb(photos / "x.png", photo(40, 30, seed=9))
-    write_rgb(photos / "x_overlay.png", photo(30, 40, seed=8))
-    write_rgb(photos / "big.png", photo(60, 60, seed=7))
+    fx.write(photos / "a.png", image)
+    fx.write(photos / "x.png", photo(40, 30, seed=9))
+    fx.write(photos / "x_overlay.png", photo(30, 40, seed=8))
+    fx.write(photos / "big.png", photo(60, 60, seed=7))
     before = digest(photos)
     runs = {
         "cutout": run_cli(tiny_model_dir, photos, "--output", photos, "--mode", "cutout",
@@ -300,7 +295,7 @@ def test_modes_compose_the_mask(mask_run, same_folder_runs):
 
 
 def test_a_bad_background_is_a_usage_error(tiny_model_dir, jax_cache, tmp_path):
-    write_rgb(tmp_path / "a.png", photo(20, 20))
+    fx.write(tmp_path / "a.png", photo(20, 20))
     result = run_cli(tiny_model_dir, tmp_path / "a.png", "--output", tmp_path / "out",
                      "--mode", "background", "--background", "purple", cache=jax_cache)
     assert result.returncode != 0
