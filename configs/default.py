@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.max_examples = 0  # validation during training: first N of each split (0 = all)
     c.eval.threshold = 0.5
-    c.eval.flip_tta = False
+    c.eval.flip_tta = False  # validation predicts with the mirrored image averaged in
+    c.eval.refine = False  # validation upsamples along the photo's edges (jaxseg.refine)
     c.lock()  # unknown fields (typos in overrides) are errors, not silent additions
     return c

@@ -2,7 +2,7 @@
 
 Per image, inside one jitted step over the mesh, the prediction is compared with the ground truth
 at the model's resolution and at the image's own resolution (probabilities upsampled before
-thresholding); the step returns integer counts per image, padded rows are zero and dropped, and
+thresholding, optionally guided by the photo: jaxseg.refine); the step returns integer counts per image, padded rows are zero and dropped, and
 all metrics derive from the int64 sums of those counts (jaxseg.metrics).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxseg import input_pipeline, metrics, resolution, sharding
+from jaxseg import input_pipeline, metrics, refine, resolution, sharding
 from jaxseg.inference import person_probabilities
 from jaxseg.workdir import workdir_path
 
@@ -39,14 +39,19 @@ def _counts(probs_full, batch, canvas, threshold, tolerance):
     return counts
 
 
-def _model_step(graphdef, flip_tta, state, batch, *, canvas, threshold, tol_model, tol_full):
+def _model_step(graphdef, flip_tta, refined, state, batch, *, canvas, threshold, tol_model,
+                tol_full):
     model = nnx.merge(graphdef, state)
     probs = person_probabilities(model, batch["image"], flip_tta=flip_tta)
     valid = batch["valid"] > 0
     model_region = jnp.broadcast_to(valid[:, None, None], probs.shape)
     at_model = metrics.per_image_counts(probs >= threshold, batch["mask"][..., 0] > 0,
                                         model_region, tol_model)
-    full = resolution.restore_probabilities(probs, batch["size"], canvas)
+    if refined:
+        full = refine.refined_probabilities(batch["image"], probs, batch["full_image"],
+                                            batch["size"], canvas)
+    else:
+        full = resolution.restore_probabilities(probs, batch["size"], canvas)
     return {"model": at_model, "full": _counts(full, batch, canvas, threshold, tol_full),
             "info": _info(batch)}
 
@@ -90,14 +95,17 @@ class Evaluator:
         self._model_step = jax.jit(
             functools.partial(_model_step, canvas=self.canvas, threshold=threshold,
                               tol_model=self.tol_model, tol_full=self.tol_full),
-            static_argnums=(0, 1), in_shardings=(rep, data),
+            static_argnums=(0, 1, 2), in_shardings=(rep, data),
             out_shardings=data)
 
-    def evaluate_model(self, model, *, flip_tta: bool = False) -> dict:
-        """Metrics of an NNX model at original and model resolution, with per-image records."""
+    def evaluate_model(self, model, *, flip_tta: bool = False, refined: bool = False) -> dict:
+        """Metrics of an NNX model at original and model resolution, with per-image records.
+
+        `refined`: original-resolution probabilities follow the photo's edges (jaxseg.refine).
+        """
         graphdef, state = nnx.split(model)
         state = sharding.replicate(state, self.mesh)
-        outputs = [self._model_step(graphdef, flip_tta, state, batch)
+        outputs = [self._model_step(graphdef, flip_tta, refined, state, batch)
                    for batch in self._global_batches(self.batches)]
         return self._result(outputs)
 
@@ -236,7 +244,7 @@ def _source_for(flags_):
 def main(argv):
     """Entry point: evaluate a checkpoint, the pretrained model, or a folder of predictions."""
     del argv
-    from absl import flags
+    from absl import app, flags
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
@@ -244,6 +252,9 @@ def main(argv):
     from jaxseg import distributed, inference
 
     f = flags.FLAGS
+    if f.predictions and (f.flip_tta or f.refine):
+        raise app.UsageError("--flip_tta and --refine change how a model predicts; "
+                             "they do not apply to --predictions")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     dataset, split, source = _source_for(f)
     mesh = sharding.make_mesh()
@@ -260,9 +271,10 @@ def main(argv):
     if model is None:
         result = evaluator.evaluate_predictions(f.predictions)
     else:
-        result = evaluator.evaluate_model(model, flip_tta=f.flip_tta)
+        result = evaluator.evaluate_model(model, flip_tta=f.flip_tta, refined=f.refine)
     result.update(dataset=dataset, split=split, model=described["source"],
-                  checkpoint_step=described["checkpoint_step"], flip_tta=bool(f.flip_tta))
+                  checkpoint_step=described["checkpoint_step"], flip_tta=bool(f.flip_tta),
+                  refine=bool(f.refine))
     if distributed.is_main_process():
         output = pathlib.Path(f.output) if f.output else _default_output(f, dataset, split)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +294,7 @@ def _default_output(f, dataset: str, split: str):
     if f.predictions:
         return pathlib.Path(f.predictions).parent / f"{pathlib.Path(f.predictions).name}_{dataset}_{split}.json"
     base = (workdir_path(f.workdir) if f.workdir else pathlib.Path(PRETRAINED_RUN_DIR)) / "eval"
-    suffix = "_flip" if f.flip_tta else ""
+    suffix = ("_flip" if f.flip_tta else "") + ("_refine" if f.refine else "")
     return base / f"{f.checkpoint}_{dataset}_{split}{suffix}.json"
 
 
@@ -301,6 +313,7 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 16, "Global batch (rounded up to the device count).")
     flags.DEFINE_float("threshold", 0.5, "Probability threshold for the person class.")
     flags.DEFINE_bool("flip_tta", False, "Average predictions with the mirrored image.")
+    flags.DEFINE_bool("refine", False, "Upsample along the photo's edges (guided filter).")
     from jaxseg import distributed
 
     distributed.define_flags()

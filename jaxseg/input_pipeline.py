@@ -144,9 +144,10 @@ def process_shard(n: int, process_index: int, process_count: int) -> range:
 class EvalBatches:
     """One pass over a source in fixed order, padded, the same batch count on every process.
 
-    Each local batch has: image (b,S,S,3) and mask (b,S,S,1) at model resolution; full_mask
-    (b,H,W) on the canvas at original resolution; size (b,2) original (height, width); valid (b,);
-    regions (b,) person regions in the ground truth (count_regions); id (b, ID_BYTES) uint8.
+    Each local batch has: image (b,S,S,3) and mask (b,S,S,1) at model resolution; full_image
+    (b,H,W,3) and full_mask (b,H,W) on the canvas at original resolution; size (b,2) original
+    (height, width); valid (b,); regions (b,) person regions in the ground truth
+    (count_regions); id (b, ID_BYTES) uint8.
     """
 
     def __init__(self, source, *, local_batch: int, image_size: int,
@@ -165,13 +166,14 @@ class EvalBatches:
         s, c = self.image_size, self.canvas
         if i is None:
             return (np.zeros((s, s, 3), np.uint8), np.zeros((s, s, 1), np.uint8),
-                    np.zeros(c, np.uint8), np.zeros(2, np.int32), 0.0, 0,
-                    np.zeros(ID_BYTES, np.uint8))
+                    np.zeros((*c, 3), np.uint8), np.zeros(c, np.uint8), np.zeros(2, np.int32),
+                    0.0, 0, np.zeros(ID_BYTES, np.uint8))
         ex = self.source[i]
         image, mask = preprocess.model_input(ex, s)
         full = ex["mask"][..., 0]
         regions = count_regions(full)
-        return (image, mask, resolution.pad_to_canvas(full, c), np.array(full.shape, np.int32),
+        return (image, mask, resolution.pad_to_canvas(ex["image"], c),
+                resolution.pad_to_canvas(full, c), np.array(full.shape, np.int32),
                 1.0, regions, encode_id(ex["id"]))
 
     def __len__(self) -> int:
@@ -180,7 +182,7 @@ class EvalBatches:
     def __iter__(self) -> Iterator[dict]:
         order = list(self.indices)
         order += [None] * (self.num_batches * self.local_batch - len(order))
-        keys = ("image", "mask", "full_mask", "size", "valid", "regions", "id")
+        keys = ("image", "mask", "full_image", "full_mask", "size", "valid", "regions", "id")
         with concurrent.futures.ThreadPoolExecutor(max(1, self.num_workers)) as pool:
             for b in range(self.num_batches):
                 rows = pool.map(self._example, order[b * self.local_batch:(b + 1) * self.local_batch])

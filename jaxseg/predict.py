@@ -2,7 +2,8 @@
 
 Images are grouped by canvas bucket (their size rounded up to 64 pixels) and run through one
 compiled function per bucket and batch size; the probability map comes back to each image's own
-size by the shared resolution rule (jaxseg.resolution), exactly as the evaluator scores it.
+size by the shared resolution rule (jaxseg.resolution), or along the photo's edges with
+--refine (jaxseg.refine), exactly as the evaluator scores it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import resolution
+from jaxseg import refine, resolution
 from jaxseg.inference import person_probabilities
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -29,20 +30,24 @@ BUCKET = 64
 class Predictor:
     """Batched person probabilities at each input's own size, one compilation per canvas bucket."""
 
-    def __init__(self, model, image_size: int, *, batch_size: int = 8, flip_tta: bool = False):
+    def __init__(self, model, image_size: int, *, batch_size: int = 8, flip_tta: bool = False,
+                 refined: bool = False):
         from flax import nnx
 
         self.graphdef, self.state = nnx.split(model)
         self.image_size = image_size
         self.batch_size = batch_size
         self.flip_tta = flip_tta
+        self.refined = refined
 
     @functools.partial(jax.jit, static_argnums=(0, 3))
-    def _run(self, state, images, canvas, sizes):
+    def _run(self, state, images, canvas, sizes, full_images):
         from flax import nnx
 
         model = nnx.merge(self.graphdef, state)
         probs = person_probabilities(model, images, flip_tta=self.flip_tta)
+        if self.refined:
+            return refine.refined_probabilities(images, probs, full_images, sizes, canvas)
         return resolution.restore_probabilities(probs, sizes, canvas)
 
     def __hash__(self):  # jit's static self: one Predictor, one cache
@@ -61,7 +66,12 @@ class Predictor:
                 batch = np.stack([resolution.resize_image(images[i], self.image_size)
                                   for i in chunk] + [np.zeros((self.image_size,) * 2 + (3,), np.uint8)] * pad)
                 sizes = np.array([images[i].shape[:2] for i in chunk] + [(1, 1)] * pad, np.int32)
-                probs = np.asarray(self._run(self.state, jnp.asarray(batch), canvas, jnp.asarray(sizes)))
+                # The photos themselves go to the device only when refinement reads them.
+                full = (np.stack([resolution.pad_to_canvas(images[i], canvas) for i in chunk]
+                                 + [np.zeros((*canvas, 3), np.uint8)] * pad)
+                        if self.refined else None)
+                probs = np.asarray(self._run(self.state, jnp.asarray(batch), canvas,
+                                             jnp.asarray(sizes), full))
                 for row, i in enumerate(chunk):
                     h, w = images[i].shape[:2]
                     out[i] = probs[row, :h, :w]
@@ -318,7 +328,7 @@ def main(argv):
     renderer = Renderer(mode=f.mode, threshold=f.threshold, soft=f.soft, background=background)
     model, config, described = inference.load(f.workdir or None, f.checkpoint)
     predictor = Predictor(model, config.data.image_size, batch_size=f.batch_size,
-                          flip_tta=f.flip_tta)
+                          flip_tta=f.flip_tta, refined=f.refine)
     inputs_resolved = {p.resolve() for p, _ in images + videos}
     claimed = {}
     with tqdm(total=len(images), desc="images", unit="img", disable=not images) as progress:
@@ -362,6 +372,7 @@ def _define_flags():
     flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
     flags.DEFINE_integer("batch_size", 8, "Images per compiled batch.")
     flags.DEFINE_bool("flip_tta", False, "Average with the mirrored image.")
+    flags.DEFINE_bool("refine", False, "Upsample along the photo's edges (guided filter).")
     flags.DEFINE_integer("max_pixels", 80_000_000, "Refuse larger images (decompression bombs).")
 
 

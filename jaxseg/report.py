@@ -199,7 +199,7 @@ class EvalFile:
     @property
     def label(self) -> str:
         """The row label: checkpoint name and step (own) or model name (peer)."""
-        # Default names are <checkpoint>_<dataset>_<split>[_flip] (own) and
+        # Default names are <checkpoint>_<dataset>_<split>[_flip][_refine] (own) and
         # <model>_<dataset>_<split> (peers): what is left once dataset and split go is the label.
         stem = self.path.stem.replace(f"_{self.result['dataset']}_{self.result['split']}", "")
         stem = stem or self.path.stem
@@ -238,7 +238,7 @@ class ModelExamples:
         self.step = step
         self._source_for = source_for or _prepared_source
         self._sources = {}  # (dataset, split) -> (source, id -> index)
-        self._predictors = {}  # flip_tta -> Predictor (one compilation cache each)
+        self._predictors = {}  # (flip_tta, refined) -> Predictor (one compilation cache each)
 
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike, checkpoint: str = "best") -> "ModelExamples":
@@ -255,15 +255,17 @@ class ModelExamples:
         return self._sources[dataset, split]
 
     def fetch(self, dataset: str, split: str, ids: list[str], *,
-              flip_tta: bool = False) -> list[dict]:
+              flip_tta: bool = False, refined: bool = False) -> list[dict]:
         """[{image, mask (H, W) bool, probs (H, W)}] for the ids, in order."""
         from jaxseg.predict import Predictor
 
         source, index = self._source(dataset, split)
         examples = [source[index[i]] for i in ids]
-        if flip_tta not in self._predictors:
-            self._predictors[flip_tta] = Predictor(self.model, self.image_size, flip_tta=flip_tta)
-        probs = self._predictors[flip_tta].probabilities([e["image"] for e in examples])
+        key = flip_tta, refined
+        if key not in self._predictors:
+            self._predictors[key] = Predictor(self.model, self.image_size, flip_tta=flip_tta,
+                                              refined=refined)
+        probs = self._predictors[key].probabilities([e["image"] for e in examples])
         return [{"image": e["image"], "mask": e["mask"][..., 0] > 0, "probs": p}
                 for e, p in zip(examples, probs)]
 
@@ -636,9 +638,11 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
     area = bucket_rows(r["per_image"], "person_fraction", AREA_BUCKETS)
     people = bucket_rows(r["per_image"], "regions", REGION_BUCKETS)
     recs = recommendations(r, area, people, peers, image_size)
-    flip = " with flip TTA" if r.get("flip_tta") else ""
+    options = [o for o, on in (("flip TTA", r.get("flip_tta")), ("refinement", r.get("refine")))
+               if on]
+    applied = " with " + " and ".join(options) if options else ""
     tolerance = (r.get("boundary_tolerance_px") or {}).get("original", "?")
-    blocks = [Heading(f"{r['dataset']} / {r['split']}: {e.label}{flip}"),
+    blocks = [Heading(f"{r['dataset']} / {r['split']}: {e.label}{applied}"),
               Text(f"{r['num_images']} images, threshold {r['threshold']:g}, IoU {r['iou']:.3f} "
                    f"(mean image IoU {r['mean_image_iou']:.3f}), boundary F1 "
                    f"{r['boundary_f1']:.3f} at a tolerance of {tolerance} px."),
@@ -658,7 +662,8 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
         try:
             for which, records in (("worst", worst), ("best", best)):
                 fetched = examples.fetch(r["dataset"], r["split"], [x["id"] for x in records],
-                                         flip_tta=bool(r.get("flip_tta")))
+                                         flip_tta=bool(r.get("flip_tta")),
+                                         refined=bool(r.get("refine")))
                 blocks.append(overlay_figure(f"{name}_{which}", f"{which} {len(records)} by IoU",
                                              records, fetched, r["threshold"]))
         except (FileNotFoundError, KeyError, ValueError) as err:

@@ -145,12 +145,17 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
     return state, 0
 
 
-def validate(evaluators, state, graphdef) -> dict:
-    """Validation metrics per dataset, and `val_iou`: their mean original-resolution IoU."""
+def validate(evaluators, state, graphdef, eval_config) -> dict:
+    """Validation metrics per dataset, and `val_iou`: their mean original-resolution IoU.
+
+    Predictions are made as `eval_config` says (flip TTA, refinement), so that `best/` is chosen
+    by the figure that will be reported.
+    """
     model = train_step.inference_model(nnx.merge(graphdef, state))
     out = {}
     for name, evaluator in evaluators.items():
-        result = evaluator.evaluate_model(model)
+        result = evaluator.evaluate_model(model, flip_tta=eval_config.flip_tta,
+                                          refined=eval_config.refine)
         out[f"{name}/iou"] = result["iou"]
         out[f"{name}/model_res_iou"] = result["model_resolution"]["iou"]
     out["val_iou"] = float(np.mean([out[f"{n}/iou"] for n in evaluators]))
@@ -239,7 +244,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.train.eval_every == 0 or step == num_steps:
                 _check_finite(pending, step - 1, ckpts)
-                val = validate(evaluators, state, graphdef)
+                val = validate(evaluators, state, graphdef, config.eval)
                 writer.scalars(step, val, kind="validation")
                 if main and config.train.num_logged_images:
                     first = next(iter(evaluators.values()))

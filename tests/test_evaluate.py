@@ -6,8 +6,9 @@ import pytest
 from flax import nnx
 
 from fake_data import fake_source
-from jaxseg import evaluate, metrics, resolution, sharding
+from jaxseg import evaluate, metrics, refine, resolution, sharding
 from jaxseg.models.unet import UNet
+from test_refine import reference_coefficients
 
 
 @pytest.fixture(scope="module")
@@ -16,11 +17,11 @@ def model():
     return m
 
 
-def run(model, source, num_devices, batch_per_device=2):
+def run(model, source, num_devices, batch_per_device=2, refined=False):
     mesh = sharding.make_mesh(num_devices)
     ev = evaluate.Evaluator(source, mesh=mesh, image_size=32,
                             batch_size=batch_per_device * num_devices)
-    return ev.evaluate_model(model)
+    return ev.evaluate_model(model, refined=refined)
 
 
 def test_counts_identical_on_1_3_8_devices(model):
@@ -50,6 +51,25 @@ def test_original_resolution_counts_match_an_independent_numpy_pipeline(model):
         assert abs(rec["fp"] - int((up & ~target).sum())) <= 2
 
 
+def test_refined_counts_do_not_depend_on_devices_and_match_numpy(model):
+    source = fake_source(5, seed=4)
+    result = run(model, source, 1, refined=True)
+    assert run(model, source, 8, batch_per_device=1, refined=True)["per_image"] == result["per_image"]
+    assert result["per_image"] != run(model, source, 1)["per_image"]  # refinement changed masks
+    images = np.stack([resolution.resize_image(ex["image"], 32) for ex in source])
+    probs = np.asarray(nnx.sigmoid(model(jnp.asarray(images)))[..., 0])
+    for ex, guide, p, rec in zip(source, images, probs, result["per_image"]):
+        h, w = ex["mask"].shape[:2]
+        a, b = reference_coefficients(guide, p, refine.RADIUS, refine.EPS)
+        up = lambda x: cv2.resize(x.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        refined = np.sum(up(a) * (ex["image"] / 255), axis=-1) + up(b) >= 0.5
+        target = ex["mask"][..., 0] > 0
+        # float64 per-window reference against float32 box sums, and OpenCV's bilinear weights:
+        # a few pixels near exactly 0.5 may fall either way.
+        assert abs(rec["tp"] - int((refined & target).sum())) <= 3, rec
+        assert abs(rec["fp"] - int((refined & ~target).sum())) <= 3, rec
+
+
 def test_prediction_folder_scoring(tmp_path):
     source = fake_source(6, seed=2)
     mesh = sharding.make_mesh(2)
@@ -73,3 +93,16 @@ def test_empty_prediction_scores_zero(tmp_path):
     r = ev.evaluate_predictions(tmp_path)
     assert r["iou"] == 0.0 and r["recall"] == 0.0
     assert metrics.image_iou({"tp": [0], "fp": [0], "fn": [0]})[0] == 1.0
+
+
+@pytest.mark.parametrize("option", ["--refine", "--flip_tta"])
+def test_model_options_with_a_prediction_folder_are_a_usage_error(option, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.evaluate", "--dataset", "ccp_person", "--predictions",
+         str(tmp_path), option], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "they do not apply to --predictions" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())

@@ -303,6 +303,20 @@ def test_a_bad_background_is_a_usage_error(tiny_model_dir, jax_cache, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_refine_writes_the_refined_soft_mask(tiny_model_dir, jax_cache, tmp_path):
+    image = photo(*SIZES["a.png"], seed=0)
+    fx.write(tmp_path / "a.png", image)
+    result = run_cli(tiny_model_dir, tmp_path / "a.png", "--output", tmp_path / "out", "--soft",
+                     "--refine", cache=jax_cache)
+    assert result.returncode == 0, result.stderr
+    model, config = restore(tiny_model_dir)
+    expected = {refined: predict.Predictor(model, config.data.image_size, refined=refined)
+                .probabilities([image])[0] for refined in (False, True)}
+    written = read_rgb(tmp_path / "out" / "a_mask.png").astype(np.float32)
+    assert np.abs(written - expected[True] * 255).max() <= 1
+    assert np.abs(written - expected[False] * 255).max() > 1  # not the plain upsampling
+
+
 def test_parse_colour():
     assert predict.parse_colour("white") == (255, 255, 255)
     assert predict.parse_colour("#00ff80") == (0, 255, 128)
@@ -359,13 +373,15 @@ def pretrained():
     return restore(inference.PRETRAINED_DIR)
 
 
-def test_real_photo_mask_scores_as_the_evaluator_scores_the_model(manual_dir, pretrained, tmp_path):
+@pytest.mark.parametrize("refined", [False, True])
+def test_real_photo_mask_scores_as_the_evaluator_scores_the_model(manual_dir, pretrained, tmp_path,
+                                                                  refined):
     from jaxseg import datasets, evaluate
 
     model, config = pretrained
     source = input_pipeline.Head(datasets.data_source("portrait_segmentation", "test"), 1)
     example = source[0]
-    predictor = predict.Predictor(model, config.data.image_size)
+    predictor = predict.Predictor(model, config.data.image_size, refined=refined)
     probs = predictor.probabilities([example["image"]])[0]
     mask = predict.Renderer(mode="mask").render(example["image"], probs)
     assert mask.shape == example["image"].shape[:2]
@@ -374,7 +390,7 @@ def test_real_photo_mask_scores_as_the_evaluator_scores_the_model(manual_dir, pr
     evaluator = evaluate.Evaluator(source, mesh=sharding.make_mesh(1),
                                    image_size=config.data.image_size, batch_size=1)
     of_masks = evaluator.evaluate_predictions(tmp_path)["per_image"][0]
-    of_model = evaluator.evaluate_model(model)["per_image"][0]
+    of_model = evaluator.evaluate_model(model, refined=refined)["per_image"][0]
     assert of_masks["iou"] > 0.8
     # Same probabilities, same upsampling rule (the evaluator's canvas is larger): the same
     # pixels, up to the last float bit at exactly the threshold.

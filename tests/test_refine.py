@@ -1,0 +1,85 @@
+"""The guided-filter refinement against a per-pixel numpy reference, and what it is for."""
+import cv2
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseg import refine
+
+
+def reference_coefficients(guide, probs, radius, eps):
+    """He et al.'s colour guided filter, window by window (windows cut at the borders)."""
+    image = guide.astype(np.float64) / 255
+    h, w = probs.shape
+
+    def window(i, j):
+        return slice(max(0, i - radius), i + radius + 1), slice(max(0, j - radius), j + radius + 1)
+
+    a = np.zeros((h, w, 3))
+    b = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            rows, cols = window(i, j)
+            colours = image[rows, cols].reshape(-1, 3)
+            values = probs[rows, cols].reshape(-1)
+            mean_i, mean_p = colours.mean(0), values.mean()
+            sigma = (colours - mean_i).T @ (colours - mean_i) / len(values)
+            cov = (colours - mean_i).T @ (values - mean_p) / len(values)
+            a[i, j] = np.linalg.solve(sigma + eps * np.eye(3), cov)
+            b[i, j] = mean_p - a[i, j] @ mean_i
+    mean_a, mean_b = np.zeros_like(a), np.zeros_like(b)
+    for i in range(h):
+        for j in range(w):
+            rows, cols = window(i, j)
+            mean_a[i, j] = a[rows, cols].reshape(-1, 3).mean(0)
+            mean_b[i, j] = b[rows, cols].mean()
+    return mean_a, mean_b
+
+
+def test_coefficients_match_a_per_window_numpy_reference():
+    rng = np.random.default_rng(0)
+    guide = rng.integers(0, 256, (2, 11, 9, 3), dtype=np.uint8)
+    probs = rng.random((2, 11, 9)).astype(np.float32)
+    for radius, eps in ((1, 1e-2), (2, 1e-4)):
+        a, b = refine.guided_coefficients(jnp.asarray(guide), jnp.asarray(probs),
+                                          radius=radius, eps=eps)
+        for k in range(2):
+            ref_a, ref_b = reference_coefficients(guide[k], probs[k], radius, eps)
+            np.testing.assert_allclose(np.asarray(a[k]), ref_a, atol=2e-3, rtol=1e-3)
+            np.testing.assert_allclose(np.asarray(b[k]), ref_b, atol=2e-3, rtol=1e-3)
+
+
+def test_mask_snaps_to_the_photo_edge_that_bilinear_upsampling_blurs():
+    # A photo 320 px wide with a sharp person/background colour edge at column 131, and
+    # model-resolution (32 px) probabilities as a low-resolution model gives them: a soft step
+    # whose 0.5 crossing sits 1.5 model pixels (15 photo pixels) left of the edge. (Errors beyond
+    # the filter's radius are the model's to fix, not the filter's.)
+    height, width, size, edge = 64, 320, 32, 131
+    photo = np.zeros((height, width, 3), np.uint8)
+    photo[:, :edge] = (200, 150, 120)
+    photo[:, edge:] = (40, 90, 60)
+    columns = (np.arange(size) + 0.5) * width / size
+    probs = 1 / (1 + np.exp((columns - (edge - 15)) / 12))
+    probs = np.broadcast_to(probs, (size, size)).astype(np.float32)
+    guide = cv2.resize(photo, (size, size), interpolation=cv2.INTER_AREA)
+    canvas = (height, width)
+    sizes = jnp.array([[height, width]], jnp.int32)
+    refined = refine.refined_probabilities(jnp.asarray(guide[None]), jnp.asarray(probs[None]),
+                                           jnp.asarray(photo[None]), sizes, canvas)[0]
+    plain = cv2.resize(probs, (width, height), interpolation=cv2.INTER_LINEAR)
+    assert np.flatnonzero(plain[height // 2] < 0.5)[0] < edge - 10  # the blur misses the edge
+    crossing = np.flatnonzero(np.asarray(refined)[height // 2] < 0.5)[0]
+    assert abs(crossing - edge) <= 1
+    assert float(refined.min()) >= 0 and float(refined.max()) <= 1
+
+
+def test_outside_the_image_region_is_zero():
+    rng = np.random.default_rng(1)
+    guide = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    probs = rng.random((2, 16, 16)).astype(np.float32)
+    photos = rng.integers(0, 256, (2, 40, 48, 3), dtype=np.uint8)
+    sizes = jnp.array([[40, 48], [25, 30]], jnp.int32)
+    out = np.asarray(refine.refined_probabilities(jnp.asarray(guide), jnp.asarray(probs),
+                                                  jnp.asarray(photos), sizes, (40, 48)))
+    assert out.shape == (2, 40, 48)
+    assert np.all(out[1, 25:] == 0) and np.all(out[1, :, 30:] == 0)
+    assert out[1, :25, :30].max() > 0
