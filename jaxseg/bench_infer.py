@@ -6,7 +6,8 @@ via `jax.export.deserialize(...).call`, the TensorFlow SavedModel and, when it c
 Reports single-image latency (median over --repeats calls, ms) and batched throughput (images/s
 from the median over --repeats calls of --batch_size images), with the parameter count and the
 FLOPs per image (XLA cost analysis). Calls alternate between the forms, so noise from other work
-on the machine is spread evenly over them.
+on the machine is spread evenly over them. Last, the whole per-photo path of jaxseg.predict (resize,
+model, back to the photo's own size) is timed on one --photo_size photo, plain and with --refine.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls (compilation included)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="TFLite interpreter threads (JAX and TF use every core by default)")
+    p.add_argument("--photo_size", default="800x600",
+                   help="HEIGHTxWIDTH of the photo for the prediction-path timing")
     return p
 
 
@@ -44,6 +47,26 @@ def _seconds(run, images) -> float:
     start = time.perf_counter()
     run(images)
     return time.perf_counter() - start
+
+
+def _photo_path(model, size: int, args) -> None:
+    """Prints the per-photo latency of jaxseg.predict's path, plain and refined, alternating."""
+    from jaxseg.predict import Predictor
+
+    height, width = (int(v) for v in args.photo_size.lower().split("x"))
+    photo = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    predictors = {name: Predictor(model, size, batch_size=1, refined=refined)
+                  for name, refined in (("plain", False), ("refine", True))}
+    seconds = {name: [] for name in predictors}
+    for _ in range(args.warmup):
+        for predictor in predictors.values():
+            predictor.probabilities([photo])
+    for _ in range(args.repeats):
+        for name, predictor in predictors.items():
+            seconds[name].append(_seconds(predictor.probabilities, [photo]))
+    plain, refined = (statistics.median(seconds[n]) * 1e3 for n in ("plain", "refine"))
+    print(f"predict path, one {height}x{width} photo: {plain:.2f} ms plain, {refined:.2f} ms "
+          f"with --refine (+{refined - plain:.2f} ms)")
 
 
 def main(argv: list[str]) -> None:
@@ -91,6 +114,7 @@ def main(argv: list[str]) -> None:
     for name in forms:
         rate = args.batch_size / statistics.median(seconds[name, args.batch_size])
         print(f"{name:<12} {latency[name]:>22.2f} {rate:>22.1f}")
+    _photo_path(model, size, args)
     fastest = min(latency, key=latency.get)
     ref = MEDIAPIPE_REFERENCE
     print(f"vs MediaPipe selfie segmentation: this model {trainable / 1e6:.2f}M parameters at "
