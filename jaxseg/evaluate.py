@@ -2,8 +2,9 @@
 
 Per image, inside one jitted step over the mesh, the prediction is compared with the ground truth
 at the model's resolution and at the image's own resolution (probabilities upsampled before
-thresholding, optionally guided by the photo: jaxseg.refine); the step returns integer counts per image, padded rows are zero and dropped, and
-all metrics derive from the int64 sums of those counts (jaxseg.metrics).
+thresholding, optionally along the photo's edges: jaxseg.refine); the step returns integer counts
+per image, padded rows are zero and dropped, and all metrics derive from the int64 sums of those
+counts (jaxseg.metrics).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _counts(probs_full, batch, canvas, threshold, tolerance):
     return counts
 
 
-def _model_step(graphdef, flip_tta, refined, state, batch, *, canvas, threshold, tol_model,
+def _model_step(graphdef, flip_tta, refinement, state, batch, *, canvas, threshold, tol_model,
                 tol_full):
     model = nnx.merge(graphdef, state)
     probs = person_probabilities(model, batch["image"], flip_tta=flip_tta)
@@ -47,11 +48,12 @@ def _model_step(graphdef, flip_tta, refined, state, batch, *, canvas, threshold,
     model_region = jnp.broadcast_to(valid[:, None, None], probs.shape)
     at_model = metrics.per_image_counts(probs >= threshold, batch["mask"][..., 0] > 0,
                                         model_region, tol_model)
-    if refined:
+    if refinement is not None:
+        radius, eps = refinement
         full = refine.refined_probabilities(batch["image"], probs, batch["full_image"],
-                                            batch["size"], canvas)
+                                            batch["size"], canvas, radius=radius, eps=eps)
     else:
-        full = resolution.restore_probabilities(probs, batch["size"], canvas)
+        full = resolution.upsample_to_sizes(probs, batch["size"], canvas)
     return {"model": at_model, "full": _counts(full, batch, canvas, threshold, tol_full),
             "info": _info(batch)}
 
@@ -98,15 +100,18 @@ class Evaluator:
             static_argnums=(0, 1, 2), in_shardings=(rep, data),
             out_shardings=data)
 
-    def evaluate_model(self, model, *, flip_tta: bool = False, refined: bool = False) -> dict:
+    def evaluate_model(self, model, *, flip_tta: bool = False, refined: bool = False,
+                       refine_radius: int = refine.RADIUS, refine_eps: float = refine.EPS) -> dict:
         """Metrics of an NNX model at original and model resolution, with per-image records.
 
-        `refined`: original-resolution probabilities follow the photo's edges (jaxseg.refine).
+        `refined`: original-resolution probabilities follow the photo's edges (jaxseg.refine,
+        with this radius in model pixels and this regulariser).
         """
         graphdef, state = nnx.split(model)
         state = sharding.replicate(state, self.mesh)
-        outputs = [self._model_step(graphdef, flip_tta, refined, state, batch)
-                   for batch in self._global_batches(self.batches)]
+        refinement = (int(refine_radius), float(refine_eps)) if refined else None
+        outputs = [self._model_step(graphdef, flip_tta, refinement, state, batch)
+                   for batch in self._global_batches(self.batches, full_image=refined)]
         return self._result(outputs)
 
     def evaluate_predictions(self, predictions_dir: str | pathlib.Path) -> dict:
@@ -138,8 +143,10 @@ class Evaluator:
                 masks.append(pred)
             yield dict(batch, prediction=np.stack(masks))
 
-    def _global_batches(self, batches):
+    def _global_batches(self, batches, *, full_image: bool = False):
         for batch in batches:
+            if not full_image:  # only refinement reads the photos: megabytes per image
+                batch = {k: v for k, v in batch.items() if k != "full_image"}
             yield sharding.to_global(batch, self.mesh)
 
     def _result(self, outputs) -> dict:
@@ -255,6 +262,9 @@ def main(argv):
     if f.predictions and (f.flip_tta or f.refine):
         raise app.UsageError("--flip_tta and --refine change how a model predicts; "
                              "they do not apply to --predictions")
+    if f.refine_radius < 1 or f.refine_eps <= 0:
+        raise app.UsageError(f"--refine_radius={f.refine_radius} must be >= 1 and "
+                             f"--refine_eps={f.refine_eps} > 0")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     dataset, split, source = _source_for(f)
     mesh = sharding.make_mesh()
@@ -271,10 +281,13 @@ def main(argv):
     if model is None:
         result = evaluator.evaluate_predictions(f.predictions)
     else:
-        result = evaluator.evaluate_model(model, flip_tta=f.flip_tta, refined=f.refine)
+        result = evaluator.evaluate_model(model, flip_tta=f.flip_tta, refined=f.refine,
+                                          refine_radius=f.refine_radius, refine_eps=f.refine_eps)
     result.update(dataset=dataset, split=split, model=described["source"],
                   checkpoint_step=described["checkpoint_step"], flip_tta=bool(f.flip_tta),
                   refine=bool(f.refine))
+    if f.refine:
+        result.update(refine_radius=f.refine_radius, refine_eps=f.refine_eps)
     if distributed.is_main_process():
         output = pathlib.Path(f.output) if f.output else _default_output(f, dataset, split)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -295,6 +308,8 @@ def _default_output(f, dataset: str, split: str):
         return pathlib.Path(f.predictions).parent / f"{pathlib.Path(f.predictions).name}_{dataset}_{split}.json"
     base = (workdir_path(f.workdir) if f.workdir else pathlib.Path(PRETRAINED_RUN_DIR)) / "eval"
     suffix = ("_flip" if f.flip_tta else "") + ("_refine" if f.refine else "")
+    if f.refine and (f.refine_radius, f.refine_eps) != (refine.RADIUS, refine.EPS):
+        suffix += f"_r{f.refine_radius}_eps{f.refine_eps:g}"
     return base / f"{f.checkpoint}_{dataset}_{split}{suffix}.json"
 
 
@@ -314,6 +329,8 @@ def _define_flags():
     flags.DEFINE_float("threshold", 0.5, "Probability threshold for the person class.")
     flags.DEFINE_bool("flip_tta", False, "Average predictions with the mirrored image.")
     flags.DEFINE_bool("refine", False, "Upsample along the photo's edges (guided filter).")
+    flags.DEFINE_integer("refine_radius", refine.RADIUS, "Refinement radius in model pixels.")
+    flags.DEFINE_float("refine_eps", refine.EPS, "Refinement regulariser (larger = smoother).")
     from jaxseg import distributed
 
     distributed.define_flags()

@@ -28,7 +28,11 @@ BUCKET = 64
 
 
 class Predictor:
-    """Batched person probabilities at each input's own size, one compilation per canvas bucket."""
+    """Batched person probabilities at each input's own size, one compilation per canvas bucket.
+
+    `flip_tta` averages in the mirrored image; `refined` upsamples along each photo's own edges
+    (jaxseg.refine) instead of plainly.
+    """
 
     def __init__(self, model, image_size: int, *, batch_size: int = 8, flip_tta: bool = False,
                  refined: bool = False):
@@ -48,7 +52,7 @@ class Predictor:
         probs = person_probabilities(model, images, flip_tta=self.flip_tta)
         if self.refined:
             return refine.refined_probabilities(images, probs, full_images, sizes, canvas)
-        return resolution.restore_probabilities(probs, sizes, canvas)
+        return resolution.upsample_to_sizes(probs, sizes, canvas)
 
     def __hash__(self):  # jit's static self: one Predictor, one cache
         return id(self)

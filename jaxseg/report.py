@@ -256,7 +256,8 @@ class ModelExamples:
 
     def fetch(self, dataset: str, split: str, ids: list[str], *,
               flip_tta: bool = False, refined: bool = False) -> list[dict]:
-        """[{image, mask (H, W) bool, probs (H, W)}] for the ids, in order."""
+        """[{image, mask (H, W) bool, probs (H, W)}] for the ids, in order, predicted with the
+        eval file's options (flip TTA, refinement)."""
         from jaxseg.predict import Predictor
 
         source, index = self._source(dataset, split)
@@ -417,9 +418,11 @@ def _boundary_recommendation(result: dict) -> str:
     at_model = (result.get("model_resolution") or {}).get("boundary_f1", 0.0)
     upsampling = (f"; at model resolution boundary F1 is {at_model:.3f}, so edges are lost in "
                   "upsampling" if at_model > bf1 + BOUNDARY_MIN_GAP else "")
+    remedies = "a boundary-aware loss term or a higher training resolution"
+    if not result.get("refine"):
+        remedies = ("edge refinement (--refine in evaluate and predict), " + remedies)
     return (f"Boundaries are the weak point: boundary F1 {bf1:.3f} against IoU {iou:.3f}"
-            f"{upsampling}. Try a boundary-aware loss term, a higher training resolution or an "
-            "edge refinement step.")
+            f"{upsampling}. Try {remedies}.")
 
 
 def _resolution_recommendation(result: dict, image_size: int | None) -> str:

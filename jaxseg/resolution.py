@@ -50,19 +50,22 @@ def region_mask(sizes: jax.Array, canvas: tuple[int, int]) -> jax.Array:
     return rows & cols
 
 
-def restore_probabilities(probs: jax.Array, sizes: jax.Array, canvas: tuple[int, int]) -> jax.Array:
-    """(B, S, S) model-resolution probabilities -> (B, H, W) canvas at each image's own size.
+def upsample_to_sizes(maps: jax.Array, sizes: jax.Array, canvas: tuple[int, int]) -> jax.Array:
+    """(B, S, S[, C]) model-resolution maps -> (B, H, W[, C]) canvas at each image's own size.
 
     `sizes` is (B, 2) int (height, width). Bilinear with half-pixel centres (as cv2.INTER_LINEAR);
-    values outside each image's region are 0.
+    values outside each image's region are 0. Probabilities are the usual maps; jaxseg.refine
+    upsamples its filter coefficients the same way.
     """
-    s = probs.shape[1:3]
+    s = maps.shape[1:3]
+    out_shape = (*canvas, *maps.shape[3:])
 
-    def one(p, size):
+    def one(m, size):
         scale = size.astype(jnp.float32) / jnp.array(s, jnp.float32)
-        out = jax.image.scale_and_translate(
-            p, canvas, (0, 1), scale, jnp.zeros(2, jnp.float32), method="linear", antialias=False)
-        return out
+        return jax.image.scale_and_translate(
+            m, out_shape, (0, 1), scale, jnp.zeros(2, jnp.float32), method="linear",
+            antialias=False)
 
-    restored = jax.vmap(one)(probs.astype(jnp.float32), sizes)
-    return jnp.where(region_mask(sizes, canvas), restored, 0.0)
+    restored = jax.vmap(one)(maps.astype(jnp.float32), sizes)
+    region = region_mask(sizes, canvas).reshape(*restored.shape[:3], *([1] * (maps.ndim - 3)))
+    return jnp.where(region, restored, 0.0)

@@ -170,7 +170,11 @@ def _probabilities(model, images):
 
 
 def prediction_overlays(state, graphdef, source, count: int, image_size: int) -> np.ndarray:
-    """(count, S, S*2, 3) uint8: each validation photo beside its tinted prediction."""
+    """(count, S, S*2, 3) uint8: each validation photo beside its tinted prediction.
+
+    At model resolution and without eval.flip_tta / eval.refine: a quick look at what the model
+    learnt; refinement acts only at the photo's own size, which these small images do not have.
+    """
     from jaxseg.predict import Renderer
 
     # A host copy of the replicated state: works the same on every process and device count.

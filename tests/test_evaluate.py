@@ -6,9 +6,9 @@ import pytest
 from flax import nnx
 
 from fake_data import fake_source
-from jaxseg import evaluate, metrics, refine, resolution, sharding
+from guided_filter_reference import reference_coefficients
+from jaxseg import evaluate, metrics, resolution, sharding
 from jaxseg.models.unet import UNet
-from test_refine import reference_coefficients
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +17,11 @@ def model():
     return m
 
 
-def run(model, source, num_devices, batch_per_device=2, refined=False):
+def run(model, source, num_devices, batch_per_device=2, **options):
     mesh = sharding.make_mesh(num_devices)
     ev = evaluate.Evaluator(source, mesh=mesh, image_size=32,
                             batch_size=batch_per_device * num_devices)
-    return ev.evaluate_model(model, refined=refined)
+    return ev.evaluate_model(model, **options)
 
 
 def test_counts_identical_on_1_3_8_devices(model):
@@ -53,15 +53,20 @@ def test_original_resolution_counts_match_an_independent_numpy_pipeline(model):
 
 def test_refined_counts_do_not_depend_on_devices_and_match_numpy(model):
     source = fake_source(5, seed=4)
-    result = run(model, source, 1, refined=True)
-    assert run(model, source, 8, batch_per_device=1, refined=True)["per_image"] == result["per_image"]
+    options = dict(refined=True, refine_radius=2, refine_eps=1e-3)  # not the defaults
+    result = run(model, source, 1, **options)
+    on_8 = run(model, source, 8, batch_per_device=1, **options)
+    assert on_8["per_image"] == result["per_image"]
     assert result["per_image"] != run(model, source, 1)["per_image"]  # refinement changed masks
     images = np.stack([resolution.resize_image(ex["image"], 32) for ex in source])
     probs = np.asarray(nnx.sigmoid(model(jnp.asarray(images)))[..., 0])
     for ex, guide, p, rec in zip(source, images, probs, result["per_image"]):
         h, w = ex["mask"].shape[:2]
-        a, b = reference_coefficients(guide, p, refine.RADIUS, refine.EPS)
-        up = lambda x: cv2.resize(x.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        a, b = reference_coefficients(guide, p, radius=2, eps=1e-3)
+
+        def up(x):
+            return cv2.resize(x.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
         refined = np.sum(up(a) * (ex["image"] / 255), axis=-1) + up(b) >= 0.5
         target = ex["mask"][..., 0] > 0
         # float64 per-window reference against float32 box sums, and OpenCV's bilinear weights:
@@ -100,9 +105,13 @@ def test_model_options_with_a_prediction_folder_are_a_usage_error(option, tmp_pa
     import subprocess
     import sys
 
+    predictions = tmp_path / "masks"
+    predictions.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "jaxseg.evaluate", "--dataset", "ccp_person", "--predictions",
-         str(tmp_path), option], capture_output=True, text=True, timeout=120)
+         str(predictions), option], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "they do not apply to --predictions" in result.stderr
-    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
+    assert "Traceback" not in result.stderr
+    # Refused before any work: no metrics JSON beside the folder, where it would have gone.
+    assert [p.name for p in tmp_path.iterdir()] == ["masks"]

@@ -76,12 +76,12 @@ def test_perfect_and_empty_predictions():
     assert empty["iou"] == 0.0 and empty["recall"] == 0.0
 
 
-def test_restore_probabilities_matches_opencv_bilinear():
+def test_upsample_to_sizes_matches_opencv_bilinear():
     rng = np.random.default_rng(3)
     probs = rng.random((2, 16, 16)).astype(np.float32)
     sizes = np.array([[40, 24], [23, 37]], np.int32)
     canvas = resolution.canvas_for(sizes, multiple=8)
-    out = np.asarray(resolution.restore_probabilities(jnp.asarray(probs), jnp.asarray(sizes), canvas))
+    out = np.asarray(resolution.upsample_to_sizes(jnp.asarray(probs), jnp.asarray(sizes), canvas))
     for i, (h, w) in enumerate(sizes):
         ref = cv2.resize(probs[i], (int(w), int(h)), interpolation=cv2.INTER_LINEAR)
         np.testing.assert_allclose(out[i, :h, :w], ref, atol=1e-4)

@@ -88,7 +88,8 @@ CASES = {
     # Background probabilities in [0.5, 0.7) and people above 0.8: at 0.5 everything is person.
     "over": dict(person_p=0.9, background_p=0.6, boundary_f1=0.0, resolution_gain=0.0,
                  expect=["Raise the threshold from 0.5 to 0.7", "over-segments",
-                         "Boundaries are the weak point", "resolution is not the bottleneck"]),
+                         "Boundaries are the weak point", "Try edge refinement (--refine",
+                         "resolution is not the bottleneck"]),
 }
 
 
@@ -194,3 +195,11 @@ def test_a_bucket_failing_only_by_its_size_gets_no_specific_advice():
     assert "in proportion" in recs[0] and "Suggested" not in recs[0]
     assert not any(r.startswith("Out of proportion") for r in recs)
     assert "balanced" in recs[2]
+
+
+def test_boundary_advice_leaves_out_refinement_once_it_is_applied():
+    result = {"boundary_f1": 0.70, "iou": 0.95, "model_resolution": None}
+    plain = report._boundary_recommendation(result)
+    refined = report._boundary_recommendation(dict(result, refine=True))
+    assert "--refine" in plain and "--refine" not in refined
+    assert "boundary-aware loss" in plain and "boundary-aware loss" in refined

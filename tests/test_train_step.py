@@ -118,3 +118,19 @@ def test_ema_follows_the_trained_weights_by_its_formula():
 def test_no_ema_state_without_decay():
     _, state = train_step.create_train_state(tiny_config())
     assert set(state.keys()) == {"model", "opt"}
+
+
+def test_validation_predicts_as_the_eval_config_says():
+    from jaxseg import evaluate, train
+
+    config = tiny_config()
+    graphdef, state = train_step.create_train_state(config)
+    model = train_step.inference_model(nnx.merge(graphdef, state))
+    evaluator = evaluate.Evaluator(fake_source(5, seed=4), mesh=sharding.make_mesh(1),
+                                   image_size=32, batch_size=2)
+    got = {}
+    for flip, refined in ((False, False), (True, True)):
+        config.eval.flip_tta, config.eval.refine = flip, refined
+        got[flip] = train.validate({"fake": evaluator}, state, graphdef, config.eval)["fake/iou"]
+        assert got[flip] == evaluator.evaluate_model(model, flip_tta=flip, refined=refined)["iou"]
+    assert got[False] != got[True]  # the options changed the predictions being scored
