@@ -111,7 +111,7 @@ class Evaluator:
         state = sharding.replicate(state, self.mesh)
         refinement = (int(refine_radius), float(refine_eps)) if refined else None
         outputs = [self._model_step(graphdef, flip_tta, refinement, state, batch)
-                   for batch in self._global_batches(self.batches, full_image=refined)]
+                   for batch in self._global_batches(self.batches.iterate(full_image=refined))]
         return self._result(outputs)
 
     def evaluate_predictions(self, predictions_dir: str | pathlib.Path) -> dict:
@@ -143,10 +143,8 @@ class Evaluator:
                 masks.append(pred)
             yield dict(batch, prediction=np.stack(masks))
 
-    def _global_batches(self, batches, *, full_image: bool = False):
+    def _global_batches(self, batches):
         for batch in batches:
-            if not full_image:  # only refinement reads the photos: megabytes per image
-                batch = {k: v for k, v in batch.items() if k != "full_image"}
             yield sharding.to_global(batch, self.mesh)
 
     def _result(self, outputs) -> dict:
@@ -303,7 +301,7 @@ def main(argv):
 PRETRAINED_RUN_DIR = "runs/pretrained"
 
 
-def _default_output(f, dataset: str, split: str):
+def _default_output(f, dataset: str, split: str) -> pathlib.Path:
     if f.predictions:
         return pathlib.Path(f.predictions).parent / f"{pathlib.Path(f.predictions).name}_{dataset}_{split}.json"
     base = (workdir_path(f.workdir) if f.workdir else pathlib.Path(PRETRAINED_RUN_DIR)) / "eval"

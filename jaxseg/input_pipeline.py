@@ -144,10 +144,10 @@ def process_shard(n: int, process_index: int, process_count: int) -> range:
 class EvalBatches:
     """One pass over a source in fixed order, padded, the same batch count on every process.
 
-    Each local batch has: image (b,S,S,3) and mask (b,S,S,1) at model resolution; full_image
-    (b,H,W,3) and full_mask (b,H,W) on the canvas at original resolution; size (b,2) original
-    (height, width); valid (b,); regions (b,) person regions in the ground truth
-    (count_regions); id (b, ID_BYTES) uint8.
+    Each local batch has: image (b,S,S,3) and mask (b,S,S,1) at model resolution; full_mask
+    (b,H,W) on the canvas at original resolution (and full_image (b,H,W,3) from
+    `iterate(full_image=True)`); size (b,2) original (height, width); valid (b,); regions (b,)
+    person regions in the ground truth (count_regions); id (b, ID_BYTES) uint8.
     """
 
     def __init__(self, source, *, local_batch: int, image_size: int,
@@ -162,32 +162,41 @@ class EvalBatches:
         self.num_batches = max(1, -(-per_process // local_batch))
         self.num_workers = num_workers
 
-    def _example(self, i: int | None):
+    def _example(self, i: int | None, full_image: bool) -> dict:
         s, c = self.image_size, self.canvas
         if i is None:
-            return (np.zeros((s, s, 3), np.uint8), np.zeros((s, s, 1), np.uint8),
-                    np.zeros((*c, 3), np.uint8), np.zeros(c, np.uint8), np.zeros(2, np.int32),
-                    0.0, 0, np.zeros(ID_BYTES, np.uint8))
+            row = {"image": np.zeros((s, s, 3), np.uint8), "mask": np.zeros((s, s, 1), np.uint8),
+                   "full_mask": np.zeros(c, np.uint8), "size": np.zeros(2, np.int32),
+                   "valid": 0.0, "regions": 0, "id": np.zeros(ID_BYTES, np.uint8)}
+            if full_image:
+                row["full_image"] = np.zeros((*c, 3), np.uint8)
+            return row
         ex = self.source[i]
         image, mask = preprocess.model_input(ex, s)
         full = ex["mask"][..., 0]
-        regions = count_regions(full)
-        return (image, mask, resolution.pad_to_canvas(ex["image"], c),
-                resolution.pad_to_canvas(full, c), np.array(full.shape, np.int32),
-                1.0, regions, encode_id(ex["id"]))
+        row = {"image": image, "mask": mask, "full_mask": resolution.pad_to_canvas(full, c),
+               "size": np.array(full.shape, np.int32), "valid": 1.0,
+               "regions": count_regions(full), "id": encode_id(ex["id"])}
+        if full_image:
+            row["full_image"] = resolution.pad_to_canvas(ex["image"], c)
+        return row
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
+        return self.iterate()
+
+    def iterate(self, *, full_image: bool = False) -> Iterator[dict]:
+        """The batches; with `full_image`, also the photos on the canvas (megabytes per image,
+        so only for consumers that read them: refinement)."""
         order = list(self.indices)
         order += [None] * (self.num_batches * self.local_batch - len(order))
-        keys = ("image", "mask", "full_image", "full_mask", "size", "valid", "regions", "id")
         with concurrent.futures.ThreadPoolExecutor(max(1, self.num_workers)) as pool:
             for b in range(self.num_batches):
-                rows = pool.map(self._example, order[b * self.local_batch:(b + 1) * self.local_batch])
-                cols = zip(*rows)
-                batch = {k: np.stack(v) for k, v in zip(keys, cols)}
+                chunk = order[b * self.local_batch:(b + 1) * self.local_batch]
+                rows = list(pool.map(lambda i: self._example(i, full_image), chunk))
+                batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
                 batch["valid"] = batch["valid"].astype(np.float32)
                 batch["regions"] = batch["regions"].astype(np.int32)
                 yield batch

@@ -65,7 +65,8 @@ def refined_probabilities(guide: jax.Array, probs: jax.Array, full_images: jax.A
 
     `guide` (B,S,S,3) uint8 is the model input, `probs` (B,S,S) its probabilities, `full_images`
     (B,H,W,3) uint8 the photos on the canvas (top left) and `sizes` (B,2) their (height, width).
-    Values are clipped to [0, 1]; outside each image's region they are 0.
+    Values are clipped to [0, 1]; outside each image's region they are 0 (the upsampled
+    coefficients are, so no mask is needed).
     """
     a, b = guided_coefficients(guide, probs, radius=radius, eps=eps)
     coefficients = jnp.concatenate([a, b[..., None]], axis=-1)
@@ -76,7 +77,6 @@ def refined_probabilities(guide: jax.Array, probs: jax.Array, full_images: jax.A
         coeffs, photo, size = args
         up = resolution.upsample_to_sizes(coeffs[None], size[None], canvas)[0]
         photo = photo.astype(jnp.float32) / 255.0
-        q = up[..., 3] + sum(up[..., c] * photo[..., c] for c in range(3))
-        return jnp.where(resolution.region_mask(size[None], canvas)[0], jnp.clip(q, 0.0, 1.0), 0.0)
+        return jnp.clip(up[..., 3] + sum(up[..., c] * photo[..., c] for c in range(3)), 0.0, 1.0)
 
     return jax.lax.map(one, (coefficients, full_images, sizes))
