@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxseg import sharding
+from jaxseg import host_memory, sharding
 from jaxseg.models import unet
 from jaxseg.train_step import create_train_state, make_train_step
 
@@ -456,6 +456,7 @@ SUBCOMMANDS = {"train": train, "infer": infer, "input": input_bench}
 def main(argv: list[str] | None = None) -> None:
     """Dispatches `python -m jaxseg.bench SUBCOMMAND [flags]`."""
     argv = sys.argv[1:] if argv is None else argv
+    host_memory.reuse_freed_memory()
     if not argv or argv[0] not in SUBCOMMANDS:
         sys.exit(f"usage: python -m jaxseg.bench {{{','.join(SUBCOMMANDS)}}} [flags]")
     SUBCOMMANDS[argv[0]](argv[1:])

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxseg import (checkpointing, config_check, datasets, distributed, input_pipeline,
-                    metric_writer, mixture, preprocess, sharding, train_step)
+from jaxseg import (checkpointing, config_check, datasets, distributed, host_memory,
+                    input_pipeline, metric_writer, mixture, preprocess, sharding, train_step)
 from jaxseg.workdir import workdir_path
 
 log = logging.getLogger("jaxseg.train")
@@ -296,6 +296,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
 
     FLAGS = flags.FLAGS
+    host_memory.reuse_freed_memory()  # before distributed.initialize starts the backend
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.basicConfig(level=logging.INFO if distributed.is_main_process() else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
