@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxseg import host_memory, input_pipeline, metrics, refine, resolution, sharding
+from jaxseg import input_pipeline, metrics, refine, resolution, sharding
 from jaxseg.inference import person_probabilities
 from jaxseg.workdir import workdir_path
 
@@ -263,7 +263,6 @@ def main(argv):
     if f.refine_radius < 1 or f.refine_eps <= 0:
         raise app.UsageError(f"--refine_radius={f.refine_radius} must be >= 1 and "
                              f"--refine_eps={f.refine_eps} > 0")
-    host_memory.reuse_freed_memory()  # before distributed.initialize starts the backend
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     dataset, split, source = _source_for(f)
     mesh = sharding.make_mesh()

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxseg import host_memory, inference
+from jaxseg import inference
 
 PLATFORMS = ("cpu",)
 STABLEHLO_FILE = "model.stablehlo"
@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: load the model, write every form, print the manifest's summary."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
-    host_memory.reuse_freed_memory()
     model, config, description = inference.load(args.workdir, args.checkpoint)
     manifest = export_all(model, config, args.output, batch_size=args.batch_size,
                           description=description)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import host_memory, refine, resolution
+from jaxseg import refine, resolution
 from jaxseg.inference import person_probabilities
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -316,7 +316,6 @@ def main(argv):
     from jaxseg import inference
 
     f = flags.FLAGS
-    host_memory.reuse_freed_memory()
     inputs = argv[1:]
     if not inputs:
         raise SystemExit("usage: python -m jaxseg.predict INPUT... --output DIR [--mode mask]")

@@ -248,13 +248,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.train.eval_every == 0 or step == num_steps:
                 _check_finite(pending, step - 1, ckpts)
-                val = validate(evaluators, state, graphdef, config.eval)
+                with host_memory.large_blocks_mapped():
+                    val = validate(evaluators, state, graphdef, config.eval)
+                    if main and config.train.num_logged_images:
+                        first = next(iter(evaluators.values()))
+                        writer.images(step, "validation/predictions", prediction_overlays(
+                            state, graphdef, first.source, config.train.num_logged_images,
+                            config.data.image_size))
                 writer.scalars(step, val, kind="validation")
-                if main and config.train.num_logged_images:
-                    first = next(iter(evaluators.values()))
-                    writer.images(step, "validation/predictions", prediction_overlays(
-                        state, graphdef, first.source, config.train.num_logged_images,
-                        config.data.image_size))
                 ckpts.save_best(step, state, _meta(config, step, {"validation": val}), val["val_iou"])
                 last.update(val)
                 window_start, window_steps = time.perf_counter(), 0
@@ -296,7 +297,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
 
     FLAGS = flags.FLAGS
-    host_memory.reuse_freed_memory()  # before distributed.initialize starts the backend
+    host_memory.reuse_freed_memory()  # before distributed.initialize or JAX start threads
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.basicConfig(level=logging.INFO if distributed.is_main_process() else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")

@@ -63,3 +63,13 @@ def test_subcommands_are_registered():
     assert set(bench.SUBCOMMANDS) == {"train", "infer", "input"}
     with pytest.raises(SystemExit, match="infer,input"):
         bench.main(["nope"])
+
+
+def test_train_bench_times_jax_alone(capsys):
+    bench.train(["--keras_jit", "none", "--image_size", "32", "--batch_size", "2",
+                 "--repeats", "1", "--steps", "1", "--warmup", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    rate = [line for line in lines if line.startswith("median images/s")]
+    assert len(rate) == 1 and rate[0].startswith("median images/s jax: ")
+    assert float(rate[0].split(": ")[1]) > 0
+    assert not any("keras" in line for line in lines)
