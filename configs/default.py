@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.aug.brightness = 0.2
     c.data.aug.contrast = 0.2
     c.data.aug.saturation = 0.2
+    # Probability that a training example gets another batch example's person pasted over it
+    # (jaxseg.device_augment.copy_paste, applied in the train step on the device).
+    c.data.aug.copy_paste = 0.0
 
     c.model = ml_collections.ConfigDict()
     c.model.depth = 4

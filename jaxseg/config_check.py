@@ -47,6 +47,8 @@ def validate(config, num_devices: int) -> None:
             problems.append(f"{field}={_get(config, field)} must be positive")
     if not 0 <= config.model.dropout < 1:
         problems.append(f"model.dropout={config.model.dropout} must be in [0, 1)")
+    if not 0 <= config.data.aug.get("copy_paste", 0.0) <= 1:
+        problems.append(f"data.aug.copy_paste={config.data.aug.copy_paste} must be in [0, 1] (0 = off)")
     if not 0 <= train_step.ema_decay(config) < 1:
         problems.append(f"train.ema_decay={train_step.ema_decay(config)} must be in [0, 1) (0 = no EMA)")
     if config.loss.boundary_weight < 0:

@@ -44,3 +44,21 @@ def augment_batch(key: jax.Array, images: jax.Array, masks: jax.Array, aug):
     """Augments (B, S, S, 3) uint8 images and (B, S, S, 1) masks with one key per example."""
     keys = jax.random.split(key, images.shape[0])
     return jax.vmap(lambda k, i, m: _one(k, i, m, aug))(keys, images, masks)
+
+
+def copy_paste(key: jax.Array, images: jax.Array, masks: jax.Array, valid: jax.Array, prob: float):
+    """Pastes, with probability `prob` per example, another example's person over it.
+
+    The donor of example i is example (i - r) mod B for one random r in [1, B), so no example is
+    its own donor. Pasted pixels take the donor's image; the mask becomes the union of both
+    people, which is exact because the donor's person hides whatever it covers. Padding examples
+    (valid = 0) donate nothing. The person thus appears on backgrounds and beside people it was
+    never photographed with: more and harder training scenes from the same annotations.
+    """
+    b = images.shape[0]
+    k_shift, k_take = jax.random.split(key)
+    shift = jax.random.randint(k_shift, (), 1, max(b, 2))
+    donor_image = jnp.roll(images, shift, axis=0)
+    donor_mask = jnp.roll(masks, shift, axis=0) * jnp.roll(valid, shift)[:, None, None, None].astype(masks.dtype)
+    take = (jax.random.uniform(k_take, (b,)) < prob)[:, None, None, None] & (donor_mask > 0)
+    return jnp.where(take, donor_image, images), jnp.where(take, donor_mask, masks)

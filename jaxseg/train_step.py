@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxseg import losses, optim, sharding
+from jaxseg import device_augment, losses, optim, sharding
 from jaxseg.models import create_model
 
 
@@ -63,6 +63,9 @@ def make_train_step(graphdef, config, mesh):
     """
     schedule = optim.make_schedule(config.optim, config.train.num_steps)
     dropout_root = jax.random.key(config.seed + 1)
+    paste_root = jax.random.key(config.seed + 2)
+    # .get: configs saved before the field existed have no copy-paste.
+    paste_prob = config.data.aug.get("copy_paste", 0.0) if config.data.aug.enabled else 0.0
 
     def step_fn(state, batch):
         # Leaves taken before merging: the merged modules update their variables in place.
@@ -71,6 +74,11 @@ def make_train_step(graphdef, config, mesh):
         model, optimizer = nodes["model"], nodes["opt"]
         step = optimizer.step[...]
         dropout_key = jax.random.fold_in(dropout_root, step)
+        if paste_prob > 0:
+            images, masks = device_augment.copy_paste(jax.random.fold_in(paste_root, step),
+                                                      batch["image"], batch["mask"], batch["valid"],
+                                                      paste_prob)
+            batch = {**batch, "image": images, "mask": masks}
 
         def loss_fn(model):
             logits = model(batch["image"], train=True, dropout_key=dropout_key)

@@ -44,7 +44,22 @@ def config_for(size, num_steps, args):
     c.loss.boundary_weight = args.boundary_weight
     c.optim.learning_rate = args.learning_rate
     c.optim.warmup_steps = min(300, num_steps // 10)
+    for assignment in args.set:
+        field, value = assignment.split("=", 1)
+        c.update_from_flattened_dict({field: parse_like(c, field, value)})
     return c
+
+
+def parse_like(config, field: str, text: str):
+    """`text` as the type of the config's current value of the dotted `field` (KeyError if none)."""
+    current = config
+    for part in field.split("."):
+        current = current[part]
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"--set {field}={text}: expected true or false")
+        return text.lower() == "true"
+    return type(current)(text)
 
 
 def main():
@@ -64,7 +79,13 @@ def main():
     p.add_argument("--boundary_weight", type=float, default=0.0,
                    help="extra cross-entropy weight near mask edges (config loss.boundary_weight)")
     p.add_argument("--num_validations", type=int, default=4)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any config field, e.g. --set data.aug.copy_paste=0.5 (repeatable)")
     args = p.parse_args()
+    try:  # a typo must fail here, not after the data is decoded and on the device
+        config_for(256, 1000, args)
+    except (KeyError, ValueError, AttributeError) as e:
+        p.error(f"--set: {e}")
     if args.num_validations < 1:
         p.error("--num_validations must be at least 1: validation picks the weights that are saved")
     t0 = time.time()

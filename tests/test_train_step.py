@@ -37,8 +37,10 @@ def run_steps(config, num_devices, num_steps=3):
     return jax.device_get(state), losses
 
 
-def test_eight_devices_equal_one_device():
+@pytest.mark.parametrize("copy_paste", [0.0, 0.5])
+def test_eight_devices_equal_one_device(copy_paste):
     config = tiny_config()
+    config.data.aug.copy_paste = copy_paste  # the paste mixes examples across device shards
     one, loss_one = run_steps(config, 1)
     eight, loss_eight = run_steps(config, 8)
     # Same math, different float32 summation order (cross-device all-reduce of gradients and of
@@ -74,11 +76,15 @@ def test_non_finite_step_leaves_state_unchanged():
     ("data.train", "nosuchset:1", "unknown dataset"),
     ("loss.boundary_weight", -1.0, "loss.boundary_weight=-1.0 must be >= 0"),
     ("loss.boundary_radius", 0, "loss.boundary_radius=0 must be >= 1"),
+    ("data.aug.copy_paste", 1.5, "data.aug.copy_paste=1.5 must be in \\[0, 1\\]"),
 ])
 def test_impossible_config_fails_before_any_work(field, value, message):
     config = tiny_config()
-    section, name = field.split(".")
-    config[section][name] = value
+    *sections, name = field.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    node[name] = value
     with pytest.raises(config_check.ConfigError, match=message):
         config_check.validate(config, num_devices=8)
 
