@@ -271,7 +271,10 @@ def main(argv):
         image_size, model, described = 0, None, {"source": str(f.predictions),
                                                  "checkpoint_step": None}
     else:
-        model, config, described = inference.load(f.workdir or None, f.checkpoint)
+        try:
+            model, config, described = inference.load(f.workdir or None, f.checkpoint, f.members)
+        except ValueError as e:
+            raise app.UsageError(f"--members {f.members}: {e}") from None
         image_size = config.data.image_size
     threshold = f.threshold if f.threshold > 0 else 0.5
     evaluator = Evaluator(source, mesh=mesh, image_size=max(image_size, 32), batch_size=batch,
@@ -283,7 +286,7 @@ def main(argv):
                                           refine_radius=f.refine_radius, refine_eps=f.refine_eps)
     result.update(dataset=dataset, split=split, model=described["source"],
                   checkpoint_step=described["checkpoint_step"], flip_tta=bool(f.flip_tta),
-                  refine=bool(f.refine))
+                  refine=bool(f.refine), members=f.members or None)
     if f.refine:
         result.update(refine_radius=f.refine_radius, refine_eps=f.refine_eps)
     if distributed.is_main_process():
@@ -306,6 +309,7 @@ def _default_output(f, dataset: str, split: str) -> pathlib.Path:
         return pathlib.Path(f.predictions).parent / f"{pathlib.Path(f.predictions).name}_{dataset}_{split}.json"
     base = (workdir_path(f.workdir) if f.workdir else pathlib.Path(PRETRAINED_RUN_DIR)) / "eval"
     suffix = ("_flip" if f.flip_tta else "") + ("_refine" if f.refine else "")
+    suffix += f"_members{f.members}" if f.members else ""
     if f.refine and (f.refine_radius, f.refine_eps) != (refine.RADIUS, refine.EPS):
         suffix += f"_r{f.refine_radius}_eps{f.refine_eps:g}"
     return base / f"{f.checkpoint}_{dataset}_{split}{suffix}.json"
@@ -316,6 +320,8 @@ def _define_flags():
 
     flags.DEFINE_string("workdir", "", "Training workdir; empty = the pretrained model.")
     flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+    flags.DEFINE_integer("members", 0, "Pretrained ensemble: use its first N members "
+                         "(0 = all; fewer is faster).")
     flags.DEFINE_string("dataset", "", "portrait_segmentation, ccp_person or person_folder.")
     flags.DEFINE_string("split", "test", "Split to evaluate.")
     flags.DEFINE_string("images", "", "Folder of photos (with --masks) instead of --dataset.")

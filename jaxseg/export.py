@@ -175,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", help="training workdir (default: the pretrained model)")
     p.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
+    p.add_argument("--members", type=int, default=0,
+                   help="pretrained ensemble: use its first N members (0 = all; fewer is faster)")
     p.add_argument("--output", required=True, help="folder to write the exports to")
     p.add_argument("--batch_size", type=int, default=8,
                    help="batch of the TF/TFLite batched signature (besides batch 1)")
@@ -185,7 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: load the model, write every form, print the manifest's summary."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
-    model, config, description = inference.load(args.workdir, args.checkpoint)
+    try:
+        model, config, description = inference.load(args.workdir, args.checkpoint, args.members)
+    except ValueError as e:
+        raise SystemExit(f"--members {args.members}: {e}") from None
     manifest = export_all(model, config, args.output, batch_size=args.batch_size,
                           description=description)
     print(f"wrote {args.output}: {STABLEHLO_FILE} (symbolic batch), {SAVED_MODEL_DIR}/ "

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxseg import losses
-from jaxseg.models import create_model
+from jaxseg.models import LogitAverage, create_model
 
 PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "pretrained"
 PRETRAINED_WEIGHTS = "weights"
@@ -32,8 +32,12 @@ def config_from_json(text: str | dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(data)
 
 
-def load_pretrained(directory: str | pathlib.Path | None = None):
-    """(model, config, card) of the pretrained model stored in the repository (or `directory`)."""
+def load_pretrained(directory: str | pathlib.Path | None = None, members: int = 0):
+    """(model, config, card) of the pretrained model stored in the repository (or `directory`).
+
+    A card listing several `member_weights` is an ensemble: the model is their LogitAverage,
+    or that of the first `members` of them (0 = all).
+    """
     directory = pathlib.Path(directory or PRETRAINED_DIR)
     card_path = directory / MODEL_CARD
     if not card_path.exists():
@@ -41,20 +45,35 @@ def load_pretrained(directory: str | pathlib.Path | None = None):
             f"no pretrained model at {directory}: pass --workdir with a trained run instead")
     card = json.loads(card_path.read_text())
     config = config_from_json(card["config"])
+    names = card.get("member_weights", [PRETRAINED_WEIGHTS])
+    if not 0 <= members <= len(names):
+        raise ValueError(f"members={members}: the pretrained model has {len(names)} "
+                         f"(use 1..{len(names)}, or 0 for all)")
     # Shapes only: initialising real weights that the restore overwrites costs seconds.
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(config.model)))
-    state = ocp.StandardCheckpointer().restore((directory / PRETRAINED_WEIGHTS).absolute(), abstract)
-    return nnx.merge(graphdef, state), config, card
+    checkpointer = ocp.StandardCheckpointer()
+    models = [nnx.merge(graphdef, checkpointer.restore((directory / name).absolute(), abstract))
+              for name in names[:members or len(names)]]
+    return (models[0] if len(models) == 1 else LogitAverage(models)), config, card
 
 
-def save_pretrained(model, config, card: dict, directory: str | pathlib.Path = PRETRAINED_DIR):
-    """Writes a model's inference state (orbax, no pickle) and its card to `directory`."""
+def save_pretrained(models, config, card: dict, directory: str | pathlib.Path = PRETRAINED_DIR):
+    """Writes one model, or an ensemble's member models, and the card to `directory`.
+
+    Each member's inference state is its own orbax checkpoint (no pickle): `weights`, then
+    `weights_1`, `weights_2`, ...; the card's `member_weights` lists them in order.
+    """
+    models = models if isinstance(models, (list, tuple)) else [models]
     directory = pathlib.Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / PRETRAINED_WEIGHTS, nnx.state(model), force=True)
+    names = [PRETRAINED_WEIGHTS] + [f"{PRETRAINED_WEIGHTS}_{i}" for i in range(1, len(models))]
+    for name, model in zip(names, models):
+        checkpointer.save(directory / name, nnx.state(model), force=True)
     checkpointer.wait_until_finished()
     card = dict(card, config=json.loads(config.to_json()))
+    if len(models) > 1:
+        card["member_weights"] = names
     (directory / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
 
 
@@ -65,11 +84,20 @@ def load_from_workdir(workdir: str, checkpoint: str = "best"):
     return train.load_model(workdir, checkpoint)
 
 
-def load(workdir: str | None = None, checkpoint: str = "best"):
-    """(model, config, description): a workdir's checkpoint, else the pretrained model."""
+def load(workdir: str | None = None, checkpoint: str = "best", members: int = 0):
+    """(model, config, description): a workdir's checkpoint, else the pretrained model.
+
+    `members` > 0 keeps the first that many of a pretrained ensemble; a workdir holds one model.
+    """
     if workdir:
+        if members:
+            raise ValueError("members applies to the pretrained model; a workdir holds one model")
         model, config, step = load_from_workdir(workdir, checkpoint)
         return model, config, {"source": str(workdir), "checkpoint_step": step}
-    model, config, card = load_pretrained()
-    return model, config, {"source": "pretrained", "checkpoint_step": card.get("steps")}
+    model, config, card = load_pretrained(members=members)
+    steps = card.get("steps")
+    if isinstance(steps, list):  # an ensemble's: one per member
+        steps = steps[:members or len(steps)]
+        steps = steps[0] if len(steps) == 1 else steps
+    return model, config, {"source": "pretrained", "checkpoint_step": steps}
 

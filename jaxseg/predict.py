@@ -330,7 +330,10 @@ def main(argv):
         except ValueError as e:  # InputError is one
             raise SystemExit(f"--background {f.background}: {e}") from None
     renderer = Renderer(mode=f.mode, threshold=f.threshold, soft=f.soft, background=background)
-    model, config, described = inference.load(f.workdir or None, f.checkpoint)
+    try:
+        model, config, described = inference.load(f.workdir or None, f.checkpoint, f.members)
+    except ValueError as e:
+        raise SystemExit(f"--members {f.members}: {e}") from None
     predictor = Predictor(model, config.data.image_size, batch_size=f.batch_size,
                           flip_tta=f.flip_tta, refined=f.refine)
     inputs_resolved = {p.resolve() for p, _ in images + videos}
@@ -374,6 +377,8 @@ def _define_flags():
     flags.DEFINE_bool("soft", False, "Use the probability as alpha instead of a hard mask.")
     flags.DEFINE_string("workdir", "", "Training workdir; empty = the pretrained model.")
     flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+    flags.DEFINE_integer("members", 0, "Pretrained ensemble: use its first N members "
+                         "(0 = all; fewer is faster).")
     flags.DEFINE_integer("batch_size", 8, "Images per compiled batch.")
     flags.DEFINE_bool("flip_tta", False, "Average with the mirrored image.")
     flags.DEFINE_bool("refine", False, "Upsample along the photo's edges (guided filter).")

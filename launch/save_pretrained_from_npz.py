@@ -1,7 +1,8 @@
-"""Turns a launch/gpu_array_train.py result (model_state.npz + summary.json) into the repository's
+"""Turns launch/gpu_array_train.py results (model_state.npz + summary.json) into the repository's
 pretrained model (orbax weights + model card), with float32 compute for CPU inference.
 
-`python launch/save_pretrained_from_npz.py RUN_DIR`
+`python launch/save_pretrained_from_npz.py RUN_DIR [RUN_DIR ...]`: several runs of one
+architecture make an ensemble whose members are the runs, in this order (jaxseg.inference).
 """
 import json
 import pathlib
@@ -15,21 +16,34 @@ from jaxseg import inference
 from jaxseg.models import create_model
 
 
-def main():
-    """Loads the flat state into a fresh model of the run's config and saves it as pretrained."""
-    run = pathlib.Path(sys.argv[1])
+def load_run(run: pathlib.Path):
+    """(model, config, card) of one run: its selected weights in a fresh model of its config."""
     summary = json.loads((run / "summary.json").read_text())
     config = inference.config_from_json(summary["config"])
     config.model.compute_dtype = "float32"  # trained with bf16 compute; fp32 params either way
     model = create_model(config.model)
     flat = np.load(run / "model_state.npz")
-    state = nnx.state(model)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(state)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model))
     leaves = [flat[jax.tree_util.keystr(p)] for p, _ in paths]
     nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
     card = {k: v for k, v in summary.items() if k != "config"}
     card["steps"] = summary.get("selected", {}).get("step", summary["num_steps"])
-    inference.save_pretrained(model, config, card)
+    return model, config, card
+
+
+def main():
+    """Loads each run's flat state and saves the model (or the ensemble) as pretrained."""
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    runs = [load_run(pathlib.Path(a)) for a in sys.argv[1:]]
+    models, configs, cards = zip(*runs)
+    if len({json.dumps(c.model.to_dict(), sort_keys=True) for c in configs}) > 1:
+        raise SystemExit("ensemble members must share one model config: "
+                         + "; ".join(f"{a}: {c.model.to_dict()}" for a, c in zip(sys.argv[1:], configs)))
+    card = cards[0] if len(cards) == 1 else {
+        "steps": [c["steps"] for c in cards],
+        "members": [dict(c, config=json.loads(cfg.to_json())) for c, cfg in zip(cards, configs)]}
+    inference.save_pretrained(list(models), configs[0], card)
     print(f"saved to {inference.PRETRAINED_DIR}")
 
 

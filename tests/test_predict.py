@@ -1,11 +1,10 @@
 """jaxseg.predict: the CLI on folders, videos and bad files, every output mode, and the resolution rule.
 
 The CLI runs in subprocesses on a tiny random U-Net saved with inference.save_pretrained (the
-subprocess points load_pretrained's default folder at it, then runs `python -m jaxseg.predict`
+subprocess points inference.PRETRAINED_DIR at it, then runs `python -m jaxseg.predict`
 unchanged), so that each run costs seconds. The real-photo check uses the shipped pretrained model.
 """
 import hashlib
-import json
 import os
 import pathlib
 import struct
@@ -15,22 +14,19 @@ import zlib
 
 import cv2
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
 
 import fixtures_data as fx
 from jaxseg import inference, input_pipeline, predict, resolution, sharding
-from jaxseg.models import create_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Runs the real entry point (`python -m jaxseg.predict ...`) with the "pretrained" model taken
 # from the folder given as the first argument.
 CLI = """
-import runpy, sys
+import pathlib, runpy, sys
 from jaxseg import inference
-inference.load_pretrained.__defaults__ = (sys.argv.pop(1),)
+inference.PRETRAINED_DIR = pathlib.Path(sys.argv.pop(1))
 sys.argv[0] = "jaxseg.predict"
 runpy.run_module("jaxseg.predict", run_name="__main__", alter_sys=True)
 """
@@ -77,21 +73,6 @@ def tiny_model_dir(jax_cache, tmp_path_factory):
 
 def run_cli(model_dir, *args, cache=None):
     return python(CLI, model_dir, *args, cache=cache)
-
-
-def restore(directory):
-    """(model, config) of a saved pretrained model, restored into an abstract U-Net.
-
-    The same weights as inference.load_pretrained, without its eager initialisation of a model
-    that the restore then overwrites (5-15 s of CPU, compiling each initialiser).
-    """
-    directory = pathlib.Path(directory)
-    card = json.loads((directory / inference.MODEL_CARD).read_text())
-    config = inference.config_from_json(card["config"])
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(config.model)))
-    state = ocp.StandardCheckpointer().restore(
-        (directory / inference.PRETRAINED_WEIGHTS).absolute(), abstract)
-    return nnx.merge(graphdef, state), config
 
 
 def photo(h, w, seed=0):
@@ -309,7 +290,7 @@ def test_cli_refine_writes_the_refined_soft_mask(tiny_model_dir, jax_cache, tmp_
     result = run_cli(tiny_model_dir, tmp_path / "a.png", "--output", tmp_path / "out", "--soft",
                      "--refine", cache=jax_cache)
     assert result.returncode == 0, result.stderr
-    model, config = restore(tiny_model_dir)
+    model, config, _ = inference.load_pretrained(tiny_model_dir)
     expected = {refined: predict.Predictor(model, config.data.image_size, refined=refined)
                 .probabilities([image])[0] for refined in (False, True)}
     written = read_rgb(tmp_path / "out" / "a_mask.png").astype(np.float32)
@@ -349,7 +330,7 @@ def test_collect_inputs_skips_earlier_outputs_only(tmp_path):
 
 
 def test_mixed_sizes_equal_one_at_a_time_one_compilation_per_bucket(tiny_model_dir):
-    model, config = restore(tiny_model_dir)
+    model, config, _ = inference.load_pretrained(tiny_model_dir)
     predictor = predict.Predictor(model, config.data.image_size, batch_size=2)
     sizes = [(50, 70), (131, 40), (64, 64), (60, 33), (65, 64), (33, 60), (1, 1), (40, 64)]
     images = [photo(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
@@ -370,7 +351,7 @@ def test_mixed_sizes_equal_one_at_a_time_one_compilation_per_bucket(tiny_model_d
 
 @pytest.fixture(scope="module")
 def pretrained():
-    return restore(inference.PRETRAINED_DIR)
+    return inference.load_pretrained()[:2]  # the whole ensemble, as predict uses it
 
 
 @pytest.mark.parametrize("refined", [False, True])

@@ -1,4 +1,5 @@
 """Segmentation models (architecture only; training logic lives in jaxseg.train)."""
+from jaxseg.models.ensemble import LogitAverage
 from jaxseg.models.unet import UNet, create_model
 
-__all__ = ["UNet", "create_model"]
+__all__ = ["LogitAverage", "UNet", "create_model"]

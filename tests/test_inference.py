@@ -1,0 +1,72 @@
+"""Pretrained models on disk: an ensemble round-trips as the mean of its members' logits."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default
+from jaxseg import inference
+from jaxseg.models import LogitAverage, create_model
+
+
+def tiny_config():
+    c = default.get_config()
+    c.data.image_size, c.model.depth, c.model.base_features = 32, 1, 4
+    return c
+
+
+def images(n=2, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def logits(model, x):
+    return np.asarray(model(x, train=False))
+
+
+def test_ensemble_saved_and_loaded_averages_its_members_logits(tmp_path):
+    config = tiny_config()
+    members = [create_model(config.model, seed=s) for s in (1, 2, 3)]
+    inference.save_pretrained(members, config, {"steps": [1, 2, 3]}, tmp_path)
+    x = images()
+    expected = np.mean([logits(m, x) for m in members], axis=0)
+
+    model, _, card = inference.load_pretrained(tmp_path)
+    assert isinstance(model, LogitAverage) and card["member_weights"] == ["weights", "weights_1", "weights_2"]
+    np.testing.assert_allclose(logits(model, x), expected, rtol=1e-5, atol=1e-5)
+
+    first_two, _, _ = inference.load_pretrained(tmp_path, members=2)
+    np.testing.assert_allclose(logits(first_two, x), (logits(members[0], x) + logits(members[1], x)) / 2,
+                               rtol=1e-5, atol=1e-5)
+    first, _, _ = inference.load_pretrained(tmp_path, members=1)
+    assert not isinstance(first, LogitAverage)
+    np.testing.assert_array_equal(logits(first, x), logits(members[0], x))
+    with pytest.raises(ValueError, match="has 3"):
+        inference.load_pretrained(tmp_path, members=4)
+
+
+def test_a_single_model_is_saved_without_a_member_list(tmp_path):
+    config = tiny_config()
+    model = create_model(config.model, seed=1)
+    inference.save_pretrained(model, config, {"steps": 0}, tmp_path)
+    loaded, _, card = inference.load_pretrained(tmp_path)
+    assert "member_weights" not in card and not isinstance(loaded, LogitAverage)
+    np.testing.assert_array_equal(logits(loaded, images()), logits(model, images()))
+    with pytest.raises(ValueError, match="has 1"):
+        inference.load_pretrained(tmp_path, members=2)
+
+
+def test_members_apply_to_the_pretrained_model_only():
+    with pytest.raises(ValueError, match="workdir holds one model"):
+        inference.load("/nonexistent/workdir", members=1)
+
+
+def test_ensemble_is_inference_only():
+    config = tiny_config()
+    model = LogitAverage([create_model(config.model, seed=1)])
+    with pytest.raises(ValueError, match="inference"):
+        model(images(), train=True)
+    with pytest.raises(ValueError, match="at least one"):
+        LogitAverage([])
+    # Flip averaging, thresholding and export see a logit map of the single model's shape.
+    assert jax.eval_shape(lambda x: model(x), images()).shape == (2, 32, 32, 1)
+    assert nnx.state(model, nnx.Param)  # its members' parameters are its own
