@@ -72,6 +72,7 @@ def save_pretrained(models, config, card: dict, directory: str | pathlib.Path = 
         checkpointer.save(directory / name, nnx.state(model), force=True)
     checkpointer.wait_until_finished()
     card = dict(card, config=json.loads(config.to_json()))
+    card.pop("member_weights", None)  # a card taken from an ensemble must not name absent members
     if len(models) > 1:
         card["member_weights"] = names
     (directory / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")

@@ -50,8 +50,19 @@ def config_for(size, num_steps, args):
     return c
 
 
+# Fields this script sets from the data and its own flags: overriding them would make the
+# schedule or the batch shape disagree with the training loop.
+OWN_FIELDS = ("data.image_size", "train.batch_size", "train.num_steps")
+
+
 def parse_like(config, field: str, text: str):
-    """`text` as the type of the config's current value of the dotted `field` (KeyError if none)."""
+    """`text` as the type of the config's current value of the dotted `field`.
+
+    Raises KeyError for an unknown field and ValueError for a section, a sequence, a field this
+    script sets itself, or text that does not convert.
+    """
+    if field in OWN_FIELDS:
+        raise ValueError(f"--set {field}: set by this script (use its flags or the array file)")
     current = config
     for part in field.split("."):
         current = current[part]
@@ -59,6 +70,8 @@ def parse_like(config, field: str, text: str):
         if text.lower() not in ("true", "false"):
             raise ValueError(f"--set {field}={text}: expected true or false")
         return text.lower() == "true"
+    if not isinstance(current, (int, float, str)):
+        raise ValueError(f"--set {field}: only single numbers, strings and booleans can be set")
     return type(current)(text)
 
 
@@ -84,7 +97,7 @@ def main():
     args = p.parse_args()
     try:  # a typo must fail here, not after the data is decoded and on the device
         config_for(256, 1000, args)
-    except (KeyError, ValueError, AttributeError) as e:
+    except (KeyError, ValueError) as e:
         p.error(f"--set: {e}")
     if args.num_validations < 1:
         p.error("--num_validations must be at least 1: validation picks the weights that are saved")

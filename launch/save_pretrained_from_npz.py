@@ -37,9 +37,11 @@ def main():
         raise SystemExit(__doc__)
     runs = [load_run(pathlib.Path(a)) for a in sys.argv[1:]]
     models, configs, cards = zip(*runs)
-    if len({json.dumps(c.model.to_dict(), sort_keys=True) for c in configs}) > 1:
-        raise SystemExit("ensemble members must share one model config: "
-                         + "; ".join(f"{a}: {c.model.to_dict()}" for a, c in zip(sys.argv[1:], configs)))
+    # Every member runs at the first one's input size.
+    shapes = [(c.data.image_size, c.model.to_dict()) for c in configs]
+    if len({json.dumps(x, sort_keys=True) for x in shapes}) > 1:
+        raise SystemExit("ensemble members must share one image size and model config: "
+                         + "; ".join(f"{a}: {x}" for a, x in zip(sys.argv[1:], shapes)))
     card = cards[0] if len(cards) == 1 else {
         "steps": [c["steps"] for c in cards],
         "members": [dict(c, config=json.loads(cfg.to_json())) for c, cfg in zip(cards, configs)]}

@@ -40,6 +40,10 @@ def test_ensemble_saved_and_loaded_averages_its_members_logits(tmp_path):
     first, _, _ = inference.load_pretrained(tmp_path, members=1)
     assert not isinstance(first, LogitAverage)
     np.testing.assert_array_equal(logits(first, x), logits(members[0], x))
+    # Saved again as a single model with the ensemble's card, it names no absent members.
+    inference.save_pretrained(first, config, card, tmp_path / "first")
+    np.testing.assert_array_equal(logits(inference.load_pretrained(tmp_path / "first")[0], x),
+                                  logits(members[0], x))
     with pytest.raises(ValueError, match="has 3"):
         inference.load_pretrained(tmp_path, members=4)
 

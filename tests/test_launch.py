@@ -218,3 +218,26 @@ def test_accelerator_configs(name, num_devices):
     assert config.model.compute_dtype == "bfloat16"
     assert config.data.image_size == 256
     _validate_or_skip()(config, num_devices=num_devices)
+
+
+def test_gpu_array_train_set_overrides_fields_by_their_type():
+    import importlib.util
+
+    from configs import default
+
+    spec = importlib.util.spec_from_file_location("gpu_array_train", LAUNCH / "gpu_array_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = default.get_config()
+    assert module.parse_like(config, "data.aug.copy_paste", "0.5") == 0.5
+    assert module.parse_like(config, "model.base_features", "32") == 32
+    assert module.parse_like(config, "data.aug.hflip", "False") is False
+    for field, text, message in [
+            ("data.aug.copypaste", "1", "copy_paste"),  # a typo: the known name is suggested
+            ("data.aug.hflip", "2", "true or false"),
+            ("optim.step_fractions", "0.5,0.9", "single numbers"),
+            ("data.aug", "1", "single numbers"),
+            ("train.num_steps", "10", "set by this script"),
+            ("model.base_features", "wide", "invalid literal")]:
+        with pytest.raises((KeyError, ValueError), match=message):
+            module.parse_like(config, field, text)

@@ -47,6 +47,9 @@ def test_eight_devices_equal_one_device(copy_paste):
     # BatchNorm statistics): after 3 Adam steps of lr <= 3e-3 the differences stay at rounding
     # level, far below the size of a single update (~1e-3).
     np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-5)
+    if copy_paste:  # and the paste happened: the same batches without it give other losses
+        config.data.aug.copy_paste = 0.0
+        assert not np.allclose(run_steps(config, 1)[1], loss_one, rtol=1e-3)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
                                    rtol=1e-4, atol=2e-5)

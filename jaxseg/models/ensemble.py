@@ -19,6 +19,7 @@ class LogitAverage(nnx.Module):
         self.members = nnx.List(members)
 
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """The members' mean logits for uint8 images, as a single model returns them."""
         if train:
             raise ValueError("LogitAverage is for inference: train its members one by one")
         return sum(m(images, train=False) for m in self.members) / len(self.members)
