@@ -50,8 +50,8 @@ def copy_paste(key: jax.Array, images: jax.Array, masks: jax.Array, valid: jax.A
     """Pastes, with probability `prob` per example, another example's person over it.
 
     The donor of example i is example (i - r) mod B for one random r in [1, B), so no example is
-    its own donor (unless B = 1). Pasted pixels take the donor's image; the mask becomes the union of both
-    people, which is exact because the donor's person hides whatever it covers. Padding examples
+    its own donor (unless B = 1). Pasted pixels take the donor's image; the mask becomes the union
+    of both people, which is exact because the donor's person hides whatever it covers. Padding examples
     (valid = 0) donate nothing. The person thus appears on backgrounds and beside people it was
     never photographed with: more and harder training scenes from the same annotations.
 
@@ -62,6 +62,7 @@ def copy_paste(key: jax.Array, images: jax.Array, masks: jax.Array, valid: jax.A
     k_shift, k_take = jax.random.split(key)
     shift = jax.random.randint(k_shift, (), 1, max(b, 2))
     donor_image = jnp.roll(images, shift, axis=0)
-    donor_mask = jnp.roll(masks, shift, axis=0) * jnp.roll(valid, shift)[:, None, None, None].astype(masks.dtype)
+    donor_valid = jnp.roll(valid, shift)[:, None, None, None].astype(masks.dtype)
+    donor_mask = jnp.roll(masks, shift, axis=0) * donor_valid
     take = (jax.random.uniform(k_take, (b,)) < prob)[:, None, None, None] & (donor_mask > 0)
     return jnp.where(take, donor_image, images), jnp.where(take, donor_mask, masks)

@@ -273,7 +273,7 @@ def main(argv):
     else:
         try:
             model, config, described = inference.load(f.workdir or None, f.checkpoint, f.members)
-        except ValueError as e:
+        except inference.MembersError as e:
             raise app.UsageError(f"--members {f.members}: {e}") from None
         image_size = config.data.image_size
     threshold = f.threshold if f.threshold > 0 else 0.5

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     try:
         model, config, description = inference.load(args.workdir, args.checkpoint, args.members)
-    except ValueError as e:
+    except inference.MembersError as e:
         raise SystemExit(f"--members {args.members}: {e}") from None
     manifest = export_all(model, config, args.output, batch_size=args.batch_size,
                           description=description)

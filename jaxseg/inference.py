@@ -17,6 +17,11 @@ PRETRAINED_WEIGHTS = "weights"
 MODEL_CARD = "model_card.json"
 
 
+class MembersError(ValueError):
+    """A member count the model cannot give (a ValueError of its own, so that command lines
+    blame --members for it and for nothing else)."""
+
+
 def person_probabilities(model, images: jax.Array, *, flip_tta: bool = False) -> jax.Array:
     """(B, S, S) P(person) from uint8 images in inference mode, optionally averaged with the mirror."""
     probs = losses.person_probability(model(images, train=False))
@@ -47,7 +52,7 @@ def load_pretrained(directory: str | pathlib.Path | None = None, members: int = 
     config = config_from_json(card["config"])
     names = card.get("member_weights", [PRETRAINED_WEIGHTS])
     if not 0 <= members <= len(names):
-        raise ValueError(f"members={members}: the pretrained model has {len(names)} "
+        raise MembersError(f"members={members}: the pretrained model has {len(names)} "
                          f"(use 1..{len(names)}, or 0 for all)")
     # Shapes only: initialising real weights that the restore overwrites costs seconds.
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(config.model)))
@@ -92,7 +97,7 @@ def load(workdir: str | None = None, checkpoint: str = "best", members: int = 0)
     """
     if workdir:
         if members:
-            raise ValueError("members applies to the pretrained model; a workdir holds one model")
+            raise MembersError("members applies to the pretrained model; a workdir holds one model")
         model, config, step = load_from_workdir(workdir, checkpoint)
         return model, config, {"source": str(workdir), "checkpoint_step": step}
     model, config, card = load_pretrained(members=members)

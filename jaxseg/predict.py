@@ -332,7 +332,7 @@ def main(argv):
     renderer = Renderer(mode=f.mode, threshold=f.threshold, soft=f.soft, background=background)
     try:
         model, config, described = inference.load(f.workdir or None, f.checkpoint, f.members)
-    except ValueError as e:
+    except inference.MembersError as e:
         raise SystemExit(f"--members {f.members}: {e}") from None
     predictor = Predictor(model, config.data.image_size, batch_size=f.batch_size,
                           flip_tta=f.flip_tta, refined=f.refine)

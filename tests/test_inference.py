@@ -44,7 +44,7 @@ def test_ensemble_saved_and_loaded_averages_its_members_logits(tmp_path):
     inference.save_pretrained(first, config, card, tmp_path / "first")
     np.testing.assert_array_equal(logits(inference.load_pretrained(tmp_path / "first")[0], x),
                                   logits(members[0], x))
-    with pytest.raises(ValueError, match="has 3"):
+    with pytest.raises(inference.MembersError, match="has 3"):
         inference.load_pretrained(tmp_path, members=4)
 
 
@@ -55,12 +55,12 @@ def test_a_single_model_is_saved_without_a_member_list(tmp_path):
     loaded, _, card = inference.load_pretrained(tmp_path)
     assert "member_weights" not in card and not isinstance(loaded, LogitAverage)
     np.testing.assert_array_equal(logits(loaded, images()), logits(model, images()))
-    with pytest.raises(ValueError, match="has 1"):
+    with pytest.raises(inference.MembersError, match="has 1"):
         inference.load_pretrained(tmp_path, members=2)
 
 
 def test_members_apply_to_the_pretrained_model_only():
-    with pytest.raises(ValueError, match="workdir holds one model"):
+    with pytest.raises(inference.MembersError, match="workdir holds one model"):
         inference.load("/nonexistent/workdir", members=1)
 
 
