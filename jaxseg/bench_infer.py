@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
     p.add_argument("--members", type=int, default=0,
                    help="pretrained ensemble: use its first N members (0 = all; fewer is faster)")
-    p.add_argument("--batch_size", type=int, default=8, help="batch of the throughput figure")
+    p.add_argument("--batch_size", type=export.positive_int, default=8,
+                   help="batch of the throughput figure")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per form and batch size")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls (compilation included)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -78,10 +79,7 @@ def main(argv: list[str]) -> None:
 
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
-    try:
-        model, config, description = inference.load(args.workdir, args.checkpoint, args.members)
-    except inference.MembersError as e:
-        raise SystemExit(f"--members {args.members}: {e}") from None
+    model, config, description = inference.load_or_exit(args.workdir, args.checkpoint, args.members)
     size = config.data.image_size
     fn, leaves = export.inference_function(model)
     jitted = jax.jit(fn)

@@ -271,10 +271,8 @@ def main(argv):
         image_size, model, described = 0, None, {"source": str(f.predictions),
                                                  "checkpoint_step": None}
     else:
-        try:
-            model, config, described = inference.load(f.workdir or None, f.checkpoint, f.members)
-        except inference.MembersError as e:
-            raise app.UsageError(f"--members {f.members}: {e}") from None
+        model, config, described = inference.load_or_exit(f.workdir or None, f.checkpoint,
+                                                          f.members)
         image_size = config.data.image_size
     threshold = f.threshold if f.threshold > 0 else 0.5
     evaluator = Evaluator(source, mesh=mesh, image_size=max(image_size, 32), batch_size=batch,

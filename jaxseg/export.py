@@ -170,6 +170,14 @@ def runners(output, *, tflite_threads: int | None = None) -> dict:
     return forms
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch of 0 would make every TF signature unusable)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxseg.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--members", type=int, default=0,
                    help="pretrained ensemble: use its first N members (0 = all; fewer is faster)")
     p.add_argument("--output", required=True, help="folder to write the exports to")
-    p.add_argument("--batch_size", type=int, default=8,
+    p.add_argument("--batch_size", type=positive_int, default=8,
                    help="batch of the TF/TFLite batched signature (besides batch 1)")
     return p
 
@@ -187,12 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: load the model, write every form, print the manifest's summary."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
-    try:
-        model, config, description = inference.load(args.workdir, args.checkpoint, args.members)
-    except inference.MembersError as e:
-        raise SystemExit(f"--members {args.members}: {e}") from None
+    output = pathlib.Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise SystemExit(f"--output {output}: exists and is not a folder")
+    model, config, description = inference.load_or_exit(args.workdir, args.checkpoint, args.members)
     manifest = export_all(model, config, args.output, batch_size=args.batch_size,
-                          description=description)
+                          description=dict(description, members=args.members or None))
     print(f"wrote {args.output}: {STABLEHLO_FILE} (symbolic batch), {SAVED_MODEL_DIR}/ "
           f"(signatures {manifest['saved_model']['signatures']}), "
           + (TFLITE_FILE if "file" in manifest["tflite"]

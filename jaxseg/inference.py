@@ -107,3 +107,13 @@ def load(workdir: str | None = None, checkpoint: str = "best", members: int = 0)
         steps = steps[0] if len(steps) == 1 else steps
     return model, config, {"source": "pretrained", "checkpoint_step": steps}
 
+
+def load_or_exit(workdir: str | None = None, checkpoint: str = "best", members: int = 0):
+    """load() for command lines: a missing model or checkpoint, or a member count the model
+    cannot give, ends the program with its message instead of a traceback."""
+    try:
+        return load(workdir, checkpoint, members)
+    except MembersError as e:
+        raise SystemExit(f"--members {members}: {e}") from None
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None

@@ -8,6 +8,7 @@ size by the shared resolution rule (jaxseg.resolution), or along the photo's edg
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import pathlib
@@ -89,7 +90,10 @@ def parse_colour(text: str) -> tuple[int, int, int]:
     if text in names:
         return names[text]
     if text.startswith("#") and len(text) == 7:
-        return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))
+        try:
+            return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))
+        except ValueError:
+            pass
     parts = text.split(",")
     if len(parts) == 3 and all(p.strip().isdigit() for p in parts):
         return tuple(int(p) for p in parts)
@@ -109,11 +113,18 @@ class Renderer:
         """Person opacity in [0, 1]: the probability (soft) or the thresholded mask."""
         return probs if self.soft else (probs >= self.threshold).astype(np.float32)
 
-    def render(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """uint8 output: mask (H,W), cutout RGBA, overlay RGB or background RGB."""
+    def render(self, image: np.ndarray, probs: np.ndarray,
+               image_alpha: np.ndarray | None = None) -> np.ndarray:
+        """uint8 output: mask (H,W), cutout RGBA, overlay RGB or background RGB.
+
+        `image_alpha` (uint8 H,W), the photo's own transparency, limits the person's opacity in
+        cutouts and background replacements: what was invisible in the photo stays invisible.
+        """
         a = self.alpha(probs)
         if self.mode == "mask":
             return np.round(a * 255).astype(np.uint8)
+        if image_alpha is not None:
+            a = a * (image_alpha.astype(np.float32) / 255)
         if self.mode == "cutout":
             return np.dstack([image, np.round(a * 255).astype(np.uint8)])
         if self.mode == "overlay":
@@ -139,21 +150,26 @@ class InputError(ValueError):
     """An input that cannot be processed (unreadable, too large, not an image)."""
 
 
-def read_image(path: pathlib.Path, max_pixels: int) -> np.ndarray:
-    """RGB uint8 image; EXIF orientation applied; refused before decoding when too large."""
+@contextlib.contextmanager
+def _pil_without_size_limit():
+    """PIL's decompression-bomb guard off (an error above ~179M pixels): it would pre-empt
+    read_image's own size check with a misleading "not a readable image" and cap --max_pixels."""
     from PIL import Image
 
-    # PIL's own decompression-bomb guard (an error above ~179M pixels) would pre-empt the size
-    # check below with a misleading "not a readable image" and cap --max_pixels; this check
-    # replaces it, so it is off while the header is read.
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
-        with Image.open(path) as im:  # reads the header only
+        yield Image
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def read_image(path: pathlib.Path, max_pixels: int) -> np.ndarray:
+    """RGB uint8 image; EXIF orientation applied; refused before decoding when too large."""
+    try:
+        with _pil_without_size_limit() as Image, Image.open(path) as im:  # the header only
             w, h = im.size
     except Exception as e:  # PIL raises many types for non-images
         raise InputError(f"not a readable image ({e.__class__.__name__})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
     if w * h > max_pixels:
         raise InputError(f"{w}x{h} = {w * h} pixels exceeds --max_pixels={max_pixels}")
     data = np.fromfile(path, np.uint8)
@@ -161,6 +177,24 @@ def read_image(path: pathlib.Path, max_pixels: int) -> np.ndarray:
     if image is None:
         raise InputError("could not decode the image")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_alpha(path: pathlib.Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The transparency (uint8 H, W) of an image that read_image read as SHAPE; None if opaque.
+
+    Also None where it would not line up with read_image's pixels (an orientation OpenCV
+    and PIL apply differently): the photo is then used as opaque, as before.
+    """
+    from PIL import ImageOps
+
+    try:
+        with _pil_without_size_limit() as Image, Image.open(path) as im:
+            if not im.has_transparency_data:
+                return None
+            alpha = np.asarray(ImageOps.exif_transpose(im).convert("RGBA").getchannel("A"))
+    except Exception as e:  # PIL raises many types for damaged files
+        raise InputError(f"could not read its transparency ({e.__class__.__name__})") from None
+    return alpha if alpha.shape == tuple(shape) else None
 
 
 def write_image(path: pathlib.Path, array: np.ndarray) -> None:
@@ -171,7 +205,7 @@ def write_image(path: pathlib.Path, array: np.ndarray) -> None:
         array = cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), array):
-        raise OSError(f"could not write {path}")
+        raise OSError("OpenCV could not write it")
 
 
 def _outputs_inside(folder: pathlib.Path, output: pathlib.Path) -> pathlib.Path | None:
@@ -179,32 +213,54 @@ def _outputs_inside(folder: pathlib.Path, output: pathlib.Path) -> pathlib.Path 
 
     An output folder strictly inside FOLDER is skipped whole. When OUTPUT is FOLDER itself (or an
     ancestor), only the subfolder that FOLDER's outputs go to, `output/<folder name>`, is; where
-    that is FOLDER itself (output = its parent) nothing is skipped, or no input would remain.
+    that is FOLDER itself (output = its parent) no subtree is skipped, and the outputs there,
+    beside their inputs, are told apart by name instead (_is_earlier_output).
     """
-    inside = output if folder.resolve() in output.parents else output / folder.name
-    return None if inside == folder.resolve() else inside
+    folder = folder.resolve()
+    inside = output if folder in output.parents else output / folder.name
+    return None if inside == folder else inside
 
 
-def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list]:
-    """(images, videos, problems): [(path, relative output stem)]; earlier outputs skipped."""
-    images, videos, problems = [], [], []
+def _is_earlier_output(f: pathlib.Path, stems_beside: set[str]) -> bool:
+    """Whether F is named as this tool's output of a file beside it (x_mask.png next to x.jpg)."""
+    base, sep, mode = f.stem.rpartition("_")
+    return bool(sep) and mode in MODES and base in stems_beside and f.suffix in (".png", ".mp4")
+
+
+def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]:
+    """(images, videos, problems, passed_over): [(path, relative output stem)], and how many
+    files of the input folders were not taken: neither images nor videos by their suffix, or
+    earlier outputs (the output folder's tree where it lies inside an input folder, and files
+    named as outputs of a file beside them: x_mask.png next to x.jpg, as --output at an input
+    folder's parent writes them). Files named one by one are always taken."""
+    images, videos, problems, passed_over = [], [], [], 0
     output = output.resolve()
     for raw in inputs:
         path = pathlib.Path(raw)
         if path.is_dir():
             skip = _outputs_inside(path, output)
-            for f in sorted(p for p in path.rglob("*") if p.is_file()):
-                if skip is not None and skip in f.resolve().parents:
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            stems = collections.defaultdict(set)  # of the images and videos in each folder
+            for f in files:
+                if f.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+                    stems[f.parent].add(f.stem)
+            # The resolved name: "." and ".." have none of their own to mirror under --output.
+            mirror = pathlib.Path(path.resolve().name)
+            for f in files:
+                kind = f.suffix.lower()
+                if ((skip is not None and skip in f.resolve().parents)
+                        or _is_earlier_output(f, stems[f.parent])
+                        or kind not in IMAGE_SUFFIXES | VIDEO_SUFFIXES):
+                    passed_over += 1
                     continue
-                rel = f.relative_to(path).with_suffix("")
-                (videos if f.suffix.lower() in VIDEO_SUFFIXES else images).append(
-                    (f, pathlib.Path(path.name) / rel))
+                (videos if kind in VIDEO_SUFFIXES else images).append(
+                    (f, mirror / f.relative_to(path).with_suffix("")))
         elif path.is_file():
             (videos if path.suffix.lower() in VIDEO_SUFFIXES else images).append(
                 (path, pathlib.Path(path.stem)))
         else:
             problems.append((path, "no such file or folder"))
-    return images, videos, problems
+    return images, videos, problems, passed_over
 
 
 def output_path(output: pathlib.Path, stem: pathlib.Path, mode: str, suffix: str) -> pathlib.Path:
@@ -216,7 +272,8 @@ def claim_output(target: pathlib.Path, path: pathlib.Path, inputs_resolved, clai
     """Reserves TARGET for PATH; the reason it cannot be written, or None.
 
     An output never replaces an input, nor the output of another input of the same run (a.jpg and
-    a.png in one folder both map to a_mask.png).
+    a.png in one folder both map to a_mask.png). Claim only inputs that were read, so that an
+    unreadable a.jpg leaves a_mask.png to a.png; release the claim if writing fails.
     """
     resolved = target.resolve()
     if resolved in inputs_resolved:
@@ -232,22 +289,30 @@ def predict_images(predictor, renderer, items, output, *, max_pixels, inputs_res
     """Processes image files in chunks; returns [(path, problem)] for the skipped ones."""
     problems = []
     claimed = {} if claimed is None else claimed
+    with_alpha = renderer.mode in ("cutout", "background")
     chunk = max(predictor.batch_size * 4, 16)
     for start in range(0, len(items), chunk):
         loaded = []
         for path, stem in items[start:start + chunk]:
             target = output_path(output, stem, renderer.mode, ".png")
+            try:
+                image = read_image(path, max_pixels)
+                alpha = read_alpha(path, image.shape[:2]) if with_alpha else None
+            except InputError as e:
+                problems.append((path, str(e)))
+                continue
             why = claim_output(target, path, inputs_resolved, claimed)
             if why:
                 problems.append((path, why))
                 continue
+            loaded.append((path, target, image, alpha))
+        probs = predictor.probabilities([image for _, _, image, _ in loaded])
+        for (path, target, image, alpha), p in zip(loaded, probs):
             try:
-                loaded.append((path, target, read_image(path, max_pixels)))
-            except InputError as e:
-                problems.append((path, str(e)))
-        probs = predictor.probabilities([image for _, _, image in loaded])
-        for (path, target, image), p in zip(loaded, probs):
-            write_image(target, renderer.render(image, p))
+                write_image(target, renderer.render(image, p, alpha))
+            except OSError as e:
+                claimed.pop(target.resolve())
+                problems.append((path, f"could not write {target} ({e.strerror or e})"))
         progress.update(len(items[start:start + chunk]))
     return problems
 
@@ -320,20 +385,21 @@ def main(argv):
     if not inputs:
         raise SystemExit("usage: python -m jaxseg.predict INPUT... --output DIR [--mode mask]")
     output = pathlib.Path(f.output)
-    images, videos, problems = collect_inputs(inputs, output)
+    if output.exists() and not output.is_dir():
+        raise SystemExit(f"--output {output}: exists and is not a folder")
+    images, videos, problems, passed_over = collect_inputs(inputs, output)
     background = None
     if f.mode == "background":
         bg_path = pathlib.Path(f.background)
+        if not bg_path.is_file() and bg_path.suffix.lower() in IMAGE_SUFFIXES:
+            raise SystemExit(f"--background {f.background}: no such image file")
         try:
             background = (read_image(bg_path, f.max_pixels) if bg_path.is_file()
                           else parse_colour(f.background))
         except ValueError as e:  # InputError is one
             raise SystemExit(f"--background {f.background}: {e}") from None
     renderer = Renderer(mode=f.mode, threshold=f.threshold, soft=f.soft, background=background)
-    try:
-        model, config, described = inference.load(f.workdir or None, f.checkpoint, f.members)
-    except inference.MembersError as e:
-        raise SystemExit(f"--members {f.members}: {e}") from None
+    model, config, described = inference.load_or_exit(f.workdir or None, f.checkpoint, f.members)
     predictor = Predictor(model, config.data.image_size, batch_size=f.batch_size,
                           flip_tta=f.flip_tta, refined=f.refine)
     inputs_resolved = {p.resolve() for p, _ in images + videos}
@@ -352,13 +418,17 @@ def main(argv):
         try:
             with tqdm(desc=path.name, unit="batch") as progress:
                 predict_video(predictor, renderer, path, target, progress=progress)
-        except InputError as e:
-            video_problems.append((path, str(e)))
+        except (InputError, OSError) as e:
+            claimed.pop(target.resolve())
+            video_problems.append((path, str(e) if isinstance(e, InputError)
+                                   else f"could not write {target} ({e.strerror or e})"))
     # Missing paths (already in `problems`) are neither images nor videos: not subtracted.
     done = len(images) + len(videos) - len(image_problems) - len(video_problems)
     problems += image_problems + video_problems
     print(f"model: {described['source']} (step {described['checkpoint_step']}); "
-          f"wrote {done} outputs to {output}")
+          f"wrote {done} outputs to {output}"
+          + (f"; passed over {passed_over} files in the input folders (not images or videos, "
+             f"or earlier outputs)" if passed_over else ""))
     for path, why in problems:
         print(f"skipped {path}: {why}", file=sys.stderr)
     if problems:
@@ -379,7 +449,7 @@ def _define_flags():
     flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
     flags.DEFINE_integer("members", 0, "Pretrained ensemble: use its first N members "
                          "(0 = all; fewer is faster).")
-    flags.DEFINE_integer("batch_size", 8, "Images per compiled batch.")
+    flags.DEFINE_integer("batch_size", 8, "Images per compiled batch.", lower_bound=1)
     flags.DEFINE_bool("flip_tta", False, "Average with the mirrored image.")
     flags.DEFINE_bool("refine", False, "Upsample along the photo's edges (guided filter).")
     flags.DEFINE_integer("max_pixels", 80_000_000, "Refuse larger images (decompression bombs).")

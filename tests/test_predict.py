@@ -185,7 +185,6 @@ def test_cli_reports_and_skips_bad_inputs(mask_run):
     expected = {
         photos / "sub" / "corrupt.png": "could not decode",
         photos / "empty.jpg": "not a readable image",
-        photos / "notes.txt": "not a readable image",
         photos / "broken.mp4": "could not open the video",
         # Refused by --max_pixels before decoding (not by PIL's own guard, with a vaguer message).
         photos / "huge.png": "50000x50000 = 2500000000 pixels exceeds --max_pixels=80000000",
@@ -198,8 +197,9 @@ def test_cli_reports_and_skips_bad_inputs(mask_run):
     for stem in ("sub/corrupt", "empty", "notes", "huge"):
         assert not (out / f"{stem}_mask.png").exists()
     assert not (out / "broken_mask.mp4").exists()  # no empty video left behind
-    # The 5 images and the video.
+    # The 5 images and the video; notes.txt is not an image by its name, so not even tried.
     assert "wrote 6 outputs" in result.stdout
+    assert "passed over 1 files" in result.stdout
     assert f"{len(expected)} input(s) skipped" in result.stderr
 
 
@@ -212,6 +212,10 @@ def same_folder_runs(tiny_model_dir, jax_cache, tmp_path_factory):
     fx.write(photos / "x.png", photo(40, 30, seed=9))
     fx.write(photos / "x_overlay.png", photo(30, 40, seed=8))
     fx.write(photos / "big.png", photo(60, 60, seed=7))
+    # a.png's pixels, with its right half transparent.
+    alpha = np.full(image.shape[:2], 255, np.uint8)
+    alpha[:, image.shape[1] // 2:] = 0
+    cv2.imwrite(str(photos / "t.png"), cv2.cvtColor(np.dstack([image, alpha]), cv2.COLOR_RGBA2BGRA))
     before = digest(photos)
     runs = {
         "cutout": run_cli(tiny_model_dir, photos, "--output", photos, "--mode", "cutout",
@@ -237,13 +241,16 @@ def test_output_folder_equal_to_input_folder(same_folder_runs):
     after = digest(photos)
     assert {k: after[k] for k in same_folder_runs["before"]} == same_folder_runs["before"]
     outputs = photos / "photos"  # output/<input folder name>/...
+    # x_overlay.png, named as x.png's overlay output beside it, is passed over in the folder.
     assert sorted(p.name for p in outputs.glob("*_cutout.png")) == [
-        "a_cutout.png", "big_cutout.png", "x_cutout.png", "x_overlay_cutout.png"]
+        "a_cutout.png", "big_cutout.png", "t_cutout.png", "x_cutout.png"]
     assert "wrote 4 outputs" in runs["cutout"].stdout
+    assert "passed over 1 files" in runs["cutout"].stdout
     # The background run skipped photos/photos/ (the cutout outputs): no *_cutout_background.
     assert sorted(p.name for p in outputs.glob("*_background.png")) == [
-        "a_background.png", "big_background.png", "x_background.png", "x_overlay_background.png"]
+        "a_background.png", "big_background.png", "t_background.png", "x_background.png"]
     assert "wrote 4 outputs" in runs["background"].stdout
+    assert "passed over 5 files" in runs["background"].stdout
 
 
 def test_output_never_overwrites_an_input_and_max_pixels_refuses(same_folder_runs):
@@ -256,6 +263,35 @@ def test_output_never_overwrites_an_input_and_max_pixels_refuses(same_folder_run
     assert not (photos / "big_overlay.png").exists()
 
 
+def test_unreadable_and_unwritable_inputs_cost_only_themselves_in_repeated_runs(
+        tiny_model_dir, jax_cache, tmp_path):
+    # --output at the folder's parent puts each output beside its input, run after run.
+    photos = tmp_path / "photos"
+    fx.write(photos / "a.png", photo(30, 30, seed=1))
+    (photos / "a.jpg").write_bytes(b"junk")  # sorted first, claims a_mask.png only if readable
+    long_name = "b" * 250 + ".png"  # its output name is over the file system's 255 bytes
+    fx.write(photos / long_name, photo(30, 30, seed=2))
+    fx.write(photos / "c.png", photo(30, 30, seed=3))
+    for run in range(2):
+        result = run_cli(tiny_model_dir, photos, "--output", tmp_path, cache=jax_cache)
+        assert result.returncode == predict.EXIT_SKIPPED, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "wrote 2 outputs" in result.stdout, (run, result.stdout)
+        assert f"skipped {photos / 'a.jpg'}: not a readable image" in result.stderr
+        assert f"skipped {photos / long_name}: could not write" in result.stderr
+        assert sorted(p.name for p in photos.glob("*_mask*")) == ["a_mask.png", "c_mask.png"]
+
+
+def test_output_that_is_a_file_and_bad_batch_are_usage_errors(tiny_model_dir, jax_cache, tmp_path):
+    fx.write(tmp_path / "a.png", photo(20, 20))
+    for args, message in [(["--output", tmp_path / "a.png"], "exists and is not a folder"),
+                          (["--output", tmp_path / "out", "--batch_size", "0"], "batch_size")]:
+        result = run_cli(tiny_model_dir, tmp_path / "a.png", *args, cache=jax_cache)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_modes_compose_the_mask(mask_run, same_folder_runs):
     image, photos = same_folder_runs["image"], same_folder_runs["photos"]
     mask = read_rgb(mask_run["out"] / "a_mask.png")
@@ -265,6 +301,12 @@ def test_modes_compose_the_mask(mask_run, same_folder_runs):
     assert cutout.shape == (*mask.shape, 4)
     np.testing.assert_array_equal(cutout[..., :3], image)
     np.testing.assert_array_equal(cutout[..., 3], mask)  # alpha = the mask
+
+    # The photo's own transparency stays: no person shows where the photo was invisible.
+    half = image.shape[1] // 2
+    assert mask[:, half:].any()
+    transparent = read_rgb(photos / "photos" / "t_cutout.png")
+    np.testing.assert_array_equal(transparent[..., 3], np.where(np.arange(mask.shape[1]) < half, mask, 0))
 
     background = read_rgb(photos / "photos" / "a_background.png")
     np.testing.assert_array_equal(background, np.where(person, image, [0, 0, 255]))
@@ -302,8 +344,9 @@ def test_parse_colour():
     assert predict.parse_colour("white") == (255, 255, 255)
     assert predict.parse_colour("#00ff80") == (0, 255, 128)
     assert predict.parse_colour("1, 2,3") == (1, 2, 3)
-    with pytest.raises(ValueError):
-        predict.parse_colour("#00ff")
+    for bad in ("#00ff", "#zzzzzz"):
+        with pytest.raises(ValueError, match="not a colour"):
+            predict.parse_colour(bad)
 
 
 def test_collect_inputs_skips_earlier_outputs_only(tmp_path):
@@ -313,16 +356,33 @@ def test_collect_inputs_skips_earlier_outputs_only(tmp_path):
         (photos / name).write_bytes(b"")
 
     def names(output):
-        images, _, _ = predict.collect_inputs([photos], output)
+        images, _, _, _ = predict.collect_inputs([photos], output)
         return sorted(str(p.relative_to(photos)) for p, _ in images)
 
     # Output inside the input folder: all of it skipped.
     assert names(photos / "out") == ["a.png", "photos/c_mask.png", "sub/b.png"]
     # Output = the input folder: only photos/photos/, where its outputs go, is skipped.
     assert names(photos) == ["a.png", "out/photos/a_mask.png", "sub/b.png"]
-    # Output = the parent: outputs land in photos/ itself; nothing can be told apart.
+    # Output = the parent: outputs land in photos/ itself, told apart by name (next test).
     assert len(names(tmp_path)) == 4
     assert len(names(tmp_path / "elsewhere")) == 4
+
+
+def test_collect_inputs_passes_over_outputs_beside_their_inputs_and_non_media(tmp_path,
+                                                                             monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    taken = ["x.jpg", "y_cutout.png", "x_overlay.jpg", "clip.mp4", "n_mask.png"]
+    passed_over = ["x_mask.png", "x_mask_mask.png", "clip_overlay.mp4", "notes.txt", "n.txt"]
+    for name in taken + passed_over:
+        (photos / name).write_bytes(b"")
+    monkeypatch.chdir(photos)
+    images, videos, problems, n = predict.collect_inputs(["."], tmp_path / "out")
+    assert sorted(str(p) for p, _ in images + videos) == sorted(taken)
+    assert n == len(passed_over) and not problems
+    # "." mirrors as the folder's own name under --output, not as the output folder itself.
+    assert {str(stem) for _, stem in images} == {"photos/x", "photos/y_cutout", "photos/x_overlay",
+                                                 "photos/n_mask"}
 
 
 # --------------------------------------------------------------------------------------------
