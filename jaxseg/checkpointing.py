@@ -66,6 +66,9 @@ class Checkpoints:
             if step is None:
                 raise FileNotFoundError(f"no checkpoint in {self.latest.directory}")
             return self.latest, step
+        if not which.isdigit():
+            raise FileNotFoundError(
+                f"no checkpoint {which!r}: name 'best', 'latest' or a step number")
         step = int(which)
         for manager in (self.latest, self.best):
             if step in manager.all_steps():

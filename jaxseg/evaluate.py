@@ -263,8 +263,13 @@ def main(argv):
     if f.refine_radius < 1 or f.refine_eps <= 0:
         raise app.UsageError(f"--refine_radius={f.refine_radius} must be >= 1 and "
                              f"--refine_eps={f.refine_eps} > 0")
+    if not 0 < f.threshold < 1:
+        raise app.UsageError(f"--threshold={f.threshold} must be between 0 and 1")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
-    dataset, split, source = _source_for(f)
+    try:
+        dataset, split, source = _source_for(f)
+    except (ValueError, FileNotFoundError) as e:  # unknown dataset or split, missing folders
+        raise SystemExit(f"error: {e}") from None
     mesh = sharding.make_mesh()
     batch = -(-f.batch_size // mesh.devices.size) * mesh.devices.size
     if f.predictions:
@@ -274,11 +279,13 @@ def main(argv):
         model, config, described = inference.load_or_exit(f.workdir or None, f.checkpoint,
                                                           f.members)
         image_size = config.data.image_size
-    threshold = f.threshold if f.threshold > 0 else 0.5
     evaluator = Evaluator(source, mesh=mesh, image_size=max(image_size, 32), batch_size=batch,
-                          threshold=threshold)
+                          threshold=f.threshold)
     if model is None:
-        result = evaluator.evaluate_predictions(f.predictions)
+        try:
+            result = evaluator.evaluate_predictions(f.predictions)
+        except (ValueError, FileNotFoundError) as e:  # missing or unreadable prediction masks
+            raise SystemExit(f"--predictions {f.predictions}: {e}") from None
     else:
         result = evaluator.evaluate_model(model, flip_tta=f.flip_tta, refined=f.refine,
                                           refine_radius=f.refine_radius, refine_eps=f.refine_eps)
@@ -289,12 +296,17 @@ def main(argv):
         result.update(refine_radius=f.refine_radius, refine_eps=f.refine_eps)
     if distributed.is_main_process():
         output = pathlib.Path(f.output) if f.output else _default_output(f, dataset, split)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=1) + "\n")
         summary = {k: result[k] for k in ("iou", "mean_image_iou", "miou", "dice", "precision",
                                           "recall", "pixel_accuracy", "boundary_f1")}
+        # Printed before the file is written: a failed write must not lose the figures.
         print(json.dumps({"dataset": dataset, "split": split, "num_images": result["num_images"],
-                          **{k: round(v, 4) for k, v in summary.items()}}))
+                          **{k: round(v, 4) for k, v in summary.items()}}), flush=True)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as e:
+            raise SystemExit(f"could not write {output} ({e.strerror or e}): "
+                             "give --output a writable path") from None
         print(f"wrote {output}")
 
 
@@ -327,7 +339,8 @@ def _define_flags():
     flags.DEFINE_string("predictions", "", "Score <id>.png masks from any model instead.")
     flags.DEFINE_string("output", "", "Metrics JSON path (default under the workdir).")
     flags.DEFINE_string("data_dir", "", "TFDS data dir (default $TFDS_DATA_DIR).")
-    flags.DEFINE_integer("batch_size", 16, "Global batch (rounded up to the device count).")
+    flags.DEFINE_integer("batch_size", 16, "Global batch (rounded up to the device count).",
+                         lower_bound=1)
     flags.DEFINE_float("threshold", 0.5, "Probability threshold for the person class.")
     flags.DEFINE_bool("flip_tta", False, "Average predictions with the mirrored image.")
     flags.DEFINE_bool("refine", False, "Upsample along the photo's edges (guided filter).")

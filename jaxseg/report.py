@@ -741,6 +741,8 @@ def main(argv):
 
     f = flags.FLAGS
     workdir = f.workdir
+    if workdir and not workdir_path(workdir).is_dir():
+        raise SystemExit(f"--workdir {workdir}: no such folder")
     if not workdir:  # the pretrained model: its eval JSONs are where jaxseg.evaluate put them
         workdir = workdir_path(evaluate.PRETRAINED_RUN_DIR)
         model, config, card = inference.load_pretrained()

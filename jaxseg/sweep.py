@@ -3,7 +3,9 @@
 Each trial is an ordinary training run (`jaxseg.train`) in its own workdir W/<trial>, with the
 trial's values as `--config.a.b=v` overrides, run sequentially or `--parallel N` at a time. Trials
 are ranked by validation IoU (the config's eval split, never the test split) into W/results.md and
-W/results.csv. Re-running skips finished trials; an interrupted one resumes from its checkpoint.
+W/results.csv. Re-running skips finished trials; an interrupted one (preempted: its training saved
+and exited before num_steps) is not recorded and resumes from its checkpoint. A sweep folder keeps
+its config and extra overrides (W/sweep.json): re-running it with others is refused.
 """
 from __future__ import annotations
 
@@ -20,6 +22,11 @@ import sys
 from jaxseg import metric_writer
 
 RESULT_FILE = "sweep_result.json"
+SWEEP_FILE = "sweep.json"
+
+
+class SweepError(RuntimeError):
+    """Trials that failed or stopped early, or a sweep folder re-run with another command."""
 
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
@@ -70,11 +77,35 @@ def _result(workdir: pathlib.Path, values: dict) -> dict:
             "final_train_loss": [r for r in records if r["kind"] == "train"][-1]["loss"]}
 
 
+def _steps(tdir: pathlib.Path) -> tuple[int, int]:
+    """(steps trained, train.num_steps) of a trial, from its config.json and metrics file."""
+    num_steps = json.loads((tdir / "config.json").read_text())["train"]["num_steps"]
+    logged = [r["step"] for r in metric_writer.read_metrics(tdir) if r["kind"] == "train"]
+    return max(logged, default=0), num_steps  # training always logs its last step
+
+
+def _check_same_sweep(workdir: pathlib.Path, config: str, extra: list[str]) -> None:
+    """Records the sweep's command in a new folder; refuses another one in an existing folder
+    (its finished trials would be reported as this command's)."""
+    command = {"config": config, "extra": list(extra)}
+    path = workdir / SWEEP_FILE
+    if not path.exists():
+        path.write_text(json.dumps(command, indent=1) + "\n")
+        return
+    stored = json.loads(path.read_text())
+    if stored != command:
+        raise SweepError(f"{workdir} holds a sweep of --config {stored['config']} with "
+                         f"{' '.join(stored['extra']) or 'no overrides'}; this one is --config "
+                         f"{config} with {' '.join(extra) or 'no overrides'}: use a new --workdir")
+
+
 def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, parallel: int = 1,
         extra: list[str] = ()) -> list[dict]:
-    """Runs the unfinished trials, then ranks every trial by validation IoU; returns the rows."""
+    """Runs the unfinished trials, then ranks every finished trial by validation IoU; returns
+    the rows. Raises SweepError naming the trials that failed or stopped early (after ranking)."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    _check_same_sweep(workdir, config, extra)
     todo = [(workdir / trial_name(v), v) for v in combos
             if not (workdir / trial_name(v) / RESULT_FILE).exists()]
     running: list[tuple] = []
@@ -82,7 +113,12 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
 
     def finish(proc, tdir, values):
         if proc.wait() != 0:
-            failures.append(f"{tdir.name} (exit {proc.returncode}, log {tdir / 'train.log'})")
+            failures.append(f"{tdir.name} failed (exit {proc.returncode}, log {tdir / 'train.log'})")
+            return
+        done, num_steps = _steps(tdir)
+        if done < num_steps:  # preempted: saved and exited cleanly; resumes on the next run
+            failures.append(f"{tdir.name} stopped at step {done} of {num_steps} (preempted?); "
+                            "run the same command again to resume it")
             return
         (tdir / RESULT_FILE).write_text(json.dumps(_result(tdir, values), indent=1) + "\n")
 
@@ -103,7 +139,7 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
     rows.sort(key=lambda r: -r["val_iou"])
     write_table(workdir, rows)
     if failures:
-        raise RuntimeError("failed trials: " + "; ".join(failures))
+        raise SweepError("unfinished trials: " + "; ".join(failures))
     return rows
 
 
@@ -118,7 +154,8 @@ def write_table(workdir: pathlib.Path, rows: list[dict]) -> None:
         writer.writerows(rows)
     lines = ["| rank | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for rank, row in enumerate(rows, 1):
-        cells = [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        # 4 significant digits: fixed decimals would print learning rates 1e-5 and 3e-5 as 0.0000.
+        cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         lines.append(f"| {rank} | " + " | ".join(cells) + " |")
     (workdir / "results.md").write_text(
         "Ranked by validation IoU (original resolution); the test split is never used.\n\n"
@@ -139,8 +176,16 @@ def main(argv=None):
     args, extra = p.parse_known_args(argv)
     if not args.grid:
         p.error("give at least one --grid FIELD=V1,V2")
-    rows = run(args.config, args.workdir, trials(parse_grid(args.grid), args.random, args.seed),
-               parallel=args.parallel, extra=extra)
+    if args.parallel < 1:
+        p.error(f"--parallel must be at least 1, got {args.parallel}")
+    try:
+        combos = trials(parse_grid(args.grid), args.random, args.seed)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        rows = run(args.config, args.workdir, combos, parallel=args.parallel, extra=extra)
+    except SweepError as e:
+        raise SystemExit(f"error: {e}") from None
     print((pathlib.Path(args.workdir) / "results.md").read_text())
     return rows
 

@@ -110,12 +110,26 @@ def _meta(config, step: int, extra: dict | None = None) -> dict:
             **(extra or {})}
 
 
-def _check_same_ema(config, ckpts) -> None:
-    """A workdir resumes only with the EMA setting it was written with (the state differs)."""
+# Model fields that set the shapes of the parameters (the others may change on resume).
+_SHAPE_FIELDS = ("depth", "base_features", "norm", "residual", "upsample", "num_classes")
+
+
+def _check_resumable(config, ckpts) -> None:
+    """A workdir resumes only with the model shape and EMA setting it was written with (the
+    state differs); the error says which fields to set back."""
     from jaxseg.inference import config_from_json
 
     meta, _ = ckpts.read_meta("latest")
-    saved = train_step.ema_decay(config_from_json(meta["config"]))
+    stored = config_from_json(meta["config"])
+    # A field that a checkpoint predates counts as unchanged.
+    changed = [f"model.{k}={stored.model[k]!r} (this config: {config.model[k]!r})"
+               for k in _SHAPE_FIELDS if stored.model.get(k, config.model[k]) != config.model[k]]
+    if changed:
+        raise config_check.ConfigError(
+            f"the workdir's checkpoints hold a model with {', '.join(changed)}: resume with "
+            f"those values, or use a new workdir with --config.train.init_checkpoint=OLD_WORKDIR "
+            f"for a model of this shape")
+    saved = train_step.ema_decay(stored)
     if (saved > 0) != (train_step.ema_decay(config) > 0):
         raise config_check.ConfigError(
             f"the workdir's checkpoints were written with train.ema_decay={saved}, this config has "
@@ -128,7 +142,7 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
     """Resume order: the workdir's latest checkpoint > train.init_checkpoint > scratch."""
     rep = sharding.replicated(mesh)
     if ckpts.latest_step() is not None:
-        _check_same_ema(config, ckpts)
+        _check_resumable(config, ckpts)
         restored, meta, step = ckpts.restore("latest", checkpointing.abstract_like(state, rep))
         log.info("resumed from %s at step %d", ckpts.latest.directory, step)
         return restored, step
@@ -193,14 +207,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Returns the last logged training metrics and validation results.
     """
     workdir = workdir_path(workdir)
-    mesh = sharding.make_mesh(config.num_devices or None)
+    if workdir.exists() and not workdir.is_dir():
+        raise config_check.ConfigError(f"--workdir {workdir} is a file: name a folder")
+    try:
+        mesh = sharding.make_mesh(config.num_devices or None)
+    except ValueError as e:  # more devices asked for than there are
+        raise config_check.ConfigError(f"num_devices={config.num_devices}: {e}") from None
     config_check.validate(config, mesh.devices.size)
     main = distributed.is_main_process()
-    writer = metric_writer.MetricWriter(workdir, enabled=main)
     ckpts = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
-
-    graphdef, state = train_step.create_train_state(config)
-    state, start = _initial_state(config, ckpts, graphdef, state, mesh)
+    try:
+        graphdef, state = train_step.create_train_state(config)
+        state, start = _initial_state(config, ckpts, graphdef, state, mesh)
+    except BaseException:
+        ckpts.close()  # an open manager's threads would bury the error in shutdown noise
+        raise
+    if start >= config.train.num_steps:
+        log.warning("the workdir is at step %d, not before train.num_steps=%d: nothing to train "
+                    "(raise --config.train.num_steps to go on)", start, config.train.num_steps)
+    writer = metric_writer.MetricWriter(workdir, enabled=main)
     step_fn = train_step.make_train_step(graphdef, config, mesh)
     num_steps = config.train.num_steps
     if main:
@@ -282,10 +307,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _check_finite(metrics, step: int, ckpts) -> None:
     if not bool(jax.device_get(metrics["finite"])):
+        last = ckpts.latest_step()
+        kept = ("no checkpoint was written before it" if last is None
+                else f"the last good checkpoint (step {last}) is intact")
         raise FloatingPointError(
-            f"non-finite loss or gradient at step {step + 1}; the state was not updated and the "
-            f"last good checkpoint (step {ckpts.latest_step()}) is intact. Lower "
-            "optim.learning_rate, keep optim.grad_clip_norm on, or check the data.")
+            f"non-finite loss or gradient at step {step + 1}; the state was not updated and "
+            f"{kept}. Lower optim.learning_rate, keep optim.grad_clip_norm on, or check the data.")
 
 
 def main(argv):
@@ -301,7 +328,10 @@ def main(argv):
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.basicConfig(level=logging.INFO if distributed.is_main_process() else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (config_check.ConfigError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
     if distributed.is_main_process():
         print(json.dumps({k: v for k, v in result.items()}, indent=1, default=float))
 

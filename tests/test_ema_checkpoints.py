@@ -56,12 +56,20 @@ def test_a_checkpoint_from_before_ema_existed_loads(tmp_path):
         np.testing.assert_array_equal(got, trained)
 
 
-def test_resuming_with_another_ema_setting_says_what_to_do(tmp_path):
+def test_resuming_with_another_ema_setting_or_model_shape_says_what_to_do(tmp_path):
     config = tiny_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     save(tmp_path, config, nnx.merge(graphdef, state))
     ckpts = checkpointing.Checkpoints(tmp_path, read_only=True)
-    train._check_same_ema(config, ckpts)  # same setting: fine
+    same_shape = tiny_config(0.0)
+    same_shape.model.dropout = 0.3  # not a shape: resumes
+    train._check_resumable(same_shape, ckpts)
     with pytest.raises(config_check.ConfigError, match="written with train.ema_decay=0.0"):
-        train._check_same_ema(tiny_config(0.999), ckpts)
+        train._check_resumable(tiny_config(0.999), ckpts)
+    wider = tiny_config(0.0)
+    wider.model.base_features *= 2
+    with pytest.raises(config_check.ConfigError,
+                       match=f"model.base_features={config.model.base_features} "
+                             f"\\(this config: {wider.model.base_features}\\)"):
+        train._check_resumable(wider, ckpts)
     ckpts.close()

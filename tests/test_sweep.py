@@ -3,6 +3,7 @@ import json
 import os
 import pathlib
 import re
+import sys
 
 import pytest
 
@@ -44,3 +45,33 @@ def test_sweep_ranks_by_validation_and_skips_finished(manual_dir, tmp_path, monk
     assert again == rows
     assert stamp == {r["trial"]: os.path.getmtime(tmp_path / r["trial"] / sweep.RESULT_FILE)
                      for r in rows}
+
+
+def test_a_trial_stopped_early_is_not_recorded_and_resumes(tmp_path, monkeypatch):
+    # The trial's training is a no-op that exits 0, as jaxseg.train does after a SIGTERM save;
+    # its workdir says how far it got.
+    monkeypatch.setattr(sweep, "_command", lambda *args: [sys.executable, "-c", ""])
+    combos = sweep.trials(sweep.parse_grid(["optim.learning_rate=1e-5"]))
+    tdir = tmp_path / sweep.trial_name(combos[0])
+    tdir.mkdir()
+    (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 4}}))
+
+    def log(*records):
+        with open(tdir / "metrics.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+    log({"step": 2, "kind": "train", "loss": 0.5},
+        {"step": 2, "kind": "validation", "val_iou": 0.25})
+    with pytest.raises(sweep.SweepError, match="stopped at step 2 of 4"):
+        sweep.run("configs/smoke.py", tmp_path, combos)
+    assert not (tdir / sweep.RESULT_FILE).exists()
+
+    log({"step": 4, "kind": "train", "loss": 0.25},
+        {"step": 4, "kind": "validation", "val_iou": 0.5})
+    rows = sweep.run("configs/smoke.py", tmp_path, combos)
+    assert [(r["val_iou"], r["best_step"]) for r in rows] == [(0.5, 4)]
+    assert "| 1e-05 |" in (tmp_path / "results.md").read_text()  # not 0.0000
+
+    # Its finished trials must not be reported as another command's.
+    with pytest.raises(sweep.SweepError, match="use a new --workdir"):
+        sweep.run("configs/smoke.py", tmp_path, combos, extra=["--config.train.num_steps=8"])
