@@ -347,8 +347,20 @@ def _define_flags():
     distributed.define_flags()
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, with an unknown --config.a.b field as a one-line error (ml_collections
+    raises AttributeError for it, which absl would show as a traceback)."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except AttributeError as e:
+        name = str(e.args[0] if e.args else e).strip("'\"")
+        raise SystemExit(f"FATAL Flags parsing error: the config has no field {name!r}") from None
+
+
 if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -104,12 +104,16 @@ def test_sigterm_saves_and_exits_cleanly(manual_dir, tmp_path):
     assert "rerun the same command to resume" in err
 
 
-def test_impossible_config_fails_before_touching_data(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.batch_size=12", "train.batch_size=12 must be a positive multiple of the 8 devices"),
+    ("--config.train.nope=1", "the config has no field 'nope'"),
+])
+def test_impossible_config_fails_before_touching_data(tmp_path, override, message):
     result = subprocess.run(
         [sys.executable, "-m", "jaxseg.train", "--config", "configs/smoke.py", "--workdir",
-         str(tmp_path), "--config.train.batch_size=12"],
+         str(tmp_path), override],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
     assert result.returncode != 0
-    assert "train.batch_size=12 must be a positive multiple of the 8 devices" in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "tfds").exists()
