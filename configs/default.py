@@ -1,4 +1,4 @@
-"""The README's main job: portraits + CCP on a CPU laptop in about an hour, a useful model."""
+"""The README's main job: portraits + CCP on a CPU laptop in well under an hour, a useful model."""
 import ml_collections
 
 

@@ -1,8 +1,8 @@
 """One data-centre GPU (A100/H100/L4 class; launch/gpu.sh): bf16, 256 px, batch 64, 20k steps.
 
 Against configs/default.py: bfloat16 compute (parameters and optimiser state stay float32), a weight
-EMA (train.ema_decay 0.999), twice the resolution, a U-Net twice as wide, 4x the batch and 5x the
-steps (20x the images seen), 8 decoding threads to keep the GPU fed, and log/eval/checkpoint
+EMA (train.ema_decay 0.999), twice the resolution, a U-Net twice as wide, 4x the batch and 8.3x the
+steps (33x the images seen), 8 decoding threads to keep the GPU fed, and log/eval/checkpoint
 intervals scaled to the longer run.
 Also the base for launch/slurm.sbatch, where train.batch_size (global) is usually raised with the
 GPU count.

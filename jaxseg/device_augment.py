@@ -1,8 +1,10 @@
-"""Joint image+mask augmentation on the accelerator, in JAX (for runs fed from device-resident arrays).
+"""Joint image+mask augmentation on the accelerator, in JAX.
 
-The same family of transforms as jaxseg.preprocess (random zoom, shift, rotation, horizontal
-flip, then brightness/contrast/saturation jitter), expressed as one inverse-mapped sampling grid
-so that a whole batch is augmented inside the jitted step with no host work.
+For runs fed from device-resident arrays (launch/gpu_array_train.py): the same family of
+transforms as jaxseg.preprocess (random zoom, shift, rotation, horizontal flip, then
+brightness/contrast/saturation jitter), expressed as one inverse-mapped sampling grid so that a
+whole batch is augmented inside the jitted step with no host work. For every run, jaxseg.train's
+included: `copy_paste` (data.aug.copy_paste), applied by jaxseg.train_step to each batch.
 """
 from __future__ import annotations
 
