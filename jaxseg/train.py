@@ -262,7 +262,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             window_steps += 1
             if progress is not None:
                 progress.update(1)
-            if step % config.train.log_every == 0 or step == num_steps:
+            stop = preemption.should_stop() and step < num_steps
+            # A preempted run logs its last step too, so the summary's loss is that step's.
+            if step % config.train.log_every == 0 or step == num_steps or stop:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
                 elapsed = time.perf_counter() - window_start
                 values["images_per_second"] = window_steps * config.train.batch_size / elapsed
@@ -284,7 +286,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 ckpts.save_best(step, state, _meta(config, step, {"validation": val}), val["val_iou"])
                 last.update(val)
                 window_start, window_steps = time.perf_counter(), 0
-            stop = preemption.should_stop() and step < num_steps
             if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
                 _check_finite(pending, step - 1, ckpts)
                 extra = {"preempted": True} if stop else None

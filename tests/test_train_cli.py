@@ -102,6 +102,7 @@ def test_sigterm_saves_and_exits_cleanly(manual_dir, tmp_path):
     meta, step = ckpts.read_meta("latest")
     assert meta.get("preempted") is True and 4 <= step < 400
     assert "rerun the same command to resume" in err
+    assert last_train_record(tmp_path)["step"] == step  # the stop step is logged too
 
 
 @pytest.mark.parametrize("override, message", [
