@@ -152,11 +152,34 @@ def encode_png(array: np.ndarray) -> bytes:
 
 
 def read_mask_image(path: pathlib.Path) -> np.ndarray:
-    """Raw values of a mask image as a 2-D array (palette images give their indices)."""
+    """Raw values of a mask image as a 2-D array, person where the values are high.
+
+    Palette images are read by their palette colours, like colour masks (any
+    bright channel marks the person): their indices carry no fixed meaning (a
+    2-colour quantized palette may list white first; VOC-style palettes put the
+    person at index 15 and the boundary at 255). A palette that does not cover
+    the indices used (tools writing 0/1 index masks without one) gives the
+    indices. An alpha band that varies over a constant colour (a cutout or matte
+    saved as RGBA/LA) is the mask; otherwise alpha is ignored, as in colour masks.
+    """
     image = _open_checked(_read_bytes(path))
-    if image.mode in ("LA", "PA"):  # a value plus alpha: the value is the label
-        return np.asarray(image)[..., 0]
-    if len(image.getbands()) == 1:  # gray, palette index, 1-bit, 16/32-bit
+    if image.mode in ("P", "PA"):
+        indices = np.asarray(image)
+        if image.mode == "PA":
+            indices = indices[..., 0]
+        entries = len(image.getpalette("RGB") or ()) // 3
+        if indices.size and int(indices.max()) >= entries:
+            return indices
+        has_alpha = image.mode == "PA" or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    if image.mode in ("LA", "RGBA"):
+        pixels = np.asarray(image)
+        colour, alpha = pixels[..., :-1], pixels[..., -1]
+        if alpha.min() != alpha.max() and (colour == colour[:1, :1]).all():
+            return alpha  # uniform colour: the person is in the alpha
+        if image.mode == "LA":  # a value plus alpha: the value is the label
+            return pixels[..., 0]
+    if len(image.getbands()) == 1:  # gray, 1-bit, 16/32-bit
         return np.asarray(image)
     # Colour masks: any bright channel marks the person (alpha is ignored).
     return np.asarray(image.convert("RGB")).max(axis=2)

@@ -99,8 +99,10 @@ class PersonFolder(base.PersonSegBuilder):
     stem, optionally with a suffix such as `_mask` (`a.jpg` <- `a_mask.png`);
     jpg, jpeg, png, bmp and webp are read. Ids are the photo stems.
 
-    Masks may be 0/1, 0/255, palette indices or colour (any bright channel);
-    other values are thresholded with a warning. A mask at the photo's aspect
+    Masks may be 0/1, 0/255, 16-bit, 1-bit, colour or palette images (any
+    bright channel of the colour, palettes by their colours), or cutouts whose
+    alpha carries the person over a uniform colour (RGBA/LA); other values are
+    thresholded with a warning. A mask at the photo's aspect
     ratio but another size is resized (nearest). Bad files (unreadable,
     truncated, empty, not images, unpaired, different aspect ratio) are skipped
     and listed in the build report, or stop the build with on_bad='error'.

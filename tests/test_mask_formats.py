@@ -1,0 +1,167 @@
+"""Mask image formats: each read with read_mask_image + binarize gives the person mask drawn."""
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import fixtures_data as fx
+from jaxseg.datasets import image_io
+
+H, W = fx.H, fx.W
+
+
+def drawn(seed: int = 3) -> np.ndarray:
+    """The person as a boolean HxW array: the reference every format must give back."""
+    return fx.person(seed).astype(bool)
+
+
+def read(path) -> np.ndarray:
+    mask, _ = image_io.binarize(image_io.read_mask_image(path))
+    assert mask.dtype == np.uint8 and mask.shape == (H, W)
+    return mask
+
+
+def assert_mask(path, expected: np.ndarray) -> None:
+    np.testing.assert_array_equal(read(path), expected.astype(np.uint8))
+
+
+def stored(path, what: str):
+    """Attribute WHAT of the image at PATH as Pillow opens it (checks that a case is the intended one)."""
+    with Image.open(path) as image:
+        return image.getpalette() if what == "palette" else getattr(image, what)
+
+
+def uniform(value: int, channels: int) -> np.ndarray:
+    return np.full((H, W, channels), value, np.uint8)
+
+
+# ---------------------------------------------------------------- palette masks
+
+
+def test_palette_two_colours_white_first(tmp_path):
+    person = drawn()
+    # Pillow's adaptive quantizer lists white (the person) first, black second.
+    image = Image.fromarray(np.where(person, 255, 0).astype(np.uint8)).convert("RGB").quantize(2)
+    path = tmp_path / "quantized.png"
+    image.save(path)
+    assert stored(path, "palette")[:3] == [255, 255, 255]  # the case is the inverted one
+    assert_mask(path, person)
+
+
+def test_palette_explicit_white_first(tmp_path):
+    person = drawn(4)
+    image = Image.frombytes("P", (W, H), np.where(person, 0, 1).astype(np.uint8).tobytes())
+    image.putpalette([255, 255, 255, 0, 0, 0])
+    image.save(tmp_path / "white_first.png")
+    assert_mask(tmp_path / "white_first.png", person)
+
+
+def voc_palette() -> list[int]:
+    palette = [0] * 768
+    palette[15 * 3 : 16 * 3] = [192, 128, 128]  # person
+    palette[255 * 3 :] = [224, 224, 192]  # void / boundary
+    return palette
+
+
+def test_palette_voc_style(tmp_path):
+    person = drawn(5)
+    edge = person & ~cv2.erode(person.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    indices = np.where(edge, 255, np.where(person, 15, 0)).astype(np.uint8)
+    assert (indices == 15).any() and (indices == 255).any()
+    image = Image.frombytes("P", (W, H), indices.tobytes())
+    image.putpalette(voc_palette())
+    image.save(tmp_path / "voc.png")
+    assert_mask(tmp_path / "voc.png", person)
+
+
+def test_palette_voc_void_outside_the_person_counts_as_person(tmp_path):
+    person = drawn(6)
+    void = np.zeros((H, W), bool)
+    void[:, :2] = True  # void pixels away from the person: any non-black palette colour marks it
+    indices = np.where(void, 255, np.where(person, 15, 0)).astype(np.uint8)
+    image = Image.frombytes("P", (W, H), indices.tobytes())
+    image.putpalette(voc_palette())
+    image.save(tmp_path / "voc_void.png")
+    assert_mask(tmp_path / "voc_void.png", person | void)
+
+
+def test_palette_indices_beyond_the_palette_keep_their_values(tmp_path):
+    person = drawn(7)
+    image = Image.frombytes("P", (W, H), person.astype(np.uint8).tobytes())  # no palette set
+    image.save(tmp_path / "no_palette.png")
+    assert len(stored(tmp_path / "no_palette.png", "palette")) < 2 * 3
+    assert_mask(tmp_path / "no_palette.png", person)
+
+
+def test_palette_with_transparency_cutout(tmp_path):
+    person = drawn(8)
+    rgba = np.dstack([uniform(255, 3), np.where(person, 255, 0).astype(np.uint8)])
+    Image.fromarray(rgba).convert("P").save(tmp_path / "cutout_p.png")
+    assert "transparency" in stored(tmp_path / "cutout_p.png", "info")
+    assert_mask(tmp_path / "cutout_p.png", person)
+
+
+# ---------------------------------------------------------------- alpha masks
+
+
+@pytest.mark.parametrize("colour", [255, 0])
+def test_rgba_uniform_colour_person_in_alpha(tmp_path, colour):
+    person = drawn(9)
+    rgba = np.dstack([uniform(colour, 3), np.where(person, 255, 0).astype(np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "cutout.png")
+    assert stored(tmp_path / "cutout.png", "mode") == "RGBA"
+    assert_mask(tmp_path / "cutout.png", person)
+
+
+@pytest.mark.parametrize("value", [0, 255])
+def test_la_uniform_value_person_in_alpha(tmp_path, value):
+    person = drawn(10)
+    la = np.dstack([uniform(value, 1)[..., 0], np.where(person, 255, 0).astype(np.uint8)])
+    Image.fromarray(la, "LA").save(tmp_path / "matte.png")
+    assert stored(tmp_path / "matte.png", "mode") == "LA"
+    assert_mask(tmp_path / "matte.png", person)
+
+
+def test_la_varying_value_is_the_mask(tmp_path):
+    person = drawn(11)
+    hole = np.zeros((H, W), bool)
+    hole[:, : W // 2] = True  # alpha unrelated to the person: it is ignored
+    la = np.dstack([np.where(person, 255, 0), np.where(hole, 0, 255)]).astype(np.uint8)
+    Image.fromarray(la, "LA").save(tmp_path / "gray_alpha.png")
+    assert_mask(tmp_path / "gray_alpha.png", person)
+
+
+def test_rgba_colour_mask_ignores_alpha(tmp_path):
+    person = drawn(12)
+    red = np.zeros((H, W, 3), np.uint8)
+    red[person, 0] = 255
+    alpha = np.where(np.arange(W) < W // 2, 128, 255).astype(np.uint8)[None].repeat(H, 0)
+    Image.fromarray(np.dstack([red, alpha])).save(tmp_path / "red_alpha.png")
+    assert_mask(tmp_path / "red_alpha.png", person)
+
+
+# ---------------------------------------------------------------- regressions
+
+
+def test_rgb_colour_mask(tmp_path):
+    person = drawn(13)
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[person] = (0, 200, 0)
+    Image.fromarray(rgb).save(tmp_path / "green.png")
+    assert_mask(tmp_path / "green.png", person)
+
+
+@pytest.mark.parametrize("scale", [1, 255])
+def test_gray_masks(tmp_path, scale):
+    person = drawn(14)
+    Image.fromarray((person * scale).astype(np.uint8), "L").save(tmp_path / "gray.png")
+    assert_mask(tmp_path / "gray.png", person)
+
+
+def test_sixteen_bit_and_one_bit_masks(tmp_path):
+    person = drawn(15)
+    assert cv2.imwrite(str(tmp_path / "u16.png"), person.astype(np.uint16) * 65535)
+    Image.fromarray(person).save(tmp_path / "bilevel.png")
+    assert stored(tmp_path / "bilevel.png", "mode") == "1"
+    assert_mask(tmp_path / "u16.png", person)
+    assert_mask(tmp_path / "bilevel.png", person)
