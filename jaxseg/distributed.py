@@ -106,6 +106,18 @@ def _stop_all_on_failure(index: int, count: int, heartbeat_s: int | None) -> Non
     sys.excepthook = hook
 
 
+def exit_with_error(message: str):
+    """Ends the program with MESSAGE, without a traceback when it runs as one process.
+
+    One process of several raises instead, so that the failure hook stops it at once: a
+    SystemExit would wait in JAX's shutdown barrier for the others, which wait for it in their
+    next cross-process operation (an error met by one process alone would hang the run).
+    """
+    if jax.process_count() > 1:
+        raise RuntimeError(message)
+    raise SystemExit(message)
+
+
 def define_flags() -> None:
     """The absl flags every multi-process entry point takes (read by `initialize`)."""
     from absl import flags

@@ -269,7 +269,7 @@ def main(argv):
     try:
         dataset, split, source = _source_for(f)
     except (ValueError, FileNotFoundError) as e:  # unknown dataset or split, missing folders
-        raise SystemExit(f"error: {e}") from None
+        distributed.exit_with_error(f"error: {e}")
     mesh = sharding.make_mesh()
     batch = -(-f.batch_size // mesh.devices.size) * mesh.devices.size
     if f.predictions:
@@ -285,7 +285,7 @@ def main(argv):
         try:
             result = evaluator.evaluate_predictions(f.predictions)
         except (ValueError, FileNotFoundError) as e:  # missing or unreadable prediction masks
-            raise SystemExit(f"--predictions {f.predictions}: {e}") from None
+            distributed.exit_with_error(f"--predictions {f.predictions}: {e}")
     else:
         result = evaluator.evaluate_model(model, flip_tta=f.flip_tta, refined=f.refine,
                                           refine_radius=f.refine_radius, refine_eps=f.refine_eps)

@@ -111,9 +111,11 @@ def load(workdir: str | None = None, checkpoint: str = "best", members: int = 0)
 def load_or_exit(workdir: str | None = None, checkpoint: str = "best", members: int = 0):
     """load() for command lines: a missing model or checkpoint, or a member count the model
     cannot give, ends the program with its message instead of a traceback."""
+    from jaxseg import distributed
+
     try:
         return load(workdir, checkpoint, members)
     except MembersError as e:
-        raise SystemExit(f"--members {members}: {e}") from None
+        distributed.exit_with_error(f"--members {members}: {e}")
     except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+        distributed.exit_with_error(str(e))

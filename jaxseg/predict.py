@@ -11,6 +11,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import os
 import pathlib
 import sys
 
@@ -216,8 +217,10 @@ def _outputs_inside(folder: pathlib.Path, output: pathlib.Path) -> pathlib.Path 
     that is FOLDER itself (output = its parent) no subtree is skipped, and the outputs there,
     beside their inputs, are told apart by name instead (_is_earlier_output).
     """
+    # The name as given, links not followed: "." and ".." have none of their own.
+    name = pathlib.Path(os.path.abspath(folder)).name
     folder = folder.resolve()
-    inside = output if folder in output.parents else output / folder.name
+    inside = output if folder in output.parents else output / name
     return None if inside == folder else inside
 
 
@@ -240,12 +243,12 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
         if path.is_dir():
             skip = _outputs_inside(path, output)
             files = sorted(p for p in path.rglob("*") if p.is_file())
-            stems = collections.defaultdict(set)  # of the images and videos in each folder
+            stems = collections.defaultdict(set)
             for f in files:
                 if f.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
                     stems[f.parent].add(f.stem)
-            # The resolved name: "." and ".." have none of their own to mirror under --output.
-            mirror = pathlib.Path(path.resolve().name)
+            # The absolute name, links not followed: "." and ".." have none of their own.
+            mirror = pathlib.Path(pathlib.Path(os.path.abspath(path)).name)
             for f in files:
                 kind = f.suffix.lower()
                 if ((skip is not None and skip in f.resolve().parents)

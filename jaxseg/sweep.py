@@ -5,7 +5,8 @@ trial's values as `--config.a.b=v` overrides, run sequentially or `--parallel N`
 are ranked by validation IoU (the config's eval split, never the test split) into W/results.md and
 W/results.csv. Re-running skips finished trials; an interrupted one (preempted: its training saved
 and exited before num_steps) is not recorded and resumes from its checkpoint. A sweep folder keeps
-its config and extra overrides (W/sweep.json): re-running it with others is refused.
+its config and extra overrides (W/sweep.json): once a trial has finished, re-running it with
+others is refused.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import ast
 import csv
 import itertools
 import json
+import os
 import pathlib
 import random
 import re
@@ -85,18 +87,23 @@ def _steps(tdir: pathlib.Path) -> tuple[int, int]:
 
 
 def _check_same_sweep(workdir: pathlib.Path, config: str, extra: list[str]) -> None:
-    """Records the sweep's command in a new folder; refuses another one in an existing folder
-    (its finished trials would be reported as this command's)."""
-    command = {"config": config, "extra": list(extra)}
+    """Refuses to add this command's trials to a folder whose finished trials came from another
+    command (they would be ranked as this one's); records the command otherwise."""
+    command = {"config": os.path.normpath(config), "extra": list(extra)}
     path = workdir / SWEEP_FILE
-    if not path.exists():
-        path.write_text(json.dumps(command, indent=1) + "\n")
+    finished = any(workdir.glob(f"*/{RESULT_FILE}"))
+    if finished and path.exists():
+        stored = json.loads(path.read_text())
+        if stored != command:
+            raise SweepError(
+                f"{workdir} holds finished trials of --config {stored['config']} with "
+                f"{' '.join(stored['extra']) or 'no overrides'}; this command is --config "
+                f"{command['config']} with {' '.join(extra) or 'no overrides'}: use a new --workdir")
         return
-    stored = json.loads(path.read_text())
-    if stored != command:
-        raise SweepError(f"{workdir} holds a sweep of --config {stored['config']} with "
-                         f"{' '.join(stored['extra']) or 'no overrides'}; this one is --config "
-                         f"{config} with {' '.join(extra) or 'no overrides'}: use a new --workdir")
+    if finished:  # a folder from before sweep.json existed: nothing to compare with
+        print(f"warning: {workdir} has finished trials but no {SWEEP_FILE}; assuming they come "
+              "from this command", file=sys.stderr)
+    path.write_text(json.dumps(command, indent=1) + "\n")
 
 
 def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, parallel: int = 1,
@@ -115,12 +122,17 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
         if proc.wait() != 0:
             failures.append(f"{tdir.name} failed (exit {proc.returncode}, log {tdir / 'train.log'})")
             return
-        done, num_steps = _steps(tdir)
-        if done < num_steps:  # preempted: saved and exited cleanly; resumes on the next run
-            failures.append(f"{tdir.name} stopped at step {done} of {num_steps} (preempted?); "
-                            "run the same command again to resume it")
+        try:
+            done, num_steps = _steps(tdir)
+            if done < num_steps:  # preempted: saved and exited cleanly; resumes on the next run
+                failures.append(f"{tdir.name} stopped at step {done} of {num_steps} (preempted?); "
+                                "run the same command again to resume it")
+                return
+            result = _result(tdir, values)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # no usable record of the run
+            failures.append(f"{tdir.name} left no usable record ({e}; log {tdir / 'train.log'})")
             return
-        (tdir / RESULT_FILE).write_text(json.dumps(_result(tdir, values), indent=1) + "\n")
+        (tdir / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
 
     for tdir, values in todo:
         tdir.mkdir(parents=True, exist_ok=True)

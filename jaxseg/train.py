@@ -8,8 +8,10 @@ scratch); the batch at step s depends only on (seed, s), so a resumed run is exa
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import signal
 import time
 
@@ -115,8 +117,8 @@ _SHAPE_FIELDS = ("depth", "base_features", "norm", "residual", "upsample", "num_
 
 
 def _check_resumable(config, ckpts) -> None:
-    """A workdir resumes only with the model shape and EMA setting it was written with (the
-    state differs); the error says which fields to set back."""
+    """Refuses a resume whose model shape or EMA setting differs from the checkpoint's, naming
+    the fields to set back (other state mismatches surface when restoring, in _initial_state)."""
     from jaxseg.inference import config_from_json
 
     meta, _ = ckpts.read_meta("latest")
@@ -143,7 +145,13 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
     rep = sharding.replicated(mesh)
     if ckpts.latest_step() is not None:
         _check_resumable(config, ckpts)
-        restored, meta, step = ckpts.restore("latest", checkpointing.abstract_like(state, rep))
+        try:
+            restored, meta, step = ckpts.restore("latest", checkpointing.abstract_like(state, rep))
+        except ValueError as e:  # another optimiser structure, e.g. gradient clipping on/off
+            raise config_check.ConfigError(
+                "the workdir's checkpoint does not fit this config's train state (an optim or "
+                "train setting changed since it was written; its config.json has the old "
+                f"values): {str(e)[:300]}") from None
         log.info("resumed from %s at step %d", ckpts.latest.directory, step)
         return restored, step
     state = sharding.replicate(state, mesh)
@@ -215,43 +223,47 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise config_check.ConfigError(f"num_devices={config.num_devices}: {e}") from None
     config_check.validate(config, mesh.devices.size)
     main = distributed.is_main_process()
-    ckpts = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
-    try:
+    # Whatever stops the run (an error in setup or in the loop, SIGTERM, the end), what it opened
+    # is closed: an open checkpoint manager or log writer buries the error in shutdown noise.
+    with contextlib.ExitStack() as cleanup:
+        ckpts = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+        cleanup.callback(ckpts.close)
         graphdef, state = train_step.create_train_state(config)
         state, start = _initial_state(config, ckpts, graphdef, state, mesh)
-    except BaseException:
-        ckpts.close()  # an open manager's threads would bury the error in shutdown noise
-        raise
-    if start >= config.train.num_steps:
-        log.warning("the workdir is at step %d, not before train.num_steps=%d: nothing to train "
-                    "(raise --config.train.num_steps to go on)", start, config.train.num_steps)
-    writer = metric_writer.MetricWriter(workdir, enabled=main)
-    step_fn = train_step.make_train_step(graphdef, config, mesh)
-    num_steps = config.train.num_steps
-    if main:
-        (workdir / "config.json").write_text(config.to_json(indent=2))
+        if start >= config.train.num_steps:
+            log.warning("the workdir is at step %d, not before train.num_steps=%d: nothing to train "
+                        "(raise --config.train.num_steps to go on)", start, config.train.num_steps)
+            return {"step": start}
+        writer = metric_writer.MetricWriter(workdir, enabled=main)
+        cleanup.callback(writer.close)
+        step_fn = train_step.make_train_step(graphdef, config, mesh)
+        num_steps = config.train.num_steps
+        if main:
+            (workdir / "config.json").write_text(config.to_json(indent=2))
 
-    sources, weights = train_sources(config)
-    batches = input_pipeline.TrainBatches(
-        sources, weights, global_batch=config.train.batch_size, image_size=config.data.image_size,
-        aug=config.data.aug, seed=config.seed, start_step=start,
-        slots=sharding.local_batch_slice(config.train.batch_size, mesh),
-        num_workers=config.data.num_workers, prefetch=config.data.prefetch)
-    train_iter = input_pipeline.prefetch_to_mesh(batches, mesh, size=config.data.prefetch)
-    evaluators = validation_evaluators(config, mesh)
-    preemption = _Preemption()
+        sources, weights = train_sources(config)
+        batches = input_pipeline.TrainBatches(
+            sources, weights, global_batch=config.train.batch_size, image_size=config.data.image_size,
+            aug=config.data.aug, seed=config.seed, start_step=start,
+            slots=sharding.local_batch_slice(config.train.batch_size, mesh),
+            num_workers=config.data.num_workers, prefetch=config.data.prefetch)
+        cleanup.callback(batches.close)
+        train_iter = input_pipeline.prefetch_to_mesh(batches, mesh, size=config.data.prefetch)
+        evaluators = validation_evaluators(config, mesh)
+        preemption = _Preemption()
+        cleanup.callback(preemption.restore)
 
-    progress = None
-    if main:
-        from tqdm import tqdm
+        progress = None
+        if main:
+            from tqdm import tqdm
 
-        progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+            progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+            cleanup.callback(progress.close)
 
-    last = {"step": start}
-    pending = None  # the previous step's metrics, read one step late to keep the device busy
-    window_start, window_steps = time.perf_counter(), 0
-    step = start
-    try:
+        last = {"step": start}
+        pending = None  # the previous step's metrics, read one step late to keep the device busy
+        window_start, window_steps = time.perf_counter(), 0
+        step = start
         while step < num_steps:
             batch = next(train_iter)
             state, metrics = step_fn(state, batch)
@@ -295,15 +307,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             step, ckpts.latest.directory)
                 last["preempted"] = True
                 break
-    finally:
-        preemption.restore()
-        batches.close()
-        ckpts.close()
-        writer.close()
-        if progress is not None:
-            progress.close()
-    last["step"] = step
-    return last
+        last["step"] = step
+        return last
 
 
 def _check_finite(metrics, step: int, ckpts) -> None:
@@ -332,7 +337,7 @@ def main(argv):
     try:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (config_check.ConfigError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}") from None
+        distributed.exit_with_error(f"error: {e}")
     if distributed.is_main_process():
         print(json.dumps({k: v for k, v in result.items()}, indent=1, default=float))
 
@@ -349,15 +354,23 @@ def _define_flags():
 
 
 def _parse_flags(argv):
-    """absl's flag parsing, with an unknown --config.a.b field as a one-line error (ml_collections
-    raises AttributeError for it, which absl would show as a traceback)."""
+    """absl's flag parsing, with an unknown --config.a.b field or section as a one-line error
+    (ml_collections raises AttributeError or KeyError for it, which absl shows as a traceback)."""
     from absl import app
 
     try:
         return app.parse_flags_with_usage(argv)
-    except AttributeError as e:
-        name = str(e.args[0] if e.args else e).strip("'\"")
-        raise SystemExit(f"FATAL Flags parsing error: the config has no field {name!r}") from None
+    except (AttributeError, KeyError) as e:
+        text = str(e).replace("\\", "")
+        name = re.search(r"'([^']+)'", text)
+        fields = {part for arg in argv if arg.startswith("--config.")
+                  for part in arg.split("=", 1)[0].split(".")[1:]}
+        if not name or name.group(1) not in fields:  # not an override's unknown name: a bug
+            raise
+        suggestion = re.search(r'Did you mean "([^"]+)"', text)
+        hint = f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
+        raise SystemExit(f"FATAL Flags parsing error: the config has no field "
+                         f"{name.group(1)!r}{hint}") from None
 
 
 if __name__ == "__main__":

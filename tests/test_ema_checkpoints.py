@@ -73,3 +73,10 @@ def test_resuming_with_another_ema_setting_or_model_shape_says_what_to_do(tmp_pa
                              f"\\(this config: {wider.model.base_features}\\)"):
         train._check_resumable(wider, ckpts)
     ckpts.close()
+
+
+def test_a_checkpoint_name_that_is_not_a_step_says_what_to_name(tmp_path):
+    ckpts = checkpointing.Checkpoints(tmp_path, read_only=True)
+    with pytest.raises(FileNotFoundError, match="name 'best', 'latest' or a step number"):
+        ckpts.resolve("garbage")
+    ckpts.close()

@@ -100,8 +100,13 @@ def test_empty_prediction_scores_zero(tmp_path):
     assert metrics.image_iou({"tp": [0], "fp": [0], "fn": [0]})[0] == 1.0
 
 
-@pytest.mark.parametrize("option", ["--refine", "--flip_tta"])
-def test_model_options_with_a_prediction_folder_are_a_usage_error(option, tmp_path):
+@pytest.mark.parametrize("options, message", [
+    (["--refine"], "they do not apply to --predictions"),
+    (["--flip_tta"], "they do not apply to --predictions"),
+    (["--threshold", "0"], "--threshold=0.0 must be between 0 and 1"),  # was silently 0.5
+    (["--batch_size", "0"], "0 is not a positive integer"),
+])
+def test_bad_options_are_a_usage_error_before_any_work(options, message, tmp_path):
     import subprocess
     import sys
 
@@ -109,9 +114,9 @@ def test_model_options_with_a_prediction_folder_are_a_usage_error(option, tmp_pa
     predictions.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "jaxseg.evaluate", "--dataset", "ccp_person", "--predictions",
-         str(predictions), option], capture_output=True, text=True, timeout=120)
+         str(predictions), *options], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "they do not apply to --predictions" in result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr
     # Refused before any work: no metrics JSON beside the folder, where it would have gone.
     assert [p.name for p in tmp_path.iterdir()] == ["masks"]

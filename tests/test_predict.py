@@ -383,6 +383,10 @@ def test_collect_inputs_passes_over_outputs_beside_their_inputs_and_non_media(tm
     # "." mirrors as the folder's own name under --output, not as the output folder itself.
     assert {str(stem) for _, stem in images} == {"photos/x", "photos/y_cutout", "photos/x_overlay",
                                                  "photos/n_mask"}
+    # A linked folder mirrors under the link's name, not its target's.
+    (tmp_path / "link").symlink_to(photos)
+    images, _, _, _ = predict.collect_inputs([tmp_path / "link"], tmp_path / "out")
+    assert {stem.parts[0] for _, stem in images} == {"link"}
 
 
 # --------------------------------------------------------------------------------------------

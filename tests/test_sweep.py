@@ -63,15 +63,25 @@ def test_a_trial_stopped_early_is_not_recorded_and_resumes(tmp_path, monkeypatch
     log({"step": 2, "kind": "train", "loss": 0.5},
         {"step": 2, "kind": "validation", "val_iou": 0.25})
     with pytest.raises(sweep.SweepError, match="stopped at step 2 of 4"):
-        sweep.run("configs/smoke.py", tmp_path, combos)
+        sweep.run("configs/smoke.py", tmp_path, combos, extra=["--config.train.typo=1"])
     assert not (tdir / sweep.RESULT_FILE).exists()
+    # Nothing finished yet: a corrected command may take the folder over.
 
     log({"step": 4, "kind": "train", "loss": 0.25},
         {"step": 4, "kind": "validation", "val_iou": 0.5})
-    rows = sweep.run("configs/smoke.py", tmp_path, combos)
+    rows = sweep.run("./configs/smoke.py", tmp_path, combos)
     assert [(r["val_iou"], r["best_step"]) for r in rows] == [(0.5, 4)]
+    assert sweep.run("configs/smoke.py", tmp_path, combos) == rows  # the same config file
     assert "| 1e-05 |" in (tmp_path / "results.md").read_text()  # not 0.0000
 
     # Its finished trials must not be reported as another command's.
     with pytest.raises(sweep.SweepError, match="use a new --workdir"):
         sweep.run("configs/smoke.py", tmp_path, combos, extra=["--config.train.num_steps=8"])
+
+
+def test_a_trial_without_a_record_is_reported_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "_command", lambda *args: [sys.executable, "-c", ""])
+    combos = sweep.trials(sweep.parse_grid(["optim.learning_rate=1e-5,1e-4"]))
+    with pytest.raises(sweep.SweepError, match="left no usable record"):
+        sweep.run("configs/smoke.py", tmp_path, combos, parallel=2)
+    assert not list(tmp_path.glob(f"*/{sweep.RESULT_FILE}"))
