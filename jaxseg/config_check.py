@@ -68,5 +68,27 @@ def validate(config, num_devices: int) -> None:
             problems.append(f"unknown dataset {name!r} in data.train/data.eval; known: {datasets.DATASETS}")
         if name == "person_folder" and not config.data.folder:
             problems.append("person_folder needs --config.data.folder=PATH")
+    if "person_folder" in names and config.data.folder:
+        problems += _folder_split_problems(config, train="person_folder" in config.data.train,
+                                           evaluated="person_folder" in config.data.eval)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _folder_split_problems(config, *, train: bool, evaluated: bool) -> list[str]:
+    """The splits that data.train_split / data.eval_split ask of a person_folder and it lacks."""
+    import pathlib
+
+    from jaxseg.datasets import person_folder
+
+    try:
+        splits = person_folder.layout(pathlib.Path(config.data.folder).expanduser())
+    except (ValueError, OSError) as e:
+        return [f"data.folder: {e}"]
+    wanted = {"data.train_split": config.data.train_split} if train else {}
+    if evaluated:
+        wanted["data.eval_split"] = config.data.eval_split
+    return [f"{field}={split!r}: {config.data.folder} has only {sorted(splits)} (a folder with "
+            f"images/ and masks/ is the single split 'train'; add a {split}/ folder holding them, "
+            f"or set {field}={next(iter(splits))})"
+            for field, split in wanted.items() if split not in splits]

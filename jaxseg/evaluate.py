@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import sys
 
 import cv2
 import jax
@@ -236,6 +237,12 @@ def _source_for(flags_):
             raise ValueError("--images and --masks go together")
         root = folder_root(flags_.images, flags_.masks)
         splits = datasets.split_sizes("person_folder", data_dir=data_dir, folder=str(root))
+        skipped = datasets.build_report("person_folder", data_dir=data_dir,
+                                        folder=str(root))["skipped"]
+        if skipped:  # a user's folder: say what was left out of the score, and why
+            print(f"{len(skipped)} file(s) of the folder are not scored:\n"
+                  + "\n".join(f"  {s['file']}: {s['reason']}" for s in skipped[:20])
+                  + ("\n  ..." if len(skipped) > 20 else ""), file=sys.stderr)
         # A folder without split subfolders has one split; use it whatever --split says.
         split = flags_.split if flags_.split in splits else next(iter(splits))
         return "person_folder", split, datasets.data_source(

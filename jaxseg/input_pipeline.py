@@ -22,7 +22,9 @@ import numpy as np
 from jaxseg import preprocess, resolution, sharding
 from jaxseg.mixture import mixture_counts
 
-ID_BYTES = 64  # ids travel inside batches as fixed-width uint8 rows, so they gather like numbers
+# Ids travel inside batches as fixed-width uint8 rows, so they gather like numbers; 255 bytes hold
+# any file name (person_folder ids are photo stems).
+ID_BYTES = 255
 
 
 @functools.lru_cache(maxsize=64)

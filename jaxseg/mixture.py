@@ -15,8 +15,8 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, weight = item.partition(":")
         w = float(weight) if weight else 1.0
-        if w <= 0:
-            raise ValueError(f"mixture weight for {name!r} must be positive, got {w}")
+        if not 0 < w < float("inf"):  # also refuses nan
+            raise ValueError(f"mixture weight for {name!r} must be a positive number, got {w}")
         out.append((name.strip(), w))
     if not out:
         raise ValueError(f"empty dataset mixture {spec!r}")

@@ -292,9 +292,20 @@ def test_folder_split_subfolders(tmp_path):
     assert datasets.split_sizes("person_folder", data_dir=data_dir, folder=str(root)) == {"test": 1, "train": 2}
     report = datasets.build_report("person_folder", data_dir=data_dir, folder=str(root))
     assert report["skipped"] == [{"file": "test/images/lonely.jpg", "reason": "image without mask"}]
+    (root / "val").mkdir()  # would be ignored: refused, with the name to use
+    with pytest.raises(ValueError, match=r"found val/ \(name it validation/\)"):
+        datasets.builder("person_folder", folder=str(root))
+    (root / "val").rmdir()
     fx.make_simple_folder(root, ["d"])  # images/ beside train/: ambiguous layout
     with pytest.raises(ValueError, match="one layout"):
         datasets.builder("person_folder", folder=str(root))
+
+
+def test_folder_fingerprint_survives_a_dangling_link(tmp_path):
+    root = tmp_path / "photos"
+    fx.make_simple_folder(root, ["a"])
+    (root / "images" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    assert datasets.builder("person_folder", folder=str(root)).builder_config.name.startswith("photos-")
 
 
 # ---------------------------------------------------------------- real data (runs in CI)

@@ -120,3 +120,24 @@ def test_bad_options_are_a_usage_error_before_any_work(options, message, tmp_pat
     assert "Traceback" not in result.stderr
     # Refused before any work: no metrics JSON beside the folder, where it would have gone.
     assert [p.name for p in tmp_path.iterdir()] == ["masks"]
+
+
+def test_a_users_folder_says_which_files_are_not_scored(tmp_path):
+    import subprocess
+    import sys
+
+    import fixtures_data as fx
+
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b"])
+    fx.write(root / "images" / "lonely.jpg", fx.photo(7))
+    predictions = tmp_path / "pred"
+    for stem in ("a", "b"):  # the truth itself: IoU 1
+        fx.write(predictions / f"{stem}.png", fx.person(["a", "b"].index(stem)) * 255)
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.evaluate", "--images", str(root / "images"), "--masks",
+         str(root / "masks"), "--predictions", str(predictions), "--data_dir", str(tmp_path / "dd"),
+         "--output", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 file(s) of the folder are not scored:\n  images/lonely.jpg: image without mask" \
+        in result.stderr
+    assert '"num_images": 2' in result.stdout and '"iou": 1.0' in result.stdout

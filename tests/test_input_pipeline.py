@@ -26,8 +26,9 @@ def test_mixture_counts_and_parsing():
     assert mixture.mixture_counts([3, 1], 8) == [6, 2]
     assert sum(mixture.mixture_counts([1, 2, 7], 16)) == 16
     assert mixture.parse_mixture("a:2, b") == [("a", 2.0), ("b", 1.0)]
-    with pytest.raises(ValueError):
-        mixture.parse_mixture("a:0")
+    for bad in ("a:0", "a:nan", "a:inf", "a:-1"):
+        with pytest.raises(ValueError, match="must be a positive number"):
+            mixture.parse_mixture(bad)
 
 
 def test_resumed_and_sliced_batches_equal_the_uninterrupted_stream():
@@ -106,8 +107,11 @@ def test_process_shards_cover_the_split_exactly_once():
 
 
 def test_ids_round_trip():
-    for s in ("00042", "ccp/0001", "ünï"):
+    # Up to a file name's 255 bytes (a long phone photo name is over 64).
+    for s in ("00042", "ccp/0001", "ünï", "IMG_" + "x" * 251):
         assert input_pipeline.decode_id(input_pipeline.encode_id(s)) == s
+    with pytest.raises(ValueError, match="longer than 255 bytes"):
+        input_pipeline.encode_id("x" * 256)
     assert jax.device_count() == 8
 
 

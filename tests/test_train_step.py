@@ -92,6 +92,17 @@ def test_impossible_config_fails_before_any_work(field, value, message):
         config_check.validate(config, num_devices=8)
 
 
+def test_a_person_folder_without_the_asked_split_is_refused(tmp_path):
+    (tmp_path / "images").mkdir()  # the single-split layout: 'train' only
+    config = tiny_config()
+    config.data.train = config.data.eval = "person_folder"
+    config.data.folder = str(tmp_path)
+    with pytest.raises(config_check.ConfigError, match="data.eval_split='validation'.*only \\['train'\\]"):
+        config_check.validate(config, num_devices=8)
+    config.data.eval_split = "train"
+    config_check.validate(config, num_devices=8)
+
+
 def test_unknown_field_is_rejected():
     config = tiny_config()
     with pytest.raises(AttributeError):

@@ -171,7 +171,15 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if root := self._find_layout(manual):
                 return root
             logging.warning("%s: %s lacks %s; downloading %s", self.name, manual, self.LAYOUT, self.URL)
-        extracted = pathlib.Path(os.fspath(dl_manager.download_and_extract(self.URL)))
+        else:
+            logging.warning("%s: no manual dir, or an empty one; downloading %s", self.name, self.URL)
+        try:
+            extracted = pathlib.Path(os.fspath(dl_manager.download_and_extract(self.URL)))
+        except Exception as e:  # network errors come in many types
+            raise FileNotFoundError(
+                f"{self.name}: could not download {self.URL} ({type(e).__name__}: {e}); to build "
+                f"offline, point the manual dir at a folder holding {', '.join(self.LAYOUT)} "
+                "($JAXSEG_MANUAL_DIR/<portraits|ccp> or --manual_dir; see README)") from e
         if root := self._find_layout(extracted):
             return root
         raise FileNotFoundError(f"{self.URL} did not unpack to the expected layout {self.LAYOUT}")

@@ -2,6 +2,7 @@
 import collections
 import dataclasses
 import hashlib
+import os
 import pathlib
 import re
 
@@ -22,8 +23,19 @@ class PersonFolderConfig(tfds.core.BuilderConfig):
     folder: str = ""
 
 
+# Folder names that look like a split but are not one of SPLITS: refused rather than ignored.
+_SPLIT_LIKE = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation",
+               "training": "train", "testing": "test"}
+
+
 def layout(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     """Split name -> directory holding that split's images/ and masks/."""
+    misnamed = [f"{d.name}/ (name it {_SPLIT_LIKE.get(d.name.lower(), d.name.lower())}/)"
+                for d in sorted(folder.iterdir()) if d.is_dir() and d.name not in SPLITS
+                and (d.name.lower() in SPLITS or d.name.lower() in _SPLIT_LIKE)]
+    if misnamed:
+        raise ValueError(f"{folder}: split folders must be named {', '.join(SPLITS)}; found "
+                         + ", ".join(misnamed))
     split_dirs = {name: folder / name for name in SPLITS if (folder / name).is_dir()}
     if split_dirs and (folder / "images").exists():
         raise ValueError(f"{folder}: has both images/ and split folders {sorted(split_dirs)}; use one layout")
@@ -45,8 +57,11 @@ def config_for(folder: str | pathlib.Path) -> PersonFolderConfig:
         for sub in ("images", "masks"):
             if (directory / sub).is_dir():
                 for f in sorted((directory / sub).iterdir()):
-                    stat = f.stat()
-                    digest.update(f"{split}/{sub}/{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                    # lstat and raw bytes: a dangling link or a name in another encoding is
+                    # reported by the build (pair_files) instead of stopping it here.
+                    stat = f.lstat()
+                    digest.update(f"{split}/{sub}/".encode() + os.fsencode(f.name)
+                                  + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     name = re.sub(r"[^\w.-]", "_", root.name or "root")
     return PersonFolderConfig(name=f"{name}-{digest.hexdigest()[:12]}", folder=str(root),
                               description=f"Photos and masks from {root}")
