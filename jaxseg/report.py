@@ -31,7 +31,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from jaxseg import input_pipeline, metric_writer, metrics
+from jaxseg import input_pipeline, metric_writer, metrics, refine
+from jaxseg.models import LogitAverage
 from jaxseg.predict import Renderer
 from jaxseg.workdir import workdir_path
 
@@ -238,7 +239,7 @@ class ModelExamples:
         self.step = step
         self._source_for = source_for or _prepared_source
         self._sources = {}  # (dataset, split) -> (source, id -> index)
-        self._predictors = {}  # (flip_tta, refined) -> Predictor (one compilation cache each)
+        self._predictors = {}  # (flip_tta, refined, members) -> Predictor (one jit cache each)
 
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike, checkpoint: str = "best") -> "ModelExamples":
@@ -254,21 +255,37 @@ class ModelExamples:
             self._sources[dataset, split] = source, {source[i]["id"]: i for i in range(len(source))}
         return self._sources[dataset, split]
 
-    def fetch(self, dataset: str, split: str, ids: list[str], *,
-              flip_tta: bool = False, refined: bool = False) -> list[dict]:
+    def fetch(self, dataset: str, split: str, ids: list[str], *, flip_tta: bool = False,
+              refined: bool = False, members: int | None = None) -> list[dict]:
         """[{image, mask (H, W) bool, probs (H, W)}] for the ids, in order, predicted with the
-        eval file's options (flip TTA, refinement)."""
+        eval file's options (flip TTA, refinement, the first `members` of an ensemble)."""
         from jaxseg.predict import Predictor
 
         source, index = self._source(dataset, split)
         examples = [source[index[i]] for i in ids]
-        key = flip_tta, refined
+        key = flip_tta, refined, members
         if key not in self._predictors:
-            self._predictors[key] = Predictor(self.model, self.image_size, flip_tta=flip_tta,
-                                              refined=refined)
+            self._predictors[key] = Predictor(first_members(self.model, members), self.image_size,
+                                              flip_tta=flip_tta, refined=refined)
         probs = self._predictors[key].probabilities([e["image"] for e in examples])
         return [{"image": e["image"], "mask": e["mask"][..., 0] > 0, "probs": p}
                 for e, p in zip(examples, probs)]
+
+
+def first_members(model, members: int | None):
+    """The model an eval with --members N scored: an ensemble's first N members (else MODEL)."""
+    if not members or not isinstance(model, LogitAverage) or members >= len(model.members):
+        return model
+    kept = list(model.members)[:members]
+    return kept[0] if members == 1 else LogitAverage(kept)
+
+
+def same_model_steps(step, members: int | None):
+    """The checkpoint step an eval of `members` members of a model at STEP records."""
+    if isinstance(step, list) and members:
+        step = step[:members]
+        return step[0] if len(step) == 1 else step
+    return step
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -400,13 +417,14 @@ def _balance_recommendation(result: dict) -> str:
     if fn > IMBALANCE_RATIO * fp:
         ratio = (f"{fn / fp:.1f} missed person pixels per false positive" if fp
                  else "no false positives")
+        # Thresholds are left to _threshold_recommendation, which reads the sweep.
         return (f"The model under-segments: {ratio} ({pr}). Weight the person class up "
-                "(dice_weight, or a positive weight in the cross-entropy) or lower the threshold.")
+                "(dice_weight, or a positive weight in the cross-entropy).")
     if fp > IMBALANCE_RATIO * fn:
         ratio = (f"{fp / fn:.1f} false-positive pixels per missed person pixel" if fn
                  else "no misses")
         return (f"The model over-segments: {ratio} ({pr}). Add harder backgrounds (person-free "
-                "images, clutter) or raise the threshold.")
+                "images, clutter).")
     return f"Errors are balanced between false positives and misses ({pr}): no bias to correct."
 
 
@@ -637,6 +655,9 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
                  image_size: int | None) -> tuple[list, list[str]]:
     """(blocks, recommendations) of the detailed analysis of one own eval file."""
     r = e.result
+    if not r["num_images"]:  # its ratios would read as a perfect or undefined score
+        return ([Heading(f"{r['dataset']} / {r['split']}: {e.label}"), Text("No images.")],
+                ["No images were evaluated: nothing to analyse."])
     name = _slug(e.path.stem)
     area = bucket_rows(r["per_image"], "person_fraction", AREA_BUCKETS)
     people = bucket_rows(r["per_image"], "regions", REGION_BUCKETS)
@@ -659,14 +680,20 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
               Heading("Threshold and calibration", 3), threshold_figure(name, r),
               Heading("Best and worst predictions", 3)]
     best, worst = pick_examples(r["per_image"], k)
+    custom_refine = r.get("refine") and (r.get("refine_radius", refine.RADIUS),
+                                         r.get("refine_eps", refine.EPS)) != (refine.RADIUS,
+                                                                              refine.EPS)
     if examples is None:
         blocks.append(Text("Overlays skipped: the model could not be loaded from the workdir."))
+    elif custom_refine:
+        blocks.append(Text("Overlays skipped: they refine with the default radius and eps, and "
+                           "this evaluation used others."))
     else:
         try:
             for which, records in (("worst", worst), ("best", best)):
                 fetched = examples.fetch(r["dataset"], r["split"], [x["id"] for x in records],
                                          flip_tta=bool(r.get("flip_tta")),
-                                         refined=bool(r.get("refine")))
+                                         refined=bool(r.get("refine")), members=r.get("members"))
                 blocks.append(overlay_figure(f"{name}_{which}", f"{which} {len(records)} by IoU",
                                              records, fetched, r["threshold"]))
         except (FileNotFoundError, KeyError, ValueError) as err:
@@ -691,7 +718,8 @@ def build_report(workdir: str | os.PathLike, output: str | os.PathLike | None = 
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     image_size = config.get("data", {}).get("image_size")
     step = getattr(examples, "step", None)
-    detailed = [e for e in own if examples is None or e.result.get("checkpoint_step") == step]
+    detailed = [e for e in own if examples is None or e.result.get("checkpoint_step") in (
+        step, same_model_steps(step, e.result.get("members")))]
 
     model = config.get("model", {})
     blocks = [Text(f"Workdir {workdir} · model depth {model.get('depth', '?')}, "
@@ -705,9 +733,13 @@ def build_report(workdir: str | os.PathLike, output: str | os.PathLike | None = 
         all_recs.append((e, recs))
     blocks.append(Heading("Recommendations"))
     if not all_recs:
+        from jaxseg.evaluate import PRETRAINED_RUN_DIR
+
+        pretrained = workdir == workdir_path(PRETRAINED_RUN_DIR)  # evaluate needs no --workdir
         blocks.append(Text(
             f"No eval JSON of checkpoint step {step} under {workdir / 'eval'}: run python -m "
-            f"jaxseg.evaluate --workdir {workdir} --dataset NAME --split SPLIT first."))
+            f"jaxseg.evaluate{'' if pretrained else f' --workdir {workdir}'} --dataset NAME "
+            "--split SPLIT first."))
     for e, recs in all_recs:
         blocks += [Heading(f"{e.result['dataset']} / {e.result['split']}: {e.label}", 3),
                    Bullets(recs)]
@@ -743,6 +775,8 @@ def main(argv):
     workdir = f.workdir
     if workdir and not workdir_path(workdir).is_dir():
         raise SystemExit(f"--workdir {workdir}: no such folder")
+    if f.peer_dir and not workdir_path(f.peer_dir).is_dir():
+        raise SystemExit(f"--peer_dir {f.peer_dir}: no such folder")
     if not workdir:  # the pretrained model: its eval JSONs are where jaxseg.evaluate put them
         workdir = workdir_path(evaluate.PRETRAINED_RUN_DIR)
         model, config, card = inference.load_pretrained()
@@ -764,7 +798,7 @@ def _define_flags():
 
     flags.DEFINE_string("workdir", "", "Training workdir; empty = the pretrained model.")
     flags.DEFINE_string("output", "", "Report folder (default WORKDIR/report).")
-    flags.DEFINE_integer("k", 6, "Best and worst predictions shown per evaluation.")
+    flags.DEFINE_integer("k", 6, "Best and worst predictions shown per evaluation.", lower_bound=1)
     flags.DEFINE_string("peer_dir", "", "Eval JSONs of other models (default WORKDIR/../peers).")
     flags.DEFINE_string("checkpoint", "best",
                         "Checkpoint whose eval JSONs get the detailed analysis and overlays.")

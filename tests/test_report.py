@@ -203,3 +203,38 @@ def test_boundary_advice_leaves_out_refinement_once_it_is_applied():
     refined = report._boundary_recommendation(dict(result, refine=True))
     assert "--refine" in plain and "--refine" not in refined
     assert "boundary-aware loss" in plain and "boundary-aware loss" in refined
+
+
+class Constant(nnx.Module):
+    """A member whose logits are one value: which members an ensemble kept shows in its output."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, images, *, train=False):
+        return jnp.full(images.shape[:3] + (1,), self.value, jnp.float32)
+
+
+def test_an_eval_of_the_first_members_gets_overlays_of_those_members():
+    from jaxseg.models import LogitAverage
+
+    ensemble = LogitAverage([Constant(1.0), Constant(3.0), Constant(8.0)])
+    images = jnp.zeros((1, 4, 4, 3), jnp.uint8)
+    for members, logit in ((None, 4.0), (0, 4.0), (1, 1.0), (2, 2.0), (3, 4.0)):
+        model = report.first_members(ensemble, members)
+        assert float(model(images)[0, 0, 0, 0]) == logit, members
+    # The step an eval of the first N members records (inference.load's rule).
+    assert report.same_model_steps([4000, 6000], 1) == 4000
+    assert report.same_model_steps([4000, 6000, 7000], 2) == [4000, 6000]
+    assert report.same_model_steps([4000, 6000], None) == [4000, 6000]
+    assert report.same_model_steps(4000, None) == 4000
+
+
+def test_an_eval_without_images_gets_no_advice(tmp_path):
+    source = fake_source(8, seed=3, min_size=40, max_size=60)
+    result = fake_eval(source, **{k: v for k, v in CASES["over"].items() if k != "expect"})
+    result.update(num_images=0, per_image=[])
+    paths = report.build_report(make_workdir(tmp_path, result), k=2)
+    markdown = paths["markdown"].read_text()
+    assert "No images were evaluated: nothing to analyse." in markdown
+    assert "over-segments" not in markdown and "Boundaries are the weak point" not in markdown
