@@ -7,6 +7,9 @@ usage() {
   cat <<'EOF'
 Usage: launch/gpu.sh [--dry-run] [--skip-install] [--] [TRAIN_ARGS...]
 
+TRAIN_ARGS go to jaxseg.train: config overrides (--config.FIELD=VALUE); anything else is refused
+before anything runs.
+
   1. checks nvidia-smi (an NVIDIA driver) is there
   2. creates $VENV if needed; pip installs requirements.txt, then jax[$JAX_CUDA] at the pinned version
   3. python -m jaxseg.train --config $CONFIG --workdir $WORKDIR TRAIN_ARGS...
@@ -39,11 +42,13 @@ while (($#)); do
     --skip-install) skip_install=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) break ;;
+    *) break ;;  # TRAIN_ARGS, checked below
   esac
 done
 
 cd "$(dirname "$0")/.."
+source launch/train_args.sh
+check_train_args gpu.sh ${1+"$@"}
 VENV=${VENV:-.venv} WORKDIR=${WORKDIR:-runs/gpu} CONFIG=${CONFIG:-configs/gpu.py} JAX_CUDA=${JAX_CUDA:-cuda12}
 command -v nvidia-smi >/dev/null ||
   die "nvidia-smi not found: this script needs an NVIDIA GPU and its driver (for CPU runs use" \

@@ -7,13 +7,27 @@ number of steps is fitted to a wall-clock budget by timing a short calibration r
 cosine schedule completes. Validation IoU (model resolution, per dataset) is measured at a few
 points; the best of the trained and EMA weights by mean validation IoU is written as one .npz
 (flat key -> array) plus a JSON with the config and figures, each time it improves, so a run cut
-short by --deadline_s or by the machine still leaves its best model behind.
+short by --deadline_s or by the machine still leaves its best model behind. Both files are
+replaced atomically (written to a temporary file in --out, then renamed), and an --out that
+already holds a model_state.npz is refused: a new run must not replace an earlier run's best.
+
+`python launch/gpu_array_train.py --data FILE.npz --out NEW_RUN_DIR [options]` from the repository
+root (which this script puts on sys.path itself).
 """
 import argparse
+import contextlib
+import difflib
 import io
 import json
+import os
 import pathlib
+import sys
+import tempfile
 import time
+
+# `python launch/gpu_array_train.py` puts launch/, not the repository root, on sys.path: without
+# this, `configs` and `jaxseg` would only import with PYTHONPATH=. set.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +59,9 @@ def config_for(size, num_steps, args):
     c.optim.learning_rate = args.learning_rate
     c.optim.warmup_steps = min(300, num_steps // 10)
     for assignment in args.set:
+        if "=" not in assignment:
+            raise ValueError(f"--set {assignment}: expected FIELD=VALUE, e.g. "
+                             f"--set {assignment or 'data.aug.copy_paste'}=0.5")
         field, value = assignment.split("=", 1)
         c.update_from_flattened_dict({field: parse_like(c, field, value)})
     return c
@@ -58,14 +75,27 @@ OWN_FIELDS = ("data.image_size", "train.batch_size", "train.num_steps")
 def parse_like(config, field: str, text: str):
     """`text` as the type of the config's current value of the dotted `field`.
 
-    Raises KeyError for an unknown field and ValueError for a section, a sequence, a field this
-    script sets itself, or text that does not convert.
+    Raises KeyError for an unknown field (its message names it, the known fields of its section and
+    the closest one) and ValueError for a section, a sequence, a field this script sets itself, or
+    text that does not convert.
     """
     if field in OWN_FIELDS:
         raise ValueError(f"--set {field}: set by this script (use its flags or the array file)")
-    current = config
+    current, path = config, []
     for part in field.split("."):
+        if not hasattr(current, "keys"):  # e.g. data.aug.copy_paste.x: a value, not a section
+            raise UnknownFieldError(f"--set {field}: unknown field: {'.'.join(path)} is a value, "
+                                    f"not a section")
+        if part not in current:
+            known = sorted(current.keys())
+            close = difflib.get_close_matches(part, known, n=1)
+            where = f"in {'.'.join(path)}" if path else "at the top level"
+            raise UnknownFieldError(
+                f"--set {field}: unknown field '{part}' {where}"
+                + (f" (did you mean {'.'.join(path + close)}?)" if close else "")
+                + f"; known: {', '.join(known)}")
         current = current[part]
+        path.append(part)
     if isinstance(current, bool):
         if text.lower() not in ("true", "false"):
             raise ValueError(f"--set {field}={text}: expected true or false")
@@ -75,11 +105,40 @@ def parse_like(config, field: str, text: str):
     return type(current)(text)
 
 
+class UnknownFieldError(KeyError):
+    """A --set field the config does not have; str() is the message itself, without quotes."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
+def write_atomically(path, write):
+    """Calls write(binary file) on a temporary file in path's folder, then renames it to path, so
+    that a kill mid-write leaves the previous file whole instead of a truncated one."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def main():
     """Calibrates, trains for the budget with validation checkpoints, saves the best weights."""
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, help="array file from launch/make_array_file.py")
+    p.add_argument("--out", required=True,
+                   help="new folder for model_state.npz and summary.json (one that already holds a "
+                        "model_state.npz is refused)")
     p.add_argument("--budget_s", type=float, default=420, help="training seconds to plan for")
     p.add_argument("--num_steps", type=int, default=0, help="train this many steps (no calibration)")
     p.add_argument("--deadline_s", type=float, default=0,
@@ -98,9 +157,17 @@ def main():
     try:  # a typo must fail here, not after the data is decoded and on the device
         config_for(256, 1000, args)
     except (KeyError, ValueError) as e:
-        p.error(f"--set: {e}")
+        p.error(str(e) if str(e).startswith("--set") else f"--set: {e}")
     if args.num_validations < 1:
         p.error("--num_validations must be at least 1: validation picks the weights that are saved")
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file, not a folder")
+    if (out / "model_state.npz").exists():
+        # The best-so-far tracking starts afresh in every run: its first validation would replace
+        # the earlier run's (possibly better) weights.
+        p.error(f"--out {out} already holds a model_state.npz from an earlier run: use a new --out "
+                f"(or move that run away first)")
     t0 = time.time()
     z = np.load(args.data)
     images = decode(z["image_bytes"], z["image_offsets"])
@@ -176,7 +243,6 @@ def main():
         out["mean"] = float(np.mean(list(out.values())))
         return out
 
-    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config, graphdef, state, full_step = build(num_steps)
     best = {"mean": -1.0}
@@ -196,7 +262,7 @@ def main():
                 best = {**val, "step": step, "weights": kind}
                 flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
                         jax.tree_util.tree_leaves_with_path(jax.device_get(nnx.state(model)))}
-                np.savez(out / "model_state.npz", **flat)
+                write_atomically(out / "model_state.npz", lambda f: np.savez(f, **flat))
         # Rewritten at every validation: the whole history and the steps trained so far.
         summary = {"config": json.loads(config.to_json()), "num_steps": num_steps,
                    "steps_done": step, "train_seconds": train_s,
@@ -206,7 +272,8 @@ def main():
                    "train_examples": {n: int(x.shape[0]) for n, x in zip(names, per_source)},
                    "validation_examples": {n: int(len(r)) for n, r in val_rows.items()},
                    "batch_mixture": dict(zip(names, counts))}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        text = json.dumps(summary, indent=1)
+        write_atomically(out / "summary.json", lambda f: f.write(text.encode()))
 
     validate_at = {int(num_steps * (k + 1) / args.num_validations) for k in range(args.num_validations)}
     t = time.time()

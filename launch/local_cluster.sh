@@ -9,7 +9,8 @@ usage() {
 Usage: launch/local_cluster.sh [options] [--] [ARGS...]
 
 Starts N processes of `python -m MODULE` on this machine as one JAX cluster (CPU only).
-ARGS go to the module (e.g. --config.train.num_steps=100).
+ARGS go to the module (e.g. --config.train.num_steps=100); for train, an ARG that is not a config
+override (or a multi-process flag) is refused before anything starts.
 
   -n N        processes (default 2)
   -d D        CPU devices per process (default 2)
@@ -51,9 +52,12 @@ while (($#)); do
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) break ;;  # the rest goes to the module
+    *) break ;;  # the rest goes to the module (checked below for train)
   esac
 done
+source launch/train_args.sh
+# Other modules check their own flags at start-up, before any cross-process work.
+[[ $module != train ]] || check_train_args local_cluster.sh ${1+"$@"}
 [[ $num =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$num'"
 [[ $devices =~ ^[1-9][0-9]*$ ]] || die "-d must be a positive integer, got '$devices'"
 [[ -z $port || $port =~ ^[0-9]+$ ]] || die "-p must be a port number, got '$port'"

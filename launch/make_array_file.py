@@ -4,10 +4,15 @@
 data through JAXSEG_MANUAL_DIR/TFDS_DATA_DIR). Each example is resized with jaxseg's resolution rule
 and stored as JPEG (photo, --jpeg_quality, default 95) and PNG (mask) bytes, concatenated with
 offsets, so that the file is small and needs neither TFDS, TensorFlow nor OpenCV to read (Pillow
-decodes it).
+decodes it). An --output without the .npz suffix gets it (as np.savez would add it anyway).
 """
 import argparse
 import pathlib
+import sys
+
+# `python launch/make_array_file.py` puts launch/, not the repository root, on sys.path: without
+# this, `jaxseg` would only import with PYTHONPATH=. set.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import cv2
 import numpy as np
@@ -17,12 +22,18 @@ from jaxseg import datasets, resolution
 SPLITS = {"train": 0, "validation": 1}
 
 
+def npz_path(output) -> pathlib.Path:
+    """The file np.savez writes for `output`: it appends .npz to a name that lacks it."""
+    out = pathlib.Path(output)
+    return out if out.name.endswith(".npz") else out.with_name(out.name + ".npz")
+
+
 def main():
     """Writes the array file and prints its size and example counts."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=192)
     parser.add_argument("--datasets", default="portrait_segmentation,ccp_person")
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="the array file (.npz is added if missing)")
     parser.add_argument("--jpeg_quality", type=int, default=95)
     args = parser.parse_args()
     images, masks, split_ids, source_ids = [], [], [], []
@@ -39,7 +50,7 @@ def main():
                 masks.append(cv2.imencode(".png", mask)[1])
                 split_ids.append(split_id)
                 source_ids.append(d)
-    out = pathlib.Path(args.output)
+    out = npz_path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     offsets = lambda parts: np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
     np.savez(out, image_bytes=np.concatenate(images), image_offsets=offsets(images),

@@ -137,4 +137,8 @@ for d in "${datasets[@]}"; do
   run "$jax_python" -m jaxseg.evaluate --dataset "$d" --split "$split" \
     --predictions "$work/masks_$model" --output "$result"
 done
-echo "done: results in $outdir/${tag}_*_$split.json"
+if [[ -n $dry_run ]]; then
+  echo "dry run: nothing was run; a real run writes $outdir/${tag}_*_$split.json"
+else
+  echo "done: results in $outdir/${tag}_*_$split.json"
+fi

@@ -22,7 +22,8 @@ Usage: launch/tpu_vm.sh --zone ZONE --workdir gs://BUCKET/PATH [options] [--] [T
   --dry-run                 print the commands without running them
   -h, --help                this help
 
-TRAIN_ARGS go to jaxseg.train (e.g. --config.train.num_steps=100). CONFIG (default configs/tpu.py)
+TRAIN_ARGS go to jaxseg.train: config overrides (e.g. --config.train.num_steps=100); anything
+else, and any bad setting above, is refused before gcloud is called. CONFIG (default configs/tpu.py)
 picks another config. Workers get Python 3.12 (uv if the image lacks it) in ~/jaxseg-venv and
 `pip install -r requirements.txt "jax[tpu]==<version pinned there>"`; results of the test
 evaluation land in WORKDIR/eval/. The TPU VM keeps running (and billing) afterwards: delete it with
@@ -42,7 +43,7 @@ dry_run=""
 while (($#)); do
   case $1 in
     --name|--zone|--accelerator-type|--runtime-version|--workdir|--manual-dir|--project)
-      [[ $# -ge 2 ]] || die "$1 needs a value"
+      [[ $# -ge 2 && $2 != -* ]] || die "$1 needs a value"
       case $1 in
         --name) name=$2 ;; --zone) zone=$2 ;; --accelerator-type) accelerator=$2 ;;
         --runtime-version) runtime=$2 ;; --workdir) workdir=$2 ;; --manual-dir) manual_dir=$2 ;;
@@ -54,18 +55,27 @@ while (($#)); do
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) break ;;
+    *) break ;;  # TRAIN_ARGS, checked below
   esac
 done
 
 [[ -z $manual_dir || $manual_dir == gs://* || $manual_dir == /* ]] || manual_dir=$PWD/$manual_dir
 cd "$(dirname "$0")/.."
+source launch/train_args.sh
+check_train_args tpu_vm.sh ${1+"$@"}
 command -v gcloud >/dev/null ||
   die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk) and run 'gcloud auth login'"
 [[ -n $zone ]] || die "--zone is required (see --help)"
 [[ -n $workdir ]] || die "--workdir is required: gs://BUCKET/PATH, readable and writable by the TPU VM"
-if [[ -n $manual_dir && $manual_dir != gs://* && ! -d $manual_dir/portraits && ! -d $manual_dir/ccp ]]; then
-  die "--manual-dir $manual_dir has neither portraits/ nor ccp/"
+data_dir="" fetch_data=true
+if [[ $manual_dir == gs://* ]]; then
+  data_dir=jaxseg_data
+elif [[ -n $manual_dir ]]; then
+  [[ -d $manual_dir/portraits || -d $manual_dir/ccp ]] ||
+    die "--manual-dir $manual_dir has neither portraits/ nor ccp/"
+  data_dir=$(basename "$manual_dir")
+  [[ $data_dir =~ ^[A-Za-z0-9._-]+$ ]] ||
+    die "--manual-dir: use a folder name without spaces or odd characters (got '$data_dir')"
 fi
 if [[ -z $runtime ]]; then
   case $accelerator in
@@ -110,13 +120,9 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 run tar czf "$tmp/jaxseg.tgz" --exclude=__pycache__ jaxseg configs requirements.txt
 run "${tpu[@]}" scp "$tmp/jaxseg.tgz" "$name:jaxseg.tgz" "${g[@]}" --worker=all
-data_dir="" fetch_data=true
 if [[ $manual_dir == gs://* ]]; then
-  data_dir=jaxseg_data
   fetch_data="mkdir -p ~/$data_dir && gcloud storage rsync --recursive $(q "$manual_dir") ~/$data_dir"
 elif [[ -n $manual_dir ]]; then
-  data_dir=$(basename "$manual_dir")
-  [[ $data_dir =~ ^[A-Za-z0-9._-]+$ ]] || die "--manual-dir: use a folder name without spaces or odd characters"
   run "${tpu[@]}" scp --recurse "$manual_dir" "$name:~/" "${g[@]}" --worker=all
 fi
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -128,9 +129,123 @@ def test_slurm_dry_run(bin_dir, tmp_path):
     out = _run([LAUNCH / "slurm.sbatch", "--dry-run", "--config.train.batch_size=128"], bin_dir,
                env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    # The default workdir does not depend on the job id: resubmitting the same command resumes.
     assert (f"srun --ntasks-per-node=4 --kill-on-bad-exit=1 {venv}/bin/python -m jaxseg.train "
-            "--config configs/gpu.py --workdir runs/slurm-7 --config.train.batch_size=128") in out.stdout
-    assert "-m jaxseg.evaluate --workdir runs/slurm-7 --checkpoint best" in out.stdout
+            "--config configs/gpu.py --workdir runs/slurm --config.train.batch_size=128") in out.stdout
+    assert "-m jaxseg.evaluate --workdir runs/slurm --checkpoint best" in out.stdout
+    help_text = subprocess.run(["bash", LAUNCH / "slurm.sbatch", "-h"], capture_output=True,
+                               text=True, timeout=30).stdout
+    assert "WORKDIR (default runs/slurm," in help_text and "resumes" in help_text
+
+
+def _logging_stub(path, name, log):
+    """A fake `name` that records its call in `log` and fails."""
+    (path / name).write_text(f"#!/bin/sh\necho \"{name} $*\" >> '{log}'\nexit 1\n")
+    (path / name).chmod(0o755)
+
+
+@pytest.fixture
+def all_stubs(bin_dir, tmp_path):
+    """bin_dir with logging gcloud/srun/nvidia-smi, and the environment each script needs."""
+    log = tmp_path / "calls.log"
+    for tool in ("gcloud", "srun", "nvidia-smi"):
+        _logging_stub(bin_dir, tool, log)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    env = {"SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_NTASKS_PER_NODE": "2",
+           "VENV": str(venv), "PYTHON": sys.executable}
+    return bin_dir, env, log
+
+
+# Each script's own options, then a mistyped one; no --dry-run, so anything that ran would be real.
+UNKNOWN_OPTION_CASES = {
+    "gpu.sh": ["--skip-install"],
+    "tpu_vm.sh": ["--zone", "z", "--workdir", "gs://b/w"],
+    "slurm.sbatch": [],
+    "local_cluster.sh": ["-n", "1"],
+    "cpu.sh": [],
+}
+
+
+@pytest.mark.parametrize("script", UNKNOWN_OPTION_CASES)
+@pytest.mark.parametrize("bad", [["--dryrun"], ["--config.train.num_steps=5", "--dry-run"],
+                                 ["--", "--config.train.num_steps=5", "stray"],
+                                 ["--config", "configs/smoke.py"]])
+def test_unknown_option_fails_before_anything_runs(all_stubs, script, bad):
+    """A mistyped option is a usage error at once, not jaxseg.train's after the setup (or a VM)."""
+    path, env, log = all_stubs
+    out = _run([LAUNCH / script, *UNKNOWN_OPTION_CASES[script], *bad], path, env=env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"{script}: error: " in out.stderr and "--config.FIELD=VALUE" in out.stderr
+    assert "see " + script + " --help" in out.stderr
+    assert not log.exists(), log.read_text()  # no gcloud/srun/nvidia-smi call
+    assert "+ " not in out.stdout  # no command printed (or run)
+    assert "Python 3.12" not in out.stderr  # cpu.sh: the setup did not start either
+
+
+def test_training_overrides_pass_the_check(all_stubs):
+    path, env, _ = all_stubs
+    args = ["--config.train.num_steps=5", "--config.train.batch_size", "8",
+            "--noconfig.data.aug.hflip", "--num_processes=1"]
+    out = _run([LAUNCH / "gpu.sh", "--dry-run", "--skip-install", *args], path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "--workdir runs/gpu " + " ".join(args) in out.stdout
+    out = _run([LAUNCH / "local_cluster.sh", "-m", "evaluate", "--dry-run", "--dataset",
+                "ccp_person", "--flip_tta", "--split", "test"], path, env=env)
+    assert out.returncode == 0, out.stderr  # evaluate's own flags: checked by evaluate itself
+
+
+def test_tpu_checks_arguments_before_gcloud(all_stubs, tmp_path):
+    """A --manual-dir with a space used to be refused only after the VM was created."""
+    path, env, log = all_stubs
+    data = tmp_path / "my data"
+    (data / "portraits").mkdir(parents=True)
+    out = _run([LAUNCH / "tpu_vm.sh", "--zone", "z", "--workdir", "gs://b/w", "--manual-dir", data],
+               path, env=env)
+    assert out.returncode == 2 and "without spaces" in out.stderr
+    assert not log.exists(), log.read_text()
+
+
+@pytest.fixture
+def cpu_tree(tmp_path, bin_dir):
+    """launch/cpu.sh in a copy of launch/ whose setup_env.sh does nothing and a `python` that
+    prints its arguments: what cpu.sh would train and evaluate, without doing it."""
+    tree = tmp_path / "repo"
+    (tree / "launch").mkdir(parents=True)
+    for name in ("cpu.sh", "train_args.sh"):
+        shutil.copy(LAUNCH / name, tree / "launch" / name)
+    (tree / "launch" / "setup_env.sh").write_text("echo 'setup done'\n")
+    (bin_dir / "python").write_text('#!/bin/sh\necho "ran python $*"\n')
+    (bin_dir / "python").chmod(0o755)
+    return tree / "launch" / "cpu.sh", bin_dir
+
+
+@pytest.mark.parametrize("args,workdir,rest", [
+    ([], "runs/default", ""),
+    (["--config.train.num_steps=5"], "runs/default", " --config.train.num_steps=5"),
+    (["--", "--config.train.num_steps=5"], "runs/default", " --config.train.num_steps=5"),
+    (["runs/x", "--config.train.num_steps=5"], "runs/x", " --config.train.num_steps=5"),
+    (["runs/x", "--", "--config.train.num_steps=5"], "runs/x", " --config.train.num_steps=5")])
+def test_cpu_first_argument(cpu_tree, args, workdir, rest):
+    """A first argument starting with '-' is an option, not the workdir."""
+    script, path = cpu_tree
+    out = _run([script, *args], path)
+    assert out.returncode == 0, out.stderr
+    assert (f"ran python -m jaxseg.train --config configs/default.py --workdir {workdir}{rest}\n"
+            in out.stdout)
+    assert f"ran python -m jaxseg.evaluate --workdir {workdir} --dataset ccp_person" in out.stdout
+
+
+def test_cpu_help_and_bad_option(cpu_tree):
+    script, path = cpu_tree
+    for flag in ("-h", "--help"):
+        out = _run([script, flag], path)
+        assert out.returncode == 0 and "Usage: bash launch/cpu.sh" in out.stdout
+        assert "setup done" not in out.stdout
+    out = _run([script, "--dryrun"], path)
+    assert out.returncode == 2 and "unknown option '--dryrun'" in out.stderr
+    assert "setup done" not in out.stdout and "ran python" not in out.stdout
 
 
 def test_local_cluster_dry_run(bin_dir):
@@ -241,3 +356,93 @@ def test_gpu_array_train_set_overrides_fields_by_their_type():
             ("model.base_features", "wide", "invalid literal")]:
         with pytest.raises((KeyError, ValueError), match=message):
             module.parse_like(config, field, text)
+
+
+def _load_launch_module(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, LAUNCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "data.aug.copy_paste"], "--set data.aug.copy_paste: expected FIELD=VALUE"),
+    (["--set", "data.aug.nope=1"], "--set data.aug.nope: unknown field 'nope' in data.aug"),
+    (["--set", "nope.x=1"], "unknown field 'nope' at the top level"),
+    (["--set", "data.aug.copy_paste.x=1"], "data.aug.copy_paste is a value, not a section"),
+    (["--set", "data.aug.copypaste=1"], "did you mean data.aug.copy_paste?")])
+def test_gpu_array_train_set_errors_are_usage_errors(monkeypatch, capsys, tmp_path, argv, message):
+    """Refused before the (here missing) data file is opened, with a message naming the field."""
+    module = _load_launch_module("gpu_array_train")
+    monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / "none.npz"),
+                                      "--out", str(tmp_path / "run"), *argv])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "gpu_array_train.py: error: --set " in err and message in err, err
+    assert "--set: --set" not in err and "\"'" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_gpu_array_train_refuses_an_earlier_run(monkeypatch, capsys, tmp_path):
+    module = _load_launch_module("gpu_array_train")
+    run = tmp_path / "run"
+    run.mkdir()
+    np.savez(run / "model_state.npz", w=np.ones(2))
+    monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / "none.npz"),
+                                      "--out", str(run)])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds a model_state.npz" in err and "use a new --out" in err
+    assert np.load(run / "model_state.npz")["w"].tolist() == [1.0, 1.0]  # untouched
+
+
+def test_gpu_array_train_writes_atomically(tmp_path):
+    module = _load_launch_module("gpu_array_train")
+    target = tmp_path / "model_state.npz"
+    module.write_atomically(target, lambda f: np.savez(f, w=np.arange(3)))
+    assert np.load(target)["w"].tolist() == [0, 1, 2]
+
+    def fail(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # a kill mid-save
+
+    with pytest.raises(KeyboardInterrupt):
+        module.write_atomically(target, fail)
+    assert np.load(target)["w"].tolist() == [0, 1, 2]  # the previous file is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_state.npz"]  # no temporary left
+    module.write_atomically(tmp_path / "summary.json", lambda f: f.write(b"{}"))
+    assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("output,written", [("arr", "arr.npz"), ("arr.npz", "arr.npz"),
+                                            ("sub/arr.v2", "sub/arr.v2.npz")])
+def test_make_array_file_output_path(monkeypatch, capsys, tmp_path, output, written):
+    """np.savez appends .npz to a name without it: the script reports (and stats) that file."""
+    module = _load_launch_module("make_array_file")
+    rng = np.random.default_rng(0)
+    example = {"image": rng.integers(0, 255, (12, 10, 3), dtype=np.uint8),
+               "mask": (rng.random((12, 10, 1)) > 0.5).astype(np.uint8)}
+    monkeypatch.setattr(module.datasets, "data_source", lambda name, split: [example] * 2)
+    monkeypatch.setattr(sys, "argv", ["make_array_file.py", "--size", "8", "--datasets",
+                                      "ccp_person", "--output", str(tmp_path / output)])
+    module.main()
+    assert f"wrote {tmp_path / written}: " in capsys.readouterr().out
+    z = np.load(tmp_path / written)
+    assert int(z["size"]) == 8 and z["split"].tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("script", ["gpu_array_train.py", "make_array_file.py",
+                                    "save_pretrained_from_npz.py"])
+def test_python_launchers_run_without_pythonpath(script, tmp_path):
+    """`python launch/X.py --help` from any folder, with no PYTHONPATH: a real help, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, LAUNCH / script, "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: {script}")

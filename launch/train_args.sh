@@ -1,0 +1,42 @@
+# Sourced by the launch scripts (not run on its own). check_train_args SCRIPT ARGS... exits
+# with status 2 and a usage message unless every ARG is something `python -m jaxseg.train` takes
+# after the script's own --config/--workdir, so that a mistyped option (--dryrun) stops the script
+# before it installs anything or creates a VM, not jaxseg.train after that work: config overrides
+# --config.FIELD=VALUE (also --config.FIELD VALUE and --noconfig.FIELD for booleans) and
+# --coordinator_address, --num_processes, --process_id (jaxseg.distributed's flags).
+# A word that is not an option is only accepted as the value of the option before it.
+check_train_args() {
+  local script=$1 arg name value_next="" bad=""
+  shift
+  local valued="coordinator_address num_processes process_id"
+  for arg; do
+    if [[ $arg != -* ]]; then
+      [[ -n $value_next ]] || { bad="unexpected argument '$arg'"; break; }
+      value_next=""
+      continue
+    fi
+    value_next=""
+    name=${arg#--} name=${name%%=*}
+    if [[ $arg == --* && ( $name == config.?* || $name == noconfig.?* ) ]]; then
+      [[ $arg == *=* || $name == noconfig.* ]] || value_next=1
+    elif [[ $arg == --* && " $valued " == *" $name "* ]]; then
+      [[ $arg == *=* ]] || value_next=1
+    elif [[ $arg == --* && ( $name == workdir || $name == config ) ]]; then
+      bad="'$arg': $script sets jaxseg.train's --$name itself (its help says how to choose it)"
+      break
+    else
+      bad="unknown option '$arg'"
+      break
+    fi
+  done
+  [[ -n $bad ]] || return 0
+  {
+    echo "$script: error: $bad"
+    echo "  $script's own options go first; what follows goes to jaxseg.train and may only be"
+    echo "  config overrides (--config.FIELD=VALUE, e.g. --config.train.num_steps=100) or"
+    echo "  --coordinator_address/--num_processes/--process_id"
+    if declare -F usage >/dev/null; then usage | sed -n '/Usage/{p;q;}'; fi
+    echo "  (see $script --help)"
+  } >&2
+  exit 2
+}
