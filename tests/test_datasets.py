@@ -379,3 +379,18 @@ def test_build_command_prepares_and_reports(tmp_path):
     line = json.loads([l for l in result.stdout.splitlines() if l.startswith("{")][-1])
     assert sum(line["splits"].values()) == len(expected["ids"])
     assert line["counts"]["excluded"] == len(expected["excluded"]) and pathlib.Path(line["report"]).exists()
+
+
+def test_folder_of_tiffs_builds_and_an_empty_folder_says_so(tmp_path):
+    root = tmp_path / "tiffs"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    with pytest.raises(base.BadDataError, match="0 photos or masks found"):
+        datasets.split_sizes("person_folder", data_dir=str(tmp_path / "dd"), folder=str(root))
+    cv2.imwrite(str(root / "images" / "a.tif"), cv2.cvtColor(fx.photo(1), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(root / "masks" / "a.tiff"), fx.person(1) * 255)
+    assert datasets.split_sizes("person_folder", data_dir=str(tmp_path / "dd"),
+                                folder=str(root)) == {"train": 1}
+    example = datasets.data_source("person_folder", "train", data_dir=str(tmp_path / "dd"),
+                                   folder=str(root))[0]
+    np.testing.assert_array_equal(example["mask"][..., 0], fx.person(1))

@@ -217,8 +217,11 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 splits[example.split].append(example)
         if self.on_bad == "error" and self._report.skipped:
             raise BadDataError(self.name, self._report.skipped)
+        dropped = self._report.skipped + self._report.excluded
+        if not splits and not dropped:
+            raise BadDataError(self.name, [], f"photos or masks found in {root}")
         if not splits:
-            raise BadDataError(self.name, self._report.skipped + self._report.excluded,
+            raise BadDataError(self.name, dropped,
                                f"file(s) dropped and no usable example left in {root}")
         return {name: self._generate_examples(examples) for name, examples in sorted(splits.items())}
 

@@ -13,7 +13,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5..8 swap width and height.
