@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="pretrained ensemble: use its first N members (0 = all; fewer is faster)")
     p.add_argument("--batch_size", type=export.positive_int, default=8,
                    help="batch of the throughput figure")
-    p.add_argument("--repeats", type=int, default=30, help="timed calls per form and batch size")
+    p.add_argument("--repeats", type=export.positive_int, default=30,
+                   help="timed calls per form and batch size")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls (compilation included)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="TFLite interpreter threads (JAX and TF use every core by default)")
@@ -79,6 +80,9 @@ def main(argv: list[str]) -> None:
 
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+    # Every form is timed on this CPU, JAX too: on a GPU machine JAX would otherwise run on the
+    # GPU and be compared with CPU exports and MediaPipe's CPU figure.
+    jax.config.update("jax_platforms", "cpu")
     model, config, description = inference.load_or_exit(args.workdir, args.checkpoint, args.members)
     size = config.data.image_size
     fn, leaves = export.inference_function(model)

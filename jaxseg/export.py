@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: load the model, write every form, print the manifest's summary."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+    # The exports are CPU artifacts: traced on a GPU they would hold CUDA StableHLO and the
+    # config's bf16 compute (create_model keeps bf16 off CPU only).
+    jax.config.update("jax_platforms", "cpu")
     output = pathlib.Path(args.output)
     if output.exists() and not output.is_dir():
         raise SystemExit(f"--output {output}: exists and is not a folder")

@@ -14,8 +14,9 @@ import numpy as np
 COUNT_KEYS = ("tp", "fp", "fn", "tn", "pred_boundary", "pred_boundary_hit",
               "true_boundary", "true_boundary_hit")
 
-# Boundary F1 tolerance: a fraction of the image diagonal (Csurka et al. 2013, BF score),
-# applied as a chessboard distance.
+# Boundary F1 tolerance: a fraction of the diagonal (Csurka et al. 2013, BF score), applied as
+# a chessboard distance. The evaluator takes the split's canvas diagonal, one static tolerance
+# for the whole jitted step, so a split's smaller photos get a slightly larger one.
 BOUNDARY_TOLERANCE_FRACTION = 0.0075
 
 
