@@ -27,10 +27,12 @@ def mixture_counts(weights: Sequence[float], batch_size: int) -> list[int]:
     """Examples per dataset in each batch: proportional, largest remainder, each at least 1."""
     if batch_size < len(weights):
         raise ValueError(f"batch size {batch_size} is smaller than the {len(weights)} mixed datasets")
-    w = np.asarray(weights, np.float64) / np.sum(weights)
-    extra = batch_size - len(w)
-    raw = w * extra
+    raw = np.asarray(weights, np.float64) / np.sum(weights) * batch_size
     counts = np.floor(raw).astype(int)
-    for i in np.argsort(-(raw - counts), kind="stable")[: extra - counts.sum()]:
+    for i in np.argsort(-(raw - counts), kind="stable")[: batch_size - counts.sum()]:
         counts[i] += 1
-    return list(counts + 1)
+    # Every dataset keeps at least one slot, taken from the dataset holding the most.
+    while (counts == 0).any():
+        counts[np.argmax(counts)] -= 1
+        counts[np.argmin(counts)] += 1
+    return [int(c) for c in counts]

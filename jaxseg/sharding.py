@@ -4,6 +4,8 @@ Parameters are replicated; batches are sharded on the leading axis over the mesh
 """
 from __future__ import annotations
 
+import collections
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -12,14 +14,23 @@ DATA_AXIS = "data"
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over all (or the first `num_devices`) global devices, axis 'data'."""
+    """A 1-D mesh over all (or the first `num_devices`) global devices, axis 'data', with each
+    process's devices contiguous and every process holding the same number of them."""
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if n > len(devices):
         raise ValueError(f"asked for {n} devices but only {len(devices)} are available")
+    # Ordered by process, not by jax.make_mesh's physical topology (which can interleave the
+    # hosts of a TPU slice): each process then owns one contiguous block of batch rows, which
+    # local_batch_slice and the input pipeline rely on.
+    chosen = sorted(devices[:n], key=lambda d: (d.process_index, d.id))
+    shares = collections.Counter(d.process_index for d in chosen)
+    if len(shares) != jax.process_count() or len(set(shares.values())) != 1:
+        per_process = len(devices) // jax.process_count()
+        raise ValueError(f"{n} devices would leave processes without an equal share: use all "
+                         f"of them, or a multiple of the {per_process} devices of each process")
     # Auto axes: XLA propagates the batch sharding and inserts the gradient all-reduce itself.
-    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices[:n])
+    return Mesh(np.array(chosen), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -41,8 +52,8 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
 def local_batch_slice(global_batch: int, mesh: Mesh) -> slice:
     """The rows of the global batch that live on this process's devices.
 
-    Devices of one process are contiguous in `jax.devices()` order, which `make_mesh` keeps,
-    so each process owns one contiguous block of rows.
+    make_mesh puts each process's devices next to each other, so each process owns one
+    contiguous block of rows.
     """
     flat = list(mesh.devices.flat)
     per_device = global_batch // len(flat)

@@ -153,6 +153,12 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
                 "train setting changed since it was written; its config.json has the old "
                 f"values): {str(e)[:300]}") from None
         log.info("resumed from %s at step %d", ckpts.latest.directory, step)
+        if meta.get("global_batch", config.train.batch_size) != config.train.batch_size:
+            # The data position is step x batch composition: another batch moves it.
+            log.warning("resumed with train.batch_size=%d, written with %d: the data position "
+                        "is recomputed at the new batch, so this epoch covers its examples "
+                        "unevenly (some once more or less)",
+                        config.train.batch_size, meta["global_batch"])
         return restored, step
     state = sharding.replicate(state, mesh)
     if config.train.init_checkpoint:

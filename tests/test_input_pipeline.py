@@ -24,7 +24,15 @@ def batches(sources, start=0, slots=None, batch=8):
 def test_mixture_counts_and_parsing():
     assert mixture.mixture_counts([1, 1], 8) == [4, 4]
     assert mixture.mixture_counts([3, 1], 8) == [6, 2]
-    assert sum(mixture.mixture_counts([1, 2, 7], 16)) == 16
+    assert mixture.mixture_counts([1, 3], 8) == [2, 6]  # was [3, 5]: skewed by the order
+    assert mixture.mixture_counts([9, 1], 10) == [9, 1]  # was [8, 2]
+    assert mixture.mixture_counts([100, 1, 1], 3) == [1, 1, 1]  # at least one each
+    for weights, batch in (([1, 2, 7], 16), ([5, 3, 1], 12), ([2, 9], 7)):
+        counts = mixture.mixture_counts(weights, batch)
+        assert sum(counts) == batch and min(counts) >= 1
+        exact = np.asarray(weights) / sum(weights) * batch
+        assert np.all(np.abs(np.asarray(counts) - exact) < 1), (weights, counts)
+        assert mixture.mixture_counts(weights[::-1], batch) == counts[::-1]
     assert mixture.parse_mixture("a:2, b") == [("a", 2.0), ("b", 1.0)]
     for bad in ("a:0", "a:nan", "a:inf", "a:-1"):
         with pytest.raises(ValueError, match="must be a positive number"):
