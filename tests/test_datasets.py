@@ -394,3 +394,12 @@ def test_folder_of_tiffs_builds_and_an_empty_folder_says_so(tmp_path):
     example = datasets.data_source("person_folder", "train", data_dir=str(tmp_path / "dd"),
                                    folder=str(root))[0]
     np.testing.assert_array_equal(example["mask"][..., 0], fx.person(1))
+
+
+def test_folder_pairs_names_spelt_in_either_unicode_form(tmp_path):
+    root = tmp_path / "accents"
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # the same name, as two byte strings
+    fx.write(root / "images" / f"{composed}.jpg", fx.photo(2))
+    fx.write(root / "masks" / f"{decomposed}.png", fx.person(2) * 255)
+    assert datasets.split_sizes("person_folder", data_dir=str(tmp_path / "dd"),
+                                folder=str(root)) == {"train": 1}

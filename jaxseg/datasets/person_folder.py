@@ -5,6 +5,7 @@ import hashlib
 import os
 import pathlib
 import re
+import unicodedata
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -81,7 +82,8 @@ def pair_files(directory: pathlib.Path) -> tuple[list[tuple[str, pathlib.Path, p
                 elif f.suffix.lower() not in image_io.IMAGE_SUFFIXES:
                     bad.append((f, f"not an image file (extension {f.suffix or 'none'!r})"))
                 else:
-                    by_stem[f.stem].append(f)
+                    # One spelling per name: macOS writes é decomposed, most tools composed.
+                    by_stem[unicodedata.normalize("NFC", f.stem)].append(f)
         return by_stem
 
     images = listing("images")
