@@ -236,17 +236,17 @@ def _source_for(flags_):
         if not (flags_.images and flags_.masks):
             raise ValueError("--images and --masks go together")
         root = folder_root(flags_.images, flags_.masks)
-        splits = datasets.split_sizes("person_folder", data_dir=data_dir, folder=str(root))
-        skipped = datasets.build_report("person_folder", data_dir=data_dir,
-                                        folder=str(root))["skipped"]
+        # Prepared once: each prepare() fingerprints every file of the folder again.
+        prepared = datasets.prepare("person_folder", data_dir=data_dir, folder=str(root))
+        splits = prepared.info.splits
+        skipped = prepared.report()["skipped"]
         if skipped:  # a user's folder: say what was left out of the score, and why
             print(f"{len(skipped)} file(s) of the folder are not scored:\n"
                   + "\n".join(f"  {s['file']}: {s['reason']}" for s in skipped[:20])
                   + ("\n  ..." if len(skipped) > 20 else ""), file=sys.stderr)
         # A folder without split subfolders has one split; use it whatever --split says.
         split = flags_.split if flags_.split in splits else next(iter(splits))
-        return "person_folder", split, datasets.data_source(
-            "person_folder", split, data_dir=data_dir, folder=str(root))
+        return "person_folder", split, datasets.Source(prepared, split)
     if not flags_.dataset:
         raise ValueError("say what to evaluate on: --dataset NAME --split SPLIT, or --images/--masks")
     return flags_.dataset, flags_.split, datasets.data_source(flags_.dataset, flags_.split,

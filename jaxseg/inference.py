@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxseg import losses
-from jaxseg.models import LogitAverage, create_model
+from jaxseg.models import create_model, of_members
 
 PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "pretrained"
 PRETRAINED_WEIGHTS = "weights"
@@ -59,7 +59,7 @@ def load_pretrained(directory: str | pathlib.Path | None = None, members: int = 
     checkpointer = ocp.StandardCheckpointer()
     models = [nnx.merge(graphdef, checkpointer.restore((directory / name).absolute(), abstract))
               for name in names[:members or len(names)]]
-    return (models[0] if len(models) == 1 else LogitAverage(models)), config, card
+    return of_members(models), config, card
 
 
 def save_pretrained(models, config, card: dict, directory: str | pathlib.Path = PRETRAINED_DIR):
@@ -101,11 +101,17 @@ def load(workdir: str | None = None, checkpoint: str = "best", members: int = 0)
         model, config, step = load_from_workdir(workdir, checkpoint)
         return model, config, {"source": str(workdir), "checkpoint_step": step}
     model, config, card = load_pretrained(members=members)
-    steps = card.get("steps")
-    if isinstance(steps, list):  # an ensemble's: one per member
-        steps = steps[:members or len(steps)]
-        steps = steps[0] if len(steps) == 1 else steps
-    return model, config, {"source": "pretrained", "checkpoint_step": steps}
+    return model, config, {"source": "pretrained",
+                           "checkpoint_step": member_steps(card.get("steps"), members)}
+
+
+def member_steps(steps, members: int | None):
+    """The checkpoint step recorded for the first `members` (0 or None = all) of a model whose
+    card lists STEPS: an ensemble's list is cut to them, and one step stands alone."""
+    if not isinstance(steps, list):
+        return steps
+    kept = steps[:members or len(steps)]
+    return kept[0] if len(kept) == 1 else kept
 
 
 def load_or_exit(workdir: str | None = None, checkpoint: str = "best", members: int = 0):

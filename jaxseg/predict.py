@@ -25,6 +25,7 @@ from jaxseg.inference import person_probabilities
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 MODES = ("mask", "cutout", "overlay", "background")
 BUCKET = 64
 
@@ -245,7 +246,7 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
             files = sorted(p for p in path.rglob("*") if p.is_file())
             stems = collections.defaultdict(set)
             for f in files:
-                if f.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+                if f.suffix.lower() in MEDIA_SUFFIXES:
                     stems[f.parent].add(f.stem)
             # The absolute name, links not followed: "." and ".." have none of their own.
             mirror = pathlib.Path(pathlib.Path(os.path.abspath(path)).name)
@@ -253,7 +254,7 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
                 kind = f.suffix.lower()
                 if ((skip is not None and skip in f.resolve().parents)
                         or _is_earlier_output(f, stems[f.parent])
-                        or kind not in IMAGE_SUFFIXES | VIDEO_SUFFIXES):
+                        or kind not in MEDIA_SUFFIXES):
                     passed_over += 1
                     continue
                 (videos if kind in VIDEO_SUFFIXES else images).append(

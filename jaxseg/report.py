@@ -31,8 +31,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from jaxseg import input_pipeline, metric_writer, metrics, refine
-from jaxseg.models import LogitAverage
+from jaxseg import inference, input_pipeline, metric_writer, metrics, refine
+from jaxseg.models import LogitAverage, of_members
 from jaxseg.predict import Renderer
 from jaxseg.workdir import workdir_path
 
@@ -244,8 +244,6 @@ class ModelExamples:
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike, checkpoint: str = "best") -> "ModelExamples":
         """The workdir's checkpoint and the prepared datasets."""
-        from jaxseg import inference
-
         model, config, described = inference.load(str(workdir), checkpoint)
         return cls(model, config.data.image_size, described["checkpoint_step"])
 
@@ -276,16 +274,7 @@ def first_members(model, members: int | None):
     """The model an eval with --members N scored: an ensemble's first N members (else MODEL)."""
     if not members or not isinstance(model, LogitAverage) or members >= len(model.members):
         return model
-    kept = list(model.members)[:members]
-    return kept[0] if members == 1 else LogitAverage(kept)
-
-
-def same_model_steps(step, members: int | None):
-    """The checkpoint step an eval of `members` members of a model at STEP records."""
-    if isinstance(step, list) and members:
-        step = step[:members]
-        return step[0] if len(step) == 1 else step
-    return step
+    return of_members(list(model.members)[:members])
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -719,7 +708,7 @@ def build_report(workdir: str | os.PathLike, output: str | os.PathLike | None = 
     image_size = config.get("data", {}).get("image_size")
     step = getattr(examples, "step", None)
     detailed = [e for e in own if examples is None or e.result.get("checkpoint_step") in (
-        step, same_model_steps(step, e.result.get("members")))]
+        step, inference.member_steps(step, e.result.get("members")))]
 
     model = config.get("model", {})
     blocks = [Text(f"Workdir {workdir} · model depth {model.get('depth', '?')}, "
@@ -769,7 +758,7 @@ def main(argv):
     del argv
     from absl import flags
 
-    from jaxseg import evaluate, inference
+    from jaxseg import evaluate
 
     f = flags.FLAGS
     workdir = f.workdir

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from fake_data import fake_source
-from jaxseg import metrics, report
+from jaxseg import inference, metrics, report
 from jaxseg.evaluate import SWEEP_THRESHOLDS
 
 STEP = 20
@@ -224,10 +224,10 @@ def test_an_eval_of_the_first_members_gets_overlays_of_those_members():
         model = report.first_members(ensemble, members)
         assert float(model(images)[0, 0, 0, 0]) == logit, members
     # The step an eval of the first N members records (inference.load's rule).
-    assert report.same_model_steps([4000, 6000], 1) == 4000
-    assert report.same_model_steps([4000, 6000, 7000], 2) == [4000, 6000]
-    assert report.same_model_steps([4000, 6000], None) == [4000, 6000]
-    assert report.same_model_steps(4000, None) == 4000
+    assert inference.member_steps([4000, 6000], 1) == 4000
+    assert inference.member_steps([4000, 6000, 7000], 2) == [4000, 6000]
+    assert inference.member_steps([4000, 6000], None) == [4000, 6000]
+    assert inference.member_steps(4000, None) == 4000
 
 
 def test_an_eval_without_images_gets_no_advice(tmp_path):

@@ -23,3 +23,8 @@ class LogitAverage(nnx.Module):
         if train:
             raise ValueError("LogitAverage is for inference: train its members one by one")
         return sum(m(images, train=False) for m in self.members) / len(self.members)
+
+
+def of_members(models):
+    """One model as itself, several as their LogitAverage."""
+    return models[0] if len(models) == 1 else LogitAverage(models)
