@@ -9,13 +9,16 @@ import jax
 
 _ENV = ("JAXSEG_COORDINATOR_ADDRESS", "JAXSEG_NUM_PROCESSES", "JAXSEG_PROCESS_ID")
 HEARTBEAT_ENV = "JAXSEG_HEARTBEAT_TIMEOUT_S"
+# "auto": let jax.distributed.initialize() find the cluster itself. A Cloud TPU VM pod slice needs
+# it: JAX reads its hosts from the VM's metadata server, which nothing in the environment shows.
+AUTO_ENV = "JAXSEG_DISTRIBUTED"
 
 
 def _auto_detected() -> bool:
     # Environments where jax.distributed.initialize() finds its own settings.
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if os.environ.get(AUTO_ENV) == "auto" or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return True
-    return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+    return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))  # GKE TPU pods
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
@@ -23,7 +26,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     """Calls jax.distributed.initialize when this is one process of several; no-op otherwise.
 
     Explicit arguments win, then $JAXSEG_COORDINATOR_ADDRESS / $JAXSEG_NUM_PROCESSES /
-    $JAXSEG_PROCESS_ID, then what JAX detects itself (Cloud TPU VMs, SLURM). In a run of several
+    $JAXSEG_PROCESS_ID, then what JAX detects itself: under SLURM with several tasks, in GKE TPU
+    pods, and wherever $JAXSEG_DISTRIBUTED=auto (Cloud TPU VM pod slices). In a run of several
     processes, one that stops sending heartbeats for `heartbeat_timeout_s()` seconds counts as dead
     and the others stop, and an uncaught exception ends this process at once (so that the others
     stop too instead of waiting for it).
@@ -49,6 +53,13 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
         jax.distributed.initialize(**heartbeat)
         _stop_all_on_failure(jax.process_index(), jax.process_count(),
                              heartbeat.get("heartbeat_timeout_seconds"))
+    if not jax.distributed.is_initialized() and jax.process_count() > 1:
+        # A TPU runtime can span hosts on its own; checkpointing and collectives would then fail
+        # later, deep in orbax, for want of JAX's distributed client.
+        raise SystemExit(
+            f"error: this process is one of {jax.process_count()}, but JAX's distributed runtime "
+            f"was not started: set {AUTO_ENV}=auto on every host (launch/tpu_vm.sh does) or pass "
+            "--coordinator_address, --num_processes and --process_id")
 
 
 def heartbeat_timeout_s(timeout_s: int = 300) -> int:

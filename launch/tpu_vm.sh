@@ -14,7 +14,7 @@ Usage: launch/tpu_vm.sh --zone ZONE --workdir gs://BUCKET/PATH [options] [--] [T
   --runtime-version V       default from TYPE: v4 tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
                             v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
   --workdir DIR             required: checkpoints and logs, on storage every worker shares
-                            (gs://...; a local path only works on single-host VMs)
+                            (gs://...; a local path only on single-host types, numbered up to 8)
   --manual-dir DIR          raw data (portraits/ and ccp/), gs://... or a local folder, copied to
                             every worker's disk (default: each worker downloads the public
                             archives); each worker builds its TFDS datasets on its own disk
@@ -24,7 +24,7 @@ Usage: launch/tpu_vm.sh --zone ZONE --workdir gs://BUCKET/PATH [options] [--] [T
 
 TRAIN_ARGS go to jaxseg.train: config overrides (e.g. --config.train.num_steps=100); anything
 else, and any bad setting above, is refused before gcloud is called. CONFIG (default configs/tpu.py)
-picks another config. Workers get Python 3.12 (uv if the image lacks it) in ~/jaxseg-venv and
+picks another config (relative to your folder; one outside configs/ travels as configs/launch_NAME). Workers get Python 3.12 (uv if the image lacks it) in ~/jaxseg-venv and
 `pip install -r requirements.txt "jax[tpu]==<version pinned there>"`; results of the test
 evaluation land in WORKDIR/eval/. The TPU VM keeps running (and billing) afterwards: delete it with
   gcloud compute tpus tpu-vm delete NAME --zone ZONE
@@ -60,6 +60,8 @@ while (($#)); do
 done
 
 [[ -z $manual_dir || $manual_dir == gs://* || $manual_dir == /* ]] || manual_dir=$PWD/$manual_dir
+config_file=${CONFIG:-}  # relative to the caller's folder, like --manual-dir
+[[ -z $config_file || $config_file == /* ]] || config_file=$PWD/$config_file
 cd "$(dirname "$0")/.."
 source launch/train_args.sh
 check_train_args tpu_vm.sh ${1+"$@"}
@@ -86,8 +88,18 @@ if [[ -z $runtime ]]; then
     *) die "no default runtime for --accelerator-type $accelerator: pass --runtime-version" ;;
   esac
 fi
-CONFIG=${CONFIG:-configs/tpu.py}
-[[ -f $CONFIG ]] || die "config not found: $CONFIG"
+config_file=${config_file:-$PWD/configs/tpu.py}
+[[ -f $config_file ]] || die "config not found: ${CONFIG:-configs/tpu.py}"
+# The workers get configs/ only: a config kept elsewhere travels as configs/launch_<name>.
+config_dir=$(cd "$(dirname "$config_file")" && pwd -P)
+if [[ $config_dir == "$(pwd -P)/configs" ]]; then
+  CONFIG=configs/$(basename "$config_file") extra_config=""
+else
+  CONFIG=configs/launch_$(basename "$config_file") extra_config=$config_file
+fi
+if [[ $workdir != gs://* && ${accelerator##*-} =~ ^[0-9]+$ ]] && ((${accelerator##*-} > 8)); then
+  die "--workdir $workdir: $accelerator spans several hosts, which must share the workdir: use gs://BUCKET/PATH"
+fi
 jax_version=$(sed -n 's/^jax==\([^ ;#]*\).*/\1/p' requirements.txt)
 [[ -n $jax_version ]] || die "no 'jax==VERSION' line in requirements.txt"
 
@@ -118,7 +130,10 @@ fi
 # 2. Code (as a tarball: the working tree's jaxseg/, configs/, requirements.txt) and data.
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-run tar czf "$tmp/jaxseg.tgz" --exclude=__pycache__ jaxseg configs requirements.txt
+run mkdir "$tmp/code"
+run cp -R jaxseg configs requirements.txt "$tmp/code/"
+[[ -z $extra_config ]] || run cp "$extra_config" "$tmp/code/$CONFIG"
+run tar czf "$tmp/jaxseg.tgz" -C "$tmp/code" --exclude=__pycache__ jaxseg configs requirements.txt
 run "${tpu[@]}" scp "$tmp/jaxseg.tgz" "$name:jaxseg.tgz" "${g[@]}" --worker=all
 if [[ $manual_dir == gs://* ]]; then
   fetch_data="mkdir -p ~/$data_dir && gcloud storage rsync --recursive $(q "$manual_dir") ~/$data_dir"
@@ -135,9 +150,10 @@ fi
 cd ~/jaxseg && ~/jaxseg-venv/bin/python -m pip install -q -r requirements.txt $(q "jax[tpu]==$jax_version") \
   google-cloud-storage==3.17.1"  # TensorBoard events into a gs:// workdir (tensorboardX)
 
-# 4. Train on all workers at once (jax.distributed.initialize() finds the slice by itself), then
-#    evaluate; process 0 writes the results, copied into WORKDIR/eval/.
-setup="cd ~/jaxseg && export TFDS_DATA_DIR=\$HOME/tensorflow_datasets ${data_dir:+JAXSEG_MANUAL_DIR=\$HOME/$data_dir} &&"
+# 4. Train on all workers at once, then evaluate; process 0 writes the results, copied into
+#    WORKDIR/eval/. JAXSEG_DISTRIBUTED=auto: jax.distributed.initialize() finds the slice's hosts
+#    in the VM's metadata.
+setup="cd ~/jaxseg && export TFDS_DATA_DIR=\$HOME/tensorflow_datasets JAXSEG_DISTRIBUTED=auto ${data_dir:+JAXSEG_MANUAL_DIR=\$HOME/$data_dir} &&"
 on_all "set -o pipefail; $setup ~/jaxseg-venv/bin/python -m jaxseg.train --config $(q "$CONFIG") \
 --workdir $(q "$workdir") ${1+$(q "$@")} 2>&1 | tee -a ~/jaxseg_train.log"
 evaluate="set -e; $setup rm -rf ~/jaxseg_eval"

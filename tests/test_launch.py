@@ -103,8 +103,39 @@ def test_tpu_dry_run(bin_dir, tmp_path):
     assert ("-m jaxseg.train --config configs/tpu.py --workdir gs://b/run "
             "--config.train.num_steps=10") in s
     assert "JAXSEG_MANUAL_DIR=$HOME/mydata" in s
+    # Train and evaluate both join the slice through jax.distributed.initialize()'s own discovery.
+    assert s.count("JAXSEG_DISTRIBUTED=auto") == 2
     assert "--dataset ccp_person --split test" in s
     assert "stub" not in out.stderr
+
+
+def test_tpu_ships_a_config_kept_outside_configs(bin_dir, tmp_path):
+    _stub(bin_dir, "gcloud")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "big.py").write_text("from configs.tpu import get_config\n")
+    common = [LAUNCH / "tpu_vm.sh", "--zone", "z", "--workdir", "gs://b/w", "--dry-run"]
+    out = _run(common, bin_dir, env={"CONFIG": "big.py"}, cwd=mine)  # relative to the caller
+    assert out.returncode == 0, out.stderr
+    assert f"cp {mine / 'big.py'} " in out.stdout and "/code/configs/launch_big.py" in out.stdout
+    assert "-m jaxseg.train --config configs/launch_big.py " in out.stdout
+    out = _run(common, bin_dir, env={"CONFIG": "configs/smoke.py"})
+    assert out.returncode == 0, out.stderr
+    assert "-m jaxseg.train --config configs/smoke.py " in out.stdout
+    assert "launch_" not in out.stdout  # a config in configs/ travels with it
+    out = _run(common, bin_dir, env={"CONFIG": "nope.py"})
+    assert out.returncode == 2 and "config not found: nope.py" in out.stderr
+
+
+@pytest.mark.parametrize("accelerator,ok", [("v4-8", True), ("v5litepod-8", True),
+                                            ("v4-32", False), ("v5litepod-16", False)])
+def test_tpu_local_workdir_only_on_one_host(bin_dir, accelerator, ok):
+    _stub(bin_dir, "gcloud")
+    out = _run([LAUNCH / "tpu_vm.sh", "--zone", "z", "--workdir", "/tmp/w", "--accelerator-type",
+                accelerator, "--dry-run"], bin_dir)
+    assert (out.returncode == 0) == ok, out.stderr
+    if not ok:
+        assert "spans several hosts" in out.stderr and "gs://" in out.stderr
 
 
 def test_slurm_without_srun(bin_dir):

@@ -312,3 +312,32 @@ def test_heartbeat_timeout_from_the_environment(monkeypatch):
         monkeypatch.setenv(distributed.HEARTBEAT_ENV, bad)
         with pytest.raises(ValueError, match="JAXSEG_HEARTBEAT_TIMEOUT_S must be a positive"):
             distributed.heartbeat_timeout_s(300)
+
+
+@pytest.fixture
+def no_launch_env(monkeypatch):
+    for name in (*distributed._ENV, distributed.AUTO_ENV, "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(distributed, "_stop_all_on_failure", lambda *a: None)
+    return calls
+
+
+def test_auto_lets_jax_find_the_cluster(no_launch_env, monkeypatch):
+    # A Cloud TPU VM pod slice shows nothing in its environment: only JAXSEG_DISTRIBUTED=auto
+    # (set by launch/tpu_vm.sh) makes jaxseg hand the discovery to jax.distributed.initialize().
+    distributed.initialize()
+    assert no_launch_env == []
+    monkeypatch.setenv(distributed.AUTO_ENV, "auto")
+    distributed.initialize()
+    assert no_launch_env == [((), {})]
+
+
+def test_several_processes_without_distributed_runtime_is_an_error(no_launch_env, monkeypatch):
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    with pytest.raises(SystemExit, match="one of 4.*JAXSEG_DISTRIBUTED=auto"):
+        distributed.initialize()
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    distributed.initialize()  # one process alone needs no runtime
