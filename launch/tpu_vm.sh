@@ -24,7 +24,8 @@ Usage: launch/tpu_vm.sh --zone ZONE --workdir gs://BUCKET/PATH [options] [--] [T
 
 TRAIN_ARGS go to jaxseg.train: config overrides (e.g. --config.train.num_steps=100); anything
 else, and any bad setting above, is refused before gcloud is called. CONFIG (default configs/tpu.py)
-picks another config (relative to your folder; one outside configs/ travels as configs/launch_NAME). Workers get Python 3.12 (uv if the image lacks it) in ~/jaxseg-venv and
+picks another config (a path from your folder or the repository's; one outside configs/ travels as
+configs/launch_NAME). Workers get Python 3.12 (uv if the image lacks it) in ~/jaxseg-venv and
 `pip install -r requirements.txt "jax[tpu]==<version pinned there>"`; results of the test
 evaluation land in WORKDIR/eval/. The TPU VM keeps running (and billing) afterwards: delete it with
   gcloud compute tpus tpu-vm delete NAME --zone ZONE
@@ -60,8 +61,8 @@ while (($#)); do
 done
 
 [[ -z $manual_dir || $manual_dir == gs://* || $manual_dir == /* ]] || manual_dir=$PWD/$manual_dir
-config_file=${CONFIG:-}  # relative to the caller's folder, like --manual-dir
-[[ -z $config_file || $config_file == /* ]] || config_file=$PWD/$config_file
+config_file=${CONFIG:-}  # relative to the caller's folder, else to the repository (gpu.sh's way)
+[[ -z $config_file || $config_file == /* || ! -f $config_file ]] || config_file=$PWD/$config_file
 cd "$(dirname "$0")/.."
 source launch/train_args.sh
 check_train_args tpu_vm.sh ${1+"$@"}

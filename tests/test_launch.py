@@ -119,10 +119,11 @@ def test_tpu_ships_a_config_kept_outside_configs(bin_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"cp {mine / 'big.py'} " in out.stdout and "/code/configs/launch_big.py" in out.stdout
     assert "-m jaxseg.train --config configs/launch_big.py " in out.stdout
-    out = _run(common, bin_dir, env={"CONFIG": "configs/smoke.py"})
-    assert out.returncode == 0, out.stderr
-    assert "-m jaxseg.train --config configs/smoke.py " in out.stdout
-    assert "launch_" not in out.stdout  # a config in configs/ travels with it
+    for cwd in (REPO, mine):  # from the caller's folder, or else from the repository's
+        out = _run(common, bin_dir, env={"CONFIG": "configs/smoke.py"}, cwd=cwd)
+        assert out.returncode == 0, out.stderr
+        assert "-m jaxseg.train --config configs/smoke.py " in out.stdout
+        assert "launch_" not in out.stdout  # a config in configs/ travels with it
     out = _run(common, bin_dir, env={"CONFIG": "nope.py"})
     assert out.returncode == 2 and "config not found: nope.py" in out.stderr
 
