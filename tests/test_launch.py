@@ -478,3 +478,31 @@ def test_python_launchers_run_without_pythonpath(script, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"usage: {script}")
+
+
+def test_setup_env_leaves_the_sourcing_shell_alone(tmp_path):
+    """`source launch/setup_env.sh` (the README's way) once turned on errexit in the user's shell,
+    so that the next failing command closed it, and its own failure `exit`ed that shell."""
+    tree = tmp_path / "repo"
+    (tree / "launch").mkdir(parents=True)
+    shutil.copy(LAUNCH / "setup_env.sh", tree / "launch" / "setup_env.sh")
+    (tree / "requirements.txt").write_text("")
+    report = 'echo "rc=$? opts=$-"; set -o | grep pipefail; false; echo alive'
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    # No .venv and a Python that fails: the setup fails, and returns.
+    out = subprocess.run(["bash", "-c", f"PYTHON=false source launch/setup_env.sh; {report}"],
+                         cwd=tree, env=env, capture_output=True, text=True, timeout=60)
+    assert "rc=1" in out.stdout and "alive" in out.stdout, out.stdout + out.stderr
+    # A .venv whose tools succeed: the setup succeeds and changes no shell option.
+    venv_bin = tree / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    for tool in ("python", "pip"):
+        (venv_bin / tool).write_text("#!/bin/sh\necho 'Python 3.12.0'\n")
+        (venv_bin / tool).chmod(0o755)
+    out = subprocess.run(["bash", "-c", f"source launch/setup_env.sh; {report}"], cwd=tree,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert "environment ready" in out.stdout and "rc=0" in out.stdout, out.stdout + out.stderr
+    opts = out.stdout.split("opts=")[1].split()[0]
+    assert "e" not in opts and "u" not in opts
+    assert "pipefail" in out.stdout and "on" not in out.stdout.split("pipefail")[1].split()[0]
+    assert "alive" in out.stdout
