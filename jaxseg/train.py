@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import signal
+import sys
 import time
 
 import jax
@@ -340,8 +341,14 @@ def main(argv):
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.basicConfig(level=logging.INFO if distributed.is_main_process() else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    config = FLAGS.config
     try:
-        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        config.to_dict()  # a --config file that failed to load stands in as an object raising on use
+    except OSError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        distributed.exit_with_error(f"error: --config: {lines[-1] if lines else e}")
+    try:
+        result = train_and_evaluate(config, FLAGS.workdir)
     except (config_check.ConfigError, FloatingPointError) as e:
         distributed.exit_with_error(f"error: {e}")
     if distributed.is_main_process():
@@ -360,12 +367,20 @@ def _define_flags():
 
 
 def _parse_flags(argv):
-    """absl's flag parsing, with an unknown --config.a.b field or section as a one-line error
-    (ml_collections raises AttributeError or KeyError for it, which absl shows as a traceback)."""
+    """absl's flag parsing, with an unknown --config.a.b field or section as a one-line error."""
     from absl import app
 
-    try:
+    with _unknown_config_field_as_error(argv):
         return app.parse_flags_with_usage(argv)
+
+
+@contextlib.contextmanager
+def _unknown_config_field_as_error(argv):
+    # ml_collections raises AttributeError or KeyError for an unknown --config.a.b, which absl
+    # shows as a traceback: while parsing, or already while defining the flag when --config is
+    # left at its default.
+    try:
+        yield
     except (AttributeError, KeyError) as e:
         text = str(e).replace("\\", "")
         name = re.search(r"'([^']+)'", text)
@@ -382,5 +397,6 @@ def _parse_flags(argv):
 if __name__ == "__main__":
     from absl import app
 
-    _define_flags()
+    with _unknown_config_field_as_error(sys.argv):
+        _define_flags()
     app.run(main, flags_parser=_parse_flags)

@@ -118,3 +118,18 @@ def test_impossible_config_fails_before_touching_data(tmp_path, override, messag
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "tfds").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    # With --config left at its default, ml_collections applies overrides while defining the flag.
+    (["--config.train.nope=1"], "the config has no field 'nope'"),
+    (["--config", "configs/missing.py"], "error: --config: [Errno 2] No such file or directory"),
+])
+def test_config_errors_are_one_line(tmp_path, args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.train", "--workdir", str(tmp_path / "w"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
