@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import re
 import sys
 
 import cv2
@@ -201,6 +202,14 @@ def read_prediction(path: pathlib.Path, size: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def folder_pair_key(images: str, masks: str) -> str:
+    """A short stable name for a pair of --images/--masks folders (by their resolved paths)."""
+    import hashlib
+
+    pair = f"{pathlib.Path(images).resolve()}\0{pathlib.Path(masks).resolve()}"
+    return hashlib.sha256(pair.encode()).hexdigest()[:16]
+
+
 def folder_root(images: str, masks: str) -> pathlib.Path:
     """A person_folder root with `images/` and `masks/` for two arbitrary folders.
 
@@ -208,18 +217,18 @@ def folder_root(images: str, masks: str) -> pathlib.Path:
     is made under $TFDS_DATA_DIR (stable per pair of paths, so prepared data is reused).
     """
     images_dir, masks_dir = pathlib.Path(images).resolve(), pathlib.Path(masks).resolve()
-    for d in (images_dir, masks_dir):
+    for flag, d in (("--images", images_dir), ("--masks", masks_dir)):
         if not d.is_dir():
-            raise FileNotFoundError(f"not a folder: {d}")
+            raise FileNotFoundError(f"{flag}: not a folder: {d}")
+        if not any(p.is_file() for p in d.rglob("*")):
+            raise FileNotFoundError(f"{flag}: no files in {d}")
     if (images_dir.parent == masks_dir.parent and images_dir.name == "images"
             and masks_dir.name == "masks"):
         return images_dir.parent
-    import hashlib
     import os
 
-    key = hashlib.sha256(f"{images_dir}\0{masks_dir}".encode()).hexdigest()[:16]
     base = pathlib.Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
-    root = base / "jaxseg_folder_pairs" / key
+    root = base / "jaxseg_folder_pairs" / folder_pair_key(images, masks)
     root.mkdir(parents=True, exist_ok=True)
     for name, target in (("images", images_dir), ("masks", masks_dir)):
         link = root / name
@@ -249,6 +258,8 @@ def _source_for(flags_):
         return "person_folder", split, datasets.Source(prepared, split)
     if not flags_.dataset:
         raise ValueError("say what to evaluate on: --dataset NAME --split SPLIT, or --images/--masks")
+    if flags_.dataset == "person_folder":
+        raise ValueError("person_folder scores your own folders: pass --images DIR --masks DIR")
     return flags_.dataset, flags_.split, datasets.data_source(flags_.dataset, flags_.split,
                                                              data_dir=data_dir)
 
@@ -329,6 +340,9 @@ def _default_output(f, dataset: str, split: str) -> pathlib.Path:
     suffix += f"_members{f.members}" if f.members else ""
     if f.refine and (f.refine_radius, f.refine_eps) != (refine.RADIUS, refine.EPS):
         suffix += f"_r{f.refine_radius}_eps{f.refine_eps:g}"
+    if f.images:  # one file per pair of folders, named after the photos' folder
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", pathlib.Path(f.images).resolve().name)
+        suffix += f"_{name}-{folder_pair_key(f.images, f.masks)[:8]}"
     return base / f"{f.checkpoint}_{dataset}_{split}{suffix}.json"
 
 

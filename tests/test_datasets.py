@@ -385,7 +385,7 @@ def test_folder_of_tiffs_builds_and_an_empty_folder_says_so(tmp_path):
     root = tmp_path / "tiffs"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
-    with pytest.raises(base.BadDataError, match="0 photos or masks found"):
+    with pytest.raises(base.BadDataError, match="no photos or masks found in .*[^:]$"):
         datasets.split_sizes("person_folder", data_dir=str(tmp_path / "dd"), folder=str(root))
     cv2.imwrite(str(root / "images" / "a.tif"), cv2.cvtColor(fx.photo(1), cv2.COLOR_RGB2BGR))
     cv2.imwrite(str(root / "masks" / "a.tiff"), fx.person(1) * 255)
@@ -403,3 +403,17 @@ def test_folder_pairs_names_spelt_in_either_unicode_form(tmp_path):
     fx.write(root / "masks" / f"{decomposed}.png", fx.person(2) * 255)
     assert datasets.split_sizes("person_folder", data_dir=str(tmp_path / "dd"),
                                 folder=str(root)) == {"train": 1}
+
+
+def test_build_command_errors_are_one_line(tmp_path, capsys):
+    from jaxseg.datasets import __main__ as cli
+
+    dd = ["--data_dir", str(tmp_path / "dd")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["build", "person_folder", *dd])
+    assert exit_info.value.code == 2 and "person_folder needs --folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: .*No such file or directory"):
+        cli.main(["build", "person_folder", "--folder", str(tmp_path / "nope"), *dd])
+    (tmp_path / "f" / "val" / "images").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"^error: .*found val/ \(name it validation/\)"):
+        cli.main(["build", "person_folder", "--folder", str(tmp_path / "f"), *dd])

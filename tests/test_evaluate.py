@@ -141,3 +141,28 @@ def test_a_users_folder_says_which_files_are_not_scored(tmp_path):
     assert "1 file(s) of the folder are not scored:\n  images/lonely.jpg: image without mask" \
         in result.stderr
     assert '"num_images": 2' in result.stdout and '"iou": 1.0' in result.stdout
+
+
+def test_folder_evaluations_keep_their_own_results_file(tmp_path):
+    """Two --images/--masks pairs once wrote the same default JSON, the second replacing the first."""
+    import types
+
+    from jaxseg import evaluate
+
+    def flags(images, masks):
+        return types.SimpleNamespace(predictions="", workdir="", flip_tta=False, refine=False,
+                                     members=0, checkpoint="best", images=str(images),
+                                     masks=str(masks), dataset="", split="test", data_dir="")
+
+    a, b = tmp_path / "holiday photos", tmp_path / "b"
+    outputs = {evaluate._default_output(flags(d, tmp_path / "m"), "person_folder", "train")
+               for d in (a, b, a)}
+    assert len(outputs) == 2
+    assert any(p.name.startswith("best_person_folder_train_holiday_photos-") for p in outputs)
+    a.mkdir()
+    (tmp_path / "m").mkdir()
+    with pytest.raises(FileNotFoundError, match="--images: no files in"):
+        evaluate.folder_root(str(a), str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="pass --images DIR --masks DIR"):
+        evaluate._source_for(types.SimpleNamespace(**{**vars(flags("", "")), "images": "",
+                                                      "masks": "", "dataset": "person_folder"}))

@@ -14,7 +14,8 @@ from jaxseg import datasets
 
 def main(argv=None):
     """Builds each named dataset and prints its split sizes and build-report counts."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jaxseg.datasets", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("command", choices=["build"])
     p.add_argument("names", nargs="+", choices=datasets.DATASETS)
     p.add_argument("--manual_dir", help="default: $JAXSEG_MANUAL_DIR/<portraits|ccp>")
@@ -23,8 +24,13 @@ def main(argv=None):
     p.add_argument("--on_bad", choices=["skip", "error"], default="skip")
     args = p.parse_args(argv)
     for name in args.names:
-        builder = datasets.prepare(name, data_dir=args.data_dir, folder=args.folder,
-                                   on_bad=args.on_bad, manual_dir=args.manual_dir)
+        if name == "person_folder" and not args.folder:
+            p.error("person_folder needs --folder: a folder with images/ and masks/")
+        try:
+            builder = datasets.prepare(name, data_dir=args.data_dir, folder=args.folder,
+                                       on_bad=args.on_bad, manual_dir=args.manual_dir)
+        except (ValueError, FileNotFoundError) as e:  # missing or bad data, wrong layout
+            raise SystemExit(f"error: {e}") from None
         sizes = {s: i.num_examples for s, i in builder.info.splits.items()}
         report = pathlib.Path(builder.data_dir) / datasets.REPORT_FILE
         print(json.dumps({"dataset": name, "splits": sizes,

@@ -47,7 +47,8 @@ class BadDataError(ValueError):
     def __init__(self, dataset: str, entries: list[dict], headline: str = "bad file(s) with on_bad='error'"):
         self.files = [e["file"] for e in entries]
         lines = "".join(f"\n  {e['file']}: {e['reason']}" for e in entries)
-        super().__init__(f"{dataset}: {len(entries)} {headline}:{lines}")
+        super().__init__(f"{dataset}: {len(entries)} {headline}:{lines}" if entries
+                         else f"{dataset}: {headline}")
 
 
 @dataclasses.dataclass
@@ -219,7 +220,7 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise BadDataError(self.name, self._report.skipped)
         dropped = self._report.skipped + self._report.excluded
         if not splits and not dropped:
-            raise BadDataError(self.name, [], f"photos or masks found in {root}")
+            raise BadDataError(self.name, [], f"no photos or masks found in {root}")
         if not splits:
             raise BadDataError(self.name, dropped,
                                f"file(s) dropped and no usable example left in {root}")
