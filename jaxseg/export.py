@@ -201,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     output = pathlib.Path(args.output)
     if output.exists() and not output.is_dir():
         raise SystemExit(f"--output {output}: exists and is not a folder")
+    try:  # before the minutes of loading and converting
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--output {output}: cannot create it ({e.strerror or e})") from None
     model, config, description = inference.load_or_exit(args.workdir, args.checkpoint, args.members)
     manifest = export_all(model, config, args.output, batch_size=args.batch_size,
                           description=dict(description, members=args.members or None))

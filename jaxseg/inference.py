@@ -119,6 +119,9 @@ def load_or_exit(workdir: str | None = None, checkpoint: str = "best", members: 
     cannot give, ends the program with its message instead of a traceback."""
     from jaxseg import distributed
 
+    if not workdir and checkpoint != "best":
+        distributed.exit_with_error(f"--checkpoint {checkpoint} needs --workdir: the pretrained "
+                                    "model has one set of weights")
     try:
         return load(workdir, checkpoint, members)
     except MembersError as e:

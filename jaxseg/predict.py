@@ -250,6 +250,7 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
                     stems[f.parent].add(f.stem)
             # The absolute name, links not followed: "." and ".." have none of their own.
             mirror = pathlib.Path(pathlib.Path(os.path.abspath(path)).name)
+            taken_before = len(images) + len(videos)
             for f in files:
                 kind = f.suffix.lower()
                 if ((skip is not None and skip in f.resolve().parents)
@@ -259,6 +260,8 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
                     continue
                 (videos if kind in VIDEO_SUFFIXES else images).append(
                     (f, mirror / f.relative_to(path).with_suffix("")))
+            if len(images) + len(videos) == taken_before:
+                problems.append((path, "no images or videos in this folder"))
         elif path.is_file():
             (videos if path.suffix.lower() in VIDEO_SUFFIXES else images).append(
                 (path, pathlib.Path(path.stem)))
@@ -388,6 +391,8 @@ def main(argv):
     inputs = argv[1:]
     if not inputs:
         raise SystemExit("usage: python -m jaxseg.predict INPUT... --output DIR [--mode mask]")
+    if not 0 < f.threshold < 1:
+        raise SystemExit(f"--threshold={f.threshold} must be between 0 and 1")
     output = pathlib.Path(f.output)
     if output.exists() and not output.is_dir():
         raise SystemExit(f"--output {output}: exists and is not a folder")
@@ -456,7 +461,8 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 8, "Images per compiled batch.", lower_bound=1)
     flags.DEFINE_bool("flip_tta", False, "Average with the mirrored image.")
     flags.DEFINE_bool("refine", False, "Upsample along the photo's edges (guided filter).")
-    flags.DEFINE_integer("max_pixels", 80_000_000, "Refuse larger images (decompression bombs).")
+    flags.DEFINE_integer("max_pixels", 80_000_000, "Refuse larger images (decompression bombs).",
+                         lower_bound=1)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,18 @@ def test_subcommands_are_registered():
         bench.main(["nope"])
 
 
+def test_help_and_counts_that_would_time_nothing(capsys):
+    bench.main(["--help"])  # lists the subcommands, exit status 0
+    assert "train  Train-step images/s" in capsys.readouterr().out
+    # --steps 0 ended in an UnboundLocalError; --batch_size 0 silently meant the config's batch.
+    for args in (["train", "--steps", "0"], ["train", "--batch_size", "0"],
+                 ["input", "--image_sizes", ","], ["input", "--workers", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(args)
+        assert exit_info.value.code == 2
+        assert "must be at least 1" in capsys.readouterr().err or args[-1] == ","
+
+
 def test_train_bench_times_jax_alone(capsys):
     bench.train(["--keras_jit", "none", "--image_size", "32", "--batch_size", "2",
                  "--repeats", "1", "--steps", "1", "--warmup", "1"])

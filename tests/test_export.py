@@ -131,3 +131,17 @@ def test_tf_forms_run_without_jax_flax_or_jaxseg(exported, tmp_path):
     np.testing.assert_allclose(got["saved_model"], reference(images[:1]), rtol=0, atol=XLA_ATOL)
     np.testing.assert_allclose(got["tflite"], reference(images), rtol=0, atol=TFLITE_ATOL)
 
+
+
+def test_an_output_that_cannot_be_created_is_refused_before_loading(tmp_path, monkeypatch):
+    from jaxseg import export, inference
+
+    def load(*_):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(inference, "load_or_exit", load)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--output .*file/sub: cannot create it \(Not a dir"):
+        export.main(["--output", str(tmp_path / "file" / "sub")])
+    with pytest.raises(SystemExit, match="exists and is not a folder"):
+        export.main(["--output", str(tmp_path / "file")])

@@ -285,7 +285,12 @@ def test_unreadable_and_unwritable_inputs_cost_only_themselves_in_repeated_runs(
 def test_output_that_is_a_file_and_bad_batch_are_usage_errors(tiny_model_dir, jax_cache, tmp_path):
     fx.write(tmp_path / "a.png", photo(20, 20))
     for args, message in [(["--output", tmp_path / "a.png"], "exists and is not a folder"),
-                          (["--output", tmp_path / "out", "--batch_size", "0"], "batch_size")]:
+                          (["--output", tmp_path / "out", "--batch_size", "0"], "batch_size"),
+                          (["--output", tmp_path / "out", "--threshold", "1.5"],
+                           "--threshold=1.5 must be between 0 and 1"),
+                          (["--output", tmp_path / "out", "--threshold", "nan"], "--threshold=nan"),
+                          (["--output", tmp_path / "out", "--checkpoint", "latest"],
+                           "--checkpoint latest needs --workdir")]:
         result = run_cli(tiny_model_dir, tmp_path / "a.png", *args, cache=jax_cache)
         assert result.returncode == 1 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
@@ -380,6 +385,14 @@ def test_collect_inputs_passes_over_outputs_beside_their_inputs_and_non_media(tm
     images, videos, problems, n = predict.collect_inputs(["."], tmp_path / "out")
     assert sorted(str(p) for p, _ in images + videos) == sorted(taken)
     assert n == len(passed_over) and not problems
+    # A folder that gives nothing to predict is said so (it once gave only "wrote 0 outputs").
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_bytes(b"")
+    _, _, problems, _ = predict.collect_inputs([tmp_path / "empty", tmp_path / "text"],
+                                               tmp_path / "out")
+    assert problems == [(tmp_path / d, "no images or videos in this folder")
+                        for d in ("empty", "text")]
     # "." mirrors as the folder's own name under --output, not as the output folder itself.
     assert {str(stem) for _, stem in images} == {"photos/x", "photos/y_cutout", "photos/x_overlay",
                                                  "photos/n_mask"}

@@ -68,7 +68,12 @@ class ConvBlock(nnx.Module):
 
 
 class Upsample(nnx.Module):
-    """2x upsampling: 'transpose' (exact 2x2/stride-2 transposed conv) or 'resize' (nearest + 3x3 conv)."""
+    """2x upsampling: 'transpose' or 'resize' (nearest + 3x3 conv).
+
+    'transpose' is a 2x2/stride-2 transposed conv computed as a 1x1 conv to 4x the channels and
+    depth-to-space (XLA:CPU's backward pass of ConvTranspose is slow). Its bias is per output
+    sub-pixel: 3 * cout parameters more than a ConvTranspose, whose bias is per channel.
+    """
 
     def __init__(self, cin: int, cout: int, *, mode: str, dtype, rngs: nnx.Rngs):
         if mode not in ("transpose", "resize"):
