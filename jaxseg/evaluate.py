@@ -255,13 +255,13 @@ def _source_for(flags_):
                   + ("\n  ..." if len(skipped) > 20 else ""), file=sys.stderr)
         # A folder without split subfolders has one split; use it whatever --split says.
         split = flags_.split if flags_.split in splits else next(iter(splits))
-        return "person_folder", split, datasets.Source(prepared, split)
+        return "person_folder", split, datasets.Source(prepared, split), str(root)
     if not flags_.dataset:
         raise ValueError("say what to evaluate on: --dataset NAME --split SPLIT, or --images/--masks")
     if flags_.dataset == "person_folder":
         raise ValueError("person_folder scores your own folders: pass --images DIR --masks DIR")
     return flags_.dataset, flags_.split, datasets.data_source(flags_.dataset, flags_.split,
-                                                             data_dir=data_dir)
+                                                             data_dir=data_dir), None
 
 
 def main(argv):
@@ -285,7 +285,7 @@ def main(argv):
         raise app.UsageError(f"--threshold={f.threshold} must be between 0 and 1")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     try:
-        dataset, split, source = _source_for(f)
+        dataset, split, source, folder = _source_for(f)
     except (ValueError, FileNotFoundError) as e:  # unknown dataset or split, missing folders
         distributed.exit_with_error(f"error: {e}")
     mesh = sharding.make_mesh()
@@ -312,6 +312,8 @@ def main(argv):
                   refine=bool(f.refine), members=f.members or None)
     if f.refine:
         result.update(refine_radius=f.refine_radius, refine_eps=f.refine_eps)
+    if folder:  # where jaxseg.report finds the photos again for its overlays
+        result["folder"] = folder
     if distributed.is_main_process():
         output = pathlib.Path(f.output) if f.output else _default_output(f, dataset, split)
         summary = {k: result[k] for k in ("iou", "mean_image_iou", "miou", "dice", "precision",

@@ -223,22 +223,23 @@ def find_evals(folder: epath.Path, *, peer: bool) -> list[EvalFile]:
     return found
 
 
-def _prepared_source(dataset: str, split: str):
+def _prepared_source(dataset: str, split: str, folder: str | None):
     from jaxseg import datasets
 
-    return datasets.data_source(dataset, split)
+    return datasets.data_source(dataset, split, folder=folder)
 
 
 class ModelExamples:
     """Examples by id with the model's probabilities at their own size: the overlays' input."""
 
     def __init__(self, model, image_size: int, step, *, source_for=None):
-        """`source_for(dataset, split)`: a random-access source (default: the prepared data)."""
+        """`source_for(dataset, split, folder)`: a random-access source (default: the prepared
+        data; `folder` is person_folder's root, from the eval file, else None)."""
         self.model = model
         self.image_size = image_size
         self.step = step
         self._source_for = source_for or _prepared_source
-        self._sources = {}  # (dataset, split) -> (source, id -> index)
+        self._sources = {}  # (dataset, split, folder) -> (source, id -> index)
         self._predictors = {}  # (flip_tta, refined, members) -> Predictor (one jit cache each)
 
     @classmethod
@@ -247,19 +248,22 @@ class ModelExamples:
         model, config, described = inference.load(str(workdir), checkpoint)
         return cls(model, config.data.image_size, described["checkpoint_step"])
 
-    def _source(self, dataset: str, split: str):
-        if (dataset, split) not in self._sources:
-            source = self._source_for(dataset, split)
-            self._sources[dataset, split] = source, {source[i]["id"]: i for i in range(len(source))}
-        return self._sources[dataset, split]
+    def _source(self, dataset: str, split: str, folder: str | None):
+        key = dataset, split, folder
+        if key not in self._sources:
+            source = self._source_for(dataset, split, folder)
+            self._sources[key] = source, {source[i]["id"]: i for i in range(len(source))}
+        return self._sources[key]
 
     def fetch(self, dataset: str, split: str, ids: list[str], *, flip_tta: bool = False,
-              refined: bool = False, members: int | None = None) -> list[dict]:
+              refined: bool = False, members: int | None = None,
+              folder: str | None = None) -> list[dict]:
         """[{image, mask (H, W) bool, probs (H, W)}] for the ids, in order, predicted with the
-        eval file's options (flip TTA, refinement, the first `members` of an ensemble)."""
+        eval file's options (flip TTA, refinement, the first `members` of an ensemble); `folder`:
+        person_folder's root, as evaluate --images/--masks records it."""
         from jaxseg.predict import Predictor
 
-        source, index = self._source(dataset, split)
+        source, index = self._source(dataset, split, folder)
         examples = [source[index[i]] for i in ids]
         key = flip_tta, refined, members
         if key not in self._predictors:
@@ -682,7 +686,8 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
             for which, records in (("worst", worst), ("best", best)):
                 fetched = examples.fetch(r["dataset"], r["split"], [x["id"] for x in records],
                                          flip_tta=bool(r.get("flip_tta")),
-                                         refined=bool(r.get("refine")), members=r.get("members"))
+                                         refined=bool(r.get("refine")), members=r.get("members"),
+                                         folder=r.get("folder"))
                 blocks.append(overlay_figure(f"{name}_{which}", f"{which} {len(records)} by IoU",
                                              records, fetched, r["threshold"]))
         except (FileNotFoundError, KeyError, ValueError) as err:

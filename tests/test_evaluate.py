@@ -122,7 +122,7 @@ def test_bad_options_are_a_usage_error_before_any_work(options, message, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["masks"]
 
 
-def test_a_users_folder_says_which_files_are_not_scored(tmp_path):
+def test_a_users_folder_says_which_files_are_not_scored(tmp_path, monkeypatch):
     import subprocess
     import sys
 
@@ -141,6 +141,15 @@ def test_a_users_folder_says_which_files_are_not_scored(tmp_path):
     assert "1 file(s) of the folder are not scored:\n  images/lonely.jpg: image without mask" \
         in result.stderr
     assert '"num_images": 2' in result.stdout and '"iou": 1.0' in result.stdout
+    # The results name the folder, so that jaxseg.report can show the photos again.
+    import json
+
+    from jaxseg import report
+
+    scored = json.loads((tmp_path / "out.json").read_text())
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "report_dd"))
+    source = report._prepared_source("person_folder", scored["split"], scored["folder"])
+    assert sorted(source[i]["id"] for i in range(len(source))) == ["a", "b"]
 
 
 def test_folder_evaluations_keep_their_own_results_file(tmp_path):

@@ -102,7 +102,7 @@ def test_report_files_figures_and_recommendations(tmp_path, case):
     workdir = make_workdir(tmp_path, result)
     if case == "under":  # the real overlay path (Predictor, id lookup) on the fake source
         examples = report.ModelExamples(Brightness(), 32, STEP,
-                                        source_for=lambda dataset, split: source)
+                                        source_for=lambda dataset, split, folder: source)
     else:
         examples = None
     paths = report.build_report(workdir, k=2, examples=examples)
