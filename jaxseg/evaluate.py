@@ -355,7 +355,8 @@ def _define_flags():
     flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
     flags.DEFINE_integer("members", 0, "Pretrained ensemble: use its first N members "
                          "(0 = all; fewer is faster).")
-    flags.DEFINE_string("dataset", "", "portrait_segmentation, ccp_person or person_folder.")
+    flags.DEFINE_string("dataset", "", "portrait_segmentation or ccp_person (for a folder of "
+                        "your own: --images and --masks).")
     flags.DEFINE_string("split", "test", "Split to evaluate.")
     flags.DEFINE_string("images", "", "Folder of photos (with --masks) instead of --dataset.")
     flags.DEFINE_string("masks", "", "Folder of masks paired with --images by file stem.")

@@ -193,9 +193,10 @@ class EvalFile:
     peer: bool
 
     @property
-    def key(self) -> tuple[str, str]:
-        """(dataset, split): which rows it sits beside."""
-        return self.result["dataset"], self.result["split"]
+    def key(self) -> tuple[str, str, str]:
+        """(dataset, split, folder or ""): which rows it sits beside (results of two folders
+        scored as person_folder are two tables)."""
+        return self.result["dataset"], self.result["split"], self.result.get("folder", "")
 
     @property
     def label(self) -> str:
@@ -625,7 +626,8 @@ def metric_tables(own: list[EvalFile], peers: list[EvalFile]) -> list:
                          _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r.get("pixel_accuracy")),
                          _fmt(r.get("boundary_f1")), _fmt(m.get("boundary_f1")),
                          str(r.get("num_images", len(r.get("per_image", []))))])
-        blocks += [Heading(f"{key[0]} / {key[1]}", 3), Table(header, rows)]
+        folder = f" ({key[2]})" if key[2] else ""
+        blocks += [Heading(f"{key[0]} / {key[1]}{folder}", 3), Table(header, rows)]
     return blocks
 
 

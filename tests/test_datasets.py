@@ -405,12 +405,14 @@ def test_folder_pairs_names_spelt_in_either_unicode_form(tmp_path):
                                 folder=str(root)) == {"train": 1}
 
 
-def test_build_command_errors_are_one_line(tmp_path, capsys):
+def test_build_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
     from jaxseg.datasets import __main__ as cli
 
     dd = ["--data_dir", str(tmp_path / "dd")]
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["build", "person_folder", *dd])
+    with monkeypatch.context() as m:  # refused before building the datasets named before it
+        m.setattr(datasets, "prepare", lambda *a, **k: pytest.fail("built before the check"))
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["build", "ccp_person", "person_folder", *dd])
     assert exit_info.value.code == 2 and "person_folder needs --folder" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"^error: .*No such file or directory"):
         cli.main(["build", "person_folder", "--folder", str(tmp_path / "nope"), *dd])

@@ -238,3 +238,15 @@ def test_an_eval_without_images_gets_no_advice(tmp_path):
     markdown = paths["markdown"].read_text()
     assert "No images were evaluated: nothing to analyse." in markdown
     assert "over-segments" not in markdown and "Boundaries are the weak point" not in markdown
+
+
+def test_two_scored_folders_are_two_tables(tmp_path):
+    """Results of two --images/--masks folders share dataset and split; they used to share a table."""
+    def result(folder):
+        return {"dataset": "person_folder", "split": "train", "folder": folder, "iou": 0.9,
+                "precision": 0.9, "recall": 0.9, "checkpoint_step": 1}
+
+    files = [report.EvalFile(tmp_path / f"best_person_folder_train_{n}.json", result(f"/d/{n}"),
+                             peer=False) for n in ("a", "b")]
+    headings = [b.text for b in report.metric_tables(files, []) if isinstance(b, report.Heading)]
+    assert headings == ["person_folder / train (/d/a)", "person_folder / train (/d/b)"]

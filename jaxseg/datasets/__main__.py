@@ -23,9 +23,9 @@ def main(argv=None):
     p.add_argument("--folder", help="person_folder: the folder with images/ and masks/")
     p.add_argument("--on_bad", choices=["skip", "error"], default="skip")
     args = p.parse_args(argv)
+    if "person_folder" in args.names and not args.folder:  # before minutes of building the others
+        p.error("person_folder needs --folder: a folder with images/ and masks/")
     for name in args.names:
-        if name == "person_folder" and not args.folder:
-            p.error("person_folder needs --folder: a folder with images/ and masks/")
         try:
             builder = datasets.prepare(name, data_dir=args.data_dir, folder=args.folder,
                                        on_bad=args.on_bad, manual_dir=args.manual_dir)
