@@ -195,9 +195,6 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: load the model, write every form, print the manifest's summary."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
-    # The exports are CPU artifacts: traced on a GPU they would hold CUDA StableHLO and the
-    # config's bf16 compute (create_model keeps bf16 off CPU only).
-    jax.config.update("jax_platforms", "cpu")
     output = pathlib.Path(args.output)
     if output.exists() and not output.is_dir():
         raise SystemExit(f"--output {output}: exists and is not a folder")
@@ -205,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"--output {output}: cannot create it ({e.strerror or e})") from None
+    # The exports are CPU artifacts: traced on a GPU they would hold CUDA StableHLO and the
+    # config's bf16 compute (create_model keeps bf16 off CPU only).
+    jax.config.update("jax_platforms", "cpu")
     model, config, description = inference.load_or_exit(args.workdir, args.checkpoint, args.members)
     manifest = export_all(model, config, args.output, batch_size=args.batch_size,
                           description=dict(description, members=args.members or None))
