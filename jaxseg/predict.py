@@ -325,21 +325,28 @@ def predict_images(predictor, renderer, items, output, *, max_pixels, inputs_res
 
 
 def predict_video(predictor, renderer, path, target, *, progress=None):
-    """Writes the rendered video (same frame rate and size; mp4v codec; audio is dropped)."""
+    """Writes the rendered video (same frame rate and size; mp4v codec; audio is dropped).
+
+    MPEG-4 frames have even sizes: an odd width or height loses its last column or row. That, and
+    a video that ends before the frame count its header gives, are noted on stderr.
+    """
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise InputError("could not open the video")
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
     height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    if width <= 0 or height <= 0:
+    announced = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    if width < 2 or height < 2:
         capture.release()
         raise InputError("the video has no frame size")
+    even_w, even_h = width - width % 2, height - height % 2
     target.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*"mp4v"), fps, (even_w, even_h))
     if not writer.isOpened():
         capture.release()
-        raise InputError(f"could not open {target} for writing")
+        raise InputError(f"could not open {target} for writing as MPEG-4 at {even_w}x{even_h}, "
+                         f"{fps:g} fps")
     frames = 0
     try:
         while True:
@@ -348,7 +355,7 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
                 ok, frame = capture.read()
                 if not ok:
                     break
-                batch.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                batch.append(cv2.cvtColor(frame[:even_h, :even_w], cv2.COLOR_BGR2RGB))
             if not batch:
                 break
             for frame, p in zip(batch, predictor.probabilities(batch)):
@@ -367,6 +374,12 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
     if frames == 0:
         target.unlink(missing_ok=True)  # no empty video left behind
         raise InputError("the video has no readable frames")
+    if (even_w, even_h) != (width, height):
+        print(f"note: {path}: {width}x{height} frames written as {even_w}x{even_h} "
+              "(MPEG-4 needs even sizes)", file=sys.stderr)
+    if frames < announced:
+        print(f"note: {path}: only {frames} of the {announced} frames its header gives could be "
+              "read; the output is that much shorter", file=sys.stderr)
     return frames
 
 

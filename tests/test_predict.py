@@ -454,3 +454,41 @@ def test_real_photo_mask_scores_as_the_evaluator_scores_the_model(manual_dir, pr
     # pixels, up to the last float bit at exactly the threshold.
     for k in ("tp", "fp", "fn"):
         assert abs(of_masks[k] - of_model[k]) <= 2, (k, of_masks, of_model)
+
+
+def test_odd_sized_and_short_videos_are_noted(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """OpenCV's MPEG-4 writer silently made a 97x61 video 96x60, and a video that ended early
+    was cut short without a word: the crop is now explicit and both are noted."""
+    model, config, _ = inference.load_pretrained(tiny_model_dir)
+    predictor = predict.Predictor(model, config.data.image_size, batch_size=2)
+    renderer = predict.Renderer(mode="mask", threshold=0.5, soft=False, background=None)
+    frames = [np.ascontiguousarray(photo(61, 97, seed=i)[..., ::-1]) for i in range(3)]  # BGR
+
+    class ShortOddCapture:  # says 5 frames of 97x61; 3 can be read
+        def __init__(self, _path):
+            self.read_so_far = 0
+
+        def isOpened(self):
+            return True
+
+        def get(self, prop):
+            return {cv2.CAP_PROP_FPS: 10.0, cv2.CAP_PROP_FRAME_WIDTH: 97,
+                    cv2.CAP_PROP_FRAME_HEIGHT: 61, cv2.CAP_PROP_FRAME_COUNT: 5}[prop]
+
+        def read(self):
+            if self.read_so_far == len(frames):
+                return False, None
+            self.read_so_far += 1
+            return True, frames[self.read_so_far - 1]
+
+        def release(self):
+            pass
+
+    with monkeypatch.context() as m:
+        m.setattr(predict.cv2, "VideoCapture", ShortOddCapture)
+        assert predict.predict_video(predictor, renderer, tmp_path / "in.avi",
+                                     tmp_path / "out.mp4") == 3
+    written, fps = read_video(tmp_path / "out.mp4")
+    assert len(written) == 3 and written[0].shape == (60, 96, 3) and fps == pytest.approx(10.0)
+    err = capsys.readouterr().err
+    assert "97x61 frames written as 96x60" in err and "only 3 of the 5 frames" in err
