@@ -41,7 +41,7 @@ def validate(config, num_devices: int) -> None:
             problems.append(
                 f"{field}={batch} must be a positive multiple of the {num_devices} devices "
                 f"in use (set --config.{field} to a multiple, or --config.num_devices)")
-    for field in ("train.num_steps", "train.log_every", "train.eval_every",
+    for field in ("data.image_size", "train.num_steps", "train.log_every", "train.eval_every",
                   "train.checkpoint_every", "model.base_features", "optim.learning_rate"):
         if _get(config, field) <= 0:
             problems.append(f"{field}={_get(config, field)} must be positive")

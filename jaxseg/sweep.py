@@ -6,7 +6,7 @@ are ranked by validation IoU (the config's eval split, never the test split) int
 W/results.csv. Re-running skips finished trials; an interrupted one (preempted: its training saved
 and exited before num_steps) is not recorded and resumes from its checkpoint. A sweep folder keeps
 its config and extra overrides (W/sweep.json): once a trial has finished, re-running it with
-others is refused.
+others is refused, while another --grid adds its trials to the same ranking.
 """
 from __future__ import annotations
 
@@ -146,8 +146,9 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
             finish(*running.pop(0))
     for item in running:
         finish(*item)
-    rows = [json.loads((workdir / trial_name(v) / RESULT_FILE).read_text()) for v in combos
-            if (workdir / trial_name(v) / RESULT_FILE).exists()]
+    # Every finished trial of the folder (sweep.json vouches for their config): a rerun with
+    # another --grid adds its trials to the earlier ones' ranking instead of replacing it.
+    rows = [json.loads(path.read_text()) for path in sorted(workdir.glob(f"*/{RESULT_FILE}"))]
     rows.sort(key=lambda r: -r["val_iou"])
     write_table(workdir, rows)
     if failures:
@@ -159,15 +160,16 @@ def write_table(workdir: pathlib.Path, rows: list[dict]) -> None:
     """results.csv and results.md, ranked by validation IoU."""
     if not rows:
         return
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for row in rows for c in row))  # grids may vary other fields
     with open(workdir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
+        writer = csv.DictWriter(f, columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| rank | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for rank, row in enumerate(rows, 1):
         # 4 significant digits: fixed decimals would print learning rates 1e-5 and 3e-5 as 0.0000.
-        cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
+                 for c in columns]
         lines.append(f"| {rank} | " + " | ".join(cells) + " |")
     (workdir / "results.md").write_text(
         "Ranked by validation IoU (original resolution); the test split is never used.\n\n"

@@ -85,3 +85,26 @@ def test_a_trial_without_a_record_is_reported_not_a_crash(tmp_path, monkeypatch)
     with pytest.raises(sweep.SweepError, match="left no usable record"):
         sweep.run("configs/smoke.py", tmp_path, combos, parallel=2)
     assert not list(tmp_path.glob(f"*/{sweep.RESULT_FILE}"))
+
+
+def test_another_grid_joins_the_ranking_of_the_finished_trials(tmp_path):
+    """A rerun with another --grid once rewrote results.md/csv with its own trials only."""
+    (tmp_path / sweep.SWEEP_FILE).write_text(json.dumps({"config": "configs/smoke.py",
+                                                         "extra": []}))
+
+    def finished(values, iou):
+        tdir = tmp_path / sweep.trial_name(values)
+        tdir.mkdir()
+        (tdir / sweep.RESULT_FILE).write_text(json.dumps(
+            {"trial": tdir.name, **values, "val_iou": iou, "best_step": 2,
+             "final_train_loss": 0.5}))
+
+    finished({"optim.learning_rate": 0.001}, 0.5)
+    finished({"optim.learning_rate": 0.01}, 0.7)
+    finished({"model.base_features": 16}, 0.6)  # the new grid's trial (already finished here)
+    rows = sweep.run("configs/smoke.py", tmp_path, [{"model.base_features": 16}])
+    assert [r["val_iou"] for r in rows] == [0.7, 0.6, 0.5]
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"optim.learning_rate", "model.base_features"} <= set(header)
+    table = (tmp_path / "results.md").read_text()
+    assert len(re.findall(r"^\| \d+ \|", table, re.M)) == 3 and "| - |" in table

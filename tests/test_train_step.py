@@ -75,6 +75,7 @@ def test_non_finite_step_leaves_state_unchanged():
 @pytest.mark.parametrize("field,value,message", [
     ("train.batch_size", 12, "multiple of the 8 devices"),
     ("data.image_size", 102, "divisible by 2\\*\\*model.depth"),
+    ("data.image_size", 0, "data.image_size=0 must be positive"),  # 0 is divisible by anything
     ("model.norm", "layer", "model.norm"),
     ("data.train", "nosuchset:1", "unknown dataset"),
     ("loss.boundary_weight", -1.0, "loss.boundary_weight=-1.0 must be >= 0"),
