@@ -133,3 +133,14 @@ def test_config_errors_are_one_line(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.train", "--config", "configs/smoke.py", "--workdir",
+         str(tmp_path / "file" / "sub")], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
+    assert result.returncode != 0
+    assert "file/sub: cannot create it (Not a directory)" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
