@@ -99,7 +99,10 @@ def _stop_all_on_failure(index: int, count: int, heartbeat_s: int | None) -> Non
 
     def hook(exc_type, exc, tb):
         try:
-            previous(exc_type, exc, tb)
+            if issubclass(exc_type, RunError):  # exit_with_error's message says it all
+                print(exc, file=sys.stderr)
+            else:
+                previous(exc_type, exc, tb)
             if _PEER_FAILURE.search(f"{exc_type.__name__}: {exc}"):
                 why = ("a cross-process operation failed: another process of this run probably "
                        "died or was killed; its log has the first error")
@@ -117,15 +120,19 @@ def _stop_all_on_failure(index: int, count: int, heartbeat_s: int | None) -> Non
     sys.excepthook = hook
 
 
-def exit_with_error(message: str):
-    """Ends the program with MESSAGE, without a traceback when it runs as one process.
+class RunError(RuntimeError):
+    """An error exit_with_error raises in a run of several processes (printed without traceback)."""
 
-    One process of several raises instead, so that the failure hook stops it at once: a
+
+def exit_with_error(message: str):
+    """Ends the program with MESSAGE, without a traceback.
+
+    One process of several raises RunError instead, so that the failure hook stops it at once: a
     SystemExit would wait in JAX's shutdown barrier for the others, which wait for it in their
     next cross-process operation (an error met by one process alone would hang the run).
     """
     if jax.process_count() > 1:
-        raise RuntimeError(message)
+        raise RunError(message) from None
     raise SystemExit(message)
 
 

@@ -778,6 +778,16 @@ def main(argv):
         model, config, card = inference.load_pretrained()
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json(indent=2))
+    output = workdir_path(f.output) if f.output else workdir_path(workdir) / "report"
+    if "://" not in os.fspath(output):  # before the minutes of predicting the overlays
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"report folder {output}: cannot create it ({e.strerror or e}); "
+                             "give --output a writable folder") from None
+        if not os.access(output, os.W_OK):
+            raise SystemExit(f"report folder {output}: not writable; give --output a writable "
+                             "folder")
     try:
         examples = (ModelExamples.from_workdir(workdir, f.checkpoint) if f.workdir else
                     ModelExamples(model, config.data.image_size, card.get("steps")))

@@ -341,3 +341,21 @@ def test_several_processes_without_distributed_runtime_is_an_error(no_launch_env
         distributed.initialize()
     monkeypatch.setattr(jax, "process_count", lambda: 1)
     distributed.initialize()  # one process alone needs no runtime
+
+
+def test_an_error_exit_of_one_process_of_several_is_one_line():
+    """exit_with_error raises in a run of several processes (a SystemExit would hang the others);
+    its message came out as two chained tracebacks, twice."""
+    script = textwrap.dedent("""
+        from jaxseg import distributed
+        distributed._stop_all_on_failure(0, 2, None)
+        try:
+            raise ValueError("the cause")
+        except ValueError:
+            raise distributed.RunError("error: train.batch_size=6 must be a multiple")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: train.batch_size=6 must be a multiple\n"), result.stderr
+    assert "Traceback" not in result.stderr and "jaxseg: process 0 of 2 is stopping" in result.stderr

@@ -250,3 +250,19 @@ def test_two_scored_folders_are_two_tables(tmp_path):
                              peer=False) for n in ("a", "b")]
     headings = [b.text for b in report.metric_tables(files, []) if isinstance(b, report.Heading)]
     assert headings == ["person_folder / train (/d/a)", "person_folder / train (/d/b)"]
+
+
+def test_an_unwritable_report_folder_is_one_line_before_any_work(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "file").write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.report", "--workdir", str(tmp_path / "w"), "--output",
+         str(tmp_path / "file" / "sub")], capture_output=True, text=True, timeout=300,
+        cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode != 0
+    assert "cannot create it (Not a directory); give --output a writable folder" in result.stderr
+    assert "Traceback" not in result.stderr
