@@ -34,7 +34,7 @@ from matplotlib.patches import Patch
 from jaxseg import inference, input_pipeline, metric_writer, metrics, refine
 from jaxseg.models import LogitAverage, of_members
 from jaxseg.predict import Renderer
-from jaxseg.workdir import workdir_path
+from jaxseg.workdir import local_folder_problem, workdir_path
 
 # Person area (fraction of the image) and ground-truth region count buckets: (label, low, high).
 AREA_BUCKETS = (("<10%", 0.0, 0.10), ("10-25%", 0.10, 0.25), ("25-50%", 0.25, 0.50),
@@ -779,15 +779,9 @@ def main(argv):
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json(indent=2))
     output = workdir_path(f.output) if f.output else workdir_path(workdir) / "report"
-    if "://" not in os.fspath(output):  # before the minutes of predicting the overlays
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"report folder {output}: cannot create it ({e.strerror or e}); "
-                             "give --output a writable folder") from None
-        if not os.access(output, os.W_OK):
-            raise SystemExit(f"report folder {output}: not writable; give --output a writable "
-                             "folder")
+    problem = local_folder_problem(output)  # before the minutes of predicting the overlays
+    if problem:
+        raise SystemExit(f"report folder {output}: {problem}; give --output a writable folder")
     try:
         examples = (ModelExamples.from_workdir(workdir, f.checkpoint) if f.workdir else
                     ModelExamples(model, config.data.image_size, card.get("steps")))

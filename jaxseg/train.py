@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import signal
 import sys
@@ -23,7 +22,7 @@ from flax import nnx
 
 from jaxseg import (checkpointing, config_check, datasets, distributed, host_memory,
                     input_pipeline, metric_writer, mixture, preprocess, sharding, train_step)
-from jaxseg.workdir import workdir_path
+from jaxseg.workdir import local_folder_problem, workdir_path
 
 log = logging.getLogger("jaxseg.train")
 
@@ -230,14 +229,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     except ValueError as e:  # more devices asked for than there are
         raise config_check.ConfigError(f"num_devices={config.num_devices}: {e}") from None
     config_check.validate(config, mesh.devices.size)
-    if "://" not in os.fspath(workdir):  # a local folder: one that cannot be written is one line
-        try:
-            workdir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise config_check.ConfigError(
-                f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
-        if not os.access(workdir, os.W_OK):
-            raise config_check.ConfigError(f"--workdir {workdir}: not writable")
+    problem = local_folder_problem(workdir)  # one line, not orbax's traceback at its first save
+    if problem:
+        raise config_check.ConfigError(f"--workdir {workdir}: {problem}")
     main = distributed.is_main_process()
     # Whatever stops the run (an error in setup or in the loop, SIGTERM, the end), what it opened
     # is closed: an open checkpoint manager or log writer buries the error in shutdown noise.

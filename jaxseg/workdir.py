@@ -15,3 +15,16 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     """The workdir as an epath.Path: absolute for local folders (orbax wants that), URLs untouched."""
     path = epath.Path(workdir)
     return path if "://" in os.fspath(workdir) else path.absolute()
+
+
+def local_folder_problem(path: epath.Path) -> str | None:
+    """Creates a local folder if needed; why it cannot be created or written, else None.
+
+    URLs are left to their storage, whose errors come with the first write."""
+    if "://" in os.fspath(path):
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create it ({e.strerror or e})"
+    return None if os.access(path, os.W_OK) else "not writable"
