@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import inference
+from jaxseg.workdir import local_folder_problem
 
 PLATFORMS = ("cpu",)
 STABLEHLO_FILE = "model.stablehlo"
@@ -198,10 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     output = pathlib.Path(args.output)
     if output.exists() and not output.is_dir():
         raise SystemExit(f"--output {output}: exists and is not a folder")
-    try:  # before the minutes of loading and converting
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"--output {output}: cannot create it ({e.strerror or e})") from None
+    problem = local_folder_problem(output)  # before the minutes of loading and converting
+    if problem:
+        raise SystemExit(f"--output {output}: {problem}")
     # The exports are CPU artifacts: traced on a GPU they would hold CUDA StableHLO and the
     # config's bf16 compute (create_model keeps bf16 off CPU only).
     jax.config.update("jax_platforms", "cpu")

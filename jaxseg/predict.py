@@ -210,6 +210,12 @@ def write_image(path: pathlib.Path, array: np.ndarray) -> None:
         raise OSError("OpenCV could not write it")
 
 
+def _mirror_name(folder: pathlib.Path) -> str:
+    """The name FOLDER's outputs go under in --output: its name as given, links not followed
+    ("." and ".." have none of their own)."""
+    return pathlib.Path(os.path.abspath(folder)).name
+
+
 def _outputs_inside(folder: pathlib.Path, output: pathlib.Path) -> pathlib.Path | None:
     """The part of FOLDER's tree holding this tool's outputs (earlier runs' ones are not inputs).
 
@@ -218,8 +224,7 @@ def _outputs_inside(folder: pathlib.Path, output: pathlib.Path) -> pathlib.Path 
     that is FOLDER itself (output = its parent) no subtree is skipped, and the outputs there,
     beside their inputs, are told apart by name instead (_is_earlier_output).
     """
-    # The name as given, links not followed: "." and ".." have none of their own.
-    name = pathlib.Path(os.path.abspath(folder)).name
+    name = _mirror_name(folder)
     folder = folder.resolve()
     inside = output if folder in output.parents else output / name
     return None if inside == folder else inside
@@ -248,8 +253,7 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
             for f in files:
                 if f.suffix.lower() in MEDIA_SUFFIXES:
                     stems[f.parent].add(f.stem)
-            # The absolute name, links not followed: "." and ".." have none of their own.
-            mirror = pathlib.Path(pathlib.Path(os.path.abspath(path)).name)
+            mirror = pathlib.Path(_mirror_name(path))
             taken_before = len(images) + len(videos)
             for f in files:
                 kind = f.suffix.lower()
