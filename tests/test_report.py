@@ -117,17 +117,24 @@ def test_report_files_figures_and_recommendations(tmp_path, case):
     else:
         assert "Overlays skipped" in page
     assert set(names) == expected and len(names) == len(expected)
-    # Self-contained HTML: every source is an embedded PNG, one per figure.
+    # Charts are PNG; photo overlays (best/worst) JPEG, which is a fifth of their PNG size.
+    magic = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff"}
+    formats = {p.stem: "jpeg" if p.stem.endswith(("_best", "_worst")) else "png"
+               for p in paths["figures"]}
+    assert {p.suffix for p in paths["figures"]} <= {".png", ".jpg"}
+    assert all((p.suffix == ".jpg") == (formats[p.stem] == "jpeg") for p in paths["figures"])
+    # Self-contained HTML: every source is an embedded image, one per figure, in figure order.
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert len(sources) == len(names)
-    for src in sources:
-        prefix = "data:image/png;base64,"
+    for name, src in zip(names, sources):
+        prefix = f"data:image/{formats[name]};base64,"
         assert src.startswith(prefix)
-        assert base64.b64decode(src[len(prefix):]).startswith(b"\x89PNG")
-    # Markdown: every figure is a PNG file beside it.
-    for name in names:
-        assert f"]({name}.png)" in markdown
-        assert (paths["markdown"].parent / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+        assert base64.b64decode(src[len(prefix):]).startswith(magic[formats[name]])
+    # Markdown: every figure is a file beside it.
+    for path in paths["figures"]:
+        assert f"]({path.name})" in markdown
+        assert path.parent == paths["markdown"].parent
+        assert path.read_bytes().startswith(magic[formats[path.stem]])
 
     for phrase in expect:
         assert phrase in page and phrase in markdown, phrase
