@@ -26,6 +26,22 @@ from jaxseg.workdir import workdir_path
 
 # Thresholds at which per-pixel counts are kept for the threshold sweep and calibration.
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(20))
+# A batch row's evaluation holds about this many bytes per canvas pixel at its peak (the sweep's
+# masks and the boundary windows at full resolution; measured on CPU), and a batch may take this
+# much of a device's memory, or of the host's for CPU devices, which all share it. A folder of
+# 12-megapixel phone photos needs one row at a time; the datasets here fit 16 rows many times.
+EVAL_BYTES_PER_CANVAS_PIXEL = 200
+EVAL_MEMORY_BUDGET = 4 * 2**30
+
+
+def fitting_batch_size(batch_size: int, canvas: tuple[int, int], mesh) -> int:
+    """BATCH_SIZE, lowered to a multiple of the device count (at least one row per device) so
+    that one batch's evaluation fits EVAL_MEMORY_BUDGET."""
+    rows = max(1, EVAL_MEMORY_BUDGET // (canvas[0] * canvas[1] * EVAL_BYTES_PER_CANVAS_PIXEL))
+    if mesh.devices.flat[0].platform == "cpu":
+        rows = max(1, rows // sum(d.process_index == jax.process_index()
+                                  for d in mesh.devices.flat))
+    return min(batch_size, rows * mesh.devices.size)
 
 
 def _counts(probs_full, batch, canvas, threshold, tolerance):
@@ -61,8 +77,8 @@ def _model_step(graphdef, flip_tta, refinement, state, batch, *, canvas, thresho
 
 
 def _predictions_step(batch, *, canvas, threshold, tol_full):
-    return {"full": _counts(batch["prediction"].astype(jnp.float32), batch, canvas, threshold,
-                            tol_full), "info": _info(batch)}
+    return {"full": _counts(batch["prediction"], batch, canvas, threshold, tol_full),
+            "info": _info(batch)}
 
 
 def _info(batch):
@@ -89,8 +105,10 @@ class Evaluator:
         self.image_size = image_size
         self.threshold = threshold
         self.canvas = canvas or resolution.canvas_for(input_pipeline.example_sizes(source))
+        self.batch_size = fitting_batch_size(batch_size, self.canvas, mesh)
         self.batches = input_pipeline.EvalBatches(
-            source, local_batch=sharding.local_batch_size(batch_size, mesh), image_size=image_size,
+            source, local_batch=sharding.local_batch_size(self.batch_size, mesh),
+            image_size=image_size,
             canvas=self.canvas, process_index=jax.process_index(),
             process_count=jax.process_count(), num_workers=num_workers)
         self.tol_model = metrics.boundary_tolerance(image_size, image_size)
@@ -117,13 +135,16 @@ class Evaluator:
         return self._result(outputs)
 
     def evaluate_predictions(self, predictions_dir: str | pathlib.Path) -> dict:
-        """Metrics of another model's masks `<id>.png` (0/255 or 0/1, any size; nearest resize)."""
+        """Metrics of another model's masks or probability maps, `<id>.png` or `<id>_mask.png`
+        (jaxseg.predict's name) per photo, thresholded at the evaluator's threshold (see
+        `read_prediction`)."""
         predictions_dir = pathlib.Path(predictions_dir)
         ids = [self.source[i]["id"] for i in range(len(self.source))]
-        missing = [i for i in ids if not (predictions_dir / f"{i}.png").exists()]
+        missing = [i for i in ids if prediction_path(predictions_dir, i) is None]
         if missing:
             raise FileNotFoundError(
-                f"{len(missing)} of {len(ids)} ids have no prediction in {predictions_dir}: "
+                f"{len(missing)} of {len(ids)} ids have no prediction <id>.png or <id>_mask.png "
+                f"in {predictions_dir}: "
                 + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
         step = jax.jit(functools.partial(_predictions_step, canvas=self.canvas,
                                          threshold=self.threshold, tol_full=self.tol_full),
@@ -138,10 +159,10 @@ class Evaluator:
             masks = []
             for row, size in zip(batch["id"], batch["size"]):
                 example_id = input_pipeline.decode_id(row)
-                pred = np.zeros(self.canvas, np.uint8)
+                pred = np.zeros(self.canvas, np.float32)
                 if example_id:
                     pred[: size[0], : size[1]] = read_prediction(
-                        predictions_dir / f"{example_id}.png", tuple(size))
+                        prediction_path(predictions_dir, example_id), tuple(size))
                 masks.append(pred)
             yield dict(batch, prediction=np.stack(masks))
 
@@ -190,16 +211,40 @@ class Evaluator:
 
 
 def read_prediction(path: pathlib.Path, size: tuple[int, int]) -> np.ndarray:
-    """A 0/255 or 0/1 mask image as 0/1 uint8 at `size` (height, width), nearest neighbour."""
-    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise ValueError(f"cannot read prediction {path}")
-    if mask.ndim == 3:
-        mask = mask[..., 0]
-    mask = (mask > (127 if mask.max() > 1 else 0)).astype(np.uint8)
-    if mask.shape != tuple(size):
-        mask = cv2.resize(mask, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
-    return mask
+    """Another model's mask or probability image as float32 P(person) at `size` (height, width).
+
+    Read as ground-truth masks are (`image_io.read_mask_image`: palettes by colour, colour masks
+    by their brightest channel, a cutout by its alpha). Values that are all 0 or 1 are labels;
+    others are scaled by the image's bit depth (255, or 65535 for 16 bits), so that soft maps meet
+    --threshold. Other sizes are resized (nearest); a different aspect ratio is refused.
+    """
+    from jaxseg.datasets import image_io
+
+    try:
+        values = image_io.read_mask_image(path)
+    except image_io.BadFile as e:
+        raise ValueError(f"cannot read prediction {path.name}: {e}") from None
+    if values.dtype.kind == "f":
+        probs = np.clip(values, 0.0, 1.0)
+    elif ((values == 0) | (values == 1)).all():
+        probs = values
+    else:
+        probs = values / (65535.0 if values.dtype == np.uint16 or values.max() > 255 else 255.0)
+    probs = probs.astype(np.float32)
+    if probs.shape != tuple(size):
+        if not image_io.same_aspect(probs.shape, tuple(size)):
+            raise ValueError(f"prediction {path.name} is {probs.shape[1]}x{probs.shape[0]} but the "
+                             f"photo is {size[1]}x{size[0]}: different aspect ratio")
+        probs = cv2.resize(probs, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
+    return probs
+
+
+def prediction_path(predictions_dir: pathlib.Path, example_id: str) -> pathlib.Path | None:
+    """The prediction file of an id: `<id>.png`, else `<id>_mask.png`; None if neither exists."""
+    for name in (f"{example_id}.png", f"{example_id}_mask.png"):
+        if (predictions_dir / name).is_file():
+            return predictions_dir / name
+    return None
 
 
 def folder_pair_key(images: str, masks: str) -> str:
@@ -238,7 +283,7 @@ def folder_root(images: str, masks: str) -> pathlib.Path:
 
 
 def _source_for(flags_):
-    from jaxseg import datasets
+    from jaxseg import datasets, distributed
 
     data_dir = flags_.data_dir or None
     if flags_.images or flags_.masks:
@@ -249,7 +294,7 @@ def _source_for(flags_):
         prepared = datasets.prepare("person_folder", data_dir=data_dir, folder=str(root))
         splits = prepared.info.splits
         skipped = prepared.report()["skipped"]
-        if skipped:  # a user's folder: say what was left out of the score, and why
+        if skipped and distributed.is_main_process():  # say what is not scored, and why
             print(f"{len(skipped)} file(s) of the folder are not scored:\n"
                   + "\n".join(f"  {s['file']}: {s['reason']}" for s in skipped[:20])
                   + ("\n  ..." if len(skipped) > 20 else ""), file=sys.stderr)
@@ -285,7 +330,9 @@ def main(argv):
         raise app.UsageError(f"--threshold={f.threshold} must be between 0 and 1")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     try:
-        dataset, split, source, folder = _source_for(f)
+        # Process 0 prepares the data (and a folder pair's links) before the others read it:
+        # several processes building into one TFDS_DATA_DIR at once collide.
+        dataset, split, source, folder = distributed.main_process_first(lambda: _source_for(f))
     except (ValueError, FileNotFoundError) as e:  # unknown dataset or split, missing folders
         distributed.exit_with_error(f"error: {e}")
     mesh = sharding.make_mesh()
@@ -299,6 +346,10 @@ def main(argv):
         image_size = config.data.image_size
     evaluator = Evaluator(source, mesh=mesh, image_size=max(image_size, 32), batch_size=batch,
                           threshold=f.threshold)
+    if evaluator.batch_size < batch and distributed.is_main_process():
+        canvas = evaluator.canvas
+        print(f"note: batch {evaluator.batch_size} instead of {batch}: the largest photo needs a "
+              f"{canvas[1]}x{canvas[0]} canvas", file=sys.stderr)
     if model is None:
         try:
             result = evaluator.evaluate_predictions(f.predictions)
@@ -314,6 +365,8 @@ def main(argv):
         result.update(refine_radius=f.refine_radius, refine_eps=f.refine_eps)
     if folder:  # where jaxseg.report finds the photos again for its overlays
         result["folder"] = folder
+    if f.data_dir:  # and the prepared data
+        result["data_dir"] = str(pathlib.Path(f.data_dir).resolve())
     if distributed.is_main_process():
         output = pathlib.Path(f.output) if f.output else _default_output(f, dataset, split)
         summary = {k: result[k] for k in ("iou", "mean_image_iou", "miou", "dice", "precision",
@@ -335,16 +388,23 @@ PRETRAINED_RUN_DIR = "runs/pretrained"
 
 
 def _default_output(f, dataset: str, split: str) -> pathlib.Path:
-    if f.predictions:
-        return pathlib.Path(f.predictions).parent / f"{pathlib.Path(f.predictions).name}_{dataset}_{split}.json"
-    base = (workdir_path(f.workdir) if f.workdir else pathlib.Path(PRETRAINED_RUN_DIR)) / "eval"
-    suffix = ("_flip" if f.flip_tta else "") + ("_refine" if f.refine else "")
-    suffix += f"_members{f.members}" if f.members else ""
-    if f.refine and (f.refine_radius, f.refine_eps) != (refine.RADIUS, refine.EPS):
-        suffix += f"_r{f.refine_radius}_eps{f.refine_eps:g}"
+    # Every option that changes the figures has its part in the name, so that no result replaces
+    # another's: what the name keeps after dataset and split is the report's row label.
+    suffix = ""
+    if not f.predictions:
+        suffix += ("_flip" if f.flip_tta else "") + ("_refine" if f.refine else "")
+        suffix += f"_members{f.members}" if f.members else ""
+        if f.refine and (f.refine_radius, f.refine_eps) != (refine.RADIUS, refine.EPS):
+            suffix += f"_r{f.refine_radius}_eps{f.refine_eps:g}"
+    if f.threshold != 0.5:
+        suffix += f"_t{f.threshold:g}"
     if f.images:  # one file per pair of folders, named after the photos' folder
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", pathlib.Path(f.images).resolve().name)
         suffix += f"_{name}-{folder_pair_key(f.images, f.masks)[:8]}"
+    if f.predictions:
+        predictions = pathlib.Path(f.predictions)
+        return predictions.parent / f"{predictions.name}_{dataset}_{split}{suffix}.json"
+    base = (workdir_path(f.workdir) if f.workdir else pathlib.Path(PRETRAINED_RUN_DIR)) / "eval"
     return base / f"{f.checkpoint}_{dataset}_{split}{suffix}.json"
 
 

@@ -39,7 +39,10 @@ from jaxseg.predict import Renderer
 from jaxseg.workdir import local_folder_problem, workdir_path
 
 # Person area (fraction of the image) and ground-truth region count buckets: (label, low, high).
-AREA_BUCKETS = (("<10%", 0.0, 0.10), ("10-25%", 0.10, 0.25), ("25-50%", 0.25, 0.50),
+# Images without a person are in no area bucket (their errors are the people "0" bucket's): in
+# "<10%" their false positives would read as trouble with small people.
+_ANY_PERSON = np.finfo(np.float64).tiny
+AREA_BUCKETS = (("<10%", _ANY_PERSON, 0.10), ("10-25%", 0.10, 0.25), ("25-50%", 0.25, 0.50),
                 (">50%", 0.50, np.inf))
 REGION_BUCKETS = (("0", 0, 1), ("1", 1, 2), ("2", 2, 3), ("3+", 3, np.inf))
 # Below these differences a recommendation says "keep as is": smaller gains are within the noise
@@ -233,23 +236,24 @@ def find_evals(folder: epath.Path, *, peer: bool) -> list[EvalFile]:
     return found
 
 
-def _prepared_source(dataset: str, split: str, folder: str | None):
+def _prepared_source(dataset: str, split: str, folder: str | None, data_dir: str | None):
     from jaxseg import datasets
 
-    return datasets.data_source(dataset, split, folder=folder)
+    return datasets.data_source(dataset, split, folder=folder, data_dir=data_dir)
 
 
 class ModelExamples:
     """Examples by id with the model's probabilities at their own size: the overlays' input."""
 
     def __init__(self, model, image_size: int, step, *, source_for=None):
-        """`source_for(dataset, split, folder)`: a random-access source (default: the prepared
-        data; `folder` is person_folder's root, from the eval file, else None)."""
+        """`source_for(dataset, split, folder, data_dir)`: a random-access source (default: the
+        prepared data; `folder` is person_folder's root and `data_dir` evaluate's --data_dir,
+        from the eval file, else None)."""
         self.model = model
         self.image_size = image_size
         self.step = step
         self._source_for = source_for or _prepared_source
-        self._sources = {}  # (dataset, split, folder) -> (source, id -> index)
+        self._sources = {}  # (dataset, split, folder, data_dir) -> (source, id -> index)
         self._predictors = {}  # (flip_tta, refined, members) -> Predictor (one jit cache each)
 
     @classmethod
@@ -258,22 +262,23 @@ class ModelExamples:
         model, config, described = inference.load(str(workdir), checkpoint)
         return cls(model, config.data.image_size, described["checkpoint_step"])
 
-    def _source(self, dataset: str, split: str, folder: str | None):
-        key = dataset, split, folder
+    def _source(self, dataset: str, split: str, folder: str | None, data_dir: str | None):
+        key = dataset, split, folder, data_dir
         if key not in self._sources:
-            source = self._source_for(dataset, split, folder)
+            source = self._source_for(*key)
             self._sources[key] = source, {source[i]["id"]: i for i in range(len(source))}
         return self._sources[key]
 
     def fetch(self, dataset: str, split: str, ids: list[str], *, flip_tta: bool = False,
               refined: bool = False, members: int | None = None,
-              folder: str | None = None) -> list[dict]:
+              folder: str | None = None, data_dir: str | None = None) -> list[dict]:
         """[{image, mask (H, W) bool, probs (H, W)}] for the ids, in order, predicted with the
-        eval file's options (flip TTA, refinement, the first `members` of an ensemble); `folder`:
-        person_folder's root, as evaluate --images/--masks records it."""
+        eval file's options (flip TTA, refinement, the first `members` of an ensemble); `folder`
+        (person_folder's root, as evaluate --images/--masks records it) and `data_dir` (evaluate's
+        --data_dir): where the eval read the photos."""
         from jaxseg.predict import Predictor
 
-        source, index = self._source(dataset, split, folder)
+        source, index = self._source(dataset, split, folder, data_dir)
         examples = [source[index[i]] for i in ids]
         key = flip_tta, refined, members
         if key not in self._predictors:
@@ -698,7 +703,7 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
                 fetched = examples.fetch(r["dataset"], r["split"], [x["id"] for x in records],
                                          flip_tta=bool(r.get("flip_tta")),
                                          refined=bool(r.get("refine")), members=r.get("members"),
-                                         folder=r.get("folder"))
+                                         folder=r.get("folder"), data_dir=r.get("data_dir"))
                 blocks.append(overlay_figure(f"{name}_{which}", f"{which} {len(records)} by IoU",
                                              records, fetched, r["threshold"]))
         except (FileNotFoundError, KeyError, ValueError) as err:

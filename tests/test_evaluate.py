@@ -1,4 +1,6 @@
 """The evaluator's integer counts do not depend on the device count or on batch padding."""
+import pathlib
+
 import cv2
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +92,74 @@ def test_prediction_folder_scoring(tmp_path):
     assert perfect["model_resolution"] is None
 
 
+def test_predictions_are_read_like_masks_and_meet_the_threshold(tmp_path):
+    from PIL import Image
+
+    source = fake_source(4, seed=3)
+    truth = [ex["mask"][..., 0] > 0 for ex in source]
+    # A soft map: 0.75 inside the person, 0.3 on a band of background beside it.
+    soft = []
+    for t in truth:
+        p = np.where(t, 0.75, 0.0)
+        p[:, :4][~t[:, :4]] = 0.3
+        soft.append(p)
+    mesh = sharding.make_mesh(1)
+
+    def score(folder, threshold=0.5):
+        ev = evaluate.Evaluator(source, mesh=mesh, image_size=32, batch_size=2,
+                                threshold=threshold)
+        return ev.evaluate_predictions(folder)
+
+    def numpy_iou(threshold):
+        inter = sum(int((t & (p >= threshold)).sum()) for t, p in zip(truth, soft))
+        union = sum(int((t | (p >= threshold)).sum()) for t, p in zip(truth, soft))
+        return inter / union
+
+    colours = {"red": tmp_path / "red", "voc": tmp_path / "voc", "soft8": tmp_path / "soft8",
+               "soft16": tmp_path / "soft16", "named": tmp_path / "named"}
+    for folder in colours.values():
+        folder.mkdir()
+    for ex, t, p in zip(source, truth, soft):
+        red = np.zeros((*t.shape, 3), np.uint8)
+        red[t] = (255, 0, 0)  # RGB red: a blue-channel read saw nothing
+        Image.fromarray(red).save(colours["red"] / f"{ex['id']}.png")
+        voc = Image.fromarray(t.astype(np.uint8), mode="P")  # index 1 = VOC's (128, 0, 0)
+        voc.putpalette([0, 0, 0, 128, 0, 0])
+        voc.save(colours["voc"] / f"{ex['id']}.png")
+        name = f"{ex['id']}.png"
+        Image.fromarray(np.round(p * 255).astype(np.uint8)).save(colours["soft8"] / name)
+        cv2.imwrite(str(colours["soft16"] / name), np.round(p * 65535).astype(np.uint16))
+        cv2.imwrite(str(colours["named"] / f"{ex['id']}_mask.png"), t.astype(np.uint8) * 255)
+    for name in ("red", "voc", "named"):
+        assert score(colours[name])["iou"] == 1.0, name
+    for name in ("soft8", "soft16"):
+        for threshold in (0.2, 0.5, 0.8):
+            r = score(colours[name], threshold)
+            assert r["iou"] == pytest.approx(numpy_iou(threshold)), (name, threshold)
+            assert r["threshold"] == threshold
+    assert numpy_iou(0.2) < numpy_iou(0.5) == 1.0 and numpy_iou(0.8) == 0.0
+
+
+def test_a_prediction_of_another_aspect_ratio_is_refused(tmp_path):
+    source = fake_source(1, seed=4, min_size=40, max_size=41)
+    h, w = source[0]["mask"].shape[:2]
+    cv2.imwrite(str(tmp_path / f"{source[0]['id']}.png"), np.zeros((w * 2, h), np.uint8))
+    ev = evaluate.Evaluator(source, mesh=sharding.make_mesh(1), image_size=32, batch_size=1)
+    with pytest.raises(ValueError, match="different aspect ratio"):
+        ev.evaluate_predictions(tmp_path)
+
+
+def test_large_photos_are_evaluated_in_smaller_batches():
+    mesh = sharding.make_mesh(2)
+    assert evaluate.fitting_batch_size(16, (832, 640), mesh) == 16  # the datasets here
+    phone = (3072, 4032)  # 12 megapixels: about 2.5 GB per row, one row per device
+    assert evaluate.fitting_batch_size(16, phone, mesh) == 2
+    rows = evaluate.EVAL_MEMORY_BUDGET // (2048 * 2048 * evaluate.EVAL_BYTES_PER_CANVAS_PIXEL)
+    assert rows >= 2
+    # CPU devices share the host's budget.
+    assert evaluate.fitting_batch_size(64, (2048, 2048), mesh) == rows // 2 * 2
+
+
 def test_empty_prediction_scores_zero(tmp_path):
     source = fake_source(3, seed=5)
     for ex in source:
@@ -147,9 +217,13 @@ def test_a_users_folder_says_which_files_are_not_scored(tmp_path, monkeypatch):
     from jaxseg import report
 
     scored = json.loads((tmp_path / "out.json").read_text())
+    assert scored["data_dir"] == str((tmp_path / "dd").resolve())
+    # The report reads the data where evaluate prepared it, not in TFDS_DATA_DIR.
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "report_dd"))
-    source = report._prepared_source("person_folder", scored["split"], scored["folder"])
+    source = report._prepared_source("person_folder", scored["split"], scored["folder"],
+                                     scored["data_dir"])
     assert sorted(source[i]["id"] for i in range(len(source))) == ["a", "b"]
+    assert not (tmp_path / "report_dd").exists()
 
 
 def test_folder_evaluations_keep_their_own_results_file(tmp_path):
@@ -161,13 +235,23 @@ def test_folder_evaluations_keep_their_own_results_file(tmp_path):
     def flags(images, masks):
         return types.SimpleNamespace(predictions="", workdir="", flip_tta=False, refine=False,
                                      members=0, checkpoint="best", images=str(images),
-                                     masks=str(masks), dataset="", split="test", data_dir="")
+                                     masks=str(masks), dataset="", split="test", data_dir="",
+                                     threshold=0.5)
 
     a, b = tmp_path / "holiday photos", tmp_path / "b"
     outputs = {evaluate._default_output(flags(d, tmp_path / "m"), "person_folder", "train")
                for d in (a, b, a)}
     assert len(outputs) == 2
     assert any(p.name.startswith("best_person_folder_train_holiday_photos-") for p in outputs)
+    # Another threshold, or another folder scored against one predictions folder: other files.
+    at_04 = evaluate._default_output(types.SimpleNamespace(**{**vars(flags(a, tmp_path / "m")),
+                                                              "threshold": 0.4}),
+                                     "person_folder", "train")
+    assert at_04 not in outputs and at_04.name.startswith("best_person_folder_train_t0.4_")
+    predicted = {evaluate._default_output(
+        types.SimpleNamespace(**{**vars(flags(d, tmp_path / "m")), "predictions": "p"}),
+        "person_folder", "train") for d in (a, b)}
+    assert len(predicted) == 2 and all(p.parent == pathlib.Path(".") for p in predicted)
     a.mkdir()
     (tmp_path / "m").mkdir()
     with pytest.raises(FileNotFoundError, match="--images: no files in"):

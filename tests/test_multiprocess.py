@@ -150,14 +150,25 @@ def runs(manual_dir, tmp_path_factory):
     timings["train"] = time.monotonic() - start
     start = time.monotonic()
     out2, out1 = root / "eval_two.json", root / "eval_one.json"
+    # A folder neither process has prepared, in a data dir of its own: both start together, and
+    # only one may build it.
+    folder = fx.make_simple_folder(root / "folder", [f"p{i}" for i in range(5)])
+    out_folder = root / "eval_folder.json"
+    folder_command = [sys.executable, "-m", "jaxseg.evaluate", "--workdir", str(two),
+                      "--checkpoint", "latest", "--images", str(folder / "images"), "--masks",
+                      str(folder / "masks"), "--output", str(out_folder)]
     wait_all(Cluster(evaluate_command(two, out2), num=2, devices=2, env=env,
                      log_dir=root / "logs_eval2"),
              Cluster(evaluate_command(two, out1), num=1, devices=4, env=env,
-                     log_dir=root / "logs_eval1"))
+                     log_dir=root / "logs_eval1"),
+             Cluster(folder_command, num=2, devices=1,
+                     env=dict(env, TFDS_DATA_DIR=str(root / "tfds")),
+                     log_dir=root / "logs_eval_folder"))
     timings["evaluate"] = time.monotonic() - start
     print(f"wall time: {timings}")
     return {"two": two, "one": one, "eval_two": json.loads(out2.read_text()),
-            "eval_one": json.loads(out1.read_text())}
+            "eval_one": json.loads(out1.read_text()),
+            "eval_folder": json.loads(out_folder.read_text())}
 
 
 def test_two_processes_train_like_one(runs):
@@ -207,6 +218,12 @@ def test_evaluation_identical_on_two_processes_and_one(runs):
     assert two["checkpoint_step"] == STEPS
     assert two["per_image"] == one["per_image"]
     assert two == one  # every metric, the threshold sweep and the model-resolution metrics
+
+
+def test_two_processes_prepare_a_new_folder_one_after_the_other(runs):
+    result = runs["eval_folder"]
+    assert result["dataset"] == "person_folder" and result["num_images"] == 5
+    assert sorted(r["id"] for r in result["per_image"]) == [f"p{i}" for i in range(5)]
 
 
 # ------------------------------------------------------------------ failures stop the whole run

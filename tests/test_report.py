@@ -102,7 +102,7 @@ def test_report_files_figures_and_recommendations(tmp_path, case):
     workdir = make_workdir(tmp_path, result)
     if case == "under":  # the real overlay path (Predictor, id lookup) on the fake source
         examples = report.ModelExamples(Brightness(), 32, STEP,
-                                        source_for=lambda dataset, split, folder: source)
+                                        source_for=lambda dataset, split, folder, data_dir: source)
     else:
         examples = None
     paths = report.build_report(workdir, k=2, examples=examples)
@@ -187,6 +187,26 @@ def test_buckets_name_the_costliest_failure():
                                   "pixels": [400, 110]}}
     recs = report.recommendations(result, area, people, [], None)
     assert recs[0].startswith("Most IoU is lost on person area <10%") and "small people" in recs[0]
+
+
+def test_false_positives_on_person_free_photos_are_not_blamed_on_small_people():
+    # "e" has no person and holds most errors: its bucket is people "0", in no area bucket.
+    per_image = [
+        {"id": "e", "iou": 0.0, "person_fraction": 0.0, "regions": 0, "tp": 0, "fp": 300, "fn": 0},
+        {"id": "s", "iou": 0.8, "person_fraction": 0.05, "regions": 1, "tp": 40, "fp": 5, "fn": 5},
+        {"id": "b", "iou": 0.9, "person_fraction": 0.4, "regions": 1, "tp": 90, "fp": 5, "fn": 5},
+        {"id": "c", "iou": 0.9, "person_fraction": 0.6, "regions": 1, "tp": 90, "fp": 5, "fn": 5}]
+    area = report.bucket_rows(per_image, "person_fraction", report.AREA_BUCKETS)
+    people = report.bucket_rows(per_image, "regions", report.REGION_BUCKETS)
+    assert sum(r["images"] for r in area) == 3 and area[0]["images"] == 1
+    assert area[0]["fp"] == 5 and people[0]["fp"] == 300
+    result = {"per_image": per_image, "iou": 220 / 545, "threshold": 0.5, "split": "validation",
+              "precision": 220 / 535, "recall": 220 / 235, "boundary_f1": 0.45,
+              "threshold_sweep": {"thresholds": [0.0, 0.5], "person": [235, 220],
+                                  "pixels": [1000, 535]}}
+    recs = report.recommendations(result, area, people, [], None)
+    assert recs[0].startswith("Most IoU is lost on people 0") and "person-free" in recs[0]
+    assert "small people" not in " ".join(recs)
 
 
 def test_a_bucket_failing_only_by_its_size_gets_no_specific_advice():

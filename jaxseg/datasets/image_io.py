@@ -211,7 +211,7 @@ def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
     return (values > threshold).astype(np.uint8), note
 
 
-def _same_aspect(mask_hw: tuple[int, int], photo_hw: tuple[int, int]) -> bool:
+def same_aspect(mask_hw: tuple[int, int], photo_hw: tuple[int, int]) -> bool:
     """True when MASK_HW is PHOTO_HW scaled, allowing one pixel of rounding."""
     (h, w), (big_h, big_w) = mask_hw, photo_hw
     return abs(w - big_w * h / big_h) <= 1 or abs(h - big_h * w / big_w) <= 1
@@ -226,8 +226,8 @@ def fit_mask(mask: np.ndarray, photo: Photo) -> tuple[np.ndarray, str | None]:
     """
     size = (photo.height, photo.width)
     note = None
-    if not _same_aspect(mask.shape, size):
-        if photo.orientation in _TRANSPOSING and _same_aspect(mask.shape, size[::-1]):
+    if not same_aspect(mask.shape, size):
+        if photo.orientation in _TRANSPOSING and same_aspect(mask.shape, size[::-1]):
             mask = np.ascontiguousarray(orient(mask, photo.orientation))
             note = f"mask follows the unrotated photo; EXIF orientation {photo.orientation} applied to it"
         else:
