@@ -42,7 +42,14 @@ class Checkpoints:
         self.latest.save(step, args=_save_args(state, meta), force=force)
 
     def save_best(self, step: int, state, meta: dict, val_iou: float) -> None:
-        """Offers a checkpoint to the best series; orbax keeps it only if its IoU is the highest."""
+        """Offers a checkpoint to the best series; orbax keeps it only if its IoU is the highest.
+
+        A step the series already holds is left as it is: a run killed after validating but
+        before its next periodic save resumes from an earlier step and validates that step again,
+        with the same state (resuming is deterministic).
+        """
+        if step in self.best.all_steps():
+            return
         self.best.save(step, args=_save_args(state, meta), metrics={"val_iou": float(val_iou)},
                        force=True)
 

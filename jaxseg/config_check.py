@@ -42,7 +42,8 @@ def validate(config, num_devices: int) -> None:
                 f"{field}={batch} must be a positive multiple of the {num_devices} devices "
                 f"in use (set --config.{field} to a multiple, or --config.num_devices)")
     for field in ("data.image_size", "train.num_steps", "train.log_every", "train.eval_every",
-                  "train.checkpoint_every", "model.base_features", "optim.learning_rate"):
+                  "train.checkpoint_every", "train.keep_checkpoints", "model.base_features",
+                  "optim.learning_rate"):
         if _get(config, field) <= 0:
             problems.append(f"{field}={_get(config, field)} must be positive")
     if not 0 <= config.model.dropout < 1:

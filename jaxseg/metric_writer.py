@@ -14,7 +14,10 @@ METRICS_FILE = "metrics.jsonl"
 class MetricWriter:
     """Writes on process 0 only; other processes get a writer that does nothing."""
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
+                 resume_step: int = 0):
+        """`resume_step`: the checkpoint step a run resumes from; records of later steps (logged
+        before a hard kill, and logged again as the run repeats those steps) are dropped."""
         self.enabled = enabled
         if not enabled:
             return
@@ -22,7 +25,13 @@ class MetricWriter:
 
         workdir = workdir_path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (workdir / METRICS_FILE).open("a")
+        path = workdir / METRICS_FILE
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
+            if len(kept) < len(lines):
+                path.write_text("".join(line + "\n" for line in kept))
+        self._jsonl = path.open("a")
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def scalars(self, step: int, values: dict, *, kind: str = "train") -> None:

@@ -85,14 +85,24 @@ def load_model(workdir: str, checkpoint: str = "best"):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag checked at step boundaries (all processes agree on it)."""
+    """Turns SIGTERM, and a first Ctrl-C, into a flag checked at step boundaries (all processes
+    agree on it), so the run saves where it is and stops; a second Ctrl-C stops it at once."""
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.reason = ""
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        del signum, frame
+        del frame
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("\nCtrl-C: saving a checkpoint after this step, then stopping (press again to "
+                  "stop at once, losing the steps since the last checkpoint)", file=sys.stderr,
+                  flush=True)
+        self.reason = self.reason or signal.Signals(signum).name
         self.requested = True
 
     def should_stop(self) -> bool:
@@ -104,7 +114,8 @@ class _Preemption:
         return bool(np.any(flags))
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _meta(config, step: int, extra: dict | None = None) -> dict:
@@ -130,8 +141,7 @@ def _check_resumable(config, ckpts) -> None:
     if changed:
         raise config_check.ConfigError(
             f"the workdir's checkpoints hold a model with {', '.join(changed)}: resume with "
-            f"those values, or use a new workdir with --config.train.init_checkpoint=OLD_WORKDIR "
-            f"for a model of this shape")
+            f"those values, or train a model of this shape in a new workdir")
     saved = train_step.ema_decay(stored)
     if (saved > 0) != (train_step.ema_decay(config) > 0):
         raise config_check.ConfigError(
@@ -154,17 +164,12 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
                 "train setting changed since it was written; its config.json has the old "
                 f"values): {str(e)[:300]}") from None
         log.info("resumed from %s at step %d", ckpts.latest.directory, step)
-        if meta.get("global_batch", config.train.batch_size) != config.train.batch_size:
-            # The data position is step x batch composition: another batch moves it.
-            log.warning("resumed with train.batch_size=%d, written with %d: the data position "
-                        "is recomputed at the new batch, so this epoch covers its examples "
-                        "unevenly (some once more or less)",
-                        config.train.batch_size, meta["global_batch"])
+        _warn_about_resume_changes(config, meta)
         return restored, step
     state = sharding.replicate(state, mesh)
     if config.train.init_checkpoint:
         # The checkpoint's evaluated model (its EMA when it kept one) starts both models here.
-        model, _, step = load_model(config.train.init_checkpoint)
+        model, step = _init_model(config)
         nodes = nnx.merge(graphdef, state)
         for name in ("model", "ema"):
             if name in nodes:
@@ -172,6 +177,46 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
         log.info("initialised the model from %s (step %d)", config.train.init_checkpoint, step)
         state = sharding.replicate(nnx.state(nodes), mesh)
     return state, 0
+
+
+def _warn_about_resume_changes(config, meta: dict) -> None:
+    """Warns about config changes that make a resumed run differ from an uninterrupted one."""
+    if meta.get("global_batch", config.train.batch_size) != config.train.batch_size:
+        # The data position is step x batch composition: another batch moves it.
+        log.warning("resumed with train.batch_size=%d, written with %d: the data position "
+                    "is recomputed at the new batch, so this epoch covers its examples "
+                    "unevenly (some once more or less)",
+                    config.train.batch_size, meta["global_batch"])
+    for field, stored in (("seed", meta.get("seed")), ("data.train", meta.get("data_train"))):
+        value = config.seed if field == "seed" else config.data.train
+        if stored is not None and stored != value:
+            log.warning("resumed with %s=%r, written with %r: from here the batches and their "
+                        "augmentation differ from those of the run that wrote the checkpoint",
+                        field, value, stored)
+    steps = meta.get("config", {}).get("train", {}).get("num_steps")
+    if steps is not None and steps != config.train.num_steps:
+        log.warning("resumed with train.num_steps=%d, written with %d: the learning-rate "
+                    "schedule now spans %d steps, so the rate at the resumed step differs "
+                    "from the one the run had (a finished cosine rises again)",
+                    config.train.num_steps, steps, config.train.num_steps)
+
+
+def _init_model(config):
+    """(model, step) of train.init_checkpoint, refused in one line when it is missing or holds
+    a model of another shape (its arrays would not fit this one's)."""
+    path = config.train.init_checkpoint
+    try:
+        model, init_config, step = load_model(path)
+    except FileNotFoundError as e:
+        raise config_check.ConfigError(f"train.init_checkpoint={path}: {e} (name a training "
+                                       "workdir)") from None
+    changed = [f"model.{k}={init_config.model[k]!r} (this config: {config.model[k]!r})"
+               for k in _SHAPE_FIELDS if init_config.model.get(k, config.model[k]) != config.model[k]]
+    if changed:
+        raise config_check.ConfigError(
+            f"train.init_checkpoint={path} holds a model with {', '.join(changed)}: it can only "
+            f"start a model of the same shape")
+    return model, step
 
 
 def validate(evaluators, state, graphdef, eval_config) -> dict:
@@ -242,9 +287,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state, start = _initial_state(config, ckpts, graphdef, state, mesh)
         if start >= config.train.num_steps:
             log.warning("the workdir is at step %d, not before train.num_steps=%d: nothing to train "
-                        "(raise --config.train.num_steps to go on)", start, config.train.num_steps)
+                        "(raise --config.train.num_steps to go on; the learning-rate schedule "
+                        "then spans the new total)", start, config.train.num_steps)
             return {"step": start}
-        writer = metric_writer.MetricWriter(workdir, enabled=main)
+        writer = metric_writer.MetricWriter(workdir, enabled=main, resume_step=start)
         cleanup.callback(writer.close)
         step_fn = train_step.make_train_step(graphdef, config, mesh)
         num_steps = config.train.num_steps
@@ -313,10 +359,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 extra = {"preempted": True} if stop else None
                 ckpts.save(step, state, _meta(config, step, extra), force=True)
             if stop:
-                log.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
-                            step, ckpts.latest.directory)
+                # Committed before the message, and before the signal handler goes: a second
+                # signal during the asynchronous save must not kill it half-written.
+                ckpts.wait()
+                log.warning("%s: saved step %d to %s; rerun the same command to resume",
+                            preemption.reason, step, ckpts.latest.directory)
                 last["preempted"] = True
                 break
+        ckpts.wait()
         last["step"] = step
         return last
 
@@ -342,8 +392,10 @@ def main(argv):
     FLAGS = flags.FLAGS
     host_memory.reuse_freed_memory()  # before distributed.initialize or JAX start threads
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.basicConfig(level=logging.INFO if distributed.is_main_process() else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
+    # absl's WARNING verbosity is the root logger's level; jaxseg's own INFO lines (resumed
+    # from, initialised from) still go through on process 0.
+    logging.getLogger("jaxseg").setLevel(
+        logging.INFO if distributed.is_main_process() else logging.WARNING)
     config = FLAGS.config
     try:
         config.to_dict()  # a --config file that failed to load stands in as an object raising on use

@@ -80,3 +80,71 @@ def test_a_checkpoint_name_that_is_not_a_step_says_what_to_name(tmp_path):
     with pytest.raises(FileNotFoundError, match="name 'best', 'latest' or a step number"):
         ckpts.resolve("garbage")
     ckpts.close()
+
+
+def test_init_checkpoint_must_exist_and_fit_the_model(tmp_path):
+    config = tiny_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    save(tmp_path / "old", config, nnx.merge(graphdef, state))
+    same = tiny_config(0.0)
+    same.train.init_checkpoint = str(tmp_path / "old")
+    model, step = train._init_model(same)
+    assert step == 1
+    for got, saved in zip(params(model), params(nnx.merge(graphdef, state)["model"])):
+        np.testing.assert_array_equal(got, saved)
+    wider = tiny_config(0.0)
+    wider.model.base_features *= 2  # loaded into this model, the old arrays failed in the step
+    wider.train.init_checkpoint = str(tmp_path / "old")
+    with pytest.raises(config_check.ConfigError, match="can only start a model of the same shape"):
+        train._init_model(wider)
+    missing = tiny_config(0.0)
+    missing.train.init_checkpoint = str(tmp_path / "nowhere")
+    with pytest.raises(config_check.ConfigError, match="train.init_checkpoint=.*nowhere: no checkpoint"):
+        train._init_model(missing)
+
+
+def test_revalidating_a_step_the_best_series_holds_keeps_it(tmp_path):
+    """A run killed after validating step N but before saving it periodically validates N again
+    on resume; orbax refused the second best save of N, so the workdir could never resume."""
+    config = tiny_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
+    ckpts.save_best(15, state, {"step": 15}, 0.5)
+    ckpts.save_best(15, state, {"step": 15}, 0.5)
+    ckpts.save_best(20, state, {"step": 20}, 0.4)  # lower IoU: not kept
+    assert ckpts.best.all_steps() == [15] and ckpts.best_step() == 15
+    ckpts.close()
+
+
+def test_resuming_drops_log_records_of_steps_after_the_checkpoint(tmp_path):
+    from jaxseg import metric_writer
+
+    lines = [{"step": s, "kind": k} for s, k in ((5, "train"), (10, "train"), (10, "validation"),
+                                                 (15, "train"), (15, "validation"))]
+    (tmp_path / metric_writer.METRICS_FILE).write_text(
+        "".join(json.dumps(r) + "\n" for r in lines))
+    writer = metric_writer.MetricWriter(tmp_path, resume_step=10)
+    writer.scalars(15, {"loss": 1.0})
+    writer.close()
+    records = metric_writer.read_metrics(tmp_path)
+    assert [(r["step"], r["kind"]) for r in records] == [
+        (5, "train"), (10, "train"), (10, "validation"), (15, "train")]
+    assert records[-1]["loss"] == 1.0
+
+
+def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
+    config = tiny_config(0.0)
+    meta = {"config": json.loads(config.to_json()), "seed": config.seed,
+            "data_train": config.data.train, "global_batch": config.train.batch_size}
+    with caplog.at_level("WARNING", logger="jaxseg.train"):
+        train._warn_about_resume_changes(config, meta)
+    assert not caplog.records
+    changed = tiny_config(0.0)
+    changed.seed += 1
+    changed.data.train = "ccp_person"
+    changed.train.num_steps *= 2
+    with caplog.at_level("WARNING", logger="jaxseg.train"):
+        train._warn_about_resume_changes(changed, meta)
+    text = caplog.text
+    assert f"seed={changed.seed}" in text and "data.train='ccp_person'" in text
+    assert f"train.num_steps={changed.train.num_steps}" in text and "schedule" in text

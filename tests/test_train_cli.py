@@ -105,9 +105,28 @@ def test_sigterm_saves_and_exits_cleanly(manual_dir, tmp_path):
     assert last_train_record(tmp_path)["step"] == step  # the stop step is logged too
 
 
+def test_ctrl_c_saves_like_sigterm(manual_dir, tmp_path):
+    proc = subprocess.Popen(train_command(tmp_path, "--config.train.num_steps=400"), cwd=REPO,
+                            env=run_env(manual_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (tmp_path / "checkpoints" / "4").is_dir():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Ctrl-C: saving a checkpoint after this step" in err and "KeyboardInterrupt" not in err
+    meta, step = checkpointing.Checkpoints(tmp_path, read_only=True).read_meta("latest")
+    assert meta.get("preempted") is True and 4 <= step < 400
+    assert f"SIGINT: saved step {step}" in err
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.train.batch_size=12", "train.batch_size=12 must be a positive multiple of the 8 devices"),
     ("--config.train.nope=1", "the config has no field 'nope'"),
+    # 0 kept no checkpoint at all, not even the one a SIGTERM saves
+    ("--config.train.keep_checkpoints=0", "train.keep_checkpoints=0 must be positive"),
 ])
 def test_impossible_config_fails_before_touching_data(tmp_path, override, message):
     result = subprocess.run(
