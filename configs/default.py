@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.1
     c.model.upsample = "transpose"
     c.model.num_classes = 1
+    c.model.attention_gates = False  # gate each skip connection by the decoder (Attention U-Net)
     c.model.compute_dtype = "float32"
 
     c.loss = ml_collections.ConfigDict()

@@ -128,8 +128,10 @@ def keras_unet(model_config, image_size: int):
     from keras import layers, ops
 
     c = model_config
-    if c.residual or c.upsample != "transpose" or c.norm != "batch":
-        raise ValueError("the Keras twin covers norm='batch', upsample='transpose', residual=False")
+    if (c.residual or c.upsample != "transpose" or c.norm != "batch"
+            or c.get("attention_gates", False)):
+        raise ValueError("the Keras twin covers norm='batch', upsample='transpose', residual=False, "
+                         "attention_gates=False")
 
     def block(x, features):
         for _ in range(2):

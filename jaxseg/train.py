@@ -125,7 +125,8 @@ def _meta(config, step: int, extra: dict | None = None) -> dict:
 
 
 # Model fields that set the shapes of the parameters (the others may change on resume).
-_SHAPE_FIELDS = ("depth", "base_features", "norm", "residual", "upsample", "num_classes")
+_SHAPE_FIELDS = ("depth", "base_features", "norm", "residual", "upsample", "num_classes",
+                 "attention_gates")
 
 
 def _check_resumable(config, ckpts) -> None:

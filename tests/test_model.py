@@ -14,7 +14,7 @@ def count_params(model):
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def expected_params(depth, base, residual, upsample, num_classes):
+def expected_params(depth, base, residual, upsample, num_classes, gates=False):
     """Independent arithmetic for the parameter count of the U-Net described in unet.py."""
     w = [base * 2**i for i in range(depth + 1)]
 
@@ -31,18 +31,46 @@ def expected_params(depth, base, residual, upsample, num_classes):
         else:
             total += 9 * w[i + 1] * w[i] + w[i]
         total += block(2 * w[i], w[i])
+        if gates:  # 1x1 convs skip -> w/2 (no bias), decoder -> w/2 (bias), w/2 -> 1 (bias)
+            inner = w[i] // 2
+            total += w[i] * inner + (w[i] * inner + inner) + (inner + 1)
     return total + w[0] * num_classes + num_classes
 
 
-@pytest.mark.parametrize("depth,base,norm,residual,upsample,classes", [
-    (4, 16, "batch", False, "transpose", 1),
-    (3, 8, "group", True, "resize", 2),
+@pytest.mark.parametrize("depth,base,norm,residual,upsample,classes,gates", [
+    (4, 16, "batch", False, "transpose", 1, False),
+    (3, 8, "group", True, "resize", 2, False),
+    (4, 24, "batch", False, "transpose", 1, True),
 ])
-def test_parameter_count_is_exact(depth, base, norm, residual, upsample, classes):
+def test_parameter_count_is_exact(depth, base, norm, residual, upsample, classes, gates):
     model = UNet(depth=depth, base_features=base, norm=norm, residual=residual,
-                 upsample=upsample, num_classes=classes, rngs=nnx.Rngs(0))
+                 upsample=upsample, num_classes=classes, attention_gates=gates, rngs=nnx.Rngs(0))
     # BatchNorm's running statistics are not Params and are not counted.
-    assert count_params(model) == expected_params(depth, base, residual, upsample, classes)
+    assert count_params(model) == expected_params(depth, base, residual, upsample, classes, gates)
+
+
+def test_attention_gates_scale_each_skip_by_a_learned_per_pixel_weight():
+    gated = UNet(depth=2, base_features=4, attention_gates=True, rngs=nnx.Rngs(0))
+    gate = gated.gates[0]
+    skip = jax.random.normal(jax.random.key(1), (2, 8, 8, 8))
+    decoder = jax.random.normal(jax.random.key(2), (2, 8, 8, 8))
+    weight = jax.nn.sigmoid(gate.psi(jax.nn.relu(gate.theta(skip) + gate.phi(decoder))))
+    assert weight.shape == (2, 8, 8, 1)
+    np.testing.assert_allclose(gate(skip, decoder), skip * weight, rtol=1e-6)
+    # The gates are in the forward pass: a gated and a plain U-Net of the same seed differ.
+    plain = UNet(depth=2, base_features=4, rngs=nnx.Rngs(0))
+    images = jax.random.randint(jax.random.key(3), (1, 16, 16, 3), 0, 256).astype(jnp.uint8)
+    out = gated(images)
+    assert out.shape == (1, 16, 16, 1)
+    assert not np.allclose(out, plain(images))
+
+
+def test_a_config_without_the_attention_field_builds_the_plain_model():
+    from jaxseg.inference import config_from_json
+
+    stored = default.get_config().to_dict()
+    del stored["model"]["attention_gates"]  # as in model cards written before the option
+    assert len(create_model(config_from_json(stored).model).gates) == 0
 
 
 def test_output_shape_dtype_and_count_independent_of_resolution():

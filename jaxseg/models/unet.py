@@ -90,12 +90,33 @@ class Upsample(nnx.Module):
         return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
+class AttentionGate(nnx.Module):
+    """Additive attention gate on a skip connection (Oktay et al. 2018, "Attention U-Net").
+
+    The decoder feature that meets the skip (its upsampled output, same size) decides, per pixel,
+    how much of the skip passes: skip * sigmoid(psi(relu(theta(skip) + phi(gate)))), with 1x1
+    convolutions to half the skip's channels. A gate starts nearly open (sigmoid(0) = 0.5 times
+    the skip), so an untrained gated U-Net is a U-Net with skips scaled by about a half.
+    """
+
+    def __init__(self, skip_features: int, gate_features: int, *, dtype, rngs: nnx.Rngs):
+        inner = max(1, skip_features // 2)
+        self.theta = nnx.Conv(skip_features, inner, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
+        self.phi = nnx.Conv(gate_features, inner, (1, 1), dtype=dtype, rngs=rngs)
+        self.psi = nnx.Conv(inner, 1, (1, 1), dtype=dtype, rngs=rngs)
+
+    def __call__(self, skip: jax.Array, gate: jax.Array) -> jax.Array:
+        weight = jax.nn.sigmoid(self.psi(jax.nn.relu(self.theta(skip) + self.phi(gate))))
+        return skip * weight
+
+
 class UNet(nnx.Module):
     """U-Net: `depth` 2x downsamplings, widths base * 2**level, skip connections by concatenation.
 
     Input: uint8 or float RGB images (B, H, W, 3) in 0..255, H and W divisible by 2**depth.
     Output: float32 logits (B, H, W, num_classes); num_classes 1 = sigmoid person logit,
-    2 = softmax over (background, person).
+    2 = softmax over (background, person). `attention_gates`: each skip passes through an
+    AttentionGate driven by the decoder feature it joins.
     """
 
     def __init__(
@@ -108,6 +129,7 @@ class UNet(nnx.Module):
         dropout: float = 0.0,
         upsample: str = "transpose",
         num_classes: int = 1,
+        attention_gates: bool = False,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -129,6 +151,10 @@ class UNet(nnx.Module):
         self.up_blocks = nnx.List(
             [ConvBlock(2 * widths[i], widths[i], **block) for i in reversed(range(depth))]
         )
+        self.gates = nnx.List(
+            [AttentionGate(widths[i], widths[i], dtype=dtype, rngs=rngs)
+             for i in reversed(range(depth))] if attention_gates else []
+        )
         self.head = nnx.Conv(widths[0], num_classes, (1, 1), dtype=dtype, rngs=rngs)
 
     def __call__(self, images: jax.Array, *, train: bool = False,
@@ -148,8 +174,11 @@ class UNet(nnx.Module):
             x = max_pool_2x2(x)
         x = self.bottleneck(x, train)
         x = self.dropout(x, deterministic=not train, rngs=dropout_key)
-        for up, block, skip in zip(self.up, self.up_blocks, reversed(skips)):
-            x = block(jnp.concatenate([up(x), skip], axis=-1), train)
+        for level, (up, block, skip) in enumerate(zip(self.up, self.up_blocks, reversed(skips))):
+            x = up(x)
+            if self.gates:
+                skip = self.gates[level](skip, x)
+            x = block(jnp.concatenate([x, skip], axis=-1), train)
         return self.head(x).astype(jnp.float32)
 
 
@@ -175,6 +204,8 @@ def create_model(model_config, *, seed: int = 0) -> UNet:
         dropout=model_config.dropout,
         upsample=model_config.upsample,
         num_classes=model_config.num_classes,
+        # Configs and model cards written before the option existed have no such field.
+        attention_gates=model_config.get("attention_gates", False),
         dtype=compute_dtype(model_config.compute_dtype),
         rngs=nnx.Rngs(params=seed),
     )
