@@ -129,7 +129,7 @@ def keras_unet(model_config, image_size: int):
 
     c = model_config
     if (c.residual or c.upsample != "transpose" or c.norm != "batch"
-            or c.get("attention_gates", False)):
+            or c.attention_gates):
         raise ValueError("the Keras twin covers norm='batch', upsample='transpose', residual=False, "
                          "attention_gates=False")
 

@@ -8,13 +8,13 @@ counts (jaxseg.metrics).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import pathlib
 import re
 import sys
 
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,8 +39,7 @@ def fitting_batch_size(batch_size: int, canvas: tuple[int, int], mesh) -> int:
     that one batch's evaluation fits EVAL_MEMORY_BUDGET."""
     rows = max(1, EVAL_MEMORY_BUDGET // (canvas[0] * canvas[1] * EVAL_BYTES_PER_CANVAS_PIXEL))
     if mesh.devices.flat[0].platform == "cpu":
-        rows = max(1, rows // sum(d.process_index == jax.process_index()
-                                  for d in mesh.devices.flat))
+        rows = max(1, rows // sharding.local_device_count(mesh))
     return min(batch_size, rows * mesh.devices.size)
 
 
@@ -135,34 +134,38 @@ class Evaluator:
         return self._result(outputs)
 
     def evaluate_predictions(self, predictions_dir: str | pathlib.Path) -> dict:
-        """Metrics of another model's masks or probability maps, `<id>.png` or `<id>_mask.png`
-        (jaxseg.predict's name) per photo, thresholded at the evaluator's threshold (see
-        `read_prediction`)."""
+        """Metrics of another model's masks or probability maps, one PNG per photo
+        (`prediction_files`). The folder is read as soft maps, cut at the evaluator's threshold,
+        when any of its files is soft (`is_soft`): then a map holding only 0 and 1/255 (a
+        person-free photo) is not taken for a 0/1 mask. Otherwise its files are masks."""
         predictions_dir = pathlib.Path(predictions_dir)
-        ids = [self.source[i]["id"] for i in range(len(self.source))]
-        missing = [i for i in ids if prediction_path(predictions_dir, i) is None]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(ids)} ids have no prediction <id>.png or <id>_mask.png "
-                f"in {predictions_dir}: "
-                + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        files = prediction_files(predictions_dir,
+                                 [self.source[i]["id"] for i in range(len(self.source))])
+        soft = any(is_soft(read_prediction_values(path)) for path in files.values())
         step = jax.jit(functools.partial(_predictions_step, canvas=self.canvas,
                                          threshold=self.threshold, tol_full=self.tol_full),
                        in_shardings=sharding.data_sharded(self.mesh),
                        out_shardings=sharding.data_sharded(self.mesh))
         outputs = [step(batch) for batch in self._global_batches(
-            self._with_predictions(predictions_dir))]
-        return self._result(outputs)
+            self._with_predictions(files, soft))]
+        result = self._result(outputs)
+        result["predictions_read_as"] = "soft maps" if soft else "masks"
+        return result
 
-    def _with_predictions(self, predictions_dir):
+    def _with_predictions(self, files: dict, soft: bool):
         for batch in self.batches:
             masks = []
             for row, size in zip(batch["id"], batch["size"]):
                 example_id = input_pipeline.decode_id(row)
                 pred = np.zeros(self.canvas, np.float32)
                 if example_id:
-                    pred[: size[0], : size[1]] = read_prediction(
-                        prediction_path(predictions_dir, example_id), tuple(size))
+                    path = files[example_id]
+                    values = read_prediction_values(path)
+                    try:
+                        pred[: size[0], : size[1]] = prediction_probabilities(
+                            values, tuple(size), soft=soft)
+                    except ValueError as e:  # another aspect ratio
+                        raise ValueError(f"{path.name}: {e}") from None
                 masks.append(pred)
             yield dict(batch, prediction=np.stack(masks))
 
@@ -210,41 +213,64 @@ class Evaluator:
         return result
 
 
-def read_prediction(path: pathlib.Path, size: tuple[int, int]) -> np.ndarray:
-    """Another model's mask or probability image as float32 P(person) at `size` (height, width).
+def prediction_files(predictions_dir: pathlib.Path, ids: list[str]) -> dict[str, pathlib.Path]:
+    """Each id's prediction PNG: `<id>.png`, or the stem with a mask suffix (`<id>_mask.png`, as
+    jaxseg.predict names it), by person_folder's pairing rule. FileNotFoundError names ids
+    without one, ValueError ids with several."""
+    from jaxseg.datasets.person_folder import MASK_SUFFIX
 
-    Read as ground-truth masks are (`image_io.read_mask_image`: palettes by colour, colour masks
-    by their brightest channel, a cutout by its alpha). Values that are all 0 or 1 are labels;
-    others are scaled by the image's bit depth (255, or 65535 for 16 bits), so that soft maps meet
-    --threshold. Other sizes are resized (nearest); a different aspect ratio is refused.
-    """
+    wanted = set(ids)
+    found = collections.defaultdict(list)
+    for path in sorted(predictions_dir.glob("*.png")):
+        found[path.stem if path.stem in wanted else MASK_SUFFIX.sub("", path.stem)].append(path)
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(ids)} ids have no prediction <id>.png or <id>_mask.png in "
+            f"{predictions_dir}: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+    several = [i for i in ids if len(found[i]) > 1]
+    if several:
+        raise ValueError(f"{len(several)} ids have several predictions, keep one of: " + "; ".join(
+            " or ".join(p.name for p in found[i]) for i in several[:5]))
+    return {i: found[i][0] for i in ids}
+
+
+def read_prediction_values(path: pathlib.Path) -> np.ndarray:
+    """A prediction image's values as ground-truth masks are read (`image_io.read_mask_image`:
+    palettes by colour, colour masks by their brightest channel, a cutout by its alpha)."""
     from jaxseg.datasets import image_io
 
     try:
-        values = image_io.read_mask_image(path)
+        return image_io.read_mask_image(path)
     except image_io.BadFile as e:
         raise ValueError(f"cannot read prediction {path.name}: {e}") from None
+
+
+def is_soft(values: np.ndarray) -> bool:
+    """True for a probability map: float values, or more than two distinct levels."""
     if values.dtype.kind == "f":
+        return True
+    low, high = values.min(), values.max()
+    return bool(((values != low) & (values != high)).any())
+
+
+def prediction_probabilities(values: np.ndarray, size: tuple[int, int], *, soft: bool) -> np.ndarray:
+    """float32 P(person) at `size` (height, width) from a prediction image's values.
+
+    Soft maps are scaled by their bit depth (255, or 65535 for 16 bits), so that --threshold
+    cuts them; masks are binarized like ground truth (`image_io.binarize`: 0/1, 0/255, 0/65535,
+    other values above half the range, or above 0 when they are all small). Other sizes are
+    resized (nearest); another aspect ratio is a ValueError.
+    """
+    from jaxseg.datasets import image_io
+
+    if not soft:
+        probs = image_io.binarize(values)[0]
+    elif values.dtype.kind == "f":
         probs = np.clip(values, 0.0, 1.0)
-    elif ((values == 0) | (values == 1)).all():
-        probs = values
     else:
         probs = values / (65535.0 if values.dtype == np.uint16 or values.max() > 255 else 255.0)
-    probs = probs.astype(np.float32)
-    if probs.shape != tuple(size):
-        if not image_io.same_aspect(probs.shape, tuple(size)):
-            raise ValueError(f"prediction {path.name} is {probs.shape[1]}x{probs.shape[0]} but the "
-                             f"photo is {size[1]}x{size[0]}: different aspect ratio")
-        probs = cv2.resize(probs, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
-    return probs
-
-
-def prediction_path(predictions_dir: pathlib.Path, example_id: str) -> pathlib.Path | None:
-    """The prediction file of an id: `<id>.png`, else `<id>_mask.png`; None if neither exists."""
-    for name in (f"{example_id}.png", f"{example_id}_mask.png"):
-        if (predictions_dir / name).is_file():
-            return predictions_dir / name
-    return None
+    return image_io.fit_to_size(probs.astype(np.float32), size)[0]  # BadFile is a ValueError
 
 
 def folder_pair_key(images: str, masks: str) -> str:
@@ -366,7 +392,7 @@ def main(argv):
     if folder:  # where jaxseg.report finds the photos again for its overlays
         result["folder"] = folder
     if f.data_dir:  # and the prepared data
-        result["data_dir"] = str(pathlib.Path(f.data_dir).resolve())
+        result["data_dir"] = str(workdir_path(f.data_dir))
     if distributed.is_main_process():
         output = pathlib.Path(f.output) if f.output else _default_output(f, dataset, split)
         summary = {k: result[k] for k in ("iou", "mean_image_iou", "miou", "dice", "precision",
@@ -420,10 +446,12 @@ def _define_flags():
     flags.DEFINE_string("split", "test", "Split to evaluate.")
     flags.DEFINE_string("images", "", "Folder of photos (with --masks) instead of --dataset.")
     flags.DEFINE_string("masks", "", "Folder of masks paired with --images by file stem.")
-    flags.DEFINE_string("predictions", "", "Score <id>.png masks from any model instead.")
+    flags.DEFINE_string("predictions", "", "Score any model's <id>.png or <id>_mask.png masks "
+                        "or soft maps instead.")
     flags.DEFINE_string("output", "", "Metrics JSON path (default under the workdir).")
     flags.DEFINE_string("data_dir", "", "TFDS data dir (default $TFDS_DATA_DIR).")
-    flags.DEFINE_integer("batch_size", 16, "Global batch (rounded up to the device count).",
+    flags.DEFINE_integer("batch_size", 16, "Global batch (rounded up to the device count; "
+                         "lowered where large photos would not fit in memory).",
                          lower_bound=1)
     flags.DEFINE_float("threshold", 0.5, "Probability threshold for the person class.")
     flags.DEFINE_bool("flip_tta", False, "Average predictions with the mirrored image.")

@@ -1,6 +1,7 @@
 """Loading a trained model (a workdir's checkpoint or the pretrained one) and applying it."""
 from __future__ import annotations
 
+import copy
 import json
 import pathlib
 
@@ -31,9 +32,18 @@ def person_probabilities(model, images: jax.Array, *, flip_tta: bool = False) ->
     return probs
 
 
+# Config fields added after runs were stored, with the value those runs had: filled in where
+# absent, so that an older checkpoint or card builds, compares and ensembles like a new one.
+_ADDED_FIELDS = {"model": {"attention_gates": False}}
+
+
 def config_from_json(text: str | dict) -> ml_collections.ConfigDict:
     """A ConfigDict from the JSON stored with checkpoints and model cards."""
-    data = json.loads(text) if isinstance(text, str) else text
+    data = copy.deepcopy(json.loads(text) if isinstance(text, str) else text)
+    for section, fields in _ADDED_FIELDS.items():
+        if isinstance(data.get(section), dict):
+            for name, value in fields.items():
+                data[section].setdefault(name, value)
     return ml_collections.ConfigDict(data)
 
 

@@ -16,8 +16,9 @@ class MetricWriter:
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
                  resume_step: int = 0):
-        """`resume_step`: the checkpoint step a run resumes from; records of later steps (logged
-        before a hard kill, and logged again as the run repeats those steps) are dropped."""
+        """`resume_step`: the checkpoint step a run resumes from. The JSONL file drops records
+        of later steps (logged before a hard kill, and logged again as the run repeats those
+        steps) and a line the kill cut short; TensorBoard's event files keep theirs."""
         self.enabled = enabled
         if not enabled:
             return
@@ -28,9 +29,11 @@ class MetricWriter:
         path = workdir / METRICS_FILE
         if path.exists():
             lines = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
-            if len(kept) < len(lines):
-                path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in lines if _step(line) <= resume_step]
+            if len(kept) < len(lines):  # rewritten whole, then renamed: a kill keeps one or other
+                partial = path.parent / f"{METRICS_FILE}.tmp"
+                partial.write_text("".join(line + "\n" for line in kept))
+                partial.replace(path)
         self._jsonl = path.open("a")
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
@@ -56,9 +59,23 @@ class MetricWriter:
             self._tb.close()
 
 
+def _step(line: str) -> float:
+    """A record's step; infinite for a line that is not a whole record (cut short by a kill)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """All records of a workdir's metrics file (empty when there is none)."""
     path = workdir_path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # blank, or cut short by a kill
+            continue
+    return records

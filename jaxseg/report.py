@@ -213,8 +213,9 @@ class EvalFile:
     @property
     def label(self) -> str:
         """The row label: checkpoint name and step (own) or model name (peer)."""
-        # Default names are <checkpoint>_<dataset>_<split>[_flip][_refine] (own) and
-        # <model>_<dataset>_<split> (peers): what is left once dataset and split go is the label.
+        # Default names are <checkpoint or model>_<dataset>_<split><options> (evaluate's
+        # _default_output: _flip, _refine, _members, _r.._eps.., _t.., a folder's part): what is
+        # left once dataset and split go is the label.
         stem = self.path.stem.replace(f"_{self.result['dataset']}_{self.result['split']}", "")
         stem = stem or self.path.stem
         if self.peer:
@@ -684,7 +685,8 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
               Text("IoU lost = how much the dataset IoU would rise if the bucket's images had no "
                    "errors. People = 8-connected ground-truth regions covering at least "
                    f"{input_pipeline.MIN_REGION_FRACTION:.1%} of the image, as the evaluator "
-                   "counts them."),
+                   "counts them. Images without any person pixel are in no person-area bucket "
+                   "(their errors are people 0's)."),
               _bucket_table("person area", area), _bucket_table("people", people),
               Heading("Threshold and calibration", 3), threshold_figure(name, r),
               Heading("Best and worst predictions", 3)]

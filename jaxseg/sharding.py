@@ -43,10 +43,14 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def local_device_count(mesh: Mesh) -> int:
+    """How many of the mesh's devices belong to this process."""
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
 def local_batch_size(global_batch: int, mesh: Mesh) -> int:
     """This process's share of a global batch (its devices' part)."""
-    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    return global_batch * local_devices // mesh.devices.size
+    return global_batch * local_device_count(mesh) // mesh.devices.size
 
 
 def local_batch_slice(global_batch: int, mesh: Mesh) -> slice:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -99,9 +100,10 @@ class _Preemption:
         if signum == signal.SIGINT:
             if self.requested:
                 raise KeyboardInterrupt
-            print("\nCtrl-C: saving a checkpoint after this step, then stopping (press again to "
-                  "stop at once, losing the steps since the last checkpoint)", file=sys.stderr,
-                  flush=True)
+            if jax.process_index() == 0:  # os.write: print() in a handler can re-enter stderr
+                os.write(sys.stderr.fileno(), b"\nCtrl-C: saving a checkpoint after this step, "
+                         b"then stopping (press again to stop at once, losing the steps since "
+                         b"the last checkpoint)\n")
         self.reason = self.reason or signal.Signals(signum).name
         self.requested = True
 
@@ -129,6 +131,14 @@ _SHAPE_FIELDS = ("depth", "base_features", "norm", "residual", "upsample", "num_
                  "attention_gates")
 
 
+def _shape_changes(stored, config) -> list[str]:
+    """'model.FIELD=STORED (this config: VALUE)' for each shape field in which a stored config
+    (read by config_from_json, which fills in the fields it knows were added since) differs
+    from this one; any other field a stored config lacks counts as unchanged."""
+    return [f"model.{k}={stored.model[k]!r} (this config: {config.model[k]!r})"
+            for k in _SHAPE_FIELDS if stored.model.get(k, config.model[k]) != config.model[k]]
+
+
 def _check_resumable(config, ckpts) -> None:
     """Refuses a resume whose model shape or EMA setting differs from the checkpoint's, naming
     the fields to set back (other state mismatches surface when restoring, in _initial_state)."""
@@ -136,9 +146,7 @@ def _check_resumable(config, ckpts) -> None:
 
     meta, _ = ckpts.read_meta("latest")
     stored = config_from_json(meta["config"])
-    # A field that a checkpoint predates counts as unchanged.
-    changed = [f"model.{k}={stored.model[k]!r} (this config: {config.model[k]!r})"
-               for k in _SHAPE_FIELDS if stored.model.get(k, config.model[k]) != config.model[k]]
+    changed = _shape_changes(stored, config)
     if changed:
         raise config_check.ConfigError(
             f"the workdir's checkpoints hold a model with {', '.join(changed)}: resume with "
@@ -211,8 +219,7 @@ def _init_model(config):
     except FileNotFoundError as e:
         raise config_check.ConfigError(f"train.init_checkpoint={path}: {e} (name a training "
                                        "workdir)") from None
-    changed = [f"model.{k}={init_config.model[k]!r} (this config: {config.model[k]!r})"
-               for k in _SHAPE_FIELDS if init_config.model.get(k, config.model[k]) != config.model[k]]
+    changed = _shape_changes(init_config, config)
     if changed:
         raise config_check.ConfigError(
             f"train.init_checkpoint={path} holds a model with {', '.join(changed)}: it can only "
@@ -263,7 +270,8 @@ def prediction_overlays(state, graphdef, source, count: int, image_size: int) ->
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains to config.train.num_steps (or SIGTERM), validating and checkpointing on the way.
+    """Trains to config.train.num_steps (or a stop by SIGTERM or Ctrl-C), validating and
+    checkpointing on the way.
 
     Returns the last logged training metrics and validation results.
     """

@@ -123,6 +123,8 @@ def test_resuming_drops_log_records_of_steps_after_the_checkpoint(tmp_path):
                                                  (15, "train"), (15, "validation"))]
     (tmp_path / metric_writer.METRICS_FILE).write_text(
         "".join(json.dumps(r) + "\n" for r in lines))
+    with (tmp_path / metric_writer.METRICS_FILE).open("a") as log:
+        log.write('{"step": 20, "ki')  # cut short by a hard kill
     writer = metric_writer.MetricWriter(tmp_path, resume_step=10)
     writer.scalars(15, {"loss": 1.0})
     writer.close()
@@ -148,3 +150,19 @@ def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
     text = caplog.text
     assert f"seed={changed.seed}" in text and "data.train='ccp_person'" in text
     assert f"train.num_steps={changed.train.num_steps}" in text and "schedule" in text
+
+
+def test_a_checkpoint_from_before_attention_gates_resumes_only_without_them(tmp_path):
+    config = tiny_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    old = json.loads(config.to_json())
+    del old["model"]["attention_gates"]  # as written before the option existed
+    save(tmp_path, config, nnx.merge(graphdef, state), meta_config=old)
+    ckpts = checkpointing.Checkpoints(tmp_path, read_only=True)
+    train._check_resumable(tiny_config(0.0), ckpts)
+    gated = tiny_config(0.0)
+    gated.model.attention_gates = True
+    with pytest.raises(config_check.ConfigError,
+                       match="model.attention_gates=False \\(this config: True\\)"):
+        train._check_resumable(gated, ckpts)
+    ckpts.close()

@@ -97,12 +97,14 @@ def test_predictions_are_read_like_masks_and_meet_the_threshold(tmp_path):
 
     source = fake_source(4, seed=3)
     truth = [ex["mask"][..., 0] > 0 for ex in source]
-    # A soft map: 0.75 inside the person, 0.3 on a band of background beside it.
+    # Soft maps: 0.75 inside the person, 0.3 on a band of background beside it; the first holds
+    # only 0 and 1/255 (as predict --soft writes a photo it finds no person in).
     soft = []
     for t in truth:
         p = np.where(t, 0.75, 0.0)
         p[:, :4][~t[:, :4]] = 0.3
         soft.append(p)
+    soft[0] = np.where(truth[0], 0.0, 1 / 255)
     mesh = sharding.make_mesh(1)
 
     def score(folder, threshold=0.5):
@@ -115,29 +117,37 @@ def test_predictions_are_read_like_masks_and_meet_the_threshold(tmp_path):
         union = sum(int((t | (p >= threshold)).sum()) for t, p in zip(truth, soft))
         return inter / union
 
-    colours = {"red": tmp_path / "red", "voc": tmp_path / "voc", "soft8": tmp_path / "soft8",
-               "soft16": tmp_path / "soft16", "named": tmp_path / "named"}
-    for folder in colours.values():
+    kinds = ("red", "dark", "voc", "mask16", "named", "soft8", "soft16")
+    folders = {k: tmp_path / k for k in kinds}
+    for folder in folders.values():
         folder.mkdir()
     for ex, t, p in zip(source, truth, soft):
-        red = np.zeros((*t.shape, 3), np.uint8)
-        red[t] = (255, 0, 0)  # RGB red: a blue-channel read saw nothing
-        Image.fromarray(red).save(colours["red"] / f"{ex['id']}.png")
+        name = f"{ex['id']}.png"
+        for kind, colour in (("red", (255, 0, 0)), ("dark", (0, 100, 0))):
+            rgb = np.zeros((*t.shape, 3), np.uint8)
+            rgb[t] = colour  # RGB red: a blue-channel read saw nothing; dark: under half of 255
+            Image.fromarray(rgb).save(folders[kind] / name)
         voc = Image.fromarray(t.astype(np.uint8), mode="P")  # index 1 = VOC's (128, 0, 0)
         voc.putpalette([0, 0, 0, 128, 0, 0])
-        voc.save(colours["voc"] / f"{ex['id']}.png")
-        name = f"{ex['id']}.png"
-        Image.fromarray(np.round(p * 255).astype(np.uint8)).save(colours["soft8"] / name)
-        cv2.imwrite(str(colours["soft16"] / name), np.round(p * 65535).astype(np.uint16))
-        cv2.imwrite(str(colours["named"] / f"{ex['id']}_mask.png"), t.astype(np.uint8) * 255)
-    for name in ("red", "voc", "named"):
-        assert score(colours[name])["iou"] == 1.0, name
-    for name in ("soft8", "soft16"):
+        voc.save(folders["voc"] / name)
+        cv2.imwrite(str(folders["mask16"] / name), t.astype(np.uint16) * 255)  # 0/255 in 16 bits
+        cv2.imwrite(str(folders["named"] / f"{ex['id']}_mask.png"), t.astype(np.uint8) * 255)
+        Image.fromarray(np.round(p * 255).astype(np.uint8)).save(folders["soft8"] / name)
+        cv2.imwrite(str(folders["soft16"] / name), np.round(p * 65535).astype(np.uint16))
+    for kind in ("red", "dark", "voc", "mask16", "named"):
+        for threshold in (0.5, 0.6):  # masks do not depend on the threshold
+            r = score(folders[kind], threshold)
+            assert r["iou"] == 1.0 and r["predictions_read_as"] == "masks", (kind, threshold)
+    for kind in ("soft8", "soft16"):
         for threshold in (0.2, 0.5, 0.8):
-            r = score(colours[name], threshold)
-            assert r["iou"] == pytest.approx(numpy_iou(threshold)), (name, threshold)
-            assert r["threshold"] == threshold
-    assert numpy_iou(0.2) < numpy_iou(0.5) == 1.0 and numpy_iou(0.8) == 0.0
+            r = score(folders[kind], threshold)
+            assert r["iou"] == pytest.approx(numpy_iou(threshold)), (kind, threshold)
+            assert r["threshold"] == threshold and r["predictions_read_as"] == "soft maps"
+    assert numpy_iou(0.2) < numpy_iou(0.5) < 1.0 and numpy_iou(0.8) == 0.0
+    # Two files for one photo: refused, not one picked silently.
+    cv2.imwrite(str(folders["named"] / f"{source[0]['id']}.png"), truth[0].astype(np.uint8))
+    with pytest.raises(ValueError, match="several predictions"):
+        score(folders["named"])
 
 
 def test_a_prediction_of_another_aspect_ratio_is_refused(tmp_path):

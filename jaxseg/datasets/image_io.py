@@ -224,19 +224,25 @@ def fit_mask(mask: np.ndarray, photo: Photo) -> tuple[np.ndarray, str | None]:
     view (only detectable when the rotation swaps width and height) is rotated
     with the photo. Same-shape masks are taken to follow the displayed view.
     """
-    size = (photo.height, photo.width)
+    return fit_to_size(mask, (photo.height, photo.width), photo.orientation)
+
+
+def fit_to_size(mask: np.ndarray, size: tuple[int, int],
+                orientation: int = 1) -> tuple[np.ndarray, str | None]:
+    """MASK at SIZE (height, width) of a photo with this EXIF orientation, as `fit_mask`."""
+    height, width = int(size[0]), int(size[1])
     note = None
-    if not same_aspect(mask.shape, size):
-        if photo.orientation in _TRANSPOSING and same_aspect(mask.shape, size[::-1]):
-            mask = np.ascontiguousarray(orient(mask, photo.orientation))
-            note = f"mask follows the unrotated photo; EXIF orientation {photo.orientation} applied to it"
+    if not same_aspect(mask.shape, (height, width)):
+        if orientation in _TRANSPOSING and same_aspect(mask.shape, (width, height)):
+            mask = np.ascontiguousarray(orient(mask, orientation))
+            note = f"mask follows the unrotated photo; EXIF orientation {orientation} applied to it"
         else:
             raise BadFile(
                 f"mask is {mask.shape[1]}x{mask.shape[0]} but the photo is "
-                f"{photo.width}x{photo.height}: different aspect ratio"
+                f"{width}x{height}: different aspect ratio"
             )
-    if mask.shape != size:
-        resized = f"mask {mask.shape[1]}x{mask.shape[0]} resized to {photo.width}x{photo.height}"
+    if mask.shape != (height, width):
+        resized = f"mask {mask.shape[1]}x{mask.shape[0]} resized to {width}x{height}"
         note = f"{note}; {resized}" if note else resized
-        mask = cv2.resize(mask, (photo.width, photo.height), interpolation=cv2.INTER_NEAREST)
+        mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
     return mask, note

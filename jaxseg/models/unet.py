@@ -204,8 +204,7 @@ def create_model(model_config, *, seed: int = 0) -> UNet:
         dropout=model_config.dropout,
         upsample=model_config.upsample,
         num_classes=model_config.num_classes,
-        # Configs and model cards written before the option existed have no such field.
-        attention_gates=model_config.get("attention_gates", False),
+        attention_gates=model_config.attention_gates,
         dtype=compute_dtype(model_config.compute_dtype),
         rngs=nnx.Rngs(params=seed),
     )
