@@ -372,7 +372,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 # signal during the asynchronous save must not kill it half-written.
                 ckpts.wait()
                 log.warning("%s: saved step %d to %s; rerun the same command to resume",
-                            preemption.reason, step, ckpts.latest.directory)
+                            preemption.reason or "a stop signal to another process", step,
+                            ckpts.latest.directory)
                 last["preempted"] = True
                 break
         ckpts.wait()
