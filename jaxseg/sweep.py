@@ -6,7 +6,8 @@ are ranked by validation IoU (the config's eval split, never the test split) int
 W/results.csv. Re-running skips finished trials; an interrupted one (preempted: its training saved
 and exited before num_steps) is not recorded and resumes from its checkpoint. A sweep folder keeps
 its config and extra overrides (W/sweep.json): once a trial has finished, re-running it with
-others is refused, while another --grid adds its trials to the same ranking.
+others is refused, while another --grid adds its trials to the same ranking. SIGTERM to the sweep
+is passed on to its running trials, which save and stop; no further trial starts.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import ast
 import csv
 import itertools
 import json
-import os
 import pathlib
 import random
 import re
+import signal
 import subprocess
 import sys
 
@@ -38,6 +39,8 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
         field, sep, values = spec.partition("=")
         if not sep or not field or not values:
             raise ValueError(f"--grid needs FIELD=V1,V2,...; got {spec!r}")
+        if field.strip() in grid:  # the later values would replace the earlier ones
+            raise ValueError(f"--grid {field.strip()} is given twice: list all its values in one")
         grid[field.strip()] = [_literal(v.strip()) for v in values.split(",")]
     return grid
 
@@ -58,8 +61,11 @@ def trials(grid: dict[str, list], num_random: int = 0, seed: int = 0) -> list[di
 
 
 def trial_name(values: dict) -> str:
-    """A stable, readable directory name for a trial's values."""
-    text = "_".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
+    """A stable, readable directory name for a trial's values: each field by its last part, or
+    whole where two fields share it (train.batch_size and eval.batch_size)."""
+    last = [k.split(".")[-1] for k in values]
+    text = "_".join(f"{k if last.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}={v}"
+                    for k, v in values.items())
     return re.sub(r"[^A-Za-z0-9_.=-]", "-", text) or "base"
 
 
@@ -89,12 +95,14 @@ def _steps(tdir: pathlib.Path) -> tuple[int, int]:
 def _check_same_sweep(workdir: pathlib.Path, config: str, extra: list[str]) -> None:
     """Refuses to add this command's trials to a folder whose finished trials came from another
     command (they would be ranked as this one's); records the command otherwise."""
-    command = {"config": os.path.normpath(config), "extra": list(extra)}
+    # The config file by its absolute path: the same file named another way is the same command
+    # (a folder from before stored it relative to the working directory, as it is resolved here).
+    command = {"config": str(pathlib.Path(config).resolve()), "extra": list(extra)}
     path = workdir / SWEEP_FILE
     finished = any(workdir.glob(f"*/{RESULT_FILE}"))
     if finished and path.exists():
         stored = json.loads(path.read_text())
-        if stored != command:
+        if {**stored, "config": str(pathlib.Path(stored["config"]).resolve())} != command:
             raise SweepError(
                 f"{workdir} holds finished trials of --config {stored['config']} with "
                 f"{' '.join(stored['extra']) or 'no overrides'}; this command is --config "
@@ -117,6 +125,14 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
             if not (workdir / trial_name(v) / RESULT_FILE).exists()]
     running: list[tuple] = []
     failures = []
+    stopping = []  # the signal that stops the sweep, once one came
+
+    def stop(signum, frame):
+        del frame
+        stopping.append(signum)
+        for proc, _, _ in running:
+            if proc.poll() is None:
+                proc.send_signal(signum)
 
     def finish(proc, tdir, values):
         if proc.wait() != 0:
@@ -134,18 +150,32 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
             return
         (tdir / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
 
-    for tdir, values in todo:
-        tdir.mkdir(parents=True, exist_ok=True)
-        print(f"trial {tdir.name}: {' '.join(_command(config, tdir, values, list(extra)))}",
-              flush=True)
-        log = open(tdir / "train.log", "a")
-        proc = subprocess.Popen(_command(config, tdir, values, list(extra)), stdout=log,
-                                stderr=subprocess.STDOUT)
-        running.append((proc, tdir, values))
-        while len(running) >= parallel:
-            finish(*running.pop(0))
-    for item in running:
-        finish(*item)
+    # SIGTERM (a scheduler's stop) would end the sweep alone and leave its trials training
+    # unwatched: they get it too, and save; Ctrl-C reaches them from the terminal already.
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        for number, (tdir, values) in enumerate(todo):
+            if stopping:
+                failures.append(f"{len(todo) - number} trial(s) not started: run the same "
+                                "command again")
+                break
+            tdir.mkdir(parents=True, exist_ok=True)
+            print(f"trial {tdir.name}: {' '.join(_command(config, tdir, values, list(extra)))}",
+                  flush=True)
+            log = open(tdir / "train.log", "a")
+            proc = subprocess.Popen(_command(config, tdir, values, list(extra)), stdout=log,
+                                    stderr=subprocess.STDOUT)
+            running.append((proc, tdir, values))
+            if stopping:  # the signal came while this trial started
+                proc.send_signal(stopping[0])
+            while len(running) >= parallel:
+                finish(*running[0])
+                running.pop(0)
+        while running:
+            finish(*running[0])
+            running.pop(0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     # Every finished trial of the folder (sweep.json vouches for their config): a rerun with
     # another --grid adds its trials to the earlier ones' ranking instead of replacing it.
     rows = [json.loads(path.read_text()) for path in sorted(workdir.glob(f"*/{RESULT_FILE}"))]

@@ -108,3 +108,62 @@ def test_another_grid_joins_the_ranking_of_the_finished_trials(tmp_path):
     assert {"optim.learning_rate", "model.base_features"} <= set(header)
     table = (tmp_path / "results.md").read_text()
     assert len(re.findall(r"^\| \d+ \|", table, re.M)) == 3 and "| - |" in table
+
+
+def test_a_field_given_twice_or_sharing_its_last_name_is_kept_apart():
+    with pytest.raises(ValueError, match="optim.learning_rate is given twice"):
+        sweep.parse_grid(["optim.learning_rate=1e-3,3e-3", "optim.learning_rate=1e-2"])
+    grid = sweep.parse_grid(["train.batch_size=16", "eval.batch_size=16,32", "seed=1"])
+    names = [sweep.trial_name(t) for t in sweep.trials(grid)]
+    assert names == ["train.batch_size=16_eval.batch_size=16_seed=1",
+                     "train.batch_size=16_eval.batch_size=32_seed=1"]
+
+
+def test_the_same_config_file_named_another_way_is_the_same_sweep(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sweep, "_command", lambda *args: [sys.executable, "-c", ""])
+    (tmp_path / sweep.SWEEP_FILE).write_text(json.dumps({"config": "configs/smoke.py",
+                                                         "extra": []}))
+    done = tmp_path / "learning_rate=0.001"
+    done.mkdir()
+    (done / sweep.RESULT_FILE).write_text(json.dumps(
+        {"trial": done.name, "optim.learning_rate": 0.001, "val_iou": 0.5, "best_step": 2,
+         "final_train_loss": 0.5}))
+    combos = [{"optim.learning_rate": 0.001}]
+    assert len(sweep.run(str(REPO / "configs" / "smoke.py"), tmp_path, combos)) == 1
+    with pytest.raises(sweep.SweepError, match="use a new --workdir"):
+        sweep.run("configs/default.py", tmp_path, combos)
+
+
+def test_sigterm_reaches_the_running_trial_and_starts_no_other(tmp_path, monkeypatch):
+    """The sweep once died alone: its trial trained on unwatched, and a rerun started it twice."""
+    import signal
+    import threading
+    import time
+
+    trial = ("import pathlib, signal, sys, time\n"
+             "here = pathlib.Path(sys.argv[1])\n"
+             "signal.signal(signal.SIGTERM, lambda *a: ((here / 'got_sigterm').write_text(''), "
+             "sys.exit(0)))\n"
+             "(here / 'ready').write_text('')\n"
+             "time.sleep(120)\n")
+    monkeypatch.setattr(sweep, "_command", lambda config, tdir, values, extra: [
+        sys.executable, "-c", trial, str(tdir)])
+    combos = sweep.trials(sweep.parse_grid(["optim.learning_rate=1e-3,1e-2"]))
+    first = tmp_path / sweep.trial_name(combos[0])
+
+    def terminate_once_ready():
+        deadline = time.monotonic() + 60
+        while not (first / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_once_ready, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(sweep.SweepError, match="1 trial\\(s\\) not started"):
+        sweep.run("configs/smoke.py", tmp_path, combos)
+    assert time.monotonic() - start < 60  # the trial stopped, it did not sleep on
+    assert (first / "got_sigterm").exists()
+    assert not (tmp_path / sweep.trial_name(combos[1])).exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the sweep's handler is gone again
