@@ -29,7 +29,8 @@ class MetricWriter:
         path = workdir / METRICS_FILE
         if path.exists():
             lines = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if _step(line) <= resume_step]
+            kept = [line for line in lines
+                    if (record := _record(line)) is not None and record["step"] <= resume_step]
             if len(kept) < len(lines):  # rewritten whole, then renamed: a kill keeps one or other
                 partial = path.parent / f"{METRICS_FILE}.tmp"
                 partial.write_text("".join(line + "\n" for line in kept))
@@ -59,12 +60,14 @@ class MetricWriter:
             self._tb.close()
 
 
-def _step(line: str) -> float:
-    """A record's step; infinite for a line that is not a whole record (cut short by a kill)."""
+def _record(line: str) -> dict | None:
+    """One JSONL line's record; None for a line that is not a whole record (blank, or cut short
+    by a kill)."""
     try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
@@ -72,10 +75,4 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     path = workdir_path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # blank, or cut short by a kill
-            continue
-    return records
+    return [r for r in map(_record, path.read_text().splitlines()) if r is not None]

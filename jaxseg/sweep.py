@@ -64,8 +64,8 @@ def trial_name(values: dict) -> str:
     """A stable, readable directory name for a trial's values: each field by its last part, or
     whole where two fields share it (train.batch_size and eval.batch_size)."""
     last = [k.split(".")[-1] for k in values]
-    text = "_".join(f"{k if last.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}={v}"
-                    for k, v in values.items())
+    names = [k if last.count(short) > 1 else short for k, short in zip(values, last)]
+    text = "_".join(f"{name}={v}" for name, v in zip(names, values.values()))
     return re.sub(r"[^A-Za-z0-9_.=-]", "-", text) or "base"
 
 
@@ -160,11 +160,10 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
                                 "command again")
                 break
             tdir.mkdir(parents=True, exist_ok=True)
-            print(f"trial {tdir.name}: {' '.join(_command(config, tdir, values, list(extra)))}",
-                  flush=True)
+            command = _command(config, tdir, values, list(extra))
+            print(f"trial {tdir.name}: {' '.join(command)}", flush=True)
             log = open(tdir / "train.log", "a")
-            proc = subprocess.Popen(_command(config, tdir, values, list(extra)), stdout=log,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
             running.append((proc, tdir, values))
             if stopping:  # the signal came while this trial started
                 proc.send_signal(stopping[0])
