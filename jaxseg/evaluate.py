@@ -396,7 +396,8 @@ def main(argv):
     if distributed.is_main_process():
         output = pathlib.Path(f.output) if f.output else _default_output(f, dataset, split)
         summary = {k: result[k] for k in ("iou", "mean_image_iou", "miou", "dice", "precision",
-                                          "recall", "pixel_accuracy", "boundary_f1")}
+                                          "recall", "pixel_accuracy", "boundary_f1",
+                                          "iou_without_edge_errors")}
         # Printed before the file is written: a failed write must not lose the figures.
         print(json.dumps({"dataset": dataset, "split": split, "num_images": result["num_images"],
                           **{k: round(v, 4) for k, v in summary.items()}}), flush=True)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 COUNT_KEYS = ("tp", "fp", "fn", "tn", "pred_boundary", "pred_boundary_hit",
-              "true_boundary", "true_boundary_hit")
+              "true_boundary", "true_boundary_hit", "fp_near_edge", "fn_near_edge")
 
 # Boundary F1 tolerance: a fraction of the diagonal (Csurka et al. 2013, BF score), applied as
 # a chessboard distance. The evaluator takes the split's canvas diagonal, one static tolerance
@@ -61,6 +61,9 @@ def per_image_counts(pred: jax.Array, target: jax.Array, region: jax.Array, tole
         "pred_boundary_hit": count(pb & near_tb),
         "true_boundary": count(tb),
         "true_boundary_hit": count(tb & near_pb),
+        # Wrong pixels within the tolerance of the true edge: what edge refinement could mend.
+        "fp_near_edge": count(pred & ~target & near_tb),
+        "fn_near_edge": count(~pred & target & near_tb),
     }
 
 
@@ -88,6 +91,7 @@ def metrics_from_counts(counts: dict) -> dict:
     tp, fp, fn, tn = s["tp"], s["fp"], s["fn"], s["tn"]
     iou = _ratio(tp, tp + fp + fn, 1.0)
     background_iou = _ratio(tn, tn + fp + fn, 1.0)
+    near_fp, near_fn = s["fp_near_edge"], s["fn_near_edge"]
     bp = _ratio(s["pred_boundary_hit"], s["pred_boundary"], 1.0)
     br = _ratio(s["true_boundary_hit"], s["true_boundary"], 1.0)
     return {
@@ -99,4 +103,8 @@ def metrics_from_counts(counts: dict) -> dict:
         "recall": _ratio(tp, tp + fn, 1.0),
         "pixel_accuracy": _ratio(tp + tn, tp + fp + fn + tn, 1.0),
         "boundary_f1": _ratio(2 * bp * br, bp + br, 0.0),
+        # Share of wrong pixels within the boundary tolerance of the true edge, and the IoU if
+        # they were all right: the most that moving edges (not finding people) could gain.
+        "near_edge_error_share": _ratio(near_fp + near_fn, fp + fn, 0.0),
+        "iou_without_edge_errors": _ratio(tp + near_fn, tp + fp + fn - near_fp, 1.0),
     }

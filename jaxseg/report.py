@@ -437,11 +437,23 @@ def _balance_recommendation(result: dict) -> str:
     return f"Errors are balanced between false positives and misses ({pr}): no bias to correct."
 
 
+def _edge_share(result: dict) -> str:
+    """How the wrong pixels split between edges and whole regions ('' for older eval files)."""
+    tolerance = (result.get("boundary_tolerance_px") or {}).get("original")
+    if "near_edge_error_share" not in result or tolerance is None:
+        return ""
+    share = result["near_edge_error_share"]
+    return (f" {share:.0%} of the wrong pixels lie within {tolerance} px of the true edge (IoU "
+            f"{result['iou_without_edge_errors']:.3f} if they were right, the most any edge "
+            f"work can reach); the other {1 - share:.0%} are regions missed or added.")
+
+
 def _boundary_recommendation(result: dict) -> str:
     bf1, iou = result["boundary_f1"], result["iou"]
+    edges = _edge_share(result)
     if bf1 >= iou - BOUNDARY_MIN_GAP:
         return (f"Boundary quality keeps pace with the regions (boundary F1 {bf1:.3f}, "
-                f"IoU {iou:.3f}).")
+                f"IoU {iou:.3f}).{edges}")
     at_model = (result.get("model_resolution") or {}).get("boundary_f1", 0.0)
     upsampling = (f"; at model resolution boundary F1 is {at_model:.3f}, so edges are lost in "
                   "upsampling" if at_model > bf1 + BOUNDARY_MIN_GAP else "")
@@ -449,7 +461,7 @@ def _boundary_recommendation(result: dict) -> str:
     if not result.get("refine"):
         remedies = ("edge refinement (--refine in evaluate and predict), " + remedies)
     return (f"Boundaries are the weak point: boundary F1 {bf1:.3f} against IoU {iou:.3f}"
-            f"{upsampling}. Try {remedies}.")
+            f"{upsampling}. Try {remedies}.{edges}")
 
 
 def _resolution_recommendation(result: dict, image_size: int | None) -> str:

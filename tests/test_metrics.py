@@ -23,6 +23,8 @@ def numpy_counts(pred, target, region, tol):
         "fn": (~pred & target).sum(), "tn": (~pred & ~target & region).sum(),
         "pred_boundary": pb.sum(), "pred_boundary_hit": (pb & dil(tb)).sum(),
         "true_boundary": tb.sum(), "true_boundary_hit": (tb & dil(pb)).sum(),
+        "fp_near_edge": (pred & ~target & dil(tb)).sum(),
+        "fn_near_edge": (~pred & target & dil(tb)).sum(),
     }
 
 
@@ -63,6 +65,16 @@ def test_metrics_from_counts_match_numpy():
     assert m["pixel_accuracy"] == pytest.approx((pred == target).mean())
     bg = ((~pred) & (~target)).sum() / ((~pred) | (~target)).sum()
     assert m["miou"] == pytest.approx((inter / union + bg) / 2)
+    # Edge errors by another route: chessboard distance to the true boundary, and the IoU of
+    # the prediction with every pixel near that boundary set right.
+    near = np.stack([ndimage.distance_transform_cdt(~numpy_boundary(t, r), metric="chessboard")
+                     <= 1 for t, r in zip(target, region)])
+    wrong = pred != target
+    assert m["near_edge_error_share"] == pytest.approx((wrong & near).sum() / wrong.sum())
+    mended = np.where(near, target, pred)
+    assert m["iou_without_edge_errors"] == pytest.approx(
+        (mended & target).sum() / (mended | target).sum())
+    assert 0 < m["near_edge_error_share"] < 1 and m["iou_without_edge_errors"] > m["iou"]
 
 
 def test_perfect_and_empty_predictions():
@@ -71,6 +83,7 @@ def test_perfect_and_empty_predictions():
     region = jnp.ones_like(target)
     perfect = metrics.metrics_from_counts(metrics.per_image_counts(target, target, region, 1))
     assert perfect["iou"] == 1.0 and perfect["boundary_f1"] == 1.0 and perfect["dice"] == 1.0
+    assert perfect["near_edge_error_share"] == 0.0 and perfect["iou_without_edge_errors"] == 1.0
     empty = metrics.metrics_from_counts(
         metrics.per_image_counts(jnp.zeros_like(target), target, region, 1))
     assert empty["iou"] == 0.0 and empty["recall"] == 0.0

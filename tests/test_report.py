@@ -230,6 +230,17 @@ def test_boundary_advice_leaves_out_refinement_once_it_is_applied():
     refined = report._boundary_recommendation(dict(result, refine=True))
     assert "--refine" in plain and "--refine" not in refined
     assert "boundary-aware loss" in plain and "boundary-aware loss" in refined
+    assert "of the wrong pixels" not in plain  # an eval file from before the edge counts
+
+
+def test_boundary_advice_splits_errors_between_edges_and_regions():
+    result = {"boundary_f1": 0.95, "iou": 0.96, "model_resolution": None,
+              "boundary_tolerance_px": {"original": 8, "model": 3},
+              "near_edge_error_share": 0.3, "iou_without_edge_errors": 0.972}
+    advice = report._boundary_recommendation(result)
+    assert "keeps pace" in advice
+    assert "30% of the wrong pixels lie within 8 px of the true edge (IoU 0.972" in advice
+    assert "the other 70% are regions" in advice
 
 
 class Constant(nnx.Module):
