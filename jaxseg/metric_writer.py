@@ -16,9 +16,9 @@ class MetricWriter:
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
                  resume_step: int = 0):
-        """`resume_step`: the checkpoint step a run resumes from. The JSONL file drops records
-        of later steps (logged before a hard kill, and logged again as the run repeats those
-        steps) and a line the kill cut short; TensorBoard's event files keep theirs."""
+        """`resume_step`: the checkpoint step a run resumes from. Records of later steps were
+        logged before a hard kill and are logged again as the run repeats those steps: the JSONL
+        file drops them (and a line the kill cut short), and TensorBoard is told to hide them."""
         self.enabled = enabled
         if not enabled:
             return
@@ -36,7 +36,10 @@ class MetricWriter:
                 partial.write_text("".join(line + "\n" for line in kept))
                 partial.replace(path)
         self._jsonl = path.open("a")
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        # A session-start event at resume_step + 1 makes TensorBoard purge the earlier events of
+        # that step and later ones, so that its curves do not double back either.
+        self._tb = SummaryWriter(str(workdir / "tensorboard"),
+                                 purge_step=resume_step + 1 if resume_step else None)
 
     def scalars(self, step: int, values: dict, *, kind: str = "train") -> None:
         """One JSONL record {"step", "kind", **values} and the same values as TensorBoard scalars."""

@@ -132,6 +132,29 @@ def test_resuming_drops_log_records_of_steps_after_the_checkpoint(tmp_path):
     assert [(r["step"], r["kind"]) for r in records] == [
         (5, "train"), (10, "train"), (10, "validation"), (15, "train")]
     assert records[-1]["loss"] == 1.0
+    # TensorBoard purges events of a step at or after a session start's step: the resumed
+    # writer's start is at 11, so the repeated step 15 shows once; a fresh run writes none.
+    assert session_starts(tmp_path / "tensorboard") == [11]
+    metric_writer.MetricWriter(tmp_path / "fresh").close()
+    assert session_starts(tmp_path / "fresh" / "tensorboard") == []
+
+
+def session_starts(folder):
+    """Steps of the session-start events in a TensorBoard folder's event files (TFRecords)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in sorted(folder.iterdir()):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4  # length, its crc, the record, its crc
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                steps.append(event.step)
+    return steps
 
 
 def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
