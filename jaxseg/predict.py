@@ -31,7 +31,8 @@ BUCKET = 64
 
 
 class Predictor:
-    """Batched person probabilities at each input's own size, one compilation per canvas bucket.
+    """Batched person probabilities at each input's own size, one compilation per canvas bucket
+    and batch rows (a power of two up to `batch_size`).
 
     `flip_tta` averages in the mirrored image; `refined` upsamples along each photo's own edges
     (jaxseg.refine) instead of plainly.
@@ -69,7 +70,10 @@ class Predictor:
         for canvas, members in buckets.items():
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
-                pad = self.batch_size - len(chunk)
+                # Padded to a power of two rather than the full batch: a lone 12-megapixel
+                # photo would otherwise carry seven blank ones through the full-size upsampling
+                # (twice the time and memory), at one compilation per power instead of one.
+                pad = min(self.batch_size, 1 << (len(chunk) - 1).bit_length()) - len(chunk)
                 batch = np.stack([resolution.resize_image(images[i], self.image_size)
                                   for i in chunk] + [np.zeros((self.image_size,) * 2 + (3,), np.uint8)] * pad)
                 sizes = np.array([images[i].shape[:2] for i in chunk] + [(1, 1)] * pad, np.int32)

@@ -4,6 +4,7 @@ The CLI runs in subprocesses on a tiny random U-Net saved with inference.save_pr
 subprocess points inference.PRETRAINED_DIR at it, then runs `python -m jaxseg.predict`
 unchanged), so that each run costs seconds. The real-photo check uses the shipped pretrained model.
 """
+import collections
 import hashlib
 import os
 import pathlib
@@ -406,20 +407,24 @@ def test_collect_inputs_passes_over_outputs_beside_their_inputs_and_non_media(tm
 # In process: batching by canvas bucket, and the evaluator's resolution rule on a real photo
 
 
-def test_mixed_sizes_equal_one_at_a_time_one_compilation_per_bucket(tiny_model_dir):
+def test_mixed_sizes_equal_one_at_a_time_one_compilation_per_bucket_and_rows(tiny_model_dir):
     model, config, _ = inference.load_pretrained(tiny_model_dir)
-    predictor = predict.Predictor(model, config.data.image_size, batch_size=2)
-    sizes = [(50, 70), (131, 40), (64, 64), (60, 33), (65, 64), (33, 60), (1, 1), (40, 64)]
+    predictor = predict.Predictor(model, config.data.image_size, batch_size=4)
+    sizes = [(50, 70), (131, 40), (64, 64), (60, 33), (65, 64), (33, 60), (1, 1), (40, 64),
+             (20, 30), (30, 100)]
     images = [photo(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
-    buckets = {resolution.canvas_for([s], predict.BUCKET) for s in sizes}
-    assert len(buckets) == 4
+    per_bucket = collections.Counter(resolution.canvas_for([s], predict.BUCKET) for s in sizes)
+    assert sorted(per_bucket.values()) == [1, 1, 2, 6]
 
     cache = predict.Predictor._run._cache_size  # one jit, keyed by (predictor, canvas, shapes)
     before = cache()
     together = predictor.probabilities(images)
-    assert cache() - before == len(buckets)
+    # Rows per call: 4 for full batches, else the next power of two: 1, 1, 2 and 4 + 2.
+    assert cache() - before == 5
     alone = [predictor.probabilities([image])[0] for image in images]
-    assert cache() - before == len(buckets)  # single images reuse their bucket's function
+    assert cache() - before == 7  # one image at a time: rows 1 in the 2- and 6-image buckets
+    predictor.probabilities([images[i] for i in (2, 3, 5, 6)])  # 4 rows of 64x64: compiled
+    assert cache() - before == 7
     for image, t, a in zip(images, together, alone):
         assert t.shape == a.shape == image.shape[:2] and t.dtype == np.float32
         np.testing.assert_allclose(t, a, atol=1e-6)
