@@ -145,9 +145,16 @@ class Renderer:
         raise ValueError(f"unknown mode {self.mode!r}; use one of {MODES}")
 
     def background_for(self, size) -> np.ndarray:
+        """float32 (H, W, 3) background for a photo of SIZE: the colour, or the background
+        image scaled to cover the photo, keeping its aspect, and cropped at its centre."""
         if isinstance(self.background, np.ndarray):
-            return cv2.resize(self.background, (size[1], size[0]),
-                              interpolation=cv2.INTER_AREA).astype(np.float32)
+            bh, bw = self.background.shape[:2]
+            scale = max(size[0] / bh, size[1] / bw)
+            h, w = max(size[0], round(bh * scale)), max(size[1], round(bw * scale))
+            interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+            cover = cv2.resize(self.background, (w, h), interpolation=interp)
+            top, left = (h - size[0]) // 2, (w - size[1]) // 2
+            return cover[top:top + size[0], left:left + size[1]].astype(np.float32)
         colour = self.background if self.background is not None else (0, 255, 0)
         return np.broadcast_to(np.array(colour, np.float32), (*size, 3))
 
@@ -472,7 +479,8 @@ def _define_flags():
 
     flags.DEFINE_string("output", None, "Output folder.", required=True)
     flags.DEFINE_enum("mode", "mask", MODES, "What to write.")
-    flags.DEFINE_string("background", "green", "Image file or colour for --mode=background.")
+    flags.DEFINE_string("background", "green", "Image file (scaled to cover the photo, "
+                        "centre-cropped) or colour for --mode=background.")
     flags.DEFINE_float("threshold", 0.5, "Person probability threshold.")
     flags.DEFINE_bool("soft", False, "Use the probability as alpha instead of a hard mask.")
     flags.DEFINE_string("workdir", "", "Training workdir; empty = the pretrained model.")

@@ -323,6 +323,26 @@ def test_modes_compose_the_mask(mask_run, same_folder_runs):
     assert np.all(np.any(overlay != image, axis=-1)[person[..., 0]])  # tinted where the person is
 
 
+def test_a_background_image_covers_the_photo_without_distortion():
+    """A 400x200 background behind a 200x266 photo was stretched to it (a round disc came out
+    80 wide and 213 high); it is now scaled to cover the photo and cropped at its centre."""
+    background = np.zeros((200, 400, 3), np.uint8)
+    cv2.circle(background, (200, 100), 80, (255, 255, 255), -1)
+    renderer = predict.Renderer(mode="background", background=background)
+    for size in ((266, 200), (100, 400), (50, 50), (300, 1000)):
+        bg = renderer.background_for(size)
+        assert bg.shape == (*size, 3)
+        # Where each photo pixel lands on the background, by the geometry alone: one scale for
+        # both axes, centres aligned. The disc must be there, round, up to its antialiased rim.
+        scale = max(size[0] / 200, size[1] / 400)
+        y, x = np.mgrid[:size[0], :size[1]]
+        by, bx = (y - (size[0] - 1) / 2) / scale + 99.5, (x - (size[1] - 1) / 2) / scale + 199.5
+        distance = np.hypot(by - 100, bx - 200)
+        disc = bg[..., 0] > 127
+        rim = np.abs(distance - 80) < 1.5 + 1 / scale
+        assert np.array_equal(disc[~rim], (distance < 80)[~rim]), size
+
+
 def test_a_bad_background_is_a_usage_error(tiny_model_dir, jax_cache, tmp_path):
     fx.write(tmp_path / "a.png", photo(20, 20))
     result = run_cli(tiny_model_dir, tmp_path / "a.png", "--output", tmp_path / "out",
