@@ -398,6 +398,21 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
     return frames
 
 
+def ignored_option_notes(*, mode: str, soft: bool, videos: bool, background_given: bool,
+                         threshold_given: bool) -> list[str]:
+    """What the run will not do that its options or inputs may lead a user to expect."""
+    notes = []
+    if background_given and mode != "background":
+        notes.append(f"--background is used by --mode background only; --mode {mode} ignores it")
+    if threshold_given and soft:
+        notes.append("--threshold is ignored with --soft (the probability itself is the alpha)")
+    if videos:
+        notes.append("videos are written without their audio"
+                     + ("; video has no transparency, so cutouts of videos are on black"
+                        if mode == "cutout" else ""))
+    return notes
+
+
 # Exit status when some inputs were skipped (the others were processed); 1 stays for usage errors.
 EXIT_SKIPPED = 2
 
@@ -425,6 +440,10 @@ def main(argv):
     if output.exists() and not output.is_dir():
         raise SystemExit(f"--output {output}: exists and is not a folder")
     images, videos, problems, passed_over = collect_inputs(inputs, output)
+    for note in ignored_option_notes(mode=f.mode, soft=f.soft, videos=bool(videos),
+                                     background_given=f["background"].present,
+                                     threshold_given=f["threshold"].present):
+        print(f"note: {note}", file=sys.stderr)
     background = None
     if f.mode == "background":
         bg_path = pathlib.Path(f.background)

@@ -343,6 +343,20 @@ def test_a_background_image_covers_the_photo_without_distortion():
         assert np.array_equal(disc[~rim], (distance < 80)[~rim]), size
 
 
+def test_options_a_run_ignores_are_noted():
+    notes = predict.ignored_option_notes
+    quiet = dict(mode="background", soft=False, videos=False, background_given=True,
+                 threshold_given=True)
+    assert notes(**quiet) == []
+    assert notes(**dict(quiet, mode="cutout")) == [
+        "--background is used by --mode background only; --mode cutout ignores it"]
+    assert notes(**dict(quiet, soft=True)) == [
+        "--threshold is ignored with --soft (the probability itself is the alpha)"]
+    assert notes(**dict(quiet, soft=True, threshold_given=False)) == []
+    assert notes(**dict(quiet, videos=True)) == ["videos are written without their audio"]
+    assert "cutouts of videos are on black" in notes(**dict(quiet, videos=True, mode="cutout"))[-1]
+
+
 def test_a_bad_background_is_a_usage_error(tiny_model_dir, jax_cache, tmp_path):
     fx.write(tmp_path / "a.png", photo(20, 20))
     result = run_cli(tiny_model_dir, tmp_path / "a.png", "--output", tmp_path / "out",
