@@ -176,38 +176,56 @@ def _pil_without_size_limit():
         Image.MAX_IMAGE_PIXELS = limit
 
 
-def read_image(path: pathlib.Path, max_pixels: int) -> np.ndarray:
-    """RGB uint8 image; EXIF orientation applied; refused before decoding when too large."""
+def _to_srgb(rgb: np.ndarray, icc_profile: bytes | None) -> np.ndarray:
+    """RGB pixels of a photo tagged with an RGB colour profile other than sRGB (a phone's
+    Display P3, Adobe RGB) converted to sRGB, the space of the outputs and of the training
+    photos; untagged, sRGB-tagged and non-RGB profiles are left as they are."""
+    if not icc_profile:
+        return rgb
+    import io
+
+    from PIL import Image, ImageCms
+
     try:
-        with _pil_without_size_limit() as Image, Image.open(path) as im:  # the header only
-            w, h = im.size
-    except Exception as e:  # PIL raises many types for non-images
-        raise InputError(f"not a readable image ({e.__class__.__name__})") from None
-    if w * h > max_pixels:
-        raise InputError(f"{w}x{h} = {w * h} pixels exceeds --max_pixels={max_pixels}")
-    data = np.fromfile(path, np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError("could not decode the image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        if (profile.profile.xcolor_space.strip() != "RGB"
+                or "srgb" in ImageCms.getProfileDescription(profile).lower()):
+            return rgb
+        converted = ImageCms.profileToProfile(Image.fromarray(rgb), profile,
+                                              ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+        raise InputError(f"unusable colour profile ({e.__class__.__name__})") from None
+    return np.asarray(converted)
 
 
-def read_alpha(path: pathlib.Path, shape: tuple[int, int]) -> np.ndarray | None:
-    """The transparency (uint8 H, W) of an image that read_image read as SHAPE; None if opaque.
+def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(RGB uint8 image in sRGB, its transparency as uint8 or None if opaque); orientation
+    applied; refused before decoding when too large.
 
-    Also None where it would not line up with read_image's pixels (an orientation OpenCV
-    and PIL apply differently): the photo is then used as opaque, as before.
+    A photo with transparency is decoded once, by PIL, for both, so that colour and alpha share
+    one orientation (EXIF or XMP) and TIFF colours come un-premultiplied; others by OpenCV.
     """
     from PIL import ImageOps
 
     try:
-        with _pil_without_size_limit() as Image, Image.open(path) as im:
-            if not im.has_transparency_data:
-                return None
-            alpha = np.asarray(ImageOps.exif_transpose(im).convert("RGBA").getchannel("A"))
-    except Exception as e:  # PIL raises many types for damaged files
-        raise InputError(f"could not read its transparency ({e.__class__.__name__})") from None
-    return alpha if alpha.shape == tuple(shape) else None
+        with _pil_without_size_limit() as Image, Image.open(path) as im:  # the header only
+            w, h = im.size
+            transparent = im.has_transparency_data
+            icc_profile = im.info.get("icc_profile")
+            # PIL clips 16/32-bit gray to 8 bits instead of scaling: OpenCV reads those.
+            transparent &= im.mode not in ("I", "I;16", "I;16B", "I;16L", "F")
+            if transparent and w * h <= max_pixels:
+                rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"))
+    except Exception as e:  # PIL raises many types for non-images and damaged files
+        raise InputError(f"not a readable image ({e.__class__.__name__})") from None
+    if w * h > max_pixels:
+        raise InputError(f"{w}x{h} = {w * h} pixels exceeds --max_pixels={max_pixels}")
+    if transparent:
+        return _to_srgb(np.ascontiguousarray(rgba[..., :3]), icc_profile), rgba[..., 3].copy()
+    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InputError("could not decode the image")
+    return _to_srgb(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), icc_profile), None
 
 
 def write_image(path: pathlib.Path, array: np.ndarray) -> None:
@@ -311,15 +329,13 @@ def predict_images(predictor, renderer, items, output, *, max_pixels, inputs_res
     """Processes image files in chunks; returns [(path, problem)] for the skipped ones."""
     problems = []
     claimed = {} if claimed is None else claimed
-    with_alpha = renderer.mode in ("cutout", "background")
     chunk = max(predictor.batch_size * 4, 16)
     for start in range(0, len(items), chunk):
         loaded = []
         for path, stem in items[start:start + chunk]:
             target = output_path(output, stem, renderer.mode, ".png")
             try:
-                image = read_image(path, max_pixels)
-                alpha = read_alpha(path, image.shape[:2]) if with_alpha else None
+                image, alpha = read_image(path, max_pixels)
             except InputError as e:
                 problems.append((path, str(e)))
                 continue
@@ -450,7 +466,7 @@ def main(argv):
         if not bg_path.is_file() and bg_path.suffix.lower() in IMAGE_SUFFIXES:
             raise SystemExit(f"--background {f.background}: no such image file")
         try:
-            background = (read_image(bg_path, f.max_pixels) if bg_path.is_file()
+            background = (read_image(bg_path, f.max_pixels)[0] if bg_path.is_file()
                           else parse_colour(f.background))
         except ValueError as e:  # InputError is one
             raise SystemExit(f"--background {f.background}: {e}") from None

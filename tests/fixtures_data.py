@@ -1,5 +1,6 @@
 """Tiny fixture datasets in the layouts of the real archives, and the image helpers behind them."""
 import pathlib
+import struct
 import zipfile
 
 import cv2
@@ -42,6 +43,36 @@ def write_exif_jpeg(path: pathlib.Path, stored_rgb: np.ndarray, orientation: int
     exif[0x0112] = orientation
     Image.fromarray(stored_rgb).save(path, "JPEG", quality=95, exif=exif.tobytes())
     return path
+
+
+def wide_gamut_profile() -> bytes:
+    """An ICC v2 RGB profile with Display P3's primaries (D50-adapted) and gamma 2.2: a photo
+    tagged with it holds wider-gamut colours than the same numbers in sRGB."""
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ " + b"\0" * 4 + s15(x) + s15(y) + s15(z)
+
+    def desc(text):
+        a = text.encode() + b"\0"
+        return (b"desc" + b"\0" * 4 + struct.pack(">I", len(a)) + a + struct.pack(">II", 0, 0)
+                + struct.pack(">HB", 0, 0) + b"\0" * 67)
+
+    gamma = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(2.2 * 256)) + b"\0\0"
+    tags = [(b"desc", desc("Display P3 (test)")), (b"cprt", b"text" + b"\0" * 4 + b"none\0"),
+            (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.51512, 0.24120, -0.00105)),
+            (b"gXYZ", xyz(0.29198, 0.69225, 0.04189)), (b"bXYZ", xyz(0.15710, 0.06657, 0.78407)),
+            (b"rTRC", gamma), (b"gTRC", gamma), (b"bTRC", gamma)]
+    table, data, offset = b"", b"", 128 + 4 + 12 * len(tags)
+    for signature, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + b"\0" * 4 + struct.pack(">I", 0x02100000)
+              + b"mntrRGB XYZ " + b"\0" * 12 + b"acsp" + b"\0" * 28 + s15(0.9642) + s15(1.0)
+              + s15(0.8249) + b"\0" * 48)
+    return header + struct.pack(">I", len(tags)) + table + data
 
 
 def savemat(path: pathlib.Path, **variables) -> None:

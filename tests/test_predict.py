@@ -343,6 +343,65 @@ def test_a_background_image_covers_the_photo_without_distortion():
         assert np.array_equal(disc[~rim], (distance < 80)[~rim]), size
 
 
+def test_a_wide_gamut_photo_is_read_in_srgb(tmp_path):
+    """A phone's Display-P3 photo was read as if its numbers were sRGB (its colours shifted by up
+    to 19 levels in the outputs, which carry no profile); it is now converted to sRGB."""
+    from PIL import Image, ImageCms
+
+    stored = np.zeros((40, 30, 3), np.uint8)
+    stored[:20] = (180, 90, 70)  # a skin-like colour
+    stored[20:] = (128, 128, 128)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for name, profile in (("plain", None), ("srgb", srgb), ("p3", fx.wide_gamut_profile())):
+        Image.fromarray(stored).save(tmp_path / f"{name}.png",
+                                     **({"icc_profile": profile} if profile else {}))
+    for name in ("plain", "srgb"):
+        image, alpha = predict.read_image(tmp_path / f"{name}.png", 10**6)
+        np.testing.assert_array_equal(image, stored)
+        assert alpha is None
+    image, _ = predict.read_image(tmp_path / "p3.png", 10**6)
+    colour, grey = image[:20].astype(int), image[20:].astype(int)
+    assert np.ptp(colour, axis=-1).min() > 110 + 5  # the same numbers mean more saturation in P3
+    assert np.ptp(grey, axis=-1).max() <= 1  # and grey stays grey
+
+
+def test_a_transparent_tiff_reads_like_the_same_png(tmp_path):
+    """OpenCV returns a TIFF's colours multiplied by its alpha, which cutouts then applied again:
+    semi-transparent edges came out darker than from the same PNG."""
+    from PIL import Image
+
+    rgba = np.dstack([photo(30, 40, seed=3), np.tile(np.linspace(0, 255, 40).astype(np.uint8), (30, 1))])
+    for suffix in ("png", "tif"):
+        Image.fromarray(rgba).save(tmp_path / f"ramp.{suffix}")
+    png, tif = (predict.read_image(tmp_path / f"ramp.{suffix}", 10**6) for suffix in ("png", "tif"))
+    np.testing.assert_array_equal(png[1], rgba[..., 3])
+    np.testing.assert_array_equal(tif[1], rgba[..., 3])
+    np.testing.assert_array_equal(tif[0], png[0])
+    np.testing.assert_array_equal(png[0], rgba[..., :3])
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_transparency_turns_with_a_photo_oriented_by_xmp(tmp_path, orientation):
+    """Colour came from OpenCV (which ignores an orientation given only in XMP) and alpha from
+    PIL (which applies it): the alpha was turned against the photo, or dropped."""
+    from PIL import Image, PngImagePlugin
+
+    rgba = np.zeros((40, 30, 4), np.uint8)
+    rgba[:10] = (255, 0, 0, 0)  # a transparent red band on top
+    rgba[10:] = (0, 0, 255, 255)  # opaque blue below
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+           '22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+           f'tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>')
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp)
+    Image.fromarray(rgba).save(tmp_path / "x.png", pnginfo=info)
+    image, alpha = predict.read_image(tmp_path / "x.png", 10**6)
+    assert alpha is not None and alpha.shape == image.shape[:2]
+    assert image.shape[:2] == ((40, 30) if orientation == 3 else (30, 40))  # turned
+    np.testing.assert_array_equal(image[alpha == 0], [[255, 0, 0]] * 300)
+    np.testing.assert_array_equal(image[alpha == 255], [[0, 0, 255]] * 900)
+
+
 def test_options_a_run_ignores_are_noted():
     notes = predict.ignored_option_notes
     quiet = dict(mode="background", soft=False, videos=False, background_given=True,
