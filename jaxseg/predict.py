@@ -208,7 +208,7 @@ def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndar
     from PIL import ImageOps
 
     try:
-        with _pil_without_size_limit() as Image, Image.open(path) as im:  # the header only
+        with _pil_without_size_limit() as Image, Image.open(path) as im:  # lazily: the header
             w, h = im.size
             transparent = im.has_transparency_data
             icc_profile = im.info.get("icc_profile")
