@@ -1,6 +1,7 @@
 """Dataset builders: fixture datasets in the real layouts, bad files, splits, download path, real data."""
 import json
 import os
+import hashlib
 import pathlib
 import shutil
 import subprocess
@@ -331,7 +332,12 @@ def test_real_portraits_split_sizes(real_data_dir, manual_dir):
     test_list = {f"{i:05d}" for i in scipy.io.loadmat(data / "testlist.mat")["testlist"].ravel()}
     train_list = {f"{i:05d}" for i in scipy.io.loadmat(data / "trainlist.mat")["trainlist"].ravel()}
     usable = {i for i in photos & masks if scipy.io.loadmat(data / f"images_mask/{i}_mask.mat")["mask"].any()}
-    rest = usable - test_list
+    # The authors' train list repeats some test photos byte for byte: those copies are left out.
+    digest = {i: hashlib.md5((data / f"images_data_crop/{i}.jpg").read_bytes()).hexdigest() for i in usable}
+    test_digests = {digest[i] for i in usable & test_list}
+    repeats = {i for i in usable - test_list if digest[i] in test_digests}
+    assert len(repeats) == 3
+    rest = usable - test_list - repeats
     train = {i for i in rest if base.hash_split(i, portrait_segmentation.TRAIN_FRACTIONS) == "train"}
     sizes = datasets.split_sizes("portrait_segmentation", data_dir=real_data_dir)
     assert sizes == {"test": len(usable & test_list), "train": len(train), "validation": len(rest - train)}
@@ -342,6 +348,9 @@ def test_real_portraits_split_sizes(real_data_dir, manual_dir):
     assert counts["listed_without_photo"] == {"train": len(train_list - photos), "test": len(test_list - photos)}
     assert counts["unlisted_photos"] == len((photos & masks) - train_list - test_list)
     assert counts["skipped"] == 0
+    excluded = datasets.build_report("portrait_segmentation", data_dir=real_data_dir)["excluded"]
+    assert sorted(e["file"] for e in excluded if e["reason"].startswith("the same photo as test")) \
+        == sorted(f"data/images_data_crop/{i}.jpg" for i in repeats)
 
 
 def test_real_ccp_split_sizes(real_data_dir, manual_dir):
@@ -394,6 +403,28 @@ def test_folder_of_tiffs_builds_and_an_empty_folder_says_so(tmp_path):
     example = datasets.data_source("person_folder", "train", data_dir=str(tmp_path / "dd"),
                                    folder=str(root))[0]
     np.testing.assert_array_equal(example["mask"][..., 0], fx.person(1))
+
+
+def test_a_photo_repeated_across_splits_stays_in_the_most_held_out_one(tmp_path):
+    root = tmp_path / "split"
+    fx.make_simple_folder(root / "train", ["a", "b", "c"])
+    fx.make_simple_folder(root / "validation", ["v"], seed=10)
+    fx.make_simple_folder(root / "test", ["t"], seed=20)
+    for split, stem, source in (("train", "a", "test/images/t.jpg"),
+                                ("validation", "v", "test/images/t.jpg"),
+                                ("train", "b", "validation/images/v.jpg")):
+        (root / split / "images" / f"{stem}.jpg").write_bytes((root / source).read_bytes())
+    (root / "train" / "images" / "c2.jpg").write_bytes((root / "train/images/c.jpg").read_bytes())
+    (root / "train" / "masks" / "c2.png").write_bytes((root / "train/masks/c.png").read_bytes())
+    data_dir = str(tmp_path / "dd")
+    ids = ids_by_split("person_folder", data_dir, str(root))
+    # Within one split a repeat is no leak, and stays.
+    assert {k: sorted(v) for k, v in ids.items()} == {"test": ["t"], "train": ["c", "c2"]}
+    excluded = datasets.build_report("person_folder", data_dir=data_dir, folder=str(root))["excluded"]
+    assert sorted((e["file"], e["reason"]) for e in excluded) == [
+        ("train/images/a.jpg", "the same photo as test id t"),
+        ("train/images/b.jpg", "the same photo as test id t"),
+        ("validation/images/v.jpg", "the same photo as test id t")]
 
 
 def test_folder_pairs_names_spelt_in_either_unicode_form(tmp_path):
