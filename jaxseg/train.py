@@ -414,7 +414,7 @@ def main(argv):
         distributed.exit_with_error(f"error: --config: {lines[-1] if lines else e}")
     try:
         result = train_and_evaluate(config, FLAGS.workdir)
-    except (config_check.ConfigError, FloatingPointError) as e:
+    except (config_check.ConfigError, FloatingPointError, datasets.BadDataError) as e:
         distributed.exit_with_error(f"error: {e}")
     if distributed.is_main_process():
         print(json.dumps({k: v for k, v in result.items()}, indent=1, default=float))

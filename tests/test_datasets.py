@@ -405,10 +405,20 @@ def test_folder_of_tiffs_builds_and_an_empty_folder_says_so(tmp_path):
     np.testing.assert_array_equal(example["mask"][..., 0], fx.person(1))
 
 
+def test_a_split_folder_whose_every_file_is_dropped_is_an_error(tmp_path):
+    """The split used to vanish from the build, and training on it died later in TFDS."""
+    root = tmp_path / "split"
+    fx.make_simple_folder(root / "train", ["a", "b"])
+    fx.write(root / "validation" / "images" / "v.jpg", fx.photo(9))  # a photo without a mask
+    with pytest.raises(datasets.BadDataError, match=r"leaving split\(s\) validation without any "
+                       r"usable example(.|\n)*validation/images/v.jpg: image without mask"):
+        datasets.prepare("person_folder", data_dir=str(tmp_path / "dd"), folder=str(root))
+
+
 def test_a_photo_repeated_across_splits_stays_in_the_most_held_out_one(tmp_path):
     root = tmp_path / "split"
     fx.make_simple_folder(root / "train", ["a", "b", "c"])
-    fx.make_simple_folder(root / "validation", ["v"], seed=10)
+    fx.make_simple_folder(root / "validation", ["v", "w"], seed=10)
     fx.make_simple_folder(root / "test", ["t"], seed=20)
     for split, stem, source in (("train", "a", "test/images/t.jpg"),
                                 ("validation", "v", "test/images/t.jpg"),
@@ -419,7 +429,8 @@ def test_a_photo_repeated_across_splits_stays_in_the_most_held_out_one(tmp_path)
     data_dir = str(tmp_path / "dd")
     ids = ids_by_split("person_folder", data_dir, str(root))
     # Within one split a repeat is no leak, and stays.
-    assert {k: sorted(v) for k, v in ids.items()} == {"test": ["t"], "train": ["c", "c2"]}
+    assert {k: sorted(v) for k, v in ids.items()} == {"test": ["t"], "train": ["c", "c2"],
+                                                      "validation": ["w"]}
     excluded = datasets.build_report("person_folder", data_dir=data_dir, folder=str(root))["excluded"]
     assert sorted((e["file"], e["reason"]) for e in excluded) == [
         ("train/images/a.jpg", "the same photo as test id t"),

@@ -176,6 +176,10 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Pairs to validate; records the dataset-level counts and exclusions in REPORT."""
         raise NotImplementedError
 
+    def _intended_splits(self, root: pathlib.Path, candidates: list[Candidate]) -> set[str]:
+        """The splits the source means to have: each must keep a usable example."""
+        return {c.split for c in candidates}
+
     def _read_mask(self, path: pathlib.Path) -> tuple[np.ndarray, str | None]:
         """The 0/1 person mask stored at PATH, and a note when its values needed fixing."""
         raise NotImplementedError
@@ -249,6 +253,11 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if not splits:
             raise BadDataError(self.name, dropped,
                                f"file(s) dropped and no usable example left in {root}")
+        # A split whose every file was dropped would vanish, and training on it fail later
+        # with TFDS's "Unknown split" and no word of why.
+        if emptied := sorted(self._intended_splits(root, candidates) - splits.keys()):
+            raise BadDataError(self.name, dropped, f"file(s) dropped, leaving split(s) "
+                               f"{', '.join(emptied)} without any usable example in {root}")
         return {name: self._generate_examples(examples) for name, examples in sorted(splits.items())}
 
     def _generate_examples(self, examples: list[_Example]) -> Iterator[tuple[str, dict]]:

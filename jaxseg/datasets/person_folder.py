@@ -143,5 +143,8 @@ class PersonFolder(base.PersonSegBuilder):
         report.counts.update(pairs=len(candidates))
         return candidates
 
+    def _intended_splits(self, root: pathlib.Path, candidates: list[base.Candidate]) -> set[str]:
+        return set(layout(root))  # a split folder of unpaired files too
+
     def _read_mask(self, path: pathlib.Path) -> tuple[np.ndarray, str | None]:
         return image_io.binarize(image_io.read_mask_image(path))
