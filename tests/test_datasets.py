@@ -1,7 +1,7 @@
 """Dataset builders: fixture datasets in the real layouts, bad files, splits, download path, real data."""
+import hashlib
 import json
 import os
-import hashlib
 import pathlib
 import shutil
 import subprocess
@@ -403,6 +403,22 @@ def test_folder_of_tiffs_builds_and_an_empty_folder_says_so(tmp_path):
     example = datasets.data_source("person_folder", "train", data_dir=str(tmp_path / "dd"),
                                    folder=str(root))[0]
     np.testing.assert_array_equal(example["mask"][..., 0], fx.person(1))
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(tmp_path):
+    """A Latin-1 name (an old zip's) stopped the whole build with a traceback from TFDS."""
+    root = fx.make_simple_folder(tmp_path / "f", ["a", "b"])
+    for sub, suffix, data in (("images", ".jpg", cv2.cvtColor(fx.photo(5), cv2.COLOR_RGB2BGR)),
+                              ("masks", ".png", fx.person(5) * 255)):
+        # Written by bytes: OpenCV crashes on a path that is not valid UTF-8.
+        with open(os.fsencode(root / sub) + b"/caf\xe9" + suffix.encode(), "wb") as f:
+            f.write(cv2.imencode(suffix, data)[1].tobytes())
+    data_dir = str(tmp_path / "dd")
+    assert datasets.split_sizes("person_folder", data_dir=data_dir, folder=str(root)) == {"train": 2}
+    skipped = datasets.build_report("person_folder", data_dir=data_dir, folder=str(root))["skipped"]
+    assert [(e["file"].encode("utf-8", "surrogateescape"), e["reason"]) for e in skipped] == [
+        (b"images/caf\xe9.jpg", "file name is not valid UTF-8 (rename it)"),
+        (b"masks/caf\xe9.png", "file name is not valid UTF-8 (rename it)")]
 
 
 def test_a_split_folder_whose_every_file_is_dropped_is_an_error(tmp_path):

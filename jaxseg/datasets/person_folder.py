@@ -68,6 +68,15 @@ def config_for(folder: str | pathlib.Path) -> PersonFolderConfig:
                               description=f"Photos and masks from {root}")
 
 
+def _is_utf8(name: str) -> bool:
+    """Whether a file name decoded from the file system is text (no undecodable bytes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def pair_files(directory: pathlib.Path) -> tuple[list[tuple[str, pathlib.Path, pathlib.Path]],
                                                   list[tuple[pathlib.Path, str]]]:
     """Pair DIRECTORY/images/* with DIRECTORY/masks/* by stem: (stem, image, mask) list, bad (file, reason) list."""
@@ -81,6 +90,8 @@ def pair_files(directory: pathlib.Path) -> tuple[list[tuple[str, pathlib.Path, p
                     bad.append((f, f"folder inside {sub}/ (not read)"))
                 elif f.suffix.lower() not in image_io.IMAGE_SUFFIXES:
                     bad.append((f, f"not an image file (extension {f.suffix or 'none'!r})"))
+                elif not _is_utf8(f.name):  # its id could not be stored
+                    bad.append((f, "file name is not valid UTF-8 (rename it)"))
                 else:
                     # One spelling per name: macOS writes é decomposed, most tools composed.
                     by_stem[unicodedata.normalize("NFC", f.stem)].append(f)
