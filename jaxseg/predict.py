@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import refine, resolution
+from jaxseg import colour_profile, refine, resolution
 from jaxseg.inference import person_probabilities
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -177,25 +177,10 @@ def _pil_without_size_limit():
 
 
 def _to_srgb(rgb: np.ndarray, icc_profile: bytes | None) -> np.ndarray:
-    """RGB pixels of a photo tagged with an RGB colour profile other than sRGB (a phone's
-    Display P3, Adobe RGB) converted to sRGB, the space of the outputs and of the training
-    photos; untagged, sRGB-tagged and non-RGB profiles are left as they are."""
-    if not icc_profile:
-        return rgb
-    import io
-
-    from PIL import Image, ImageCms
-
     try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
-        if (profile.profile.xcolor_space.strip() != "RGB"
-                or "srgb" in ImageCms.getProfileDescription(profile).lower()):
-            return rgb
-        converted = ImageCms.profileToProfile(Image.fromarray(rgb), profile,
-                                              ImageCms.createProfile("sRGB"), outputMode="RGB")
-    except (ImageCms.PyCMSError, OSError, ValueError) as e:
-        raise InputError(f"unusable colour profile ({e.__class__.__name__})") from None
-    return np.asarray(converted)
+        return colour_profile.to_srgb(rgb, icc_profile)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -405,6 +405,26 @@ def test_folder_of_tiffs_builds_and_an_empty_folder_says_so(tmp_path):
     np.testing.assert_array_equal(example["mask"][..., 0], fx.person(1))
 
 
+def test_a_wide_gamut_photo_is_stored_as_prediction_reads_it(tmp_path):
+    """A Display-P3 photo was stored with its raw numbers, while jaxseg.predict converts it to
+    sRGB: the model was trained and scored on other pixels than it is used on."""
+    from jaxseg import predict
+
+    root = fx.make_simple_folder(tmp_path / "f", ["a", "b"])
+    Image.fromarray(fx.photo(1)).save(root / "images" / "b.jpg", quality=95,
+                                      icc_profile=fx.wide_gamut_profile())
+    data_dir = str(tmp_path / "dd")
+    source = datasets.data_source("person_folder", "train", data_dir=data_dir, folder=str(root))
+    stored = {source[i]["id"]: source[i]["image"] for i in range(len(source))}
+    for stem in ("a", "b"):
+        np.testing.assert_array_equal(
+            stored[stem], predict.read_image(root / "images" / f"{stem}.jpg", 10**8)[0])
+    raw = cv2.cvtColor(cv2.imread(str(root / "images" / "b.jpg")), cv2.COLOR_BGR2RGB)
+    assert np.abs(stored["b"].astype(int) - raw).max() > 10  # converted, not stored as is
+    warnings = datasets.build_report("person_folder", data_dir=data_dir, folder=str(root))["warnings"]
+    assert {"file": "images/b.jpg", "note": "colour profile converted to sRGB"} in warnings
+
+
 def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(tmp_path):
     """A Latin-1 name (an old zip's) stopped the whole build with a traceback from TFDS."""
     root = fx.make_simple_folder(tmp_path / "f", ["a", "b"])

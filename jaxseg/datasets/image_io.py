@@ -13,6 +13,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from jaxseg import colour_profile
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 _EXIF_ORIENTATION = 0x0112
@@ -33,6 +35,7 @@ class Photo:
     width: int
     orientation: int  # EXIF orientation, 1 = as stored
     as_is: bool  # the original file bytes are stored (plain 8-bit RGB JPEG, no rotation)
+    icc_profile: bytes | None  # a colour profile to convert from to sRGB, None if sRGB already
     notes: tuple[str, ...]  # conversions applied, for the build report
 
 
@@ -85,8 +88,10 @@ def orient(array: np.ndarray, orientation: int) -> np.ndarray:
     }[orientation]
 
 
-def _decode_rgb(data: bytes, orientation: int) -> tuple[np.ndarray, list[str]]:
-    """Decode to uint8 RGB the way OpenCV reads the stored bytes back, then orient."""
+def _decode_rgb(data: bytes, orientation: int,
+                icc_profile: bytes | None = None) -> tuple[np.ndarray, list[str]]:
+    """Decode to uint8 RGB the way OpenCV reads the stored bytes back, orient, and convert
+    from ICC_PROFILE to sRGB (jaxseg.colour_profile, as prediction reads photos)."""
     # IMREAD_COLOR turns grayscale, palette, RGBA and CMYK into 3 channels;
     # ANYDEPTH keeps 16 bits so that the reduction to 8 bits is explicit here.
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
@@ -100,7 +105,10 @@ def _decode_rgb(data: bytes, orientation: int) -> tuple[np.ndarray, list[str]]:
     elif bgr.dtype != np.uint8:
         raise BadFile(f"unsupported pixel type {bgr.dtype}")
     rgb = np.ascontiguousarray(orient(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), orientation))
-    return rgb, notes
+    try:
+        return colour_profile.to_srgb(rgb, icc_profile), notes
+    except ValueError as e:
+        raise BadFile(str(e)) from None
 
 
 def probe_photo(path: pathlib.Path) -> Photo:
@@ -108,8 +116,12 @@ def probe_photo(path: pathlib.Path) -> Photo:
     data = _read_bytes(path)
     image = _open_checked(data)
     orientation = _orientation(image)
-    as_is = image.format == "JPEG" and image.mode == "RGB" and orientation == 1
+    icc_profile = _profile_to_convert(image)
+    as_is = (image.format == "JPEG" and image.mode == "RGB" and orientation == 1
+             and icc_profile is None)
     notes = []
+    if icc_profile is not None:
+        notes.append("colour profile converted to sRGB")
     if image.mode != "RGB":
         notes.append(f"{image.mode} image converted to RGB")
     if orientation != 1:
@@ -118,19 +130,22 @@ def probe_photo(path: pathlib.Path) -> Photo:
     if not as_is:
         # Converted photos are decoded again when written; decoding here proves
         # that OpenCV reads them and gives the size Pillow reported.
-        rgb, depth_notes = _decode_rgb(data, orientation)
+        rgb, depth_notes = _decode_rgb(data, orientation, icc_profile)
         notes += depth_notes
         if orientation in _TRANSPOSING:
             height, width = width, height
         if rgb.shape[:2] != (height, width):
             raise BadFile(f"OpenCV decodes {rgb.shape[1]}x{rgb.shape[0]}, Pillow {width}x{height}")
-    return Photo(pathlib.Path(path), height, width, orientation, as_is, tuple(notes))
+    return Photo(pathlib.Path(path), height, width, orientation, as_is, icc_profile, tuple(notes))
 
 
-def read_photo(path: pathlib.Path) -> np.ndarray:
-    """The photo at PATH as uint8 HxWx3 RGB, EXIF orientation applied (the stored pixels)."""
-    data = _read_bytes(path)
-    return _decode_rgb(data, _orientation(_open_checked(data)))[0]
+def _profile_to_convert(image: Image.Image) -> bytes | None:
+    """The photo's embedded colour profile when its numbers are not sRGB, else None."""
+    icc_profile = image.info.get("icc_profile")
+    try:
+        return icc_profile if colour_profile.needs_conversion(icc_profile) else None
+    except ValueError as e:
+        raise BadFile(str(e)) from None
 
 
 def photo_bytes(photo: Photo) -> bytes:
@@ -138,7 +153,7 @@ def photo_bytes(photo: Photo) -> bytes:
     data = _read_bytes(photo.path)
     if photo.as_is:
         return data
-    return encode_png(_decode_rgb(data, photo.orientation)[0])
+    return encode_png(_decode_rgb(data, photo.orientation, photo.icc_profile)[0])
 
 
 def encode_png(array: np.ndarray) -> bytes:
