@@ -405,6 +405,25 @@ def test_folder_of_tiffs_builds_and_an_empty_folder_says_so(tmp_path):
     np.testing.assert_array_equal(example["mask"][..., 0], fx.person(1))
 
 
+def test_a_mask_with_its_own_orientation_tag_turns_with_its_photo(tmp_path):
+    """Photo and mask stored unrotated, both tagged orientation 3 (as a viewer shows them,
+    aligned): the photo was turned upright and the mask left upside down, without a word."""
+    root = fx.make_simple_folder(tmp_path / "f", ["a"])
+    photo, person = fx.photo(4), fx.person(4)
+    person[: person.shape[0] // 3] = 0  # no person in the top third: not symmetric under 180°
+    fx.write_exif_jpeg(root / "images" / "b.jpg", np.ascontiguousarray(photo[::-1, ::-1]), 3)
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    Image.fromarray(np.ascontiguousarray(person[::-1, ::-1]) * 255).save(root / "masks" / "b.png",
+                                                                          exif=exif.tobytes())
+    source = datasets.data_source("person_folder", "train", data_dir=str(tmp_path / "dd"),
+                                  folder=str(root))
+    b = next(source[i] for i in range(len(source)) if source[i]["id"] == "b")
+    np.testing.assert_array_equal(b["mask"][..., 0], person)
+    image = b["image"].astype(int)  # upright: JPEG-close to the photo, far from its turn
+    assert np.abs(image - photo).mean() < np.abs(image - photo[::-1, ::-1]).mean() / 3
+
+
 def test_a_wide_gamut_photo_is_stored_as_prediction_reads_it(tmp_path):
     """A Display-P3 photo was stored with its raw numbers, while jaxseg.predict converts it to
     sRGB: the model was trained and scored on other pixels than it is used on."""

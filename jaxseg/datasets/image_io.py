@@ -176,8 +176,13 @@ def read_mask_image(path: pathlib.Path) -> np.ndarray:
     the indices used (tools writing 0/1 index masks without one) gives the
     indices. An alpha band that varies over a constant colour (a cutout or matte
     saved as RGBA/LA) is the mask; otherwise alpha is ignored, as in colour masks.
+    The mask's own EXIF orientation is applied, as to photos.
     """
     image = _open_checked(_read_bytes(path))
+    return np.ascontiguousarray(orient(_mask_values(image), _orientation(image)))
+
+
+def _mask_values(image: Image.Image) -> np.ndarray:
     if image.mode in ("P", "PA"):
         indices = np.asarray(image)
         if image.mode == "PA":
