@@ -130,7 +130,9 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "A photo byte-identical to one of a more held-out split is excluded "
-                              "(3 portraits of the train list repeat test photos)."}
+                              "(3 portraits of the train list repeat test photos); photos with "
+                              "a colour profile are stored in sRGB; masks get their own EXIF "
+                              "orientation."}
     HOMEPAGE = ""
     CITATION = ""
     URL = ""  # public archive of the dataset
