@@ -28,6 +28,9 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 MODES = ("mask", "cutout", "overlay", "background")
 BUCKET = 64
+# PIL clips these (16/32-bit gray) to 8 bits instead of scaling them: OpenCV reads them, as the
+# dataset builders do (jaxseg.datasets.image_io, not imported here: it imports TensorFlow).
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
 
 
 class Predictor:
@@ -197,8 +200,7 @@ def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndar
             w, h = im.size
             transparent = im.has_transparency_data
             icc_profile = im.info.get("icc_profile")
-            # PIL clips 16/32-bit gray to 8 bits instead of scaling: OpenCV reads those.
-            transparent &= im.mode not in ("I", "I;16", "I;16B", "I;16L", "F")
+            transparent &= im.mode not in _WIDE_GRAY_MODES
             if transparent and w * h <= max_pixels:
                 rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"))
     except Exception as e:  # PIL raises many types for non-images and damaged files

@@ -440,8 +440,8 @@ def _balance_recommendation(result: dict) -> str:
 def _edge_share(result: dict) -> str:
     """How the wrong pixels split between edges and whole regions ('' for older eval files)."""
     tolerance = (result.get("boundary_tolerance_px") or {}).get("original")
-    if "near_edge_error_share" not in result or tolerance is None:
-        return ""
+    if "near_edge_error_share" not in result or tolerance is None or result["iou"] >= 1.0:
+        return ""  # (an IoU of 1: no wrong pixels to split)
     share = result["near_edge_error_share"]
     return (f" {share:.0%} of the wrong pixels lie within {tolerance} px of the true edge (IoU "
             f"{result['iou_without_edge_errors']:.3f} if they were right, the most any edge "

@@ -405,6 +405,21 @@ def test_folder_of_tiffs_builds_and_an_empty_folder_says_so(tmp_path):
     np.testing.assert_array_equal(example["mask"][..., 0], fx.person(1))
 
 
+def test_a_transparent_tiff_is_stored_as_prediction_reads_it(tmp_path):
+    """OpenCV multiplies a TIFF's colours by its alpha; prediction reads them unmultiplied."""
+    from jaxseg import predict
+
+    root = fx.make_simple_folder(tmp_path / "f", ["a"])
+    rgba = np.dstack([fx.photo(1), np.full(fx.photo(1).shape[:2], 128, np.uint8)])
+    Image.fromarray(rgba).save(root / "images" / "a.tif")
+    (root / "images" / "a.jpg").unlink()
+    source = datasets.data_source("person_folder", "train", data_dir=str(tmp_path / "dd"),
+                                  folder=str(root))
+    np.testing.assert_array_equal(source[0]["image"], rgba[..., :3])
+    np.testing.assert_array_equal(source[0]["image"],
+                                  predict.read_image(root / "images" / "a.tif", 10**8)[0])
+
+
 def test_a_mask_with_its_own_orientation_tag_turns_with_its_photo(tmp_path):
     """Photo and mask stored unrotated, both tagged orientation 3 (as a viewer shows them,
     aligned): the photo was turned upright and the mask left upside down, without a word."""

@@ -241,6 +241,8 @@ def test_boundary_advice_splits_errors_between_edges_and_regions():
     assert "keeps pace" in advice
     assert "30% of the wrong pixels lie within 8 px of the true edge (IoU 0.972" in advice
     assert "the other 70% are regions" in advice
+    perfect = dict(result, iou=1.0, near_edge_error_share=0.0, iou_without_edge_errors=1.0)
+    assert "wrong pixels" not in report._boundary_recommendation(perfect)
 
 
 class Constant(nnx.Module):

@@ -17,6 +17,9 @@ from jaxseg import colour_profile
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
+# PIL clips these (16/32-bit gray) to 8 bits instead of scaling them: OpenCV reads them
+# (as jaxseg.predict does, which cannot import this package's TensorFlow).
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5..8 swap width and height.
 _TRANSPOSING = frozenset({5, 6, 7, 8})
@@ -92,19 +95,26 @@ def _decode_rgb(data: bytes, orientation: int,
                 icc_profile: bytes | None = None) -> tuple[np.ndarray, list[str]]:
     """Decode to uint8 RGB the way OpenCV reads the stored bytes back, orient, and convert
     from ICC_PROFILE to sRGB (jaxseg.colour_profile, as prediction reads photos)."""
-    # IMREAD_COLOR turns grayscale, palette, RGBA and CMYK into 3 channels;
-    # ANYDEPTH keeps 16 bits so that the reduction to 8 bits is explicit here.
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if bgr is None:
-        raise BadFile("OpenCV cannot decode the image")
     notes = []
-    if bgr.dtype == np.uint16:
-        bgr = (bgr >> 8).astype(np.uint8)
-        notes.append("16-bit image reduced to 8 bits")
-    elif bgr.dtype != np.uint8:
-        raise BadFile(f"unsupported pixel type {bgr.dtype}")
-    rgb = np.ascontiguousarray(orient(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), orientation))
+    image = Image.open(io.BytesIO(data))
+    if image.has_transparency_data and image.mode not in _WIDE_GRAY_MODES:
+        # OpenCV multiplies a TIFF's colours by its alpha; jaxseg.predict reads transparent
+        # photos' colours by PIL, unmultiplied, and the stored pixels must be those.
+        rgb = np.asarray(image.convert("RGBA"))[..., :3]
+    else:
+        # IMREAD_COLOR turns grayscale, palette and CMYK into 3 channels; ANYDEPTH keeps
+        # 16 bits so that the reduction to 8 bits is explicit here.
+        flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if bgr is None:
+            raise BadFile("OpenCV cannot decode the image")
+        if bgr.dtype == np.uint16:
+            bgr = (bgr >> 8).astype(np.uint8)
+            notes.append("16-bit image reduced to 8 bits")
+        elif bgr.dtype != np.uint8:
+            raise BadFile(f"unsupported pixel type {bgr.dtype}")
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    rgb = np.ascontiguousarray(orient(rgb, orientation))
     try:
         return colour_profile.to_srgb(rgb, icc_profile), notes
     except ValueError as e:
