@@ -20,17 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import colour_profile, refine, resolution
+from jaxseg import photo_pixels, refine, resolution
 from jaxseg.inference import person_probabilities
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
-MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+MEDIA_SUFFIXES = photo_pixels.IMAGE_SUFFIXES | VIDEO_SUFFIXES
 MODES = ("mask", "cutout", "overlay", "background")
 BUCKET = 64
-# PIL clips these (16/32-bit gray) to 8 bits instead of scaling them: OpenCV reads them, as the
-# dataset builders do (jaxseg.datasets.image_io, not imported here: it imports TensorFlow).
-_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
 
 
 class Predictor:
@@ -181,7 +177,7 @@ def _pil_without_size_limit():
 
 def _to_srgb(rgb: np.ndarray, icc_profile: bytes | None) -> np.ndarray:
     try:
-        return colour_profile.to_srgb(rgb, icc_profile)
+        return photo_pixels.to_srgb(rgb, icc_profile)
     except ValueError as e:
         raise InputError(str(e)) from None
 
@@ -190,17 +186,17 @@ def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndar
     """(RGB uint8 image in sRGB, its transparency as uint8 or None if opaque); orientation
     applied; refused before decoding when too large.
 
-    A photo with transparency is decoded once, by PIL, for both, so that colour and alpha share
-    one orientation (EXIF or XMP) and TIFF colours come un-premultiplied; others by OpenCV.
+    Decoded by the rules the dataset builders share (jaxseg.photo_pixels): a photo with
+    transparency once, by PIL, for both, so that colour and alpha also share one orientation
+    (EXIF or XMP); others by OpenCV.
     """
     from PIL import ImageOps
 
     try:
         with _pil_without_size_limit() as Image, Image.open(path) as im:  # lazily: the header
             w, h = im.size
-            transparent = im.has_transparency_data
+            transparent = photo_pixels.decoded_by_pil(im)
             icc_profile = im.info.get("icc_profile")
-            transparent &= im.mode not in _WIDE_GRAY_MODES
             if transparent and w * h <= max_pixels:
                 rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"))
     except Exception as e:  # PIL raises many types for non-images and damaged files
@@ -450,7 +446,7 @@ def main(argv):
     background = None
     if f.mode == "background":
         bg_path = pathlib.Path(f.background)
-        if not bg_path.is_file() and bg_path.suffix.lower() in IMAGE_SUFFIXES:
+        if not bg_path.is_file() and bg_path.suffix.lower() in photo_pixels.IMAGE_SUFFIXES:
             raise SystemExit(f"--background {f.background}: no such image file")
         try:
             background = (read_image(bg_path, f.max_pixels)[0] if bg_path.is_file()

@@ -5,6 +5,7 @@ uint8 HxW of 0 (background) / 1 (person). Every problem with a file surfaces as
 `BadFile`, whose message is the reason written to the build report.
 """
 import dataclasses
+import hashlib
 import io
 import pathlib
 
@@ -13,13 +14,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from jaxseg import colour_profile
+from jaxseg import photo_pixels
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-
-# PIL clips these (16/32-bit gray) to 8 bits instead of scaling them: OpenCV reads them
-# (as jaxseg.predict does, which cannot import this package's TensorFlow).
-_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5..8 swap width and height.
 _TRANSPOSING = frozenset({5, 6, 7, 8})
@@ -40,6 +36,7 @@ class Photo:
     as_is: bool  # the original file bytes are stored (plain 8-bit RGB JPEG, no rotation)
     icc_profile: bytes | None  # a colour profile to convert from to sRGB, None if sRGB already
     notes: tuple[str, ...]  # conversions applied, for the build report
+    digest: bytes  # SHA-256 of the file: the same photo in two splits is found by it
 
 
 def _read_bytes(path: pathlib.Path) -> bytes:
@@ -94,12 +91,10 @@ def orient(array: np.ndarray, orientation: int) -> np.ndarray:
 def _decode_rgb(data: bytes, orientation: int,
                 icc_profile: bytes | None = None) -> tuple[np.ndarray, list[str]]:
     """Decode to uint8 RGB the way OpenCV reads the stored bytes back, orient, and convert
-    from ICC_PROFILE to sRGB (jaxseg.colour_profile, as prediction reads photos)."""
+    from ICC_PROFILE to sRGB, by the rules prediction reads photos with (jaxseg.photo_pixels)."""
     notes = []
     image = Image.open(io.BytesIO(data))
-    if image.has_transparency_data and image.mode not in _WIDE_GRAY_MODES:
-        # OpenCV multiplies a TIFF's colours by its alpha; jaxseg.predict reads transparent
-        # photos' colours by PIL, unmultiplied, and the stored pixels must be those.
+    if photo_pixels.decoded_by_pil(image):
         rgb = np.asarray(image.convert("RGBA"))[..., :3]
     else:
         # IMREAD_COLOR turns grayscale, palette and CMYK into 3 channels; ANYDEPTH keeps
@@ -116,7 +111,7 @@ def _decode_rgb(data: bytes, orientation: int,
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     rgb = np.ascontiguousarray(orient(rgb, orientation))
     try:
-        return colour_profile.to_srgb(rgb, icc_profile), notes
+        return photo_pixels.to_srgb(rgb, icc_profile), notes
     except ValueError as e:
         raise BadFile(str(e)) from None
 
@@ -146,14 +141,15 @@ def probe_photo(path: pathlib.Path) -> Photo:
             height, width = width, height
         if rgb.shape[:2] != (height, width):
             raise BadFile(f"OpenCV decodes {rgb.shape[1]}x{rgb.shape[0]}, Pillow {width}x{height}")
-    return Photo(pathlib.Path(path), height, width, orientation, as_is, icc_profile, tuple(notes))
+    return Photo(pathlib.Path(path), height, width, orientation, as_is, icc_profile, tuple(notes),
+                 hashlib.sha256(data).digest())
 
 
 def _profile_to_convert(image: Image.Image) -> bytes | None:
     """The photo's embedded colour profile when its numbers are not sRGB, else None."""
     icc_profile = image.info.get("icc_profile")
     try:
-        return icc_profile if colour_profile.needs_conversion(icc_profile) else None
+        return icc_profile if photo_pixels.needs_conversion(icc_profile) else None
     except ValueError as e:
         raise BadFile(str(e)) from None
 

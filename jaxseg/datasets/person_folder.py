@@ -10,6 +10,7 @@ import unicodedata
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxseg import photo_pixels
 from jaxseg.datasets import base, image_io
 
 SPLITS = ("train", "validation", "test")
@@ -88,7 +89,7 @@ def pair_files(directory: pathlib.Path) -> tuple[list[tuple[str, pathlib.Path, p
             for f in sorted((directory / sub).iterdir()):
                 if f.is_dir():
                     bad.append((f, f"folder inside {sub}/ (not read)"))
-                elif f.suffix.lower() not in image_io.IMAGE_SUFFIXES:
+                elif f.suffix.lower() not in photo_pixels.IMAGE_SUFFIXES:
                     bad.append((f, f"not an image file (extension {f.suffix or 'none'!r})"))
                 elif not _is_utf8(f.name):  # its id could not be stored
                     bad.append((f, "file name is not valid UTF-8 (rename it)"))

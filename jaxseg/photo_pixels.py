@@ -1,9 +1,13 @@
-"""Photos tagged with a colour profile other than sRGB, converted to sRGB.
+"""How a photo file's pixels are read: the rules that prediction and the dataset builders share
+(one module, since prediction cannot import the builders' package: it imports TensorFlow).
 
-Training photos and outputs are sRGB (untagged files are read as sRGB); a phone's Display P3 or a
-camera's Adobe RGB photo holds the same numbers for other colours. Prediction and the dataset
-builders both read photos through `to_srgb`, so a model sees a photo the same way in training,
-evaluation and use.
+- Which files are photos (`IMAGE_SUFFIXES`).
+- Which photos PIL decodes (`decoded_by_pil`): those with transparency, so that colour and
+  alpha come from one decode and a TIFF's colours unmultiplied (OpenCV multiplies them by the
+  alpha); the others OpenCV decodes.
+- Colour: training photos and outputs are sRGB (untagged files are read as sRGB); a phone's
+  Display P3 or a camera's Adobe RGB photo holds the same numbers for other colours, and is
+  converted (`to_srgb`).
 """
 from __future__ import annotations
 
@@ -11,6 +15,17 @@ import io
 
 import numpy as np
 from PIL import Image, ImageCms
+
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+# PIL clips these (16/32-bit gray) to 8 bits instead of scaling them: OpenCV reads them.
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def decoded_by_pil(image: Image.Image) -> bool:
+    """Whether an opened (not yet decoded) photo's pixels are taken from PIL, as RGBA."""
+    return image.has_transparency_data and image.mode not in _WIDE_GRAY_MODES
 
 
 def needs_conversion(icc_profile: bytes | None) -> bool:
