@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.dice_weight = 1.0
     c.loss.boundary_weight = 0.0  # extra cross-entropy weight of pixels near the mask's edge
     c.loss.boundary_radius = 2  # that band's half-width, in model pixels
+    c.loss.lovasz_weight = 0.0  # weight of the Lovász hinge, a surrogate of 1 - IoU per image
 
     c.optim = ml_collections.ConfigDict()
     c.optim.optimizer = "adamw"

@@ -74,3 +74,52 @@ def test_two_logit_softmax_weighs_the_band_like_the_sigmoid(example):
     kwargs = dict(boundary_weight=3.0, boundary_radius=1)
     assert float(losses.cross_entropy(two, masks, valid, **kwargs)) == pytest.approx(
         float(losses.cross_entropy(logits, masks, valid, **kwargs)), rel=1e-5)
+
+
+def numpy_iou_loss(masks, predicted):
+    """1 - IoU per image from boolean arrays, 0 where both are empty."""
+    t, p = masks[..., 0].astype(bool), predicted.astype(bool)
+    inter = (t & p).sum(axis=(1, 2))
+    union = (t | p).sum(axis=(1, 2))
+    return np.where(union > 0, 1 - inter / np.maximum(union, 1), 0.0)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_lovasz_hinge_on_unit_errors_is_one_minus_iou(example, heads):
+    # The Lovász extension agrees with the set function on indicator vectors: with each pixel's
+    # hinge error exactly 0 (logit = +-1 on the right side) or 1 (logit 0, counted as wrong),
+    # the loss is 1 - IoU of the prediction that gets the error pixels wrong.
+    _, masks = example
+    rng = np.random.default_rng(1)
+    wrong = rng.random(masks.shape[:3]) < 0.3
+    sign = 2.0 * masks[..., 0] - 1.0
+    z = np.where(wrong, 0.0, sign).astype(np.float32)
+    logits = z[..., None] if heads == 1 else np.stack([-z / 2, z / 2], axis=-1)
+    predicted = np.where(wrong, 1 - masks[..., 0], masks[..., 0])
+    valid = np.array([1, 1, 0], np.float32)
+    got = float(losses.lovasz_hinge(logits, masks, valid))
+    np.testing.assert_allclose(got, numpy_iou_loss(masks, predicted)[:2].mean(), rtol=1e-5)
+
+
+def test_lovasz_hinge_is_zero_beyond_the_margin_and_grows_with_errors(example):
+    _, masks = example
+    sign = (2.0 * masks - 1.0).astype(np.float32)
+    valid = np.ones(3, np.float32)
+    assert float(losses.lovasz_hinge(3 * sign, masks, valid)) == 0.0
+    wrong_once = 3 * sign
+    wrong_once[0, 5, 4] *= -1
+    wrong_twice = wrong_once.copy()
+    wrong_twice[0, 0, 0] *= -1
+    one = float(losses.lovasz_hinge(wrong_once, masks, valid))
+    two = float(losses.lovasz_hinge(wrong_twice, masks, valid))
+    assert 0 < one < two
+
+
+def test_lovasz_weight_adds_the_hinge_to_the_loss(example):
+    logits, masks = example
+    valid = np.ones(3, np.float32)
+    base, parts = losses.segmentation_loss(logits, masks, valid)
+    mixed, mixed_parts = losses.segmentation_loss(logits, masks, valid, lovasz_weight=0.5)
+    assert "lovasz_loss" not in parts
+    np.testing.assert_allclose(float(mixed), float(base) + 0.5 * float(mixed_parts["lovasz_loss"]),
+                               rtol=1e-6)

@@ -37,18 +37,19 @@ def run_steps(config, num_devices, num_steps=3):
     return jax.device_get(state), losses
 
 
-@pytest.mark.parametrize("copy_paste", [0.0, 0.5])
-def test_eight_devices_equal_one_device(copy_paste):
+@pytest.mark.parametrize("copy_paste, lovasz_weight", [(0.0, 0.0), (0.5, 0.0), (0.0, 1.0)])
+def test_eight_devices_equal_one_device(copy_paste, lovasz_weight):
     config = tiny_config()
     config.data.aug.copy_paste = copy_paste  # the paste mixes examples across device shards
+    config.loss.lovasz_weight = lovasz_weight  # sorts each example's pixels on its own device
     one, loss_one = run_steps(config, 1)
     eight, loss_eight = run_steps(config, 8)
     # Same math, different float32 summation order (cross-device all-reduce of gradients and of
     # BatchNorm statistics): after 3 Adam steps of lr <= 3e-3 the differences stay at rounding
     # level, far below the size of a single update (~1e-3).
     np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-5)
-    if copy_paste:  # and the paste happened: the same batches without it give other losses
-        config.data.aug.copy_paste = 0.0
+    if copy_paste or lovasz_weight:  # and it took effect: without it the losses differ
+        config.data.aug.copy_paste, config.loss.lovasz_weight = 0.0, 0.0
         assert not np.allclose(run_steps(config, 1)[1], loss_one, rtol=1e-3)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
@@ -80,6 +81,7 @@ def test_non_finite_step_leaves_state_unchanged():
     ("data.train", "nosuchset:1", "unknown dataset"),
     ("loss.boundary_weight", -1.0, "loss.boundary_weight=-1.0 must be >= 0"),
     ("loss.boundary_radius", 0, "loss.boundary_radius=0 must be >= 1"),
+    ("loss.lovasz_weight", -1.0, "loss.lovasz_weight=-1.0 must be >= 0"),
     ("data.aug.copy_paste", 1.5, "data.aug.copy_paste=1.5 must be in \\[0, 1\\]"),
 ])
 def test_impossible_config_fails_before_any_work(field, value, message):
