@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 from jaxseg import metric_writer
+from jaxseg.train import STOPPED_EXIT_STATUS
 
 RESULT_FILE = "sweep_result.json"
 SWEEP_FILE = "sweep.json"
@@ -135,12 +136,12 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
                 proc.send_signal(signum)
 
     def finish(proc, tdir, values):
-        if proc.wait() != 0:
+        if proc.wait() not in (0, STOPPED_EXIT_STATUS):
             failures.append(f"{tdir.name} failed (exit {proc.returncode}, log {tdir / 'train.log'})")
             return
         try:
             done, num_steps = _steps(tdir)
-            if done < num_steps:  # preempted: saved and exited cleanly; resumes on the next run
+            if done < num_steps:  # stopped by a signal after saving: resumes on the next run
                 failures.append(f"{tdir.name} stopped at step {done} of {num_steps} (preempted?); "
                                 "run the same command again to resume it")
                 return

@@ -27,6 +27,10 @@ from jaxseg.workdir import local_folder_problem, workdir_path
 
 log = logging.getLogger("jaxseg.train")
 
+# The exit status of a run stopped by a signal after saving (EX_TEMPFAIL: run it again): not 0, so
+# that a launch script stops there instead of evaluating a half-trained model as the result.
+STOPPED_EXIT_STATUS = 75
+
 
 def _data_dir(config):
     return config.data.data_dir or None
@@ -418,6 +422,7 @@ def main(argv):
         distributed.exit_with_error(f"error: {e}")
     if distributed.is_main_process():
         print(json.dumps({k: v for k, v in result.items()}, indent=1, default=float))
+    return STOPPED_EXIT_STATUS if result.get("preempted") else 0
 
 
 def _define_flags():

@@ -127,7 +127,11 @@ while ((remaining > 0)); do
 done
 sleep 1  # let tail print the end of process 0's log
 if [[ -n $failed ]]; then
-  echo "process $failed failed (exit $status); stopping the others" >&2
+  if ((status == 75)); then  # jaxseg.train's status after a stop signal and a committed save
+    echo "process $failed stopped after saving (exit 75): rerun the same command to resume" >&2
+  else
+    echo "process $failed failed (exit $status); stopping the others" >&2
+  fi
   stop_all
   echo "--- last lines of $logdir/process_$failed.log ---" >&2
   tail -n 30 "$logdir/process_$failed.log" >&2

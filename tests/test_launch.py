@@ -300,8 +300,11 @@ CLUSTER_CHECK = textwrap.dedent('''
     import os
     import sys
 
-    if "--fail" in sys.argv and os.environ["JAXSEG_PROCESS_ID"] == "1":
-        sys.exit(7)
+    if os.environ["JAXSEG_PROCESS_ID"] == "1":
+        if "--fail" in sys.argv:
+            sys.exit(7)
+        if "--stop" in sys.argv:  # as jaxseg.train after a stop signal and a save
+            sys.exit(75)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -338,13 +341,16 @@ def test_local_cluster_runs_collective(cluster_module, tmp_path):
     assert "all 2 processes finished" in out.stdout
 
 
-def test_local_cluster_failure_stops_the_others(cluster_module, tmp_path):
-    """Process 1 exits with 7 at once; process 0 (waiting for it) is stopped, status 7."""
+@pytest.mark.parametrize("flag, status, said", [
+    ("--fail", 7, "process 1 failed (exit 7); stopping the others"),
+    ("--stop", 75, "process 1 stopped after saving (exit 75): rerun the same command to resume")])
+def test_local_cluster_failure_stops_the_others(cluster_module, tmp_path, flag, status, said):
+    """Process 1 exits at once; process 0 (waiting for it) is stopped, with process 1's status."""
     out = _run([LAUNCH / "local_cluster.sh", "-n", "3", "-d", "1", "-m", "cluster_check", "-l",
-                tmp_path / "logs", "--", "--fail"], os.environ["PATH"], env=cluster_module,
+                tmp_path / "logs", "--", flag], os.environ["PATH"], env=cluster_module,
                timeout=120)
-    assert out.returncode == 7, out.stdout + out.stderr
-    assert "process 1 failed (exit 7)" in out.stderr
+    assert out.returncode == status, out.stdout + out.stderr
+    assert said in out.stderr
 
 
 def _validate_or_skip():

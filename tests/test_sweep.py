@@ -48,9 +48,10 @@ def test_sweep_ranks_by_validation_and_skips_finished(manual_dir, tmp_path, monk
 
 
 def test_a_trial_stopped_early_is_not_recorded_and_resumes(tmp_path, monkeypatch):
-    # The trial's training is a no-op that exits 0, as jaxseg.train does after a SIGTERM save;
+    # The trial's training is a no-op that exits as jaxseg.train does after a SIGTERM save;
     # its workdir says how far it got.
-    monkeypatch.setattr(sweep, "_command", lambda *args: [sys.executable, "-c", ""])
+    monkeypatch.setattr(sweep, "_command", lambda *args: [
+        sys.executable, "-c", f"raise SystemExit({sweep.STOPPED_EXIT_STATUS})"])
     combos = sweep.trials(sweep.parse_grid(["optim.learning_rate=1e-5"]))
     tdir = tmp_path / sweep.trial_name(combos[0])
     tdir.mkdir()
