@@ -449,7 +449,9 @@ def _define_flags():
     flags.DEFINE_string("masks", "", "Folder of masks paired with --images by file stem.")
     flags.DEFINE_string("predictions", "", "Score any model's <id>.png or <id>_mask.png masks "
                         "or soft maps instead.")
-    flags.DEFINE_string("output", "", "Metrics JSON path (default under the workdir).")
+    flags.DEFINE_string("output", "", "Metrics JSON path (default: WORKDIR/eval/, "
+                        "runs/pretrained/eval/ for the pretrained model, or beside the "
+                        "--predictions folder).")
     flags.DEFINE_string("data_dir", "", "TFDS data dir (default $TFDS_DATA_DIR).")
     flags.DEFINE_integer("batch_size", 16, "Global batch (rounded up to the device count; "
                          "lowered where large photos would not fit in memory).",
