@@ -62,7 +62,7 @@ def load_pretrained(directory: str | pathlib.Path | None = None, members: int = 
     config = config_from_json(card["config"])
     names = card.get("member_weights", [PRETRAINED_WEIGHTS])
     if not 0 <= members <= len(names):
-        raise MembersError(f"members={members}: the pretrained model has {len(names)} "
+        raise MembersError(f"the pretrained model has {len(names)} members "
                          f"(use 1..{len(names)}, or 0 for all)")
     # Shapes only: initialising real weights that the restore overwrites costs seconds.
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(config.model)))

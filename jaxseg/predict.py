@@ -13,7 +13,9 @@ import dataclasses
 import functools
 import os
 import pathlib
+import struct
 import sys
+import zlib
 
 import cv2
 import jax
@@ -22,11 +24,40 @@ import numpy as np
 
 from jaxseg import photo_pixels, refine, resolution
 from jaxseg.inference import person_probabilities
+from jaxseg.workdir import local_folder_problem
 
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".3gp", ".mpg", ".mpeg",
+                  ".wmv", ".flv", ".mts", ".m2ts"}
 MEDIA_SUFFIXES = photo_pixels.IMAGE_SUFFIXES | VIDEO_SUFFIXES
 MODES = ("mask", "cutout", "overlay", "background")
 BUCKET = 64
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+# Every output carries a mark: a PNG text chunk right after the header chunk, or a trailing MPEG-4
+# 'free' box (players skip it). A rerun replaces its own earlier outputs, and only those: a file
+# named like an output that this tool did not write (img_mask.png as a ground-truth mask) stays.
+OUTPUT_MARK = b"jaxseg.predict"
+_PNG_HEADER_END = 33  # 8-byte signature + IHDR (length, type, 13 bytes, CRC)
+_PNG_MARK = _png_chunk(b"tEXt", b"Software\0" + OUTPUT_MARK)
+_MP4_MARK = struct.pack(">I", 8 + len(OUTPUT_MARK)) + b"free" + OUTPUT_MARK
+
+
+def written_by_predict(path: pathlib.Path) -> bool:
+    """Whether PATH is a file this tool wrote (it carries the output mark)."""
+    try:
+        with open(path, "rb") as f:
+            if path.suffix == ".png":
+                f.seek(_PNG_HEADER_END)
+                return f.read(len(_PNG_MARK)) == _PNG_MARK
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - len(_MP4_MARK)))
+            return f.read() == _MP4_MARK
+    except OSError:  # a folder, or unreadable: not ours to replace
+        return False
 
 
 class Predictor:
@@ -92,17 +123,17 @@ def parse_colour(text: str) -> tuple[int, int, int]:
     """'#00ff00', '0,255,0' or a name (white, black, green, blue, red, gray) -> RGB."""
     names = {"white": (255, 255, 255), "black": (0, 0, 0), "green": (0, 255, 0),
              "blue": (0, 0, 255), "red": (255, 0, 0), "gray": (128, 128, 128)}
-    if text in names:
-        return names[text]
+    if text.lower() in names:
+        return names[text.lower()]
     if text.startswith("#") and len(text) == 7:
         try:
             return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))
         except ValueError:
             pass
     parts = text.split(",")
-    if len(parts) == 3 and all(p.strip().isdigit() for p in parts):
+    if len(parts) == 3 and all(p.strip().isdigit() and int(p) <= 255 for p in parts):
         return tuple(int(p) for p in parts)
-    raise ValueError(f"not a colour: {text!r} (use a name, #rrggbb or r,g,b)")
+    raise ValueError(f"not a colour: {text!r} (use a name, #rrggbb or r,g,b from 0 to 255)")
 
 
 @dataclasses.dataclass
@@ -212,14 +243,17 @@ def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndar
 
 
 def write_image(path: pathlib.Path, array: np.ndarray) -> None:
-    """Writes RGB/RGBA/gray uint8 as PNG (channel order converted for OpenCV)."""
+    """Writes RGB/RGBA/gray uint8 as a PNG carrying the output mark."""
     if array.ndim == 3 and array.shape[2] == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
     elif array.ndim == 3 and array.shape[2] == 4:
         array = cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA)
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError("OpenCV could not encode it")
+    png = encoded.tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), array):
-        raise OSError("OpenCV could not write it")
+    path.write_bytes(png[:_PNG_HEADER_END] + _PNG_MARK + png[_PNG_HEADER_END:])
 
 
 def _mirror_name(folder: pathlib.Path) -> str:
@@ -256,11 +290,21 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
     folder's parent writes them). Files named one by one are always taken."""
     images, videos, problems, passed_over = [], [], [], 0
     output = output.resolve()
+    seen = set()  # an input named twice (a.jpg a.jpg, or photos photos/) is taken once
+
+    def first_time(f: pathlib.Path) -> bool:
+        key = f.resolve()
+        new = key not in seen
+        seen.add(key)
+        return new
+
     for raw in inputs:
         path = pathlib.Path(raw)
         if path.is_dir():
             skip = _outputs_inside(path, output)
-            files = sorted(p for p in path.rglob("*") if p.is_file())
+            # Hidden files and folders (.thumbnails/, macOS's ._x.jpg) are not the user's photos.
+            files = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             stems = collections.defaultdict(set)
             for f in files:
                 if f.suffix.lower() in MEDIA_SUFFIXES:
@@ -274,13 +318,16 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
                         or kind not in MEDIA_SUFFIXES):
                     passed_over += 1
                     continue
-                (videos if kind in VIDEO_SUFFIXES else images).append(
-                    (f, mirror / f.relative_to(path).with_suffix("")))
-            if len(images) + len(videos) == taken_before:
+                if first_time(f):
+                    (videos if kind in VIDEO_SUFFIXES else images).append(
+                        (f, mirror / f.relative_to(path).with_suffix("")))
+            if (len(images) + len(videos) == taken_before
+                    and not any(f.resolve() in seen for f in files)):  # not all taken before
                 problems.append((path, "no images or videos in this folder"))
         elif path.is_file():
-            (videos if path.suffix.lower() in VIDEO_SUFFIXES else images).append(
-                (path, pathlib.Path(path.stem)))
+            if first_time(path):
+                (videos if path.suffix.lower() in VIDEO_SUFFIXES else images).append(
+                    (path, pathlib.Path(path.stem)))
         else:
             problems.append((path, "no such file or folder"))
     return images, videos, problems, passed_over
@@ -294,15 +341,19 @@ def output_path(output: pathlib.Path, stem: pathlib.Path, mode: str, suffix: str
 def claim_output(target: pathlib.Path, path: pathlib.Path, inputs_resolved, claimed: dict):
     """Reserves TARGET for PATH; the reason it cannot be written, or None.
 
-    An output never replaces an input, nor the output of another input of the same run (a.jpg and
-    a.png in one folder both map to a_mask.png). Claim only inputs that were read, so that an
-    unreadable a.jpg leaves a_mask.png to a.png; release the claim if writing fails.
+    An output never replaces an input, a file this tool did not write, or the output of another
+    input of the same run (a.jpg and a.png in one folder both map to a_mask.png). Claim only inputs
+    that were read, so that an unreadable a.jpg leaves a_mask.png to a.png; release the claim if
+    writing fails.
     """
     resolved = target.resolve()
     if resolved in inputs_resolved:
         return f"output {target} would overwrite an input"
     if resolved in claimed:
         return f"output {target} is already the output of {claimed[resolved]}"
+    if os.path.lexists(target) and not written_by_predict(target):
+        return (f"output {target} exists and was not written by jaxseg.predict: not replaced "
+                "(move it, or choose another --output)")
     claimed[resolved] = path
     return None
 
@@ -356,12 +407,15 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
         raise InputError("the video has no frame size")
     even_w, even_h = width - width % 2, height - height % 2
     target.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*"mp4v"), fps, (even_w, even_h))
+    # Written beside the target and renamed when complete: a run stopped halfway leaves no
+    # unmarked, truncated video where the next run would refuse to replace it.
+    partial = target.with_name(f".{target.stem}.partial.mp4")
+    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps, (even_w, even_h))
     if not writer.isOpened():
         capture.release()
         raise InputError(f"could not open {target} for writing as MPEG-4 at {even_w}x{even_h}, "
                          f"{fps:g} fps")
-    frames = 0
+    frames, complete = 0, False
     try:
         while True:
             batch = []
@@ -382,12 +436,17 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
             frames += len(batch)
             if progress is not None:
                 progress.set_postfix(frames=frames)
+        complete = frames > 0
     finally:
         capture.release()
         writer.release()
+        if not complete:  # no empty or half-written video left behind
+            partial.unlink(missing_ok=True)
     if frames == 0:
-        target.unlink(missing_ok=True)  # no empty video left behind
         raise InputError("the video has no readable frames")
+    with open(partial, "ab") as f:
+        f.write(_MP4_MARK)
+    os.replace(partial, target)
     if (even_w, even_h) != (width, height):
         print(f"note: {path}: {width}x{height} frames written as {even_w}x{even_h} "
               "(MPEG-4 needs even sizes)", file=sys.stderr)
@@ -434,7 +493,9 @@ def main(argv):
     if not inputs:
         raise SystemExit("usage: python -m jaxseg.predict INPUT... --output DIR [--mode mask]")
     if not 0 < f.threshold < 1:
-        raise SystemExit(f"--threshold={f.threshold} must be between 0 and 1")
+        raise SystemExit(f"--threshold={f.threshold} must be between 0 and 1, both excluded")
+    if not f.output:  # pathlib would make "" the current folder
+        raise SystemExit("--output: give the folder to write to")
     output = pathlib.Path(f.output)
     if output.exists() and not output.is_dir():
         raise SystemExit(f"--output {output}: exists and is not a folder")
@@ -446,6 +507,8 @@ def main(argv):
     background = None
     if f.mode == "background":
         bg_path = pathlib.Path(f.background)
+        if bg_path.is_dir():
+            raise SystemExit(f"--background {f.background}: a folder, not an image or a colour")
         if not bg_path.is_file() and bg_path.suffix.lower() in photo_pixels.IMAGE_SUFFIXES:
             raise SystemExit(f"--background {f.background}: no such image file")
         try:
@@ -455,6 +518,9 @@ def main(argv):
             raise SystemExit(f"--background {f.background}: {e}") from None
     renderer = Renderer(mode=f.mode, threshold=f.threshold, soft=f.soft, background=background)
     model, config, described = inference.load_or_exit(f.workdir or None, f.checkpoint, f.members)
+    problem = (images or videos) and local_folder_problem(output)  # before any prediction
+    if problem:
+        raise SystemExit(f"--output {output}: {problem}")
     predictor = Predictor(model, config.data.image_size, batch_size=f.batch_size,
                           flip_tta=f.flip_tta, refined=f.refine)
     inputs_resolved = {p.resolve() for p, _ in images + videos}

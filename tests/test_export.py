@@ -145,3 +145,5 @@ def test_an_output_that_cannot_be_created_is_refused_before_loading(tmp_path, mo
         export.main(["--output", str(tmp_path / "file" / "sub")])
     with pytest.raises(SystemExit, match="exists and is not a folder"):
         export.main(["--output", str(tmp_path / "file")])
+    with pytest.raises(SystemExit, match="--output: give the folder"):  # "" is not the cwd
+        export.main(["--output="])

@@ -174,6 +174,8 @@ def test_cli_masks_every_image_at_its_own_size(mask_run):
 def test_cli_video_keeps_frame_count_size_and_rate(mask_run):
     frames, fps = read_video(mask_run["out"] / "sub" / "clip_mask.mp4")
     assert len(frames) == 5
+    assert predict.written_by_predict(mask_run["out"] / "sub" / "clip_mask.mp4")
+    assert not list((mask_run["out"] / "sub").glob(".*"))  # no partial file left
     assert frames[0].shape == (64, 96, 3)
     assert fps == pytest.approx(10.0)
 
@@ -289,6 +291,7 @@ def test_output_that_is_a_file_and_bad_batch_are_usage_errors(tiny_model_dir, ja
                           (["--output", tmp_path / "out", "--batch_size", "0"], "batch_size"),
                           (["--output", tmp_path / "out", "--threshold", "1.5"],
                            "--threshold=1.5 must be between 0 and 1"),
+                          (["--output="], "--output: give the folder"),  # not the current one
                           (["--output", tmp_path / "out", "--threshold", "nan"], "--threshold=nan"),
                           (["--output", tmp_path / "out", "--checkpoint", "latest"],
                            "--checkpoint latest needs --workdir")]:
@@ -441,9 +444,10 @@ def test_cli_refine_writes_the_refined_soft_mask(tiny_model_dir, jax_cache, tmp_
 
 def test_parse_colour():
     assert predict.parse_colour("white") == (255, 255, 255)
+    assert predict.parse_colour("Green") == (0, 255, 0)
     assert predict.parse_colour("#00ff80") == (0, 255, 128)
     assert predict.parse_colour("1, 2,3") == (1, 2, 3)
-    for bad in ("#00ff", "#zzzzzz"):
+    for bad in ("#00ff", "#zzzzzz", "300,0,0"):
         with pytest.raises(ValueError, match="not a colour"):
             predict.parse_colour(bad)
 
@@ -590,3 +594,48 @@ def test_odd_sized_and_short_videos_are_noted(tiny_model_dir, tmp_path, monkeypa
     assert len(written) == 3 and written[0].shape == (60, 96, 3) and fps == pytest.approx(10.0)
     err = capsys.readouterr().err
     assert "97x61 frames written as 96x60" in err and "only 3 of the 5 frames" in err
+
+
+def test_collect_inputs_skips_hidden_files_and_repeats_and_knows_more_videos(tmp_path):
+    photos = tmp_path / "photos"
+    for name in ("a.png", "._a.png", ".thumbnails/a.png", "clip.3gp", "clip2.mpg"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(b"")
+    images, videos, problems, passed_over = predict.collect_inputs(
+        [photos, photos / "a.png", str(photos) + "/"], tmp_path / "out")
+    assert [p.name for p, _ in images] == ["a.png"]  # once, though named three times
+    assert sorted(p.name for p, _ in videos) == ["clip.3gp", "clip2.mpg"]
+    assert not problems and passed_over == 0
+
+
+def test_outputs_are_marked_and_only_marked_files_are_replaced(tmp_path):
+    image = photo(20, 30)
+    predict.write_image(tmp_path / "a_mask.png", image)
+    np.testing.assert_array_equal(read_rgb(tmp_path / "a_mask.png"), image)  # still a valid PNG
+    assert predict.written_by_predict(tmp_path / "a_mask.png")
+    fx.write(tmp_path / "b_mask.png", image)  # the user's own file, e.g. a ground-truth mask
+    assert not predict.written_by_predict(tmp_path / "b_mask.png")
+    claimed = {}
+    assert predict.claim_output(tmp_path / "a_mask.png", tmp_path / "a.png", set(), claimed) is None
+    why = predict.claim_output(tmp_path / "b_mask.png", tmp_path / "b.png", set(), claimed)
+    assert why and "was not written by jaxseg.predict: not replaced" in why
+
+
+def test_a_users_file_named_like_an_output_is_never_replaced(tiny_model_dir, jax_cache, tmp_path):
+    # x.png with its ground truth x_mask.png beside it, and --output at the folder's parent, where
+    # x.png's mask would go: the ground truth stays, the run says why, and y.png is still done.
+    photos = tmp_path / "photos"
+    fx.write(photos / "x.png", photo(30, 30, seed=1))
+    fx.write(photos / "y.png", photo(30, 30, seed=2))
+    truth = np.zeros((30, 30), np.uint8)
+    truth[5:25, 10:20] = 255
+    fx.write(photos / "x_mask.png", truth)
+    before = (photos / "x_mask.png").read_bytes()
+    for run in range(2):  # the second run replaces its own y_mask.png
+        result = run_cli(tiny_model_dir, photos, "--output", tmp_path, cache=jax_cache)
+        assert result.returncode == predict.EXIT_SKIPPED, result.stderr
+        assert (f"skipped {photos / 'x.png'}: output {photos / 'x_mask.png'} exists and was not "
+                "written by jaxseg.predict") in result.stderr
+        assert "wrote 1 outputs" in result.stdout
+        assert (photos / "x_mask.png").read_bytes() == before
+        assert predict.written_by_predict(photos / "y_mask.png")
