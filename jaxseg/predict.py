@@ -285,9 +285,10 @@ def _is_earlier_output(f: pathlib.Path, stems_beside: set[str]) -> bool:
 def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]:
     """(images, videos, problems, passed_over): [(path, relative output stem)], and how many
     files of the input folders were not taken: neither images nor videos by their suffix, or
-    earlier outputs (the output folder's tree where it lies inside an input folder, and files
-    named as outputs of a file beside them: x_mask.png next to x.jpg, as --output at an input
-    folder's parent writes them). Files named one by one are always taken."""
+    earlier outputs (the output folder's tree where it lies inside an input folder, files named
+    as outputs of a file beside them: x_mask.png next to x.jpg, as --output at an input folder's
+    parent writes them, and files carrying the output mark, wherever an earlier run put them).
+    Hidden files and folders are left out; files named one by one are always taken."""
     images, videos, problems, passed_over = [], [], [], 0
     output = output.resolve()
     seen = set()  # an input named twice (a.jpg a.jpg, or photos photos/) is taken once
@@ -315,7 +316,8 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
                 kind = f.suffix.lower()
                 if ((skip is not None and skip in f.resolve().parents)
                         or _is_earlier_output(f, stems[f.parent])
-                        or kind not in MEDIA_SUFFIXES):
+                        or kind not in MEDIA_SUFFIXES
+                        or written_by_predict(f)):  # an output of a run to another --output
                     passed_over += 1
                     continue
                 if first_time(f):
@@ -435,7 +437,8 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
                 writer.write(cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
             frames += len(batch)
             if progress is not None:
-                progress.set_postfix(frames=frames)
+                progress.total = max(announced, frames)  # headers may give none, or too few
+                progress.update(len(batch))
         complete = frames > 0
     finally:
         capture.release()
@@ -537,7 +540,7 @@ def main(argv):
             video_problems.append((path, why))
             continue
         try:
-            with tqdm(desc=path.name, unit="batch") as progress:
+            with tqdm(desc=path.name, unit="frame") as progress:
                 predict_video(predictor, renderer, path, target, progress=progress)
         except (InputError, OSError) as e:
             claimed.pop(target.resolve())

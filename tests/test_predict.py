@@ -606,6 +606,10 @@ def test_collect_inputs_skips_hidden_files_and_repeats_and_knows_more_videos(tmp
     assert [p.name for p, _ in images] == ["a.png"]  # once, though named three times
     assert sorted(p.name for p, _ in videos) == ["clip.3gp", "clip2.mpg"]
     assert not problems and passed_over == 0
+    # An earlier run's output (it carries the mark) under another --output is not an input.
+    predict.write_image(photos / "out" / "photos" / "a_mask.png", photo(10, 10))
+    images, _, _, passed_over = predict.collect_inputs([photos], photos / "out2")
+    assert [p.name for p, _ in images] == ["a.png"] and passed_over == 1
 
 
 def test_outputs_are_marked_and_only_marked_files_are_replaced(tmp_path):
