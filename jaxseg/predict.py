@@ -11,6 +11,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import io
 import os
 import pathlib
 import struct
@@ -224,7 +225,10 @@ def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndar
     from PIL import ImageOps
 
     try:
-        with _pil_without_size_limit() as Image, Image.open(path) as im:  # lazily: the header
+        data = path.read_bytes()
+        # From bytes, as the dataset builders read photos: opened by name, PIL maps an
+        # uncompressed TIFF and then decodes it without its orientation.
+        with _pil_without_size_limit() as Image, Image.open(io.BytesIO(data)) as im:  # header
             w, h = im.size
             transparent = photo_pixels.decoded_by_pil(im)
             icc_profile = im.info.get("icc_profile")
@@ -236,7 +240,7 @@ def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndar
         raise InputError(f"{w}x{h} = {w * h} pixels exceeds --max_pixels={max_pixels}")
     if transparent:
         return _to_srgb(np.ascontiguousarray(rgba[..., :3]), icc_profile), rgba[..., 3].copy()
-    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise InputError("could not decode the image")
     return _to_srgb(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), icc_profile), None

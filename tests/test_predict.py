@@ -383,6 +383,21 @@ def test_a_transparent_tiff_reads_like_the_same_png(tmp_path):
     np.testing.assert_array_equal(png[0], rgba[..., :3])
 
 
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+def test_a_turned_transparent_tiff_is_read_upright(tmp_path, compression):
+    """Opened by name, PIL maps an uncompressed TIFF and decoded it without its orientation."""
+    from PIL import Image
+
+    upright = np.dstack([photo(30, 40, seed=4), np.full((30, 40), 200, np.uint8)])
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1)))  # EXIF 6 turns it back
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "turned.tif", compression=compression, exif=exif)
+    image, alpha = predict.read_image(tmp_path / "turned.tif", 10**6)
+    np.testing.assert_array_equal(image, upright[..., :3])
+    np.testing.assert_array_equal(alpha, upright[..., 3])
+
+
 @pytest.mark.parametrize("orientation", [3, 6])
 def test_transparency_turns_with_a_photo_oriented_by_xmp(tmp_path, orientation):
     """Colour came from OpenCV (which ignores an orientation given only in XMP) and alpha from
