@@ -20,7 +20,6 @@ Keras is a benchmark-only dependency (keras 3, which ships with tensorflow-cpu).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import statistics
 import sys
@@ -49,8 +48,6 @@ def step_flops(jitted, *args) -> float:
     lowered = jitted.lower(*args)
     on_cpu = jax.default_backend() == "cpu"
     cost = lowered.compile().cost_analysis() if on_cpu else lowered.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax versions return one dict per computation
-        cost = cost[0]
     return float(cost["flops"])
 
 
@@ -223,20 +220,9 @@ class KerasTrainer:
 
 
 def _load_config(gpu: bool):
-    from configs import default
+    from configs import default, gpu as gpu_config
 
-    if not gpu:
-        return default.get_config()
-    try:
-        return importlib.import_module("configs.gpu").get_config()
-    except ModuleNotFoundError as e:
-        if e.name != "configs.gpu":
-            raise
-    config = default.get_config()
-    config.model.compute_dtype = "bfloat16"
-    config.data.image_size = 256
-    config.train.batch_size = 64
-    return config
+    return (gpu_config if gpu else default).get_config()
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -251,7 +237,7 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="Keras jit_compile settings to time; the faster one is compared "
                         "(none: JAX alone, TensorFlow not imported)")
     p.add_argument("--gpu_config", action="store_true",
-                   help="configs/gpu.py (else default + bf16, 256px, batch 64); JAX only, no TF")
+                   help="configs/gpu.py (else configs/default.py); JAX only, no TF")
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="accelerator peak for --gpu_config (H100 dense bf16: 989)")
     return p

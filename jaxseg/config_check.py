@@ -54,7 +54,7 @@ def validate(config, num_devices: int) -> None:
         problems.append(f"train.ema_decay={train_step.ema_decay(config)} must be in [0, 1) (0 = no EMA)")
     if config.loss.boundary_weight < 0:
         problems.append(f"loss.boundary_weight={config.loss.boundary_weight} must be >= 0 (0 = off)")
-    if config.loss.get("lovasz_weight", 0.0) < 0:
+    if config.loss.lovasz_weight < 0:
         problems.append(f"loss.lovasz_weight={config.loss.lovasz_weight} must be >= 0 (0 = off)")
     if config.loss.boundary_radius < 1:
         problems.append(f"loss.boundary_radius={config.loss.boundary_radius} must be >= 1")

@@ -5,11 +5,17 @@ import jax
 import jax.numpy as jnp
 
 
-def person_probability(logits: jax.Array) -> jax.Array:
-    """P(person) per pixel, (B, H, W), for 1-logit (sigmoid) or 2-logit (softmax) heads."""
+def person_margin_logit(logits: jax.Array) -> jax.Array:
+    """(B, H, W) logit of person against background, for 1-logit or 2-logit heads."""
     if logits.shape[-1] == 1:
-        return jax.nn.sigmoid(logits[..., 0])
-    return jax.nn.softmax(logits, axis=-1)[..., 1]
+        return logits[..., 0]
+    return logits[..., 1] - logits[..., 0]
+
+
+def person_probability(logits: jax.Array) -> jax.Array:
+    """P(person) per pixel, (B, H, W), for 1-logit (sigmoid) or 2-logit (softmax) heads: the
+    softmax of two logits is the sigmoid of their difference."""
+    return jax.nn.sigmoid(person_margin_logit(logits))
 
 
 def _weights(valid: jax.Array, ndim: int) -> jax.Array:
@@ -59,13 +65,6 @@ def soft_dice(logits: jax.Array, masks: jax.Array, valid: jax.Array, eps: float 
     return jnp.sum((1 - dice) * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def _person_margin_logit(logits: jax.Array) -> jax.Array:
-    """(B, H, W) logit of person against background, for 1-logit or 2-logit heads."""
-    if logits.shape[-1] == 1:
-        return logits[..., 0]
-    return logits[..., 1] - logits[..., 0]
-
-
 def lovasz_hinge(logits: jax.Array, masks: jax.Array, valid: jax.Array) -> jax.Array:
     """Lovász hinge per image (Berman et al. 2018), averaged over valid examples.
 
@@ -76,7 +75,7 @@ def lovasz_hinge(logits: jax.Array, masks: jax.Array, valid: jax.Array) -> jax.A
     has no gradient; the loss is differentiable through the sorted errors alone.
     """
     target = masks[..., 0].reshape(masks.shape[0], -1).astype(jnp.float32)
-    z = _person_margin_logit(logits).reshape(target.shape).astype(jnp.float32)
+    z = person_margin_logit(logits).reshape(target.shape).astype(jnp.float32)
     errors = 1.0 - z * (2.0 * target - 1.0)
     order = jnp.argsort(-errors, axis=1)
     errors_sorted = jnp.take_along_axis(errors, order, axis=1)

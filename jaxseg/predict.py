@@ -228,7 +228,7 @@ def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndar
         data = path.read_bytes()
         # From bytes, as the dataset builders read photos: opened by name, PIL maps an
         # uncompressed TIFF and then decodes it without its orientation.
-        with _pil_without_size_limit() as Image, Image.open(io.BytesIO(data)) as im:  # header
+        with _pil_without_size_limit() as Image, Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             transparent = photo_pixels.decoded_by_pil(im)
             icc_profile = im.info.get("icc_profile")
@@ -328,7 +328,7 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
                     (videos if kind in VIDEO_SUFFIXES else images).append(
                         (f, mirror / f.relative_to(path).with_suffix("")))
             if (len(images) + len(videos) == taken_before
-                    and not any(f.resolve() in seen for f in files)):  # not all taken before
+                    and not any(f.resolve() in seen for f in files)):  # nor by an earlier input
                 problems.append((path, "no images or videos in this folder"))
         elif path.is_file():
             if first_time(path):
@@ -525,7 +525,7 @@ def main(argv):
             raise SystemExit(f"--background {f.background}: {e}") from None
     renderer = Renderer(mode=f.mode, threshold=f.threshold, soft=f.soft, background=background)
     model, config, described = inference.load_or_exit(f.workdir or None, f.checkpoint, f.members)
-    problem = (images or videos) and local_folder_problem(output)  # before any prediction
+    problem = local_folder_problem(output) if images or videos else None  # before predicting
     if problem:
         raise SystemExit(f"--output {output}: {problem}")
     predictor = Predictor(model, config.data.image_size, batch_size=f.batch_size,

@@ -501,7 +501,7 @@ def training_figure(records: list[dict]) -> Image | None:
         return None
     fig = Figure(figsize=(12, 3.4), layout="constrained")
     ax_loss, ax_lr, ax_iou = fig.subplots(1, 3)
-    for key, style in (("loss", "-"), ("ce", ":"), ("dice_loss", "--")):
+    for key, style in (("loss", "-"), ("ce", ":"), ("dice_loss", "--"), ("lovasz_loss", "-.")):
         points = [(r["step"], r[key]) for r in train if key in r]
         if points:
             ax_loss.plot(*zip(*points), style, label=key)
@@ -524,7 +524,8 @@ def training_figure(records: list[dict]) -> Image | None:
     if names:
         ax_iou.legend(fontsize=8)
     return Image("training_curves", _encode(fig),
-                 "Training loss (total and its cross-entropy and Dice parts), learning rate, and "
+                 "Training loss (total and its cross-entropy, Dice and any Lovász parts), "
+                 "learning rate, and "
                  "validation person IoU per dataset at original resolution (solid) and model "
                  "resolution (dashed).")
 

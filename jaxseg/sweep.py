@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 from jaxseg import metric_writer
-from jaxseg.train import STOPPED_EXIT_STATUS
+from jaxseg.workdir import STOPPED_EXIT_STATUS
 
 RESULT_FILE = "sweep_result.json"
 SWEEP_FILE = "sweep.json"

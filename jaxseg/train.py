@@ -23,13 +23,9 @@ from flax import nnx
 
 from jaxseg import (checkpointing, config_check, datasets, distributed, host_memory,
                     input_pipeline, metric_writer, mixture, preprocess, sharding, train_step)
-from jaxseg.workdir import local_folder_problem, workdir_path
+from jaxseg.workdir import STOPPED_EXIT_STATUS, local_folder_problem, workdir_path
 
 log = logging.getLogger("jaxseg.train")
-
-# The exit status of a run stopped by a signal after saving (EX_TEMPFAIL: run it again): not 0, so
-# that a launch script stops there instead of evaluating a half-trained model as the result.
-STOPPED_EXIT_STATUS = 75
 
 
 def _data_dir(config):

@@ -87,7 +87,7 @@ def make_train_step(graphdef, config, mesh):
                 ce_weight=config.loss.ce_weight, dice_weight=config.loss.dice_weight,
                 boundary_weight=config.loss.boundary_weight,
                 boundary_radius=config.loss.boundary_radius,
-                lovasz_weight=config.loss.get("lovasz_weight", 0.0))
+                lovasz_weight=config.loss.lovasz_weight)
 
         (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         grad_norm = optax.tree.norm(grads)

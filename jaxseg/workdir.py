@@ -1,4 +1,5 @@
-"""Workdir paths: local folders or storage URLs (gs://...) shared by every process of a pod.
+"""Workdir paths: local folders or storage URLs (gs://...) shared by every process of a pod; and
+the exit status of a training that stopped with its workdir ready to resume.
 
 pathlib would turn 'gs://bucket/run' into the local folder 'gs:/bucket/run' and write each TPU
 host's checkpoints to its own disk; etils.epath keeps the URL (orbax writes it through tensorstore,
@@ -9,6 +10,10 @@ from __future__ import annotations
 import os
 
 from etils import epath
+
+# A run stopped by a signal after saving exits with this (EX_TEMPFAIL: run it again), not 0, so that
+# a launch script stops there instead of evaluating a half-trained model as the result.
+STOPPED_EXIT_STATUS = 75
 
 
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:

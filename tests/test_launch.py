@@ -353,16 +353,6 @@ def test_local_cluster_failure_stops_the_others(cluster_module, tmp_path, flag, 
     assert said in out.stderr
 
 
-def _validate_or_skip():
-    try:
-        from jaxseg import config_check, datasets
-    except ImportError as e:
-        pytest.skip(f"jaxseg.config_check does not import yet: {e}")
-    if not hasattr(datasets, "DATASETS"):
-        pytest.skip("jaxseg.datasets is not written yet (no DATASETS)")
-    return config_check.validate
-
-
 @pytest.mark.parametrize("name,num_devices", [("gpu", 1), ("tpu", 32), ("tpu", 8)])
 def test_accelerator_configs(name, num_devices):
     import importlib
@@ -370,7 +360,9 @@ def test_accelerator_configs(name, num_devices):
     config = importlib.import_module(f"configs.{name}").get_config()
     assert config.model.compute_dtype == "bfloat16"
     assert config.data.image_size == 256
-    _validate_or_skip()(config, num_devices=num_devices)
+    from jaxseg import config_check
+
+    config_check.validate(config, num_devices=num_devices)
 
 
 def test_gpu_array_train_set_overrides_fields_by_their_type():

@@ -77,14 +77,13 @@ def test_a_config_without_the_attention_field_builds_the_plain_model():
     assert len(create_model(config_from_json(stored).model).gates) == 0
 
 
-def test_output_shape_dtype_and_count_independent_of_resolution():
+def test_output_shape_and_dtype_at_any_resolution():
     model = UNet(depth=3, base_features=8, rngs=nnx.Rngs(0))
     for size in (64, 96):
         out = model(jnp.zeros((2, size, size, 3), jnp.uint8))
         assert out.shape == (2, size, size, 1) and out.dtype == jnp.float32
     two = UNet(depth=3, base_features=8, num_classes=2, rngs=nnx.Rngs(0))
     assert two(jnp.zeros((1, 64, 64, 3), jnp.uint8)).shape == (1, 64, 64, 2)
-    assert count_params(model) == count_params(UNet(depth=3, base_features=8, rngs=nnx.Rngs(1)))
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

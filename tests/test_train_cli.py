@@ -101,7 +101,7 @@ def test_a_stop_signal_saves_and_exits_cleanly(manual_dir, tmp_path, sig, said):
         time.sleep(0.2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == train.STOPPED_EXIT_STATUS, err[-2000:]  # so launch scripts stop
+    assert proc.returncode == 75, err[-2000:]  # EX_TEMPFAIL, not 0: so launch scripts stop
     ckpts = checkpointing.Checkpoints(tmp_path, read_only=True)
     meta, step = ckpts.read_meta("latest")
     assert meta.get("preempted") is True and 4 <= step < 400
