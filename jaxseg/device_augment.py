@@ -3,8 +3,9 @@
 For runs fed from device-resident arrays (launch/gpu_array_train.py): the same family of
 transforms as jaxseg.preprocess (random zoom, shift, rotation, horizontal flip, then
 brightness/contrast/saturation jitter), expressed as one inverse-mapped sampling grid so that a
-whole batch is augmented inside the jitted step with no host work. For every run, jaxseg.train's
-included: `copy_paste` (data.aug.copy_paste), applied by jaxseg.train_step to each batch.
+whole batch is augmented inside the jitted step with no host work. Also here, for every run
+(jaxseg.train's too): `copy_paste` (data.aug.copy_paste), applied by jaxseg.train_step to each
+batch.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """How a photo file's pixels are read: the rules that prediction and the dataset builders share
 (one module, since prediction cannot import the builders' package: it imports TensorFlow).
 
-- Which files are photos (`IMAGE_SUFFIXES`).
+- Which files are photos (`IMAGE_SUFFIXES`; hidden files and folders never are: `is_hidden`).
 - Which photos PIL decodes (`decoded_by_pil`): those with transparency, so that colour and
   alpha come from one decode and a TIFF's colours unmultiplied (OpenCV multiplies them by the
   alpha); the others OpenCV decodes.
@@ -12,12 +12,21 @@
 from __future__ import annotations
 
 import io
+import pathlib
 
 import numpy as np
 from PIL import Image, ImageCms
 
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+
+def is_hidden(relative: pathlib.PurePath) -> bool:
+    """Whether a path inside a folder of photos is hidden (a part starts with '.'): macOS's
+    ._x.jpg resource forks, .DS_Store and thumbnail folders are not the user's photos."""
+    return any(part.startswith(".") for part in relative.parts)
+
 
 # PIL clips these (16/32-bit gray) to 8 bits instead of scaling them: OpenCV reads them.
 _WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})

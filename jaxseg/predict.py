@@ -307,9 +307,8 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
         path = pathlib.Path(raw)
         if path.is_dir():
             skip = _outputs_inside(path, output)
-            # Hidden files and folders (.thumbnails/, macOS's ._x.jpg) are not the user's photos.
-            files = sorted(p for p in path.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files = sorted(p for p in path.rglob("*")
+                           if p.is_file() and not photo_pixels.is_hidden(p.relative_to(path)))
             stems = collections.defaultdict(set)
             for f in files:
                 if f.suffix.lower() in MEDIA_SUFFIXES:

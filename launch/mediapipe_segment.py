@@ -34,6 +34,7 @@ THRESHOLD = 0.5
 
 
 def list_ids(images: pathlib.Path) -> list[str]:
+    """The ids to segment: export_split.py's ids file (the split's order), else every <id>.png."""
     ids_file = images / "ids.txt"
     if ids_file.exists():
         return [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
@@ -41,6 +42,7 @@ def list_ids(images: pathlib.Path) -> list[str]:
 
 
 def main(argv=None) -> int:
+    """Command line: writes MediaPipe's mask for every id; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help="folder of <id>.png photos")
     parser.add_argument("--out", required=True, help="folder for the <id>.png masks (0/255)")

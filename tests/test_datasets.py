@@ -517,6 +517,22 @@ def test_folder_pairs_names_spelt_in_either_unicode_form(tmp_path):
                                 folder=str(root)) == {"train": 1}
 
 
+def test_folder_leaves_hidden_files_out(tmp_path):
+    # macOS copies ._x.jpg resource forks and .DS_Store beside the photos: neither is a photo
+    # without a mask, nor a change that makes the prepared data stale.
+    from jaxseg.datasets import person_folder
+
+    root = tmp_path / "mac"
+    fx.write(root / "images" / "a.jpg", fx.photo(2))
+    fx.write(root / "masks" / "a.png", fx.person(2) * 255)
+    name = person_folder.config_for(root).name
+    (root / "images" / "._a.jpg").write_bytes(b"\0\5\x16\7")
+    (root / "images" / ".DS_Store").write_bytes(b"junk")
+    pairs, bad = person_folder.pair_files(root)
+    assert [stem for stem, _, _ in pairs] == ["a"] and bad == []
+    assert person_folder.config_for(root).name == name
+
+
 def test_build_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
     from jaxseg.datasets import __main__ as cli
 

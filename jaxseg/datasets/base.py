@@ -150,13 +150,14 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
-    # TFDS locates a builder's source file (to look for a checksums file) via
-    # `importlib_resources`, which tensorflow-datasets 4.9.10 only declares for
-    # Python < 3.9, so on 3.12 preparing fails with ModuleNotFoundError. This
-    # returns what TFDS's own fallback computes.
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:
+        """The builder's source file, as TFDS's own fallback computes it.
+
+        TFDS locates it (to look for a checksums file) via `importlib_resources`, which
+        tensorflow-datasets 4.9.10 only declares for Python < 3.9: on 3.12 preparing would fail
+        with ModuleNotFoundError."""
         return epath.Path(inspect.getfile(cls))
 
     def _info(self) -> tfds.core.DatasetInfo:

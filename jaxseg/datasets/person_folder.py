@@ -59,6 +59,8 @@ def config_for(folder: str | pathlib.Path) -> PersonFolderConfig:
         for sub in ("images", "masks"):
             if (directory / sub).is_dir():
                 for f in sorted((directory / sub).iterdir()):
+                    if photo_pixels.is_hidden(pathlib.PurePath(f.name)):  # not read: see pair_files
+                        continue
                     # lstat and raw bytes: a dangling link or a name in another encoding is
                     # reported by the build (pair_files) instead of stopping it here.
                     stat = f.lstat()
@@ -87,6 +89,8 @@ def pair_files(directory: pathlib.Path) -> tuple[list[tuple[str, pathlib.Path, p
         by_stem = collections.defaultdict(list)
         if (directory / sub).is_dir():
             for f in sorted((directory / sub).iterdir()):
+                if photo_pixels.is_hidden(pathlib.PurePath(f.name)):
+                    continue
                 if f.is_dir():
                     bad.append((f, f"folder inside {sub}/ (not read)"))
                 elif f.suffix.lower() not in photo_pixels.IMAGE_SUFFIXES:

@@ -1,4 +1,4 @@
-"""Segmentation models (architecture only; training logic lives in jaxseg.train)."""
+"""Segmentation models (architecture only; the train step lives in jaxseg.train_step)."""
 from jaxseg.models.ensemble import LogitAverage, of_members
 from jaxseg.models.unet import UNet, create_model
 
