@@ -15,13 +15,13 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxseg.datasets.base import REPORT_FILE, BadDataError, hash_split
+from jaxseg.datasets.base import REPORT_FILE, BadDataError
 from jaxseg.datasets.ccp_person import CcpPerson
 from jaxseg.datasets.person_folder import PersonFolder, config_for
 from jaxseg.datasets.portrait_segmentation import PortraitSegmentation
 
 __all__ = ["DATASETS", "MANUAL_SUBDIRS", "REPORT_FILE", "BadDataError", "Source", "build_report", "builder",
-           "data_source", "hash_split", "prepare", "split_sizes"]
+           "data_source", "prepare", "split_sizes"]
 
 DATASETS = ("portrait_segmentation", "ccp_person", "person_folder")
 _BUILDERS = {"portrait_segmentation": PortraitSegmentation, "ccp_person": CcpPerson, "person_folder": PersonFolder}
@@ -93,8 +93,7 @@ def data_source(name: str, split: str, *, data_dir: str | None = None, folder: s
 
 def split_sizes(name: str, *, data_dir: str | None = None, folder: str | None = None) -> dict[str, int]:
     """Number of examples per split (prepares the data first if needed)."""
-    splits = prepare(name, data_dir=data_dir, folder=folder).info.splits
-    return {split: info.num_examples for split, info in splits.items()}
+    return prepare(name, data_dir=data_dir, folder=folder).split_sizes()
 
 
 def build_report(name: str, *, data_dir: str | None = None, folder: str | None = None) -> dict:

@@ -31,9 +31,8 @@ def main(argv=None):
                                        on_bad=args.on_bad, manual_dir=args.manual_dir)
         except (ValueError, FileNotFoundError) as e:  # missing or bad data, wrong layout
             raise SystemExit(f"error: {e}") from None
-        sizes = {s: i.num_examples for s, i in builder.info.splits.items()}
         report = pathlib.Path(builder.data_dir) / datasets.REPORT_FILE
-        print(json.dumps({"dataset": name, "splits": sizes,
+        print(json.dumps({"dataset": name, "splits": builder.split_sizes(),
                           "counts": builder.report().get("counts", {}), "report": str(report)}))
 
 

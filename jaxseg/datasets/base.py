@@ -272,10 +272,13 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "source": self.name,
             }
 
+    def split_sizes(self) -> dict[str, int]:
+        """Number of examples per prepared split."""
+        return {name: split.num_examples for name, split in self.info.splits.items()}
+
     def _download_and_prepare(self, dl_manager, download_config):
         super()._download_and_prepare(dl_manager, download_config)
-        sizes = {name: split.num_examples for name, split in self.info.splits.items()}
-        self._report.write(self.data_path / REPORT_FILE, sizes)
+        self._report.write(self.data_path / REPORT_FILE, self.split_sizes())
 
     def download_and_prepare(self, **kwargs):
         """Prepare once; with on_bad='error', data prepared earlier must have skipped nothing."""
