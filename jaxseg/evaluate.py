@@ -137,11 +137,20 @@ class Evaluator:
         """Metrics of another model's masks or probability maps, one PNG per photo
         (`prediction_files`). The folder is read as soft maps, cut at the evaluator's threshold,
         when any of its files is soft (`is_soft`): then a map holding only 0 and 1/255 (a
-        person-free photo) is not taken for a 0/1 mask. Otherwise its files are masks."""
+        person-free photo) is not taken for a 0/1 mask. Otherwise its files are masks. Where files
+        of 0 and 1 alone outnumber the soft ones, `predictions_warning` says so: one antialiased
+        file among 0/1 masks reads them all as near-0 probabilities."""
         predictions_dir = pathlib.Path(predictions_dir)
         files = prediction_files(predictions_dir,
                                  [self.source[i]["id"] for i in range(len(self.source))])
-        soft = any(is_soft(read_prediction_values(path)) for path in files.values())
+        soft_files, zero_one_files = [], []
+        for path in files.values():
+            values = read_prediction_values(path)
+            if is_soft(values):
+                soft_files.append(path.name)
+            elif values.dtype.kind != "f" and values.max() == 1:
+                zero_one_files.append(path.name)
+        soft = bool(soft_files)
         step = jax.jit(functools.partial(_predictions_step, canvas=self.canvas,
                                          threshold=self.threshold, tol_full=self.tol_full),
                        in_shardings=sharding.data_sharded(self.mesh),
@@ -150,6 +159,12 @@ class Evaluator:
             self._with_predictions(files, soft))]
         result = self._result(outputs)
         result["predictions_read_as"] = "soft maps" if soft else "masks"
+        if soft and len(zero_one_files) > len(soft_files):
+            result["predictions_warning"] = (
+                f"{len(zero_one_files)} file(s) hold only 0 and 1, as 0/1 masks do (e.g. "
+                f"{zero_one_files[0]}), and were read as soft maps of near-0 probabilities, "
+                f"because {len(soft_files)} file(s) hold other values (e.g. {soft_files[0]}); "
+                "if they are masks, save every prediction as a 0/255 mask")
         return result
 
     def _with_predictions(self, files: dict, soft: bool):
@@ -293,6 +308,9 @@ def folder_root(images: str, masks: str) -> pathlib.Path:
             raise FileNotFoundError(f"{flag}: not a folder: {d}")
         if not any(p.is_file() for p in d.rglob("*")):
             raise FileNotFoundError(f"{flag}: no files in {d}")
+    if images_dir == masks_dir:  # each photo would be paired with itself as its mask
+        raise ValueError(f"--images and --masks are the same folder ({d}): photos and masks are "
+                         "paired by file name, so put the masks in a folder of their own")
     if (images_dir.parent == masks_dir.parent and images_dir.name == "images"
             and masks_dir.name == "masks"):
         return images_dir.parent
@@ -389,6 +407,9 @@ def main(argv):
                   refine=bool(f.refine), members=f.members or None)
     if f.refine:
         result.update(refine_radius=f.refine_radius, refine_eps=f.refine_eps)
+    if "predictions_warning" in result and distributed.is_main_process():
+        print(f"warning: --predictions {f.predictions}: {result['predictions_warning']}",
+              file=sys.stderr)
     if folder:  # where jaxseg.report finds the photos again for its overlays
         result["folder"] = folder
     if f.data_dir:  # and the prepared data

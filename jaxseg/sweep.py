@@ -27,10 +27,16 @@ from jaxseg.workdir import STOPPED_EXIT_STATUS
 
 RESULT_FILE = "sweep_result.json"
 SWEEP_FILE = "sweep.json"
+TRIAL_FILE = "sweep_trial.json"  # the values a trial folder was started with
 
 
 class SweepError(RuntimeError):
-    """Trials that failed or stopped early, or a sweep folder re-run with another command."""
+    """Trials that failed or stopped early, or a sweep folder re-run with another command;
+    `stopped`: the sweep itself was stopped by a signal."""
+
+    def __init__(self, message: str, *, stopped: bool = False):
+        super().__init__(message)
+        self.stopped = stopped
 
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
@@ -61,11 +67,11 @@ def trials(grid: dict[str, list], num_random: int = 0, seed: int = 0) -> list[di
     return combos
 
 
-def trial_name(values: dict) -> str:
+def trial_name(values: dict, *, whole: bool = False) -> str:
     """A stable, readable directory name for a trial's values: each field by its last part, or
-    whole where two fields share it (train.batch_size and eval.batch_size)."""
+    whole where two fields share it (train.batch_size and eval.batch_size) or `whole` says so."""
     last = [k.split(".")[-1] for k in values]
-    names = [k if last.count(short) > 1 else short for k, short in zip(values, last)]
+    names = [k if whole or last.count(short) > 1 else short for k, short in zip(values, last)]
     text = "_".join(f"{name}={v}" for name, v in zip(names, values.values()))
     return re.sub(r"[^A-Za-z0-9_.=-]", "-", text) or "base"
 
@@ -84,6 +90,27 @@ def _result(workdir: pathlib.Path, values: dict) -> dict:
     best = max(validation, key=lambda r: r["val_iou"])
     return {"trial": workdir.name, **values, "val_iou": best["val_iou"], "best_step": best["step"],
             "final_train_loss": [r for r in records if r["kind"] == "train"][-1]["loss"]}
+
+
+def _recorded_values(tdir: pathlib.Path) -> dict | None:
+    """The values a trial folder holds (None: no trial there, or none recorded)."""
+    if (tdir / TRIAL_FILE).exists():
+        return json.loads((tdir / TRIAL_FILE).read_text())
+    if (tdir / RESULT_FILE).exists():  # a folder from before TRIAL_FILE: its result row has them
+        result = json.loads((tdir / RESULT_FILE).read_text())
+        return {k: v for k, v in result.items()
+                if k not in ("trial", "val_iou", "best_step", "final_train_loss")}
+    return None
+
+
+def trial_dir(workdir: pathlib.Path, values: dict) -> pathlib.Path:
+    """The trial's folder: by its short name, unless another grid's trial holds that name
+    (eval.batch_size=4 after train.batch_size=4), then by whole field names."""
+    short = workdir / trial_name(values)
+    recorded = _recorded_values(short)
+    if recorded is None or recorded == json.loads(json.dumps(values)):
+        return short
+    return workdir / trial_name(values, whole=True)
 
 
 def _steps(tdir: pathlib.Path) -> tuple[int, int]:
@@ -120,10 +147,13 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
     """Runs the unfinished trials, then ranks every finished trial by validation IoU; returns
     the rows. Raises SweepError naming the trials that failed or stopped early (after ranking)."""
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SweepError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
     _check_same_sweep(workdir, config, extra)
-    todo = [(workdir / trial_name(v), v) for v in combos
-            if not (workdir / trial_name(v) / RESULT_FILE).exists()]
+    todo = [(tdir, v) for tdir, v in ((trial_dir(workdir, v), v) for v in combos)
+            if not (tdir / RESULT_FILE).exists()]
     running: list[tuple] = []
     failures = []
     stopping = []  # the signal that stops the sweep, once one came
@@ -151,9 +181,14 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
             return
         (tdir / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
 
+    def interrupted(signum, frame):
+        del frame
+        stopping.append(signum)  # not forwarded: a second Ctrl-C would stop a trial unsaved
+
     # SIGTERM (a scheduler's stop) would end the sweep alone and leave its trials training
-    # unwatched: they get it too, and save; Ctrl-C reaches them from the terminal already.
-    previous = signal.signal(signal.SIGTERM, stop)
+    # unwatched: they get it too, and save. Ctrl-C reaches them from the terminal already: the
+    # sweep waits for their saves instead of dying on KeyboardInterrupt.
+    previous = signal.signal(signal.SIGTERM, stop), signal.signal(signal.SIGINT, interrupted)
     try:
         for number, (tdir, values) in enumerate(todo):
             if stopping:
@@ -161,6 +196,7 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
                                 "command again")
                 break
             tdir.mkdir(parents=True, exist_ok=True)
+            (tdir / TRIAL_FILE).write_text(json.dumps(values) + "\n")
             command = _command(config, tdir, values, list(extra))
             print(f"trial {tdir.name}: {' '.join(command)}", flush=True)
             log = open(tdir / "train.log", "a")
@@ -175,14 +211,15 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
             finish(*running[0])
             running.pop(0)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     # Every finished trial of the folder (sweep.json vouches for their config): a rerun with
     # another --grid adds its trials to the earlier ones' ranking instead of replacing it.
     rows = [json.loads(path.read_text()) for path in sorted(workdir.glob(f"*/{RESULT_FILE}"))]
     rows.sort(key=lambda r: -r["val_iou"])
     write_table(workdir, rows)
     if failures:
-        raise SweepError("unfinished trials: " + "; ".join(failures))
+        raise SweepError("unfinished trials: " + "; ".join(failures), stopped=bool(stopping))
     return rows
 
 
@@ -226,10 +263,14 @@ def main(argv=None):
         combos = trials(parse_grid(args.grid), args.random, args.seed)
     except ValueError as e:
         p.error(str(e))
+    if not args.workdir:  # pathlib would make "" the current folder
+        p.error("--workdir: give the sweep's folder")
     try:
         rows = run(args.config, args.workdir, combos, parallel=args.parallel, extra=extra)
     except SweepError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        # Stopped by a signal: rerunning resumes, as after a stopped training.
+        raise SystemExit(STOPPED_EXIT_STATUS if e.stopped else 1) from None
     print((pathlib.Path(args.workdir) / "results.md").read_text())
     return rows
 

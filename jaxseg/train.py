@@ -406,6 +406,8 @@ def main(argv):
     # from, initialised from) still go through on process 0.
     logging.getLogger("jaxseg").setLevel(
         logging.INFO if distributed.is_main_process() else logging.WARNING)
+    if not FLAGS.workdir:  # pathlib would make "" the current folder
+        distributed.exit_with_error("error: --workdir: give the run's folder")
     config = FLAGS.config
     try:
         config.to_dict()  # a --config file that failed to load stands in as an object raising on use

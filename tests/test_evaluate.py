@@ -143,7 +143,18 @@ def test_predictions_are_read_like_masks_and_meet_the_threshold(tmp_path):
             r = score(folders[kind], threshold)
             assert r["iou"] == pytest.approx(numpy_iou(threshold)), (kind, threshold)
             assert r["threshold"] == threshold and r["predictions_read_as"] == "soft maps"
+            assert "predictions_warning" not in r  # one person-free map of 0 and 1 is no mask
     assert numpy_iou(0.2) < numpy_iou(0.5) < 1.0 and numpy_iou(0.8) == 0.0
+    # 0/1 masks with one antialiased file among them: all read soft, as the rule says, and said.
+    zero_one = tmp_path / "zero_one"
+    zero_one.mkdir()
+    for i, (ex, t) in enumerate(zip(source, truth)):
+        mask = t.astype(np.uint8)
+        mask[0, 0] = 128 if i == 0 else mask[0, 0]
+        cv2.imwrite(str(zero_one / f"{ex['id']}.png"), mask)
+    warning = score(zero_one)["predictions_warning"]
+    assert warning.startswith(f"{len(source) - 1} file(s) hold only 0 and 1")
+    assert f"(e.g. {source[0]['id']}.png)" in warning
     # Two files for one photo: refused, not one picked silently.
     cv2.imwrite(str(folders["named"] / f"{source[0]['id']}.png"), truth[0].astype(np.uint8))
     with pytest.raises(ValueError, match="several predictions"):
@@ -266,6 +277,9 @@ def test_folder_evaluations_keep_their_own_results_file(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(FileNotFoundError, match="--images: no files in"):
         evaluate.folder_root(str(a), str(tmp_path / "m"))
+    (a / "x.jpg").write_bytes(b"")  # with x_mask.png beside it: each file its own mask
+    with pytest.raises(ValueError, match="--images and --masks are the same folder"):
+        evaluate.folder_root(str(a), str(a) + "/")
     with pytest.raises(ValueError, match="pass --images DIR --masks DIR"):
         evaluate._source_for(types.SimpleNamespace(**{**vars(flags("", "")), "images": "",
                                                       "masks": "", "dataset": "person_folder"}))

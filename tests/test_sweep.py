@@ -162,9 +162,43 @@ def test_sigterm_reaches_the_running_trial_and_starts_no_other(tmp_path, monkeyp
     before = signal.getsignal(signal.SIGTERM)
     threading.Thread(target=terminate_once_ready, daemon=True).start()
     start = time.monotonic()
-    with pytest.raises(sweep.SweepError, match="1 trial\\(s\\) not started"):
+    with pytest.raises(sweep.SweepError, match="1 trial\\(s\\) not started") as stopped:
         sweep.run("configs/smoke.py", tmp_path, combos)
+    assert stopped.value.stopped  # main exits with STOPPED_EXIT_STATUS: a rerun resumes
     assert time.monotonic() - start < 60  # the trial stopped, it did not sleep on
     assert (first / "got_sigterm").exists()
     assert not (tmp_path / sweep.trial_name(combos[1])).exists()
     assert signal.getsignal(signal.SIGTERM) == before  # the sweep's handler is gone again
+
+
+def test_another_grids_trial_of_the_same_short_name_gets_its_own_folder(tmp_path, monkeypatch):
+    # train.batch_size=4 from a first --grid, then eval.batch_size=4 from a second: both are
+    # "batch_size=4" by short name, and the second was taken for finished.
+    runs = []
+
+    def fake_train(config, tdir, values, extra):
+        runs.append(values)
+        (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 1}}))
+        (tdir / "metrics.jsonl").write_text(
+            json.dumps({"step": 1, "kind": "train", "loss": 0.5}) + "\n"
+            + json.dumps({"step": 1, "kind": "validation", "val_iou": 0.1 * len(runs)}) + "\n")
+        return [sys.executable, "-c", ""]
+
+    monkeypatch.setattr(sweep, "_command", fake_train)
+    for grid in ("train.batch_size=4", "eval.batch_size=4"):
+        rows = sweep.run("configs/smoke.py", tmp_path, sweep.trials(sweep.parse_grid([grid])))
+    assert runs == [{"train.batch_size": 4}, {"eval.batch_size": 4}]
+    assert sorted(r["trial"] for r in rows) == ["batch_size=4", "eval.batch_size=4"]
+    # Rerun: both found finished, in their own folders.
+    for grid in ("train.batch_size=4", "eval.batch_size=4"):
+        sweep.run("configs/smoke.py", tmp_path, sweep.trials(sweep.parse_grid([grid])))
+    assert len(runs) == 2
+
+
+def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(sweep.SweepError, match="cannot create it"):
+        sweep.run("configs/smoke.py", tmp_path / "file", [{"seed": 0}])
+    with pytest.raises(SystemExit) as usage:
+        sweep.main(["--workdir=", "--grid", "seed=0"])
+    assert usage.value.code == 2 and "--workdir: give the sweep's folder" in capsys.readouterr().err

@@ -131,6 +131,7 @@ def test_impossible_config_fails_before_touching_data(tmp_path, override, messag
     # With --config left at its default, ml_collections applies overrides while defining the flag.
     (["--config.train.nope=1"], "the config has no field 'nope'"),
     (["--config", "configs/missing.py"], "error: --config: [Errno 2] No such file or directory"),
+    (["--workdir="], "error: --workdir: give the run's folder"),  # not the current folder
 ])
 def test_config_errors_are_one_line(tmp_path, args, message):
     result = subprocess.run(
