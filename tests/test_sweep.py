@@ -136,17 +136,19 @@ def test_the_same_config_file_named_another_way_is_the_same_sweep(tmp_path, monk
         sweep.run("configs/default.py", tmp_path, combos)
 
 
-def test_sigterm_reaches_the_running_trial_and_starts_no_other(tmp_path, monkeypatch):
-    """The sweep once died alone: its trial trained on unwatched, and a rerun started it twice."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_reaches_the_running_trial_and_starts_no_other(tmp_path, monkeypatch, sig):
+    """The sweep once died alone on SIGTERM: its trial trained on unwatched, and a rerun started
+    it twice. On Ctrl-C it died on KeyboardInterrupt while its trial was still saving."""
     import signal
     import threading
     import time
 
-    trial = ("import pathlib, signal, sys, time\n"
+    trial = ("import os, pathlib, signal, sys, time\n"
              "here = pathlib.Path(sys.argv[1])\n"
-             "signal.signal(signal.SIGTERM, lambda *a: ((here / 'got_sigterm').write_text(''), "
-             "sys.exit(0)))\n"
-             "(here / 'ready').write_text('')\n"
+             f"signal.signal(signal.{sig}, lambda *a: ((here / 'got_signal').write_text(''), "
+             "time.sleep(1), sys.exit(75)))\n"  # a save takes a while
+             "(here / 'ready').write_text(str(os.getpid()))\n"
              "time.sleep(120)\n")
     monkeypatch.setattr(sweep, "_command", lambda config, tdir, values, extra: [
         sys.executable, "-c", trial, str(tdir)])
@@ -157,18 +159,22 @@ def test_sigterm_reaches_the_running_trial_and_starts_no_other(tmp_path, monkeyp
         deadline = time.monotonic() + 60
         while not (first / "ready").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the pid is written
+        if sig == "SIGINT":  # a terminal's Ctrl-C reaches the trial itself, not through the sweep
+            os.kill(int((first / "ready").read_text()), signal.SIGINT)
+        os.kill(os.getpid(), getattr(signal, sig))
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     threading.Thread(target=terminate_once_ready, daemon=True).start()
     start = time.monotonic()
     with pytest.raises(sweep.SweepError, match="1 trial\\(s\\) not started") as stopped:
         sweep.run("configs/smoke.py", tmp_path, combos)
     assert stopped.value.stopped  # main exits with STOPPED_EXIT_STATUS: a rerun resumes
     assert time.monotonic() - start < 60  # the trial stopped, it did not sleep on
-    assert (first / "got_sigterm").exists()
+    assert (first / "got_signal").exists()
     assert not (tmp_path / sweep.trial_name(combos[1])).exists()
-    assert signal.getsignal(signal.SIGTERM) == before  # the sweep's handler is gone again
+    # The sweep's handlers are gone again.
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_another_grids_trial_of_the_same_short_name_gets_its_own_folder(tmp_path, monkeypatch):
