@@ -309,8 +309,8 @@ def folder_root(images: str, masks: str) -> pathlib.Path:
         if not any(p.is_file() for p in d.rglob("*")):
             raise FileNotFoundError(f"{flag}: no files in {d}")
     if images_dir == masks_dir:  # each photo would be paired with itself as its mask
-        raise ValueError(f"--images and --masks are the same folder ({d}): photos and masks are "
-                         "paired by file name, so put the masks in a folder of their own")
+        raise ValueError(f"--images and --masks are the same folder ({images_dir}): photos and "
+                         "masks are paired by file name, so put the masks in a folder of their own")
     if (images_dir.parent == masks_dir.parent and images_dir.name == "images"
             and masks_dir.name == "masks"):
         return images_dir.parent
