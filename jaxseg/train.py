@@ -208,6 +208,37 @@ def _warn_about_resume_changes(config, meta: dict) -> None:
                     "schedule now spans %d steps, so the rate at the resumed step differs "
                     "from the one the run had (a finished cosine rises again)",
                     config.train.num_steps, steps, config.train.num_steps)
+    changed = _changed_fields(meta.get("config", {}), json.loads(config.to_json()),
+                              ("data", "loss", "optim"))
+    if changed:
+        log.warning("resumed with %s: from here the run trains (and validates) otherwise than the "
+                    "one that wrote the checkpoint%s", ", ".join(changed),
+                    "; best/ compares validation IoU across other validation sets"
+                    if any(c.startswith(("data.eval=", "data.eval_split=")) for c in changed)
+                    else "")
+
+
+# Fields that change neither the batches nor the model's training: where data is read from, and
+# how fast. data.train has its own warning above.
+_RESUME_NEUTRAL = {"data.data_dir", "data.folder", "data.num_workers", "data.prefetch",
+                   "data.train"}
+
+
+def _changed_fields(stored: dict, current: dict, sections, prefix: str = "") -> list[str]:
+    """'field=new (written with old)' for each field of SECTIONS that differs between the stored
+    and the current config, both as JSON (fields absent from the stored one are new defaults,
+    not changes)."""
+    changed = []
+    for key in sections:
+        if key not in stored or key not in current:
+            continue
+        name = prefix + key
+        old, new = stored[key], current[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_fields(old, new, sorted(new), name + ".")
+        elif name not in _RESUME_NEUTRAL and old != new:
+            changed.append(f"{name}={new!r} (written with {old!r})")
+    return changed
 
 
 def _init_model(config):

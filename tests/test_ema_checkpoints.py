@@ -173,6 +173,21 @@ def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
     text = caplog.text
     assert f"seed={changed.seed}" in text and "data.train='ccp_person'" in text
     assert f"train.num_steps={changed.train.num_steps}" in text and "schedule" in text
+    # Other fields of the data, the loss and the optimiser are named in one warning, with a
+    # word on best/ where the validation set changed; where data is read from is not a change.
+    caplog.clear()
+    other = tiny_config(0.0)
+    other.optim.learning_rate *= 3
+    other.data.eval = "ccp_person"
+    other.data.num_workers += 1
+    del meta["config"]["loss"]["boundary_weight"]  # a field the stored config predates
+    other.loss.boundary_weight = 2.0
+    with caplog.at_level("WARNING", logger="jaxseg.train"):
+        train._warn_about_resume_changes(other, meta)
+    text = caplog.text
+    assert f"optim.learning_rate={other.optim.learning_rate!r} (written with {config.optim.learning_rate!r})" in text
+    assert "data.eval='ccp_person'" in text and "best/ compares validation IoU" in text
+    assert "num_workers" not in text and "boundary_weight" not in text
 
 
 def test_a_checkpoint_from_before_attention_gates_resumes_only_without_them(tmp_path):
