@@ -21,7 +21,6 @@ from PIL import Image, ImageCms
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
-
 def is_hidden(relative: pathlib.PurePath) -> bool:
     """Whether a path inside a folder of photos is hidden (a part starts with '.'): macOS's
     ._x.jpg resource forks, .DS_Store and thumbnail folders are not the user's photos."""

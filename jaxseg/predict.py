@@ -48,7 +48,10 @@ _MP4_MARK = struct.pack(">I", 8 + len(OUTPUT_MARK)) + b"free" + OUTPUT_MARK
 
 
 def written_by_predict(path: pathlib.Path) -> bool:
-    """Whether PATH is a file this tool wrote (it carries the output mark)."""
+    """Whether PATH is a file this tool wrote (it carries the output mark); only .png and .mp4
+    files can be, and no other file is opened."""
+    if path.suffix not in (".png", ".mp4"):
+        return False
     try:
         with open(path, "rb") as f:
             if path.suffix == ".png":
@@ -314,7 +317,7 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
                 if f.suffix.lower() in MEDIA_SUFFIXES:
                     stems[f.parent].add(f.stem)
             mirror = pathlib.Path(_mirror_name(path))
-            taken_before = len(images) + len(videos)
+            media = 0  # the folder's images and videos, whether new or named before
             for f in files:
                 kind = f.suffix.lower()
                 if ((skip is not None and skip in f.resolve().parents)
@@ -323,11 +326,11 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
                         or written_by_predict(f)):  # an output of a run to another --output
                     passed_over += 1
                     continue
+                media += 1
                 if first_time(f):
                     (videos if kind in VIDEO_SUFFIXES else images).append(
                         (f, mirror / f.relative_to(path).with_suffix("")))
-            if (len(images) + len(videos) == taken_before
-                    and not any(f.resolve() in seen for f in files)):  # nor by an earlier input
+            if not media:
                 problems.append((path, "no images or videos in this folder"))
         elif path.is_file():
             if first_time(path):

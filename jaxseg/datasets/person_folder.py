@@ -48,6 +48,15 @@ def layout(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     raise ValueError(f"{folder}: expected images/ and masks/, or train/ validation/ test/ folders holding them")
 
 
+def _entries(folder: pathlib.Path) -> list[pathlib.Path]:
+    """FOLDER's entries that the build reads, sorted: none where it is not a folder, and no
+    hidden ones (photo_pixels.is_hidden)."""
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.iterdir()
+                  if not photo_pixels.is_hidden(pathlib.PurePath(f.name)))
+
+
 def config_for(folder: str | pathlib.Path) -> PersonFolderConfig:
     """Config whose name hashes FOLDER's resolved path and its files' names, sizes and mtimes.
 
@@ -57,15 +66,12 @@ def config_for(folder: str | pathlib.Path) -> PersonFolderConfig:
     digest = hashlib.sha256(str(root).encode())
     for split, directory in sorted(layout(root).items()):
         for sub in ("images", "masks"):
-            if (directory / sub).is_dir():
-                for f in sorted((directory / sub).iterdir()):
-                    if photo_pixels.is_hidden(pathlib.PurePath(f.name)):  # not read: see pair_files
-                        continue
-                    # lstat and raw bytes: a dangling link or a name in another encoding is
-                    # reported by the build (pair_files) instead of stopping it here.
-                    stat = f.lstat()
-                    digest.update(f"{split}/{sub}/".encode() + os.fsencode(f.name)
-                                  + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            for f in _entries(directory / sub):
+                # lstat and raw bytes: a dangling link or a name in another encoding is
+                # reported by the build (pair_files) instead of stopping it here.
+                stat = f.lstat()
+                digest.update(f"{split}/{sub}/".encode() + os.fsencode(f.name)
+                              + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     name = re.sub(r"[^\w.-]", "_", root.name or "root")
     return PersonFolderConfig(name=f"{name}-{digest.hexdigest()[:12]}", folder=str(root),
                               description=f"Photos and masks from {root}")
@@ -87,19 +93,16 @@ def pair_files(directory: pathlib.Path) -> tuple[list[tuple[str, pathlib.Path, p
 
     def listing(sub: str) -> dict[str, list[pathlib.Path]]:
         by_stem = collections.defaultdict(list)
-        if (directory / sub).is_dir():
-            for f in sorted((directory / sub).iterdir()):
-                if photo_pixels.is_hidden(pathlib.PurePath(f.name)):
-                    continue
-                if f.is_dir():
-                    bad.append((f, f"folder inside {sub}/ (not read)"))
-                elif f.suffix.lower() not in photo_pixels.IMAGE_SUFFIXES:
-                    bad.append((f, f"not an image file (extension {f.suffix or 'none'!r})"))
-                elif not _is_utf8(f.name):  # its id could not be stored
-                    bad.append((f, "file name is not valid UTF-8 (rename it)"))
-                else:
-                    # One spelling per name: macOS writes é decomposed, most tools composed.
-                    by_stem[unicodedata.normalize("NFC", f.stem)].append(f)
+        for f in _entries(directory / sub):
+            if f.is_dir():
+                bad.append((f, f"folder inside {sub}/ (not read)"))
+            elif f.suffix.lower() not in photo_pixels.IMAGE_SUFFIXES:
+                bad.append((f, f"not an image file (extension {f.suffix or 'none'!r})"))
+            elif not _is_utf8(f.name):  # its id could not be stored
+                bad.append((f, "file name is not valid UTF-8 (rename it)"))
+            else:
+                # One spelling per name: macOS writes é decomposed, most tools composed.
+                by_stem[unicodedata.normalize("NFC", f.stem)].append(f)
         return by_stem
 
     images = listing("images")
