@@ -210,55 +210,29 @@ def _pil_without_size_limit():
         Image.MAX_IMAGE_PIXELS = limit
 
 
-def _to_srgb(rgb: np.ndarray, icc_profile: bytes | None) -> np.ndarray:
-    try:
-        return photo_pixels.to_srgb(rgb, icc_profile)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-
-
 def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(RGB uint8 image in sRGB, its transparency as uint8 or None if opaque); orientation
-    applied; refused before decoding when too large.
-
-    Decoded by the rules the dataset builders share (jaxseg.photo_pixels): a photo with
-    transparency once, by PIL, for both, so that colour and alpha also share one orientation
-    (EXIF or XMP); others by OpenCV.
-    """
-    from PIL import ImageOps
-
+    """(RGB uint8 image in sRGB, its transparency as uint8 or None if opaque), shown as a viewer
+    shows it, by the rules the dataset builders read photos with (photo_pixels.decode_photo);
+    refused before decoding when too large."""
     try:
         data = path.read_bytes()
-        # From bytes, as the dataset builders read photos: opened by name, PIL maps an
-        # uncompressed TIFF and then decodes it without its orientation.
         with _pil_without_size_limit() as Image, Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-            transparent = photo_pixels.decoded_by_pil(im)
-            icc_profile = im.info.get("icc_profile")
-            if transparent and w * h <= max_pixels:
-                rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"))
     except Exception as e:  # PIL raises many types for non-images and damaged files
         raise InputError(f"not a readable image ({e.__class__.__name__})") from None
     if w * h > max_pixels:
         raise InputError(f"{w}x{h} = {w * h} pixels exceeds --max_pixels={max_pixels}")
-    if transparent:
-        return _to_srgb(np.ascontiguousarray(rgba[..., :3]), icc_profile), rgba[..., 3].copy()
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError("could not decode the image")
-    return _to_srgb(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), icc_profile), None
+    try:
+        with _pil_without_size_limit():
+            image, alpha, _ = photo_pixels.decode_photo(data)
+    except photo_pixels.PhotoError as e:
+        raise InputError(str(e)) from None
+    return image, alpha
 
 
 def write_image(path: pathlib.Path, array: np.ndarray) -> None:
     """Writes RGB/RGBA/gray uint8 as a PNG carrying the output mark."""
-    if array.ndim == 3 and array.shape[2] == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    elif array.ndim == 3 and array.shape[2] == 4:
-        array = cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA)
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise OSError("OpenCV could not encode it")
-    png = encoded.tobytes()
+    png = photo_pixels.encode_png(array)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png[:_PNG_HEADER_END] + _PNG_MARK + png[_PNG_HEADER_END:])
 

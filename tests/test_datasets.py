@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
 import fixtures_data as fx
-from jaxseg import datasets
+from jaxseg import datasets, photo_pixels
 from jaxseg.datasets import base, ccp_person, image_io, portrait_segmentation
 
 
@@ -45,7 +45,7 @@ def test_orient_matches_pillow(orientation):
     tagged = Image.fromarray(stored)
     tagged.getexif()[0x0112] = orientation
     expected = np.asarray(ImageOps.exif_transpose(tagged))
-    np.testing.assert_array_equal(image_io.orient(stored, orientation), expected)
+    np.testing.assert_array_equal(photo_pixels.orient(stored, orientation), expected)
 
 
 def test_binarize_rules():
@@ -256,7 +256,7 @@ def test_folder_reads_without_tensorflow(folder):
         sys.meta_path.insert(0, NoTensorFlow())
         find_spec = importlib.util.find_spec
         importlib.util.find_spec = lambda name, *a: None if name == "tensorflow" else find_spec(name, *a)
-        from jaxseg import datasets
+        from jaxseg import datasets, photo_pixels
         src = datasets.data_source("person_folder", "train", data_dir={str(data_dir)!r}, folder={str(root)!r})
         ex = src[0]
         assert ex["image"].shape[2] == 3 and ex["mask"].shape[2] == 1 and isinstance(ex["id"], str)
@@ -418,6 +418,38 @@ def test_a_transparent_tiff_is_stored_as_prediction_reads_it(tmp_path):
     np.testing.assert_array_equal(source[0]["image"], rgba[..., :3])
     np.testing.assert_array_equal(source[0]["image"],
                                   predict.read_image(root / "images" / "a.tif", 10**8)[0])
+
+
+@pytest.mark.parametrize("name,save", [
+    ("a.png", {}), ("a.webp", {"lossless": True}), ("a.tif", {}),
+    ("a.tif", {"compression": "tiff_lzw"}), ("a.png", {"xmp_only": True})])
+def test_an_oriented_photo_is_stored_upright_as_prediction_reads_it(tmp_path, name, save):
+    """Stored turned and tagged orientation 6: both read it upright in every format (prediction
+    ignored an orientation given only in XMP; OpenCV turns a TIFF itself, and turning it again
+    would lay it on its side)."""
+    from PIL import PngImagePlugin
+
+    from jaxseg import predict
+
+    root = fx.make_simple_folder(tmp_path / "f", ["a"])
+    (root / "images" / "a.jpg").unlink()
+    upright = fx.photo(1)
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1)))  # orientation 6 turns it back
+    if save.pop("xmp_only", False):
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf='
+                      '"http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff='
+                      '"http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+        save["pnginfo"] = info
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        save["exif"] = exif
+    stored.save(root / "images" / name, **save)
+    source = datasets.data_source("person_folder", "train", data_dir=str(tmp_path / "dd"),
+                                  folder=str(root))
+    np.testing.assert_array_equal(source[0]["image"], upright)
+    np.testing.assert_array_equal(predict.read_image(root / "images" / name, 10**8)[0], upright)
 
 
 def test_a_mask_with_its_own_orientation_tag_turns_with_its_photo(tmp_path):

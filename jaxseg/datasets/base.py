@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxseg import photo_pixels
 from jaxseg.datasets import image_io
 
 ON_BAD = ("skip", "error")
@@ -233,7 +234,7 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if self.EXCLUDE_EMPTY:
                 return None, [("excluded", candidate.mask, "empty annotation (no person pixels)")]
             events.append(("warnings", candidate.mask, "empty mask (no person pixels)"))
-        return _Example(candidate.id, candidate.split, photo, image_io.encode_png(mask)), events
+        return _Example(candidate.id, candidate.split, photo, photo_pixels.encode_png(mask)), events
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = self._locate(dl_manager)

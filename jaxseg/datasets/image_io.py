@@ -16,7 +16,6 @@ from PIL import Image
 
 from jaxseg import photo_pixels
 
-_EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5..8 swap width and height.
 _TRANSPOSING = frozenset({5, 6, 7, 8})
 
@@ -33,8 +32,7 @@ class Photo:
     height: int  # after the EXIF orientation
     width: int
     orientation: int  # EXIF orientation, 1 = as stored
-    as_is: bool  # the original file bytes are stored (plain 8-bit RGB JPEG, no rotation)
-    icc_profile: bytes | None  # a colour profile to convert from to sRGB, None if sRGB already
+    as_is: bool  # the original file bytes are stored (plain 8-bit RGB JPEG, sRGB, no rotation)
     notes: tuple[str, ...]  # conversions applied, for the build report
     digest: bytes  # SHA-256 of the file: the same photo in two splits is found by it
 
@@ -65,62 +63,20 @@ def _open_checked(data: bytes) -> Image.Image:
     return image
 
 
-def _orientation(image: Image.Image) -> int:
+def _decode_rgb(data: bytes) -> tuple[np.ndarray, list[str]]:
+    """The photo's RGB pixels in sRGB and what was converted, as prediction reads them."""
     try:
-        value = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # unparsable EXIF: the pixels are fine, show them as stored
-        return 1
-    return value if value in range(1, 9) else 1
-
-
-def orient(array: np.ndarray, orientation: int) -> np.ndarray:
-    """Apply EXIF ORIENTATION (1..8) to an HxW[xC] array, as a viewer displays it."""
-    transposed = np.swapaxes(array, 0, 1)
-    return {
-        1: array,
-        2: array[:, ::-1],
-        3: array[::-1, ::-1],
-        4: array[::-1],
-        5: transposed,
-        6: transposed[:, ::-1],  # rotate 90 degrees clockwise
-        7: transposed[::-1, ::-1],
-        8: transposed[::-1],  # rotate 90 degrees counter-clockwise
-    }[orientation]
-
-
-def _decode_rgb(data: bytes, orientation: int,
-                icc_profile: bytes | None = None) -> tuple[np.ndarray, list[str]]:
-    """Decode to uint8 RGB the way OpenCV reads the stored bytes back, orient, and convert
-    from ICC_PROFILE to sRGB, by the rules prediction reads photos with (jaxseg.photo_pixels)."""
-    notes = []
-    image = Image.open(io.BytesIO(data))
-    if photo_pixels.decoded_by_pil(image):
-        rgb = np.asarray(image.convert("RGBA"))[..., :3]
-    else:
-        # IMREAD_COLOR turns grayscale, palette and CMYK into 3 channels; ANYDEPTH keeps
-        # 16 bits so that the reduction to 8 bits is explicit here.
-        flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-        if bgr is None:
-            raise BadFile("OpenCV cannot decode the image")
-        if bgr.dtype == np.uint16:
-            bgr = (bgr >> 8).astype(np.uint8)
-            notes.append("16-bit image reduced to 8 bits")
-        elif bgr.dtype != np.uint8:
-            raise BadFile(f"unsupported pixel type {bgr.dtype}")
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    rgb = np.ascontiguousarray(orient(rgb, orientation))
-    try:
-        return photo_pixels.to_srgb(rgb, icc_profile), notes
-    except ValueError as e:
+        rgb, _, notes = photo_pixels.decode_photo(data)
+    except photo_pixels.PhotoError as e:
         raise BadFile(str(e)) from None
+    return rgb, notes
 
 
 def probe_photo(path: pathlib.Path) -> Photo:
     """Validate the photo at PATH fully (decodes it) and describe how to store it."""
     data = _read_bytes(path)
     image = _open_checked(data)
-    orientation = _orientation(image)
+    orientation = photo_pixels.orientation_of(image)
     icc_profile = _profile_to_convert(image)
     as_is = (image.format == "JPEG" and image.mode == "RGB" and orientation == 1
              and icc_profile is None)
@@ -134,14 +90,14 @@ def probe_photo(path: pathlib.Path) -> Photo:
     height, width = image.height, image.width
     if not as_is:
         # Converted photos are decoded again when written; decoding here proves
-        # that OpenCV reads them and gives the size Pillow reported.
-        rgb, depth_notes = _decode_rgb(data, orientation, icc_profile)
+        # that they decode, to the size Pillow reported.
+        rgb, depth_notes = _decode_rgb(data)
         notes += depth_notes
         if orientation in _TRANSPOSING:
             height, width = width, height
         if rgb.shape[:2] != (height, width):
-            raise BadFile(f"OpenCV decodes {rgb.shape[1]}x{rgb.shape[0]}, Pillow {width}x{height}")
-    return Photo(pathlib.Path(path), height, width, orientation, as_is, icc_profile, tuple(notes),
+            raise BadFile(f"decodes to {rgb.shape[1]}x{rgb.shape[0]}, Pillow says {width}x{height}")
+    return Photo(pathlib.Path(path), height, width, orientation, as_is, tuple(notes),
                  hashlib.sha256(data).digest())
 
 
@@ -159,17 +115,7 @@ def photo_bytes(photo: Photo) -> bytes:
     data = _read_bytes(photo.path)
     if photo.as_is:
         return data
-    return encode_png(_decode_rgb(data, photo.orientation, photo.icc_profile)[0])
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """Lossless PNG of a uint8 HxW (gray) or HxWx3 (RGB) array."""
-    if array.ndim == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    ok, buffer = cv2.imencode(".png", array)
-    if not ok:
-        raise BadFile("PNG encoding failed")
-    return buffer.tobytes()
+    return photo_pixels.encode_png(_decode_rgb(data)[0])
 
 
 def read_mask_image(path: pathlib.Path) -> np.ndarray:
@@ -185,7 +131,8 @@ def read_mask_image(path: pathlib.Path) -> np.ndarray:
     The mask's own EXIF orientation is applied, as to photos.
     """
     image = _open_checked(_read_bytes(path))
-    return np.ascontiguousarray(orient(_mask_values(image), _orientation(image)))
+    orientation = photo_pixels.orientation_of(image)
+    return np.ascontiguousarray(photo_pixels.orient(_mask_values(image), orientation))
 
 
 def _mask_values(image: Image.Image) -> np.ndarray:
@@ -260,7 +207,7 @@ def fit_to_size(mask: np.ndarray, size: tuple[int, int],
     note = None
     if not same_aspect(mask.shape, (height, width)):
         if orientation in _TRANSPOSING and same_aspect(mask.shape, (width, height)):
-            mask = np.ascontiguousarray(orient(mask, orientation))
+            mask = np.ascontiguousarray(photo_pixels.orient(mask, orientation))
             note = f"mask follows the unrotated photo; EXIF orientation {orientation} applied to it"
         else:
             raise BadFile(
