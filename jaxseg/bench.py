@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import host_memory, sharding
+from jaxseg.arg_types import at_least
 from jaxseg.models import unet
 from jaxseg.train_step import create_train_state, make_train_step
 
@@ -227,11 +228,11 @@ def _load_config(gpu: bool):
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxseg.bench train", description=train.__doc__)
-    p.add_argument("--image_size", type=_at_least(1), help="default: the config's data.image_size")
-    p.add_argument("--batch_size", type=_at_least(1), help="default: the config's train.batch_size")
-    p.add_argument("--repeats", type=_at_least(1), default=5, help="timed repetitions per framework")
-    p.add_argument("--steps", type=_at_least(1), default=10, help="train steps per repetition")
-    p.add_argument("--warmup", type=_at_least(0), default=2,
+    p.add_argument("--image_size", type=at_least(1), help="default: the config's data.image_size")
+    p.add_argument("--batch_size", type=at_least(1), help="default: the config's train.batch_size")
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed repetitions per framework")
+    p.add_argument("--steps", type=at_least(1), default=10, help="train steps per repetition")
+    p.add_argument("--warmup", type=at_least(0), default=2,
                    help="untimed steps (compilation included)")
     p.add_argument("--keras_jit", choices=("both", "on", "off", "none"), default="both",
                    help="Keras jit_compile settings to time; the faster one is compared "
@@ -316,18 +317,8 @@ def infer(argv: list[str]) -> None:
 # input
 
 
-def _at_least(minimum: int):
-    """argparse type: an integer >= minimum (0 would time nothing, or silently mean the default)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
 def _int_list(text: str) -> list[int]:
-    values = [_at_least(1)(v) for v in text.split(",") if v.strip()]
+    values = [at_least(1)(v) for v in text.split(",") if v.strip()]
     if not values:
         raise argparse.ArgumentTypeError("give at least one number")
     return values
@@ -338,14 +329,14 @@ def _input_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_sizes", type=_int_list, default=[128, 256], help="comma-separated")
     p.add_argument("--workers", type=_int_list, default=[1, 2],
                    help="comma-separated TrainBatches worker-thread counts")
-    p.add_argument("--batch_size", type=_at_least(1), help="default: the config's train.batch_size")
-    p.add_argument("--batches", type=_at_least(1), default=12,
+    p.add_argument("--batch_size", type=at_least(1), help="default: the config's train.batch_size")
+    p.add_argument("--batches", type=at_least(1), default=12,
                    help="timed pipeline batches per setting")
-    p.add_argument("--warmup", type=_at_least(0), default=3,
+    p.add_argument("--warmup", type=at_least(0), default=3,
                    help="untimed pipeline batches per setting")
-    p.add_argument("--steps", type=_at_least(0), default=3,
+    p.add_argument("--steps", type=at_least(0), default=3,
                    help="timed train steps per size (0: skip)")
-    p.add_argument("--repeats", type=_at_least(1), default=3,
+    p.add_argument("--repeats", type=at_least(1), default=3,
                    help="timed repetitions of --batches / --steps; the median is reported")
     return p
 

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from jaxseg import export, inference
+from jaxseg.arg_types import at_least
 
 # A reference figure, NOT measured by this script: MediaPipe selfie segmentation (general model),
 # timed separately on this machine's CPU.
@@ -34,12 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
     p.add_argument("--members", type=int, default=0,
                    help="pretrained ensemble: use its first N members (0 = all; fewer is faster)")
-    p.add_argument("--batch_size", type=export.positive_int, default=8,
+    p.add_argument("--batch_size", type=at_least(1), default=8,
                    help="batch of the throughput figure")
-    p.add_argument("--repeats", type=export.positive_int, default=30,
+    p.add_argument("--repeats", type=at_least(1), default=30,
                    help="timed calls per form and batch size")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls (compilation included)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed calls (compilation included)")
+    p.add_argument("--threads", type=at_least(1), default=len(os.sched_getaffinity(0)),
                    help="TFLite interpreter threads (JAX and TF use every core by default)")
     p.add_argument("--photo_size", default="800x600",
                    help="HEIGHTxWIDTH of the photo for the prediction-path timing")

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import inference
+from jaxseg.arg_types import at_least
 from jaxseg.workdir import local_folder_problem
 
 PLATFORMS = ("cpu",)
@@ -171,14 +172,6 @@ def runners(output, *, tflite_threads: int | None = None) -> dict:
     return forms
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a batch of 0 would make every TF signature unusable)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxseg.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--members", type=int, default=0,
                    help="pretrained ensemble: use its first N members (0 = all; fewer is faster)")
     p.add_argument("--output", required=True, help="folder to write the exports to")
-    p.add_argument("--batch_size", type=positive_int, default=8,
+    p.add_argument("--batch_size", type=at_least(1), default=8,
                    help="batch of the TF/TFLite batched signature (besides batch 1)")
     return p
 
