@@ -327,6 +327,7 @@ def folder_root(images: str, masks: str) -> pathlib.Path:
 
 
 def _source_for(flags_):
+    """(dataset, split, source, the user's folder or None, its files not scored or None)."""
     from jaxseg import datasets, distributed
 
     data_dir = flags_.data_dir or None
@@ -344,13 +345,13 @@ def _source_for(flags_):
                   + ("\n  ..." if len(skipped) > 20 else ""), file=sys.stderr)
         # A folder without split subfolders has one split; use it whatever --split says.
         split = flags_.split if flags_.split in splits else next(iter(splits))
-        return "person_folder", split, datasets.Source(prepared, split), str(root)
+        return "person_folder", split, datasets.Source(prepared, split), str(root), skipped
     if not flags_.dataset:
         raise ValueError("say what to evaluate on: --dataset NAME --split SPLIT, or --images/--masks")
     if flags_.dataset == "person_folder":
         raise ValueError("person_folder scores your own folders: pass --images DIR --masks DIR")
     return flags_.dataset, flags_.split, datasets.data_source(flags_.dataset, flags_.split,
-                                                             data_dir=data_dir), None
+                                                             data_dir=data_dir), None, None
 
 
 def main(argv):
@@ -376,7 +377,8 @@ def main(argv):
     try:
         # Process 0 prepares the data (and a folder pair's links) before the others read it:
         # several processes building into one TFDS_DATA_DIR at once collide.
-        dataset, split, source, folder = distributed.main_process_first(lambda: _source_for(f))
+        dataset, split, source, folder, not_scored = distributed.main_process_first(
+            lambda: _source_for(f))
     except (ValueError, FileNotFoundError) as e:  # unknown dataset or split, missing folders
         distributed.exit_with_error(f"error: {e}")
     mesh = sharding.make_mesh()
@@ -411,7 +413,7 @@ def main(argv):
         print(f"warning: --predictions {f.predictions}: {result['predictions_warning']}",
               file=sys.stderr)
     if folder:  # where jaxseg.report finds the photos again for its overlays
-        result["folder"] = folder
+        result.update(folder=folder, not_scored=not_scored)
     if f.data_dir:  # and the prepared data
         result["data_dir"] = str(workdir_path(f.data_dir))
     if distributed.is_main_process():

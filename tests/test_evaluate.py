@@ -238,6 +238,7 @@ def test_a_users_folder_says_which_files_are_not_scored(tmp_path, monkeypatch):
     from jaxseg import report
 
     scored = json.loads((tmp_path / "out.json").read_text())
+    assert scored["not_scored"] == [{"file": "images/lonely.jpg", "reason": "image without mask"}]
     assert scored["data_dir"] == str((tmp_path / "dd").resolve())
     # The report reads the data where evaluate prepared it, not in TFDS_DATA_DIR.
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "report_dd"))
