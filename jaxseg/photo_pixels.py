@@ -8,9 +8,9 @@ TensorFlow). `decode_photo` applies them all; `encode_png` is the one way both w
   alpha); the others OpenCV decodes, 16-bit ones reduced to 8 bits.
 - Orientation: as a viewer shows the photo, by its EXIF orientation (or, without one, its XMP
   orientation, as PIL reads them: `orientation_of`, `orient`), whichever library decodes it.
-- Colour: training photos and outputs are sRGB (untagged files are read as sRGB); a phone's
-  Display P3 or a camera's Adobe RGB photo holds the same numbers for other colours, and is
-  converted (`to_srgb`).
+- Colour: training photos and outputs are sRGB (untagged files, and files whose profile
+  cannot be used, are read as sRGB); a phone's Display P3 or a camera's Adobe RGB photo holds
+  the same numbers for other colours, and is converted (`to_srgb`).
 """
 from __future__ import annotations
 
@@ -105,9 +105,10 @@ def decode_photo(data: bytes) -> tuple[np.ndarray, np.ndarray | None, list[str]]
     rgb = np.ascontiguousarray(orient(rgb, orientation))
     alpha = None if alpha is None else np.ascontiguousarray(orient(alpha, orientation))
     try:
-        return to_srgb(rgb, icc_profile), alpha, notes
-    except ValueError as e:
-        raise PhotoError(str(e)) from None
+        rgb = to_srgb(rgb, icc_profile)
+    except ValueError as e:  # as viewers do: a broken profile is no reason to lose the photo
+        notes.append(f"{e}: read as sRGB")
+    return rgb, alpha, notes
 
 
 def encode_png(array: np.ndarray) -> bytes:

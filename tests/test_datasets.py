@@ -452,6 +452,25 @@ def test_an_oriented_photo_is_stored_upright_as_prediction_reads_it(tmp_path, na
     np.testing.assert_array_equal(predict.read_image(root / "images" / name, 10**8)[0], upright)
 
 
+@pytest.mark.parametrize("suffix", ["jpg", "png"])
+def test_a_photo_with_a_broken_colour_profile_is_read_as_srgb_not_lost(tmp_path, suffix):
+    """As viewers show it: the photo was skipped by the builders and refused by prediction."""
+    from jaxseg import predict
+
+    root = fx.make_simple_folder(tmp_path / "f", ["a"])
+    (root / "images" / "a.jpg").unlink()
+    Image.fromarray(fx.photo(1)).save(root / "images" / f"a.{suffix}", quality=95,
+                                      icc_profile=b"not a colour profile" * 8)
+    raw = reference_rgb(root / "images" / f"a.{suffix}")
+    data_dir = str(tmp_path / "dd")
+    source = datasets.data_source("person_folder", "train", data_dir=data_dir, folder=str(root))
+    np.testing.assert_array_equal(source[0]["image"], raw)
+    np.testing.assert_array_equal(predict.read_image(root / "images" / f"a.{suffix}", 10**8)[0], raw)
+    warnings = datasets.build_report("person_folder", data_dir=data_dir, folder=str(root))["warnings"]
+    assert [w["note"] for w in warnings if w["file"] == f"images/a.{suffix}"] == [
+        "unusable colour profile (OSError): read as sRGB"]
+
+
 def test_a_mask_with_its_own_orientation_tag_turns_with_its_photo(tmp_path):
     """Photo and mask stored unrotated, both tagged orientation 3 (as a viewer shows them,
     aligned): the photo was turned upright and the mask left upside down, without a word."""

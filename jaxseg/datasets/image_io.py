@@ -77,11 +77,15 @@ def probe_photo(path: pathlib.Path) -> Photo:
     data = _read_bytes(path)
     image = _open_checked(data)
     orientation = photo_pixels.orientation_of(image)
-    icc_profile = _profile_to_convert(image)
-    as_is = (image.format == "JPEG" and image.mode == "RGB" and orientation == 1
-             and icc_profile is None)
     notes = []
-    if icc_profile is not None:
+    try:
+        converted = photo_pixels.needs_conversion(image.info.get("icc_profile"))
+    except ValueError as e:  # read as sRGB, as prediction reads it
+        converted = False
+        notes.append(f"{e}: read as sRGB")
+    as_is = (image.format == "JPEG" and image.mode == "RGB" and orientation == 1
+             and not converted)
+    if converted:
         notes.append("colour profile converted to sRGB")
     if image.mode != "RGB":
         notes.append(f"{image.mode} image converted to RGB")
@@ -91,23 +95,14 @@ def probe_photo(path: pathlib.Path) -> Photo:
     if not as_is:
         # Converted photos are decoded again when written; decoding here proves
         # that they decode, to the size Pillow reported.
-        rgb, depth_notes = _decode_rgb(data)
-        notes += depth_notes
+        rgb, decode_notes = _decode_rgb(data)
+        notes += [n for n in decode_notes if n not in notes]
         if orientation in _TRANSPOSING:
             height, width = width, height
         if rgb.shape[:2] != (height, width):
             raise BadFile(f"decodes to {rgb.shape[1]}x{rgb.shape[0]}, Pillow says {width}x{height}")
     return Photo(pathlib.Path(path), height, width, orientation, as_is, tuple(notes),
                  hashlib.sha256(data).digest())
-
-
-def _profile_to_convert(image: Image.Image) -> bytes | None:
-    """The photo's embedded colour profile when its numbers are not sRGB, else None."""
-    icc_profile = image.info.get("icc_profile")
-    try:
-        return icc_profile if photo_pixels.needs_conversion(icc_profile) else None
-    except ValueError as e:
-        raise BadFile(str(e)) from None
 
 
 def photo_bytes(photo: Photo) -> bytes:
