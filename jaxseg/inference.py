@@ -10,7 +10,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxseg import losses
+from jaxseg import checkpointing, losses, train_step
 from jaxseg.models import create_model, of_members
 
 PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "pretrained"
@@ -94,10 +94,16 @@ def save_pretrained(models, config, card: dict, directory: str | pathlib.Path = 
 
 
 def load_from_workdir(workdir: str, checkpoint: str = "best"):
-    """(model, config, step) from a training workdir's 'best', 'latest' or numbered checkpoint."""
-    from jaxseg import train  # the train state's layout is defined there
-
-    return train.load_model(workdir, checkpoint)
+    """(model, config, step) from a training workdir's 'best', 'latest' or numbered checkpoint,
+    placed on the default device."""
+    ckpts = checkpointing.Checkpoints(workdir, read_only=True)
+    meta, _ = ckpts.read_meta(checkpoint)
+    config = config_from_json(meta["config"])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    graphdef, abstract = nnx.eval_shape(lambda: train_step.create_train_state(config))
+    state, _, step = ckpts.restore(checkpoint, checkpointing.abstract_like(abstract, device))
+    ckpts.close()
+    return train_step.inference_model(nnx.merge(graphdef, state)), config, step
 
 
 def load(workdir: str | None = None, checkpoint: str = "best", members: int = 0):

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxseg import (checkpointing, config_check, datasets, distributed, host_memory,
+from jaxseg import (checkpointing, config_check, datasets, distributed, host_memory, inference,
                     input_pipeline, metric_writer, mixture, preprocess, sharding, train_step)
 from jaxseg.workdir import STOPPED_EXIT_STATUS, local_folder_problem, workdir_path
 
@@ -56,33 +56,6 @@ def validation_evaluators(config, mesh):
                               batch_size=config.eval.batch_size, threshold=config.eval.threshold,
                               num_workers=config.data.num_workers)
     return out
-
-
-def restore_model(config, state_restorer):
-    """A model whose state comes from `state_restorer(abstract_train_state)`."""
-    graphdef, abstract = nnx.eval_shape(lambda: train_step.create_train_state(config))
-    state = state_restorer(abstract)
-    return train_step.inference_model(nnx.merge(graphdef, state))
-
-
-def load_model(workdir: str, checkpoint: str = "best"):
-    """(model, config, step) from a workdir checkpoint, placed on the default device."""
-    from jaxseg.inference import config_from_json
-
-    ckpts = checkpointing.Checkpoints(workdir, read_only=True)
-    meta, _ = ckpts.read_meta(checkpoint)
-    config = config_from_json(meta["config"])
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    holder = {}
-
-    def restorer(abstract):
-        state, _, holder["step"] = ckpts.restore(
-            checkpoint, checkpointing.abstract_like(abstract, device))
-        return state
-
-    model = restore_model(config, restorer)
-    ckpts.close()
-    return model, config, holder["step"]
 
 
 class _Preemption:
@@ -142,10 +115,8 @@ def _shape_changes(stored, config) -> list[str]:
 def _check_resumable(config, ckpts) -> None:
     """Refuses a resume whose model shape or EMA setting differs from the checkpoint's, naming
     the fields to set back (other state mismatches surface when restoring, in _initial_state)."""
-    from jaxseg.inference import config_from_json
-
     meta, _ = ckpts.read_meta("latest")
-    stored = config_from_json(meta["config"])
+    stored = inference.config_from_json(meta["config"])
     changed = _shape_changes(stored, config)
     if changed:
         raise config_check.ConfigError(
@@ -246,7 +217,7 @@ def _init_model(config):
     a model of another shape (its arrays would not fit this one's)."""
     path = config.train.init_checkpoint
     try:
-        model, init_config, step = load_model(path)
+        model, init_config, step = inference.load_from_workdir(path)
     except FileNotFoundError as e:
         raise config_check.ConfigError(f"train.init_checkpoint={path}: {e} (name a training "
                                        "workdir)") from None
@@ -277,9 +248,7 @@ def validate(evaluators, state, graphdef, eval_config) -> dict:
 
 @nnx.jit
 def _probabilities(model, images):
-    from jaxseg.inference import person_probabilities
-
-    return person_probabilities(model, images)
+    return inference.person_probabilities(model, images)
 
 
 def prediction_overlays(state, graphdef, source, count: int, image_size: int) -> np.ndarray:

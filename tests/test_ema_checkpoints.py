@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import smoke
-from jaxseg import checkpointing, config_check, train, train_step
+from jaxseg import checkpointing, config_check, inference, train, train_step
 
 
 def tiny_config(ema_decay):
@@ -36,7 +36,7 @@ def test_a_workdir_loads_its_ema_model(tmp_path):
     nodes = nnx.merge(graphdef, state)
     nnx.update(nodes["ema"], jax.tree.map(lambda x: x + 1.0, nnx.state(nodes["ema"], nnx.Param)))
     save(tmp_path, config, nodes)
-    model, _, step = train.load_model(str(tmp_path), "latest")
+    model, _, step = inference.load_from_workdir(str(tmp_path), "latest")
     assert step == 1
     for got, ema, trained in zip(params(model), params(nodes["ema"]), params(nodes["model"])):
         np.testing.assert_array_equal(got, ema)
@@ -50,7 +50,7 @@ def test_a_checkpoint_from_before_ema_existed_loads(tmp_path):
     old = json.loads(config.to_json())
     del old["train"]["ema_decay"]  # as written before the field existed
     save(tmp_path, config, nodes, meta_config=old)
-    model, loaded_config, _ = train.load_model(str(tmp_path), "latest")
+    model, loaded_config, _ = inference.load_from_workdir(str(tmp_path), "latest")
     assert "ema_decay" not in loaded_config.train
     for got, trained in zip(params(model), params(nodes["model"])):
         np.testing.assert_array_equal(got, trained)

@@ -23,7 +23,7 @@ import pytest
 from flax import nnx
 
 import fixtures_data as fx
-from jaxseg import checkpointing, distributed, train
+from jaxseg import checkpointing, distributed, inference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -128,7 +128,7 @@ def records(workdir, kind):
 
 
 def model_state(workdir):
-    model, _, step = train.load_model(str(workdir), "latest")
+    model, _, step = inference.load_from_workdir(str(workdir), "latest")
     return jax.device_get(nnx.state(model)), step
 
 

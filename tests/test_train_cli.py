@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxseg import checkpointing, train
+from jaxseg import checkpointing, inference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -33,7 +33,7 @@ def run_env(manual_dir):
 
 
 def final_state(workdir):
-    model, config, step = train.load_model(str(workdir), "latest")
+    model, config, step = inference.load_from_workdir(str(workdir), "latest")
     from flax import nnx
     return jax.device_get(nnx.state(model)), step
 
