@@ -114,7 +114,8 @@ def decode_photo(data: bytes) -> tuple[np.ndarray, np.ndarray | None, list[str]]
 def encode_png(array: np.ndarray) -> bytes:
     """Lossless PNG of a uint8 (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA array."""
     if array.ndim == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+        to_bgr = cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
+        array = cv2.cvtColor(array, to_bgr)
     ok, buffer = cv2.imencode(".png", array)
     if not ok:
         raise PhotoError("PNG encoding failed")
