@@ -231,8 +231,11 @@ def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndar
 
 
 def write_image(path: pathlib.Path, array: np.ndarray) -> None:
-    """Writes RGB/RGBA/gray uint8 as a PNG carrying the output mark."""
-    png = photo_pixels.encode_png(array)
+    """Writes RGB/RGBA/gray uint8 as a PNG carrying the output mark; OSError when it cannot."""
+    try:
+        png = photo_pixels.encode_png(array)
+    except photo_pixels.PhotoError as e:  # a write that failed, as the caller reports them
+        raise OSError(str(e)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png[:_PNG_HEADER_END] + _PNG_MARK + png[_PNG_HEADER_END:])
 

@@ -658,3 +658,16 @@ def test_a_users_file_named_like_an_output_is_never_replaced(tiny_model_dir, jax
         assert "wrote 1 outputs" in result.stdout
         assert (photos / "x_mask.png").read_bytes() == before
         assert predict.written_by_predict(photos / "y_mask.png")
+
+
+def test_a_png_that_cannot_be_encoded_is_a_failed_write(tmp_path, monkeypatch):
+    """The run lists failed writes and goes on; an encoding error ended it with a traceback."""
+    from jaxseg import photo_pixels
+
+    def refuse(array):
+        raise photo_pixels.PhotoError("PNG encoding failed")
+
+    monkeypatch.setattr(photo_pixels, "encode_png", refuse)
+    with pytest.raises(OSError, match="PNG encoding failed"):
+        predict.write_image(tmp_path / "x_mask.png", np.zeros((4, 4), np.uint8))
+    assert not (tmp_path / "x_mask.png").exists()
