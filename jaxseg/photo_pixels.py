@@ -50,7 +50,9 @@ def decoded_by_pil(image: Image.Image) -> bool:
 def orientation_of(image: Image.Image) -> int:
     """An opened photo's orientation, 1 (as stored) to 8; 1 where it has none or an unusable one."""
     try:
-        value = image.getexif().get(_EXIF_ORIENTATION, 1)  # PIL falls back to XMP's
+        # Image.getexif, not PngImageFile's: that one decodes a whole PNG to look for EXIF after
+        # the pixels, where the PNG spec does not put it. PIL falls back to XMP's orientation.
+        value = Image.Image.getexif(image).get(_EXIF_ORIENTATION, 1)
     except Exception:  # unparsable EXIF: the pixels are fine, show them as stored
         return 1
     return value if value in range(1, 9) else 1
@@ -105,7 +107,9 @@ def decode_photo(data: bytes) -> tuple[np.ndarray, np.ndarray | None, list[str]]
     rgb = np.ascontiguousarray(orient(rgb, orientation))
     alpha = None if alpha is None else np.ascontiguousarray(orient(alpha, orientation))
     try:
-        rgb = to_srgb(rgb, icc_profile)
+        if needs_conversion(icc_profile):
+            rgb = to_srgb(rgb, icc_profile)
+            notes.append("colour profile converted to sRGB")
     except ValueError as e:  # as viewers do: a broken profile is no reason to lose the photo
         notes.append(f"{e}: read as sRGB")
     return rgb, alpha, notes

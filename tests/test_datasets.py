@@ -256,7 +256,7 @@ def test_folder_reads_without_tensorflow(folder):
         sys.meta_path.insert(0, NoTensorFlow())
         find_spec = importlib.util.find_spec
         importlib.util.find_spec = lambda name, *a: None if name == "tensorflow" else find_spec(name, *a)
-        from jaxseg import datasets, photo_pixels
+        from jaxseg import datasets
         src = datasets.data_source("person_folder", "train", data_dir={str(data_dir)!r}, folder={str(root)!r})
         ex = src[0]
         assert ex["image"].shape[2] == 3 and ex["mask"].shape[2] == 1 and isinstance(ex["id"], str)
@@ -452,15 +452,28 @@ def test_an_oriented_photo_is_stored_upright_as_prediction_reads_it(tmp_path, na
     np.testing.assert_array_equal(predict.read_image(root / "images" / name, 10**8)[0], upright)
 
 
-@pytest.mark.parametrize("suffix", ["jpg", "png"])
-def test_a_photo_with_a_broken_colour_profile_is_read_as_srgb_not_lost(tmp_path, suffix):
+def _tagless_rgb_profile() -> bytes:
+    """An RGB monitor profile without tags: it parses, and converting with it fails."""
+    from PIL import ImageCms
+
+    header = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()[:128])
+    header[:4] = (132).to_bytes(4, "big")  # the profile's size: header + an empty tag table
+    return bytes(header) + (0).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("suffix,profile,error", [
+    ("jpg", b"not a colour profile" * 8, "OSError"), ("png", b"not a colour profile" * 8, "OSError"),
+    ("jpg", "tagless", "PyCMSError")])
+def test_a_photo_with_a_broken_colour_profile_is_read_as_srgb_not_lost(tmp_path, suffix, profile,
+                                                                       error):
     """As viewers show it: the photo was skipped by the builders and refused by prediction."""
     from jaxseg import predict
 
     root = fx.make_simple_folder(tmp_path / "f", ["a"])
     (root / "images" / "a.jpg").unlink()
+    profile = _tagless_rgb_profile() if profile == "tagless" else profile
     Image.fromarray(fx.photo(1)).save(root / "images" / f"a.{suffix}", quality=95,
-                                      icc_profile=b"not a colour profile" * 8)
+                                      icc_profile=profile)
     raw = reference_rgb(root / "images" / f"a.{suffix}")
     data_dir = str(tmp_path / "dd")
     source = datasets.data_source("person_folder", "train", data_dir=data_dir, folder=str(root))
@@ -468,7 +481,7 @@ def test_a_photo_with_a_broken_colour_profile_is_read_as_srgb_not_lost(tmp_path,
     np.testing.assert_array_equal(predict.read_image(root / "images" / f"a.{suffix}", 10**8)[0], raw)
     warnings = datasets.build_report("person_folder", data_dir=data_dir, folder=str(root))["warnings"]
     assert [w["note"] for w in warnings if w["file"] == f"images/a.{suffix}"] == [
-        "unusable colour profile (OSError): read as sRGB"]
+        f"unusable colour profile ({error}): read as sRGB"]  # and nothing said converted
 
 
 def test_a_mask_with_its_own_orientation_tag_turns_with_its_photo(tmp_path):

@@ -671,3 +671,22 @@ def test_a_png_that_cannot_be_encoded_is_a_failed_write(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="PNG encoding failed"):
         predict.write_image(tmp_path / "x_mask.png", np.zeros((4, 4), np.uint8))
     assert not (tmp_path / "x_mask.png").exists()
+
+
+def test_an_opaque_png_is_decoded_once(tmp_path, monkeypatch):
+    """Asking PIL for a PNG's orientation decoded the whole photo before OpenCV decoded it again."""
+    from PIL import Image, PngImagePlugin
+
+    upright = photo(30, 40, seed=5)
+    info = PngImagePlugin.PngInfo()  # turned by XMP: without an eXIf chunk PIL looked after the pixels
+    info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http'
+                  '://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.'
+                  'adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(tmp_path / "x.png", pnginfo=info)
+    loads = []
+    load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load",
+                        lambda self: loads.append(1) or load(self))
+    image, alpha = predict.read_image(tmp_path / "x.png", 10**6)
+    assert loads == [] and alpha is None
+    np.testing.assert_array_equal(image, upright)

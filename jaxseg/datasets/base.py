@@ -128,12 +128,14 @@ def _without_repeats_of_held_out(examples: list[_Example], report: Report) -> li
 class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the builders: image, mask, id and source per example, stored as array_record."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "A photo byte-identical to one of a more held-out split is excluded "
                               "(3 portraits of the train list repeat test photos); photos with "
                               "a colour profile are stored in sRGB; masks get their own EXIF "
-                              "orientation."}
+                              "orientation.",
+                     "1.2.0": "A photo whose colour profile cannot be used is stored as sRGB "
+                              "instead of skipped."}
     HOMEPAGE = ""
     CITATION = ""
     URL = ""  # public archive of the dataset

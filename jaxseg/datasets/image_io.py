@@ -85,8 +85,6 @@ def probe_photo(path: pathlib.Path) -> Photo:
         notes.append(f"{e}: read as sRGB")
     as_is = (image.format == "JPEG" and image.mode == "RGB" and orientation == 1
              and not converted)
-    if converted:
-        notes.append("colour profile converted to sRGB")
     if image.mode != "RGB":
         notes.append(f"{image.mode} image converted to RGB")
     if orientation != 1:
