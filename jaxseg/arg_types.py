@@ -1,4 +1,5 @@
-"""argparse value types shared by the argparse command lines (bench, export, bench infer)."""
+"""What the argparse command lines (bench, export, bench infer) share: value types, and the
+arguments that choose a model."""
 import argparse
 
 
@@ -11,3 +12,12 @@ def at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
     return parse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workdir, --checkpoint and --members, as jaxseg.inference.load_or_exit takes them."""
+    parser.add_argument("--workdir", help="training workdir (default: the pretrained model)")
+    parser.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
+    parser.add_argument("--members", type=at_least(0), default=0,
+                        help="pretrained ensemble: use its first N members (0 = all; fewer is "
+                             "faster)")

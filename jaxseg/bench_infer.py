@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jaxseg import export, inference
-from jaxseg.arg_types import at_least
+from jaxseg.arg_types import add_model_arguments, at_least
 
 # A reference figure, NOT measured by this script: MediaPipe selfie segmentation (general model),
 # timed separately on this machine's CPU.
@@ -31,10 +31,7 @@ MEDIAPIPE_REFERENCE = {"params": 0.1e6, "image_size": 256, "ms_per_image": (2.0,
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxseg.bench infer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", help="training workdir (default: the pretrained model)")
-    p.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
-    p.add_argument("--members", type=int, default=0,
-                   help="pretrained ensemble: use its first N members (0 = all; fewer is faster)")
+    add_model_arguments(p)
     p.add_argument("--batch_size", type=at_least(1), default=8,
                    help="batch of the throughput figure")
     p.add_argument("--repeats", type=at_least(1), default=30,

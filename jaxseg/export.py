@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import inference
-from jaxseg.arg_types import at_least
+from jaxseg.arg_types import add_model_arguments, at_least
 from jaxseg.workdir import local_folder_problem
 
 PLATFORMS = ("cpu",)
@@ -175,10 +175,7 @@ def runners(output, *, tflite_threads: int | None = None) -> dict:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxseg.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", help="training workdir (default: the pretrained model)")
-    p.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
-    p.add_argument("--members", type=int, default=0,
-                   help="pretrained ensemble: use its first N members (0 = all; fewer is faster)")
+    add_model_arguments(p)
     p.add_argument("--output", required=True, help="folder to write the exports to")
     p.add_argument("--batch_size", type=at_least(1), default=8,
                    help="batch of the TF/TFLite batched signature (besides batch 1)")

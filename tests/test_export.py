@@ -146,3 +146,12 @@ def test_an_output_that_cannot_be_created_is_refused_before_loading(tmp_path, mo
         export.main(["--output", str(tmp_path / "file")])
     with pytest.raises(SystemExit, match="--output: give the folder"):  # "" is not the cwd
         export.main(["--output="])
+
+
+def test_a_negative_member_count_is_a_usage_error(tmp_path, capsys):
+    from jaxseg import export
+
+    with pytest.raises(SystemExit):
+        export.main(["--members=-1", "--output", str(tmp_path / "out")])
+    assert "--members: must be at least 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was made
