@@ -36,7 +36,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import default
-from jaxseg import device_augment, losses, mixture, sharding, train_step
+from jaxseg import config_check, device_augment, losses, mixture, sharding, train_step
 
 
 def decode(buf, offsets):
@@ -154,8 +154,10 @@ def main():
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set data.aug.copy_paste=0.5 (repeatable)")
     args = p.parse_args()
-    try:  # a typo must fail here, not after the data is decoded and on the device
-        config_for(256, 1000, args)
+    try:  # a typo or an impossible value must fail here, not after the data is decoded
+        config_check.validate(config_for(256, 1000, args), jax.device_count())
+    except config_check.ConfigError as e:
+        p.error(str(e))
     except (KeyError, ValueError) as e:
         p.error(str(e) if str(e).startswith("--set") else f"--set: {e}")
     if args.num_validations < 1:
@@ -177,8 +179,10 @@ def main():
     print(f"decoded {len(images)} examples at {size}px in {time.time() - t0:.1f}s; "
           f"device {jax.devices()[0].device_kind}", flush=True)
     mesh = sharding.make_mesh()
-    # The default config's mixture weights; a dataset it does not name gets weight 1.
-    weights = dict(mixture.parse_mixture(default.get_config().data.train))
+    # Fields that do not depend on the number of steps: the mixture, threshold, seed, augmentation.
+    run_config = config_for(size, 1000, args)
+    # The run's mixture weights (data.train); a dataset it does not name gets weight 1.
+    weights = dict(mixture.parse_mixture(run_config.data.train))
     counts = [int(c) for c in mixture.mixture_counts([weights.get(n, 1.0) for n in names],
                                                      args.batch_size)]
     per_source = [jax.device_put(images[(split == 0) & (source == d)]) for d in range(len(names))]
@@ -200,14 +204,15 @@ def main():
                    for k, c, x in zip(keys, counts, per_source)]
             imgs = jnp.concatenate([x[i] for x, i in zip(per_source, idx)])
             msks = jnp.concatenate([m[i] for m, i in zip(per_source_masks, idx)])
-            imgs, msks = device_augment.augment_batch(keys[-1], imgs, msks, config.data.aug)
+            if config.data.aug.enabled:
+                imgs, msks = device_augment.augment_batch(keys[-1], imgs, msks, config.data.aug)
             batch = {"image": imgs, "mask": msks,
                      "valid": jnp.ones(config.train.batch_size, jnp.float32)}
             return step(state, batch)
 
         return config, graphdef, sharding.replicate(state, mesh), full_step
 
-    root = jax.random.key(0)
+    root = jax.random.key(run_config.seed)
     num_steps = args.num_steps
     if not num_steps:
         _, _, state, full_step = build(1000)
@@ -226,7 +231,7 @@ def main():
     @nnx.jit
     def counts_of(model, images, masks):
         probs = losses.person_probability(model(images, train=False))
-        pred, target = probs >= 0.5, masks[..., 0] > 0
+        pred, target = probs >= run_config.eval.threshold, masks[..., 0] > 0
         return jnp.sum(pred & target, axis=(1, 2)), jnp.sum(pred | target, axis=(1, 2))
 
     def validation_iou(model, batch=64):

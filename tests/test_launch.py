@@ -1,4 +1,5 @@
 """The launch scripts: syntax, dry runs, clear failures without their tools, a real local cluster."""
+import json
 import os
 import pathlib
 import shutil
@@ -430,6 +431,48 @@ def test_gpu_array_train_refuses_an_earlier_run(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err
     assert "already holds a model_state.npz" in err and "use a new --out" in err
     assert np.load(run / "model_state.npz")["w"].tolist() == [1.0, 1.0]  # untouched
+
+
+def test_gpu_array_train_refuses_an_impossible_config(monkeypatch, capsys, tmp_path):
+    """Checked by jaxseg.config_check, as jaxseg.train checks it, before the data is opened."""
+    module = _load_launch_module("gpu_array_train")
+    monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / "none.npz"),
+                                      "--out", str(tmp_path / "run"), "--set", "train.ema_decay=1.5"])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    assert "train.ema_decay=1.5 must be in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_gpu_array_train_runs_the_configured_mixture(monkeypatch, capsys, tmp_path):
+    """A tiny run on CPU: the batch mixture comes from the run's data.train and augmentation is off
+    with data.aug.enabled=false (both --set fields the script once left unread)."""
+    rng = np.random.default_rng(0)
+    examples = [{"image": rng.integers(0, 255, (20, 24, 3), dtype=np.uint8),
+                 "mask": (rng.random((20, 24, 1)) > 0.5).astype(np.uint8)} for _ in range(3)]
+    packer = _load_launch_module("make_array_file")
+    monkeypatch.setattr(packer.datasets, "data_source", lambda name, split: examples)
+    data = tmp_path / "arr.npz"
+    monkeypatch.setattr(sys, "argv", ["make_array_file.py", "--size", "16", "--datasets",
+                                      "portrait_segmentation,ccp_person", "--output", str(data)])
+    packer.main()
+    module = _load_launch_module("gpu_array_train")
+
+    def no_augmentation(*args):
+        raise AssertionError("augmented with data.aug.enabled=false")
+
+    monkeypatch.setattr(module.device_augment, "augment_batch", no_augmentation)
+    monkeypatch.setattr(sys, "argv", [
+        "gpu_array_train.py", "--data", str(data), "--out", str(tmp_path / "run"),
+        "--num_steps", "2", "--batch_size", "8", "--base_features", "4", "--num_validations", "1",
+        "--set", "data.train=portrait_segmentation:3,ccp_person:1",
+        "--set", "data.aug.enabled=false"])
+    module.main()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["batch_mixture"] == {"portrait_segmentation": 6, "ccp_person": 2}
+    assert summary["config"]["data"]["train"] == "portrait_segmentation:3,ccp_person:1"
+    assert summary["steps_done"] == 2 and (tmp_path / "run" / "model_state.npz").exists()
 
 
 def test_gpu_array_train_writes_atomically(tmp_path):
