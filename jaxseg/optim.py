@@ -15,7 +15,10 @@ def make_schedule(optim_config, num_steps: int) -> optax.Schedule:
     if c.schedule == "constant":
         main = optax.constant_schedule(c.learning_rate)
     elif c.schedule == "step":
-        boundaries = {int(f * num_steps) - warmup: c.step_decay for f in c.step_fractions}
+        boundaries = {}
+        for f in c.step_fractions:  # fractions that land on one step decay there once each
+            step = int(f * num_steps) - warmup
+            boundaries[step] = boundaries.get(step, 1.0) * c.step_decay
         main = optax.piecewise_constant_schedule(c.learning_rate, boundaries)
     else:
         raise ValueError(f"unknown schedule {c.schedule!r}: use 'cosine', 'constant' or 'step'")

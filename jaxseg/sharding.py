@@ -18,6 +18,8 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     process's devices contiguous and every process holding the same number of them."""
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
+    if n < 1:
+        raise ValueError(f"asked for {n} devices: ask for at least 1")
     if n > len(devices):
         raise ValueError(f"asked for {n} devices but only {len(devices)} are available")
     # Ordered by process, not by jax.make_mesh's physical topology (which can interleave the

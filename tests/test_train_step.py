@@ -97,6 +97,13 @@ def test_impossible_config_fails_before_any_work(field, value, message):
         config_check.validate(config, num_devices=8)
 
 
+@pytest.mark.parametrize("num_devices", [0, -1])
+def test_a_mesh_of_no_devices_is_refused(num_devices):
+    """A negative count once sliced devices off the end of the list (-1: all but one)."""
+    with pytest.raises(ValueError, match=f"asked for {num_devices} devices: ask for at least 1"):
+        sharding.make_mesh(num_devices)
+
+
 def test_a_person_folder_without_the_asked_split_is_refused(tmp_path):
     (tmp_path / "images").mkdir()  # the single-split layout: 'train' only
     config = tiny_config()
