@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
 def make_schedule(optim_config, num_steps: int) -> optax.Schedule:
-    """Linear warmup into cosine decay, a constant rate, or step decay at given fractions."""
+    """Linear warmup into cosine decay, a constant rate, or step decay at given fractions.
+
+    The step count may be of any integer type: NNX's optimizer counts in uint32, in which optax's
+    piecewise schedule (step - boundary) would wrap and show the undecayed rate again."""
+    schedule = _schedule(optim_config, num_steps)
+    return lambda count: schedule(jnp.asarray(count, jnp.int32))
+
+
+def _schedule(optim_config, num_steps: int) -> optax.Schedule:
     c = optim_config
     warmup = min(c.warmup_steps, max(num_steps - 1, 0))
     if c.schedule == "cosine":

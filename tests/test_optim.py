@@ -1,4 +1,5 @@
 """The learning-rate schedules against their definitions, step by step."""
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -27,6 +28,9 @@ def test_step_schedule_decays_once_per_fraction(fractions, num_steps, warmup):
         else:  # decayed from step int(fraction * num_steps) on
             expected = c.learning_rate * c.step_decay ** sum(int(f * num_steps) <= t for f in fractions)
         np.testing.assert_allclose(float(schedule(t)), expected, rtol=1e-5, atol=1e-12, err_msg=t)
+        # The optimizer's own step counter is uint32 (what the training logs show).
+        np.testing.assert_allclose(float(schedule(jnp.uint32(t))), expected, rtol=1e-5, atol=1e-12,
+                                   err_msg=t)
 
 
 def test_cosine_schedule_warms_up_then_ends_at_its_floor():
