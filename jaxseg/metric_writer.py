@@ -37,9 +37,9 @@ class MetricWriter:
                 partial.replace(path)
         self._jsonl = path.open("a")
         # A session-start event at resume_step + 1 makes TensorBoard purge the earlier events of
-        # that step and later ones, so that its curves do not double back either.
-        self._tb = SummaryWriter(str(workdir / "tensorboard"),
-                                 purge_step=resume_step + 1 if resume_step else None)
+        # that step and later ones, so that its curves do not double back either; also at step 1,
+        # for a run killed before its first checkpoint and started again.
+        self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
 
     def scalars(self, step: int, values: dict, *, kind: str = "train") -> None:
         """One JSONL record {"step", "kind", **values} and the same values as TensorBoard scalars."""

@@ -133,10 +133,24 @@ def test_resuming_drops_log_records_of_steps_after_the_checkpoint(tmp_path):
         (5, "train"), (10, "train"), (10, "validation"), (15, "train")]
     assert records[-1]["loss"] == 1.0
     # TensorBoard purges events of a step at or after a session start's step: the resumed
-    # writer's start is at 11, so the repeated step 15 shows once; a fresh run writes none.
+    # writer's start is at 11, so the repeated step 15 shows once.
     assert session_starts(tmp_path / "tensorboard") == [11]
-    metric_writer.MetricWriter(tmp_path / "fresh").close()
-    assert session_starts(tmp_path / "fresh" / "tensorboard") == []
+
+
+def test_a_run_started_again_before_its_first_checkpoint_hides_the_killed_run_logs(tmp_path):
+    """Killed before any checkpoint, a run starts again from step 0: its logs of steps 5 and 10
+    go from the JSONL file, and TensorBoard's session start at step 1 hides them there."""
+    from jaxseg import metric_writer
+
+    first = metric_writer.MetricWriter(tmp_path)
+    first.scalars(5, {"loss": 2.0})
+    first.scalars(10, {"loss": 1.5})
+    first.close()
+    again = metric_writer.MetricWriter(tmp_path, resume_step=0)
+    again.scalars(5, {"loss": 1.9})
+    again.close()
+    assert [(r["step"], r["loss"]) for r in metric_writer.read_metrics(tmp_path)] == [(5, 1.9)]
+    assert set(session_starts(tmp_path / "tensorboard")) == {1}
 
 
 def session_starts(folder):
