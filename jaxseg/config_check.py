@@ -46,6 +46,17 @@ def validate(config, num_devices: int) -> None:
                   "optim.learning_rate"):
         if _get(config, field) <= 0:
             problems.append(f"{field}={_get(config, field)} must be positive")
+    for field in ("seed", "data.prefetch", "train.num_logged_images"):
+        if _get(config, field) < 0:
+            problems.append(f"{field}={_get(config, field)} must be >= 0")
+    if config.model.norm == "group" and depth >= 0:
+        widths = [config.model.base_features * 2**level for level in range(depth + 1)]
+        uneven = [w for w in widths if w > 0 and w % min(8, w)]
+        if uneven:
+            problems.append(
+                f"model.norm='group' splits each width into min(8, width) groups, and widths "
+                f"{uneven} of {widths} (model.base_features x 2**level) do not split evenly: use "
+                f"a model.base_features of 1, 2, 4 or a multiple of 8")
     if not 0 <= config.model.dropout < 1:
         problems.append(f"model.dropout={config.model.dropout} must be in [0, 1)")
     if not 0 <= config.data.aug.get("copy_paste", 0.0) <= 1:
@@ -62,6 +73,9 @@ def validate(config, num_devices: int) -> None:
         problems.append(f"eval.threshold={config.eval.threshold} must be in (0, 1)")
     try:
         names = [n for n, _ in mixture.parse_mixture(config.data.train)]
+        if 0 < config.train.batch_size < len(names):
+            problems.append(f"train.batch_size={config.train.batch_size} is smaller than the "
+                            f"{len(names)} datasets of data.train, each of which needs a row")
         names += [n for n, _ in mixture.parse_mixture(config.data.eval)]
     except ValueError as e:
         problems.append(f"data.train / data.eval: {e}")

@@ -85,6 +85,9 @@ def test_non_finite_step_leaves_state_unchanged():
     ("loss.boundary_radius", 0, "loss.boundary_radius=0 must be >= 1"),
     ("loss.lovasz_weight", -1.0, "loss.lovasz_weight=-1.0 must be >= 0"),
     ("data.aug.copy_paste", 1.5, "data.aug.copy_paste=1.5 must be in \\[0, 1\\]"),
+    ("seed", -1, "seed=-1 must be >= 0"),
+    ("data.prefetch", -1, "data.prefetch=-1 must be >= 0"),
+    ("train.num_logged_images", -1, "train.num_logged_images=-1 must be >= 0"),
 ])
 def test_impossible_config_fails_before_any_work(field, value, message):
     config = tiny_config()
@@ -95,6 +98,30 @@ def test_impossible_config_fails_before_any_work(field, value, message):
     node[name] = value
     with pytest.raises(config_check.ConfigError, match=message):
         config_check.validate(config, num_devices=8)
+
+
+def test_a_batch_smaller_than_the_mixture_is_refused():
+    config = tiny_config()
+    config.data.train, config.train.batch_size = "portrait_segmentation:1,ccp_person:1", 1
+    with pytest.raises(config_check.ConfigError,
+                       match="train.batch_size=1 is smaller than the 2 datasets of data.train"):
+        config_check.validate(config, num_devices=1)
+
+
+@pytest.mark.parametrize("base_features,ok", [(1, True), (4, True), (8, True), (16, True),
+                                              (6, False), (12, False), (20, False)])
+def test_group_norm_widths_must_split_into_its_groups(base_features, ok):
+    """Checked against the model itself: every width that validates builds, and the others do not."""
+    config = tiny_config()
+    config.model.norm, config.model.base_features = "group", base_features
+    if ok:
+        config_check.validate(config, num_devices=8)
+        train_step.create_train_state(config)
+        return
+    with pytest.raises(config_check.ConfigError, match="model.norm='group' splits each width"):
+        config_check.validate(config, num_devices=8)
+    with pytest.raises(ValueError):
+        train_step.create_train_state(config)
 
 
 @pytest.mark.parametrize("num_devices", [0, -1])
@@ -166,3 +193,4 @@ def test_validation_predicts_as_the_eval_config_says():
         got[flip] = train.validate({"fake": evaluator}, state, graphdef, config.eval)["fake/iou"]
         assert got[flip] == evaluator.evaluate_model(model, flip_tta=flip, refined=refined)["iou"]
     assert got[False] != got[True]  # the options changed the predictions being scored
+
