@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 2  # batches prepared ahead, on device
 
     c.data.aug = ml_collections.ConfigDict()
-    c.data.aug.enabled = True
+    c.data.aug.enabled = True  # False turns every augmentation below off, copy-paste too
     c.data.aug.scale_min = 0.75  # zoom range of the random scale-and-crop
     c.data.aug.scale_max = 1.25
     c.data.aug.max_shift = 0.1  # fraction of the image size

@@ -251,8 +251,10 @@ def _probabilities(model, images):
     return inference.person_probabilities(model, images)
 
 
-def prediction_overlays(state, graphdef, source, count: int, image_size: int) -> np.ndarray:
-    """(count, S, S*2, 3) uint8: each validation photo beside its tinted prediction.
+def prediction_overlays(state, graphdef, source, count: int, image_size: int,
+                        threshold: float) -> np.ndarray:
+    """(count, S, S*2, 3) uint8: each validation photo beside its tinted prediction, cut at
+    `threshold` as validation cuts it.
 
     At model resolution and without eval.flip_tta / eval.refine: a quick look at what the model
     learnt; refinement acts only at the photo's own size, which these small images do not have.
@@ -264,7 +266,7 @@ def prediction_overlays(state, graphdef, source, count: int, image_size: int) ->
     examples = [source[i] for i in range(min(count, len(source)))]
     images = np.stack([preprocess.model_input(ex, image_size)[0] for ex in examples])
     probs = np.asarray(_probabilities(model, images))
-    overlay = Renderer(mode="overlay")
+    overlay = Renderer(mode="overlay", threshold=threshold)
     return np.stack([np.concatenate([im, overlay.render(im, p)], axis=1)
                      for im, p in zip(images, probs)])
 
@@ -358,7 +360,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         first = next(iter(evaluators.values()))
                         writer.images(step, "validation/predictions", prediction_overlays(
                             state, graphdef, first.source, config.train.num_logged_images,
-                            config.data.image_size))
+                            config.data.image_size, config.eval.threshold))
                 writer.scalars(step, val, kind="validation")
                 ckpts.save_best(step, state, _meta(config, step, {"validation": val}), val["val_iou"])
                 last.update(val)

@@ -6,7 +6,7 @@ from flax import nnx
 
 from configs import smoke
 from fake_data import fake_source
-from jaxseg import config_check, input_pipeline, sharding, train_step
+from jaxseg import config_check, input_pipeline, preprocess, sharding, train_step
 
 
 def tiny_config():
@@ -194,3 +194,22 @@ def test_validation_predicts_as_the_eval_config_says():
         assert got[flip] == evaluator.evaluate_model(model, flip_tta=flip, refined=refined)["iou"]
     assert got[False] != got[True]  # the options changed the predictions being scored
 
+
+def test_validation_overlays_cut_at_the_eval_threshold():
+    """The logged overlays show the masks validation scores: cut at eval.threshold."""
+    from jaxseg import predict, train
+
+    config = tiny_config()
+    graphdef, state = train_step.create_train_state(config)
+    source = fake_source(2, seed=5)
+    model = train_step.inference_model(nnx.merge(graphdef, state))
+    images = np.stack([preprocess.model_input(ex, 32)[0] for ex in source])
+    probs = np.asarray(train._probabilities(model, images))
+    threshold = float(np.median(probs))  # half of the pixels on each side: the cut shows
+    overlays = train.prediction_overlays(state, graphdef, source, 2, 32, threshold)
+    assert overlays.shape == (2, 32, 64, 3)
+    np.testing.assert_array_equal(overlays[..., :32, :], images)
+    for overlay, image, p in zip(overlays, images, probs):
+        expected = predict.Renderer(mode="overlay", threshold=threshold).render(image, p)
+        np.testing.assert_array_equal(overlay[:, 32:], expected)
+        assert not np.array_equal(expected, predict.Renderer(mode="overlay").render(image, p))
