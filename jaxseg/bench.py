@@ -385,17 +385,13 @@ def input_bench(argv: list[str], sources=None) -> None:
     `sources`: (sources, weights) instead of the default config's mixture of real train splits.
     """
     from configs import default
-    from jaxseg import datasets, input_pipeline, mixture
+    from jaxseg import input_pipeline, train
 
     args = _input_parser().parse_args(argv)
     config = default.get_config()
     batch_size = args.batch_size or config.train.batch_size
-    if sources is None:
-        names_weights = mixture.parse_mixture(config.data.train)
-        sources = ([datasets.data_source(name, config.data.train_split,
-                                         data_dir=config.data.data_dir or None)
-                    for name, _ in names_weights], [w for _, w in names_weights])
-    sources, weights = sources
+    # The training mixture as training reads it, prepared on first use as training prepares it.
+    sources, weights = sources or train.train_sources(config)
     cores = len(os.sched_getaffinity(0))
     import cv2
 
