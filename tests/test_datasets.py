@@ -597,6 +597,24 @@ def test_folder_leaves_hidden_files_out(tmp_path):
     assert person_folder.config_for(root).name == name
 
 
+def test_folder_of_links_sees_a_changed_target(tmp_path):
+    """Masks linked in from elsewhere (ln -s): a corrected target is new data, not the old."""
+    from jaxseg.datasets import person_folder
+
+    elsewhere, root = tmp_path / "elsewhere", tmp_path / "linked"
+    fx.write(elsewhere / "a.png", fx.person(2) * 255)
+    fx.write(root / "images" / "a.jpg", fx.photo(2))
+    (root / "masks").mkdir()
+    (root / "masks" / "a.png").symlink_to(elsewhere / "a.png")
+    name = person_folder.config_for(root).name
+    fx.write(elsewhere / "a.png", np.zeros_like(fx.person(2)))  # corrected: no person
+    stat = (elsewhere / "a.png").stat()
+    os.utime(elsewhere / "a.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert person_folder.config_for(root).name != name
+    (elsewhere / "a.png").unlink()  # dangling now: the build reports it, the name still forms
+    assert person_folder.config_for(root).name != name
+
+
 def test_build_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
     from jaxseg.datasets import __main__ as cli
 

@@ -67,9 +67,13 @@ def config_for(folder: str | pathlib.Path) -> PersonFolderConfig:
     for split, directory in sorted(layout(root).items()):
         for sub in ("images", "masks"):
             for f in _entries(directory / sub):
-                # lstat and raw bytes: a dangling link or a name in another encoding is
-                # reported by the build (pair_files) instead of stopping it here.
-                stat = f.lstat()
+                # The linked file's size and time, so that editing a link's target is a change;
+                # a dangling link (lstat) or a name in another encoding (raw bytes) is reported
+                # by the build (pair_files) instead of stopping it here.
+                try:
+                    stat = f.stat()
+                except OSError:
+                    stat = f.lstat()
                 digest.update(f"{split}/{sub}/".encode() + os.fsencode(f.name)
                               + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     name = re.sub(r"[^\w.-]", "_", root.name or "root")
