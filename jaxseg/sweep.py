@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 from jaxseg import metric_writer
 from jaxseg.workdir import STOPPED_EXIT_STATUS
@@ -40,7 +41,8 @@ class SweepError(RuntimeError):
 
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
-    """['a.b=1,2', 'c=x'] -> {'a.b': [1, 2], 'c': ['x']} (values parsed as Python literals)."""
+    """['a.b=1,2', 'c=x'] -> {'a.b': [1, 2], 'c': ['x']} (values parsed as Python literals;
+    a tuple value keeps its commas: 'optim.step_fractions=(0.5,0.8),(0.6,0.9)' is two values)."""
     grid = {}
     for spec in specs:
         field, sep, values = spec.partition("=")
@@ -48,8 +50,19 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
             raise ValueError(f"--grid needs FIELD=V1,V2,...; got {spec!r}")
         if field.strip() in grid:  # the later values would replace the earlier ones
             raise ValueError(f"--grid {field.strip()} is given twice: list all its values in one")
-        grid[field.strip()] = [_literal(v.strip()) for v in values.split(",")]
+        grid[field.strip()] = [_literal(v.strip()) for v in _top_level_split(values)]
     return grid
+
+
+def _top_level_split(text: str) -> list[str]:
+    """`text` cut at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
 
 
 def _literal(text: str):
@@ -181,6 +194,15 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
             return
         (tdir / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
 
+    def finish_first_to_end():
+        # Whichever trial ends first frees its slot, not the oldest.
+        while True:
+            for i, (proc, _, _) in enumerate(running):
+                if proc.poll() is not None:
+                    finish(*running.pop(i))
+                    return
+            time.sleep(0.2)
+
     def interrupted(signum, frame):
         del frame
         stopping.append(signum)  # not forwarded: a second Ctrl-C would stop a trial unsaved
@@ -199,17 +221,15 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
             (tdir / TRIAL_FILE).write_text(json.dumps(values) + "\n")
             command = _command(config, tdir, values, list(extra))
             print(f"trial {tdir.name}: {' '.join(command)}", flush=True)
-            log = open(tdir / "train.log", "a")
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            with open(tdir / "train.log", "a") as log:  # the trial holds its own copy
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
             running.append((proc, tdir, values))
             if stopping:  # the signal came while this trial started
                 proc.send_signal(stopping[0])
             while len(running) >= parallel:
-                finish(*running[0])
-                running.pop(0)
+                finish_first_to_end()
         while running:
-            finish(*running[0])
-            running.pop(0)
+            finish_first_to_end()
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])

@@ -21,6 +21,32 @@ def test_grid_and_random_trials():
     assert picked == sweep.trials(grid, num_random=3, seed=1)
     with pytest.raises(ValueError):
         sweep.parse_grid(["no_equals_sign"])
+    # A tuple field's values keep their commas.
+    assert sweep.parse_grid(["optim.step_fractions=(0.5,0.8),(0.6, 0.85)"]) == {
+        "optim.step_fractions": [(0.5, 0.8), (0.6, 0.85)]}
+
+
+def test_parallel_trials_fill_the_slot_that_frees_first(tmp_path, monkeypatch):
+    """With --parallel 2, one long trial and three short ones: the short ones run one after
+    another in the second slot while the long one runs (once they all waited for it)."""
+    def fake_train(config, tdir, values, extra):
+        (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 1}}))
+        (tdir / "metrics.jsonl").write_text(
+            json.dumps({"step": 1, "kind": "train", "loss": 0.5}) + "\n"
+            + json.dumps({"step": 1, "kind": "validation", "val_iou": values["x"]}) + "\n")
+        seconds = 8 if values["x"] == 0 else 0
+        return [sys.executable, "-c", "import pathlib, sys, time\n"
+                "here = pathlib.Path(sys.argv[1])\n"
+                "(here / 'started').write_text(repr(time.time()))\n"
+                f"time.sleep({seconds})\n"
+                "(here / 'ended').write_text(repr(time.time()))\n", str(tdir)]
+
+    monkeypatch.setattr(sweep, "_command", fake_train)
+    combos = sweep.trials(sweep.parse_grid(["x=0,1,2,3"]))
+    sweep.run("configs/smoke.py", tmp_path, combos, parallel=2)
+    times = {t["x"]: [float((tmp_path / sweep.trial_name(t) / f).read_text())
+                      for f in ("started", "ended")] for t in combos}
+    assert max(times[x][0] for x in (1, 2, 3)) < times[0][1]
 
 
 def test_sweep_ranks_by_validation_and_skips_finished(manual_dir, tmp_path, monkeypatch):
