@@ -232,12 +232,16 @@ def prediction_files(predictions_dir: pathlib.Path, ids: list[str]) -> dict[str,
     """Each id's prediction PNG: `<id>.png`, or the stem with a mask suffix (`<id>_mask.png`, as
     jaxseg.predict names it), by person_folder's pairing rule. FileNotFoundError names ids
     without one, ValueError ids with several."""
+    import unicodedata
+
     from jaxseg.datasets.person_folder import MASK_SUFFIX
 
     wanted = set(ids)
     found = collections.defaultdict(list)
     for path in sorted(predictions_dir.glob("*.png")):
-        found[path.stem if path.stem in wanted else MASK_SUFFIX.sub("", path.stem)].append(path)
+        # One Unicode form, as person_folder's ids: a name written on macOS is decomposed.
+        stem = unicodedata.normalize("NFC", path.stem)
+        found[stem if stem in wanted else MASK_SUFFIX.sub("", stem)].append(path)
     missing = [i for i in ids if i not in found]
     if missing:
         raise FileNotFoundError(
@@ -299,8 +303,9 @@ def folder_pair_key(images: str, masks: str) -> str:
 def folder_root(images: str, masks: str) -> pathlib.Path:
     """A person_folder root with `images/` and `masks/` for two arbitrary folders.
 
-    Sibling folders named images/ and masks/ are used in place; otherwise a root of two symlinks
-    is made under $TFDS_DATA_DIR (stable per pair of paths, so prepared data is reused).
+    Sibling folders named images/ and masks/ are used in place when their parent is a plain
+    folder of the two (no split folders beside them); otherwise a root of two symlinks is made
+    under $TFDS_DATA_DIR (stable per pair of paths, so prepared data is reused).
     """
     images_dir, masks_dir = pathlib.Path(images).resolve(), pathlib.Path(masks).resolve()
     for flag, d in (("--images", images_dir), ("--masks", masks_dir)):
@@ -312,7 +317,7 @@ def folder_root(images: str, masks: str) -> pathlib.Path:
         raise ValueError(f"--images and --masks are the same folder ({images_dir}): photos and "
                          "masks are paired by file name, so put the masks in a folder of their own")
     if (images_dir.parent == masks_dir.parent and images_dir.name == "images"
-            and masks_dir.name == "masks"):
+            and masks_dir.name == "masks" and _single_split_folder(images_dir.parent)):
         return images_dir.parent
     import os
 
@@ -324,6 +329,16 @@ def folder_root(images: str, masks: str) -> pathlib.Path:
         if not link.is_symlink():
             link.symlink_to(target, target_is_directory=True)
     return root
+
+
+def _single_split_folder(folder: pathlib.Path) -> bool:
+    """Whether person_folder reads FOLDER as its images/ and masks/ alone."""
+    from jaxseg.datasets import person_folder
+
+    try:
+        return person_folder.layout(folder) == {"train": folder}
+    except ValueError:  # split folders beside images/, or misnamed ones
+        return False
 
 
 def _source_for(flags_):

@@ -1,5 +1,6 @@
 """The evaluator's integer counts do not depend on the device count or on batch padding."""
 import pathlib
+import shutil
 
 import cv2
 import jax.numpy as jnp
@@ -284,3 +285,31 @@ def test_folder_evaluations_keep_their_own_results_file(tmp_path):
     with pytest.raises(ValueError, match="pass --images DIR --masks DIR"):
         evaluate._source_for(types.SimpleNamespace(**{**vars(flags("", "")), "images": "",
                                                       "masks": "", "dataset": "person_folder"}))
+
+
+def test_sibling_folders_beside_split_folders_are_linked_not_read_as_their_parent(tmp_path,
+                                                                                  monkeypatch):
+    """--images X/images --masks X/masks where X also holds test/: the two named folders are
+    scored (X itself is refused by person_folder: two layouts at once)."""
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))  # where the links are made
+    for d in ("images", "masks", "test/images", "test/masks"):
+        (tmp_path / "x" / d).mkdir(parents=True)
+    (tmp_path / "x" / "images" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "x" / "masks" / "a.png").write_bytes(b"x")
+    root = evaluate.folder_root(str(tmp_path / "x" / "images"), str(tmp_path / "x" / "masks"))
+    assert root != tmp_path / "x"
+    assert (root / "images").resolve() == tmp_path / "x" / "images"
+    assert (root / "masks").resolve() == tmp_path / "x" / "masks"
+    shutil.rmtree(tmp_path / "x" / "test")  # now a plain folder of the two: used in place
+    assert evaluate.folder_root(str(tmp_path / "x" / "images"),
+                                str(tmp_path / "x" / "masks")) == tmp_path / "x"
+
+
+def test_prediction_files_match_ids_in_either_unicode_form(tmp_path):
+    """person_folder's ids are NFC; jaxseg.predict names outputs after the photo's own stem,
+    which a Mac writes decomposed (NFD)."""
+    composed, decomposed = "Jos\u00e9", "Jose\u0301"
+    (tmp_path / f"{decomposed}_mask.png").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"")
+    files = evaluate.prediction_files(tmp_path, [composed, "b"])
+    assert files == {composed: tmp_path / f"{decomposed}_mask.png", "b": tmp_path / "b.png"}
