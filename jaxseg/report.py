@@ -405,8 +405,12 @@ def _bucket_recommendations(area: list[dict], people: list[dict], num_images: in
 
 
 def _threshold_recommendation(result: dict) -> str:
+    if result.get("predictions_read_as") == "masks":
+        return "No threshold to tune: the predictions scored are 0/1 masks."
     curves = threshold_curves(result["threshold_sweep"])
-    best = int(np.argmax(curves["iou"]))  # ties: the lowest threshold
+    # Ties go to the lowest threshold; the sweep's 0 (every pixel a person) is no setting that
+    # evaluate or predict take.
+    best = 1 + int(np.argmax(curves["iou"][1:]))
     best_t, best_iou = float(curves["thresholds"][best]), float(curves["iou"][best])
     used, gain = result["threshold"], best_iou - result["iou"]
     if gain < THRESHOLD_MIN_GAIN:

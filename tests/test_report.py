@@ -154,6 +154,21 @@ def test_threshold_curves_match_the_headline_counts():
     assert curves["recall"][at] == pytest.approx(result["recall"])
 
 
+def test_threshold_advice_is_a_threshold_evaluate_takes():
+    """The sweep's 0 marks every pixel a person; evaluate and predict refuse --threshold 0."""
+    person = [90] + [60 - 3 * j for j in range(len(SWEEP_THRESHOLDS) - 1)]
+    sweep = {"thresholds": list(SWEEP_THRESHOLDS), "person": person,
+             "pixels": [100] + [p + 1 for p in person[1:]]}
+    curves = report.threshold_curves(sweep)
+    assert int(np.argmax(curves["iou"])) == 0  # IoU 0.9 there: the case in question
+    result = {"threshold_sweep": sweep, "threshold": 0.5, "split": "validation",
+              "iou": float(curves["iou"][SWEEP_THRESHOLDS.index(0.5)])}
+    advice = report._threshold_recommendation(result)
+    assert "from 0.5 to 0.05:" in advice and "--threshold 0.05 " in advice, advice
+    masks = report._threshold_recommendation(dict(result, predictions_read_as="masks"))
+    assert masks == "No threshold to tune: the predictions scored are 0/1 masks."
+
+
 def test_calibration_of_calibrated_probabilities():
     # Labels drawn with P(person) = p: each bin's person fraction is its centre, ECE near zero.
     rng = np.random.default_rng(0)
