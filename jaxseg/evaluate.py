@@ -383,9 +383,16 @@ def main(argv):
     if f.predictions and (f.flip_tta or f.refine):
         raise app.UsageError("--flip_tta and --refine change how a model predicts; "
                              "they do not apply to --predictions")
-    if f.refine_radius < 1 or f.refine_eps <= 0:
+    if f.predictions and (f.workdir or f.members or f["checkpoint"].present):
+        raise app.UsageError("--workdir, --checkpoint and --members choose the model to run; "
+                             "--predictions scores another model's masks instead")
+    if (f.images or f.masks) and f.dataset:
+        raise app.UsageError("--dataset and --images/--masks each name what to score: "
+                             "pass one or the other")
+    # Below about 1e-6 the filter's float32 window variances lose their precision.
+    if f.refine_radius < 1 or f.refine_eps < 1e-6:
         raise app.UsageError(f"--refine_radius={f.refine_radius} must be >= 1 and "
-                             f"--refine_eps={f.refine_eps} > 0")
+                             f"--refine_eps={f.refine_eps:g} >= 1e-6")
     if not 0 < f.threshold < 1:
         raise app.UsageError(f"--threshold={f.threshold} must be between 0 and 1")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)

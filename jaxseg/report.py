@@ -806,6 +806,9 @@ def main(argv):
         raise SystemExit(f"--workdir {workdir}: no such folder")
     if f.peer_dir and not workdir_path(f.peer_dir).is_dir():
         raise SystemExit(f"--peer_dir {f.peer_dir}: no such folder")
+    if not workdir and f.checkpoint != "best":  # as jaxseg.evaluate says it
+        raise SystemExit(f"--checkpoint {f.checkpoint} needs --workdir: the pretrained model has "
+                         "one set of weights")
     if not workdir:  # the pretrained model: its eval JSONs are where jaxseg.evaluate put them
         workdir = workdir_path(evaluate.PRETRAINED_RUN_DIR)
         model, config, card = inference.load_pretrained()

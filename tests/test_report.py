@@ -321,3 +321,18 @@ def test_an_unwritable_report_folder_is_one_line_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "cannot create it (Not a directory); give --output a writable folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_without_a_workdir_is_refused(tmp_path):
+    """Once ignored: the report then showed the pretrained model's overlays."""
+    import pathlib
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.report", "--checkpoint", "latest", "--output",
+         str(tmp_path / "r")], capture_output=True, text=True, timeout=300,
+        cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode != 0
+    assert "--checkpoint latest needs --workdir" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "r").exists()
