@@ -139,6 +139,7 @@ def export_all(model, config, output, *, batch_size: int = 8, description: dict 
         flatbuffer = convert_tflite(output / SAVED_MODEL_DIR, signatures)
     except Exception as e:  # the converter raises many types; a failure must not stop the export
         manifest["tflite"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        (output / TFLITE_FILE).unlink(missing_ok=True)  # an earlier export's, of another model
     else:
         (output / TFLITE_FILE).write_bytes(flatbuffer)
         manifest["tflite"] = {"file": TFLITE_FILE, "signatures": signatures}

@@ -76,6 +76,24 @@ def test_manifest_describes_every_form(exported):
     assert "file" in manifest["tflite"], manifest["tflite"]
 
 
+def test_a_failed_conversion_leaves_no_earlier_tflite(exported, tmp_path, monkeypatch):
+    """Exporting again into a folder: a TFLite file left from before would pass for this model's."""
+    import shutil
+
+    out, _, _ = exported
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    model, config, _ = inference.load_pretrained(out.parent / "pretrained")
+
+    def broken(*args):
+        raise RuntimeError("converter broke")
+
+    monkeypatch.setattr(export, "convert_tflite", broken)
+    manifest = export.export_all(model, config, again, batch_size=BATCH)
+    assert manifest["tflite"] == {"error": "RuntimeError: converter broke"}
+    assert not (again / export.TFLITE_FILE).exists()
+
+
 def test_exports_match_jax_on_real_photos(exported, photos):
     out, _, reference = exported
     forms = export.runners(out)
