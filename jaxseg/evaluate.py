@@ -99,6 +99,8 @@ class Evaluator:
 
     def __init__(self, source, *, mesh, image_size: int, batch_size: int, threshold: float = 0.5,
                  num_workers: int = 2, canvas: tuple[int, int] | None = None):
+        if not len(source):
+            raise ValueError("nothing to evaluate: the split has no examples")
         self.source = source
         self.mesh = mesh
         self.image_size = image_size
@@ -189,8 +191,6 @@ class Evaluator:
             yield sharding.to_global(batch, self.mesh)
 
     def _result(self, outputs) -> dict:
-        if not outputs:
-            raise ValueError("the evaluation source is empty")
         host = _gather(outputs)
         info = [o["info"] for o in host]
         merged = {k: np.concatenate([o["full"][k] for o in host]) for k in host[0]["full"]}
@@ -208,7 +208,6 @@ class Evaluator:
             result["model_resolution"] = metrics.metrics_from_counts(at_model)
         else:
             result["model_resolution"] = None
-        order = np.argsort(ids, kind="stable")
         ious, dices = metrics.image_iou(full), metrics.image_dice(full)
         pixels = full["tp"] + full["fp"] + full["fn"] + full["tn"]
         area = (full["tp"] + full["fn"]) / np.maximum(pixels, 1)
@@ -216,7 +215,7 @@ class Evaluator:
             {"id": ids[i], "iou": float(ious[i]), "dice": float(dices[i]),
              "person_fraction": float(area[i]), "regions": int(regions[i]),
              "tp": int(full["tp"][i]), "fp": int(full["fp"][i]), "fn": int(full["fn"][i])}
-            for i in order]
+            for i in range(len(ids))]
         result["threshold_sweep"] = {
             "thresholds": list(SWEEP_THRESHOLDS),
             "person": np.sum(full["sweep_person"].astype(np.int64), axis=0).tolist(),
@@ -412,8 +411,11 @@ def main(argv):
         model, config, described = inference.load_or_exit(f.workdir or None, f.checkpoint,
                                                           f.members)
         image_size = config.data.image_size
-    evaluator = Evaluator(source, mesh=mesh, image_size=max(image_size, 32), batch_size=batch,
-                          threshold=f.threshold)
+    try:
+        evaluator = Evaluator(source, mesh=mesh, image_size=max(image_size, 32),
+                              batch_size=batch, threshold=f.threshold)
+    except ValueError as e:  # an empty split
+        distributed.exit_with_error(f"error: {dataset} {split}: {e}")
     if evaluator.batch_size < batch and distributed.is_main_process():
         canvas = evaluator.canvas
         print(f"note: batch {evaluator.batch_size} instead of {batch}: the largest photo needs a "

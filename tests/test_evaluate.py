@@ -317,3 +317,8 @@ def test_prediction_files_match_ids_in_either_unicode_form(tmp_path):
     (tmp_path / "b.png").write_bytes(b"")
     files = evaluate.prediction_files(tmp_path, [composed, "b"])
     assert files == {composed: tmp_path / f"{decomposed}_mask.png", "b": tmp_path / "b.png"}
+
+
+def test_an_empty_split_is_named_not_a_numpy_error():
+    with pytest.raises(ValueError, match="nothing to evaluate: the split has no examples"):
+        evaluate.Evaluator([], mesh=sharding.make_mesh(1), image_size=32, batch_size=2)
