@@ -49,7 +49,7 @@ def validate(config, num_devices: int) -> None:
     for field in ("seed", "data.prefetch", "train.num_logged_images"):
         if _get(config, field) < 0:
             problems.append(f"{field}={_get(config, field)} must be >= 0")
-    if config.model.norm == "group" and depth >= 0:
+    if config.model.norm == "group":
         widths = [config.model.base_features * 2**level for level in range(depth + 1)]
         uneven = [w for w in widths if w > 0 and w % min(8, w)]
         if uneven:
