@@ -4,18 +4,22 @@
 # before it installs anything or creates a VM, not jaxseg.train after that work: config overrides
 # --config.FIELD=VALUE (also --config.FIELD VALUE and --noconfig.FIELD for booleans) and
 # --coordinator_address, --num_processes, --process_id (jaxseg.distributed's flags).
-# A word that is not an option is only accepted as the value of the option before it.
+# A word that is not an option is only accepted as the value of the option before it, and the
+# word after an option that takes one is its value whatever it looks like (--config.seed -1), as
+# absl reads it.
 check_train_args() {
   local script=$1 arg name value_next="" bad=""
   shift
   local valued="coordinator_address num_processes process_id"
   for arg; do
-    if [[ $arg != -* ]]; then
-      [[ -n $value_next ]] || { bad="unexpected argument '$arg'"; break; }
+    if [[ -n $value_next ]]; then
       value_next=""
       continue
     fi
-    value_next=""
+    if [[ $arg != -* ]]; then
+      bad="unexpected argument '$arg'"
+      break
+    fi
     name=${arg#--} name=${name%%=*}
     if [[ $arg == --* && ( $name == config.?* || $name == noconfig.?* ) ]]; then
       [[ $arg == *=* || $name == noconfig.* ]] || value_next=1
