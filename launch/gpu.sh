@@ -64,9 +64,15 @@ echo "GPU run: config $CONFIG, workdir $WORKDIR, venv $VENV, jax[$JAX_CUDA]==$ja
 
 run nvidia-smi -L
 python=$VENV/bin/python
+# jax 0.12 needs Python 3.12+: a venv of an older one would fail at every install, and be reused.
+needs_312='import sys; sys.exit(sys.version_info < (3, 12))'
 if [[ -z $skip_install ]]; then
   if [[ ! -x $python ]]; then
+    [[ -n $dry_run ]] || "${PYTHON:-python3}" -c "$needs_312" 2>/dev/null \
+      || die "${PYTHON:-python3} is not Python 3.12 or newer (jax $jax_version needs it): set PYTHON=/path/to/python3.12"
     run "${PYTHON:-python3}" -m venv "$VENV"
+  elif [[ -z $dry_run ]] && ! "$python" -c "$needs_312"; then
+    die "$VENV has $("$python" --version 2>&1), and jax $jax_version needs 3.12 or newer: remove it and run again"
   fi
   run "$python" -m pip install -r requirements.txt
   run "$python" -m pip install -U "jax[$JAX_CUDA]==$jax_version"

@@ -3,6 +3,12 @@
 # Python 3.12+ and installs requirements.txt, and points the datasets at ../shared/data (or
 # $JAXSEG_MANUAL_DIR) and a local TFDS data dir. Sourced into an interactive shell, it leaves that
 # shell's options as they were and returns (never exits) on failure.
+# It finds the repository through bash's BASH_SOURCE: another shell (zsh, dash) would make .venv
+# in the wrong folder.
+[ -n "${BASH_VERSION:-}" ] || {
+  echo "error: source launch/setup_env.sh from bash (run bash first)" >&2
+  return 1 2>/dev/null || exit 1
+}
 _jaxseg_setup_env() {
   local repo python_bin candidate
   repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) || return 1
@@ -20,7 +26,13 @@ _jaxseg_setup_env() {
     echo "error: Python 3.12 or newer is needed (jax 0.12); set PYTHON=/path/to/python3.12" >&2
     return 1
   fi
-  [ -x "$repo/.venv/bin/python" ] || "$python_bin" -m venv "$repo/.venv" || return 1
+  if [ ! -x "$repo/.venv/bin/python" ]; then
+    "$python_bin" -m venv "$repo/.venv" || return 1
+  elif ! "$repo/.venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+    echo "error: $repo/.venv has $("$repo/.venv/bin/python" --version 2>&1), and jax 0.12 needs" \
+         "3.12 or newer: remove that folder, then source this again" >&2
+    return 1
+  fi
   "$repo/.venv/bin/pip" install -q --disable-pip-version-check -r "$repo/requirements.txt" || return 1
   export JAXSEG_MANUAL_DIR=${JAXSEG_MANUAL_DIR:-$(cd "$repo/.." && pwd)/shared/data}
   export TFDS_DATA_DIR=${TFDS_DATA_DIR:-$repo/.tfds}

@@ -71,6 +71,25 @@ def test_gpu_dry_run(bin_dir):
     assert "stub" not in out.stderr  # nothing ran
 
 
+def test_gpu_refuses_a_python_older_than_312(bin_dir, tmp_path):
+    """Its venv was made by any python3 (3.10 on many GPU images), then reused at every rerun."""
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: H100'\n")
+    old = tmp_path / "python3.11"
+    old.write_text("#!/bin/sh\n[ \"$1\" = -c ] && exit 1\necho 'Python 3.11.7'\n")
+    for tool in (bin_dir / "nvidia-smi", old):
+        tool.chmod(0o755)
+    env = {"VENV": str(tmp_path / "venv"), "PYTHON": str(old), "WORKDIR": str(tmp_path / "w")}
+    out = _run([LAUNCH / "gpu.sh"], bin_dir, env=env)
+    assert out.returncode == 2 and "is not Python 3.12 or newer" in out.stderr, out.stderr
+    assert not (tmp_path / "venv").exists()
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    shutil.copy(old, tmp_path / "venv" / "bin" / "python")  # a venv an older run made
+    out = _run([LAUNCH / "gpu.sh"], bin_dir, env=env)
+    assert out.returncode == 2, out.stderr
+    assert "has Python 3.11.7, and jax" in out.stderr and "remove it and run again" in out.stderr
+    assert "pip install" not in out.stdout
+
+
 def test_tpu_without_gcloud(bin_dir):
     out = _run([LAUNCH / "tpu_vm.sh", "--zone", "z", "--workdir", "gs://b/w", "--manual-dir",
                 "gs://b/d", "--dry-run"], bin_dir)
@@ -547,3 +566,31 @@ def test_setup_env_leaves_the_sourcing_shell_alone(tmp_path):
     assert "e" not in opts and "u" not in opts
     assert "pipefail" in out.stdout and "on" not in out.stdout.split("pipefail")[1].split()[0]
     assert "alive" in out.stdout
+
+
+def test_setup_env_refuses_an_old_venv_and_other_shells(tmp_path):
+    """A .venv made by an older Python was reused, and failed at every pip install; sourced from
+    dash or zsh, the script found no BASH_SOURCE and made .venv in the wrong folder."""
+    tree = tmp_path / "repo"
+    (tree / "launch").mkdir(parents=True)
+    shutil.copy(LAUNCH / "setup_env.sh", tree / "launch" / "setup_env.sh")
+    (tree / "requirements.txt").write_text("")
+    venv_bin = tree / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text(  # fails the version check, as Python 3.11 does
+        "#!/bin/sh\n[ \"$1\" = -c ] && exit 1\necho 'Python 3.11.7'\n")
+    (venv_bin / "pip").write_text(f"#!/bin/sh\ntouch {tmp_path / 'pip_ran'}\n")
+    for tool in ("python", "pip"):
+        (venv_bin / tool).chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    out = subprocess.run(["bash", "-c", "source launch/setup_env.sh; echo rc=$?"], cwd=tree,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert "rc=1" in out.stdout, out.stdout + out.stderr
+    assert "/.venv has Python 3.11.7, and jax 0.12 needs 3.12 or newer" in out.stderr
+    assert not (tmp_path / "pip_ran").exists()
+    dash = shutil.which("dash")
+    if dash:
+        out = subprocess.run([dash, "-c", ". launch/setup_env.sh; echo rc=$?"], cwd=tree,
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert "rc=1" in out.stdout and "from bash" in out.stderr, out.stdout + out.stderr
+        assert not (tmp_path / ".venv").exists() and not (tmp_path / "pip_ran").exists()
