@@ -55,7 +55,7 @@ def export(source, out_dir: str | pathlib.Path, *, limit: int | None = None) -> 
 
 
 def main(argv=None) -> int:
-    """Command line: writes the split's photos, masks and ids file; returns the exit status."""
+    """Command line: writes the split's photos and ids file; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="portrait_segmentation, ccp_person, ...")
     parser.add_argument("--split", default="test")

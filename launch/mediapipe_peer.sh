@@ -26,7 +26,8 @@ For each dataset:
 Environment: MEDIAPIPE_VENV (default .venv-mediapipe), MEDIAPIPE_PYTHON (interpreter that creates
 it; default the first Python 3.9-3.12 found among python3.12 ... python3.9 on PATH and
 $PYENV_ROOT/versions, as mediapipe 0.10.21 has wheels for cp39-cp312 only), JAXSEG_VENV (jaxseg's
-venv, default .venv), and the data settings JAXSEG_MANUAL_DIR and TFDS_DATA_DIR as for jaxseg.
+venv, default .venv), and the data settings JAXSEG_MANUAL_DIR and TFDS_DATA_DIR as for jaxseg
+(`source launch/setup_env.sh` first sets both as the other launchers use them).
 Relative paths are relative to the repository root.
 EOF
 }
