@@ -284,6 +284,49 @@ def test_killed_process_stops_the_other(tmp_path):
     print(f"process 0 exited {rc} {took:.1f} s after process 1 was killed")
 
 
+def test_a_stop_signal_to_one_process_saves_and_stops_both(tmp_path):
+    """A scheduler's SIGTERM reaches one process of two: both stop at the same step boundary,
+    that step's checkpoint is committed, and both exit with the stopped status, so that running
+    the same command again resumes there."""
+    from jaxseg.workdir import STOPPED_EXIT_STATUS
+
+    folder = tmp_path / "folder"
+    fx.make_simple_folder(folder / "train", [f"t{i:02d}" for i in range(12)])
+    fx.make_simple_folder(folder / "validation", [f"v{i}" for i in range(4)], seed=50)
+    workdir = tmp_path / "work"
+    cmd = train_command(workdir, "--config.data.train=person_folder",
+                        "--config.data.eval=person_folder", f"--config.data.folder={folder}",
+                        "--config.train.num_steps=100000", "--config.train.log_every=1",
+                        "--config.train.eval_every=100000",
+                        "--config.train.checkpoint_every=100000",
+                        "--config.eval.max_examples=4", "--config.train.num_logged_images=0")
+    env = base_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), JAXSEG_MANUAL_DIR=str(tmp_path / "none"))
+    cluster = Cluster(cmd, num=2, devices=2, env=env, log_dir=tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        metrics = workdir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            for i, proc in enumerate(cluster.procs):
+                assert proc.poll() is None, f"process {i} ended early:\n{cluster.log(i)[-3000:]}"
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        cluster.procs[1].send_signal(signal.SIGTERM)
+        codes = []
+        for i, proc in enumerate(cluster.procs):
+            try:
+                codes.append(proc.wait(timeout=120))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"process {i} still running 120 s after SIGTERM:\n"
+                            f"{cluster.log(i)[-3000:]}")
+    finally:
+        cluster.kill()
+    assert codes == [STOPPED_EXIT_STATUS] * 2, [cluster.log(i)[-3000:] for i in range(2)]
+    last_logged = records(workdir, "train")[-1]["step"]  # a stopped run logs its last step
+    assert checkpointing.Checkpoints(workdir, read_only=True).latest_step() == last_logged
+    assert f"SIGTERM: saved step {last_logged} to" in cluster.log(1)
+    assert f"a stop signal to another process: saved step {last_logged} to" in cluster.log(0)
+
+
 RAISES = textwrap.dedent('''
     import numpy as np
     from jax.experimental import multihost_utils
