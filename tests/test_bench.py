@@ -43,6 +43,13 @@ def test_train_step_flops_are_positive():
     assert bench.step_flops(step, state, batch) > 0
 
 
+def test_step_flops_of_a_matmul_are_2mkn():
+    m, k, n = 32, 48, 16
+    matmul = jax.jit(lambda a, b: a @ b)
+    a, b = jax.ShapeDtypeStruct((m, k), np.float32), jax.ShapeDtypeStruct((k, n), np.float32)
+    assert bench.step_flops(matmul, a, b) == 2 * m * k * n
+
+
 def test_input_pipeline_rates_from_in_memory_sources(capsys):
     from fake_data import fake_source
 

@@ -568,29 +568,40 @@ def test_setup_env_leaves_the_sourcing_shell_alone(tmp_path):
     assert "alive" in out.stdout
 
 
-def test_setup_env_refuses_an_old_venv_and_other_shells(tmp_path):
-    """A .venv made by an older Python was reused, and failed at every pip install; sourced from
-    dash or zsh, the script found no BASH_SOURCE and made .venv in the wrong folder."""
+def _setup_env_tree(tmp_path, venv_python: str):
+    """A repository tree holding setup_env.sh, an empty requirements.txt and a .venv whose python
+    is `venv_python` (a shell script) and whose pip leaves a mark when it runs."""
     tree = tmp_path / "repo"
     (tree / "launch").mkdir(parents=True)
     shutil.copy(LAUNCH / "setup_env.sh", tree / "launch" / "setup_env.sh")
     (tree / "requirements.txt").write_text("")
     venv_bin = tree / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
-    (venv_bin / "python").write_text(  # fails the version check, as Python 3.11 does
-        "#!/bin/sh\n[ \"$1\" = -c ] && exit 1\necho 'Python 3.11.7'\n")
+    (venv_bin / "python").write_text(venv_python)
     (venv_bin / "pip").write_text(f"#!/bin/sh\ntouch {tmp_path / 'pip_ran'}\n")
     for tool in ("python", "pip"):
         (venv_bin / tool).chmod(0o755)
+    return tree
+
+
+def test_setup_env_refuses_a_venv_of_an_older_python(tmp_path):
+    """A .venv made by an older Python was reused, and failed at every pip install."""
+    tree = _setup_env_tree(  # fails the version check, as Python 3.11 does
+        tmp_path, "#!/bin/sh\n[ \"$1\" = -c ] && exit 1\necho 'Python 3.11.7'\n")
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
     out = subprocess.run(["bash", "-c", "source launch/setup_env.sh; echo rc=$?"], cwd=tree,
                          env=env, capture_output=True, text=True, timeout=60)
     assert "rc=1" in out.stdout, out.stdout + out.stderr
     assert "/.venv has Python 3.11.7, and jax 0.12 needs 3.12 or newer" in out.stderr
     assert not (tmp_path / "pip_ran").exists()
-    dash = shutil.which("dash")
-    if dash:
-        out = subprocess.run([dash, "-c", ". launch/setup_env.sh; echo rc=$?"], cwd=tree,
-                             env=env, capture_output=True, text=True, timeout=60)
-        assert "rc=1" in out.stdout and "from bash" in out.stderr, out.stdout + out.stderr
-        assert not (tmp_path / ".venv").exists() and not (tmp_path / "pip_ran").exists()
+
+
+@pytest.mark.skipif(shutil.which("dash") is None, reason="needs dash")
+def test_setup_env_sourced_from_another_shell_says_so(tmp_path):
+    """Sourced from dash or zsh, it found no BASH_SOURCE and made .venv in the wrong folder."""
+    tree = _setup_env_tree(tmp_path, "#!/bin/sh\necho 'Python 3.12.0'\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    out = subprocess.run([shutil.which("dash"), "-c", ". launch/setup_env.sh; echo rc=$?"],
+                         cwd=tree, env=env, capture_output=True, text=True, timeout=60)
+    assert "rc=1" in out.stdout and "from bash" in out.stderr, out.stdout + out.stderr
+    assert not (tmp_path / ".venv").exists() and not (tmp_path / "pip_ran").exists()

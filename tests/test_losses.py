@@ -121,5 +121,7 @@ def test_lovasz_weight_adds_the_hinge_to_the_loss(example):
     base, parts = losses.segmentation_loss(logits, masks, valid)
     mixed, mixed_parts = losses.segmentation_loss(logits, masks, valid, lovasz_weight=0.5)
     assert "lovasz_loss" not in parts
-    np.testing.assert_allclose(float(mixed), float(base) + 0.5 * float(mixed_parts["lovasz_loss"]),
-                               rtol=1e-6)
+    # The hinge checked against numpy above, of these logits (not, say, of their negation).
+    hinge = float(losses.lovasz_hinge(logits, masks, valid))
+    assert float(mixed_parts["lovasz_loss"]) == hinge
+    np.testing.assert_allclose(float(mixed), float(base) + 0.5 * hinge, rtol=1e-6)

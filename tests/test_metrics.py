@@ -75,6 +75,13 @@ def test_metrics_from_counts_match_numpy():
     assert m["iou_without_edge_errors"] == pytest.approx(
         (mended & target).sum() / (mended | target).sum())
     assert 0 < m["near_edge_error_share"] < 1 and m["iou_without_edge_errors"] > m["iou"]
+    # Boundary F1 from the numpy boundaries: the harmonic mean of the split's boundary precision
+    # and recall (each boundary pixel within the tolerance of the other mask's boundary).
+    ref = [numpy_counts(p, t, r.astype(bool), 1) for p, t, r in zip(pred, target, region)]
+    bp = sum(c["pred_boundary_hit"] for c in ref) / sum(c["pred_boundary"] for c in ref)
+    br = sum(c["true_boundary_hit"] for c in ref) / sum(c["true_boundary"] for c in ref)
+    assert 0 < bp < 1 and 0 < br < 1 and bp != br
+    assert m["boundary_f1"] == pytest.approx(2 * bp * br / (bp + br))
 
 
 def test_perfect_and_empty_predictions():

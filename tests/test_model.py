@@ -129,4 +129,9 @@ def test_dropout_needs_a_key_only_in_training():
     a = model(x, train=True, dropout_key=jax.random.key(1))
     b = model(x, train=True, dropout_key=jax.random.key(2))
     assert not np.allclose(a, b)
-    np.testing.assert_array_equal(model(x), model(x))
+    # Out of training, dropout is off: the same weights without dropout give the same logits.
+    twin = UNet(depth=2, base_features=4, dropout=0.0, rngs=nnx.Rngs(5))
+    nnx.update(twin, nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat))
+    np.testing.assert_array_equal(model(x), twin(x))
+    with pytest.raises(ValueError, match="no `rngs` argument was provided to Dropout"):
+        model(x, train=True)

@@ -28,25 +28,27 @@ def test_grid_and_random_trials():
 
 def test_parallel_trials_fill_the_slot_that_frees_first(tmp_path, monkeypatch):
     """With --parallel 2, one long trial and three short ones: the short ones run one after
-    another in the second slot while the long one runs (once they all waited for it)."""
+    another in the second slot while the long one runs (once they all waited for it). The long
+    trial lasts until the short ones have ended, or 60 s."""
     def fake_train(config, tdir, values, extra):
         (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 1}}))
         (tdir / "metrics.jsonl").write_text(
             json.dumps({"step": 1, "kind": "train", "loss": 0.5}) + "\n"
             + json.dumps({"step": 1, "kind": "validation", "val_iou": values["x"]}) + "\n")
-        seconds = 8 if values["x"] == 0 else 0
-        return [sys.executable, "-c", "import pathlib, sys, time\n"
+        others = [str(tdir.parent / f"x={x}" / "ended") for x in (1, 2, 3)] if values["x"] == 0 else []
+        return [sys.executable, "-c", "import os, pathlib, sys, time\n"
+                f"others, deadline = {others!r}, time.monotonic() + 60\n"
+                "while not all(map(os.path.exists, others)) and time.monotonic() < deadline:\n"
+                "    time.sleep(0.05)\n"
                 "here = pathlib.Path(sys.argv[1])\n"
-                "(here / 'started').write_text(repr(time.time()))\n"
-                f"time.sleep({seconds})\n"
-                "(here / 'ended').write_text(repr(time.time()))\n", str(tdir)]
+                "(here / 'saw_the_others_end').write_text(str(all(map(os.path.exists, others))))\n"
+                "(here / 'ended').write_text('')\n", str(tdir)]
 
     monkeypatch.setattr(sweep, "_command", fake_train)
     combos = sweep.trials(sweep.parse_grid(["x=0,1,2,3"]))
+    assert [sweep.trial_name(t) for t in combos] == ["x=0", "x=1", "x=2", "x=3"]
     sweep.run("configs/smoke.py", tmp_path, combos, parallel=2)
-    times = {t["x"]: [float((tmp_path / sweep.trial_name(t) / f).read_text())
-                      for f in ("started", "ended")] for t in combos}
-    assert max(times[x][0] for x in (1, 2, 3)) < times[0][1]
+    assert (tmp_path / "x=0" / "saw_the_others_end").read_text() == "True"
 
 
 def test_sweep_ranks_by_validation_and_skips_finished(manual_dir, tmp_path, monkeypatch):
@@ -234,3 +236,16 @@ def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         sweep.main(["--workdir=", "--grid", "seed=0"])
     assert usage.value.code == 2 and "--workdir: give the sweep's folder" in capsys.readouterr().err
+
+
+def test_a_trial_is_ranked_by_its_best_validation_not_its_last(tmp_path, monkeypatch):
+    def fake_train(config, tdir, values, extra):
+        (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 4}}))
+        (tdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+            {"step": 2, "kind": "train", "loss": 0.6}, {"step": 2, "kind": "validation", "val_iou": 0.6},
+            {"step": 4, "kind": "train", "loss": 0.5}, {"step": 4, "kind": "validation", "val_iou": 0.4}]))
+        return [sys.executable, "-c", ""]
+
+    monkeypatch.setattr(sweep, "_command", fake_train)
+    (row,) = sweep.run("configs/smoke.py", tmp_path, sweep.trials(sweep.parse_grid(["x=1"])))
+    assert (row["val_iou"], row["best_step"], row["final_train_loss"]) == (0.6, 2, 0.5)
