@@ -690,3 +690,50 @@ def test_an_opaque_png_is_decoded_once(tmp_path, monkeypatch):
     image, alpha = predict.read_image(tmp_path / "x.png", 10**6)
     assert loads == [] and alpha is None
     np.testing.assert_array_equal(image, upright)
+
+
+def test_a_video_name_that_is_not_utf8_is_skipped_not_a_crash(tiny_model_dir, tmp_path, monkeypatch):
+    """OpenCV 5 crashes the process (SIGSEGV) on such a path: the run died with every later video."""
+    model, config, _ = inference.load_pretrained(tiny_model_dir)
+    predictor = predict.Predictor(model, config.data.image_size, batch_size=2)
+    renderer = predict.Renderer(mode="mask")
+
+    def must_not_open(*args):
+        raise AssertionError("OpenCV was given the path")
+
+    monkeypatch.setattr(predict.cv2, "VideoCapture", must_not_open)
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9.mp4")
+    with pytest.raises(predict.InputError, match="is not UTF-8 text, which OpenCV cannot open"):
+        predict.predict_video(predictor, renderer, latin1, tmp_path / "cafe_mask.mp4")
+    with pytest.raises(predict.InputError, match="its output's path"):
+        predict.predict_video(predictor, renderer, tmp_path / "cafe.mp4", latin1)
+
+
+def test_photos_are_predicted_in_chunks_of_bounded_pixels(tiny_model_dir, tmp_path, monkeypatch):
+    """Large photos end a chunk early: all of a chunk's photos and maps are held at once."""
+    model, config, _ = inference.load_pretrained(tiny_model_dir)
+    predictor = predict.Predictor(model, config.data.image_size, batch_size=2)
+    calls = []
+    probabilities = predictor.probabilities
+    monkeypatch.setattr(predictor, "probabilities",
+                        lambda images: calls.append(len(images)) or probabilities(images))
+    items = []
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / f"p{i}.png"), photo(30, 40, seed=i))
+        items.append((tmp_path / f"p{i}.png", pathlib.PurePath(f"p{i}")))
+
+    class Progress:
+        done = 0
+
+        def update(self, n):
+            self.done += n
+
+    for budget, expected in ((10**9, [5]), (2 * 30 * 40, [2, 2, 1])):
+        calls.clear()
+        monkeypatch.setattr(predict, "CHUNK_PIXELS", budget)
+        progress, out = Progress(), tmp_path / f"out{budget}"
+        problems = predict.predict_images(predictor, predict.Renderer(mode="mask"), items, out,
+                                          max_pixels=10**6, inputs_resolved=set(),
+                                          progress=progress)
+        assert problems == [] and calls == expected and progress.done == 5
+        assert sorted(p.name for p in out.iterdir()) == [f"p{i}_mask.png" for i in range(5)]
