@@ -59,6 +59,9 @@ def test_binarize_rules():
     assert "> 127" in note and mask.tolist() == [[0, 0, 1, 1]]
     mask, note = image_io.binarize(np.array([[0, 1, 2, 3]], np.uint8))  # label map style
     assert "> 0" in note and mask.tolist() == [[0, 1, 1, 1]]
+    # 0/1 with 255 as void (PASCAL VOC): 255 once became the person and the person background.
+    mask, note = image_io.binarize(np.array([[0, 1, 1, 255]], np.uint8))
+    assert "void read as background" in note and mask.tolist() == [[0, 1, 1, 0]]
 
 
 def test_hash_split_is_pinned():

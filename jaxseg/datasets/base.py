@@ -128,14 +128,16 @@ def _without_repeats_of_held_out(examples: list[_Example], report: Report) -> li
 class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the builders: image, mask, id and source per example, stored as array_record."""
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.2.1")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "A photo byte-identical to one of a more held-out split is excluded "
                               "(3 portraits of the train list repeat test photos); photos with "
                               "a colour profile are stored in sRGB; masks get their own EXIF "
                               "orientation.",
                      "1.2.0": "A photo whose colour profile cannot be used is stored as sRGB "
-                              "instead of skipped."}
+                              "instead of skipped.",
+                     "1.2.1": "A 0/1 mask with 255 (void) pixels reads the void as background "
+                              "(it read 255 as the person and 1 as background)."}
     HOMEPAGE = ""
     CITATION = ""
     URL = ""  # public archive of the dataset
