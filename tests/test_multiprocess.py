@@ -229,33 +229,44 @@ def test_two_processes_prepare_a_new_folder_one_after_the_other(runs):
 # ------------------------------------------------------------------ failures stop the whole run
 
 
+def endless_training_command(tmp_path, workdir):
+    """jaxseg.train on a small synthetic folder (prepared in the run's own TFDS dir), logging every
+    step and never validating or checkpointing on its own: for runs that are stopped."""
+    folder = tmp_path / "folder"
+    fx.make_simple_folder(folder / "train", [f"t{i:02d}" for i in range(12)])
+    fx.make_simple_folder(folder / "validation", [f"v{i}" for i in range(4)], seed=50)
+    return train_command(workdir, "--config.data.train=person_folder",
+                         "--config.data.eval=person_folder", f"--config.data.folder={folder}",
+                         "--config.train.num_steps=100000", "--config.train.log_every=1",
+                         "--config.train.eval_every=100000",
+                         "--config.train.checkpoint_every=100000",
+                         "--config.eval.max_examples=4", "--config.train.num_logged_images=0")
+
+
+def wait_until_training(cluster, workdir):
+    """Returns once two steps are logged; fails if a process ends first or nothing is logged."""
+    deadline = time.monotonic() + TIMEOUT_S
+    metrics = workdir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        for i, proc in enumerate(cluster.procs):
+            assert proc.poll() is None, f"process {i} ended early:\n{cluster.log(i)[-3000:]}"
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+
+
 def test_killed_process_stops_the_other(tmp_path):
     """SIGKILL one process mid-training: the other exits non-zero within seconds, saying why.
 
     Synthetic data in a fresh TFDS dir, so this also checks that two processes preparing one
     dataset at once do not collide (distributed.main_process_first).
     """
-    folder = tmp_path / "folder"
-    fx.make_simple_folder(folder / "train", [f"t{i:02d}" for i in range(12)])
-    fx.make_simple_folder(folder / "validation", [f"v{i}" for i in range(4)], seed=50)
     workdir = tmp_path / "work"
-    cmd = train_command(workdir, "--config.data.train=person_folder",
-                        "--config.data.eval=person_folder", f"--config.data.folder={folder}",
-                        "--config.train.num_steps=100000", "--config.train.log_every=1",
-                        "--config.train.eval_every=100000",
-                        "--config.train.checkpoint_every=100000",
-                        "--config.eval.max_examples=4", "--config.train.num_logged_images=0")
+    cmd = endless_training_command(tmp_path, workdir)
     env = base_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), JAXSEG_MANUAL_DIR=str(tmp_path / "none"),
                    JAXSEG_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
     cluster = Cluster(cmd, num=2, devices=2, env=env, log_dir=tmp_path / "logs")
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        metrics = workdir / "metrics.jsonl"
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            for i, proc in enumerate(cluster.procs):
-                assert proc.poll() is None, f"process {i} ended early:\n{cluster.log(i)[-3000:]}"
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_until_training(cluster, workdir)
         cluster.procs[1].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         try:
@@ -290,26 +301,12 @@ def test_a_stop_signal_to_one_process_saves_and_stops_both(tmp_path):
     the same command again resumes there."""
     from jaxseg.workdir import STOPPED_EXIT_STATUS
 
-    folder = tmp_path / "folder"
-    fx.make_simple_folder(folder / "train", [f"t{i:02d}" for i in range(12)])
-    fx.make_simple_folder(folder / "validation", [f"v{i}" for i in range(4)], seed=50)
     workdir = tmp_path / "work"
-    cmd = train_command(workdir, "--config.data.train=person_folder",
-                        "--config.data.eval=person_folder", f"--config.data.folder={folder}",
-                        "--config.train.num_steps=100000", "--config.train.log_every=1",
-                        "--config.train.eval_every=100000",
-                        "--config.train.checkpoint_every=100000",
-                        "--config.eval.max_examples=4", "--config.train.num_logged_images=0")
+    cmd = endless_training_command(tmp_path, workdir)
     env = base_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), JAXSEG_MANUAL_DIR=str(tmp_path / "none"))
     cluster = Cluster(cmd, num=2, devices=2, env=env, log_dir=tmp_path / "logs")
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        metrics = workdir / "metrics.jsonl"
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            for i, proc in enumerate(cluster.procs):
-                assert proc.poll() is None, f"process {i} ended early:\n{cluster.log(i)[-3000:]}"
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_until_training(cluster, workdir)
         cluster.procs[1].send_signal(signal.SIGTERM)
         codes = []
         for i, proc in enumerate(cluster.procs):
