@@ -62,6 +62,9 @@ def test_binarize_rules():
     # 0/1 with 255 as void (PASCAL VOC): 255 once became the person and the person background.
     mask, note = image_io.binarize(np.array([[0, 1, 1, 255]], np.uint8))
     assert "void read as background" in note and mask.tolist() == [[0, 1, 1, 0]]
+    # A 0/255 mask with a stray 1 is not read as a void-marked 0/1 mask: its person stays.
+    mask, note = image_io.binarize(np.array([[0, 255, 255, 1]], np.uint8))
+    assert "> 127" in note and mask.tolist() == [[0, 1, 1, 0]]
 
 
 def test_hash_split_is_pinned():

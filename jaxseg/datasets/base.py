@@ -136,8 +136,9 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                               "orientation.",
                      "1.2.0": "A photo whose colour profile cannot be used is stored as sRGB "
                               "instead of skipped.",
-                     "1.2.1": "A 0/1 mask with 255 (void) pixels reads the void as background "
-                              "(it read 255 as the person and 1 as background)."}
+                     "1.2.1": "A grey 0/1 mask with a (smaller) void of 255 pixels reads the "
+                              "void as background (it read 255 as the person and 1 as "
+                              "background)."}
     HOMEPAGE = ""
     CITATION = ""
     URL = ""  # public archive of the dataset

@@ -165,15 +165,17 @@ def read_mat(path: pathlib.Path, variable: str) -> np.ndarray:
 
 def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
     """0/1 uint8 mask from 0/1 or 0/255 (0/65535) values; a note when other values occur (0/1
-    with 255 as void: person = 1; otherwise a threshold by the largest value)."""
+    with a smaller void of 255: person = 1; otherwise a threshold by the largest value)."""
     if ((values == 0) | (values == 1)).all():
         return (values == 1).astype(np.uint8), None
     top = values.max()
     full = 255 if top <= 255 else 65535
     if ((values == 0) | (values == full)).all():
         return (values == full).astype(np.uint8), None
-    if full == 255 and ((values == 0) | (values == 1) | (values == 255)).all():
-        # 0/1 labels with 255 as "void" (the PASCAL VOC convention): the void is no person.
+    if (full == 255 and ((values == 0) | (values == 1) | (values == 255)).all()
+            and (values == 1).sum() >= (values == 255).sum()):
+        # 0/1 labels with a void edge of 255 (as grey PASCAL VOC-style masks mark it): the void
+        # is no person. (Fewer 1s than 255s: a 0/255 mask with stray 1s, cut as below.)
         return (values == 1).astype(np.uint8), "0/1 mask with 255 (void) pixels; void read as background"
     # Small maxima mean a 0/1-style (or label) mask with stray values.
     threshold = 0 if top < 128 else full // 2
