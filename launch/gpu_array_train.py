@@ -52,7 +52,7 @@ def config_for(size, num_steps, args):
     c.model.base_features = args.base_features
     c.model.residual = args.residual
     c.model.compute_dtype = "bfloat16"
-    c.train.batch_size = args.batch_size
+    c.train.batch_size = c.eval.batch_size = args.batch_size
     c.train.num_steps = num_steps
     c.train.ema_decay = args.ema_decay
     c.loss.boundary_weight = args.boundary_weight
@@ -69,7 +69,11 @@ def config_for(size, num_steps, args):
 
 # Fields this script sets from the data and its own flags: overriding them would make the
 # schedule or the batch shape disagree with the training loop.
-OWN_FIELDS = ("data.image_size", "train.batch_size", "train.num_steps")
+OWN_FIELDS = ("data.image_size", "train.batch_size", "train.num_steps", "eval.batch_size")
+# The fields (and sections, ending in '.') that this script reads; --set refuses the others
+# (data.eval, train.eval_every, ...), which it would silently ignore.
+READ_FIELDS = ("model.", "loss.", "optim.", "data.aug.", "data.train", "seed", "eval.threshold",
+               "train.ema_decay")
 
 
 def parse_like(config, field: str, text: str):
@@ -99,10 +103,20 @@ def parse_like(config, field: str, text: str):
     if isinstance(current, bool):
         if text.lower() not in ("true", "false"):
             raise ValueError(f"--set {field}={text}: expected true or false")
+        _check_read(field)
         return text.lower() == "true"
     if not isinstance(current, (int, float, str)):
         raise ValueError(f"--set {field}: only single numbers, strings and booleans can be set")
+    _check_read(field)
     return type(current)(text)
+
+
+def _check_read(field: str) -> None:
+    if not any(field == f or (f.endswith(".") and field.startswith(f)) for f in READ_FIELDS):
+        raise ValueError(
+            f"--set {field}: not read by this script, which trains on the array file and "
+            f"validates on its validation rows at model resolution; it reads "
+            + ", ".join(f + "*" if f.endswith(".") else f for f in READ_FIELDS))
 
 
 class UnknownFieldError(KeyError):
@@ -181,12 +195,19 @@ def main():
     mesh = sharding.make_mesh()
     # Fields that do not depend on the number of steps: the mixture, threshold, seed, augmentation.
     run_config = config_for(size, 1000, args)
-    # The run's mixture weights (data.train); a dataset it does not name gets weight 1.
+    # Trained on the datasets data.train names, in its proportions (in the array file's order);
+    # validated on every dataset the file holds.
     weights = dict(mixture.parse_mixture(run_config.data.train))
-    counts = [int(c) for c in mixture.mixture_counts([weights.get(n, 1.0) for n in names],
+    missing = sorted(set(weights) - set(names))
+    if missing:
+        p.error(f"data.train names {missing}, which {args.data} does not hold (it holds {names})")
+    trained = [n for n in names if n in weights]
+    counts = [int(c) for c in mixture.mixture_counts([weights[n] for n in trained],
                                                      args.batch_size)]
-    per_source = [jax.device_put(images[(split == 0) & (source == d)]) for d in range(len(names))]
-    per_source_masks = [jax.device_put(masks[(split == 0) & (source == d)]) for d in range(len(names))]
+    per_source = [jax.device_put(images[(split == 0) & (source == names.index(n))])
+                  for n in trained]
+    per_source_masks = [jax.device_put(masks[(split == 0) & (source == names.index(n))])
+                        for n in trained]
     val_rows = {n: np.where((split == 1) & (source == d))[0] for d, n in enumerate(names)}
     val_rows = {n: rows for n, rows in val_rows.items() if len(rows)}
     if not val_rows:
@@ -199,7 +220,7 @@ def main():
 
         @jax.jit
         def full_step(state, key):
-            keys = jax.random.split(key, len(names) + 1)
+            keys = jax.random.split(key, len(trained) + 1)
             idx = [jax.random.randint(k, (c,), 0, x.shape[0])
                    for k, c, x in zip(keys, counts, per_source)]
             imgs = jnp.concatenate([x[i] for x, i in zip(per_source, idx)])
@@ -226,7 +247,7 @@ def main():
         rate = n_cal / (time.time() - t)
         num_steps = max(100, int(rate * args.budget_s))
         print(f"calibration: {rate:.1f} steps/s = {rate * args.batch_size:.0f} images/s", flush=True)
-    print(f"training {num_steps} steps (mixture {dict(zip(names, counts))} per batch)", flush=True)
+    print(f"training {num_steps} steps (mixture {dict(zip(trained, counts))} per batch)", flush=True)
 
     @nnx.jit
     def counts_of(model, images, masks):
@@ -234,7 +255,7 @@ def main():
         pred, target = probs >= run_config.eval.threshold, masks[..., 0] > 0
         return jnp.sum(pred & target, axis=(1, 2)), jnp.sum(pred | target, axis=(1, 2))
 
-    def validation_iou(model, batch=64):
+    def validation_iou(model, batch=run_config.eval.batch_size):
         out = {}
         for name, rows in val_rows.items():
             # Padded to whole batches (padding rows dropped below) so that one compilation serves all.
@@ -274,9 +295,9 @@ def main():
                    "images_per_second": (step - 1) * args.batch_size / max(train_s, 1e-9),
                    "selected": best, "validation_history": history,
                    "device": jax.devices()[0].device_kind,
-                   "train_examples": {n: int(x.shape[0]) for n, x in zip(names, per_source)},
+                   "train_examples": {n: int(x.shape[0]) for n, x in zip(trained, per_source)},
                    "validation_examples": {n: int(len(r)) for n, r in val_rows.items()},
-                   "batch_mixture": dict(zip(names, counts))}
+                   "batch_mixture": dict(zip(trained, counts))}
         text = json.dumps(summary, indent=1)
         write_atomically(out / "summary.json", lambda f: f.write(text.encode()))
 

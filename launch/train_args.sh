@@ -4,18 +4,19 @@
 # before it installs anything or creates a VM, not jaxseg.train after that work: config overrides
 # --config.FIELD=VALUE (also --config.FIELD VALUE and --noconfig.FIELD for booleans) and
 # --coordinator_address, --num_processes, --process_id (jaxseg.distributed's flags).
-# A word that is not an option is only accepted as the value of the option before it, and the
-# word after an option that takes one is its value whatever it looks like (--config.seed -1), as
-# absl reads it.
+# A word that is not an option is only accepted as the value of the option before it; after a
+# --config.FIELD without =, a word that does not start with -- is its value (-1 included), and
+# one that does is the next option (--config.FIELD alone sets a boolean), as absl reads them.
 check_train_args() {
   local script=$1 arg name value_next="" bad=""
   shift
   local valued="coordinator_address num_processes process_id"
   for arg; do
-    if [[ -n $value_next ]]; then
+    if [[ -n $value_next && $arg != --* ]]; then
       value_next=""
       continue
     fi
+    value_next=""
     if [[ $arg != -* ]]; then
       bad="unexpected argument '$arg'"
       break

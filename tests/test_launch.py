@@ -222,6 +222,7 @@ UNKNOWN_OPTION_CASES = {
 
 @pytest.mark.parametrize("script", UNKNOWN_OPTION_CASES)
 @pytest.mark.parametrize("bad", [["--dryrun"], ["--config.train.num_steps=5", "--dry-run"],
+                                 ["--config.data.aug.hflip", "--bogus"],  # a boolean takes no value
                                  ["--", "--config.train.num_steps=5", "stray"],
                                  ["--config", "configs/smoke.py"]])
 def test_unknown_option_fails_before_anything_runs(all_stubs, script, bad):
@@ -239,7 +240,7 @@ def test_unknown_option_fails_before_anything_runs(all_stubs, script, bad):
 def test_training_overrides_pass_the_check(all_stubs):
     path, env, _ = all_stubs
     args = ["--config.train.num_steps=5", "--config.train.batch_size", "8",
-            "--noconfig.data.aug.hflip", "--num_processes=1", "--config.seed", "-1"]
+            "--noconfig.data.aug.hflip", "--num_processes=1", "--config.data.folder", "-photos"]
     out = _run([LAUNCH / "gpu.sh", "--dry-run", "--skip-install", *args], path, env=env)
     assert out.returncode == 0, out.stderr
     assert "--workdir runs/gpu " + " ".join(args) in out.stdout
@@ -403,6 +404,10 @@ def test_gpu_array_train_set_overrides_fields_by_their_type():
             ("optim.step_fractions", "0.5,0.9", "single numbers"),
             ("data.aug", "1", "single numbers"),
             ("train.num_steps", "10", "set by this script"),
+            ("eval.batch_size", "8", "set by this script"),
+            ("train.eval_every", "5", "not read by this script"),  # once accepted and ignored
+            ("data.eval", "ccp_person", "not read by this script"),
+            ("eval.flip_tta", "true", "not read by this script"),
             ("model.base_features", "wide", "invalid literal")]:
         with pytest.raises((KeyError, ValueError), match=message):
             module.parse_like(config, field, text)
@@ -465,8 +470,9 @@ def test_gpu_array_train_refuses_an_impossible_config(monkeypatch, capsys, tmp_p
 
 
 def test_gpu_array_train_runs_the_configured_mixture(monkeypatch, capsys, tmp_path):
-    """A tiny run on CPU: the batch mixture comes from the run's data.train and augmentation is off
-    with data.aug.enabled=false (both --set fields the script once left unread)."""
+    """A tiny run on CPU: it trains on the datasets the run's data.train names (the default
+    config's mixture of both was used), without augmentation under data.aug.enabled=false (both
+    --set fields the script once left unread), and validates on every dataset of the file."""
     rng = np.random.default_rng(0)
     examples = [{"image": rng.integers(0, 255, (20, 24, 3), dtype=np.uint8),
                  "mask": (rng.random((20, 24, 1)) > 0.5).astype(np.uint8)} for _ in range(3)]
@@ -485,13 +491,35 @@ def test_gpu_array_train_runs_the_configured_mixture(monkeypatch, capsys, tmp_pa
     monkeypatch.setattr(sys, "argv", [
         "gpu_array_train.py", "--data", str(data), "--out", str(tmp_path / "run"),
         "--num_steps", "2", "--batch_size", "8", "--base_features", "4", "--num_validations", "1",
-        "--set", "data.train=portrait_segmentation:3,ccp_person:1",
+        "--set", "data.train=portrait_segmentation:3",
         "--set", "data.aug.enabled=false"])
     module.main()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["batch_mixture"] == {"portrait_segmentation": 6, "ccp_person": 2}
-    assert summary["config"]["data"]["train"] == "portrait_segmentation:3,ccp_person:1"
+    assert summary["batch_mixture"] == {"portrait_segmentation": 8}
+    assert summary["train_examples"] == {"portrait_segmentation": 3}
+    assert summary["validation_examples"] == {"portrait_segmentation": 3, "ccp_person": 3}
+    assert summary["config"]["data"]["train"] == "portrait_segmentation:3"
     assert summary["steps_done"] == 2 and (tmp_path / "run" / "model_state.npz").exists()
+
+
+def test_gpu_array_train_refuses_a_mixture_the_file_cannot_give(monkeypatch, capsys, tmp_path):
+    """data.train names a dataset the array file lacks: refused, not trained without it."""
+    rng = np.random.default_rng(0)
+    examples = [{"image": rng.integers(0, 255, (20, 24, 3), dtype=np.uint8),
+                 "mask": (rng.random((20, 24, 1)) > 0.5).astype(np.uint8)}] * 2
+    packer = _load_launch_module("make_array_file")
+    monkeypatch.setattr(packer.datasets, "data_source", lambda name, split: examples)
+    monkeypatch.setattr(sys, "argv", ["make_array_file.py", "--size", "16", "--datasets",
+                                      "ccp_person", "--output", str(tmp_path / "arr.npz")])
+    packer.main()
+    module = _load_launch_module("gpu_array_train")
+    monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / "arr.npz"),
+                                      "--out", str(tmp_path / "run"), "--batch_size", "8"])
+    with pytest.raises(SystemExit) as e:
+        module.main()  # the default data.train mixes portrait_segmentation and ccp_person
+    assert e.value.code == 2
+    assert ("data.train names ['portrait_segmentation'], which" in capsys.readouterr().err)
+    assert not (tmp_path / "run" / "model_state.npz").exists()
 
 
 def test_gpu_array_train_writes_atomically(tmp_path):
