@@ -391,7 +391,7 @@ def main(argv):
     # Below about 1e-6 the filter's float32 window variances lose their precision.
     if f.refine_radius < 1 or f.refine_eps < 1e-6:
         raise app.UsageError(f"--refine_radius={f.refine_radius} must be >= 1 and "
-                             f"--refine_eps={f.refine_eps:g} >= 1e-6")
+                             f"--refine_eps={f.refine_eps:g} must be >= 1e-6")
     if not 0 < f.threshold < 1:
         raise app.UsageError(f"--threshold={f.threshold} must be between 0 and 1")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)

@@ -130,14 +130,23 @@ def member_steps(steps, members: int | None):
     return kept[0] if len(kept) == 1 else kept
 
 
+def checkpoint_problem(workdir: str | None, checkpoint: str) -> str | None:
+    """Why a command line's --checkpoint cannot apply (a checkpoint other than 'best' without a
+    workdir), or None."""
+    if not workdir and checkpoint != "best":
+        return (f"--checkpoint {checkpoint} needs --workdir: the pretrained model has one set of "
+                "weights")
+    return None
+
+
 def load_or_exit(workdir: str | None = None, checkpoint: str = "best", members: int = 0):
     """load() for command lines: a missing model or checkpoint, or a member count the model
     cannot give, ends the program with its message instead of a traceback."""
     from jaxseg import distributed
 
-    if not workdir and checkpoint != "best":
-        distributed.exit_with_error(f"--checkpoint {checkpoint} needs --workdir: the pretrained "
-                                    "model has one set of weights")
+    problem = checkpoint_problem(workdir, checkpoint)
+    if problem:
+        distributed.exit_with_error(problem)
     try:
         return load(workdir, checkpoint, members)
     except MembersError as e:

@@ -316,6 +316,12 @@ def threshold_curves(sweep: dict) -> dict:
             "recall": np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 1.0)}
 
 
+def best_threshold_index(curves: dict) -> int:
+    """The sweep threshold of highest IoU, ties to the lowest; never the sweep's 0 (every pixel
+    a person), which is no setting that evaluate or predict take."""
+    return 1 + int(np.argmax(curves["iou"][1:]))
+
+
 def calibration(sweep: dict) -> dict:
     """Observed person fraction per probability bin [t_i, t_i+1) against the bin centre, and ECE."""
     t = np.asarray(sweep["thresholds"], np.float64)
@@ -408,9 +414,7 @@ def _threshold_recommendation(result: dict) -> str:
     if result.get("predictions_read_as") == "masks":
         return "No threshold to tune: the predictions scored are 0/1 masks."
     curves = threshold_curves(result["threshold_sweep"])
-    # Ties go to the lowest threshold; the sweep's 0 (every pixel a person) is no setting that
-    # evaluate or predict take.
-    best = 1 + int(np.argmax(curves["iou"][1:]))
+    best = best_threshold_index(curves)
     best_t, best_iou = float(curves["thresholds"][best]), float(curves["iou"][best])
     used, gain = result["threshold"], best_iou - result["iou"]
     if gain < THRESHOLD_MIN_GAIN:
@@ -563,7 +567,7 @@ def threshold_figure(name: str, result: dict) -> Image:
     """Threshold sweep (IoU, precision, recall) and reliability diagram from the sweep counts."""
     curves = threshold_curves(result["threshold_sweep"])
     cal = calibration(result["threshold_sweep"])
-    best = int(np.argmax(curves["iou"]))
+    best = best_threshold_index(curves)
     fig = Figure(figsize=(12, 3.8), layout="constrained")
     ax_sweep, ax_cal = fig.subplots(1, 2)
     for key in ("iou", "precision", "recall"):
@@ -806,9 +810,9 @@ def main(argv):
         raise SystemExit(f"--workdir {workdir}: no such folder")
     if f.peer_dir and not workdir_path(f.peer_dir).is_dir():
         raise SystemExit(f"--peer_dir {f.peer_dir}: no such folder")
-    if not workdir and f.checkpoint != "best":  # as jaxseg.evaluate says it
-        raise SystemExit(f"--checkpoint {f.checkpoint} needs --workdir: the pretrained model has "
-                         "one set of weights")
+    problem = inference.checkpoint_problem(workdir, f.checkpoint)  # as evaluate says it
+    if problem:
+        raise SystemExit(problem)
     if not workdir:  # the pretrained model: its eval JSONs are where jaxseg.evaluate put them
         workdir = workdir_path(evaluate.PRETRAINED_RUN_DIR)
         model, config, card = inference.load_pretrained()

@@ -200,7 +200,7 @@ def test_empty_prediction_scores_zero(tmp_path):
     (["--members", "1"], "--predictions scores another model's masks instead"),  # were ignored
     (["--checkpoint", "latest"], "--predictions scores another model's masks instead"),
     (["--images", "x", "--masks", "y"], "--dataset and --images/--masks each name what to score"),
-    (["--refine_eps", "1e-9"], "--refine_eps=1e-09 >= 1e-6"),
+    (["--refine_eps", "1e-9"], "--refine_eps=1e-09 must be >= 1e-6"),
 ])
 def test_bad_options_are_a_usage_error_before_any_work(options, message, tmp_path):
     import subprocess
