@@ -10,13 +10,13 @@
   return 1 2>/dev/null || exit 1
 }
 _jaxseg_setup_env() {
-  local repo python_bin candidate
+  local repo python_bin candidate needs_312='import sys; sys.exit(sys.version_info < (3, 12))'
   repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) || return 1
   python_bin=${PYTHON:-}
   if [ -z "$python_bin" ]; then
     # pyenv shims exist for versions that are not active, so each candidate is tried, not just found.
     for candidate in python3 python3.12 python3.13 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python; do
-      if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+      if "$candidate" -c "$needs_312" 2>/dev/null; then
         python_bin=$candidate
         break
       fi
@@ -28,7 +28,7 @@ _jaxseg_setup_env() {
   fi
   if [ ! -x "$repo/.venv/bin/python" ]; then
     "$python_bin" -m venv "$repo/.venv" || return 1
-  elif ! "$repo/.venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+  elif ! "$repo/.venv/bin/python" -c "$needs_312"; then
     echo "error: $repo/.venv has $("$repo/.venv/bin/python" --version 2>&1), and jax 0.12 needs" \
          "3.12 or newer: remove that folder, then source this again" >&2
     return 1
