@@ -469,19 +469,27 @@ def test_gpu_array_train_refuses_an_impossible_config(monkeypatch, capsys, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def _tiny_array_file(monkeypatch, path, datasets: str, *, per_split: int):
+    """An array file (launch/make_array_file.py) of 16 px random examples: `per_split` in each
+    split of each of the comma-separated `datasets`."""
+    rng = np.random.default_rng(0)
+    examples = [{"image": rng.integers(0, 255, (20, 24, 3), dtype=np.uint8),
+                 "mask": (rng.random((20, 24, 1)) > 0.5).astype(np.uint8)}
+                for _ in range(per_split)]
+    packer = _load_launch_module("make_array_file")
+    monkeypatch.setattr(packer.datasets, "data_source", lambda name, split: examples)
+    monkeypatch.setattr(sys, "argv", ["make_array_file.py", "--size", "16", "--datasets",
+                                      datasets, "--output", str(path)])
+    packer.main()
+    return path
+
+
 def test_gpu_array_train_runs_the_configured_mixture(monkeypatch, capsys, tmp_path):
     """A tiny run on CPU: it trains on the datasets the run's data.train names (the default
     config's mixture of both was used), without augmentation under data.aug.enabled=false (both
     --set fields the script once left unread), and validates on every dataset of the file."""
-    rng = np.random.default_rng(0)
-    examples = [{"image": rng.integers(0, 255, (20, 24, 3), dtype=np.uint8),
-                 "mask": (rng.random((20, 24, 1)) > 0.5).astype(np.uint8)} for _ in range(3)]
-    packer = _load_launch_module("make_array_file")
-    monkeypatch.setattr(packer.datasets, "data_source", lambda name, split: examples)
-    data = tmp_path / "arr.npz"
-    monkeypatch.setattr(sys, "argv", ["make_array_file.py", "--size", "16", "--datasets",
-                                      "portrait_segmentation,ccp_person", "--output", str(data)])
-    packer.main()
+    data = _tiny_array_file(monkeypatch, tmp_path / "arr.npz",
+                            "portrait_segmentation,ccp_person", per_split=3)
     module = _load_launch_module("gpu_array_train")
 
     def no_augmentation(*args):
@@ -504,14 +512,7 @@ def test_gpu_array_train_runs_the_configured_mixture(monkeypatch, capsys, tmp_pa
 
 def test_gpu_array_train_refuses_a_mixture_the_file_cannot_give(monkeypatch, capsys, tmp_path):
     """data.train names a dataset the array file lacks: refused, not trained without it."""
-    rng = np.random.default_rng(0)
-    examples = [{"image": rng.integers(0, 255, (20, 24, 3), dtype=np.uint8),
-                 "mask": (rng.random((20, 24, 1)) > 0.5).astype(np.uint8)}] * 2
-    packer = _load_launch_module("make_array_file")
-    monkeypatch.setattr(packer.datasets, "data_source", lambda name, split: examples)
-    monkeypatch.setattr(sys, "argv", ["make_array_file.py", "--size", "16", "--datasets",
-                                      "ccp_person", "--output", str(tmp_path / "arr.npz")])
-    packer.main()
+    _tiny_array_file(monkeypatch, tmp_path / "arr.npz", "ccp_person", per_split=2)
     module = _load_launch_module("gpu_array_train")
     monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / "arr.npz"),
                                       "--out", str(tmp_path / "run"), "--batch_size", "8"])
