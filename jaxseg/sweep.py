@@ -42,7 +42,8 @@ class SweepError(RuntimeError):
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
     """['a.b=1,2', 'c=x'] -> {'a.b': [1, 2], 'c': ['x']} (values parsed as Python literals;
-    a tuple value keeps its commas: 'optim.step_fractions=(0.5,0.8),(0.6,0.9)' is two values)."""
+    a tuple or quoted value keeps its commas: 'optim.step_fractions=(0.5,0.8),(0.6,0.9)' is two
+    values, and so is "data.train='a:1,b:1','a:2,b:1'")."""
     grid = {}
     for spec in specs:
         field, sep, values = spec.partition("=")
@@ -55,13 +56,18 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
 
 
 def _top_level_split(text: str) -> list[str]:
-    """`text` cut at the commas outside brackets."""
-    parts, depth, start = [], 0, 0
+    """`text` cut at the commas outside brackets and quotes."""
+    parts, depth, quote, start = [], 0, "", 0
     for i, char in enumerate(text):
-        depth += (char in "([{") - (char in ")]}")
-        if char == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        else:
+            depth += (char in "([{") - (char in ")]}")
+            if char == "," and depth == 0:
+                parts.append(text[start:i])
+                start = i + 1
     return parts + [text[start:]]
 
 

@@ -24,6 +24,9 @@ def test_grid_and_random_trials():
     # A tuple field's values keep their commas.
     assert sweep.parse_grid(["optim.step_fractions=(0.5,0.8),(0.6, 0.85)"]) == {
         "optim.step_fractions": [(0.5, 0.8), (0.6, 0.85)]}
+    # So does a quoted string's (a mixture), with either quote and a bracket inside.
+    assert sweep.parse_grid(["data.train='a:1,b:1',\"a:2,b:1\",'(c,d'"]) == {
+        "data.train": ["a:1,b:1", "a:2,b:1", "(c,d"]}
 
 
 def test_parallel_trials_fill_the_slot_that_frees_first(tmp_path, monkeypatch):
