@@ -31,7 +31,9 @@ def validate(config, num_devices: int) -> None:
         if _get(config, field) not in allowed:
             problems.append(f"{field}={_get(config, field)!r} is not one of {allowed}")
     size, depth = config.data.image_size, config.model.depth
-    if depth < 1 or size % (2**depth):
+    if depth < 1:
+        problems.append(f"model.depth={depth} must be >= 1")
+    elif size % (2**depth):
         problems.append(
             f"data.image_size={size} must be divisible by 2**model.depth={2**depth}: "
             f"use a multiple of {2**depth}, or a smaller depth")
@@ -46,9 +48,17 @@ def validate(config, num_devices: int) -> None:
                   "optim.learning_rate"):
         if _get(config, field) <= 0:
             problems.append(f"{field}={_get(config, field)} must be positive")
-    for field in ("seed", "data.prefetch", "train.num_logged_images"):
+    # A negative clip norm, weight decay or loss weight turns descent into ascent, silently.
+    for field in ("seed", "data.prefetch", "train.num_logged_images", "optim.warmup_steps",
+                  "optim.weight_decay", "optim.final_lr_fraction", "loss.ce_weight",
+                  "loss.dice_weight"):
         if _get(config, field) < 0:
             problems.append(f"{field}={_get(config, field)} must be >= 0")
+    if config.optim.grad_clip_norm < 0:
+        problems.append(f"optim.grad_clip_norm={config.optim.grad_clip_norm} must be >= 0 (0 = off)")
+    for field in ("optim.b1", "optim.b2"):
+        if not 0 <= _get(config, field) < 1:
+            problems.append(f"{field}={_get(config, field)} must be in [0, 1)")
     if config.model.norm == "group":
         widths = [config.model.base_features * 2**level for level in range(depth + 1)]
         uneven = [w for w in widths if w > 0 and w % min(8, w)]

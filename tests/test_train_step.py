@@ -88,6 +88,12 @@ def test_non_finite_step_leaves_state_unchanged():
     ("seed", -1, "seed=-1 must be >= 0"),
     ("data.prefetch", -1, "data.prefetch=-1 must be >= 0"),
     ("train.num_logged_images", -1, "train.num_logged_images=-1 must be >= 0"),
+    ("model.depth", 0, "model.depth=0 must be >= 1"),
+    ("optim.grad_clip_norm", -1.0, "optim.grad_clip_norm=-1.0 must be >= 0 \\(0 = off\\)"),
+    ("optim.warmup_steps", -5, "optim.warmup_steps=-5 must be >= 0"),
+    ("optim.weight_decay", -1e-4, "optim.weight_decay=-0.0001 must be >= 0"),
+    ("loss.dice_weight", -1.0, "loss.dice_weight=-1.0 must be >= 0"),
+    ("optim.b2", 1.0, "optim.b2=1.0 must be in \\[0, 1\\)"),
 ])
 def test_impossible_config_fails_before_any_work(field, value, message):
     config = tiny_config()
