@@ -180,19 +180,20 @@ def _warn_about_resume_changes(config, meta: dict) -> None:
                     "from the one the run had (a finished cosine rises again)",
                     config.train.num_steps, steps, config.train.num_steps)
     changed = _changed_fields(meta.get("config", {}), json.loads(config.to_json()),
-                              ("data", "loss", "optim"))
+                              ("data", "loss", "optim", "eval"))
     if changed:
         log.warning("resumed with %s: from here the run trains (and validates) otherwise than the "
                     "one that wrote the checkpoint%s", ", ".join(changed),
-                    "; best/ compares validation IoU across other validation sets"
-                    if any(c.startswith(("data.eval=", "data.eval_split=")) for c in changed)
+                    "; best/ compares validation IoU measured in other ways (another validation "
+                    "set, threshold or prediction)"
+                    if any(c.startswith(("data.eval=", "data.eval_split=", "eval.")) for c in changed)
                     else "")
 
 
-# Fields that change neither the batches nor the model's training: where data is read from, and
-# how fast. data.train has its own warning above.
+# Fields that change neither the batches, the model's training nor its validation IoU: where data
+# is read from, and how fast. data.train has its own warning above.
 _RESUME_NEUTRAL = {"data.data_dir", "data.folder", "data.num_workers", "data.prefetch",
-                   "data.train"}
+                   "data.train", "eval.batch_size"}
 
 
 def _changed_fields(stored: dict, current: dict, sections, prefix: str = "") -> list[str]:

@@ -202,6 +202,16 @@ def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
     assert f"optim.learning_rate={other.optim.learning_rate!r} (written with {config.optim.learning_rate!r})" in text
     assert "data.eval='ccp_person'" in text and "best/ compares validation IoU" in text
     assert "num_workers" not in text and "boundary_weight" not in text
+    # A validation measured otherwise (threshold, flip averaging) also makes best/ compare unlike
+    # scores; a validation batch size does not.
+    for field, value in (("threshold", 0.4), ("flip_tta", True), ("batch_size", 64)):
+        caplog.clear()
+        scored = tiny_config(0.0)
+        scored.eval[field] = value
+        with caplog.at_level("WARNING", logger="jaxseg.train"):
+            train._warn_about_resume_changes(scored, meta)
+        warned = f"eval.{field}={value!r}" in caplog.text and "best/ compares" in caplog.text
+        assert warned == (field != "batch_size"), (field, caplog.text)
 
 
 def test_a_checkpoint_from_before_attention_gates_resumes_only_without_them(tmp_path):
