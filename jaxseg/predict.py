@@ -86,19 +86,6 @@ class Predictor:
         self.flip_tta = flip_tta
         self.refined = refined
 
-    @functools.partial(jax.jit, static_argnums=(0, 3))
-    def _run(self, state, images, canvas, sizes, full_images):
-        from flax import nnx
-
-        model = nnx.merge(self.graphdef, state)
-        probs = person_probabilities(model, images, flip_tta=self.flip_tta)
-        if self.refined:
-            return refine.refined_probabilities(images, probs, full_images, sizes, canvas)
-        return resolution.upsample_to_sizes(probs, sizes, canvas)
-
-    def __hash__(self):  # jit's static self: one Predictor, one cache
-        return id(self)
-
     def probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """float32 (H, W) P(person) for each uint8 RGB image (all sizes mixed freely)."""
         out: list[np.ndarray | None] = [None] * len(images)
@@ -119,12 +106,27 @@ class Predictor:
                 full = (np.stack([resolution.pad_to_canvas(images[i], canvas) for i in chunk]
                                  + [np.zeros((*canvas, 3), np.uint8)] * pad)
                         if self.refined else None)
-                probs = np.asarray(self._run(self.state, jnp.asarray(batch), canvas,
-                                             jnp.asarray(sizes), full))
+                probs = np.asarray(_probabilities_at_sizes(
+                    self.graphdef, self.state, jnp.asarray(batch), jnp.asarray(sizes), full,
+                    flip_tta=self.flip_tta, refined=self.refined, canvas=canvas))
                 for row, i in enumerate(chunk):
                     h, w = images[i].shape[:2]
                     out[i] = probs[row, :h, :w]
         return out
+
+
+# One jit for every Predictor, keyed by what the computation depends on: predictors of one model
+# share compilations, and none is kept alive by the cache (a static `self` was, state and all).
+@functools.partial(jax.jit, static_argnames=("graphdef", "flip_tta", "refined", "canvas"))
+def _probabilities_at_sizes(graphdef, state, images, sizes, full_images, *, flip_tta: bool,
+                            refined: bool, canvas: tuple[int, int]):
+    from flax import nnx
+
+    model = nnx.merge(graphdef, state)
+    probs = person_probabilities(model, images, flip_tta=flip_tta)
+    if refined:
+        return refine.refined_probabilities(images, probs, full_images, sizes, canvas)
+    return resolution.upsample_to_sizes(probs, sizes, canvas)
 
 
 def parse_colour(text: str) -> tuple[int, int, int]:

@@ -5,12 +5,14 @@ subprocess points inference.PRETRAINED_DIR at it, then runs `python -m jaxseg.pr
 unchanged), so that each run costs seconds. The real-photo check uses the shipped pretrained model.
 """
 import collections
+import gc
 import hashlib
 import os
 import pathlib
 import struct
 import subprocess
 import sys
+import weakref
 import zlib
 
 import cv2
@@ -528,7 +530,7 @@ def test_mixed_sizes_equal_one_at_a_time_one_compilation_per_bucket_and_rows(tin
     per_bucket = collections.Counter(resolution.canvas_for([s], predict.BUCKET) for s in sizes)
     assert sorted(per_bucket.values()) == [1, 1, 2, 6]
 
-    cache = predict.Predictor._run._cache_size  # one jit, keyed by (predictor, canvas, shapes)
+    cache = predict._probabilities_at_sizes._cache_size  # one jit, keyed by (model, canvas, shapes)
     before = cache()
     together = predictor.probabilities(images)
     # Rows per call: 4 for full batches, else the next power of two: 1, 1, 2 and 4 + 2.
@@ -541,6 +543,14 @@ def test_mixed_sizes_equal_one_at_a_time_one_compilation_per_bucket_and_rows(tin
         assert t.shape == a.shape == image.shape[:2] and t.dtype == np.float32
         np.testing.assert_allclose(t, a, atol=1e-6)
     assert predictor.probabilities([]) == []
+    # Another predictor of the same model reuses those compilations, and a dropped one is freed.
+    again = predict.Predictor(model, config.data.image_size, batch_size=4)
+    again.probabilities(images)
+    assert cache() - before == 7
+    dropped = weakref.ref(predictor)
+    del predictor
+    gc.collect()
+    assert dropped() is None
 
 
 @pytest.fixture(scope="module")
