@@ -64,7 +64,47 @@ def test_binarize_rules():
     assert "void read as background" in note and mask.tolist() == [[0, 1, 1, 0]]
     # A 0/255 mask with a stray 1 is not read as a void-marked 0/1 mask: its person stays.
     mask, note = image_io.binarize(np.array([[0, 255, 255, 1]], np.uint8))
-    assert "> 127" in note and mask.tolist() == [[0, 1, 1, 0]]
+    assert "stray 1" in note and mask.tolist() == [[0, 1, 1, 0]]
+
+
+def test_a_small_person_inside_a_wider_void_band_stays_the_person():
+    """VOC style: a small person (1) whose 5 px void band (255) outnumbers it is still the person;
+    the same shapes with 0/255 labels and a few stray 1s (beside 0s, or a speck inside the
+    person) keep the 255 region."""
+    yy, xx = np.mgrid[:120, :160]
+    distance = np.hypot(yy - 60, xx - 80)
+    person = distance <= 10
+    band = (distance > 10) & (distance <= 15)
+    voc = np.where(person, 1, np.where(band, 255, 0)).astype(np.uint8)
+    assert (voc == 1).sum() < (voc == 255).sum()
+    mask, note = image_io.binarize(voc)
+    assert "void read as background" in note
+    np.testing.assert_array_equal(mask, person)
+    wide = distance <= 15
+    specks = np.where(wide, 255, 0).astype(np.uint8)
+    specks[0, :40:2] = 1  # stray 1s among 0s
+    specks[59:61, 79:81] = 1  # a 2x2 speck inside the person
+    mask, note = image_io.binarize(specks)
+    assert "stray 1" in note
+    np.testing.assert_array_equal(mask, wide & (specks == 255))
+
+
+def test_a_mask_fitted_to_its_photo_stays_centred():
+    """Masks at another size than their photo are resized at pixel centres: over 20 rectangles
+    shrunk from 450x600 to 150x200, the centre of mass matches an area-resized (exact) copy's
+    within 0.1 pixel (the blocks' top-left pixels put it a third of a pixel off)."""
+    rng = np.random.default_rng(1)
+    shifts = []
+    for _ in range(20):
+        mask = np.zeros((450, 600), np.uint8)
+        top, left = rng.integers(20, 200), rng.integers(20, 300)
+        mask[top:top + rng.integers(60, 200), left:left + rng.integers(60, 250)] = 1
+        fitted, note = image_io.fit_to_size(mask, (150, 200))
+        assert note == "mask 600x450 resized to 200x150" and fitted.shape == (150, 200)
+        exact = cv2.resize(mask.astype(np.float32), (200, 150), interpolation=cv2.INTER_AREA)
+        grid = np.mgrid[:150, :200].reshape(2, -1)
+        shifts.append(grid @ fitted.ravel() / fitted.sum() - grid @ exact.ravel() / exact.sum())
+    assert np.abs(np.mean(shifts, axis=0)).max() < 0.1, np.mean(shifts, axis=0)
 
 
 def test_hash_split_is_pinned():
@@ -120,6 +160,14 @@ def test_portraits_examples_match_files(portraits):
     assert src[-1]["id"] == src[len(src) - 1]["id"]
     with pytest.raises(IndexError):
         src[len(src)]
+
+
+def test_a_broken_list_file_is_named(portraits, tmp_path):
+    root, _, _ = portraits
+    broken = shutil.copytree(root, tmp_path / "broken")
+    (broken / "data/trainlist.mat").write_bytes(b"")
+    with pytest.raises(image_io.BadFile, match="trainlist.mat: empty file"):
+        datasets.prepare("portrait_segmentation", data_dir=str(tmp_path / "dd"), manual_dir=str(broken))
 
 
 def test_split_of_an_id_is_stable(portraits, tmp_path):

@@ -71,18 +71,27 @@ def test_palette_voc_style(tmp_path):
     image = Image.frombytes("P", (W, H), indices.tobytes())
     image.putpalette(voc_palette())
     image.save(tmp_path / "voc.png")
-    assert_mask(tmp_path / "voc.png", person)
+    # The void (index 255) is no person, as in a grey void-marked mask of the same labels.
+    assert_mask(tmp_path / "voc.png", person & ~edge)
+    np.testing.assert_array_equal(read(tmp_path / "voc.png"),
+                                  image_io.binarize(np.where(indices == 15, 1, indices))[0])
 
 
-def test_palette_voc_void_outside_the_person_counts_as_person(tmp_path):
+def test_palette_voc_void_outside_the_person_is_background(tmp_path):
     person = drawn(6)
     void = np.zeros((H, W), bool)
-    void[:, :2] = True  # void pixels away from the person: any non-black palette colour marks it
+    void[:, :2] = True  # void pixels away from the person, in a bright palette colour
     indices = np.where(void, 255, np.where(person, 15, 0)).astype(np.uint8)
     image = Image.frombytes("P", (W, H), indices.tobytes())
     image.putpalette(voc_palette())
     image.save(tmp_path / "voc_void.png")
-    assert_mask(tmp_path / "voc_void.png", person | void)
+    assert_mask(tmp_path / "voc_void.png", person & ~void)
+    # Index 255 alone beside 0 is not void: a two-entry mask whose person happens to be 255.
+    alone = np.where(person, 255, 0).astype(np.uint8)
+    image = Image.frombytes("P", (W, H), alone.tobytes())
+    image.putpalette(voc_palette())
+    image.save(tmp_path / "two_indices.png")
+    assert_mask(tmp_path / "two_indices.png", person)
 
 
 def test_palette_indices_beyond_the_palette_keep_their_values(tmp_path):

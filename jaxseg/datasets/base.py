@@ -128,7 +128,7 @@ def _without_repeats_of_held_out(examples: list[_Example], report: Report) -> li
 class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the builders: image, mask, id and source per example, stored as array_record."""
 
-    VERSION = tfds.core.Version("1.2.1")
+    VERSION = tfds.core.Version("1.2.2")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "A photo byte-identical to one of a more held-out split is excluded "
                               "(3 portraits of the train list repeat test photos); photos with "
@@ -138,7 +138,12 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                               "instead of skipped.",
                      "1.2.1": "A grey 0/1 mask with a (smaller) void of 255 pixels reads the "
                               "void as background (it read 255 as the person and 1 as "
-                              "background)."}
+                              "background).",
+                     "1.2.2": "A mask at another size than its photo is resized at pixel "
+                              "centres (it moved up to half a pixel down and right); a small "
+                              "person inside a wider void band of 255 stays the person; a "
+                              "palette mask's index 255 beside other labels (VOC void) is "
+                              "background."}
     HOMEPAGE = ""
     CITATION = ""
     URL = ""  # public archive of the dataset

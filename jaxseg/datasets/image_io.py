@@ -136,6 +136,13 @@ def _mask_values(image: Image.Image) -> np.ndarray:
         entries = len(image.getpalette("RGB") or ()) // 3
         if indices.size and int(indices.max()) >= entries:
             return indices
+        if image.mode == "P" and (indices == 255).any() and ((indices != 0) & (indices != 255)).any():
+            # Index 255 beside other labels is PASCAL VOC's void (boundary, ambiguous): no
+            # person, as a grey void-marked mask reads it (binarize), whatever its colour.
+            voided = Image.fromarray(np.where(indices == 255, 0, indices).astype(np.uint8), "P")
+            voided.putpalette(image.getpalette())
+            voided.info = dict(image.info)
+            image = voided
         has_alpha = image.mode == "PA" or "transparency" in image.info
         image = image.convert("RGBA" if has_alpha else "RGB")
     if image.mode in ("LA", "RGBA"):
@@ -165,22 +172,42 @@ def read_mat(path: pathlib.Path, variable: str) -> np.ndarray:
 
 def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
     """0/1 uint8 mask from 0/1 or 0/255 (0/65535) values; a note when other values occur (0/1
-    with a smaller void of 255: person = 1; otherwise a threshold by the largest value)."""
+    with a void of 255, as `_void_marked` tells: person = 1; otherwise a threshold by the largest
+    value)."""
     if ((values == 0) | (values == 1)).all():
         return (values == 1).astype(np.uint8), None
     top = values.max()
     full = 255 if top <= 255 else 65535
     if ((values == 0) | (values == full)).all():
         return (values == full).astype(np.uint8), None
-    if (full == 255 and ((values == 0) | (values == 1) | (values == 255)).all()
-            and (values == 1).sum() >= (values == 255).sum()):
-        # 0/1 labels with a void edge of 255 (as grey PASCAL VOC-style masks mark it): the void
-        # is no person. (Fewer 1s than 255s: a 0/255 mask with stray 1s, cut as below.)
-        return (values == 1).astype(np.uint8), "0/1 mask with 255 (void) pixels; void read as background"
+    if full == 255 and ((values == 0) | (values == 1) | (values == 255)).all():
+        if _void_marked(values):
+            return (values == 1).astype(np.uint8), "0/1 mask with 255 (void) pixels; void read as background"
+        return (values == 255).astype(np.uint8), "0/255 mask with stray 1 pixels; person = 255"
     # Small maxima mean a 0/1-style (or label) mask with stray values.
     threshold = 0 if top < 128 else full // 2
     note = f"mask values other than 0/1/{full} (max {top}); person = value > {threshold}"
     return (values > threshold).astype(np.uint8), note
+
+
+def _void_marked(values: np.ndarray) -> bool:
+    """Whether a 0/1/255 mask is 0/1 labels with a void of 255 (grey PASCAL VOC style) rather
+    than a 0/255 mask with stray 1s: its 1s are at least as many as its 255s, or they form a
+    region of their own (most touch another 1) that the void keeps apart from the 0s (as the
+    boundary band around a small person does), and are not a speck inside a 0/255 person."""
+    grid = values.reshape(values.shape[:2])
+    ones, voids = int((grid == 1).sum()), int((grid == 255).sum())
+    if ones >= voids:
+        return True
+    if ones < 0.1 * voids:
+        return False
+
+    def touching(label):
+        padded = np.pad(grid == label, 1)
+        near = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+        return int((near & (grid == 1)).sum())
+
+    return touching(0) < 0.1 * ones and touching(1) >= 0.5 * ones
 
 
 def same_aspect(mask_hw: tuple[int, int], photo_hw: tuple[int, int]) -> bool:
@@ -216,5 +243,7 @@ def fit_to_size(mask: np.ndarray, size: tuple[int, int],
     if mask.shape != (height, width):
         resized = f"mask {mask.shape[1]}x{mask.shape[0]} resized to {width}x{height}"
         note = f"{note}; {resized}" if note else resized
-        mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+        # NEAREST_EXACT samples at pixel centres; plain NEAREST takes each block's top-left pixel,
+        # which moves the mask up to half a (target) pixel down and right of its photo.
+        mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
     return mask, note

@@ -41,10 +41,13 @@ class PortraitSegmentation(base.PersonSegBuilder):
     def _candidates(self, root: pathlib.Path, report: base.Report) -> list[base.Candidate]:
         photos = {p.stem: p for p in sorted((root / PHOTOS).glob("*.jpg"))}
         masks = {p.stem.removesuffix("_mask"): p for p in sorted((root / MASKS).glob("*_mask.mat"))}
-        listed = {
-            split: {f"{int(i):05d}" for i in image_io.read_mat(root / path, f"{split}list").ravel()}
-            for split, path in LISTS.items()
-        }
+        listed = {}
+        for split, path in LISTS.items():
+            try:
+                ids = image_io.read_mat(root / path, f"{split}list")
+            except image_io.BadFile as e:  # without the list no split can be built: say which
+                raise image_io.BadFile(f"{root / path}: {e}") from e
+            listed[split] = {f"{int(i):05d}" for i in ids.ravel()}
         candidates = []
         for id_ in sorted(photos.keys() | masks.keys()):
             if id_ in photos and id_ in masks:
