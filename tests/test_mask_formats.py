@@ -131,6 +131,20 @@ def test_la_uniform_value_person_in_alpha(tmp_path, value):
     assert_mask(tmp_path / "matte.png", person)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_a_cutout_of_the_photo_is_read_by_its_alpha(tmp_path, mode):
+    """jaxseg.predict --mode cutout writes the photo's own colours with the person in the alpha
+    (so do background removers): the alpha is the mask, not the photo's brightness."""
+    person = drawn(13)
+    colours = fx.photo(13)
+    if mode == "LA":
+        colours = colours.mean(axis=2, keepdims=True).astype(np.uint8)
+    cutout = np.dstack([colours, np.where(person, 255, 0).astype(np.uint8)])
+    Image.fromarray(cutout.squeeze(), mode).save(tmp_path / "cutout.png")
+    assert stored(tmp_path / "cutout.png", "mode") == mode
+    assert_mask(tmp_path / "cutout.png", person)
+
+
 def test_la_varying_value_is_the_mask(tmp_path):
     person = drawn(11)
     hole = np.zeros((H, W), bool)

@@ -143,7 +143,8 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                               "centres (it moved up to half a pixel down and right); a small "
                               "person inside a wider void band of 255 stays the person; a "
                               "palette mask's index 255 beside other labels (VOC void) is "
-                              "background."}
+                              "background; a cutout over the photo's own colours is read by "
+                              "its alpha (it was read by its brightness)."}
     HOMEPAGE = ""
     CITATION = ""
     URL = ""  # public archive of the dataset

@@ -148,9 +148,12 @@ def _mask_values(image: Image.Image) -> np.ndarray:
     if image.mode in ("LA", "RGBA"):
         pixels = np.asarray(image)
         colour, alpha = pixels[..., :-1], pixels[..., -1]
-        if alpha.min() != alpha.max() and (colour == colour[:1, :1]).all():
-            return alpha  # uniform colour: the person is in the alpha
-        if image.mode == "LA":  # a value plus alpha: the value is the label
+        # A cutout: the person is in the alpha, over one colour or over the photo's own colours
+        # (more than two levels, which no two-level mask has). Else the colour is the label.
+        if alpha.min() != alpha.max() and ((colour == colour[:1, :1]).all()
+                                           or len(np.unique(colour.max(axis=2))) > 2):
+            return alpha
+        if image.mode == "LA":  # a two-level value plus alpha: the value is the label
             return pixels[..., 0]
     if len(image.getbands()) == 1:  # gray, 1-bit, 16/32-bit
         return np.asarray(image)
