@@ -227,7 +227,8 @@ def find_evals(folder: epath.Path, *, peer: bool) -> list[EvalFile]:
     """The eval JSONs directly in `folder` (other JSON files are ignored), sorted by name."""
     found = []
     if folder.is_dir():
-        for path in sorted(folder.glob("*.json")):
+        # iterdir, not glob: a glob reads a '[' in the folder's own path as a pattern.
+        for path in sorted(p for p in folder.iterdir() if p.suffix == ".json"):
             try:
                 result = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
@@ -715,7 +716,9 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
     custom_refine = r.get("refine") and (r.get("refine_radius", refine.RADIUS),
                                          r.get("refine_eps", refine.EPS)) != (refine.RADIUS,
                                                                               refine.EPS)
-    if examples is None:
+    if not worst:
+        blocks.append(Text("No overlays: no image has a person or a prediction to show."))
+    elif examples is None:
         blocks.append(Text("Overlays skipped: the model could not be loaded from the workdir."))
     elif custom_refine:
         blocks.append(Text("Overlays skipped: they refine with the default radius and eps, and "

@@ -7,6 +7,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from flax import nnx
 
 from fake_data import fake_source
@@ -336,3 +337,29 @@ def test_a_checkpoint_without_a_workdir_is_refused(tmp_path):
     assert result.returncode != 0
     assert "--checkpoint latest needs --workdir" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "r").exists()
+
+
+def test_a_workdir_with_a_bracket_in_its_path_finds_its_evals(tmp_path):
+    """A '[' in the folder's own path is a character, not a glob pattern."""
+    source = fake_source(8, seed=3, min_size=40, max_size=60)
+    result = fake_eval(source, **{k: v for k, v in CASES["over"].items() if k != "expect"})
+    workdir = make_workdir(tmp_path / "run[1]", result)
+    found = report.find_evals(epath.Path(workdir) / "eval", peer=False)
+    assert [e.path.name for e in found] == ["best_fake_validation.json"]
+
+
+def test_a_split_with_nothing_to_show_says_so_instead_of_an_overlay_error():
+    """Person-free photos with nothing predicted: no best or worst example to draw."""
+    per_image = [{"id": str(i), "iou": 1.0, "dice": 1.0, "regions": 0, "person_fraction": 0.0,
+                  "tp": 0, "fp": 0, "fn": 0} for i in range(3)]
+    result = {"per_image": per_image, "num_images": 3, "dataset": "fake", "split": "test",
+              "threshold": 0.5, "iou": 1.0, "mean_image_iou": 1.0, "boundary_f1": 1.0,
+              "precision": 1.0, "recall": 1.0, "checkpoint_step": STEP,
+              "threshold_sweep": {"thresholds": list(SWEEP_THRESHOLDS),
+                                  "person": [0] * len(SWEEP_THRESHOLDS),
+                                  "pixels": [0] * len(SWEEP_THRESHOLDS)}}
+    blocks, _ = report.eval_section(report.EvalFile(epath.Path("best_fake_test.json"), result, False),
+                                    [], examples=None, k=2, image_size=None)
+    texts = [b.text for b in blocks if isinstance(b, report.Text)]
+    assert "No overlays: no image has a person or a prediction to show." in texts
+    assert not any("skipped" in t for t in texts)
