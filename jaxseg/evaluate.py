@@ -65,12 +65,8 @@ def _model_step(graphdef, flip_tta, refinement, state, batch, *, canvas, thresho
     model_region = jnp.broadcast_to(valid[:, None, None], probs.shape)
     at_model = metrics.per_image_counts(probs >= threshold, batch["mask"][..., 0] > 0,
                                         model_region, tol_model)
-    if refinement is not None:
-        radius, eps = refinement
-        full = refine.refined_probabilities(batch["image"], probs, batch["full_image"],
-                                            batch["size"], canvas, radius=radius, eps=eps)
-    else:
-        full = resolution.upsample_to_sizes(probs, batch["size"], canvas)
+    full = refine.full_resolution(batch["image"], probs, batch.get("full_image"), batch["size"],
+                                  canvas, refinement)
     return {"model": at_model, "full": _counts(full, batch, canvas, threshold, tol_full),
             "info": _info(batch)}
 
@@ -150,7 +146,7 @@ class Evaluator:
             values = read_prediction_values(path)
             if is_soft(values):
                 soft_files.append(path.name)
-            elif values.dtype.kind != "f" and values.max() == 1:
+            elif values.max() == 1:
                 zero_one_files.append(path.name)
         soft = bool(soft_files)
         step = jax.jit(functools.partial(_predictions_step, canvas=self.canvas,
@@ -265,9 +261,7 @@ def read_prediction_values(path: pathlib.Path) -> np.ndarray:
 
 
 def is_soft(values: np.ndarray) -> bool:
-    """True for a probability map: float values, or more than two distinct levels."""
-    if values.dtype.kind == "f":
-        return True
+    """True for a probability map: more than two distinct levels."""
     low, high = values.min(), values.max()
     return bool(((values != low) & (values != high)).any())
 
@@ -284,8 +278,6 @@ def prediction_probabilities(values: np.ndarray, size: tuple[int, int], *, soft:
 
     if not soft:
         probs = image_io.binarize(values)[0]
-    elif values.dtype.kind == "f":
-        probs = np.clip(values, 0.0, 1.0)
     else:
         probs = values / (65535.0 if values.dtype == np.uint16 or values.max() > 255 else 255.0)
     return image_io.fit_to_size(probs.astype(np.float32), size)[0]  # BadFile is a ValueError

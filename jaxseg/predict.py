@@ -124,9 +124,8 @@ def _probabilities_at_sizes(graphdef, state, images, sizes, full_images, *, flip
 
     model = nnx.merge(graphdef, state)
     probs = person_probabilities(model, images, flip_tta=flip_tta)
-    if refined:
-        return refine.refined_probabilities(images, probs, full_images, sizes, canvas)
-    return resolution.upsample_to_sizes(probs, sizes, canvas)
+    return refine.full_resolution(images, probs, full_images, sizes, canvas,
+                                  (refine.RADIUS, refine.EPS) if refined else None)
 
 
 def parse_colour(text: str) -> tuple[int, int, int]:

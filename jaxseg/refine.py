@@ -80,3 +80,15 @@ def refined_probabilities(guide: jax.Array, probs: jax.Array, full_images: jax.A
         return jnp.clip(up[..., 3] + sum(up[..., c] * photo[..., c] for c in range(3)), 0.0, 1.0)
 
     return jax.lax.map(one, (coefficients, full_images, sizes))
+
+
+def full_resolution(guide: jax.Array, probs: jax.Array, full_images: jax.Array | None,
+                    sizes: jax.Array, canvas: tuple[int, int],
+                    refinement: tuple[int, float] | None) -> jax.Array:
+    """(B, H, W) canvas probabilities at each image's own size: refined with `refinement` =
+    (radius, eps) along the photos' edges, or (None) upsampled plainly by the shared rule.
+    Evaluation and prediction both go through here, so they upsample alike."""
+    if refinement is None:
+        return resolution.upsample_to_sizes(probs, sizes, canvas)
+    radius, eps = refinement
+    return refined_probabilities(guide, probs, full_images, sizes, canvas, radius=radius, eps=eps)

@@ -80,11 +80,15 @@ def test_refined_counts_do_not_depend_on_devices_and_match_numpy(model):
 
 def test_prediction_folder_scoring(tmp_path):
     source = fake_source(6, seed=2)
+    for ex in source:  # even sizes, masks of 2x2 blocks: a half-size copy resizes back exactly
+        h, w = (n // 2 * 2 for n in ex["mask"].shape[:2])
+        ex["image"] = ex["image"][:h, :w]
+        ex["mask"] = ex["mask"][:h:2, :w:2].repeat(2, axis=0).repeat(2, axis=1)
     mesh = sharding.make_mesh(2)
     ev = evaluate.Evaluator(source, mesh=mesh, image_size=32, batch_size=4)
-    for ex in source[:-1]:  # ground truth as 0/255 PNGs, half of them at a smaller size
+    for i, ex in enumerate(source[:-1]):  # ground truth as 0/255 PNGs, half of them at half size
         m = ex["mask"][..., 0] * 255
-        cv2.imwrite(str(tmp_path / f"{ex['id']}.png"), m)
+        cv2.imwrite(str(tmp_path / f"{ex['id']}.png"), m[::2, ::2] if i % 2 else m)
     with pytest.raises(FileNotFoundError, match=source[-1]["id"]):
         ev.evaluate_predictions(tmp_path)
     cv2.imwrite(str(tmp_path / f"{source[-1]['id']}.png"), source[-1]["mask"][..., 0])  # 0/1

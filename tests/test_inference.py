@@ -74,3 +74,22 @@ def test_ensemble_is_inference_only():
     # Flip averaging, thresholding and export see a logit map of the single model's shape.
     assert jax.eval_shape(lambda x: model(x), images()).shape == (2, 32, 32, 1)
     assert nnx.state(model, nnx.Param)  # its members' parameters are its own
+
+
+def test_flip_averaging_mirrors_the_flipped_prediction_back():
+    """Against numpy on a model that sees left and right differently (its logit is the column
+    index minus the mean grey level): the mirrored pass must be mirrored back before averaging."""
+    class Lopsided(nnx.Module):
+        def __call__(self, images, *, train=False):
+            del train
+            columns = jax.numpy.arange(images.shape[2], dtype=jax.numpy.float32)[None, None, :, None]
+            return columns / 8 - images.astype(jax.numpy.float32).mean(-1, keepdims=True) / 64
+
+    x = images()
+    def probs(batch):
+        return 1 / (1 + np.exp(-logits(Lopsided(), batch)[..., 0]))
+
+    expected = (probs(x) + probs(x[:, :, ::-1])[:, :, ::-1]) / 2
+    got = np.asarray(inference.person_probabilities(Lopsided(), x, flip_tta=True))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, probs(x), atol=1e-3)

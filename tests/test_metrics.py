@@ -98,8 +98,8 @@ def test_perfect_and_empty_predictions():
 
 def test_upsample_to_sizes_matches_opencv_bilinear():
     rng = np.random.default_rng(3)
-    probs = rng.random((2, 16, 16)).astype(np.float32)
-    sizes = np.array([[40, 24], [23, 37]], np.int32)
+    probs = rng.random((3, 16, 16)).astype(np.float32)
+    sizes = np.array([[40, 24], [23, 37], [7, 31]], np.int32)  # a photo smaller than the map too
     canvas = resolution.canvas_for(sizes, multiple=8)
     out = np.asarray(resolution.upsample_to_sizes(jnp.asarray(probs), jnp.asarray(sizes), canvas))
     for i, (h, w) in enumerate(sizes):
