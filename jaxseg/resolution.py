@@ -21,9 +21,14 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W) or (H, W, 1) mask -> (size, size, 1), nearest neighbour."""
+    """uint8 (H, W) or (H, W, 1) mask -> (size, size, 1), nearest neighbour at pixel centres.
+
+    Aligned with resize_image: OpenCV's plain INTER_NEAREST takes each block's top-left pixel,
+    which put every training mask half a model pixel below and right of its image (and the
+    models trained on them learned that offset; see model.output_shift).
+    """
     out = cv2.resize(np.asarray(mask).reshape(mask.shape[:2]), (size, size),
-                     interpolation=cv2.INTER_NEAREST)
+                     interpolation=cv2.INTER_NEAREST_EXACT)
     return out[..., None]
 
 
