@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxseg import inference
 from jaxseg.arg_types import add_model_arguments, at_least
-from jaxseg.workdir import local_folder_problem
+from jaxseg.workdir import local_folder_problem, local_output_folder
 
 PLATFORMS = ("cpu",)
 STABLEHLO_FILE = "model.stablehlo"
@@ -187,11 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: load the model, write every form, print the manifest's summary."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
-    if not args.output:  # pathlib would make "" the current folder
-        raise SystemExit("--output: give the folder to write the exports to")
-    output = pathlib.Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise SystemExit(f"--output {output}: exists and is not a folder")
+    output = local_output_folder(args.output)
     problem = local_folder_problem(output)  # before the minutes of loading and converting
     if problem:
         raise SystemExit(f"--output {output}: {problem}")

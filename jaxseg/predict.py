@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxseg import photo_pixels, refine, resolution
 from jaxseg.inference import person_probabilities
-from jaxseg.workdir import local_folder_problem
+from jaxseg.workdir import local_folder_problem, local_output_folder
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".3gp", ".mpg", ".mpeg",
                   ".wmv", ".flv", ".mts", ".m2ts"}
@@ -271,6 +271,21 @@ def _is_earlier_output(f: pathlib.Path, stems_beside: set[str]) -> bool:
     return bool(sep) and mode in MODES and base in stems_beside and f.suffix in (".png", ".mp4")
 
 
+def _files_under(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Every file in FOLDER's tree, linked folders followed (pathlib's rglob leaves them out),
+    each real folder once, so that a link loop ends."""
+    found, visited = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()  # which of two names of one folder is walked must not depend on the listing
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs.clear()
+            continue
+        visited.add(real)
+        found += [pathlib.Path(root, name) for name in files]
+    return found
+
+
 def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]:
     """(images, videos, problems, passed_over): [(path, relative output stem)], and how many
     files of the input folders were not taken: neither images nor videos by their suffix, or
@@ -292,7 +307,7 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
         path = pathlib.Path(raw)
         if path.is_dir():
             skip = _outputs_inside(path, output)
-            files = sorted(p for p in path.rglob("*")
+            files = sorted(p for p in _files_under(path)
                            if p.is_file() and not photo_pixels.is_hidden(p.relative_to(path)))
             stems = collections.defaultdict(set)
             for f in files:
@@ -500,11 +515,7 @@ def main(argv):
         raise SystemExit("usage: python -m jaxseg.predict INPUT... --output DIR [--mode mask]")
     if not 0 < f.threshold < 1:
         raise SystemExit(f"--threshold={f.threshold} must be between 0 and 1, both excluded")
-    if not f.output:  # pathlib would make "" the current folder
-        raise SystemExit("--output: give the folder to write to")
-    output = pathlib.Path(f.output)
-    if output.exists() and not output.is_dir():
-        raise SystemExit(f"--output {output}: exists and is not a folder")
+    output = local_output_folder(f.output)
     images, videos, problems, passed_over = collect_inputs(inputs, output)
     for note in ignored_option_notes(mode=f.mode, soft=f.soft, videos=bool(videos),
                                      background_given=f["background"].present,

@@ -8,6 +8,7 @@ the small files go through TensorFlow's gfile).
 from __future__ import annotations
 
 import os
+import pathlib
 
 from etils import epath
 
@@ -33,3 +34,18 @@ def local_folder_problem(path: epath.Path) -> str | None:
     except OSError as e:
         return f"cannot create it ({e.strerror or e})"
     return None if os.access(path, os.W_OK) else "not writable"
+
+
+def local_output_folder(text: str) -> pathlib.Path:
+    """An `--output` folder for commands that write with local file APIs (predict, export), or
+    SystemExit: for "" (pathlib would make it the current folder), for a URL (pathlib would
+    quietly make gs://b/x the local folder gs:/b/x), for an existing file."""
+    if not text:
+        raise SystemExit("--output: give the folder to write to")
+    if "://" in text:
+        raise SystemExit(f"--output {text}: give a local folder (this command writes local "
+                         "files; copy them to storage afterwards)")
+    path = pathlib.Path(text)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"--output {path}: exists and is not a folder")
+    return path

@@ -164,6 +164,10 @@ def test_an_output_that_cannot_be_created_is_refused_before_loading(tmp_path, mo
         export.main(["--output", str(tmp_path / "file")])
     with pytest.raises(SystemExit, match="--output: give the folder"):  # "" is not the cwd
         export.main(["--output="])
+    monkeypatch.chdir(tmp_path)  # pathlib made gs://b/x the local folder gs:/b/x
+    with pytest.raises(SystemExit, match="--output gs://b/x: give a local folder"):
+        export.main(["--output", "gs://b/x"])
+    assert not (tmp_path / "gs:").exists()
 
 
 def test_a_negative_member_count_is_a_usage_error(tmp_path, capsys):

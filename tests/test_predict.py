@@ -294,6 +294,7 @@ def test_output_that_is_a_file_and_bad_batch_are_usage_errors(tiny_model_dir, ja
                           (["--output", tmp_path / "out", "--threshold", "1.5"],
                            "--threshold=1.5 must be between 0 and 1"),
                           (["--output="], "--output: give the folder"),  # not the current one
+                          (["--output", "gs://b/x"], "--output gs://b/x: give a local folder"),
                           (["--output", tmp_path / "out", "--threshold", "nan"], "--threshold=nan"),
                           (["--output", tmp_path / "out", "--checkpoint", "latest"],
                            "--checkpoint latest needs --workdir")]:
@@ -515,6 +516,17 @@ def test_collect_inputs_passes_over_outputs_beside_their_inputs_and_non_media(tm
     (tmp_path / "link").symlink_to(photos)
     images, _, _, _ = predict.collect_inputs([tmp_path / "link"], tmp_path / "out")
     assert {stem.parts[0] for _, stem in images} == {"link"}
+    # Linked folders inside an input folder are searched too (rglob left them out, and a
+    # folder of links was "no images"), each real folder once: a link loop ends.
+    album = tmp_path / "album"
+    album.mkdir()
+    (album / "2024").symlink_to(photos)
+    (album / "again").symlink_to(photos)
+    (album / "loop").symlink_to(album)
+    images, _, problems, _ = predict.collect_inputs([album], tmp_path / "out")
+    assert not problems
+    assert {str(stem) for _, stem in images} == {"album/2024/x", "album/2024/y_cutout",
+                                                 "album/2024/x_overlay", "album/2024/n_mask"}
 
 
 # --------------------------------------------------------------------------------------------
