@@ -29,6 +29,14 @@ from jaxseg.arg_types import add_model_arguments, at_least
 MEDIAPIPE_REFERENCE = {"params": 0.1e6, "image_size": 256, "ms_per_image": (2.0, 6.4)}
 
 
+def _height_width(text: str) -> tuple[int, int]:
+    """argparse type: 'HEIGHTxWIDTH', both at least 1 (checked before minutes of timing)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be HEIGHTxWIDTH, e.g. 800x600; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxseg.bench infer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed calls (compilation included)")
     p.add_argument("--threads", type=at_least(1), default=len(os.sched_getaffinity(0)),
                    help="TFLite interpreter threads (JAX and TF use every core by default)")
-    p.add_argument("--photo_size", default="800x600",
+    p.add_argument("--photo_size", type=_height_width, default="800x600",
                    help="HEIGHTxWIDTH of the photo for the prediction-path timing")
     return p
 
@@ -56,7 +64,7 @@ def _photo_path(model, size: int, args) -> None:
     """Prints the per-photo latency of jaxseg.predict's path, plain and refined, alternating."""
     from jaxseg.predict import Predictor
 
-    height, width = (int(v) for v in args.photo_size.lower().split("x"))
+    height, width = args.photo_size
     photo = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
     predictors = {name: Predictor(model, size, batch_size=1, refined=refined)
                   for name, refined in (("plain", False), ("refine", True))}

@@ -84,6 +84,12 @@ def test_help_and_counts_that_would_time_nothing(capsys, monkeypatch):
             bench.main(args)
         assert exit_info.value.code == 2
         assert "must be at least 1" in capsys.readouterr().err or args[-1] == ","
+    # A mistyped photo size is refused before the model loads, not after minutes of timing.
+    for size in ("800,600", "800x600x3", "0x600"):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["infer", "--photo_size", size])
+        assert exit_info.value.code == 2
+        assert "must be HEIGHTxWIDTH" in capsys.readouterr().err
 
 
 def test_train_bench_times_jax_alone(capsys):
