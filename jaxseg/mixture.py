@@ -17,6 +17,9 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
         w = float(weight) if weight else 1.0
         if not 0 < w < float("inf"):  # also refuses nan
             raise ValueError(f"mixture weight for {name!r} must be a positive number, got {w}")
+        if name.strip() in (n for n, _ in out):  # two sources, one dict entry, one evaluator
+            raise ValueError(f"{name.strip()!r} is named twice in the mixture {spec!r}: give it "
+                             "once, with the sum of its weights")
         out.append((name.strip(), w))
     if not out:
         raise ValueError(f"empty dataset mixture {spec!r}")

@@ -37,6 +37,8 @@ def test_mixture_counts_and_parsing():
     for bad in ("a:0", "a:nan", "a:inf", "a:-1"):
         with pytest.raises(ValueError, match="must be a positive number"):
             mixture.parse_mixture(bad)
+    with pytest.raises(ValueError, match="'a' is named twice"):
+        mixture.parse_mixture("a:1, b, a:1")
 
 
 def test_resumed_and_sliced_batches_equal_the_uninterrupted_stream():
