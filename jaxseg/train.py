@@ -34,9 +34,11 @@ def _data_dir(config):
 
 def train_sources(config):
     """(sources, weights) of the training mixture."""
+    used = dict.fromkeys(n for spec in (config.data.train, config.data.eval)
+                         for n, _ in mixture.parse_mixture(spec))  # each prepared once
     distributed.main_process_first(lambda: [
         datasets.prepare(n, data_dir=_data_dir(config), folder=config.data.folder or None)
-        for n, _ in mixture.parse_mixture(f"{config.data.train},{config.data.eval}")])
+        for n in used])
     names_weights = mixture.parse_mixture(config.data.train)
     sources = [datasets.data_source(name, config.data.train_split, data_dir=_data_dir(config),
                                     folder=config.data.folder or None) for name, _ in names_weights]
