@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -80,3 +81,14 @@ def replicate(tree, mesh: Mesh):
     """Places a pytree of (host-identical) arrays on every device of the mesh, on every process."""
     # Through host memory: a single-device array cannot be moved onto devices of other processes.
     return jax.device_put(jax.device_get(tree), replicated(mesh))
+
+
+_any = jax.jit(jnp.any)
+
+
+def any_process_flag(flag: bool, mesh: Mesh) -> jax.Array:
+    """A replicated scalar: whether FLAG is True in any process. Dispatched, not waited for:
+    read it a step later, and the host need not wait for the step in flight. Every process must
+    call it at the same point, as any collective."""
+    local = np.full((local_device_count(mesh),), bool(flag))
+    return _any(jax.make_array_from_process_local_data(data_sharded(mesh), local))

@@ -64,9 +64,11 @@ class _Preemption:
     """Turns SIGTERM, and a first Ctrl-C, into a flag checked at step boundaries (all processes
     agree on it), so the run saves where it is and stops; a second Ctrl-C stops it at once."""
 
-    def __init__(self):
+    def __init__(self, mesh):
         self.requested = False
         self.reason = ""
+        self._mesh = mesh
+        self._gathered = None  # the processes' flags as of the previous check, still on devices
         self._previous = {sig: signal.signal(sig, self._handle)
                           for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -83,12 +85,15 @@ class _Preemption:
         self.requested = True
 
     def should_stop(self) -> bool:
+        """Whether to stop after this step. With several processes: whether any had a request
+        by the previous check, so that all stop at the same step; reading that gather one step
+        late lets the host dispatch the next step while this one runs (waiting for a gather of
+        this step would wait for the step itself)."""
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.array(self.requested))
-        return bool(np.any(flags))
+        previous = self._gathered
+        self._gathered = sharding.any_process_flag(self.requested, self._mesh)
+        return previous is not None and bool(previous)
 
     def restore(self):
         for sig, previous in self._previous.items():
@@ -320,7 +325,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         cleanup.callback(batches.close)
         train_iter = input_pipeline.prefetch_to_mesh(batches, mesh, size=config.data.prefetch)
         evaluators = validation_evaluators(config, mesh)
-        preemption = _Preemption()
+        preemption = _Preemption(mesh)
         cleanup.callback(preemption.restore)
 
         progress = None
