@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.upsample = "transpose"
     c.model.num_classes = 1
     c.model.attention_gates = False  # gate each skip connection by the decoder (Attention U-Net)
+    # (dy, dx) model pixels by which a trained model's output lies below/right of its input, put
+    # back out of training: (0, 0) for models trained since masks are resized at pixel centres.
+    c.model.output_shift = (0.0, 0.0)
     c.model.compute_dtype = "float32"
 
     c.loss = ml_collections.ConfigDict()

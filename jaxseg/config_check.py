@@ -67,6 +67,10 @@ def validate(config, num_devices: int) -> None:
                 f"model.norm='group' splits each width into min(8, width) groups, and widths "
                 f"{uneven} of {widths} (model.base_features x 2**level) do not split evenly: use "
                 f"a model.base_features of 1, 2, 4 or a multiple of 8")
+    shift = tuple(config.model.output_shift)
+    if len(shift) != 2 or not all(abs(v) <= size / 2 for v in shift):
+        problems.append(f"model.output_shift={shift} must be (dy, dx), model pixels of at most "
+                        f"half the image size ({size / 2:g})")
     if not 0 <= config.model.dropout < 1:
         problems.append(f"model.dropout={config.model.dropout} must be in [0, 1)")
     if not 0 <= config.data.aug.get("copy_paste", 0.0) <= 1:

@@ -34,7 +34,7 @@ def person_probabilities(model, images: jax.Array, *, flip_tta: bool = False) ->
 
 # Config fields added after runs were stored, with the value those runs had: filled in where
 # absent, so that an older checkpoint or card builds, compares and ensembles like a new one.
-_ADDED_FIELDS = {"model": {"attention_gates": False}}
+_ADDED_FIELDS = {"model": {"attention_gates": False, "output_shift": (0.0, 0.0)}}
 
 
 def config_from_json(text: str | dict) -> ml_collections.ConfigDict:

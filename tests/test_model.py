@@ -4,10 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from scipy import ndimage
 
 from configs import default
+from jaxseg import inference
 from jaxseg.models import create_model
-from jaxseg.models.unet import UNet, depth_to_space_2x2, max_pool_2x2
+from jaxseg.models.unet import UNet, depth_to_space_2x2, max_pool_2x2, shift_map
 
 
 def count_params(model):
@@ -135,3 +137,28 @@ def test_dropout_needs_a_key_only_in_training():
     np.testing.assert_array_equal(model(x), twin(x))
     with pytest.raises(ValueError, match="no `rngs` argument was provided to Dropout"):
         model(x, train=True)
+
+
+@pytest.mark.parametrize("shift", [(0.5, 0.0), (-1.25, 0.75), (2.0, -0.3)])
+def test_shift_map_matches_scipy(shift):
+    """shift_map reads further down/right bilinearly with repeated edges: scipy's order-1 shift
+    by the opposite amount with mode='nearest' is the independent reference."""
+    x = np.random.default_rng(0).normal(size=(2, 7, 9, 1)).astype(np.float32)
+    expected = ndimage.shift(x, (0, -shift[0], -shift[1], 0), order=1, mode="nearest")
+    np.testing.assert_allclose(shift_map(jnp.asarray(x), shift), expected, atol=1e-5)
+
+
+def test_output_shift_moves_the_logits_out_of_training_only():
+    shifted = UNet(depth=2, base_features=4, output_shift=(0.5, 0.0), rngs=nnx.Rngs(0))
+    plain = UNet(depth=2, base_features=4, rngs=nnx.Rngs(0))
+    x = jax.random.randint(jax.random.key(0), (2, 16, 16, 3), 0, 255).astype(jnp.uint8)
+    expected = ndimage.shift(np.asarray(plain(x)), (0, -0.5, 0, 0), order=1, mode="nearest")
+    np.testing.assert_allclose(shifted(x), expected, atol=1e-5)
+    np.testing.assert_array_equal(shifted(x, train=True), plain(x, train=True))
+    # The config field reaches the model, and a stored config without it builds an unshifted one.
+    config = default.get_config()
+    config.model.output_shift = (0.5, 0.0)
+    assert create_model(config.model).output_shift == (0.5, 0.0)
+    stored = config.to_dict()
+    del stored["model"]["output_shift"]
+    assert create_model(inference.config_from_json(stored).model).output_shift == (0.0, 0.0)

@@ -94,6 +94,8 @@ def test_non_finite_step_leaves_state_unchanged():
     ("optim.weight_decay", -1e-4, "optim.weight_decay=-0.0001 must be >= 0"),
     ("loss.dice_weight", -1.0, "loss.dice_weight=-1.0 must be >= 0"),
     ("optim.b2", 1.0, "optim.b2=1.0 must be in \\[0, 1\\)"),
+    ("model.output_shift", (0.5,), "model.output_shift=\\(0.5,\\) must be \\(dy, dx\\)"),
+    ("model.output_shift", (40.0, 0.0), "model.output_shift=\\(40.0, 0.0\\) must be"),
 ])
 def test_impossible_config_fails_before_any_work(field, value, message):
     config = tiny_config()

@@ -9,6 +9,8 @@ nnx.ConvTranspose (tests/test_model.py), and it can represent a little more.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -31,6 +33,23 @@ def depth_to_space_2x2(x: jax.Array) -> jax.Array:
     c = c4 // 4
     x = x.reshape(b, h, w, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def shift_map(x: jax.Array, shift: tuple[float, float]) -> jax.Array:
+    """(B, H, W, C) maps read `shift` = (dy, dx) pixels further down and right: out[y, x] =
+    x[y + dy, x + dx], bilinear between pixels, the edge rows and columns repeated beyond them."""
+    for axis, distance in ((1, shift[0]), (2, shift[1])):
+        if not distance:
+            continue
+        whole = math.floor(distance)
+        fraction = distance - whole
+        n = x.shape[axis]
+        pad = abs(whole) + 1
+        padded = jnp.pad(x, [(pad, pad) if a == axis else (0, 0) for a in range(x.ndim)], mode="edge")
+        start = pad + whole
+        x = ((1 - fraction) * jax.lax.slice_in_dim(padded, start, start + n, axis=axis)
+             + fraction * jax.lax.slice_in_dim(padded, start + 1, start + 1 + n, axis=axis))
+    return x
 
 
 def _norm(kind: str, features: int, dtype, rngs: nnx.Rngs) -> nnx.Module:
@@ -116,7 +135,10 @@ class UNet(nnx.Module):
     Input: uint8 or float RGB images (B, H, W, 3) in 0..255, H and W divisible by 2**depth.
     Output: float32 logits (B, H, W, num_classes); num_classes 1 = sigmoid person logit,
     2 = softmax over (background, person). `attention_gates`: each skip passes through an
-    AttentionGate driven by the decoder feature it joins.
+    AttentionGate driven by the decoder feature it joins. `output_shift` (dy, dx): model pixels
+    by which the trained model's output lies below and right of its input (models trained on
+    masks resized by their blocks' top-left pixels learned about half a pixel down); out of
+    training the logits are read that far down and right (shift_map), which puts them back.
     """
 
     def __init__(
@@ -130,6 +152,7 @@ class UNet(nnx.Module):
         upsample: str = "transpose",
         num_classes: int = 1,
         attention_gates: bool = False,
+        output_shift: tuple[float, float] = (0.0, 0.0),
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -137,6 +160,7 @@ class UNet(nnx.Module):
             raise ValueError(f"num_classes must be 1 (sigmoid) or 2 (softmax), got {num_classes}")
         self.depth = depth
         self.dtype = dtype
+        self.output_shift = (float(output_shift[0]), float(output_shift[1]))
         widths = [base_features * 2**i for i in range(depth + 1)]
         block = dict(norm=norm, residual=residual, dtype=dtype, rngs=rngs)
         self.down = nnx.List(
@@ -179,7 +203,9 @@ class UNet(nnx.Module):
             if self.gates:
                 skip = self.gates[level](skip, x)
             x = block(jnp.concatenate([x, skip], axis=-1), train)
-        return self.head(x).astype(jnp.float32)
+        logits = self.head(x).astype(jnp.float32)
+        # Training fits the logits as they are; the shift only corrects a trained model's output.
+        return logits if train else shift_map(logits, self.output_shift)
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -205,6 +231,7 @@ def create_model(model_config, *, seed: int = 0) -> UNet:
         upsample=model_config.upsample,
         num_classes=model_config.num_classes,
         attention_gates=model_config.attention_gates,
+        output_shift=tuple(model_config.output_shift),
         dtype=compute_dtype(model_config.compute_dtype),
         rngs=nnx.Rngs(params=seed),
     )
