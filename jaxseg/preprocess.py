@@ -51,7 +51,8 @@ def augment(image: np.ndarray, mask: np.ndarray, aug, rng: np.random.Generator):
     x = (x - mean) * rng.uniform(1 - aug.contrast, 1 + aug.contrast) + mean
     gray = x.mean(axis=-1, keepdims=True)
     x = (x - gray) * rng.uniform(1 - aug.saturation, 1 + aug.saturation) + gray
-    return np.clip(x, 0, 255).astype(np.uint8), mask
+    # Rounded, as device_augment rounds: truncation darkened every jittered image by half a level.
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8), mask
 
 
 def train_example(example: dict, size: int, aug, seed: int, step: int, slot: int):

@@ -148,3 +148,23 @@ def test_region_count_ignores_specks():
     mask[95, 95] = 1  # a 1-pixel annotation speck (< 0.1% of the image)
     assert input_pipeline.count_regions(mask) == 2
     assert input_pipeline.count_regions(np.zeros((10, 10), np.uint8)) == 0
+
+
+def test_colour_jitter_rounds_to_the_nearest_level():
+    """A grey 100 image brightened by 1.127 is 113 (the device path rounds too); truncation
+    gave 112. Geometry is the identity here."""
+    from jaxseg import preprocess
+
+    class Draws:  # the generator's draws, in augment's order
+        def __init__(self):
+            self.values = iter([1.0, 0.0, np.zeros(2), 1.127, 1.0, 1.0])
+
+        def uniform(self, *args, **kwargs):
+            return next(self.values)
+
+        def random(self):
+            return 0.9  # no flip
+
+    image = np.full((8, 8, 3), 100, np.uint8)
+    out, mask = preprocess.augment(image, np.ones((8, 8, 1), np.uint8), aug_config(), Draws())
+    assert (out == 113).all() and (mask == 1).all()
