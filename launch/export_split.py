@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import re
 import sys
 
 import cv2
@@ -26,7 +25,13 @@ if str(REPO) not in sys.path:  # run as a script: make `import jaxseg` work from
     sys.path.insert(0, str(REPO))
 
 IDS_FILE = "ids.txt"
-_SAFE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def _usable_as_file_name(example_id: str) -> bool:
+    """One path component that survives a line of IDS_FILE (read back stripped): a person_folder
+    id such as 'my photo' or 'café' is; '../x', '.', ' x' or one with a line break is not."""
+    return (example_id not in ("", ".", "..") and example_id == example_id.strip()
+            and not any(c in example_id for c in "/\\\n\r\0"))
 
 
 def export(source, out_dir: str | pathlib.Path, *, limit: int | None = None) -> list[str]:
@@ -34,12 +39,13 @@ def export(source, out_dir: str | pathlib.Path, *, limit: int | None = None) -> 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = len(source) if limit is None else min(limit, len(source))
+    for i in range(count):  # all checked before any file is written
+        if not _usable_as_file_name(source[i]["id"]):
+            raise ValueError(f"example {i}: id {source[i]['id']!r} is not usable as a file name")
     ids = []
     for i in range(count):
         example = source[i]
         example_id = example["id"]
-        if not _SAFE_ID.fullmatch(example_id) or example_id in (".", ".."):
-            raise ValueError(f"example {i}: id {example_id!r} is not usable as a file name")
         image = np.asarray(example["image"])
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"example {example_id}: expected uint8 HxWx3 RGB, got "
@@ -48,8 +54,6 @@ def export(source, out_dir: str | pathlib.Path, *, limit: int | None = None) -> 
         if not cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1])):  # RGB -> BGR for cv2
             raise OSError(f"cannot write {path}")
         ids.append(example_id)
-    if len(set(ids)) != len(ids):
-        raise ValueError("duplicate ids in the source")
     (out_dir / IDS_FILE).write_text("".join(f"{i}\n" for i in ids))
     return ids
 

@@ -113,6 +113,12 @@ def test_export_split_writes_one_lossless_rgb_png_per_id(tmp_path, monkeypatch):
 
 def test_export_split_rejects_ids_that_are_not_file_names(tmp_path):
     export_split = _load("export_split")
-    bad = [dict(fake_source(1)[0], id="../escape")]
-    with pytest.raises(ValueError, match="not usable as a file name"):
-        export_split.export(bad, tmp_path)
+    good = fake_source(1)[0]
+    for bad_id in ("../escape", ".", " lead", "two\nlines"):
+        with pytest.raises(ValueError, match="not usable as a file name"):
+            export_split.export([good, dict(good, id=bad_id)], tmp_path / "out")
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # person_folder ids with spaces or accents are file names.
+    named = [dict(good, id="my photo"), dict(good, id="café")]
+    assert export_split.export(named, tmp_path / "named") == ["my photo", "café"]
+    assert (tmp_path / "named" / "café.png").is_file()
