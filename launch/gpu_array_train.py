@@ -186,6 +186,11 @@ def main():
                 f"(or move that run away first)")
     t0 = time.time()
     z = np.load(args.data)
+    if str(z.get("mask_resize", "")) != "centre":
+        # A model trained on them learns to predict half a model pixel low (model.output_shift).
+        p.error(f"--data {args.data}: its masks were resized by each block's top-left pixel (an "
+                "array file made before they were resized at pixel centres): make it again with "
+                "launch/make_array_file.py")
     images = decode(z["image_bytes"], z["image_offsets"])
     masks = (decode(z["mask_bytes"], z["mask_offsets"]) > 127).astype(np.uint8)[..., None]
     size, split, source = int(z["size"]), z["split"], z["source"]

@@ -20,6 +20,9 @@ import numpy as np
 from jaxseg import datasets, resolution
 
 SPLITS = {"train": 0, "validation": 1}
+# How the masks were resized: "centre" (resolution.resize_mask samples pixel centres). Files without
+# this key are older and hold masks taken from each block's top-left pixel, half a pixel low.
+MASK_RESIZE = "centre"
 
 
 def npz_path(output) -> pathlib.Path:
@@ -56,7 +59,8 @@ def main():
     np.savez(out, image_bytes=np.concatenate(images), image_offsets=offsets(images),
              mask_bytes=np.concatenate(masks), mask_offsets=offsets(masks),
              split=np.array(split_ids, np.uint8), source=np.array(source_ids, np.uint8),
-             source_names=np.array(names), size=np.array(args.size))
+             source_names=np.array(names), size=np.array(args.size),
+             mask_resize=np.array(MASK_RESIZE))
     counts = {s: int(np.sum(np.array(split_ids) == v)) for s, v in SPLITS.items()}
     print(f"wrote {out}: {out.stat().st_size / 2**20:.1f} MiB, {counts}")
 

@@ -21,11 +21,14 @@ from jaxseg import inference
 from jaxseg.models import create_model
 
 
-def load_run(run: pathlib.Path):
-    """(model, config, card) of one run: its selected weights in a fresh model of its config."""
+def load_run(run: pathlib.Path, output_shift: tuple[float, float] | None = None):
+    """(model, config, card) of one run: its selected weights in a fresh model of its config,
+    with `output_shift` (model.output_shift) in place of the run's own where given."""
     summary = json.loads((run / "summary.json").read_text())
     config = inference.config_from_json(summary["config"])
     config.model.compute_dtype = "float32"  # trained with bf16 compute; fp32 params either way
+    if output_shift is not None:
+        config.model.output_shift = output_shift
     model = create_model(config.model)
     flat = np.load(run / "model_state.npz")
     paths, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model))
@@ -36,6 +39,15 @@ def load_run(run: pathlib.Path):
     return model, config, card
 
 
+def _shift(text: str) -> tuple[float, float]:
+    """argparse type: 'DY,DX' model pixels."""
+    try:
+        dy, dx = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be DY,DX (e.g. 0.5,0); got {text!r}") from None
+    return dy, dx
+
+
 def main():
     """Loads each run's flat state and saves the model (or the ensemble) as pretrained."""
     parser = argparse.ArgumentParser(
@@ -44,12 +56,16 @@ def main():
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", type=pathlib.Path,
                         help="an --out folder of launch/gpu_array_train.py (model_state.npz and "
                              "summary.json); several make an ensemble, members in this order")
+    parser.add_argument("--output_shift", type=_shift, default=None, metavar="DY,DX",
+                        help="model.output_shift of the saved model (default: the runs' own). "
+                             "The shipped members, trained on array files whose masks were "
+                             "resized by each block's top-left pixel, take 0.5,0 (model card)")
     args = parser.parse_args()
     for run in args.runs:
         missing = [f for f in ("model_state.npz", "summary.json") if not (run / f).is_file()]
         if missing:
             parser.error(f"{run} lacks {' and '.join(missing)}: not a gpu_array_train.py --out folder")
-    runs = [load_run(run) for run in args.runs]
+    runs = [load_run(run, args.output_shift) for run in args.runs]
     models, configs, cards = zip(*runs)
     # Every member runs at the first one's input size.
     shapes = [(c.data.image_size, c.model.to_dict()) for c in configs]

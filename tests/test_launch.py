@@ -508,6 +508,29 @@ def test_gpu_array_train_runs_the_configured_mixture(monkeypatch, capsys, tmp_pa
     assert summary["validation_examples"] == {"portrait_segmentation": 3, "ccp_person": 3}
     assert summary["config"]["data"]["train"] == "portrait_segmentation:3"
     assert summary["steps_done"] == 2 and (tmp_path / "run" / "model_state.npz").exists()
+    # Saved as pretrained, the run keeps its own output shift unless told another.
+    saver = _load_launch_module("save_pretrained_from_npz")
+    model, config, _ = saver.load_run(tmp_path / "run")
+    assert model.output_shift == (0.0, 0.0) and tuple(config.model.output_shift) == (0.0, 0.0)
+    model, config, _ = saver.load_run(tmp_path / "run", (0.5, 0.0))
+    assert model.output_shift == (0.5, 0.0) and tuple(config.model.output_shift) == (0.5, 0.0)
+
+
+def test_gpu_array_train_refuses_an_array_file_of_top_left_masks(monkeypatch, capsys, tmp_path):
+    """A file made before masks were resized at pixel centres (no mask_resize key) would train a
+    model half a pixel low again: refused, with what to do."""
+    data = _tiny_array_file(monkeypatch, tmp_path / "arr.npz", "ccp_person", per_split=2)
+    z = dict(np.load(data))
+    assert str(z.pop("mask_resize")) == "centre"
+    np.savez(tmp_path / "old.npz", **z)
+    module = _load_launch_module("gpu_array_train")
+    monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / "old.npz"),
+                                      "--out", str(tmp_path / "run"), "--batch_size", "8",
+                                      "--set", "data.train=ccp_person"])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    assert "make it again with launch/make_array_file.py" in capsys.readouterr().err
 
 
 def test_gpu_array_train_refuses_a_mixture_the_file_cannot_give(monkeypatch, capsys, tmp_path):
