@@ -276,7 +276,9 @@ def _files_under(folder: pathlib.Path) -> list[pathlib.Path]:
     each real folder once, so that a link loop ends."""
     found, visited = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()  # which of two names of one folder is walked must not depend on the listing
+        # Real folders before links to them, each group by name: a folder keeps its own name in
+        # the outputs, and which name a twice-reached folder gets does not depend on the listing.
+        dirs.sort(key=lambda name: (os.path.islink(os.path.join(root, name)), name))
         real = os.path.realpath(root)
         if real in visited:
             dirs.clear()

@@ -527,6 +527,13 @@ def test_collect_inputs_passes_over_outputs_beside_their_inputs_and_non_media(tm
     assert not problems
     assert {str(stem) for _, stem in images} == {"album/2024/x", "album/2024/y_cutout",
                                                  "album/2024/x_overlay", "album/2024/n_mask"}
+    # A real folder keeps its own name beside a link to it that sorts first.
+    shelf = tmp_path / "shelf"
+    (shelf / "photos_2024").mkdir(parents=True)
+    fx.write(shelf / "photos_2024" / "z.png", photo(20, 20))
+    (shelf / "latest").symlink_to(shelf / "photos_2024")
+    images, _, _, _ = predict.collect_inputs([shelf], tmp_path / "out")
+    assert [str(stem) for _, stem in images] == ["shelf/photos_2024/z"]
 
 
 # --------------------------------------------------------------------------------------------
