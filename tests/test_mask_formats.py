@@ -94,6 +94,19 @@ def test_palette_voc_void_outside_the_person_is_background(tmp_path):
     assert_mask(tmp_path / "two_indices.png", person)
 
 
+def test_a_quantized_cutout_keeps_its_index_255(tmp_path):
+    """A photo quantized to a full palette with index 0 transparent (as pngquant writes a
+    cutout): index 255 is one of the photo's colours, not VOC's void."""
+    person = drawn(14)
+    indices = np.where(person, np.arange(H * W).reshape(H, W) % 255 + 1, 0).astype(np.uint8)
+    assert (indices == 255).any() and len(np.unique(indices)) > 22
+    image = Image.frombytes("P", (W, H), indices.tobytes())
+    image.putpalette(list(np.random.default_rng(0).integers(40, 256, 768)))
+    image.info["transparency"] = 0
+    image.save(tmp_path / "quantized_cutout.png")
+    assert_mask(tmp_path / "quantized_cutout.png", person)
+
+
 def test_palette_indices_beyond_the_palette_keep_their_values(tmp_path):
     person = drawn(7)
     image = Image.frombytes("P", (W, H), person.astype(np.uint8).tobytes())  # no palette set

@@ -116,12 +116,14 @@ def read_mask_image(path: pathlib.Path) -> np.ndarray:
 
     Palette images are read by their palette colours, like colour masks (any
     bright channel marks the person): their indices carry no fixed meaning (a
-    2-colour quantized palette may list white first; VOC-style palettes put the
-    person at index 15 and the boundary at 255). A palette that does not cover
-    the indices used (tools writing 0/1 index masks without one) gives the
-    indices. An alpha band that varies over a constant colour (a cutout or matte
-    saved as RGBA/LA) is the mask; otherwise alpha is ignored, as in colour masks.
-    The mask's own EXIF orientation is applied, as to photos.
+    2-colour quantized palette may list white first), except that in a label map
+    (at most 22 indices, no transparency) index 255 beside other labels is VOC's
+    void, read as no person (VOC-style palettes put the person at index 15 and the
+    boundary at 255). A palette that does not cover the indices used (tools writing
+    0/1 index masks without one) gives the indices. An alpha band that varies over
+    a constant colour or over a photo's own colours (a cutout or matte saved as
+    RGBA/LA) is the mask; otherwise alpha is ignored, as in colour masks. The
+    mask's own EXIF orientation is applied, as to photos.
     """
     image = _open_checked(_read_bytes(path))
     orientation = photo_pixels.orientation_of(image)
@@ -136,14 +138,15 @@ def _mask_values(image: Image.Image) -> np.ndarray:
         entries = len(image.getpalette("RGB") or ()) // 3
         if indices.size and int(indices.max()) >= entries:
             return indices
-        if image.mode == "P" and (indices == 255).any() and ((indices != 0) & (indices != 255)).any():
-            # Index 255 beside other labels is PASCAL VOC's void (boundary, ambiguous): no
-            # person, as a grey void-marked mask reads it (binarize), whatever its colour.
-            voided = Image.fromarray(np.where(indices == 255, 0, indices).astype(np.uint8), "P")
-            voided.putpalette(image.getpalette())
-            voided.info = dict(image.info)
-            image = voided
         has_alpha = image.mode == "PA" or "transparency" in image.info
+        used = np.unique(indices)
+        if not has_alpha and 255 in used and len(used) <= 22 and (used % 255).any():
+            # A label map (VOC's 21 classes at most) with index 255 beside other labels: 255 is
+            # PASCAL VOC's void (boundary, ambiguous), no person whatever its colour, as a grey
+            # void-marked mask reads it (binarize). A quantized photo uses more indices.
+            rgb = np.array(image.convert("RGB"))
+            rgb[indices == 255] = 0
+            return rgb.max(axis=2)
         image = image.convert("RGBA" if has_alpha else "RGB")
     if image.mode in ("LA", "RGBA"):
         pixels = np.asarray(image)

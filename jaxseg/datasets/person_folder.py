@@ -140,10 +140,11 @@ class PersonFolder(base.PersonSegBuilder):
     jpg, jpeg, png, bmp, webp and tif(f) are read. Ids are the photo stems.
 
     Masks may be 0/1, 0/255, 16-bit, 1-bit, colour or palette images (any
-    bright channel of the colour, palettes by their colours), or cutouts whose
-    alpha carries the person over a uniform colour (RGBA/LA); other values are
-    thresholded with a warning. A mask at the photo's aspect
-    ratio but another size is resized (nearest). Bad files (unreadable,
+    bright channel of the colour, palettes by their colours, VOC's void of 255
+    as background), or cutouts whose alpha carries the person over a uniform
+    colour or the photo's own (RGBA/LA); other values are thresholded with a
+    warning (image_io.read_mask_image, binarize). A mask at the photo's aspect
+    ratio but another size is resized (nearest pixel centres). Bad files (unreadable,
     truncated, empty, not images, unpaired, different aspect ratio) are skipped
     and listed in the build report, or stop the build with on_bad='error'.
     Empty masks are kept (photos without people) with a warning.
