@@ -433,7 +433,8 @@ def main(argv):
     if f.data_dir:  # and the prepared data
         result["data_dir"] = str(workdir_path(f.data_dir))
     if distributed.is_main_process():
-        output = pathlib.Path(f.output) if f.output else _default_output(f, dataset, split)
+        # epath, as for the default under a workdir: pathlib made gs://b/r.json a local gs:/b/r.json.
+        output = workdir_path(f.output) if f.output else _default_output(f, dataset, split)
         summary = {k: result[k] for k in ("iou", "mean_image_iou", "miou", "dice", "precision",
                                           "recall", "pixel_accuracy", "boundary_f1",
                                           "iou_without_edge_errors")}
