@@ -602,6 +602,30 @@ def test_real_photo_mask_scores_as_the_evaluator_scores_the_model(manual_dir, pr
         assert abs(of_masks[k] - of_model[k]) <= 2, (k, of_masks, of_model)
 
 
+def test_video_frames_keep_their_colours(tmp_path):
+    """Frames go RGB through the renderer and back to OpenCV's BGR: a red background stays red
+    (without the conversions it came out blue), and where the person is the photo is kept."""
+    class Everywhere:  # person probability `value` on every pixel
+        batch_size = 2
+
+        def __init__(self, value):
+            self.value = value
+
+        def probabilities(self, images):
+            return [np.full(image.shape[:2], self.value, np.float32) for image in images]
+
+    source = write_video(tmp_path / "in.mp4", frames=3)
+    renderer = predict.Renderer(mode="background", threshold=0.5, soft=False,
+                                background=predict.parse_colour("red"))
+    for value, name in ((0.0, "red.mp4"), (1.0, "kept.mp4")):
+        assert predict.predict_video(Everywhere(value), renderer, source, tmp_path / name) == 3
+    red, _ = read_video(tmp_path / "red.mp4")
+    assert np.abs(np.stack(red).astype(int).mean(axis=(0, 1, 2)) - [0, 0, 255]).max() < 8  # BGR
+    kept, _ = read_video(tmp_path / "kept.mp4")
+    original, _ = read_video(source)
+    assert np.abs(np.stack(kept).astype(int) - np.stack(original)).mean() < 8
+
+
 def test_odd_sized_and_short_videos_are_noted(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """OpenCV's MPEG-4 writer silently made a 97x61 video 96x60, and a video that ended early
     was cut short without a word: the crop is now explicit and both are noted."""
