@@ -20,6 +20,10 @@ BEST_DIR = "best"
 
 
 def _manager(directory: epath.Path, options: ocp.CheckpointManagerOptions):
+    # Each series names its own cross-process barriers: orbax keys them by step alone, so the two
+    # series saving one step at once (the last step, validated and saved) met in one barrier.
+    options.multiprocessing_options = ocp.options.MultiprocessingOptions(
+        barrier_sync_key_prefix=directory.name)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 

@@ -228,3 +228,13 @@ def test_a_checkpoint_from_before_attention_gates_resumes_only_without_them(tmp_
                        match="model.attention_gates=False \\(this config: True\\)"):
         train._check_resumable(gated, ckpts)
     ckpts.close()
+
+
+def test_the_two_checkpoint_series_name_their_barriers_apart(tmp_path):
+    """Orbax keys a save's cross-process barriers by step: the periodic and best series saving
+    the last step at once met in one barrier, and a two-process run failed at its end."""
+    ckpts = checkpointing.Checkpoints(tmp_path)
+    prefixes = {m._options.multiprocessing_options.barrier_sync_key_prefix
+                for m in (ckpts.latest, ckpts.best)}
+    ckpts.close()
+    assert prefixes == {checkpointing.LATEST_DIR, checkpointing.BEST_DIR}
