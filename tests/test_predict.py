@@ -549,7 +549,9 @@ def test_mixed_sizes_equal_one_at_a_time_one_compilation_per_bucket_and_rows(tin
     per_bucket = collections.Counter(resolution.canvas_for([s], predict.BUCKET) for s in sizes)
     assert sorted(per_bucket.values()) == [1, 1, 2, 6]
 
-    cache = predict._probabilities_at_sizes._cache_size  # one jit, keyed by (model, canvas, shapes)
+    # One jit, keyed by (model, canvas, shapes), shared with the earlier tests' predictors.
+    predict._probabilities_at_sizes.clear_cache()
+    cache = predict._probabilities_at_sizes._cache_size
     before = cache()
     together = predictor.probabilities(images)
     # Rows per call: 4 for full batches, else the next power of two: 1, 1, 2 and 4 + 2.
