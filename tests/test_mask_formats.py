@@ -158,6 +158,18 @@ def test_a_cutout_of_the_photo_is_read_by_its_alpha(tmp_path, mode):
     assert_mask(tmp_path / "cutout.png", person)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_the_cutout_of_a_photo_without_a_person_is_empty(tmp_path, mode):
+    """Its alpha is all 0: read by it, not by the photo's brightness."""
+    colours = fx.photo(14)
+    if mode == "LA":
+        colours = colours.mean(axis=2, keepdims=True).astype(np.uint8)
+    cutout = np.dstack([colours, np.zeros((H, W), np.uint8)])
+    Image.fromarray(cutout.squeeze(), mode).save(tmp_path / "cutout.png")
+    assert stored(tmp_path / "cutout.png", "mode") == mode
+    assert_mask(tmp_path / "cutout.png", np.zeros((H, W), bool))
+
+
 def test_la_varying_value_is_the_mask(tmp_path):
     person = drawn(11)
     hole = np.zeros((H, W), bool)

@@ -152,9 +152,11 @@ def _mask_values(image: Image.Image) -> np.ndarray:
         pixels = np.asarray(image)
         colour, alpha = pixels[..., :-1], pixels[..., -1]
         # A cutout: the person is in the alpha, over one colour or over the photo's own colours
-        # (more than two levels, which no two-level mask has). Else the colour is the label.
-        if alpha.min() != alpha.max() and ((colour == colour[:1, :1]).all()
-                                           or len(np.unique(colour.max(axis=2))) > 2):
+        # (more than two levels, which no two-level mask has). A fully transparent image (the
+        # cutout of a photo without a person) shows nothing. Else the colour is the label (an
+        # opaque soft mask has many levels too).
+        if alpha.max() == 0 or (alpha.min() != alpha.max() and (
+                (colour == colour[:1, :1]).all() or len(np.unique(colour.max(axis=2))) > 2)):
             return alpha
         if image.mode == "LA":  # a two-level value plus alpha: the value is the label
             return pixels[..., 0]
