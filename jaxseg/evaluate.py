@@ -224,8 +224,8 @@ class Evaluator:
 
 
 def prediction_files(predictions_dir: pathlib.Path, ids: list[str]) -> dict[str, pathlib.Path]:
-    """Each id's prediction PNG: `<id>.png`, or the stem with a mask suffix (`<id>_mask.png`, as
-    jaxseg.predict names it), by person_folder's pairing rule. FileNotFoundError names ids
+    """Each id's prediction PNG: `<id>.png`, or the stem with a mask suffix (`<id>_mask.png` or
+    `<id>_cutout.png`, as jaxseg.predict names them), by person_folder's pairing rule. FileNotFoundError names ids
     without one, ValueError ids with several."""
     import unicodedata
 
@@ -233,14 +233,14 @@ def prediction_files(predictions_dir: pathlib.Path, ids: list[str]) -> dict[str,
 
     wanted = set(ids)
     found = collections.defaultdict(list)
-    for path in sorted(predictions_dir.glob("*.png")):
+    for path in sorted(p for p in predictions_dir.iterdir() if p.suffix.lower() == ".png"):
         # One Unicode form, as person_folder's ids: a name written on macOS is decomposed.
         stem = unicodedata.normalize("NFC", path.stem)
         found[stem if stem in wanted else MASK_SUFFIX.sub("", stem)].append(path)
     missing = [i for i in ids if i not in found]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {len(ids)} ids have no prediction <id>.png or <id>_mask.png in "
+            f"{len(missing)} of {len(ids)} ids have no prediction <id>.png or <id>_mask.png (or _cutout) in "
             f"{predictions_dir}: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
     several = [i for i in ids if len(found[i]) > 1]
     if several:

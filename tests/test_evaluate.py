@@ -323,6 +323,17 @@ def test_prediction_files_match_ids_in_either_unicode_form(tmp_path):
     assert files == {composed: tmp_path / f"{decomposed}_mask.png", "b": tmp_path / "b.png"}
 
 
+def test_prediction_files_take_cutouts_and_any_case_of_png(tmp_path):
+    """jaxseg.predict --mode cutout writes <id>_cutout.png; other tools write .PNG."""
+    (tmp_path / "a_cutout.png").write_bytes(b"")
+    (tmp_path / "b.PNG").write_bytes(b"")
+    (tmp_path / "c.jpg").write_bytes(b"")  # not a PNG: no prediction for c
+    assert evaluate.prediction_files(tmp_path, ["a", "b"]) == {
+        "a": tmp_path / "a_cutout.png", "b": tmp_path / "b.PNG"}
+    with pytest.raises(FileNotFoundError, match="1 of 3 ids"):
+        evaluate.prediction_files(tmp_path, ["a", "b", "c"])
+
+
 def test_an_empty_split_is_named_not_a_numpy_error():
     with pytest.raises(ValueError, match="nothing to evaluate: the split has no examples"):
         evaluate.Evaluator([], mesh=sharding.make_mesh(1), image_size=32, batch_size=2)

@@ -14,8 +14,9 @@ from jaxseg import photo_pixels
 from jaxseg.datasets import base, image_io
 
 SPLITS = ("train", "validation", "test")
-# A mask may repeat its photo's stem with one of these suffixes: a.jpg <- a_mask.png.
-MASK_SUFFIX = re.compile(r"[_-](mask|matte|label|seg|gt)$", re.IGNORECASE)
+# A mask may repeat its photo's stem with one of these suffixes: a.jpg <- a_mask.png, or a
+# jaxseg.predict cutout a_cutout.png.
+MASK_SUFFIX = re.compile(r"[_-](mask|matte|label|seg|gt|cutout)$", re.IGNORECASE)
 
 
 @dataclasses.dataclass
