@@ -14,24 +14,35 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over all (or the first `num_devices`) global devices, axis 'data', with each
-    process's devices contiguous and every process holding the same number of them."""
-    devices = jax.devices()
+def choose_devices(devices, num_devices: int | None, process_count: int) -> list:
+    """NUM_DEVICES (default all) of DEVICES, the same number from each of the PROCESS_COUNT
+    processes (the first of each by id), ordered by process."""
     n = len(devices) if num_devices is None else num_devices
     if n < 1:
         raise ValueError(f"asked for {n} devices: ask for at least 1")
     if n > len(devices):
         raise ValueError(f"asked for {n} devices but only {len(devices)} are available")
+    if n % process_count:
+        raise ValueError(f"asked for {n} devices, which {process_count} processes cannot share "
+                         f"equally: ask for a multiple of {process_count}")
     # Ordered by process, not by jax.make_mesh's physical topology (which can interleave the
     # hosts of a TPU slice): each process then owns one contiguous block of batch rows, which
     # local_batch_slice and the input pipeline rely on.
-    chosen = sorted(devices[:n], key=lambda d: (d.process_index, d.id))
-    shares = collections.Counter(d.process_index for d in chosen)
-    if len(shares) != jax.process_count() or len(set(shares.values())) != 1:
-        per_process = len(devices) // jax.process_count()
-        raise ValueError(f"{n} devices would leave processes without an equal share: use all "
-                         f"of them, or a multiple of the {per_process} devices of each process")
+    by_process = collections.defaultdict(list)
+    for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
+        by_process[d.process_index].append(d)
+    share = n // process_count
+    if len(by_process) != process_count or min(map(len, by_process.values())) < share:
+        raise ValueError(f"asked for {n} devices, {share} from each of {process_count} processes, "
+                         f"but they hold " + ", ".join(
+                             f"{len(v)}" for _, v in sorted(by_process.items())))
+    return [d for _, v in sorted(by_process.items()) for d in v[:share]]
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh over all (or `num_devices`) global devices, axis 'data', with each process's
+    devices contiguous and every process holding the same number of them."""
+    chosen = choose_devices(jax.devices(), num_devices, jax.process_count())
     # Auto axes: XLA propagates the batch sharding and inserts the gradient all-reduce itself.
     return Mesh(np.array(chosen), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 

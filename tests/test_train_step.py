@@ -1,4 +1,6 @@
 """The data-parallel train step: 8 devices give the single-device result; bad values stop early."""
+import collections
+
 import jax
 import numpy as np
 import pytest
@@ -137,6 +139,21 @@ def test_a_mesh_of_no_devices_is_refused(num_devices):
     """A negative count once sliced devices off the end of the list (-1: all but one)."""
     with pytest.raises(ValueError, match=f"asked for {num_devices} devices: ask for at least 1"):
         sharding.make_mesh(num_devices)
+
+
+def test_a_mesh_of_fewer_devices_takes_an_equal_share_of_each_process():
+    """Device ids run process by process: the first N of them once left later processes
+    without devices, so on 2 hosts x 4 only all 8 worked."""
+    Device = collections.namedtuple("Device", "id process_index")
+    devices = [Device(i, i // 4) for i in (7, 6, 5, 4, 3, 2, 1, 0)]
+    chosen = sharding.choose_devices(devices, 4, process_count=2)
+    assert [(d.process_index, d.id) for d in chosen] == [(0, 0), (0, 1), (1, 4), (1, 5)]
+    assert len(sharding.choose_devices(devices, None, process_count=2)) == 8
+    with pytest.raises(ValueError, match="ask for a multiple of 2"):
+        sharding.choose_devices(devices, 3, process_count=2)
+    uneven = devices[:6]  # process 1 holds 4, process 0 only 2
+    with pytest.raises(ValueError, match="3 from each of 2 processes, but they hold 2, 4"):
+        sharding.choose_devices(uneven, None, process_count=2)
 
 
 def test_a_person_folder_without_the_asked_split_is_refused(tmp_path):
