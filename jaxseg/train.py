@@ -360,7 +360,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     progress.set_postfix(loss=f"{values['loss']:.4f}")
                 last.update(values, step=step)
                 window_start, window_steps = time.perf_counter(), 0
-            if step % config.train.eval_every == 0 or step == num_steps:
+            # A stop saves first and at once (a preempted machine may be killed within
+            # seconds); the resumed run validates at its next evaluation step.
+            if (step % config.train.eval_every == 0 or step == num_steps) and not stop:
                 _check_finite(pending, step - 1, ckpts)
                 with host_memory.large_blocks_mapped():
                     val = validate(evaluators, state, graphdef, config.eval)
