@@ -200,6 +200,10 @@ def main():
     mesh = sharding.make_mesh()
     # Fields that do not depend on the number of steps: the mixture, threshold, seed, augmentation.
     run_config = config_for(size, 1000, args)
+    try:  # the file's own size, checked above at 256 (the model's depth may not divide it)
+        config_check.validate(run_config, jax.device_count())
+    except config_check.ConfigError as e:
+        p.error(f"--data {args.data} at {size}px: {e}")
     # Trained on the datasets data.train names, in its proportions (in the array file's order);
     # validated on every dataset the file holds.
     weights = dict(mixture.parse_mixture(run_config.data.train))
@@ -207,6 +211,9 @@ def main():
     if missing:
         p.error(f"data.train names {missing}, which {args.data} does not hold (it holds {names})")
     trained = [n for n in names if n in weights]
+    empty = [n for n in trained if not ((split == 0) & (source == names.index(n))).any()]
+    if empty:
+        p.error(f"{args.data} holds no training examples of {empty}, which data.train names")
     counts = [int(c) for c in mixture.mixture_counts([weights[n] for n in trained],
                                                      args.batch_size)]
     per_source = [jax.device_put(images[(split == 0) & (source == names.index(n))])

@@ -516,6 +516,30 @@ def test_gpu_array_train_runs_the_configured_mixture(monkeypatch, capsys, tmp_pa
     assert model.output_shift == (0.5, 0.0) and tuple(config.model.output_shift) == (0.5, 0.0)
 
 
+@pytest.mark.parametrize("case", ["depth too deep for the file's size", "no training rows"])
+def test_gpu_array_train_checks_the_run_against_the_file(monkeypatch, capsys, tmp_path, case):
+    """Before training: a depth that the file's 16 px does not allow (checked at 256 only, it
+    failed inside the model), and a trained dataset without training rows (a gather error)."""
+    data = _tiny_array_file(monkeypatch, tmp_path / "arr.npz",
+                            "portrait_segmentation,ccp_person", per_split=2)
+    argv = ["gpu_array_train.py", "--data", str(data), "--out", str(tmp_path / "run")]
+    if case == "no training rows":
+        arrays = dict(np.load(data))
+        arrays["split"] = np.where(arrays["source"] == 1, 1, arrays["split"])
+        np.savez(data, **arrays)
+        message = "holds no training examples of ['ccp_person'], which data.train names"
+    else:
+        argv += ["--set", "model.depth=5"]
+        message = "at 16px: "
+    module = _load_launch_module("gpu_array_train")
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_gpu_array_train_refuses_an_array_file_of_top_left_masks(monkeypatch, capsys, tmp_path):
     """A file made before masks were resized at pixel centres (no mask_resize key) would train a
     model half a pixel low again: refused, with what to do."""
