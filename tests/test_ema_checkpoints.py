@@ -43,10 +43,17 @@ def test_a_workdir_loads_its_ema_model(tmp_path):
         assert not np.array_equal(got, trained)
 
 
+def shifted(nodes, by: float):
+    """NODES with the trained model's parameters moved by BY: a saved state that a freshly
+    initialised model of the same seed does not equal."""
+    nnx.update(nodes["model"], jax.tree.map(lambda x: x + by, nnx.state(nodes["model"], nnx.Param)))
+    return nodes
+
+
 def test_a_checkpoint_from_before_ema_existed_loads(tmp_path):
     config = tiny_config(0.0)
     graphdef, state = train_step.create_train_state(config)
-    nodes = nnx.merge(graphdef, state)
+    nodes = shifted(nnx.merge(graphdef, state), 1.0)
     old = json.loads(config.to_json())
     del old["train"]["ema_decay"]  # as written before the field existed
     save(tmp_path, config, nodes, meta_config=old)
@@ -83,14 +90,20 @@ def test_a_checkpoint_name_that_is_not_a_step_says_what_to_name(tmp_path):
 
 
 def test_init_checkpoint_must_exist_and_fit_the_model(tmp_path):
+    """It starts from the run's best checkpoint (not its latest, nor a fresh model)."""
     config = tiny_config(0.0)
     graphdef, state = train_step.create_train_state(config)
-    save(tmp_path / "old", config, nnx.merge(graphdef, state))
+    latest = shifted(nnx.merge(graphdef, state), 1.0)
+    save(tmp_path / "old", config, latest)
+    best = shifted(nnx.merge(graphdef, state), 2.0)
+    ckpts = checkpointing.Checkpoints(tmp_path / "old", async_save=False)
+    ckpts.save_best(2, nnx.state(best), {"config": json.loads(config.to_json()), "step": 2}, 0.5)
+    ckpts.close()
     same = tiny_config(0.0)
     same.train.init_checkpoint = str(tmp_path / "old")
     model, step = train._init_model(same)
-    assert step == 1
-    for got, saved in zip(params(model), params(nnx.merge(graphdef, state)["model"])):
+    assert step == 2
+    for got, saved in zip(params(model), params(best["model"])):
         np.testing.assert_array_equal(got, saved)
     wider = tiny_config(0.0)
     wider.model.base_features *= 2  # loaded into this model, the old arrays failed in the step

@@ -62,9 +62,13 @@ def test_sweep_ranks_by_validation_and_skips_finished(manual_dir, tmp_path, monk
              "--config.model.depth=2", "--config.eval.max_examples=8",
              "--config.train.num_logged_images=0"]
     combos = sweep.trials(sweep.parse_grid(["optim.learning_rate=0.001,0.01"]))
-    rows = sweep.run("configs/smoke.py", tmp_path, combos, extra=extra)
+    rows = sweep.run("configs/smoke.py", tmp_path, combos, parallel=2, extra=extra)
     assert [r["val_iou"] for r in rows] == sorted((r["val_iou"] for r in rows), reverse=True)
-    for row in rows:  # each row is the best validation record of its own trial
+    assert sorted(r["optim.learning_rate"] for r in rows) == [0.001, 0.01]
+    for row in rows:  # each row is the best validation record of its own trial, run with its values
+        trained = json.loads((tmp_path / row["trial"] / "config.json").read_text())
+        assert trained["optim"]["learning_rate"] == row["optim.learning_rate"]
+        assert trained["data"]["image_size"] == 32  # and the extra arguments
         records = [json.loads(l) for l in
                    (tmp_path / row["trial"] / "metrics.jsonl").read_text().splitlines()]
         assert row["val_iou"] == max(r["val_iou"] for r in records if r["kind"] == "validation")
