@@ -460,6 +460,24 @@ def test_cli_refine_writes_the_refined_soft_mask(tiny_model_dir, jax_cache, tmp_
     assert np.abs(written - expected[False] * 255).max() > 1  # not the plain upsampling
 
 
+def test_cli_threshold_and_flip_tta_reach_the_mask(tiny_model_dir, jax_cache, tmp_path):
+    # The random model's probabilities lie within 0.005 of 0.5: a threshold among them.
+    image = photo(*SIZES["a.png"], seed=0)
+    fx.write(tmp_path / "a.png", image)
+    result = run_cli(tiny_model_dir, tmp_path / "a.png", "--output", tmp_path / "out",
+                     "--threshold", "0.501", "--flip_tta", cache=jax_cache)
+    assert result.returncode == 0, result.stderr
+    model, config, _ = inference.load_pretrained(tiny_model_dir)
+    probs = {flip: predict.Predictor(model, config.data.image_size, flip_tta=flip)
+             .probabilities([image])[0] for flip in (False, True)}
+    written = read_rgb(tmp_path / "out" / "a_mask.png")
+    expected = np.where(probs[True] >= 0.501, 255, 0)
+    # Another process may round a probability at the threshold the other way, nothing more.
+    assert np.all((written == expected) | (np.abs(probs[True] - 0.501) < 1e-5))
+    assert (written != np.where(probs[True] >= 0.5, 255, 0)).sum() > 10  # not the default 0.5
+    assert (written != np.where(probs[False] >= 0.501, 255, 0)).sum() > 10  # nor without flips
+
+
 def test_parse_colour():
     assert predict.parse_colour("white") == (255, 255, 255)
     assert predict.parse_colour("Green") == (0, 255, 0)
