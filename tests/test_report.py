@@ -367,3 +367,15 @@ def test_a_split_with_nothing_to_show_says_so_instead_of_an_overlay_error():
     texts = [b.text for b in blocks if isinstance(b, report.Text)]
     assert "No overlays: no image has a person or a prediction to show." in texts
     assert not any("skipped" in t for t in texts)
+
+
+def test_best_and_worst_examples_are_picked_by_iou():
+    """Images with neither person nor prediction are no example; ties go by id."""
+    def record(id_, iou, tp=10, fp=1, fn=1):
+        return {"id": id_, "iou": iou, "tp": tp, "fp": fp, "fn": fn}
+
+    per_image = [record("a", 0.9), record("b", 0.2), record("c", 0.95), record("d", 0.5),
+                 record("e", 0.2), record("empty", 1.0, tp=0, fp=0, fn=0)]
+    best, worst = report.pick_examples(per_image, 2)
+    assert [r["id"] for r in best] == ["c", "a"]
+    assert [r["id"] for r in worst] == ["b", "e"]
