@@ -91,7 +91,12 @@ def test_output_shape_and_dtype_at_any_resolution():
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     model = UNet(depth=2, base_features=8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    assert model(jnp.zeros((1, 32, 32, 3), jnp.uint8)).dtype == jnp.float32
+    image = jnp.zeros((1, 32, 32, 3), jnp.uint8)
+    assert model(image).dtype == jnp.float32
+    # The convolutions themselves compute in bfloat16.
+    convs = [e for e in jax.make_jaxpr(lambda x: model(x))(image).eqns
+             if e.primitive.name == "conv_general_dilated"]
+    assert convs and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in convs)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU rule")
