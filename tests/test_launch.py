@@ -125,7 +125,10 @@ def test_tpu_dry_run(bin_dir, tmp_path):
     assert "JAXSEG_MANUAL_DIR=$HOME/mydata" in s
     # Train and evaluate both join the slice through jax.distributed.initialize()'s own discovery.
     assert s.count("JAXSEG_DISTRIBUTED=auto") == 2
-    assert "--dataset ccp_person --split test" in s
+    for d in ("portrait_segmentation", "ccp_person"):  # the best checkpoint, kept in the workdir
+        assert (f"-m jaxseg.evaluate --workdir gs://b/run --checkpoint best --dataset {d} --split "
+                f"test --output ~/jaxseg_eval/best_{d}_test.json;") in s
+    assert "gcloud storage cp ~/jaxseg_eval/*.json gs://b/run/eval/" in s
     assert "stub" not in out.stderr
 
 
@@ -287,7 +290,9 @@ def test_cpu_first_argument(cpu_tree, args, workdir, rest):
     assert out.returncode == 0, out.stderr
     assert (f"ran python -m jaxseg.train --config configs/default.py --workdir {workdir}{rest}\n"
             in out.stdout)
-    assert f"ran python -m jaxseg.evaluate --workdir {workdir} --dataset ccp_person" in out.stdout
+    for dataset in ("portrait_segmentation", "ccp_person"):  # the best checkpoint, on test
+        assert (f"ran python -m jaxseg.evaluate --workdir {workdir} --dataset {dataset} "
+                f"--split test\n") in out.stdout
 
 
 def test_cpu_help_and_bad_option(cpu_tree):
