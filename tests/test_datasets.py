@@ -420,16 +420,21 @@ def test_real_ccp_split_sizes(real_data_dir, manual_dir):
                                    "reason": "empty annotation (no person pixels)"}]
 
 
-@pytest.mark.parametrize("name, photo_path", [
-    ("portrait_segmentation", "portraits/data/images_data_crop/{}.jpg"),
-    ("ccp_person", "ccp/photos/{}.jpg"),
+@pytest.mark.parametrize("name, photo_path, mask_path, variable", [
+    ("portrait_segmentation", "portraits/data/images_data_crop/{}.jpg",
+     "portraits/data/images_mask/{}_mask.mat", "mask"),
+    ("ccp_person", "ccp/photos/{}.jpg", "ccp/annotations/pixel-level/{}.mat", "groundtruth"),
 ])
-def test_real_examples_decode_bit_identical(real_data_dir, manual_dir, name, photo_path):
+def test_real_examples_decode_bit_identical(real_data_dir, manual_dir, name, photo_path,
+                                            mask_path, variable):
+    """Photos as OpenCV decodes them, masks as their .mat files hold them (person: label != 0)."""
     src = datasets.data_source(name, "validation", data_dir=real_data_dir)
     for i in range(0, len(src), 10):
         ex = src[i]
         np.testing.assert_array_equal(ex["image"], reference_rgb(manual_dir / photo_path.format(ex["id"])))
-        assert ex["mask"].shape == ex["image"].shape[:2] + (1,) and ex["mask"].max() == 1
+        labels = scipy.io.loadmat(manual_dir / mask_path.format(ex["id"]))[variable]
+        np.testing.assert_array_equal(ex["mask"][..., 0], (labels != 0).astype(np.uint8))
+        assert ex["mask"].shape == ex["image"].shape[:2] + (1,)
 
 
 def test_build_command_prepares_and_reports(tmp_path):
