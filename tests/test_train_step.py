@@ -2,13 +2,14 @@
 import collections
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs import smoke
 from fake_data import fake_source
-from jaxseg import config_check, input_pipeline, preprocess, sharding, train_step
+from jaxseg import config_check, input_pipeline, losses, preprocess, sharding, train_step
 
 
 def tiny_config():
@@ -62,17 +63,28 @@ def test_eight_devices_equal_one_device(copy_paste, lovasz_weight):
     assert not all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(one), initial))
 
 
-def test_non_finite_step_leaves_state_unchanged():
+@pytest.mark.parametrize("where", ["loss", "gradient only"])
+def test_non_finite_step_leaves_state_unchanged(monkeypatch, where):
     config = tiny_config()
     mesh = sharding.make_mesh(2)
     graphdef, state = train_step.create_train_state(config)
     state = sharding.replicate(state, mesh)
     before = jax.device_get(state)
+    valid = np.full(8, np.nan if where == "loss" else 1.0, np.float32)
+    if where == "gradient only":
+        loss = losses.segmentation_loss
+
+        def nan_gradient(logits, *args, **kwargs):  # adds 0 * sqrt(0): a value of 0, a NaN slope
+            total, parts = loss(logits, *args, **kwargs)
+            return total + 0.0 * jnp.sqrt(logits.sum() - logits.sum()), parts
+
+        monkeypatch.setattr(losses, "segmentation_loss", nan_gradient)
     step = train_step.make_train_step(graphdef, config, mesh)
     batch = {"image": np.zeros((8, 32, 32, 3), np.uint8), "mask": np.zeros((8, 32, 32, 1), np.uint8),
-             "valid": np.full(8, np.nan, np.float32)}
+             "valid": valid}
     state, metrics = step(state, sharding.to_global(batch, mesh))
     assert not bool(metrics["finite"])
+    assert np.isfinite(float(metrics["loss"])) == (where == "gradient only")
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state))):
         np.testing.assert_array_equal(a, b)
 
