@@ -170,6 +170,14 @@ def test_the_cutout_of_a_photo_without_a_person_is_empty(tmp_path, mode):
     assert_mask(tmp_path / "cutout.png", np.zeros((H, W), bool))
 
 
+def test_a_two_level_mask_with_a_zeroed_alpha_is_read_by_its_colour(tmp_path):
+    person = drawn(15)
+    white = np.where(person, 255, 0).astype(np.uint8)
+    Image.fromarray(np.dstack([white, white, white, np.zeros_like(white)])).save(
+        tmp_path / "zero_alpha.png")
+    assert_mask(tmp_path / "zero_alpha.png", person)
+
+
 def test_la_varying_value_is_the_mask(tmp_path):
     person = drawn(11)
     hole = np.zeros((H, W), bool)

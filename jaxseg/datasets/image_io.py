@@ -122,8 +122,9 @@ def read_mask_image(path: pathlib.Path) -> np.ndarray:
     boundary at 255). A palette that does not cover the indices used (tools writing
     0/1 index masks without one) gives the indices. An alpha band that varies over
     a constant colour or over a photo's own colours (a cutout or matte saved as
-    RGBA/LA) is the mask; otherwise alpha is ignored, as in colour masks. The
-    mask's own EXIF orientation is applied, as to photos.
+    RGBA/LA) is the mask, as is an all-zero one there (a cutout without a person);
+    otherwise alpha is ignored, as in colour masks. The mask's own EXIF
+    orientation is applied, as to photos.
     """
     image = _open_checked(_read_bytes(path))
     orientation = photo_pixels.orientation_of(image)
@@ -152,11 +153,13 @@ def _mask_values(image: Image.Image) -> np.ndarray:
         pixels = np.asarray(image)
         colour, alpha = pixels[..., :-1], pixels[..., -1]
         # A cutout: the person is in the alpha, over one colour or over the photo's own colours
-        # (more than two levels, which no two-level mask has). A fully transparent image (the
-        # cutout of a photo without a person) shows nothing. Else the colour is the label (an
-        # opaque soft mask has many levels too).
-        if alpha.max() == 0 or (alpha.min() != alpha.max() and (
-                (colour == colour[:1, :1]).all() or len(np.unique(colour.max(axis=2))) > 2)):
+        # (more than two levels, which no two-level mask has); an all-zero alpha there is the
+        # cutout of a photo without a person. Else the colour is the label: a two-level mask
+        # whatever its alpha, an opaque soft mask (many levels, uniform alpha; so a cutout that
+        # is all person reads by its colours, as it cannot be told from one).
+        over_cutout_colours = ((colour == colour[:1, :1]).all()
+                               or len(np.unique(colour.max(axis=2))) > 2)
+        if over_cutout_colours and (alpha.max() == 0 or alpha.min() != alpha.max()):
             return alpha
         if image.mode == "LA":  # a two-level value plus alpha: the value is the label
             return pixels[..., 0]
