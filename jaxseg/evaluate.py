@@ -231,6 +231,8 @@ def prediction_files(predictions_dir: pathlib.Path, ids: list[str]) -> dict[str,
 
     from jaxseg.datasets.person_folder import MASK_SUFFIX
 
+    if not predictions_dir.is_dir():
+        raise FileNotFoundError(f"no folder {predictions_dir}")
     wanted = set(ids)
     found = collections.defaultdict(list)
     for path in sorted(p for p in predictions_dir.iterdir() if p.suffix.lower() == ".png"):
@@ -487,8 +489,8 @@ def _define_flags():
     flags.DEFINE_string("split", "test", "Split to evaluate.")
     flags.DEFINE_string("images", "", "Folder of photos (with --masks) instead of --dataset.")
     flags.DEFINE_string("masks", "", "Folder of masks paired with --images by file stem.")
-    flags.DEFINE_string("predictions", "", "Score any model's <id>.png or <id>_mask.png masks "
-                        "or soft maps instead.")
+    flags.DEFINE_string("predictions", "", "Score any model's <id>.png (or <id>_mask.png, "
+                        "<id>_cutout.png; any case of .png) masks or soft maps instead.")
     flags.DEFINE_string("output", "", "Metrics JSON path (default: WORKDIR/eval/, "
                         "runs/pretrained/eval/ for the pretrained model, or beside the "
                         "--predictions folder).")

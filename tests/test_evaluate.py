@@ -332,6 +332,8 @@ def test_prediction_files_take_cutouts_and_any_case_of_png(tmp_path):
         "a": tmp_path / "a_cutout.png", "b": tmp_path / "b.PNG"}
     with pytest.raises(FileNotFoundError, match="1 of 3 ids"):
         evaluate.prediction_files(tmp_path, ["a", "b", "c"])
+    with pytest.raises(FileNotFoundError, match="no folder .*c.jpg"):  # not a traceback
+        evaluate.prediction_files(tmp_path / "c.jpg", ["c"])
 
 
 def test_an_empty_split_is_named_not_a_numpy_error():
