@@ -18,12 +18,13 @@ def choose_devices(devices, num_devices: int | None, process_count: int) -> list
     """NUM_DEVICES (default all) of DEVICES, the same number from each of the PROCESS_COUNT
     processes (the first of each by id), ordered by process."""
     n = len(devices) if num_devices is None else num_devices
+    asked = f"all {n} devices" if num_devices is None else f"{n} devices"
     if n < 1:
         raise ValueError(f"asked for {n} devices: ask for at least 1")
     if n > len(devices):
         raise ValueError(f"asked for {n} devices but only {len(devices)} are available")
     if n % process_count:
-        raise ValueError(f"asked for {n} devices, which {process_count} processes cannot share "
+        raise ValueError(f"asked for {asked}, which {process_count} processes cannot share "
                          f"equally: ask for a multiple of {process_count}")
     # Ordered by process, not by jax.make_mesh's physical topology (which can interleave the
     # hosts of a TPU slice): each process then owns one contiguous block of batch rows, which
@@ -33,7 +34,7 @@ def choose_devices(devices, num_devices: int | None, process_count: int) -> list
         by_process[d.process_index].append(d)
     share = n // process_count
     if len(by_process) != process_count or min(map(len, by_process.values())) < share:
-        raise ValueError(f"asked for {n} devices, {share} from each of {process_count} processes, "
+        raise ValueError(f"asked for {asked}, {share} from each of {process_count} processes, "
                          f"but they hold " + ", ".join(
                              f"{len(v)}" for _, v in sorted(by_process.items())))
     return [d for _, v in sorted(by_process.items()) for d in v[:share]]

@@ -290,7 +290,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise config_check.ConfigError(f"--workdir {workdir} is a file: name a folder")
     try:
         mesh = sharding.make_mesh(config.num_devices or None)
-    except ValueError as e:  # more devices asked for than there are
+    except ValueError as e:  # more devices than there are, or no equal share per process
         raise config_check.ConfigError(f"num_devices={config.num_devices}: {e}") from None
     config_check.validate(config, mesh.devices.size)
     problem = local_folder_problem(workdir)  # one line, not orbax's traceback at its first save

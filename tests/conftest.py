@@ -10,9 +10,9 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    # One persistent compilation cache for the session and the training, evaluation and
-    # prediction subprocesses it starts: each fresh interpreter otherwise compiles the same
-    # programs again (a small U-Net's eager initialisers alone take about 20 s on two cores).
+    # One persistent compilation cache for the session and the training and evaluation
+    # subprocesses it starts: each fresh interpreter otherwise compiles the same programs again
+    # (a small U-Net's eager initialisers alone take about 20 s on two cores).
     _cache = tempfile.mkdtemp(prefix="jaxseg-tests-jax-cache-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -656,6 +656,21 @@ def test_folder_leaves_hidden_files_out(tmp_path):
     assert person_folder.config_for(root).name == name
 
 
+def test_folder_pairs_masks_named_with_a_suffix_or_as_predict_cutouts(tmp_path):
+    from jaxseg.datasets import person_folder
+
+    root = tmp_path / "suffixes"
+    for stem in ("a", "b", "c"):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "images" / f"{stem}.jpg").write_bytes(b"")
+    (root / "masks").mkdir()
+    for name in ("a_mask.png", "b_cutout.png", "c-GT.png"):
+        (root / "masks" / name).write_bytes(b"")
+    pairs, bad = person_folder.pair_files(root)
+    assert [(stem, mask.name) for stem, _, mask in pairs] == [
+        ("a", "a_mask.png"), ("b", "b_cutout.png"), ("c", "c-GT.png")] and bad == []
+
+
 def test_folder_of_links_sees_a_changed_target(tmp_path):
     """Masks linked in from elsewhere (ln -s): a corrected target is new data, not the old."""
     from jaxseg.datasets import person_folder

@@ -164,7 +164,7 @@ def test_a_mesh_of_fewer_devices_takes_an_equal_share_of_each_process():
     with pytest.raises(ValueError, match="ask for a multiple of 2"):
         sharding.choose_devices(devices, 3, process_count=2)
     uneven = devices[:6]  # process 1 holds 4, process 0 only 2
-    with pytest.raises(ValueError, match="3 from each of 2 processes, but they hold 2, 4"):
+    with pytest.raises(ValueError, match="all 6 devices, 3 from each of 2 processes, but they hold 2, 4"):
         sharding.choose_devices(uneven, None, process_count=2)
 
 
