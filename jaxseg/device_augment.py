@@ -30,7 +30,8 @@ def _one(key, image, mask, aug):
     sx = (cos * dx + sin * dy) / zoom * flip + c
     sy = (-sin * dx + cos * dy) / zoom + c
     coords = [sy, sx]
-    warp = lambda ch, order: jax.scipy.ndimage.map_coordinates(ch, coords, order=order, mode="reflect")
+    # "mirror" is OpenCV's BORDER_REFLECT_101 (the edge pixel not repeated), as on the host.
+    warp = lambda ch, order: jax.scipy.ndimage.map_coordinates(ch, coords, order=order, mode="mirror")
     img = jnp.stack([warp(image[..., i].astype(jnp.float32), 1) for i in range(3)], axis=-1)
     msk = warp(mask[..., 0].astype(jnp.float32), 0)[..., None]
     img = img * jax.random.uniform(k[4], (), minval=1 - aug.brightness, maxval=1 + aug.brightness)

@@ -77,3 +77,23 @@ def test_zoom_shift_rotation_and_flip_move_image_and_mask_together():
     assert np.abs(np.mean(shifts, axis=0)).max() < 0.1, np.mean(shifts, axis=0)
     moved = [(m[..., 0] != b[..., 0]).mean() > 0.01 for m, b in zip(out_masks, masks)]
     assert sum(moved) >= 28
+
+
+def test_zooming_out_fills_the_border_as_the_host_does():
+    """Past the photo's edge the host's augmentation reflects without repeating the edge pixel
+    (OpenCV's BORDER_REFLECT_101, numpy's "reflect"); so does the device's. At zoom 0.5 on an
+    odd size every output pixel samples one source pixel exactly."""
+    import ml_collections
+
+    size = 33
+    rng = np.random.default_rng(1)
+    masks = (rng.random((2, size, size, 1)) < 0.5).astype(np.uint8)
+    images = np.repeat(masks * 255, 3, axis=-1)
+    aug = ml_collections.ConfigDict(dict(scale_min=0.5, scale_max=0.5, max_shift=0.0,
+                                         rotate_degrees=0.0, hflip=False, brightness=0.0,
+                                         contrast=0.0, saturation=0.0))
+    _, out_masks = device_augment.augment_batch(jax.random.key(0), images, masks, aug)
+    source = 2 * np.arange(size) - (size - 1) // 2  # output pixel -> source pixel
+    padded = np.pad(masks[..., 0], ((0, 0), (size, size), (size, size)), mode="reflect")
+    expected = padded[:, source[:, None] + size, source[None, :] + size]
+    np.testing.assert_array_equal(np.asarray(out_masks)[..., 0], expected)
