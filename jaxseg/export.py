@@ -188,13 +188,20 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     output = local_output_folder(args.output)
+    created = not output.exists()
     problem = local_folder_problem(output)  # before the minutes of loading and converting
     if problem:
         raise SystemExit(f"--output {output}: {problem}")
     # The exports are CPU artifacts: traced on a GPU they would hold CUDA StableHLO and the
     # config's bf16 compute (create_model keeps bf16 off CPU only).
     jax.config.update("jax_platforms", "cpu")
-    model, config, description = inference.load_or_exit(args.workdir, args.checkpoint, args.members)
+    try:
+        model, config, description = inference.load_or_exit(args.workdir, args.checkpoint,
+                                                            args.members)
+    except SystemExit:
+        if created:  # no empty folder left behind by a run that wrote nothing
+            output.rmdir()
+        raise
     manifest = export_all(model, config, args.output, batch_size=args.batch_size,
                           description=dict(description, members=args.members or None))
     print(f"wrote {args.output}: {STABLEHLO_FILE} (symbolic batch), {SAVED_MODEL_DIR}/ "

@@ -170,6 +170,18 @@ def test_an_output_that_cannot_be_created_is_refused_before_loading(tmp_path, mo
     assert not (tmp_path / "gs:").exists()
 
 
+def test_a_model_that_cannot_be_loaded_leaves_no_empty_output(tmp_path):
+    from jaxseg import export
+
+    with pytest.raises(SystemExit, match="nowhere"):
+        export.main(["--workdir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made stays
+    with pytest.raises(SystemExit, match="nowhere"):
+        export.main(["--workdir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "mine")])
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_a_negative_member_count_is_a_usage_error(tmp_path, capsys):
     from jaxseg import export
 
