@@ -170,6 +170,15 @@ def test_the_cutout_of_a_photo_without_a_person_is_empty(tmp_path, mode):
     assert_mask(tmp_path / "cutout.png", np.zeros((H, W), bool))
 
 
+@pytest.mark.parametrize("top", [1000, 4095])
+def test_a_two_level_16_bit_mask_of_another_top_value(tmp_path, top):
+    """0/1000 or 12-bit 0/4095: cut at 32767 of 65535, it read as no person at all."""
+    person = drawn(16)
+    cv2.imwrite(str(tmp_path / "deep.png"), np.where(person, top, 0).astype(np.uint16))
+    assert stored(tmp_path / "deep.png", "mode").startswith("I")
+    assert_mask(tmp_path / "deep.png", person)
+
+
 def test_a_two_level_mask_with_a_zeroed_alpha_is_read_by_its_colour(tmp_path):
     person = drawn(15)
     white = np.where(person, 255, 0).astype(np.uint8)

@@ -128,7 +128,7 @@ def _without_repeats_of_held_out(examples: list[_Example], report: Report) -> li
 class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the builders: image, mask, id and source per example, stored as array_record."""
 
-    VERSION = tfds.core.Version("1.2.2")
+    VERSION = tfds.core.Version("1.2.3")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "A photo byte-identical to one of a more held-out split is excluded "
                               "(3 portraits of the train list repeat test photos); photos with "
@@ -144,7 +144,12 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                               "person inside a wider void band of 255 stays the person; a "
                               "palette mask's index 255 beside other labels (VOC void) is "
                               "background; a cutout over the photo's own colours is read by "
-                              "its alpha (it was read by its brightness)."}
+                              "its alpha (it was read by its brightness).",
+                     "1.2.3": "A two-level 16-bit mask of 0 and another top value (0/1000, "
+                              "12-bit 0/4095) marks the person (it read as empty); a cutout "
+                              "of a photo without a person (all-zero alpha) reads as empty; "
+                              "masks named like jaxseg.predict cutouts (x_cutout.png) pair "
+                              "with their photos."}
     HOMEPAGE = ""
     CITATION = ""
     URL = ""  # public archive of the dataset
@@ -271,8 +276,10 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # A split whose every file was dropped would vanish, and training on it fail later
         # with TFDS's "Unknown split" and no word of why.
         if emptied := sorted(self._intended_splits(root, candidates) - splits.keys()):
-            raise BadDataError(self.name, dropped, f"file(s) dropped, leaving split(s) "
-                               f"{', '.join(emptied)} without any usable example in {root}")
+            names = ", ".join(emptied)
+            raise BadDataError(self.name, dropped, (
+                f"file(s) dropped, leaving split(s) {names} without any usable example in {root}"
+                if dropped else f"split(s) {names} hold no photos or masks in {root}"))
         return {name: self._generate_examples(examples) for name, examples in sorted(splits.items())}
 
     def _generate_examples(self, examples: list[_Example]) -> Iterator[tuple[str, dict]]:

@@ -171,7 +171,11 @@ def _mask_values(image: Image.Image) -> np.ndarray:
 
 def read_mat(path: pathlib.Path, variable: str) -> np.ndarray:
     """Variable VARIABLE of the MATLAB file at PATH."""
-    if not pathlib.Path(path).stat().st_size:
+    try:
+        size = pathlib.Path(path).stat().st_size
+    except OSError as e:  # a dangling link, say: this file is skipped, not the build
+        raise BadFile(f"cannot read it ({e.strerror or e})") from e
+    if not size:
         raise BadFile("empty file (0 bytes)")
     try:
         return scipy.io.loadmat(path, variable_names=[variable])[variable]
@@ -195,6 +199,8 @@ def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
         if _void_marked(values):
             return (values == 1).astype(np.uint8), "0/1 mask with 255 (void) pixels; void read as background"
         return (values == 255).astype(np.uint8), "0/255 mask with stray 1 pixels; person = 255"
+    if ((values == 0) | (values == top)).all():  # two levels at another depth (16-bit 0/1000)
+        return (values == top).astype(np.uint8), f"0/{top} mask; person = {top}"
     # Small maxima mean a 0/1-style (or label) mask with stray values.
     threshold = 0 if top < 128 else full // 2
     note = f"mask values other than 0/1/{full} (max {top}); person = value > {threshold}"
