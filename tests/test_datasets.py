@@ -608,6 +608,20 @@ def test_a_split_folder_whose_every_file_is_dropped_is_an_error(tmp_path):
         datasets.prepare("person_folder", data_dir=str(tmp_path / "dd"), folder=str(root))
 
 
+def test_an_empty_split_folder_or_a_file_as_the_folder_is_named(tmp_path):
+    """Nothing was dropped: the message said files were; a file raised NotADirectoryError."""
+    from jaxseg.datasets import person_folder
+
+    root = tmp_path / "split"
+    fx.make_simple_folder(root / "test", ["a"])
+    (root / "train").mkdir()
+    with pytest.raises(datasets.BadDataError, match=r"split\(s\) train hold no photos or masks in"):
+        datasets.prepare("person_folder", data_dir=str(tmp_path / "dd"), folder=str(root))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="a file, not a folder of images/ and masks/"):
+        person_folder.config_for(tmp_path / "file")
+
+
 def test_a_photo_repeated_across_splits_stays_in_the_most_held_out_one(tmp_path):
     root = tmp_path / "split"
     fx.make_simple_folder(root / "train", ["a", "b", "c"])

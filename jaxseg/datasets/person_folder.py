@@ -33,6 +33,8 @@ _SPLIT_LIKE = {"val": "validation", "valid": "validation", "dev": "validation", 
 
 def layout(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     """Split name -> directory holding that split's images/ and masks/."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: a file, not a folder of images/ and masks/")
     misnamed = [f"{d.name}/ (name it {_SPLIT_LIKE.get(d.name.lower(), d.name.lower())}/)"
                 for d in sorted(folder.iterdir()) if d.is_dir() and d.name not in SPLITS
                 and (d.name.lower() in SPLITS or d.name.lower() in _SPLIT_LIKE)]
