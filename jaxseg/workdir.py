@@ -45,7 +45,7 @@ def local_output_folder(text: str) -> pathlib.Path:
     if "://" in text:
         raise SystemExit(f"--output {text}: give a local folder (this command writes local "
                          "files; copy them to storage afterwards)")
-    path = pathlib.Path(text)
+    path = pathlib.Path(text).expanduser()  # --output=~/out: no shell expands it
     if path.exists() and not path.is_dir():
         raise SystemExit(f"--output {path}: exists and is not a folder")
     return path
