@@ -224,9 +224,9 @@ class Evaluator:
 
 
 def prediction_files(predictions_dir: pathlib.Path, ids: list[str]) -> dict[str, pathlib.Path]:
-    """Each id's prediction PNG: `<id>.png`, or the stem with a mask suffix (`<id>_mask.png` or
-    `<id>_cutout.png`, as jaxseg.predict names them), by person_folder's pairing rule. FileNotFoundError names ids
-    without one, ValueError ids with several."""
+    """Each id's prediction PNG (any case of .png): `<id>.png`, or the stem with a mask suffix
+    (`<id>_mask.png` or `<id>_cutout.png`, as jaxseg.predict names them), by person_folder's
+    pairing rule. FileNotFoundError names ids without one, ValueError ids with several."""
     import unicodedata
 
     from jaxseg.datasets.person_folder import MASK_SUFFIX
@@ -242,8 +242,8 @@ def prediction_files(predictions_dir: pathlib.Path, ids: list[str]) -> dict[str,
     missing = [i for i in ids if i not in found]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {len(ids)} ids have no prediction <id>.png or <id>_mask.png (or _cutout) in "
-            f"{predictions_dir}: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+            f"{len(missing)} of {len(ids)} ids have no prediction <id>.png, <id>_mask.png or "
+            f"<id>_cutout.png in {predictions_dir}: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
     several = [i for i in ids if len(found[i]) > 1]
     if several:
         raise ValueError(f"{len(several)} ids have several predictions, keep one of: " + "; ".join(

@@ -18,6 +18,7 @@ default backend would make an export built on a GPU machine unusable on a CPU-on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                                                             args.members)
     except SystemExit:
         if created:  # no empty folder left behind by a run that wrote nothing
-            output.rmdir()
+            with contextlib.suppress(OSError):
+                output.rmdir()
         raise
     manifest = export_all(model, config, args.output, batch_size=args.batch_size,
                           description=dict(description, members=args.members or None))
