@@ -189,10 +189,14 @@ def test_split_of_an_id_is_stable(portraits, tmp_path):
 # ---------------------------------------------------------------- ccp
 
 
-def test_ccp_fixture(tmp_path):
+@pytest.mark.parametrize("given", ["its own folder", "the folder of both datasets"])
+def test_ccp_fixture(tmp_path, given):
+    """--manual_dir names the dataset's folder, or (like $JAXSEG_MANUAL_DIR) the one holding
+    portraits/ and ccp/: that one was not searched, and both datasets were downloaded."""
     expected = fx.make_ccp(tmp_path / "ccp")
     data_dir = str(tmp_path / "dd")
-    datasets.prepare("ccp_person", data_dir=data_dir, manual_dir=str(tmp_path / "ccp"))
+    manual_dir = tmp_path / "ccp" if given == "its own folder" else tmp_path
+    datasets.prepare("ccp_person", data_dir=data_dir, manual_dir=str(manual_dir))
     ids = ids_by_split("ccp_person", data_dir)
     assert {i for v in ids.values() for i in v} == expected["ids"]
     assert all(split == base.hash_split(i, ccp_person.FRACTIONS) for split, v in ids.items() for i in v)

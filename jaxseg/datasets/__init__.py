@@ -48,10 +48,18 @@ def builder(name: str, *, data_dir: str | None = None, folder: str | None = None
 
 def prepare(name: str, *, data_dir: str | None = None, folder: str | None = None, on_bad: str = "skip",
             manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """Prepare once (cached), with manual dir = manual_dir or $JAXSEG_MANUAL_DIR/<subfolder>; returns the builder."""
+    """Prepare once (cached), with manual dir = manual_dir or $JAXSEG_MANUAL_DIR/<subfolder>; returns the builder.
+
+    A manual_dir that holds the dataset's subfolder (portraits/, ccp/) rather than its layout is
+    read as $JAXSEG_MANUAL_DIR is: the folder of both datasets.
+    """
     ds_builder = builder(name, data_dir=data_dir, folder=folder, on_bad=on_bad)
     if manual_dir is None and os.environ.get("JAXSEG_MANUAL_DIR") and name in MANUAL_SUBDIRS:
         manual_dir = pathlib.Path(os.environ["JAXSEG_MANUAL_DIR"]) / MANUAL_SUBDIRS[name]
+    elif manual_dir is not None and name in MANUAL_SUBDIRS:
+        shared = pathlib.Path(manual_dir) / MANUAL_SUBDIRS[name]
+        if not ds_builder.find_layout(pathlib.Path(manual_dir)) and shared.is_dir():
+            manual_dir = shared  # else both datasets of one --manual_dir were downloaded
     ds_builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return ds_builder
 

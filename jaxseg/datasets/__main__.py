@@ -18,7 +18,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("command", choices=["build"])
     p.add_argument("names", nargs="+", choices=datasets.DATASETS)
-    p.add_argument("--manual_dir", help="default: $JAXSEG_MANUAL_DIR/<portraits|ccp>")
+    p.add_argument("--manual_dir", help="the dataset's folder, or one holding portraits/ and "
+                   "ccp/ (default: $JAXSEG_MANUAL_DIR/<portraits|ccp>)")
     p.add_argument("--data_dir", help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
     p.add_argument("--folder", help="person_folder: the folder with images/ and masks/")
     p.add_argument("--on_bad", choices=["skip", "error"], default="skip")

@@ -204,7 +204,8 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """The 0/1 person mask stored at PATH, and a note when its values needed fixing."""
         raise NotImplementedError
 
-    def _find_layout(self, folder: pathlib.Path) -> pathlib.Path | None:
+    def find_layout(self, folder: pathlib.Path) -> pathlib.Path | None:
+        """FOLDER, or the archive's top folder inside it, where it holds the dataset's layout."""
         for root in (folder, folder / self.ARCHIVE_DIR):
             if all((root / p).exists() for p in self.LAYOUT):
                 return root
@@ -217,7 +218,7 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         except AssertionError:  # TFDS's way of saying: no manual dir, or an empty one
             manual = None
         if manual:
-            if root := self._find_layout(manual):
+            if root := self.find_layout(manual):
                 return root
             logging.warning("%s: %s lacks %s; downloading %s", self.name, manual, self.LAYOUT, self.URL)
         else:
@@ -229,7 +230,7 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 f"{self.name}: could not download {self.URL} ({type(e).__name__}: {e}); to build "
                 f"offline, point the manual dir at a folder holding {', '.join(self.LAYOUT)} "
                 "($JAXSEG_MANUAL_DIR/<portraits|ccp> or --manual_dir; see README)") from e
-        if root := self._find_layout(extracted):
+        if root := self.find_layout(extracted):
             return root
         raise FileNotFoundError(f"{self.URL} did not unpack to the expected layout {self.LAYOUT}")
 
