@@ -288,14 +288,16 @@ def _files_under(folder: pathlib.Path) -> list[pathlib.Path]:
     return found
 
 
-def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]:
-    """(images, videos, problems, passed_over): [(path, relative output stem)], and how many
+def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int, list]:
+    """(images, videos, problems, passed_over, unmarked): [(path, relative output stem)], how many
     files of the input folders were not taken: neither images nor videos by their suffix, or
     earlier outputs (the output folder's tree where it lies inside an input folder, files named
     as outputs of a file beside them: x_mask.png next to x.jpg, as --output at an input folder's
     parent writes them, and files carrying the output mark, wherever an earlier run put them).
-    Hidden files and folders are left out; files named one by one are always taken."""
-    images, videos, problems, passed_over = [], [], [], 0
+    Hidden files and folders are left out; files named one by one are always taken. `unmarked`:
+    the passed-over files named as outputs that do not carry the mark (a user's own photo, say,
+    which the run should name)."""
+    images, videos, problems, passed_over, unmarked = [], [], [], 0, []
     output = output.resolve()
     seen = set()  # an input named twice (a.jpg a.jpg, or photos photos/) is taken once
 
@@ -324,6 +326,8 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
                         or kind not in MEDIA_SUFFIXES
                         or written_by_predict(f)):  # an output of a run to another --output
                     passed_over += 1
+                    if _is_earlier_output(f, stems[f.parent]) and not written_by_predict(f):
+                        unmarked.append(f)
                     continue
                 media += 1
                 if first_time(f):
@@ -337,7 +341,7 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int]
                     (path, pathlib.Path(path.stem)))
         else:
             problems.append((path, "no such file or folder"))
-    return images, videos, problems, passed_over
+    return images, videos, problems, passed_over, unmarked
 
 
 def output_path(output: pathlib.Path, stem: pathlib.Path, mode: str, suffix: str) -> pathlib.Path:
@@ -518,7 +522,12 @@ def main(argv):
     if not 0 < f.threshold < 1:
         raise SystemExit(f"--threshold={f.threshold} must be between 0 and 1, both excluded")
     output = local_output_folder(f.output)
-    images, videos, problems, passed_over = collect_inputs(inputs, output)
+    images, videos, problems, passed_over, unmarked = collect_inputs(inputs, output)
+    if unmarked:
+        shown = ", ".join(str(f) for f in unmarked[:5]) + (" ..." if len(unmarked) > 5 else "")
+        print(f"note: passed over {len(unmarked)} file(s) named like outputs of a file beside "
+              f"them but not written by this tool: {shown}; name them as inputs to predict on "
+              "them", file=sys.stderr)
     for note in ignored_option_notes(mode=f.mode, soft=f.soft, videos=bool(videos),
                                      background_given=f["background"].present,
                                      threshold_given=f["threshold"].present):

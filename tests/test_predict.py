@@ -495,7 +495,7 @@ def test_collect_inputs_skips_earlier_outputs_only(tmp_path):
         (photos / name).write_bytes(b"")
 
     def names(output):
-        images, _, _, _ = predict.collect_inputs([photos], output)
+        images, *_ = predict.collect_inputs([photos], output)
         return sorted(str(p.relative_to(photos)) for p, _ in images)
 
     # Output inside the input folder: all of it skipped.
@@ -516,14 +516,16 @@ def test_collect_inputs_passes_over_outputs_beside_their_inputs_and_non_media(tm
     for name in taken + passed_over:
         (photos / name).write_bytes(b"")
     monkeypatch.chdir(photos)
-    images, videos, problems, n = predict.collect_inputs(["."], tmp_path / "out")
+    images, videos, problems, n, unmarked = predict.collect_inputs(["."], tmp_path / "out")
     assert sorted(str(p) for p, _ in images + videos) == sorted(taken)
     assert n == len(passed_over) and not problems
+    # None of them carries the output mark: the ones named as outputs are named to the user.
+    assert sorted(map(str, unmarked)) == ["clip_overlay.mp4", "x_mask.png", "x_mask_mask.png"]
     # A folder that gives nothing to predict is said so (it once gave only "wrote 0 outputs").
     (tmp_path / "empty").mkdir()
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "notes.txt").write_bytes(b"")
-    _, _, problems, _ = predict.collect_inputs([tmp_path / "empty", tmp_path / "text"],
+    _, _, problems, *_ = predict.collect_inputs([tmp_path / "empty", tmp_path / "text"],
                                                tmp_path / "out")
     assert problems == [(tmp_path / d, "no images or videos in this folder")
                         for d in ("empty", "text")]
@@ -532,7 +534,7 @@ def test_collect_inputs_passes_over_outputs_beside_their_inputs_and_non_media(tm
                                                  "photos/n_mask"}
     # A linked folder mirrors under the link's name, not its target's.
     (tmp_path / "link").symlink_to(photos)
-    images, _, _, _ = predict.collect_inputs([tmp_path / "link"], tmp_path / "out")
+    images, *_ = predict.collect_inputs([tmp_path / "link"], tmp_path / "out")
     assert {stem.parts[0] for _, stem in images} == {"link"}
     # Linked folders inside an input folder are searched too (rglob left them out, and a
     # folder of links was "no images"), each real folder once: a link loop ends.
@@ -541,7 +543,7 @@ def test_collect_inputs_passes_over_outputs_beside_their_inputs_and_non_media(tm
     (album / "2024").symlink_to(photos)
     (album / "again").symlink_to(photos)
     (album / "loop").symlink_to(album)
-    images, _, problems, _ = predict.collect_inputs([album], tmp_path / "out")
+    images, _, problems, *_ = predict.collect_inputs([album], tmp_path / "out")
     assert not problems
     assert {str(stem) for _, stem in images} == {"album/2024/x", "album/2024/y_cutout",
                                                  "album/2024/x_overlay", "album/2024/n_mask"}
@@ -550,7 +552,7 @@ def test_collect_inputs_passes_over_outputs_beside_their_inputs_and_non_media(tm
     (shelf / "photos_2024").mkdir(parents=True)
     fx.write(shelf / "photos_2024" / "z.png", photo(20, 20))
     (shelf / "latest").symlink_to(shelf / "photos_2024")
-    images, _, _, _ = predict.collect_inputs([shelf], tmp_path / "out")
+    images, *_ = predict.collect_inputs([shelf], tmp_path / "out")
     assert [str(stem) for _, stem in images] == ["shelf/photos_2024/z"]
 
 
@@ -689,15 +691,19 @@ def test_collect_inputs_skips_hidden_files_and_repeats_and_knows_more_videos(tmp
     for name in ("a.png", "._a.png", ".thumbnails/a.png", "clip.3gp", "clip2.mpg"):
         (photos / name).parent.mkdir(parents=True, exist_ok=True)
         (photos / name).write_bytes(b"")
-    images, videos, problems, passed_over = predict.collect_inputs(
+    images, videos, problems, passed_over, _ = predict.collect_inputs(
         [photos, photos / "a.png", str(photos) + "/"], tmp_path / "out")
     assert [p.name for p, _ in images] == ["a.png"]  # once, though named three times
     assert sorted(p.name for p, _ in videos) == ["clip.3gp", "clip2.mpg"]
     assert not problems and passed_over == 0
     # An earlier run's output (it carries the mark) under another --output is not an input.
     predict.write_image(photos / "out" / "photos" / "a_mask.png", photo(10, 10))
-    images, _, _, passed_over = predict.collect_inputs([photos], photos / "out2")
+    images, _, _, passed_over, _ = predict.collect_inputs([photos], photos / "out2")
     assert [p.name for p, _ in images] == ["a.png"] and passed_over == 1
+    # Nor beside its input, where it is not named to the user as an unmarked look-alike.
+    predict.write_image(photos / "a_overlay.png", photo(10, 10))
+    images, _, _, passed_over, unmarked = predict.collect_inputs([photos], photos / "out2")
+    assert [p.name for p, _ in images] == ["a.png"] and passed_over == 2 and unmarked == []
 
 
 def test_outputs_are_marked_and_only_marked_files_are_replaced(tmp_path):
@@ -729,6 +735,9 @@ def test_a_users_file_named_like_an_output_is_never_replaced(tiny_model_dir, jax
         assert (f"skipped {photos / 'x.png'}: output {photos / 'x_mask.png'} exists and was not "
                 "written by jaxseg.predict") in result.stderr
         assert "wrote 1 outputs" in result.stdout
+        # Passed over as an input, by its name: said, unlike the run's own marked y_mask.png.
+        assert (f"note: passed over 1 file(s) named like outputs of a file beside them but not "
+                f"written by this tool: {photos / 'x_mask.png'};") in result.stderr
         assert (photos / "x_mask.png").read_bytes() == before
         assert predict.written_by_predict(photos / "y_mask.png")
 
