@@ -321,12 +321,13 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
             media = 0  # the folder's images and videos, whether new or named before
             for f in files:
                 kind = f.suffix.lower()
+                named_as_output = _is_earlier_output(f, stems[f.parent])
                 if ((skip is not None and skip in f.resolve().parents)
-                        or _is_earlier_output(f, stems[f.parent])
+                        or named_as_output
                         or kind not in MEDIA_SUFFIXES
                         or written_by_predict(f)):  # an output of a run to another --output
                     passed_over += 1
-                    if _is_earlier_output(f, stems[f.parent]) and not written_by_predict(f):
+                    if named_as_output and not written_by_predict(f):
                         unmarked.append(f)
                     continue
                 media += 1

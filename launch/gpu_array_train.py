@@ -211,15 +211,14 @@ def main():
     if missing:
         p.error(f"data.train names {missing}, which {args.data} does not hold (it holds {names})")
     trained = [n for n in names if n in weights]
-    empty = [n for n in trained if not ((split == 0) & (source == names.index(n))).any()]
+    train_rows = [(split == 0) & (source == names.index(n)) for n in trained]
+    empty = [n for n, rows in zip(trained, train_rows) if not rows.any()]
     if empty:
         p.error(f"{args.data} holds no training examples of {empty}, which data.train names")
     counts = [int(c) for c in mixture.mixture_counts([weights[n] for n in trained],
                                                      args.batch_size)]
-    per_source = [jax.device_put(images[(split == 0) & (source == names.index(n))])
-                  for n in trained]
-    per_source_masks = [jax.device_put(masks[(split == 0) & (source == names.index(n))])
-                        for n in trained]
+    per_source = [jax.device_put(images[rows]) for rows in train_rows]
+    per_source_masks = [jax.device_put(masks[rows]) for rows in train_rows]
     val_rows = {n: np.where((split == 1) & (source == d))[0] for d, n in enumerate(names)}
     val_rows = {n: rows for n, rows in val_rows.items() if len(rows)}
     if not val_rows:
