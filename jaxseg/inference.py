@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
+import re
+import shutil
 
 import jax
 import ml_collections
@@ -76,7 +78,8 @@ def save_pretrained(models, config, card: dict, directory: str | pathlib.Path = 
     """Writes one model, or an ensemble's member models, and the card to `directory`.
 
     Each member's inference state is its own orbax checkpoint (no pickle): `weights`, then
-    `weights_1`, `weights_2`, ...; the card's `member_weights` lists them in order.
+    `weights_1`, `weights_2`, ...; the card's `member_weights` lists them in order. Members of a
+    larger ensemble saved there before are removed, so the folder holds only what the card names.
     """
     models = models if isinstance(models, (list, tuple)) else [models]
     directory = pathlib.Path(directory).absolute()
@@ -86,6 +89,9 @@ def save_pretrained(models, config, card: dict, directory: str | pathlib.Path = 
     for name, model in zip(names, models):
         checkpointer.save(directory / name, nnx.state(model), force=True)
     checkpointer.wait_until_finished()
+    for stale in directory.glob(f"{PRETRAINED_WEIGHTS}_*"):
+        if stale.name not in names and re.fullmatch(rf"{PRETRAINED_WEIGHTS}_\d+", stale.name):
+            shutil.rmtree(stale)
     card = dict(card, config=json.loads(config.to_json()))
     card.pop("member_weights", None)  # a card taken from an ensemble must not name absent members
     if len(models) > 1:

@@ -51,7 +51,12 @@ def test_ensemble_saved_and_loaded_averages_its_members_logits(tmp_path):
 def test_a_single_model_is_saved_without_a_member_list(tmp_path):
     config = tiny_config()
     model = create_model(config.model, seed=1)
+    # Over an earlier ensemble: its extra members go, a user's own file stays.
+    earlier = [create_model(config.model, seed=s) for s in (2, 3)]
+    inference.save_pretrained(earlier, config, {"steps": [1, 2]}, tmp_path)
+    (tmp_path / "weights_notes.txt").write_text("mine")
     inference.save_pretrained(model, config, {"steps": 0}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_card.json", "weights", "weights_notes.txt"]
     loaded, _, card = inference.load_pretrained(tmp_path)
     assert "member_weights" not in card and not isinstance(loaded, LogitAverage)
     np.testing.assert_array_equal(logits(loaded, images()), logits(model, images()))
