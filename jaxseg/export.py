@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> None:
             with contextlib.suppress(OSError):
                 output.rmdir()
         raise
-    manifest = export_all(model, config, args.output, batch_size=args.batch_size,
+    manifest = export_all(model, config, output, batch_size=args.batch_size,
                           description=dict(description, members=args.members or None))
-    print(f"wrote {args.output}: {STABLEHLO_FILE} (symbolic batch), {SAVED_MODEL_DIR}/ "
+    print(f"wrote {output}: {STABLEHLO_FILE} (symbolic batch), {SAVED_MODEL_DIR}/ "
           f"(signatures {manifest['saved_model']['signatures']}), "
           + (TFLITE_FILE if "file" in manifest["tflite"]
              else f"no TFLite ({manifest['tflite']['error'].splitlines()[0]})"))

@@ -182,6 +182,20 @@ def test_a_model_that_cannot_be_loaded_leaves_no_empty_output(tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_a_home_relative_output_is_written_in_home(tmp_path, monkeypatch, capsys):
+    from jaxseg import export
+
+    written = []
+    monkeypatch.setattr(export, "export_all", lambda model, config, output, **_: written.append(output)
+                        or {"saved_model": {"signatures": []}, "tflite": {"file": "x"}})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    export.main(["--output=~/exported", "--members=1"])
+    assert [str(p) for p in written] == [str(tmp_path / "home" / "exported")]
+    assert str(tmp_path / "home" / "exported") in capsys.readouterr().out
+    assert not (tmp_path / "~").exists()
+
+
 def test_a_negative_member_count_is_a_usage_error(tmp_path, capsys):
     from jaxseg import export
 
