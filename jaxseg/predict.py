@@ -295,8 +295,9 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
     as outputs of a file beside them: x_mask.png next to x.jpg, as --output at an input folder's
     parent writes them, and files carrying the output mark, wherever an earlier run put them).
     Hidden files and folders are left out; files named one by one are always taken. `unmarked`:
-    the passed-over files named as outputs that do not carry the mark (a user's own photo, say,
-    which the run should name)."""
+    the passed-over images and videos that do not carry the mark but are named as outputs or lie
+    where outputs go (a user's own photos/photos/ with --output photos, say), which the run should
+    name."""
     images, videos, problems, passed_over, unmarked = [], [], [], 0, []
     output = output.resolve()
     seen = set()  # an input named twice (a.jpg a.jpg, or photos photos/) is taken once
@@ -322,12 +323,13 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
             for f in files:
                 kind = f.suffix.lower()
                 named_as_output = _is_earlier_output(f, stems[f.parent])
-                if ((skip is not None and skip in f.resolve().parents)
-                        or named_as_output
+                in_outputs = skip is not None and skip in f.resolve().parents
+                if (in_outputs or named_as_output
                         or kind not in MEDIA_SUFFIXES
                         or written_by_predict(f)):  # an output of a run to another --output
                     passed_over += 1
-                    if named_as_output and not written_by_predict(f):
+                    if ((named_as_output or (in_outputs and kind in MEDIA_SUFFIXES))
+                            and not written_by_predict(f)):
                         unmarked.append(f)
                     continue
                 media += 1
@@ -527,8 +529,8 @@ def main(argv):
     if unmarked:
         shown = ", ".join(str(f) for f in unmarked[:5]) + (" ..." if len(unmarked) > 5 else "")
         print(f"note: passed over {len(unmarked)} file(s) named like outputs of a file beside "
-              f"them but not written by this tool: {shown}; name them as inputs to predict on "
-              "them", file=sys.stderr)
+              f"them, or where outputs go, but not written by this tool: {shown}; name them as "
+              "inputs to predict on them", file=sys.stderr)
     for note in ignored_option_notes(mode=f.mode, soft=f.soft, videos=bool(videos),
                                      background_given=f["background"].present,
                                      threshold_given=f["threshold"].present):

@@ -704,6 +704,13 @@ def test_collect_inputs_skips_hidden_files_and_repeats_and_knows_more_videos(tmp
     predict.write_image(photos / "a_overlay.png", photo(10, 10))
     images, _, _, passed_over, unmarked = predict.collect_inputs([photos], photos / "out2")
     assert [p.name for p, _ in images] == ["a.png"] and passed_over == 2 and unmarked == []
+    # With --output the folder itself, its outputs go to photos/photos/: a user's own photo
+    # there is passed over, but named; the earlier run's marked output there is not.
+    fx.write(photos / "photos" / "b.png", photo(10, 10))
+    predict.write_image(photos / "photos" / "a_mask.png", photo(10, 10))
+    images, _, _, passed_over, unmarked = predict.collect_inputs([photos], photos)
+    assert [p.name for p, _ in images] == ["a.png"] and passed_over == 4
+    assert unmarked == [photos / "photos" / "b.png"]
 
 
 def test_outputs_are_marked_and_only_marked_files_are_replaced(tmp_path):
@@ -736,8 +743,8 @@ def test_a_users_file_named_like_an_output_is_never_replaced(tiny_model_dir, jax
                 "written by jaxseg.predict") in result.stderr
         assert "wrote 1 outputs" in result.stdout
         # Passed over as an input, by its name: said, unlike the run's own marked y_mask.png.
-        assert (f"note: passed over 1 file(s) named like outputs of a file beside them but not "
-                f"written by this tool: {photos / 'x_mask.png'};") in result.stderr
+        assert (f"note: passed over 1 file(s) named like outputs of a file beside them, or where "
+                f"outputs go, but not written by this tool: {photos / 'x_mask.png'};") in result.stderr
         assert (photos / "x_mask.png").read_bytes() == before
         assert predict.written_by_predict(photos / "y_mask.png")
 
