@@ -515,6 +515,9 @@ def main(argv):
     from tqdm import tqdm
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
+    # A file name that is not valid UTF-8 must not end the run at its summary line (stderr
+    # already escapes such names; stdout, under a UTF-8 locale, would raise).
+    sys.stdout.reconfigure(errors="backslashreplace")
 
     from jaxseg import inference
 
@@ -537,7 +540,7 @@ def main(argv):
         print(f"note: {note}", file=sys.stderr)
     background = None
     if f.mode == "background":
-        bg_path = pathlib.Path(f.background)
+        bg_path = pathlib.Path(f.background).expanduser()  # as --output, when not expanded by a shell
         if bg_path.is_dir():
             raise SystemExit(f"--background {f.background}: a folder, not an image or a colour")
         if not bg_path.is_file() and bg_path.suffix.lower() in photo_pixels.IMAGE_SUFFIXES:

@@ -47,10 +47,11 @@ inference.save_pretrained(create_model(c.model, seed=3), c, {"steps": 0}, sys.ar
 """
 
 
-def python(script, *args, cache=None):
+def python(script, *args, cache=None, env=None):
     """Runs SCRIPT in a fresh interpreter on one CPU device; with CACHE, JAX's persistent
-    compilation cache is used for every compilation (even the initialisers' small eager ones)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    compilation cache is used for every compilation (even the initialisers' small eager ones);
+    ENV adds environment variables."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (env or {})
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     if cache:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -74,8 +75,8 @@ def tiny_model_dir(jax_cache, tmp_path_factory):
     return path
 
 
-def run_cli(model_dir, *args, cache=None):
-    return python(CLI, model_dir, *args, cache=cache)
+def run_cli(model_dir, *args, cache=None, env=None):
+    return python(CLI, model_dir, *args, cache=cache, env=env)
 
 
 def photo(h, w, seed=0):
@@ -446,6 +447,18 @@ def test_a_bad_background_is_a_usage_error(tiny_model_dir, jax_cache, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_home_relative_background_image_is_found(tiny_model_dir, jax_cache, tmp_path):
+    fx.write(tmp_path / "a.png", photo(20, 20))
+    fx.write(tmp_path / "home" / "bg.png", np.full((8, 8, 3), (0, 0, 255), np.uint8))
+    result = run_cli(tiny_model_dir, tmp_path / "a.png", "--output", tmp_path / "out", "--mode",
+                     "background", "--background=~/bg.png", "--threshold=0.999999", cache=jax_cache,
+                     env={"HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr
+    # At that threshold nothing is person: the output is the blue background image, scaled.
+    np.testing.assert_array_equal(read_rgb(tmp_path / "out" / "a_background.png"),
+                                  np.full((20, 20, 3), (0, 0, 255), np.uint8))
+
+
 def test_cli_refine_writes_the_refined_soft_mask(tiny_model_dir, jax_cache, tmp_path):
     image = photo(*SIZES["a.png"], seed=0)
     fx.write(tmp_path / "a.png", image)
@@ -747,6 +760,22 @@ def test_a_users_file_named_like_an_output_is_never_replaced(tiny_model_dir, jax
                 f"outputs go, but not written by this tool: {photos / 'x_mask.png'};") in result.stderr
         assert (photos / "x_mask.png").read_bytes() == before
         assert predict.written_by_predict(photos / "y_mask.png")
+
+
+def test_a_folder_name_that_is_not_utf8_reaches_the_summary_and_exit_status(tiny_model_dir, jax_cache,
+                                                                            tmp_path):
+    # Under a UTF-8 locale (PYTHONIOENCODING stands in for one) stdout refuses such a name; the
+    # summary naming the output folder, and the skipped input's line, must still come.
+    photos = pathlib.Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    photos.mkdir()
+    # Written through bytes: OpenCV's imwrite crashes on such a path.
+    (photos / "a.png").write_bytes(cv2.imencode(".png", photo(30, 30))[1].tobytes())
+    result = run_cli(tiny_model_dir, photos, tmp_path / "missing.png", "--output", photos / "out",
+                     cache=jax_cache, env={"PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == predict.EXIT_SKIPPED, result.stderr
+    assert "wrote 1 outputs to" in result.stdout and "caf\\udce9" in result.stdout  # as stderr writes it
+    assert "1 input(s) skipped" in result.stderr
+    assert predict.written_by_predict(photos / "out" / os.fsdecode(b"caf\xe9") / "a_mask.png")
 
 
 def test_a_png_that_cannot_be_encoded_is_a_failed_write(tmp_path, monkeypatch):
