@@ -48,7 +48,14 @@ def decoded_by_pil(image: Image.Image) -> bool:
 
 
 def orientation_of(image: Image.Image) -> int:
-    """An opened photo's orientation, 1 (as stored) to 8; 1 where it has none or an unusable one."""
+    """The orientation to apply to an opened photo's decoded pixels, 1 (as stored) to 8; 1 where
+    it has none or an unusable one, and for a TIFF, which PIL and OpenCV turn as they decode it.
+
+    Call it before the pixels are loaded: loading a PNG makes PIL read an EXIF chunk placed
+    after the pixels, which viewers ignore (the PNG spec puts it before them).
+    """
+    if image.format == "TIFF":
+        return 1
     try:
         # Image.getexif, not PngImageFile's: that one decodes a whole PNG to look for EXIF after
         # the pixels, where the PNG spec does not put it. PIL falls back to XMP's orientation.
@@ -82,13 +89,12 @@ def decode_photo(data: bytes) -> tuple[np.ndarray, np.ndarray | None, list[str]]
     """
     try:
         image = Image.open(io.BytesIO(data))
+        orientation = orientation_of(image)
         icc_profile = image.info.get("icc_profile")
         notes, alpha = [], None
         if decoded_by_pil(image):
             rgba = np.asarray(image.convert("RGBA"))
             rgb, alpha = rgba[..., :3], rgba[..., 3]
-        # Both decoders turn a TIFF themselves (PIL as it loads it, OpenCV through libtiff).
-        orientation = 1 if image.format == "TIFF" else orientation_of(image)
     except Exception as e:  # PIL raises many types for non-images and damaged files
         raise PhotoError(f"not a readable image ({e.__class__.__name__})") from None
     if alpha is None:

@@ -4,10 +4,12 @@ import json
 import os
 import pathlib
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
 import zipfile
+import zlib
 
 import cv2
 import numpy as np
@@ -55,6 +57,11 @@ def test_binarize_rules():
     assert note is None and mask.tolist() == [[0, 1]]
     mask, note = image_io.binarize(np.array([[0, 65535]], np.uint16))
     assert note is None and mask.tolist() == [[0, 1]]
+    # A soft 12-bit matte in a 16-bit file: cut at half of 4095, not of 65535.
+    mask, note = image_io.binarize(np.array([[0, 2000, 2100, 4095]], np.uint16))
+    assert "> 2047" in note and mask.tolist() == [[0, 0, 1, 1]]
+    mask, note = image_io.binarize(np.array([[0, 30000, 40000, 60000]], np.uint16))
+    assert "> 32767" in note and mask.tolist() == [[0, 0, 1, 1]]
     mask, note = image_io.binarize(np.array([[0, 100, 128, 254]], np.uint8))
     assert "> 127" in note and mask.tolist() == [[0, 0, 1, 1]]
     mask, note = image_io.binarize(np.array([[0, 1, 2, 3]], np.uint8))  # label map style
@@ -566,6 +573,36 @@ def test_a_mask_with_its_own_orientation_tag_turns_with_its_photo(tmp_path):
     assert np.abs(image - photo).mean() < np.abs(image - photo[::-1, ::-1]).mean() / 3
 
 
+def _with_exif_after_the_pixels(png: bytes, orientation: int) -> bytes:
+    """PNG with an eXIf chunk of ORIENTATION just before IEND, where the PNG spec does not put it."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = exif.tobytes().removeprefix(b"Exif\x00\x00")
+    chunk = (struct.pack(">I", len(body)) + b"eXIf" + body
+             + struct.pack(">I", zlib.crc32(b"eXIf" + body) & 0xFFFFFFFF))
+    end = png.rfind(b"IEND") - 4
+    return png[:end] + chunk + png[end:]
+
+
+def test_an_orientation_after_a_pngs_pixels_is_ignored_by_builder_and_prediction_alike(tmp_path):
+    """Such a tag turned the builder's photo (PIL reads it while loading) but not prediction's:
+    a non-square photo was skipped as 'decodes to 40x30', a mask turned away from its photo."""
+    root = fx.make_simple_folder(tmp_path / "f", ["a"])
+    photo, person = fx.photo(5, 30, 40), fx.person(5, 30, 40)
+    for folder, pixels in (("images", photo), ("masks", person * 255)):
+        png = photo_pixels.encode_png(pixels)
+        (root / folder / "b.png").write_bytes(_with_exif_after_the_pixels(png, 6))
+    source = datasets.data_source("person_folder", "train", data_dir=str(tmp_path / "dd"),
+                                  folder=str(root))
+    b = next(source[i] for i in range(len(source)) if source[i]["id"] == "b")
+    np.testing.assert_array_equal(b["image"], photo)
+    np.testing.assert_array_equal(b["mask"][..., 0], person)
+    rgba = np.dstack([photo, np.full(person.shape, 200, np.uint8)])  # PIL decodes transparent ones
+    for encoded, expected in ((photo, photo), (rgba, photo)):
+        png = _with_exif_after_the_pixels(photo_pixels.encode_png(encoded), 6)
+        np.testing.assert_array_equal(photo_pixels.decode_photo(png)[0], expected)
+
+
 def test_a_wide_gamut_photo_is_stored_as_prediction_reads_it(tmp_path):
     """A Display-P3 photo was stored with its raw numbers, while jaxseg.predict converts it to
     sRGB: the model was trained and scored on other pixels than it is used on."""
@@ -637,12 +674,19 @@ def test_a_photo_repeated_across_splits_stays_in_the_most_held_out_one(tmp_path)
         (root / split / "images" / f"{stem}.jpg").write_bytes((root / source).read_bytes())
     (root / "train" / "images" / "c2.jpg").write_bytes((root / "train/images/c.jpg").read_bytes())
     (root / "train" / "masks" / "c2.png").write_bytes((root / "train/masks/c.png").read_bytes())
+    # Half-size masks: a note for each, kept only for the example that is kept.
+    for name in ("train/masks/a.png", "train/masks/c.png"):
+        full = cv2.imread(str(root / name), cv2.IMREAD_UNCHANGED)
+        assert cv2.imwrite(str(root / name), full[::2, ::2])
     data_dir = str(tmp_path / "dd")
     ids = ids_by_split("person_folder", data_dir, str(root))
     # Within one split a repeat is no leak, and stays.
     assert {k: sorted(v) for k, v in ids.items()} == {"test": ["t"], "train": ["c", "c2"],
                                                       "validation": ["w"]}
-    excluded = datasets.build_report("person_folder", data_dir=data_dir, folder=str(root))["excluded"]
+    report = datasets.build_report("person_folder", data_dir=data_dir, folder=str(root))
+    assert [(w["file"], w["note"].split(" resized")[0]) for w in report["warnings"]] == [
+        ("train/masks/c.png", f"mask {fx.W // 2}x{fx.H // 2}")]
+    excluded = report["excluded"]
     assert sorted((e["file"], e["reason"]) for e in excluded) == [
         ("train/images/a.jpg", "the same photo as test id t"),
         ("train/images/b.jpg", "the same photo as test id t"),
@@ -721,3 +765,8 @@ def test_build_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "f" / "val" / "images").mkdir(parents=True)
     with pytest.raises(SystemExit, match=r"^error: .*found val/ \(name it validation/\)"):
         cli.main(["build", "person_folder", "--folder", str(tmp_path / "f"), *dd])
+    fx.make_simple_folder(tmp_path / "good", ["a"])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: .*Not a directory"):  # not a traceback
+        cli.main(["build", "person_folder", "--folder", str(tmp_path / "good"),
+                  "--data_dir", str(tmp_path / "a_file")])

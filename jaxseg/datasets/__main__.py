@@ -30,7 +30,7 @@ def main(argv=None):
         try:
             builder = datasets.prepare(name, data_dir=args.data_dir, folder=args.folder,
                                        on_bad=args.on_bad, manual_dir=args.manual_dir)
-        except (ValueError, FileNotFoundError) as e:  # missing or bad data, wrong layout
+        except (ValueError, OSError) as e:  # missing or bad data, wrong layout, unwritable data dir
             raise SystemExit(f"error: {e}") from None
         report = pathlib.Path(builder.data_dir) / datasets.REPORT_FILE
         print(json.dumps({"dataset": name, "splits": builder.split_sizes(),

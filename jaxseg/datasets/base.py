@@ -128,7 +128,7 @@ def _without_repeats_of_held_out(examples: list[_Example], report: Report) -> li
 class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the builders: image, mask, id and source per example, stored as array_record."""
 
-    VERSION = tfds.core.Version("1.2.3")
+    VERSION = tfds.core.Version("1.2.4")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "A photo byte-identical to one of a more held-out split is excluded "
                               "(3 portraits of the train list repeat test photos); photos with "
@@ -149,7 +149,12 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                               "12-bit 0/4095) marks the person (it read as empty); a cutout "
                               "of a photo without a person (all-zero alpha) reads as empty; "
                               "masks named like jaxseg.predict cutouts (x_cutout.png) pair "
-                              "with their photos."}
+                              "with their photos.",
+                     "1.2.4": "A soft 16-bit mask is cut at half its own depth (a 12-bit matte "
+                              "at 2047; it was cut at 32767 and read as empty); a PNG's EXIF "
+                              "orientation placed after its pixels is ignored, as prediction "
+                              "ignores it (it turned the stored photo and mask); the build "
+                              "report's warnings leave out photos excluded as repeats."}
     HOMEPAGE = ""
     CITATION = ""
     URL = ""  # public archive of the dataset
@@ -259,12 +264,16 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         candidates = self._candidates(root, self._report)
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
             checked = list(pool.map(self._check, candidates))
+        kept = _without_repeats_of_held_out([example for example, _ in checked if example],
+                                            self._report)
+        kept_ids = {id(example) for example in kept}
         for example, events in checked:
             for kind, path, text in events:
-                self._report.add(kind, path, text)
+                # Notes are about stored examples: a repeat's are gone with it.
+                if kind != "warnings" or id(example) in kept_ids:
+                    self._report.add(kind, path, text)
         splits = collections.defaultdict(list)
-        for example in _without_repeats_of_held_out(
-                [example for example, _ in checked if example], self._report):
+        for example in kept:
             splits[example.split].append(example)
         if self.on_bad == "error" and self._report.skipped:
             raise BadDataError(self.name, self._report.skipped)

@@ -47,20 +47,22 @@ def _read_bytes(path: pathlib.Path) -> bytes:
     return data
 
 
-def _open_checked(data: bytes) -> Image.Image:
-    """Open and fully decode with Pillow, which raises on truncated or corrupt data.
+def _open_checked(data: bytes) -> tuple[Image.Image, int]:
+    """(image, orientation to apply to its pixels, as `photo_pixels.decode_photo` applies it):
+    opened and fully decoded with Pillow, which raises on truncated or corrupt data.
 
     OpenCV decodes a truncated JPEG partially with only a warning on stderr, so
     Pillow's full decode is the check that the pixel data is complete.
     """
     try:
         image = Image.open(io.BytesIO(data))
+        orientation = photo_pixels.orientation_of(image)  # before loading, as it says
         image.load()
     except Image.UnidentifiedImageError as e:
         raise BadFile("not an image (unknown or corrupt format)") from e
     except Exception as e:  # Pillow signals bad data with many exception types.
         raise BadFile(f"not a readable image: {type(e).__name__}: {e}") from e
-    return image
+    return image, orientation
 
 
 def _decode_rgb(data: bytes) -> tuple[np.ndarray, list[str]]:
@@ -75,8 +77,7 @@ def _decode_rgb(data: bytes) -> tuple[np.ndarray, list[str]]:
 def probe_photo(path: pathlib.Path) -> Photo:
     """Validate the photo at PATH fully (decodes it) and describe how to store it."""
     data = _read_bytes(path)
-    image = _open_checked(data)
-    orientation = photo_pixels.orientation_of(image)
+    image, orientation = _open_checked(data)
     notes = []
     try:
         converted = photo_pixels.needs_conversion(image.info.get("icc_profile"))
@@ -126,8 +127,7 @@ def read_mask_image(path: pathlib.Path) -> np.ndarray:
     otherwise alpha is ignored, as in colour masks. The mask's own EXIF
     orientation is applied, as to photos.
     """
-    image = _open_checked(_read_bytes(path))
-    orientation = photo_pixels.orientation_of(image)
+    image, orientation = _open_checked(_read_bytes(path))
     return np.ascontiguousarray(photo_pixels.orient(_mask_values(image), orientation))
 
 
@@ -187,12 +187,13 @@ def read_mat(path: pathlib.Path, variable: str) -> np.ndarray:
 
 def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
     """0/1 uint8 mask from 0/1 or 0/255 (0/65535) values; a note when other values occur (0/1
-    with a void of 255, as `_void_marked` tells: person = 1; otherwise a threshold by the largest
-    value)."""
+    with a void of 255, as `_void_marked` tells: person = 1; otherwise a threshold at half the
+    bit depth of the largest value)."""
     if ((values == 0) | (values == 1)).all():
         return (values == 1).astype(np.uint8), None
     top = values.max()
-    full = 255 if top <= 255 else 65535
+    # The depth the values were saved at: a 12-bit matte (0-4095) in a 16-bit file is cut at 2047.
+    full = 255 if top <= 255 else (1 << int(top).bit_length()) - 1
     if ((values == 0) | (values == full)).all():
         return (values == full).astype(np.uint8), None
     if full == 255 and ((values == 0) | (values == 1) | (values == 255)).all():
