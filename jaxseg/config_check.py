@@ -83,6 +83,21 @@ def validate(config, num_devices: int) -> None:
         problems.append(f"loss.lovasz_weight={config.loss.lovasz_weight} must be >= 0 (0 = off)")
     if config.loss.boundary_radius < 1:
         problems.append(f"loss.boundary_radius={config.loss.boundary_radius} must be >= 1")
+    for field in ("data.train_split", "data.eval_split"):
+        split = str(_get(config, field))
+        name = split.split("[")[0]  # TFDS slices: train[:90%]
+        if name == "test":
+            problems.append(f"{field}={split!r}: the test split is kept for the final score "
+                            "(python -m jaxseg.evaluate --split test); training on it or choosing "
+                            "checkpoints by it would inflate that score: use 'validation'")
+        elif name not in ("train", "validation"):
+            problems.append(f"{field}={split!r} is not a split: use 'train' or 'validation' "
+                            "(or a TFDS slice of one, e.g. 'train[:90%]')")
+    if config.optim.step_decay < 0:
+        problems.append(f"optim.step_decay={config.optim.step_decay} must be >= 0")
+    if not all(0 < f <= 1 for f in config.optim.step_fractions):
+        problems.append(f"optim.step_fractions={tuple(config.optim.step_fractions)}: each must be "
+                        "in (0, 1], a fraction of train.num_steps")
     if not 0 < config.eval.threshold < 1:
         problems.append(f"eval.threshold={config.eval.threshold} must be in (0, 1)")
     try:

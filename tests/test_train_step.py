@@ -110,6 +110,11 @@ def test_non_finite_step_leaves_state_unchanged(monkeypatch, where):
     ("optim.b2", 1.0, "optim.b2=1.0 must be in \\[0, 1\\)"),
     ("model.output_shift", (0.5,), "model.output_shift=\\(0.5,\\) must be \\(dy, dx\\)"),
     ("model.output_shift", (40.0, 0.0), "model.output_shift=\\(40.0, 0.0\\) must be"),
+    ("data.eval_split", "test", "data.eval_split='test': the test split is kept for the final"),
+    ("data.train_split", "test[:50%]", "data.train_split='test\\[:50%\\]': the test split is kept"),
+    ("data.eval_split", "val", "data.eval_split='val' is not a split"),
+    ("optim.step_decay", -0.1, "optim.step_decay=-0.1 must be >= 0"),
+    ("optim.step_fractions", (0.5, 1.5), "optim.step_fractions=\\(0.5, 1.5\\): each must be in"),
 ])
 def test_impossible_config_fails_before_any_work(field, value, message):
     config = tiny_config()
