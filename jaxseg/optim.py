@@ -1,6 +1,8 @@
 """Optax optimiser and learning-rate schedule built from a config's `optim` section."""
 from __future__ import annotations
 
+import fractions
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -26,7 +28,8 @@ def _schedule(optim_config, num_steps: int) -> optax.Schedule:
     elif c.schedule == "step":
         boundaries = {}
         for f in c.step_fractions:  # fractions that land on one step decay there once each
-            step = int(f * num_steps) - warmup
+            # The fraction as written: in floats 0.29 * 100 is 28.999999999999996.
+            step = int(fractions.Fraction(repr(f)) * num_steps) - warmup
             boundaries[step] = boundaries.get(step, 1.0) * c.step_decay
         main = optax.piecewise_constant_schedule(c.learning_rate, boundaries)
     else:
