@@ -51,7 +51,11 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
             raise ValueError(f"--grid needs FIELD=V1,V2,...; got {spec!r}")
         if field.strip() in grid:  # the later values would replace the earlier ones
             raise ValueError(f"--grid {field.strip()} is given twice: list all its values in one")
-        grid[field.strip()] = [_literal(v.strip()) for v in _top_level_split(values)]
+        parsed = [_literal(v.strip()) for v in _top_level_split(values)]
+        # A repeat (0.001 after 1e-3) would run the same trial twice, in one folder at once.
+        if repeats := [v for i, v in enumerate(parsed) if v in parsed[:i]]:
+            raise ValueError(f"--grid {field.strip()} lists {repeats[0]!r} twice")
+        grid[field.strip()] = parsed
     return grid
 
 

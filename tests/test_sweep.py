@@ -21,6 +21,8 @@ def test_grid_and_random_trials():
     assert picked == sweep.trials(grid, num_random=3, seed=1)
     with pytest.raises(ValueError):
         sweep.parse_grid(["no_equals_sign"])
+    with pytest.raises(ValueError, match="optim.learning_rate lists 0.001 twice"):
+        sweep.parse_grid(["optim.learning_rate=1e-3,3e-3,0.001"])
     # A tuple field's values keep their commas.
     assert sweep.parse_grid(["optim.step_fractions=(0.5,0.8),(0.6, 0.85)"]) == {
         "optim.step_fractions": [(0.5, 0.8), (0.6, 0.85)]}
