@@ -32,24 +32,31 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     and the others stop, and an uncaught exception ends this process at once (so that the others
     stop too instead of waiting for it).
     """
-    address = coordinator_address or os.environ.get(_ENV[0], "")
-    count = num_processes or int(os.environ.get(_ENV[1], "0") or 0)
-    pid = process_id if process_id >= 0 else int(os.environ.get(_ENV[2], "-1") or -1)
+    try:
+        address = coordinator_address or os.environ.get(_ENV[0], "")
+        count = num_processes or _env_int(_ENV[1], 0)
+        pid = process_id if process_id >= 0 else _env_int(_ENV[2], -1)
+        if address or count > 1:
+            missing = [name for name, value, unset in zip(_ENV, (address, count, pid), ("", 0, -1))
+                       if value == unset]
+            if missing:
+                raise ValueError(
+                    "a multi-process launch needs the coordinator address, the process count and "
+                    f"this process's id; missing: {', '.join(missing)} (or the matching --flags)")
+            if not 0 <= pid < count:
+                raise ValueError(f"process id {pid} must be from 0 to {count - 1}, one less than "
+                                 f"the process count {count}")
+        heartbeat = heartbeat_timeout_s(timeout_s) if count > 1 or os.environ.get(
+            HEARTBEAT_ENV) else None
+    except ValueError as e:  # a launch mistake, before any process waits for this one
+        raise SystemExit(f"error: {e}") from None
     if address or count > 1:
-        missing = [name for name, value, unset in zip(_ENV, (address, count, pid), ("", 0, -1))
-                   if value == unset]
-        if missing:
-            raise ValueError(
-                "a multi-process launch needs the coordinator address, the process count and this "
-                f"process's id; missing: {', '.join(missing)} (or the matching --flags)")
         if count > 1:
-            heartbeat = heartbeat_timeout_s(timeout_s)
             jax.distributed.initialize(address, count, pid, initialization_timeout=timeout_s,
                                        heartbeat_timeout_seconds=heartbeat)
             _stop_all_on_failure(pid, count, heartbeat)
     elif _auto_detected():
-        heartbeat = {"heartbeat_timeout_seconds": heartbeat_timeout_s()} if os.environ.get(
-            HEARTBEAT_ENV) else {}
+        heartbeat = {"heartbeat_timeout_seconds": heartbeat} if heartbeat else {}
         jax.distributed.initialize(**heartbeat)
         _stop_all_on_failure(jax.process_index(), jax.process_count(),
                              heartbeat.get("heartbeat_timeout_seconds"))
@@ -60,6 +67,14 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
             f"error: this process is one of {jax.process_count()}, but JAX's distributed runtime "
             f"was not started: set {AUTO_ENV}=auto on every host (launch/tpu_vm.sh does) or pass "
             "--coordinator_address, --num_processes and --process_id")
+
+
+def _env_int(name: str, unset: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else unset
+    except ValueError:
+        raise ValueError(f"${name} must be an integer, got {value!r}") from None
 
 
 def heartbeat_timeout_s(timeout_s: int = 300) -> int:

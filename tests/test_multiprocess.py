@@ -394,6 +394,22 @@ def test_auto_lets_jax_find_the_cluster(no_launch_env, monkeypatch):
     assert no_launch_env == [((), {})]
 
 
+def test_launch_mistakes_are_one_line_before_joining(no_launch_env, monkeypatch):
+    for args, message in [
+            (("127.0.0.1:1", 2), "missing: JAXSEG_PROCESS_ID"),
+            (("127.0.0.1:1", 2, 2), "process id 2 must be from 0 to 1"),
+            (("", 2, -1), "missing: JAXSEG_COORDINATOR_ADDRESS, JAXSEG_PROCESS_ID")]:
+        with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+            distributed.initialize(*args)
+    monkeypatch.setenv("JAXSEG_NUM_PROCESSES", "two")
+    with pytest.raises(SystemExit, match=r"^error: \$JAXSEG_NUM_PROCESSES must be an integer, got 'two'"):
+        distributed.initialize("127.0.0.1:1", process_id=0)
+    monkeypatch.setenv(distributed.HEARTBEAT_ENV, "ten")
+    with pytest.raises(SystemExit, match="^error: .*JAXSEG_HEARTBEAT_TIMEOUT_S must be a positive"):
+        distributed.initialize("127.0.0.1:1", 2, 0)
+    assert no_launch_env == []  # JAX's runtime was never asked to start
+
+
 def test_several_processes_without_distributed_runtime_is_an_error(no_launch_env, monkeypatch):
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax, "process_count", lambda: 4)
