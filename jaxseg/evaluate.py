@@ -255,9 +255,10 @@ def read_prediction_values(path: pathlib.Path) -> np.ndarray:
     """A prediction image's values as ground-truth masks are read (`image_io.read_mask_image`:
     palettes by colour, colour masks by their brightest channel, a cutout by its alpha)."""
     from jaxseg.datasets import image_io
+    from jaxseg.datasets.person_folder import named_as_cutout
 
     try:
-        return image_io.read_mask_image(path)
+        return image_io.read_mask_image(path, cutout=named_as_cutout(path))
     except image_io.BadFile as e:
         raise ValueError(f"cannot read prediction {path.name}: {e}") from None
 

@@ -158,6 +158,26 @@ def test_a_cutout_of_the_photo_is_read_by_its_alpha(tmp_path, mode):
     assert_mask(tmp_path / "cutout.png", person)
 
 
+def test_a_file_named_as_a_cutout_that_is_all_person_is_read_by_its_alpha(tmp_path):
+    """An all-opaque alpha over a photo's colours cannot be told from an opaque soft mask, but
+    `predict --mode cutout` names it a_cutout.png: in a folder and as a prediction, all person."""
+    from jaxseg import datasets, evaluate
+
+    fx.write(tmp_path / "f" / "images" / "a.png", fx.photo(16))
+    (tmp_path / "f" / "masks").mkdir()
+    Image.fromarray(np.dstack([fx.photo(16), uniform(255, 1)])).save(tmp_path / "a_cutout.png")
+    (tmp_path / "f" / "masks" / "a_cutout.png").write_bytes((tmp_path / "a_cutout.png").read_bytes())
+    (tmp_path / "a.png").write_bytes((tmp_path / "a_cutout.png").read_bytes())
+    everyone = np.ones((H, W), np.uint8)
+    source = datasets.data_source("person_folder", "train", data_dir=str(tmp_path / "dd"),
+                                  folder=str(tmp_path / "f"))
+    np.testing.assert_array_equal(source[0]["mask"][..., 0], everyone)
+    values = evaluate.read_prediction_values(tmp_path / "a_cutout.png")
+    assert not evaluate.is_soft(values)  # it would switch the whole folder to soft maps
+    np.testing.assert_array_equal(image_io.binarize(values)[0], everyone)
+    assert evaluate.is_soft(evaluate.read_prediction_values(tmp_path / "a.png"))  # by its colours
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_the_cutout_of_a_photo_without_a_person_is_empty(tmp_path, mode):
     """Its alpha is all 0: read by it, not by the photo's brightness."""

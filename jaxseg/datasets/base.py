@@ -154,7 +154,9 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                               "at 2047; it was cut at 32767 and read as empty); a PNG's EXIF "
                               "orientation placed after its pixels is ignored, as prediction "
                               "ignores it (it turned the stored photo and mask); the build "
-                              "report's warnings leave out photos excluded as repeats."}
+                              "report's warnings leave out photos excluded as repeats; a mask "
+                              "named as a cutout (a_cutout.png) that is all opaque marks the "
+                              "whole photo (it was read by the photo's brightness)."}
     HOMEPAGE = ""
     CITATION = ""
     URL = ""  # public archive of the dataset

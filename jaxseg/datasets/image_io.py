@@ -112,7 +112,7 @@ def photo_bytes(photo: Photo) -> bytes:
     return photo_pixels.encode_png(_decode_rgb(data)[0])
 
 
-def read_mask_image(path: pathlib.Path) -> np.ndarray:
+def read_mask_image(path: pathlib.Path, *, cutout: bool = False) -> np.ndarray:
     """Raw values of a mask image as a 2-D array, person where the values are high.
 
     Palette images are read by their palette colours, like colour masks (any
@@ -124,14 +124,16 @@ def read_mask_image(path: pathlib.Path) -> np.ndarray:
     0/1 index masks without one) gives the indices. An alpha band that varies over
     a constant colour or over a photo's own colours (a cutout or matte saved as
     RGBA/LA) is the mask, as is an all-zero one there (a cutout without a person);
-    otherwise alpha is ignored, as in colour masks. The mask's own EXIF
+    otherwise alpha is ignored, as in colour masks. `cutout`: the file is named
+    as a cutout, so an alpha band over a photo's colours is the mask even where
+    it is uniform (the cutout of a photo that is all person). The mask's own EXIF
     orientation is applied, as to photos.
     """
     image, orientation = _open_checked(_read_bytes(path))
-    return np.ascontiguousarray(photo_pixels.orient(_mask_values(image), orientation))
+    return np.ascontiguousarray(photo_pixels.orient(_mask_values(image, cutout), orientation))
 
 
-def _mask_values(image: Image.Image) -> np.ndarray:
+def _mask_values(image: Image.Image, cutout: bool = False) -> np.ndarray:
     if image.mode in ("P", "PA"):
         indices = np.asarray(image)
         if image.mode == "PA":
@@ -156,10 +158,12 @@ def _mask_values(image: Image.Image) -> np.ndarray:
         # (more than two levels, which no two-level mask has); an all-zero alpha there is the
         # cutout of a photo without a person. Else the colour is the label: a two-level mask
         # whatever its alpha, an opaque soft mask (many levels, uniform alpha; so a cutout that
-        # is all person reads by its colours, as it cannot be told from one).
-        over_cutout_colours = ((colour == colour[:1, :1]).all()
-                               or len(np.unique(colour.max(axis=2))) > 2)
-        if over_cutout_colours and (alpha.max() == 0 or alpha.min() != alpha.max()):
+        # is all person reads by its colours, as it cannot be told from one, unless named as a
+        # cutout).
+        over_photo_colours = len(np.unique(colour.max(axis=2))) > 2
+        over_cutout_colours = (colour == colour[:1, :1]).all() or over_photo_colours
+        if over_cutout_colours and (alpha.max() == 0 or alpha.min() != alpha.max()
+                                    or (cutout and over_photo_colours)):
             return alpha
         if image.mode == "LA":  # a two-level value plus alpha: the value is the label
             return pixels[..., 0]

@@ -93,6 +93,13 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
+def named_as_cutout(path: pathlib.Path) -> bool:
+    """Whether a mask file is named as jaxseg.predict names cutouts (`a_cutout.png`): its alpha is
+    the person, even where it is all opaque."""
+    match = MASK_SUFFIX.search(unicodedata.normalize("NFC", path.stem))
+    return bool(match) and match.group(1).lower() == "cutout"
+
+
 def pair_files(directory: pathlib.Path) -> tuple[list[tuple[str, pathlib.Path, pathlib.Path]],
                                                   list[tuple[pathlib.Path, str]]]:
     """Pair DIRECTORY/images/* with DIRECTORY/masks/* by stem: (stem, image, mask) list, bad (file, reason) list."""
@@ -174,4 +181,4 @@ class PersonFolder(base.PersonSegBuilder):
         return set(layout(root))  # a split folder of unpaired files too
 
     def _read_mask(self, path: pathlib.Path) -> tuple[np.ndarray, str | None]:
-        return image_io.binarize(image_io.read_mask_image(path))
+        return image_io.binarize(image_io.read_mask_image(path, cutout=named_as_cutout(path)))
