@@ -28,10 +28,13 @@ class MetricWriter:
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / METRICS_FILE
         if path.exists():
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            text = path.read_text()
+            lines = [line for line in text.splitlines() if line.strip()]
             kept = [line for line in lines
                     if (record := _record(line)) is not None and record["step"] <= resume_step]
-            if len(kept) < len(lines):  # rewritten whole, then renamed: a kill keeps one or other
+            # A last record without its newline (a kill between the two) would join the next one.
+            if len(kept) < len(lines) or (text and not text.endswith("\n")):
+                # Rewritten whole, then renamed: a kill keeps one or the other.
                 partial = path.parent / f"{METRICS_FILE}.tmp"
                 partial.write_text("".join(line + "\n" for line in kept))
                 partial.replace(path)

@@ -150,6 +150,17 @@ def test_resuming_drops_log_records_of_steps_after_the_checkpoint(tmp_path):
     assert session_starts(tmp_path / "tensorboard") == [11]
 
 
+def test_a_last_record_without_its_newline_is_kept_apart_from_the_next(tmp_path):
+    from jaxseg import metric_writer
+
+    (tmp_path / metric_writer.METRICS_FILE).write_text('{"step": 5, "kind": "train"}\n'
+                                                       '{"step": 10, "kind": "train"}')
+    writer = metric_writer.MetricWriter(tmp_path, resume_step=10)
+    writer.scalars(15, {"loss": 1.0})
+    writer.close()
+    assert [r["step"] for r in metric_writer.read_metrics(tmp_path)] == [5, 10, 15]
+
+
 def test_a_run_started_again_before_its_first_checkpoint_hides_the_killed_run_logs(tmp_path):
     """Killed before any checkpoint, a run starts again from step 0: its logs of steps 5 and 10
     go from the JSONL file, and TensorBoard's session start at step 1 hides them there."""
