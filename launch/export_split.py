@@ -24,6 +24,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `import jaxseg` work from anywhere
     sys.path.insert(0, str(REPO))
 
+from jaxseg.arg_types import at_least  # noqa: E402 (after the path above)
+
 IDS_FILE = "ids.txt"
 
 
@@ -65,13 +67,17 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", required=True, help="folder for <id>.png and ids.txt")
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR)")
-    parser.add_argument("--limit", type=int, default=None, help="export only the first N examples")
+    parser.add_argument("--limit", type=at_least(1), default=None,
+                        help="export only the first N examples")
     args = parser.parse_args(argv)
 
     from jaxseg import datasets
 
-    source = datasets.data_source(args.dataset, args.split, data_dir=args.data_dir)
-    ids = export(source, args.out, limit=args.limit)
+    try:
+        source = datasets.data_source(args.dataset, args.split, data_dir=args.data_dir)
+        ids = export(source, args.out, limit=args.limit)
+    except (ValueError, OSError) as e:  # an unknown dataset or split, an unwritable --out
+        sys.exit(f"export_split.py: {e}")
     print(f"exported {len(ids)} images of {args.dataset}/{args.split} to {args.out}")
     return 0
 

@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="general")
     parser.add_argument("--limit", type=int, default=None, help="only the first N ids")
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:  # [:0] would be no photo, [:-1] all but one
+        parser.error(f"--limit must be at least 1, got {args.limit}")
 
     import mediapipe as mp  # only in the mediapipe environment
 

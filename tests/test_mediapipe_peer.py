@@ -111,6 +111,19 @@ def test_export_split_writes_one_lossless_rgb_png_per_id(tmp_path, monkeypatch):
     assert _load("mediapipe_segment").list_ids(tmp_path / "two") == ids[:2]
 
 
+def test_export_split_and_segment_refuse_bad_arguments_in_one_line(tmp_path, capsys):
+    export_split = _load("export_split")
+    with pytest.raises(SystemExit, match="^export_split.py: unknown dataset 'nope'"):
+        export_split.main(["--dataset", "nope", "--out", str(tmp_path / "out")])
+    for script in ("export_split", "mediapipe_segment"):
+        for limit in ("0", "-1"):  # [:-1] would drop the last photo without a word
+            with pytest.raises(SystemExit):
+                _load(script).main(["--dataset" if script == "export_split" else "--images", "x",
+                                    "--out", str(tmp_path / "out"), "--limit", limit])
+            assert "--limit" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_split_rejects_ids_that_are_not_file_names(tmp_path):
     export_split = _load("export_split")
     good = fake_source(1)[0]
