@@ -244,6 +244,17 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check(config) -> None:
+    """Exits with the config check's message (an image size the model cannot take, say) before
+    the minutes of compiling that would end in a traceback."""
+    from jaxseg import config_check
+
+    try:
+        config_check.validate(config, 1)  # timed on one device
+    except config_check.ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def train(argv: list[str]) -> None:
     """Train-step images/s: JAX vs the same tf.keras U-Net, or JAX alone with --gpu_config."""
     args = _train_parser().parse_args(argv)
@@ -252,6 +263,7 @@ def train(argv: list[str]) -> None:
         config.data.image_size = args.image_size
     if args.batch_size:
         config.train.batch_size = args.batch_size
+    _check(config)
     size, batch_size, m = config.data.image_size, config.train.batch_size, config.model
     print(f"config: image_size={size} batch_size={batch_size} depth={m.depth} "
           f"base_features={m.base_features} norm={m.norm} dropout={m.dropout} "
@@ -390,6 +402,10 @@ def input_bench(argv: list[str], sources=None) -> None:
     args = _input_parser().parse_args(argv)
     config = default.get_config()
     batch_size = args.batch_size or config.train.batch_size
+    for size in args.image_sizes if args.steps else ():  # sizes the train step is timed at
+        sized = default.get_config()
+        sized.data.image_size, sized.train.batch_size = size, batch_size
+        _check(sized)
     # The training mixture as training reads it, prepared on first use as training prepares it.
     sources, weights = sources or train.train_sources(config)
     cores = len(os.sched_getaffinity(0))

@@ -84,6 +84,11 @@ def test_help_and_counts_that_would_time_nothing(capsys, monkeypatch):
             bench.main(args)
         assert exit_info.value.code == 2
         assert "must be at least 1" in capsys.readouterr().err or args[-1] == ","
+    # A size the model cannot take is refused before minutes of compiling or timing.
+    for args in (["train", "--image_size", "100"], ["input", "--image_sizes", "128,100"]):
+        with pytest.raises(SystemExit,
+                           match="^error: invalid config:\n  - data.image_size=100 must be divisible"):
+            bench.main(args)
     # A mistyped photo size is refused before the model loads, not after minutes of timing.
     for size in ("800,600", "800x600x3", "0x600"):
         with pytest.raises(SystemExit) as exit_info:
