@@ -5,7 +5,8 @@ TensorFlow). `decode_photo` applies them all; `encode_png` is the one way both w
 - Which files are photos (`IMAGE_SUFFIXES`; hidden files and folders never are: `is_hidden`).
 - Which photos PIL decodes (`decoded_by_pil`): those with transparency, so that colour and
   alpha come from one decode and a TIFF's colours unmultiplied (OpenCV multiplies them by the
-  alpha); the others OpenCV decodes, 16-bit ones reduced to 8 bits.
+  alpha); the others OpenCV decodes, 16-bit ones reduced to 8 bits (a 16-bit grey PNG's
+  transparent value still gives the alpha).
 - Orientation: as a viewer shows the photo, by its EXIF orientation (or, without one, its XMP
   orientation, as PIL reads them: `orientation_of`, `orient`), whichever library decodes it.
 - Colour: training photos and outputs are sRGB (untagged files, and files whose profile
@@ -91,13 +92,17 @@ def decode_photo(data: bytes) -> tuple[np.ndarray, np.ndarray | None, list[str]]
         image = Image.open(io.BytesIO(data))
         orientation = orientation_of(image)
         icc_profile = image.info.get("icc_profile")
-        notes, alpha = [], None
+        notes, rgb, alpha = [], None, None
         if decoded_by_pil(image):
             rgba = np.asarray(image.convert("RGBA"))
             rgb, alpha = rgba[..., :3], rgba[..., 3]
+        elif "transparency" in image.info and image.mode in _WIDE_GRAY_MODES:
+            # A 16-bit grey PNG's tRNS: one grey value is see-through (OpenCV would drop it).
+            see_through = np.asarray(image) == image.info["transparency"]
+            alpha = np.where(see_through, 0, 255).astype(np.uint8)
     except Exception as e:  # PIL raises many types for non-images and damaged files
         raise PhotoError(f"not a readable image ({e.__class__.__name__})") from None
-    if alpha is None:
+    if rgb is None:
         # IMREAD_COLOR turns grayscale, palette and CMYK into 3 channels; ANYDEPTH keeps
         # 16 bits so that the reduction to 8 bits is explicit here.
         flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION

@@ -1,5 +1,6 @@
 """Dataset builders: fixture datasets in the real layouts, bad files, splits, download path, real data."""
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -601,6 +602,16 @@ def test_an_orientation_after_a_pngs_pixels_is_ignored_by_builder_and_prediction
     for encoded, expected in ((photo, photo), (rgba, photo)):
         png = _with_exif_after_the_pixels(photo_pixels.encode_png(encoded), 6)
         np.testing.assert_array_equal(photo_pixels.decode_photo(png)[0], expected)
+
+
+def test_a_16_bit_grey_pngs_transparent_value_gives_the_alpha():
+    values = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    encoded = io.BytesIO()
+    Image.fromarray(values).save(encoded, "PNG", transparency=10000)
+    rgb, alpha, notes = photo_pixels.decode_photo(encoded.getvalue())
+    np.testing.assert_array_equal(rgb, np.repeat((values >> 8).astype(np.uint8)[..., None], 3, axis=2))
+    np.testing.assert_array_equal(alpha, np.where(values == 10000, 0, 255))
+    assert notes == ["16-bit image reduced to 8 bits"]
 
 
 def test_a_wide_gamut_photo_is_stored_as_prediction_reads_it(tmp_path):
