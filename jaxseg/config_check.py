@@ -1,7 +1,10 @@
-"""Validation of a training/evaluation config before any data or device is touched."""
+"""Validation of a training/evaluation config before any data or device is touched.
+
+Free of TFDS, as launch/gpu_array_train.py runs it on accelerator machines without TensorFlow.
+"""
 from __future__ import annotations
 
-from jaxseg import datasets, mixture, train_step
+from jaxseg import mixture, train_step
 
 _CHOICES = {
     "model.norm": ("batch", "group"),
@@ -110,8 +113,8 @@ def validate(config, num_devices: int) -> None:
         problems.append(f"data.train / data.eval: {e}")
         names = []
     for name in names:
-        if name not in datasets.DATASETS:
-            problems.append(f"unknown dataset {name!r} in data.train/data.eval; known: {datasets.DATASETS}")
+        if name not in mixture.DATASETS:
+            problems.append(f"unknown dataset {name!r} in data.train/data.eval; known: {mixture.DATASETS}")
         if name == "person_folder" and not config.data.folder:
             problems.append("person_folder needs --config.data.folder=PATH")
     if "person_folder" in names and config.data.folder:

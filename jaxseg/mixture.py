@@ -1,4 +1,5 @@
-"""Dataset mixtures: parsing 'name:weight' lists and splitting a batch between the datasets.
+"""Dataset mixtures: the datasets a mixture may name, parsing 'name:weight' lists and splitting
+a batch between the datasets.
 
 Kept free of TFDS/OpenCV so that accelerator-only scripts (launch/gpu_array_train.py) share it.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
+DATASETS = ("portrait_segmentation", "ccp_person", "person_folder")  # jaxseg.datasets builds them
 
 
 def parse_mixture(spec: str) -> list[tuple[str, float]]:

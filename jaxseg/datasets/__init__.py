@@ -19,11 +19,11 @@ from jaxseg.datasets.base import REPORT_FILE, BadDataError
 from jaxseg.datasets.ccp_person import CcpPerson
 from jaxseg.datasets.person_folder import PersonFolder, config_for
 from jaxseg.datasets.portrait_segmentation import PortraitSegmentation
+from jaxseg.mixture import DATASETS
 
 __all__ = ["DATASETS", "MANUAL_SUBDIRS", "REPORT_FILE", "BadDataError", "Source", "build_report", "builder",
            "data_source", "prepare", "split_sizes"]
 
-DATASETS = ("portrait_segmentation", "ccp_person", "person_folder")
 _BUILDERS = {"portrait_segmentation": PortraitSegmentation, "ccp_person": CcpPerson, "person_folder": PersonFolder}
 # Subfolder of $JAXSEG_MANUAL_DIR holding each downloadable dataset.
 MANUAL_SUBDIRS = {"portrait_segmentation": "portraits", "ccp_person": "ccp"}
