@@ -1,4 +1,5 @@
-"""Losses against numpy references: the boundary band and the (boundary-weighted) cross-entropy."""
+"""Losses against numpy references: the boundary band, the (boundary-weighted) cross-entropy, soft
+Dice, the Lovász hinge and their weighted sum."""
 import numpy as np
 import pytest
 
@@ -52,6 +53,27 @@ def test_cross_entropy_matches_weighted_numpy_mean(example, boundary_weight):
         num += np.sum(w * numpy_bce(logits[b, ..., 0], masks[b, ..., 0]))
         den += np.sum(w)
     assert got == pytest.approx(num / den, rel=1e-5)
+
+
+def numpy_soft_dice(logits, masks, valid):
+    """Mean over valid images of 1 - (2 |p t| + 1) / (|p| + |t| + 1), p the sigmoid."""
+    losses_ = []
+    for b in np.flatnonzero(valid):
+        p = 1 / (1 + np.exp(-logits[b, ..., 0].astype(np.float64)))
+        t = masks[b, ..., 0].astype(np.float64)
+        losses_.append(1 - (2 * np.sum(p * t) + 1) / (np.sum(p) + np.sum(t) + 1))
+    return np.mean(losses_)
+
+
+def test_soft_dice_and_the_weighted_sum_match_numpy(example):
+    logits, masks = example
+    valid = np.array([1, 0, 1], np.float32)
+    dice = numpy_soft_dice(logits, masks, valid)
+    assert float(losses.soft_dice(logits, masks, valid)) == pytest.approx(dice, rel=1e-5)
+    ce = float(losses.cross_entropy(logits, masks, valid))
+    loss, parts = losses.segmentation_loss(logits, masks, valid, ce_weight=0.3, dice_weight=2.0)
+    assert float(parts["dice_loss"]) == pytest.approx(dice, rel=1e-5)
+    assert float(loss) == pytest.approx(0.3 * ce + 2.0 * dice, rel=1e-5)
 
 
 def test_boundary_weight_raises_the_loss_of_edge_errors(example):
