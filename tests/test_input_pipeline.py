@@ -67,6 +67,27 @@ def test_each_epoch_visits_every_example_once():
     tb.close()
 
 
+def test_each_epoch_is_shuffled_anew():
+    tb = batches([fake_source(8, 0), fake_source(12, 1)])  # 4 slots of dataset 0 a step
+    order = [tb.example_at(step, slot)[1] for step in range(4) for slot in range(8)
+             if tb.example_at(step, slot)[0] == 0]
+    first, second = order[:8], order[8:]
+    assert sorted(first) == sorted(second) == list(range(8)) and first != second
+    tb.close()
+
+
+def test_each_slot_of_a_step_is_augmented_its_own_way():
+    """Augmentation is keyed by (seed, step, slot): one zoom, turn and flip for a whole batch
+    would show the model eight times fewer variations."""
+    from jaxseg import preprocess
+
+    example = fake_source(1, 0)[0]
+    images = [preprocess.train_example(example, 32, aug_config(), 3, 5, slot)[0]
+              for slot in (0, 1, 0)]
+    np.testing.assert_array_equal(images[0], images[2])  # a pure function
+    assert not np.array_equal(images[0], images[1])
+
+
 def centroid(weights: np.ndarray) -> np.ndarray:
     """(row, column) centre of mass of a 2-D array."""
     grid = np.mgrid[:weights.shape[0], :weights.shape[1]]
