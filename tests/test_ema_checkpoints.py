@@ -116,6 +116,24 @@ def test_init_checkpoint_must_exist_and_fit_the_model(tmp_path):
         train._init_model(missing)
 
 
+def test_a_run_resumes_from_its_latest_checkpoint_not_its_best(tmp_path):
+    from jaxseg import sharding
+
+    config = tiny_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    best = shifted(nnx.merge(graphdef, state), 2.0)
+    latest = shifted(nnx.merge(graphdef, state), 1.0)
+    meta = {"config": json.loads(config.to_json())}
+    ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
+    ckpts.save_best(4, nnx.state(best), dict(meta, step=4), 0.9)
+    ckpts.save(8, nnx.state(latest), dict(meta, step=8), force=True)
+    restored, step = train._initial_state(config, ckpts, graphdef, state, sharding.make_mesh(1))
+    ckpts.close()
+    assert step == 8
+    for got, saved in zip(params(nnx.merge(graphdef, restored)["model"]), params(latest["model"])):
+        np.testing.assert_array_equal(got, saved)
+
+
 def test_revalidating_a_step_the_best_series_holds_keeps_it(tmp_path):
     """A run killed after validating step N but before saving it periodically validates N again
     on resume; orbax refused the second best save of N, so the workdir could never resume."""
