@@ -63,6 +63,32 @@ def test_eight_devices_equal_one_device(copy_paste, lovasz_weight):
     assert not all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(one), initial))
 
 
+def test_each_steps_dropout_and_the_boundary_weight_take_effect():
+    """One batch twice with the learning rate at 0, so the weights stay: the losses differ only
+    by the dropout mask, drawn anew each step; loss.boundary_weight changes the loss."""
+    def two_losses(boundary_weight):
+        config = tiny_config()
+        config.optim.learning_rate, config.optim.warmup_steps = 0.0, 0
+        config.loss.boundary_weight = boundary_weight
+        mesh = sharding.make_mesh(1)
+        graphdef, state = train_step.create_train_state(config)
+        step = train_step.make_train_step(graphdef, config, mesh)
+        tb = input_pipeline.TrainBatches([fake_source(12, 0)], [1], global_batch=8,
+                                         image_size=config.data.image_size, aug=config.data.aug,
+                                         seed=config.seed)
+        batch = sharding.to_global(next(tb), mesh)
+        tb.close()
+        found = []
+        for _ in range(2):
+            state, metrics = step(state, batch)
+            found.append(float(metrics["loss"]))
+        return found
+
+    plain = two_losses(0.0)
+    assert plain[0] != plain[1]
+    assert two_losses(3.0)[0] != pytest.approx(plain[0], rel=1e-3)
+
+
 @pytest.mark.parametrize("where", ["loss", "gradient only"])
 def test_non_finite_step_leaves_state_unchanged(monkeypatch, where):
     config = tiny_config()
