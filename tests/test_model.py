@@ -71,6 +71,18 @@ def test_attention_gates_scale_each_skip_by_a_learned_per_pixel_weight():
     np.testing.assert_allclose(gated(images), plain(images), rtol=1e-5, atol=1e-5)
 
 
+def test_a_residual_block_adds_its_projected_input():
+    from jaxseg.models.unet import ConvBlock
+
+    block = ConvBlock(3, 4, norm="batch", residual=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+    inner = jax.nn.relu(block.norm1(block.conv1(x), use_running_average=True))
+    body = block.norm2(block.conv2(inner), use_running_average=True)
+    np.testing.assert_allclose(block(x, train=False), jax.nn.relu(body + block.shortcut(x)),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(block(x, train=False), jax.nn.relu(body), atol=1e-3)
+
+
 def test_a_config_without_the_attention_field_builds_the_plain_model():
     from jaxseg.inference import config_from_json
 
