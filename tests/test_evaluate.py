@@ -20,10 +20,10 @@ def model():
     return m
 
 
-def run(model, source, num_devices, batch_per_device=2, **options):
+def run(model, source, num_devices, batch_per_device=2, threshold=0.5, **options):
     mesh = sharding.make_mesh(num_devices)
     ev = evaluate.Evaluator(source, mesh=mesh, image_size=32,
-                            batch_size=batch_per_device * num_devices)
+                            batch_size=batch_per_device * num_devices, threshold=threshold)
     return ev.evaluate_model(model, **options)
 
 
@@ -39,19 +39,44 @@ def test_counts_identical_on_1_3_8_devices(model):
 
 
 def test_original_resolution_counts_match_an_independent_numpy_pipeline(model):
+    """At a threshold of 0.4: per-image counts at original resolution, the model-resolution IoU
+    and the threshold sweep (its 0.4 entry, and at 0 every photo pixel, none of the padding)."""
     source = fake_source(5, seed=4)
-    result = run(model, source, 1)
+    result = run(model, source, 1, threshold=0.4)
     images = np.stack([resolution.resize_image(ex["image"], 32) for ex in source])
     probs = np.asarray(nnx.sigmoid(model(jnp.asarray(images)))[..., 0])
+    tp = fp = fn = 0
     for ex, p, rec in zip(source, probs, result["per_image"]):
         h, w = ex["mask"].shape[:2]
-        up = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
+        up = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR) >= 0.4
         target = ex["mask"][..., 0] > 0
         assert rec["id"] == ex["id"]
         # OpenCV and JAX bilinear weights differ in the last float bits: allow a pixel or two
-        # at exactly-0.5 probabilities.
+        # at probabilities of exactly the threshold.
         assert abs(rec["tp"] - int((up & target).sum())) <= 2
         assert abs(rec["fp"] - int((up & ~target).sum())) <= 2
+        small = resolution.resize_mask(ex["mask"], 32)[..., 0] > 0
+        tp += int((p >= 0.4)[small].sum())
+        fp += int((p >= 0.4)[~small].sum())
+        fn += int((p < 0.4)[small].sum())
+    assert result["model_resolution"]["iou"] == pytest.approx(tp / (tp + fp + fn), abs=1e-3)
+    sweep = result["threshold_sweep"]
+    at = sweep["thresholds"].index(0.4)
+    assert sweep["person"][at] == sum(r["tp"] for r in result["per_image"])
+    assert sweep["pixels"][at] == sum(r["tp"] + r["fp"] for r in result["per_image"])
+    assert sweep["thresholds"][0] == 0.0
+    assert sweep["pixels"][0] == sum(ex["mask"].size for ex in source)
+
+
+def test_boundary_tolerance_at_original_resolution_follows_the_canvas(model):
+    """0.75% of the canvas diagonal (5 px for photos up to 448 px), not of the model's input."""
+    source = fake_source(2, seed=1, min_size=300, max_size=400)
+    result = run(model, source, 1)
+    canvas = [-(-max(ex["mask"].shape[axis] for ex in source) // 64) * 64 for axis in (0, 1)]
+    assert result["canvas"] == canvas
+    assert result["boundary_tolerance_px"] == {
+        "original": round(0.0075 * float(np.hypot(*canvas))), "model": 1}
+    assert result["boundary_tolerance_px"]["original"] > 1
 
 
 def test_refined_counts_do_not_depend_on_devices_and_match_numpy(model):
