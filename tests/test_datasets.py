@@ -650,6 +650,15 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(tmp_path):
         (b"masks/caf\xe9.png", "file name is not valid UTF-8 (rename it)")]
 
 
+def test_a_folder_whose_path_is_not_utf8_is_named(tmp_path):
+    root = pathlib.Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    for sub, pixels in (("images", fx.photo(0)), ("masks", fx.person(0) * 255)):
+        (root / sub).mkdir(parents=True)  # through bytes: OpenCV's imwrite crashes on such a path
+        (root / sub / "a.png").write_bytes(photo_pixels.encode_png(pixels))
+    with pytest.raises(ValueError, match="caf.*the folder's path is not valid UTF-8 text; rename it"):
+        datasets.prepare("person_folder", folder=str(root), data_dir=str(tmp_path / "dd"))
+
+
 def test_a_split_folder_whose_every_file_is_dropped_is_an_error(tmp_path):
     """The split used to vanish from the build, and training on it died later in TFDS."""
     root = tmp_path / "split"

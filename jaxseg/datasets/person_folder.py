@@ -66,6 +66,8 @@ def config_for(folder: str | pathlib.Path) -> PersonFolderConfig:
     Two folders, or one folder after a change, so never share prepared data.
     """
     root = pathlib.Path(folder).expanduser().resolve()
+    if not _is_utf8(str(root)):  # TFDS stores the folder in its dataset info, as text
+        raise ValueError(f"{root}: the folder's path is not valid UTF-8 text; rename it")
     digest = hashlib.sha256(str(root).encode())
     for split, directory in sorted(layout(root).items()):
         for sub in ("images", "masks"):
