@@ -49,3 +49,43 @@ def test_cosine_schedule_warms_up_then_ends_at_its_floor():
 def test_unknown_schedule_is_named():
     with pytest.raises(ValueError, match="unknown schedule 'linear'"):
         optim.make_schedule(optim_config(schedule="linear"), 100)
+
+
+def test_a_warmup_longer_than_the_run_still_reaches_the_peak_at_the_last_step():
+    schedule = optim.make_schedule(optim_config(schedule="constant", warmup_steps=100), 10)
+    np.testing.assert_allclose(float(schedule(9)), 1e-3, rtol=1e-6)
+    assert float(schedule(4)) < 1e-3
+
+
+def test_the_optimizer_is_clipped_adamw_decaying_kernels_only():
+    """Three steps against a numpy AdamW: gradients clipped by their global norm, Adam's moments
+    with b1 and b2 as configured, weight decay on kernels (ndim > 1) but not biases or scales."""
+    import jax
+
+    c = optim_config(schedule="constant", optimizer="adamw", b1=0.8, b2=0.95, weight_decay=0.1,
+                     grad_clip_norm=1.0)
+    rng = np.random.default_rng(0)
+    params = {"kernel": rng.normal(size=(3, 2)).astype(np.float32),
+              "bias": rng.normal(size=(2,)).astype(np.float32)}
+    grads = [{k: (rng.normal(size=v.shape) * scale).astype(np.float32) for k, v in params.items()}
+             for scale in (5.0, 0.1, 3.0)]  # norms above and below the clip
+    tx = optim.make_optimizer(c, 100)
+    state, got = tx.init(params), jax.tree.map(jnp.asarray, params)
+    for g in grads:
+        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, got)
+        got = jax.tree.map(lambda p, u: p + u, got, updates)
+
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v2 = {k: np.zeros_like(v) for k, v in p.items()}
+    for t, g in enumerate(grads, start=1):
+        norm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in g.values()))
+        for k in p:
+            gk = g[k] * min(1.0, 1.0 / norm)
+            m[k] = 0.8 * m[k] + 0.2 * gk
+            v2[k] = 0.95 * v2[k] + 0.05 * gk ** 2
+            step = (m[k] / (1 - 0.8 ** t)) / (np.sqrt(v2[k] / (1 - 0.95 ** t)) + 1e-8)
+            decay = 0.1 * p[k] if p[k].ndim > 1 else 0.0
+            p[k] = p[k] - 1e-3 * (step + decay)
+    for k in p:
+        np.testing.assert_allclose(np.asarray(got[k]), p[k], rtol=1e-5, atol=1e-7, err_msg=k)
