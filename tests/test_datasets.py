@@ -713,6 +713,19 @@ def test_a_photo_repeated_across_splits_stays_in_the_most_held_out_one(tmp_path)
         ("validation/images/v.jpg", "the same photo as test id t")]
 
 
+def test_a_photo_in_train_and_validation_stays_in_validation(tmp_path):
+    root = tmp_path / "split"
+    fx.make_simple_folder(root / "train", ["a", "b"])
+    fx.make_simple_folder(root / "validation", ["v"], seed=10)
+    (root / "train" / "images" / "a.jpg").write_bytes((root / "validation/images/v.jpg").read_bytes())
+    data_dir = str(tmp_path / "dd")
+    ids = ids_by_split("person_folder", data_dir, str(root))
+    assert {k: sorted(v) for k, v in ids.items()} == {"train": ["b"], "validation": ["v"]}
+    excluded = datasets.build_report("person_folder", data_dir=data_dir, folder=str(root))["excluded"]
+    assert [(e["file"], e["reason"]) for e in excluded] == [
+        ("train/images/a.jpg", "the same photo as validation id v")]
+
+
 def test_folder_pairs_names_spelt_in_either_unicode_form(tmp_path):
     root = tmp_path / "accents"
     composed, decomposed = "caf\u00e9", "cafe\u0301"  # the same name, as two byte strings
