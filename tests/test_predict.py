@@ -659,6 +659,21 @@ def test_video_frames_keep_their_colours(tmp_path):
     kept, _ = read_video(tmp_path / "kept.mp4")
     original, _ = read_video(source)
     assert np.abs(np.stack(kept).astype(int) - np.stack(original)).mean() < 8
+    # Cutouts of videos are on black: no person, no photo.
+    cutout = predict.Renderer(mode="cutout", threshold=0.5, soft=False, background=None)
+    for value, name in ((0.0, "black.mp4"), (1.0, "whole.mp4")):
+        assert predict.predict_video(Everywhere(value), cutout, source, tmp_path / name) == 3
+    assert np.stack(read_video(tmp_path / "black.mp4")[0]).astype(int).mean() < 8
+    whole, _ = read_video(tmp_path / "whole.mp4")
+    assert np.abs(np.stack(whole).astype(int) - np.stack(original)).mean() < 8
+
+
+def test_a_soft_background_replacement_blends_by_the_probability():
+    image = photo(12, 16)
+    probs = np.full((12, 16), 0.25, np.float32)
+    out = predict.Renderer(mode="background", soft=True, background=(0, 0, 255)).render(image, probs)
+    expected = 0.25 * image.astype(np.float64) + 0.75 * np.array([0, 0, 255], np.float64)
+    assert np.abs(out.astype(np.float64) - expected).max() <= 1
 
 
 def test_odd_sized_and_short_videos_are_noted(tiny_model_dir, tmp_path, monkeypatch, capsys):
