@@ -97,3 +97,57 @@ def test_zooming_out_fills_the_border_as_the_host_does():
     padded = np.pad(masks[..., 0], ((0, 0), (size, size), (size, size)), mode="reflect")
     expected = padded[:, source[:, None] + size, source[None, :] + size]
     np.testing.assert_array_equal(np.asarray(out_masks)[..., 0], expected)
+
+
+def _aug(**overrides):
+    import ml_collections
+
+    aug = dict(scale_min=1.0, scale_max=1.0, max_shift=0.0, rotate_degrees=0.0, hflip=False,
+               brightness=0.0, contrast=0.0, saturation=0.0)
+    return ml_collections.ConfigDict({**aug, **overrides})
+
+
+def _augmented(images, masks, aug, seed=0):
+    return map(np.asarray, jax.jit(lambda k, i, m: device_augment.augment_batch(k, i, m, aug))(
+        jax.random.key(seed), images, masks))
+
+
+def test_a_flip_mirrors_about_half_the_examples_exactly():
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    masks = (rng.random((64, 16, 16, 1)) < 0.5).astype(np.uint8)
+    out_images, out_masks = _augmented(images, masks, _aug(hflip=True))
+    flipped = 0
+    for image, mask, out_image, out_mask in zip(images, masks, out_images, out_masks):
+        mirrored = np.array_equal(out_image, image[:, ::-1])
+        assert mirrored or np.array_equal(out_image, image)
+        np.testing.assert_array_equal(out_mask, mask[:, ::-1] if mirrored else mask)
+        flipped += mirrored
+    assert 16 <= flipped <= 48
+
+
+def test_a_rotation_turns_a_centred_disc_into_itself():
+    """A rotation about the centre keeps a centred disc, and the mask's area: a shear (a wrong
+    sign) makes an ellipse, and a bilinear mask cut to integers loses its rim."""
+    size, radius = 64, 20
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    disc = (yy ** 2 + xx ** 2 <= radius ** 2).astype(np.uint8)
+    masks = np.repeat(disc[None, ..., None], 16, axis=0)
+    images = np.repeat(masks * 255, 3, axis=-1)
+    inside = yy ** 2 + xx ** 2 <= 30 ** 2  # turned, it stays in the frame (no reflected copies)
+    _, out_masks = _augmented(images, masks, _aug(rotate_degrees=45.0))
+    for out in out_masks[..., 0]:  # 1,264 disc pixels: a few of its rim round either way
+        assert (out != disc)[inside].sum() <= 70
+        assert abs(int(out[inside].sum()) - int(disc.sum())) <= 30
+
+
+def test_contrast_scales_each_pixels_distance_from_the_image_mean():
+    rng = np.random.default_rng(3)
+    images = rng.integers(40, 216, (8, 16, 16, 3), dtype=np.uint8)
+    masks = np.zeros((8, 16, 16, 1), np.uint8)
+    out_images, _ = _augmented(images, masks, _aug(contrast=0.5))
+    for image, out in zip(images.astype(float), out_images.astype(float)):
+        centred = image - image.mean()
+        factor = np.sum(centred * (out - image.mean())) / np.sum(centred ** 2)
+        assert 0.5 <= factor <= 1.5
+        np.testing.assert_allclose(out, factor * centred + image.mean(), atol=1.0)
