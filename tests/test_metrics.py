@@ -108,6 +108,18 @@ def test_upsample_to_sizes_matches_opencv_bilinear():
         assert not out[i, h:, :].any() and not out[i, :, w:].any()
 
 
+def test_model_inputs_average_when_shrinking_and_interpolate_when_growing():
+    """Columns 255, 0, 0, 0 over and over: shrunk 4x each output pixel is their mean (64), not a
+    sample (bilinear would give 0); grown 2x, OpenCV's bilinear."""
+    from jaxseg import resolution
+
+    stripes = np.tile(np.array([255, 0, 0, 0], np.uint8)[None, :, None], (128, 32, 3))
+    np.testing.assert_array_equal(resolution.resize_image(stripes, 32), 64)
+    small = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resolution.resize_image(small, 32),
+                                  cv2.resize(small, (32, 32), interpolation=cv2.INTER_LINEAR))
+
+
 def test_boundary_tolerance_scales_with_diagonal():
     assert metrics.boundary_tolerance(600, 800) == 8
     assert metrics.boundary_tolerance(16, 16) == 1
