@@ -18,7 +18,7 @@ STEPS = 12
 OVERRIDES = [f"--config.train.num_steps={STEPS}", "--config.train.checkpoint_every=4",
              "--config.train.eval_every=12", "--config.train.log_every=2",
              "--config.eval.max_examples=16", "--config.data.image_size=32",
-             "--config.model.depth=2"]
+             "--config.model.depth=2", "--config.train.keep_checkpoints=2"]
 
 
 def train_command(workdir, *extra):
@@ -53,7 +53,7 @@ def uninterrupted(manual_dir, tmp_path_factory):
 
 def test_run_writes_checkpoints_logs_and_best(uninterrupted):
     ckpts = checkpointing.Checkpoints(uninterrupted, read_only=True)
-    assert ckpts.latest.all_steps() == [4, 8, 12]
+    assert ckpts.latest.all_steps() == [8, 12]  # saved at 4, 8 and 12, keeping two
     assert ckpts.best_step() == STEPS
     meta, _ = ckpts.read_meta("best")
     assert 0.0 <= meta["validation"]["val_iou"] <= 1.0
