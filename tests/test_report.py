@@ -166,8 +166,22 @@ def test_threshold_advice_is_a_threshold_evaluate_takes():
               "iou": float(curves["iou"][SWEEP_THRESHOLDS.index(0.5)])}
     advice = report._threshold_recommendation(result)
     assert "from 0.5 to 0.05:" in advice and "--threshold 0.05 " in advice, advice
+    assert "Choose it on a validation split" not in advice
+    on_test = report._threshold_recommendation(dict(result, split="test"))
+    assert on_test.endswith("Choose it on a validation split: tuned on this test split, the gain "
+                            "is optimistic.")
     masks = report._threshold_recommendation(dict(result, predictions_read_as="masks"))
     assert masks == "No threshold to tune: the predictions scored are 0/1 masks."
+
+
+def test_the_error_map_tints_each_kind_of_pixel_its_legend_colour():
+    image = np.full((1, 3, 3), 100, np.uint8)
+    target, pred = np.array([[True, False, True]]), np.array([[True, True, False]])
+    tinted = report.error_map(image, target, pred)[0].astype(float)
+    for pixel, kind in enumerate(("tp", "fp", "fn")):
+        distances = {k: np.abs(tinted[pixel] - report.ERROR_COLOURS[k]).sum()
+                     for k in report.ERROR_COLOURS}
+        assert min(distances, key=distances.get) == kind
 
 
 def test_calibration_of_calibrated_probabilities():
