@@ -614,6 +614,16 @@ def test_a_16_bit_grey_pngs_transparent_value_gives_the_alpha():
     assert notes == ["16-bit image reduced to 8 bits"]
 
 
+def test_a_jpeg_tagged_srgb_is_stored_as_it_is(tmp_path):
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(fx.photo(3)).save(tmp_path / "a.jpg", quality=90, icc_profile=srgb)
+    photo = image_io.probe_photo(tmp_path / "a.jpg")
+    assert photo.as_is and photo.notes == ()
+    assert image_io.photo_bytes(photo) == (tmp_path / "a.jpg").read_bytes()
+
+
 def test_a_wide_gamut_photo_is_stored_as_prediction_reads_it(tmp_path):
     """A Display-P3 photo was stored with its raw numbers, while jaxseg.predict converts it to
     sRGB: the model was trained and scored on other pixels than it is used on."""
