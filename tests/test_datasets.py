@@ -97,6 +97,13 @@ def test_a_small_person_inside_a_wider_void_band_stays_the_person():
     np.testing.assert_array_equal(mask, wide & (specks == 255))
 
 
+def test_a_mask_of_the_photos_aspect_allows_one_pixel_of_rounding_not_more():
+    assert image_io.same_aspect((20, 15), (40, 30)) and image_io.same_aspect((20, 16), (40, 30))
+    assert not image_io.same_aspect((20, 17), (40, 30))
+    with pytest.raises(image_io.BadFile, match="different aspect ratio"):
+        image_io.fit_to_size(np.zeros((20, 17), np.uint8), (40, 30))
+
+
 def test_a_mask_fitted_to_its_photo_stays_centred():
     """Masks at another size than their photo are resized at pixel centres: over 20 rectangles
     shrunk from 450x600 to 150x200, the centre of mass matches an area-resized (exact) copy's
