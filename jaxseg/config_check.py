@@ -1,6 +1,7 @@
 """Validation of a training/evaluation config before any data or device is touched.
 
-Free of TFDS, as launch/gpu_array_train.py runs it on accelerator machines without TensorFlow.
+Free of TFDS (except where a mixture names person_folder, whose layout it reads), as
+launch/gpu_array_train.py runs it on accelerator machines without TensorFlow.
 """
 from __future__ import annotations
 
@@ -86,16 +87,9 @@ def validate(config, num_devices: int) -> None:
         problems.append(f"loss.lovasz_weight={config.loss.lovasz_weight} must be >= 0 (0 = off)")
     if config.loss.boundary_radius < 1:
         problems.append(f"loss.boundary_radius={config.loss.boundary_radius} must be >= 1")
-    for field in ("data.train_split", "data.eval_split"):
-        split = str(_get(config, field))
-        name = split.split("[")[0]  # TFDS slices: train[:90%]
-        if name == "test":
-            problems.append(f"{field}={split!r}: the test split is kept for the final score "
-                            "(python -m jaxseg.evaluate --split test); training on it or choosing "
-                            "checkpoints by it would inflate that score: use 'validation'")
-        elif name not in ("train", "validation"):
-            problems.append(f"{field}={split!r} is not a split: use 'train' or 'validation' "
-                            "(or a TFDS slice of one, e.g. 'train[:90%]')")
+    for field in SPLIT_FIELDS:
+        if problem := split_problem(field, _get(config, field)):
+            problems.append(problem)
     if config.optim.step_decay < 0:
         problems.append(f"optim.step_decay={config.optim.step_decay} must be >= 0")
     if not all(0 < f <= 1 for f in config.optim.step_fractions):
@@ -122,6 +116,23 @@ def validate(config, num_devices: int) -> None:
                                            evaluated="person_folder" in config.data.eval)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+SPLIT_FIELDS = ("data.train_split", "data.eval_split")
+
+
+def split_problem(field: str, split) -> str | None:
+    """Why FIELD (one of SPLIT_FIELDS) cannot name SPLIT, or None: only train and validation,
+    whole or as TFDS slices and sums ('train[:90%]+validation'), may train or choose checkpoints."""
+    names = {part.split("[")[0].strip() for part in str(split).split("+")}
+    if "test" in names:
+        return (f"{field}={split!r}: the test split is kept for the final score (python -m "
+                "jaxseg.evaluate --split test); training on it or choosing checkpoints by it "
+                "would inflate that score: use 'validation'")
+    if not names <= {"train", "validation"}:
+        return (f"{field}={split!r} is not a split: use 'train' or 'validation' (or TFDS slices "
+                "of them, e.g. 'train[:90%]')")
+    return None
 
 
 def _folder_split_problems(config, *, train: bool, evaluated: bool) -> list[str]:

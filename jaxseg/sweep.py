@@ -273,6 +273,23 @@ def write_table(workdir: pathlib.Path, rows: list[dict]) -> None:
         + "\n".join(lines) + "\n")
 
 
+def _split_problem(combos: list[dict], extra: list[str]) -> str | None:
+    """The config check's word on a split the grid or an override sets (the test split, say)."""
+    from jaxseg import config_check
+
+    given = {}
+    for i, arg in enumerate(extra):  # --config.FIELD=VALUE or --config.FIELD VALUE
+        field, sep, value = arg.removeprefix("--config.").partition("=")
+        if arg.startswith("--config.") and field in config_check.SPLIT_FIELDS:
+            given[field] = value if sep else (extra[i + 1] if i + 1 < len(extra) else "")
+    for values in combos:
+        for field in config_check.SPLIT_FIELDS:
+            if field in values or field in given:
+                if problem := config_check.split_problem(field, values.get(field, given.get(field))):
+                    return problem
+    return None
+
+
 def main(argv=None):
     """Entry point."""
     import argparse
@@ -293,6 +310,8 @@ def main(argv=None):
         combos = trials(parse_grid(args.grid), args.random, args.seed)
     except ValueError as e:
         p.error(str(e))
+    if problem := _split_problem(combos, extra):  # before any trial starts, and fails on it
+        p.error(problem)
     if not args.workdir:  # pathlib would make "" the current folder
         p.error("--workdir: give the sweep's folder")
     try:

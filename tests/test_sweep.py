@@ -247,6 +247,18 @@ def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     assert usage.value.code == 2 and "--workdir: give the sweep's folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [
+    ["--grid", "data.eval_split=validation,test"],
+    ["--grid", "seed=0,1", "--config.data.eval_split=test"],
+    ["--grid", "seed=0", "--config.data.train_split", "train+test"]])
+def test_a_sweep_on_the_test_split_is_refused_before_any_trial(tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as usage:
+        sweep.main(["--workdir", str(tmp_path / "sweep"), *args])
+    assert usage.value.code == 2
+    assert "the test split is kept for the final score" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_trial_is_ranked_by_its_best_validation_not_its_last(tmp_path, monkeypatch):
     def fake_train(config, tdir, values, extra):
         (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 4}}))

@@ -139,6 +139,7 @@ def test_non_finite_step_leaves_state_unchanged(monkeypatch, where):
     ("data.eval_split", "test", "data.eval_split='test': the test split is kept for the final"),
     ("data.train_split", "test[:50%]", "data.train_split='test\\[:50%\\]': the test split is kept"),
     ("data.eval_split", "val", "data.eval_split='val' is not a split"),
+    ("data.eval_split", "validation+test", "data.eval_split='validation\\+test': the test split"),
     ("optim.step_decay", -0.1, "optim.step_decay=-0.1 must be >= 0"),
     ("optim.step_fractions", (0.5, 1.5), "optim.step_fractions=\\(0.5, 1.5\\): each must be in"),
 ])
@@ -151,6 +152,12 @@ def test_impossible_config_fails_before_any_work(field, value, message):
     node[name] = value
     with pytest.raises(config_check.ConfigError, match=message):
         config_check.validate(config, num_devices=8)
+
+
+def test_tfds_slices_and_sums_of_train_and_validation_are_splits():
+    config = tiny_config()
+    config.data.train_split, config.data.eval_split = "train[:90%]+validation", "train[90%:]"
+    config_check.validate(config, num_devices=8)
 
 
 def test_a_batch_smaller_than_the_mixture_is_refused():
