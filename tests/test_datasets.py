@@ -51,6 +51,12 @@ def test_orient_matches_pillow(orientation):
     np.testing.assert_array_equal(photo_pixels.orient(stored, orientation), expected)
 
 
+def test_the_names_a_mixture_may_use_are_the_builders():
+    from jaxseg import mixture
+
+    assert set(mixture.DATASETS) == set(datasets._BUILDERS) == set(datasets.DATASETS)
+
+
 def test_binarize_rules():
     mask, note = image_io.binarize(np.array([[0, 1], [1, 0]], np.uint8))
     assert note is None and mask.tolist() == [[0, 1], [1, 0]]
@@ -674,6 +680,14 @@ def test_a_folder_whose_path_is_not_utf8_is_named(tmp_path):
         (root / sub / "a.png").write_bytes(photo_pixels.encode_png(pixels))
     with pytest.raises(ValueError, match="caf.*the folder's path is not valid UTF-8 text; rename it"):
         datasets.prepare("person_folder", folder=str(root), data_dir=str(tmp_path / "dd"))
+    from configs import smoke  # training says so before any work, in one line
+    from jaxseg import config_check
+
+    config = smoke.get_config()
+    config.data.train, config.data.eval, config.data.eval_split = "person_folder", "person_folder", "train"
+    config.data.folder = str(root)
+    with pytest.raises(config_check.ConfigError, match="data.folder: .*not valid UTF-8 text"):
+        config_check.validate(config, num_devices=1)
 
 
 def test_a_split_folder_whose_every_file_is_dropped_is_an_error(tmp_path):

@@ -33,6 +33,8 @@ _SPLIT_LIKE = {"val": "validation", "valid": "validation", "dev": "validation", 
 
 def layout(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     """Split name -> directory holding that split's images/ and masks/."""
+    if not _is_utf8(str(folder.resolve())):  # TFDS stores the folder in its dataset info, as text
+        raise ValueError(f"{folder}: the folder's path is not valid UTF-8 text; rename it")
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder}: a file, not a folder of images/ and masks/")
     misnamed = [f"{d.name}/ (name it {_SPLIT_LIKE.get(d.name.lower(), d.name.lower())}/)"
@@ -66,10 +68,9 @@ def config_for(folder: str | pathlib.Path) -> PersonFolderConfig:
     Two folders, or one folder after a change, so never share prepared data.
     """
     root = pathlib.Path(folder).expanduser().resolve()
-    if not _is_utf8(str(root)):  # TFDS stores the folder in its dataset info, as text
-        raise ValueError(f"{root}: the folder's path is not valid UTF-8 text; rename it")
+    splits = layout(root)  # first: it refuses a path that is not text
     digest = hashlib.sha256(str(root).encode())
-    for split, directory in sorted(layout(root).items()):
+    for split, directory in sorted(splits.items()):
         for sub in ("images", "masks"):
             for f in _entries(directory / sub):
                 # The linked file's size and time, so that editing a link's target is a change;
