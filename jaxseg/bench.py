@@ -249,8 +249,10 @@ def _check(config) -> None:
     the minutes of compiling that would end in a traceback."""
     from jaxseg import config_check
 
+    timed = config.copy_and_resolve_references()
+    timed.data.train = "portrait_segmentation"  # synthetic batches: a row per dataset not needed
     try:
-        config_check.validate(config, 1)  # timed on one device
+        config_check.validate(timed, 1)  # timed on one device
     except config_check.ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 
