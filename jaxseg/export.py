@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: load the model, write every form, print the manifest's summary."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
-    sys.stdout.reconfigure(errors="backslashreplace")  # a non-UTF-8 --output in the last line
+    if hasattr(sys.stdout, "reconfigure"):  # a non-UTF-8 --output in the last line
+        sys.stdout.reconfigure(errors="backslashreplace")
     output = local_output_folder(args.output)
     created = not output.exists()
     problem = local_folder_problem(output)  # before the minutes of loading and converting

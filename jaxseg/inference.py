@@ -89,14 +89,16 @@ def save_pretrained(models, config, card: dict, directory: str | pathlib.Path = 
     for name, model in zip(names, models):
         checkpointer.save(directory / name, nnx.state(model), force=True)
     checkpointer.wait_until_finished()
-    for stale in directory.glob(f"{PRETRAINED_WEIGHTS}_*"):
-        if stale.name not in names and re.fullmatch(rf"{PRETRAINED_WEIGHTS}_\d+", stale.name):
-            shutil.rmtree(stale)
     card = dict(card, config=json.loads(config.to_json()))
     card.pop("member_weights", None)  # a card taken from an ensemble must not name absent members
     if len(models) > 1:
         card["member_weights"] = names
     (directory / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
+    # After the card: a kill in between leaves unnamed folders, not a card naming missing ones.
+    for stale in directory.glob(f"{PRETRAINED_WEIGHTS}_*"):
+        if (stale.name not in names and stale.is_dir() and not stale.is_symlink()
+                and re.fullmatch(rf"{PRETRAINED_WEIGHTS}_\d+", stale.name)):
+            shutil.rmtree(stale)
 
 
 def load_from_workdir(workdir: str, checkpoint: str = "best"):

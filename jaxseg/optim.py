@@ -29,7 +29,7 @@ def _schedule(optim_config, num_steps: int) -> optax.Schedule:
         boundaries = {}
         for f in c.step_fractions:  # fractions that land on one step decay there once each
             # The fraction as written: in floats 0.29 * 100 is 28.999999999999996.
-            step = int(fractions.Fraction(repr(f)) * num_steps) - warmup
+            step = int(fractions.Fraction(repr(float(f))) * num_steps) - warmup
             boundaries[step] = boundaries.get(step, 1.0) * c.step_decay
         main = optax.piecewise_constant_schedule(c.learning_rate, boundaries)
     else:

@@ -517,7 +517,8 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
     # A file name that is not valid UTF-8 must not end the run at its summary line (stderr
     # already escapes such names; stdout, under a UTF-8 locale, would raise).
-    sys.stdout.reconfigure(errors="backslashreplace")
+    if hasattr(sys.stdout, "reconfigure"):  # not a captured stream (a notebook's, say)
+        sys.stdout.reconfigure(errors="backslashreplace")
 
     from jaxseg import inference
 
