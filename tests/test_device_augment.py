@@ -134,11 +134,14 @@ def test_a_rotation_turns_a_centred_disc_into_itself():
     disc = (yy ** 2 + xx ** 2 <= radius ** 2).astype(np.uint8)
     masks = np.repeat(disc[None, ..., None], 16, axis=0)
     images = np.repeat(masks * 255, 3, axis=-1)
+    images[:, 5:12, 28:36, 1] = 128  # a mark off the centre in the image: the turn shows there
     inside = yy ** 2 + xx ** 2 <= 30 ** 2  # turned, it stays in the frame (no reflected copies)
-    _, out_masks = _augmented(images, masks, _aug(rotate_degrees=45.0))
+    out_images, out_masks = _augmented(images, masks, _aug(rotate_degrees=45.0))
     for out in out_masks[..., 0]:  # 1,264 disc pixels: a few of its rim round either way
         assert (out != disc)[inside].sum() <= 70
         assert abs(int(out[inside].sum()) - int(disc.sum())) <= 30
+    turned = [np.abs(o.astype(int) - i).sum() > 1000 for o, i in zip(out_images, images)]
+    assert sum(turned) >= 12
 
 
 def test_contrast_scales_each_pixels_distance_from_the_image_mean():
@@ -146,8 +149,10 @@ def test_contrast_scales_each_pixels_distance_from_the_image_mean():
     images = rng.integers(40, 216, (8, 16, 16, 3), dtype=np.uint8)
     masks = np.zeros((8, 16, 16, 1), np.uint8)
     out_images, _ = _augmented(images, masks, _aug(contrast=0.5))
+    factors = []
     for image, out in zip(images.astype(float), out_images.astype(float)):
         centred = image - image.mean()
-        factor = np.sum(centred * (out - image.mean())) / np.sum(centred ** 2)
-        assert 0.5 <= factor <= 1.5
-        np.testing.assert_allclose(out, factor * centred + image.mean(), atol=1.0)
+        factors.append(np.sum(centred * (out - image.mean())) / np.sum(centred ** 2))
+        assert 0.5 <= factors[-1] <= 1.5
+        np.testing.assert_allclose(out, factors[-1] * centred + image.mean(), atol=1.0)
+    assert np.ptp(factors) > 0.2  # drawn per image, not left at 1
