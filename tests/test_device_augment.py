@@ -144,7 +144,7 @@ def test_a_rotation_turns_a_centred_disc_into_itself():
     assert sum(turned) >= 12
 
 
-def test_contrast_scales_each_pixels_distance_from_the_image_mean():
+def test_contrast_and_saturation_scale_distances_from_the_image_mean_and_the_pixels_grey():
     rng = np.random.default_rng(3)
     images = rng.integers(40, 216, (8, 16, 16, 3), dtype=np.uint8)
     masks = np.zeros((8, 16, 16, 1), np.uint8)
@@ -156,3 +156,11 @@ def test_contrast_scales_each_pixels_distance_from_the_image_mean():
         assert 0.5 <= factors[-1] <= 1.5
         np.testing.assert_allclose(out, factors[-1] * centred + image.mean(), atol=1.0)
     assert np.ptp(factors) > 0.2  # drawn per image, not left at 1
+    # Saturation scales each pixel's distance from its own grey, by a factor drawn apart from
+    # contrast's (the same key would tie the two jitters together).
+    out_images, _ = _augmented(images, masks, _aug(saturation=0.5))
+    for image, out, contrast in zip(images.astype(float), out_images.astype(float), factors):
+        grey = image.mean(axis=-1, keepdims=True)
+        factor = np.sum((image - grey) * (out - grey)) / np.sum((image - grey) ** 2)
+        np.testing.assert_allclose(out, factor * (image - grey) + grey, atol=1.0)
+        assert abs(factor - contrast) > 1e-3
