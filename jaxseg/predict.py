@@ -324,13 +324,14 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
                 kind = f.suffix.lower()
                 named_as_output = _is_earlier_output(f, stems[f.parent])
                 in_outputs = skip is not None and skip in f.resolve().parents
-                if (in_outputs or named_as_output
-                        or kind not in MEDIA_SUFFIXES
-                        or written_by_predict(f)):  # an output of a run to another --output
+                if in_outputs or named_as_output or kind not in MEDIA_SUFFIXES:
                     passed_over += 1
                     if ((named_as_output or (in_outputs and kind in MEDIA_SUFFIXES))
                             and not written_by_predict(f)):
                         unmarked.append(f)
+                    continue
+                if written_by_predict(f):  # an output of a run to another --output
+                    passed_over += 1
                     continue
                 media += 1
                 if first_time(f):
