@@ -56,10 +56,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
                                        heartbeat_timeout_seconds=heartbeat)
             _stop_all_on_failure(pid, count, heartbeat)
     elif _auto_detected():
-        heartbeat = {"heartbeat_timeout_seconds": heartbeat} if heartbeat else {}
-        jax.distributed.initialize(**heartbeat)
-        _stop_all_on_failure(jax.process_index(), jax.process_count(),
-                             heartbeat.get("heartbeat_timeout_seconds"))
+        jax.distributed.initialize(**({"heartbeat_timeout_seconds": heartbeat} if heartbeat else {}))
+        _stop_all_on_failure(jax.process_index(), jax.process_count(), heartbeat)
     if not jax.distributed.is_initialized() and jax.process_count() > 1:
         # A TPU runtime can span hosts on its own; checkpointing and collectives would then fail
         # later, deep in orbax, for want of JAX's distributed client.
