@@ -14,6 +14,19 @@ def batch(b=5, size=8, seed=0):
     return images, masks
 
 
+def _aug(**overrides):
+    import ml_collections
+
+    aug = dict(scale_min=1.0, scale_max=1.0, max_shift=0.0, rotate_degrees=0.0, hflip=False,
+               brightness=0.0, contrast=0.0, saturation=0.0)
+    return ml_collections.ConfigDict({**aug, **overrides})
+
+
+def _augmented(images, masks, aug, seed=0):
+    return map(np.asarray, jax.jit(lambda k, i, m: device_augment.augment_batch(k, i, m, aug))(
+        jax.random.key(seed), images, masks))
+
+
 def pasted_reference(images, masks, valid, shift, receives):
     """Example i takes example (i - shift) mod B's person where that donor is valid."""
     out_images, out_masks = images.copy(), masks.copy()
@@ -55,19 +68,14 @@ def test_zoom_shift_rotation_and_flip_move_image_and_mask_together():
     """White rectangles on black with masks the same (launch/gpu_array_train's augmentation):
     after augmenting, each mask covers its bright pixels and on average its centre of mass sits
     on the image's within 0.1 pixel, with flips, while the geometry did change."""
-    import ml_collections
-
     rng = np.random.default_rng(0)
     images = np.zeros((32, 64, 64, 3), np.uint8)
     for image in images:
         top, left = rng.integers(12, 30, size=2)
         image[top:top + rng.integers(10, 22), left:left + rng.integers(10, 22)] = 255
     masks = (images[..., :1] > 0).astype(np.uint8)
-    aug = ml_collections.ConfigDict(dict(scale_min=0.75, scale_max=1.25, max_shift=0.1,
-                                         rotate_degrees=10.0, hflip=True, brightness=0.0,
-                                         contrast=0.0, saturation=0.0))
-    out_images, out_masks = map(np.asarray, jax.jit(
-        lambda k, i, m: device_augment.augment_batch(k, i, m, aug))(jax.random.key(0), images, masks))
+    aug = _aug(scale_min=0.75, scale_max=1.25, max_shift=0.1, rotate_degrees=10.0, hflip=True)
+    out_images, out_masks = _augmented(images, masks, aug)
     grid = np.mgrid[:64, :64].reshape(2, -1)
     centre = lambda w: (grid * w.reshape(-1)).sum(1) / w.sum()
     shifts = []
@@ -83,33 +91,15 @@ def test_zooming_out_fills_the_border_as_the_host_does():
     """Past the photo's edge the host's augmentation reflects without repeating the edge pixel
     (OpenCV's BORDER_REFLECT_101, numpy's "reflect"); so does the device's. At zoom 0.5 on an
     odd size every output pixel samples one source pixel exactly."""
-    import ml_collections
-
     size = 33
     rng = np.random.default_rng(1)
     masks = (rng.random((2, size, size, 1)) < 0.5).astype(np.uint8)
     images = np.repeat(masks * 255, 3, axis=-1)
-    aug = ml_collections.ConfigDict(dict(scale_min=0.5, scale_max=0.5, max_shift=0.0,
-                                         rotate_degrees=0.0, hflip=False, brightness=0.0,
-                                         contrast=0.0, saturation=0.0))
-    _, out_masks = device_augment.augment_batch(jax.random.key(0), images, masks, aug)
+    _, out_masks = _augmented(images, masks, _aug(scale_min=0.5, scale_max=0.5))
     source = 2 * np.arange(size) - (size - 1) // 2  # output pixel -> source pixel
     padded = np.pad(masks[..., 0], ((0, 0), (size, size), (size, size)), mode="reflect")
     expected = padded[:, source[:, None] + size, source[None, :] + size]
-    np.testing.assert_array_equal(np.asarray(out_masks)[..., 0], expected)
-
-
-def _aug(**overrides):
-    import ml_collections
-
-    aug = dict(scale_min=1.0, scale_max=1.0, max_shift=0.0, rotate_degrees=0.0, hflip=False,
-               brightness=0.0, contrast=0.0, saturation=0.0)
-    return ml_collections.ConfigDict({**aug, **overrides})
-
-
-def _augmented(images, masks, aug, seed=0):
-    return map(np.asarray, jax.jit(lambda k, i, m: device_augment.augment_batch(k, i, m, aug))(
-        jax.random.key(seed), images, masks))
+    np.testing.assert_array_equal(out_masks[..., 0], expected)
 
 
 def test_a_flip_mirrors_about_half_the_examples_exactly():
