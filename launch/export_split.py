@@ -17,7 +17,6 @@ import argparse
 import pathlib
 import sys
 
-import cv2
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -25,6 +24,7 @@ if str(REPO) not in sys.path:  # run as a script: make `import jaxseg` work from
     sys.path.insert(0, str(REPO))
 
 from jaxseg.arg_types import at_least  # noqa: E402 (after the path above)
+from jaxseg.photo_pixels import PhotoError, encode_png  # noqa: E402
 
 IDS_FILE = "ids.txt"
 
@@ -53,8 +53,10 @@ def export(source, out_dir: str | pathlib.Path, *, limit: int | None = None) -> 
             raise ValueError(f"example {example_id}: expected uint8 HxWx3 RGB, got "
                              f"{image.dtype} {image.shape}")
         path = out_dir / f"{example_id}.png"
-        if not cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1])):  # RGB -> BGR for cv2
-            raise OSError(f"cannot write {path}")
+        try:  # encoded here and written by Python: OpenCV's imwrite crashes on a non-UTF-8 path
+            path.write_bytes(encode_png(image))
+        except PhotoError as e:
+            raise OSError(f"cannot write {path}: {e}") from None
         ids.append(example_id)
     (out_dir / IDS_FILE).write_text("".join(f"{i}\n" for i in ids))
     return ids

@@ -41,6 +41,25 @@ def list_ids(images: pathlib.Path) -> list[str]:
     return sorted(p.stem for p in images.glob("*.png"))
 
 
+def read_bgr(path: pathlib.Path) -> np.ndarray | None:
+    """The photo at PATH as uint8 BGR, or None when it cannot be read or decoded. The bytes are
+    read by Python: OpenCV's own imread crashes on a path that is not UTF-8."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError:
+        return None
+    return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+
+
+def write_png(path: pathlib.Path, image: np.ndarray) -> None:
+    """IMAGE (uint8, OpenCV's channel order) as a PNG at PATH, written by Python for the same
+    reason as read_bgr; OSError when it cannot be."""
+    ok, png = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError("PNG encoding failed")
+    path.write_bytes(png.tobytes())
+
+
 def main(argv=None) -> int:
     """Command line: writes MediaPipe's mask for every id; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,7 +88,7 @@ def main(argv=None) -> int:
     with mp.solutions.selfie_segmentation.SelfieSegmentation(
             model_selection=MODELS[args.model]) as segmenter:
         for n, example_id in enumerate(ids):
-            bgr = cv2.imread(str(images / f"{example_id}.png"), cv2.IMREAD_COLOR)
+            bgr = read_bgr(images / f"{example_id}.png")
             if bgr is None:
                 sys.exit(f"mediapipe_segment.py: cannot read {images / example_id}.png")
             rgb = np.ascontiguousarray(bgr[..., ::-1])
@@ -81,8 +100,10 @@ def main(argv=None) -> int:
                          f"{None if probs is None else probs.shape} for a photo of {rgb.shape[:2]}")
             mask = np.where(probs > THRESHOLD, 255, 0).astype(np.uint8)
             positive += float(np.mean(mask > 0))
-            if not cv2.imwrite(str(out / f"{example_id}.png"), mask):
-                sys.exit(f"mediapipe_segment.py: cannot write {out / example_id}.png")
+            try:
+                write_png(out / f"{example_id}.png", mask)
+            except OSError as e:
+                sys.exit(f"mediapipe_segment.py: cannot write {out / example_id}.png: {e}")
             if (n + 1) % 50 == 0:
                 print(f"  {n + 1}/{len(ids)}", flush=True)
 

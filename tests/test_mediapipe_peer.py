@@ -9,6 +9,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from fake_data import fake_source
 
@@ -109,6 +110,24 @@ def test_export_split_writes_one_lossless_rgb_png_per_id(tmp_path, monkeypatch):
     # --limit, and the segmenter reads the same id list (without needing mediapipe)
     assert export_split.export(source, tmp_path / "two", limit=2) == ids[:2]
     assert _load("mediapipe_segment").list_ids(tmp_path / "two") == ids[:2]
+
+
+def test_export_split_and_segment_read_and_write_under_a_non_utf8_folder(tmp_path):
+    # OpenCV's imread/imwrite crash the process on such a path; both scripts hand it bytes.
+    folder = tmp_path / os.fsdecode(b"caf\xe9")  # Latin-1 'café', not UTF-8
+    source = fake_source(2, seed=5)
+    ids = _load("export_split").export(source, folder)
+    segment = _load("mediapipe_segment")
+    assert segment.list_ids(folder) == ids
+    for ex in source:
+        np.testing.assert_array_equal(segment.read_bgr(folder / f"{ex['id']}.png")[..., ::-1],
+                                      ex["image"])
+    mask = np.where(np.arange(12).reshape(3, 4) % 2, 255, 0).astype(np.uint8)
+    segment.write_png(folder / "mask.png", mask)
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "mask.png")), mask)
+    (folder / "broken.png").write_bytes(b"not a png")
+    assert segment.read_bgr(folder / "broken.png") is None
+    assert segment.read_bgr(folder / "missing.png") is None
 
 
 def test_export_split_and_segment_refuse_bad_arguments_in_one_line(tmp_path, capsys):
