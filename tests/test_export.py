@@ -203,3 +203,23 @@ def test_a_negative_member_count_is_a_usage_error(tmp_path, capsys):
         export.main(["--members=-1", "--output", str(tmp_path / "out")])
     assert "--members: must be at least 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything was made
+
+
+def test_the_command_line_forwards_its_model_and_batch_options(tmp_path, monkeypatch):
+    from jaxseg import export, inference
+
+    loaded, exported = [], []
+    monkeypatch.setattr(inference, "load_or_exit", lambda *args: loaded.append(args)
+                        or ("model", "config", {"source": "s", "checkpoint_step": 7}))
+    monkeypatch.setattr(export, "export_all", lambda model, config, output, **options:
+                        exported.append((model, config, output, options))
+                        or {"saved_model": {"signatures": {}}, "tflite": {"file": "x"}})
+    export.main(["--workdir", str(tmp_path / "w"), "--checkpoint", "7", "--batch_size", "5",
+                 "--output", str(tmp_path / "a")])
+    export.main(["--members", "2", "--output", str(tmp_path / "b")])
+    assert loaded == [(str(tmp_path / "w"), "7", 0), (None, "best", 2)]
+    assert exported == [
+        ("model", "config", tmp_path / "a",
+         {"batch_size": 5, "description": {"source": "s", "checkpoint_step": 7, "members": None}}),
+        ("model", "config", tmp_path / "b",
+         {"batch_size": 8, "description": {"source": "s", "checkpoint_step": 7, "members": 2}})]

@@ -123,3 +123,23 @@ def test_model_inputs_average_when_shrinking_and_interpolate_when_growing():
 def test_boundary_tolerance_scales_with_diagonal():
     assert metrics.boundary_tolerance(600, 800) == 8
     assert metrics.boundary_tolerance(16, 16) == 1
+
+
+def test_empty_masks_score_what_could_not_be_wrong():
+    """Per image, a person-free photo with nothing predicted scores 1 (IoU and Dice); over a
+    split, nothing predicted has no false positives (precision 1) and no person to find means
+    nothing missed (recall 1)."""
+    rng = np.random.default_rng(4)
+    pred, target = random_masks(rng, 2, 24, 24), random_masks(rng, 2, 24, 24)
+    pred[0], target[0] = False, False
+    region = jnp.ones(pred.shape, bool)
+    counts = metrics.per_image_counts(jnp.asarray(pred), jnp.asarray(target), region, 1)
+    inter, p, t = (pred[1] & target[1]).sum(), pred[1].sum(), target[1].sum()
+    np.testing.assert_allclose(metrics.image_iou(counts), [1.0, inter / (pred[1] | target[1]).sum()])
+    np.testing.assert_allclose(metrics.image_dice(counts), [1.0, 2 * inter / (p + t)])
+    nothing = metrics.metrics_from_counts(
+        metrics.per_image_counts(jnp.zeros_like(target), jnp.asarray(target), region, 1))
+    assert nothing["precision"] == 1.0 and nothing["recall"] == 0.0
+    no_person = metrics.metrics_from_counts(
+        metrics.per_image_counts(jnp.asarray(pred), jnp.zeros_like(target), region, 1))
+    assert no_person["recall"] == 1.0 and no_person["precision"] == 0.0

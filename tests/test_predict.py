@@ -870,3 +870,150 @@ def test_photos_are_predicted_in_chunks_of_bounded_pixels(tiny_model_dir, tmp_pa
                                           progress=progress)
         assert problems == [] and calls == expected and progress.done == 5
         assert sorted(p.name for p in out.iterdir()) == [f"p{i}_mask.png" for i in range(5)]
+
+
+def test_soft_masks_and_cutout_alphas_round_the_probability():
+    """A probability of 0.999 is 255 in the written mask, not 254."""
+    image = photo(4, 64)
+    probs = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (4, 1))
+    expected = np.round(probs.astype(np.float64) * 255)
+    mask = predict.Renderer(mode="mask", soft=True).render(image, probs)
+    assert np.abs(mask - expected).max() == 0 and mask.dtype == np.uint8
+    cutout = predict.Renderer(mode="cutout", soft=True).render(image, probs)
+    np.testing.assert_array_equal(cutout[..., 3], expected)
+    np.testing.assert_array_equal(cutout[..., :3], image)
+
+
+def test_an_overlay_is_half_photo_half_one_tint_colour():
+    """Where the person is, each pixel is the mean of the photo's and one colour: the photo
+    stays visible under the tint. Elsewhere the photo is as it was."""
+    image = photo(30, 40, seed=2)
+    person = np.zeros((30, 40), bool)
+    person[5:25, 10:30] = True
+    overlay = predict.Renderer(mode="overlay").render(image, person.astype(np.float32))
+    tint = 2 * overlay[person].astype(int) - image[person].astype(int)
+    assert np.ptp(tint, axis=0).max() <= 2  # one colour, up to the rounding of the mean
+    assert np.abs(tint.mean(axis=0) - image[person].mean(axis=0)).max() > 40  # not the photo
+    np.testing.assert_array_equal(overlay[~person], image[~person])
+
+
+def test_a_background_replacement_keeps_the_photos_transparent_parts_background():
+    """What was invisible in the photo is not shown in front of the new background."""
+    image = photo(20, 30, seed=4)
+    alpha = np.full((20, 30), 255, np.uint8)
+    alpha[:, 15:] = 0
+    alpha[:, 10:15] = 128
+    everywhere = np.ones((20, 30), np.float32)
+    out = predict.Renderer(mode="background", background=(0, 0, 255)).render(image, everywhere, alpha)
+    a = (alpha / 255)[..., None]
+    expected = image * a + np.array([0, 0, 255]) * (1 - a)
+    assert np.abs(out - expected).max() <= 1
+
+
+def test_a_dangling_link_named_as_an_output_is_not_written_through(tmp_path):
+    """A link at the output's name is not this tool's file, even when its target is missing:
+    writing there would create a file wherever it points."""
+    (tmp_path / "a_mask.png").symlink_to(tmp_path / "elsewhere" / "target.png")
+    why = predict.claim_output(tmp_path / "a_mask.png", tmp_path / "a.png", set(), {})
+    assert why and "was not written by jaxseg.predict: not replaced" in why
+
+
+def test_a_video_read_to_its_end_gets_no_notes(tmp_path, capsys):
+    class Nobody:
+        batch_size = 2
+
+        def probabilities(self, images):
+            return [np.zeros(image.shape[:2], np.float32) for image in images]
+
+    source = write_video(tmp_path / "in.mp4", frames=3)
+    assert predict.predict_video(Nobody(), predict.Renderer(mode="mask"), source,
+                                 tmp_path / "out.mp4") == 3
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_a_probability_at_the_threshold_is_person_as_the_evaluator_counts_it():
+    image = photo(2, 3)
+    probs = np.array([[0.25, 0.5, 0.75], [0.7, 0.7, 0.1]], np.float32)
+    for threshold in (0.5, 0.7):
+        mask = predict.Renderer(mode="mask", threshold=threshold).render(image, probs)
+        np.testing.assert_array_equal(mask, np.where(probs >= np.float32(threshold), 255, 0))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_read_as_pillow_shows_it(tmp_path, orientation):
+    """Photos, opaque and transparent, tagged with each EXIF orientation, against Pillow's own
+    exif_transpose (only 3 and 6 were read through prediction's path before)."""
+    from PIL import Image, ImageOps
+
+    stored = np.dstack([photo(30, 40, seed=6), np.tile(np.arange(40, dtype=np.uint8) * 6, (30, 1))])
+    for name, pixels in (("opaque.png", stored[..., :3]), ("transparent.png", stored)):
+        image = Image.fromarray(pixels)
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        image.save(tmp_path / name, exif=exif)
+        with Image.open(tmp_path / name) as shown:
+            expected = np.asarray(ImageOps.exif_transpose(shown).convert("RGBA"))
+        rgb, alpha = predict.read_image(tmp_path / name, 10**6)
+        np.testing.assert_array_equal(rgb, expected[..., :3], err_msg=name)
+        if name == "opaque.png":
+            assert alpha is None
+        else:
+            np.testing.assert_array_equal(alpha, expected[..., 3])
+
+
+def test_cli_notes_the_options_it_ignores(tiny_model_dir, jax_cache, tmp_path):
+    fx.write(tmp_path / "a.png", photo(20, 20))
+    result = run_cli(tiny_model_dir, tmp_path / "a.png", "--output", tmp_path / "out", "--soft",
+                     "--threshold", "0.3", "--background", "red", cache=jax_cache)
+    assert result.returncode == 0, result.stderr
+    notes = predict.ignored_option_notes(mode="mask", soft=True, videos=False,
+                                         background_given=True, threshold_given=True)
+    assert len(notes) == 2
+    for note in notes:
+        assert f"note: {note}" in result.stderr
+
+
+def test_a_larger_background_image_is_averaged_down_not_sampled():
+    """Shrunk to cover a smaller photo, a background's fine detail averages out (as the model's
+    inputs do when shrunk) instead of aliasing into stripes of its own."""
+    stripes = np.tile(np.array([255, 0, 0, 0], np.uint8)[None, :, None], (200, 100, 3))
+    bg = predict.Renderer(mode="background", background=stripes).background_for((50, 100))
+    np.testing.assert_allclose(bg, stripes.mean(), atol=1)
+
+
+def test_progress_counts_the_skipped_photos_too(tiny_model_dir, tmp_path):
+    model, config, _ = inference.load_pretrained(tiny_model_dir)
+    predictor = predict.Predictor(model, config.data.image_size, batch_size=2)
+    cv2.imwrite(str(tmp_path / "a.png"), photo(30, 40))
+    (tmp_path / "b.png").write_bytes(b"not a photo")
+    items = [(tmp_path / n, pathlib.PurePath(n[0])) for n in ("a.png", "b.png")]
+
+    class Progress:
+        done = 0
+
+        def update(self, n):
+            self.done += n
+
+    progress = Progress()
+    problems = predict.predict_images(predictor, predict.Renderer(mode="mask"), items,
+                                      tmp_path / "out", max_pixels=10**6, inputs_resolved=set(),
+                                      progress=progress)
+    assert [p for p, _ in problems] == [tmp_path / "b.png"] and progress.done == len(items)
+
+
+def test_a_photo_with_a_non_rgb_profile_is_read_as_it_is_without_a_note():
+    """Only an RGB profile other than sRGB is converted; grey, CMYK and Lab ones (Lab here:
+    Pillow builds no grey or CMYK profile) hold no RGB numbers to convert."""
+    import io
+
+    from PIL import Image, ImageCms
+
+    from jaxseg import photo_pixels
+
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    grey = np.tile(np.arange(0, 240, 8, dtype=np.uint8), (20, 1))
+    encoded = io.BytesIO()
+    Image.fromarray(grey).save(encoded, "PNG", icc_profile=lab)
+    rgb, alpha, notes = photo_pixels.decode_photo(encoded.getvalue())
+    np.testing.assert_array_equal(rgb, np.dstack([grey] * 3))
+    assert alpha is None and notes == []

@@ -55,3 +55,23 @@ def test_outside_the_image_region_is_zero():
     assert out.shape == (2, 40, 48)
     assert np.all(out[1, 25:] == 0) and np.all(out[1, :, 30:] == 0)
     assert out[1, :25, :30].max() > 0
+
+
+def test_refined_probabilities_apply_the_upsampled_fit_to_the_photo_and_stay_probabilities():
+    """Against numpy: the reference coefficients, upsampled bilinearly (OpenCV) to the photo's
+    size and applied to its RGB colours, clipped to [0, 1]. The fit extrapolates past 1 on this
+    photo, which a soft mask of 255 * p would wrap around in uint8 unclipped."""
+    rng = np.random.default_rng(2)
+    size, height, width = 12, 30, 44
+    guide = cv2.GaussianBlur(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), (3, 3), 0)
+    probs = rng.random((size, size)).astype(np.float32)
+    photo = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    a, b = reference_coefficients(guide, probs, refine.RADIUS, refine.EPS)
+    coefficients = np.concatenate([a, b[..., None]], -1).astype(np.float32)
+    up = cv2.resize(coefficients, (width, height), interpolation=cv2.INTER_LINEAR)
+    fitted = up[..., 3] + (up[..., :3] * (photo / 255.0)).sum(-1)
+    assert fitted.max() > 1.01  # the clipping is exercised
+    out = refine.refined_probabilities(jnp.asarray(guide[None]), jnp.asarray(probs[None]),
+                                       jnp.asarray(photo[None]), jnp.array([[height, width]]),
+                                       (height, width))
+    np.testing.assert_allclose(np.asarray(out)[0], np.clip(fitted, 0, 1), atol=1e-3)

@@ -2,7 +2,10 @@
 that follow from the numbers (checked against cases whose right answer is known by construction)."""
 import base64
 import json
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -323,10 +326,6 @@ def test_two_scored_folders_are_two_tables(tmp_path):
 
 
 def test_an_unwritable_report_folder_is_one_line_before_any_work(tmp_path):
-    import pathlib
-    import subprocess
-    import sys
-
     (tmp_path / "w").mkdir()
     (tmp_path / "file").write_text("")
     result = subprocess.run(
@@ -340,10 +339,6 @@ def test_an_unwritable_report_folder_is_one_line_before_any_work(tmp_path):
 
 def test_a_checkpoint_without_a_workdir_is_refused(tmp_path):
     """Once ignored: the report then showed the pretrained model's overlays."""
-    import pathlib
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [sys.executable, "-m", "jaxseg.report", "--checkpoint", "latest", "--output",
          str(tmp_path / "r")], capture_output=True, text=True, timeout=300,
@@ -393,3 +388,165 @@ def test_best_and_worst_examples_are_picked_by_iou():
     best, worst = report.pick_examples(per_image, 2)
     assert [r["id"] for r in best] == ["c", "a"]
     assert [r["id"] for r in worst] == ["b", "e"]
+
+
+def _sweep_with_best_gain(gain_pixels):
+    """A two-threshold sweep scored at 0.5 whose 0.6 removes GAIN_PIXELS false positives."""
+    sweep = {"thresholds": [0.0, 0.5, 0.6], "person": [1000, 800, 800],
+             "pixels": [10000, 1000, 1000 - gain_pixels]}
+    tp, fp, fn = 800, np.array([200, 200 - gain_pixels]), 200
+    iou = tp / (tp + fp + fn)  # at 0.5 and at 0.6, by the definition
+    return sweep, float(iou[0]), float(iou[1] - iou[0])
+
+
+def test_a_threshold_gain_within_the_noise_keeps_the_threshold():
+    """Below THRESHOLD_MIN_GAIN the advice is to keep the threshold, above it to move it."""
+    for gain_pixels in (1, 2, 30):
+        sweep, iou, gain = _sweep_with_best_gain(gain_pixels)
+        result = {"threshold_sweep": sweep, "threshold": 0.5, "split": "validation", "iou": iou}
+        advice = report._threshold_recommendation(result)
+        if gain < report.THRESHOLD_MIN_GAIN:
+            assert advice.startswith("Keep the threshold at 0.5: the best sweep threshold (0.6)"), advice
+        else:
+            assert advice.startswith("Raise the threshold from 0.5 to 0.6:"), advice
+    assert _sweep_with_best_gain(1)[2] < report.THRESHOLD_MIN_GAIN < _sweep_with_best_gain(30)[2]
+
+
+def test_boundary_advice_blames_upsampling_only_when_model_resolution_edges_are_better():
+    result = {"boundary_f1": 0.5, "iou": 0.9}
+    lost = dict(result, model_resolution={"boundary_f1": 0.5 + 2 * report.BOUNDARY_MIN_GAP})
+    kept = dict(result, model_resolution={"boundary_f1": 0.5 + report.BOUNDARY_MIN_GAP / 2})
+    assert (f"at model resolution boundary F1 is {0.5 + 2 * report.BOUNDARY_MIN_GAP:.3f}, so "
+            "edges are lost in upsampling") in report._boundary_recommendation(lost)
+    assert "upsampling" not in report._boundary_recommendation(kept)
+    assert "upsampling" not in report._boundary_recommendation(dict(result, model_resolution=None))
+
+
+def test_the_costliest_bucket_is_not_named_again_as_out_of_proportion():
+    # Four small people hold 90% of the errors: the costliest bucket, and the most out of
+    # proportion one. One and two people alternate in both sizes: the people buckets hold half
+    # the images and half the errors each.
+    per_image = ([{"id": f"s{i}", "iou": 0.3, "person_fraction": 0.05, "regions": 1 + i % 2,
+                   "tp": 30, "fp": 20, "fn": 50} for i in range(4)]
+                 + [{"id": f"b{i}", "iou": 0.9, "person_fraction": 0.6, "regions": 1 + i % 2,
+                     "tp": 300, "fp": 3, "fn": 2} for i in range(6)])
+    area = report.bucket_rows(per_image, "person_fraction", report.AREA_BUCKETS)
+    people = report.bucket_rows(per_image, "regions", report.REGION_BUCKETS)
+    recs = report._bucket_recommendations(area, people, len(per_image))
+    assert recs[0].startswith("Most IoU is lost on person area <10%") and "Suggested" in recs[0]
+    assert len(recs) == 1, recs
+
+
+class RecordingExamples:
+    """Stands in for ModelExamples: records what each fetch asked for and returns the fake
+    source's examples with the brightness model's probabilities."""
+
+    def __init__(self, source, step=STEP):
+        self.step = step
+        self.calls = []
+        self.by_id = {ex["id"]: ex for ex in source}
+
+    def fetch(self, dataset, split, ids, **options):
+        self.calls.append(options)
+
+        def probs(image):
+            return 1 / (1 + np.exp(-np.asarray(Brightness()(image[None]))[0, ..., 0]))
+
+        return [{"image": self.by_id[i]["image"], "mask": self.by_id[i]["mask"][..., 0] > 0,
+                 "probs": probs(self.by_id[i]["image"])} for i in ids]
+
+
+def test_overlays_are_predicted_with_the_options_the_eval_used():
+    source = fake_source(4, seed=3, min_size=40, max_size=60)
+    result = fake_eval(source, 0.42, 0.2, boundary_f1=0.0, resolution_gain=0.0)
+    result.update(flip_tta=True, refine=True, members=2, folder="/photos", data_dir="/prepared")
+    examples = RecordingExamples(source)
+    blocks, _ = report.eval_section(report.EvalFile(epath.Path("best_fake_validation.json"),
+                                                    result, False), [], examples, 2, 32)
+    assert [b.name for b in blocks if isinstance(b, report.Image)][-2:] == [
+        "best-fake-validation_worst", "best-fake-validation_best"]
+    assert examples.calls == [dict(flip_tta=True, refined=True, members=2, folder="/photos",
+                                   data_dir="/prepared")] * 2
+
+
+def test_only_the_examples_checkpoint_gets_the_detailed_analysis(tmp_path):
+    source = fake_source(4, seed=3, min_size=40, max_size=60)
+    result = fake_eval(source, 0.42, 0.2, boundary_f1=0.0, resolution_gain=0.0)
+    workdir = make_workdir(tmp_path, result)
+    (workdir / "eval" / "latest_fake_validation.json").write_text(
+        json.dumps(dict(result, checkpoint_step=STEP // 2)))
+    examples = RecordingExamples(source)
+    markdown = report.build_report(workdir, k=2, examples=examples)["markdown"].read_text()
+    # Both rows are in the metric table; only the examples' step is analysed.
+    assert f"| best (step {STEP}) |" in markdown and f"| latest (step {STEP // 2}) |" in markdown
+    assert f"## fake / validation: best (step {STEP})" in markdown
+    assert f"fake / validation: latest (step {STEP // 2})" not in markdown
+    assert len(examples.calls) == 2  # worst and best of the one analysed eval
+
+
+def test_overlays_of_two_member_counts_come_from_two_models():
+    """The predictor is cached per options: an eval of the first member and one of the whole
+    ensemble must not share one."""
+    from jaxseg.models import LogitAverage
+
+    source = fake_source(2, seed=5, min_size=20, max_size=30)
+    examples = report.ModelExamples(LogitAverage([Constant(1.0), Constant(3.0), Constant(8.0)]), 32,
+                                    STEP, source_for=lambda *_: source)
+    ids = [ex["id"] for ex in source]
+    for members, logit in ((1, 1.0), (None, 4.0), (2, 2.0)):
+        for fetched, ex in zip(examples.fetch("fake", "validation", ids, members=members), source):
+            np.testing.assert_allclose(fetched["probs"], np.full(ex["image"].shape[:2],
+                                                                 1 / (1 + np.exp(-logit))), rtol=1e-6)
+
+
+def test_overlays_mark_the_pixels_at_the_evals_threshold(monkeypatch):
+    image = np.full((8, 8, 3), 100, np.uint8)
+    probs = np.tile(np.linspace(0.05, 0.95, 8, dtype=np.float32), (8, 1))
+    mask = np.zeros((8, 8), bool)
+    seen = []
+    monkeypatch.setattr(report, "error_map", lambda image, target, pred: seen.append(pred) or image)
+    report.overlay_figure("x", "worst 1 by IoU", [{"id": "a", "iou": 0.5}],
+                          [{"image": image, "mask": mask, "probs": probs}], 0.7)
+    np.testing.assert_array_equal(seen[0], probs >= 0.7)
+
+
+def test_nothing_predicted_is_precision_one_in_the_sweep_as_in_the_metrics():
+    # At the sweep's top threshold nothing is predicted: no false positives.
+    sweep = {"thresholds": [0.0, 0.5, 0.9], "person": [100, 60, 0], "pixels": [1000, 80, 0]}
+    curves = report.threshold_curves(sweep)
+    from_counts = metrics.metrics_from_counts({"tp": [0], "fp": [0], "fn": [100], "tn": [900],
+                                               **{k: [0] for k in metrics.COUNT_KEYS[4:]}})
+    assert curves["precision"][2] == from_counts["precision"] == 1.0
+    assert curves["precision"][1] == pytest.approx(60 / 80) and curves["recall"][2] == 0.0
+
+
+def test_a_missing_peer_folder_is_refused(tmp_path):
+    """A mistyped --peer_dir must not give a report without the peers and without a word."""
+    (tmp_path / "w").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.report", "--workdir", str(tmp_path / "w"), "--peer_dir",
+         str(tmp_path / "nowhere"), "--output", str(tmp_path / "r")], capture_output=True,
+        text=True, timeout=300, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode != 0
+    assert f"--peer_dir {tmp_path / 'nowhere'}: no such folder" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "r").exists()
+
+
+def test_the_metric_table_shows_both_resolutions_and_the_balance_its_numbers():
+    def eval_file(name, iou, at_model):
+        return report.EvalFile(epath.Path(f"{name}_fake_validation.json"),
+                               {"dataset": "fake", "split": "validation", "iou": iou,
+                                "precision": 0.9, "recall": 0.8, "checkpoint_step": STEP,
+                                "model_resolution": {"iou": at_model}}, peer=False)
+
+    table = next(b for b in report.metric_tables([eval_file("best", 0.71, 0.83)], [])
+                 if isinstance(b, report.Table))
+    row = dict(zip(table.header, table.rows[0]))
+    assert (row["IoU"], row["IoU (model res)"]) == ("0.710", "0.830")
+    # 90 misses against 30 false positives: 3 misses per false positive, and the reverse.
+    per_image = [{"fp": 10, "fn": 60}, {"fp": 20, "fn": 30}]
+    result = {"per_image": per_image, "precision": 0.9, "recall": 0.8}
+    assert "3.0 missed person pixels per false positive" in report._balance_recommendation(result)
+    swapped = [{"fp": r["fn"], "fn": r["fp"]} for r in per_image]
+    assert "3.0 false-positive pixels per missed person pixel" in report._balance_recommendation(
+        dict(result, per_image=swapped))
