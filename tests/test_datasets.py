@@ -73,6 +73,11 @@ def test_binarize_rules():
     assert "> 127" in note and mask.tolist() == [[0, 0, 1, 1]]
     mask, note = image_io.binarize(np.array([[0, 1, 2, 3]], np.uint8))  # label map style
     assert "> 0" in note and mask.tolist() == [[0, 1, 1, 1]]
+    # Maxima below 128 are labels (any non-zero one is the person); from 128 on, 8-bit values.
+    mask, note = image_io.binarize(np.array([[0, 1, 127]], np.uint8))
+    assert "> 0" in note and mask.tolist() == [[0, 1, 1]]
+    mask, note = image_io.binarize(np.array([[0, 1, 128]], np.uint8))
+    assert "> 127" in note and mask.tolist() == [[0, 0, 1]]
     # 0/1 with 255 as void (PASCAL VOC): 255 once became the person and the person background.
     mask, note = image_io.binarize(np.array([[0, 1, 1, 255]], np.uint8))
     assert "void read as background" in note and mask.tolist() == [[0, 1, 1, 0]]
@@ -108,6 +113,13 @@ def test_a_mask_of_the_photos_aspect_allows_one_pixel_of_rounding_not_more():
     assert not image_io.same_aspect((20, 17), (40, 30))
     with pytest.raises(image_io.BadFile, match="different aspect ratio"):
         image_io.fit_to_size(np.zeros((20, 17), np.uint8), (40, 30))
+    # A mask of the photo turned on its side: refused, unless the photo's EXIF orientation turns
+    # its stored pixels that way (then the mask follows them, and is turned with the photo).
+    sideways = fx.person(5)[::-1].T.copy()  # 30 tall, 40 wide; the photo is 40 tall, 30 wide
+    with pytest.raises(image_io.BadFile, match="mask is 40x30 but the photo is 30x40"):
+        image_io.fit_to_size(sideways, (40, 30))
+    turned, note = image_io.fit_to_size(sideways, (40, 30), orientation=6)
+    assert "EXIF orientation 6 applied" in note and turned.shape == (40, 30)
 
 
 def test_a_mask_fitted_to_its_photo_stays_centred():
@@ -376,6 +388,10 @@ def test_folder_split_subfolders(tmp_path):
     with pytest.raises(ValueError, match=r"found val/ \(name it validation/\)"):
         datasets.builder("person_folder", folder=str(root))
     (root / "val").rmdir()
+    (root / "Validation").mkdir()  # a split's name in other capitals: refused too
+    with pytest.raises(ValueError, match=r"found Validation/ \(name it validation/\)"):
+        datasets.builder("person_folder", folder=str(root))
+    (root / "Validation").rmdir()
     fx.make_simple_folder(root, ["d"])  # images/ beside train/: ambiguous layout
     with pytest.raises(ValueError, match="one layout"):
         datasets.builder("person_folder", folder=str(root))
@@ -502,6 +518,17 @@ def test_a_transparent_tiff_is_stored_as_prediction_reads_it(tmp_path):
     np.testing.assert_array_equal(source[0]["image"], rgba[..., :3])
     np.testing.assert_array_equal(source[0]["image"],
                                   predict.read_image(root / "images" / "a.tif", 10**8)[0])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_photos_size_is_its_upright_size_in_every_orientation(tmp_path, orientation):
+    """Orientations 5 to 8 swap width and height (Pillow's exif_transpose is the reference)."""
+    path = fx.write_exif_jpeg(tmp_path / "a.jpg", fx.photo(1), orientation)
+    photo = image_io.probe_photo(path)
+    with Image.open(path) as image:
+        upright = ImageOps.exif_transpose(image)
+    assert (photo.height, photo.width, photo.orientation) == (upright.height, upright.width,
+                                                              orientation)
 
 
 @pytest.mark.parametrize("name,save", [
@@ -812,6 +839,21 @@ def test_folder_of_links_sees_a_changed_target(tmp_path):
     os.utime(elsewhere / "a.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert person_folder.config_for(root).name != name
     (elsewhere / "a.png").unlink()  # dangling now: the build reports it, the name still forms
+    assert person_folder.config_for(root).name != name
+
+
+def test_folder_fingerprint_sees_a_mask_rewritten_at_the_same_size(tmp_path):
+    """An uncompressed mask (BMP) corrected in place keeps its size: its time tells the change."""
+    from jaxseg.datasets import person_folder
+
+    root = tmp_path / "f"
+    fx.write(root / "images" / "a.jpg", fx.photo(2))
+    mask = fx.write(root / "masks" / "a.bmp", fx.person(2) * 255)
+    name, size = person_folder.config_for(root).name, mask.stat().st_size
+    stat = mask.stat()
+    fx.write(mask, np.zeros_like(fx.person(2)))  # corrected: no person
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert mask.stat().st_size == size
     assert person_folder.config_for(root).name != name
 
 

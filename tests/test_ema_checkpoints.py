@@ -89,6 +89,49 @@ def test_a_checkpoint_name_that_is_not_a_step_says_what_to_name(tmp_path):
     ckpts.close()
 
 
+def small_state(value: float):
+    """A train-state stand-in: any pytree of arrays saves and restores the same way."""
+    return {"w": jax.numpy.full((3,), value), "b": jax.numpy.full((2, 2), -value)}
+
+
+def restored_value(ckpts, which):
+    from jaxseg import sharding
+
+    abstract = checkpointing.abstract_like(small_state(0.0), sharding.replicated(sharding.make_mesh(1)))
+    state, meta, step = ckpts.restore(which, abstract)
+    assert meta["step"] == step
+    return float(state["w"][0]), step
+
+
+def test_best_of_a_run_that_never_validated_is_its_latest(tmp_path):
+    """evaluate and predict default to --checkpoint best: a run stopped before its first
+    validation is still evaluated, on its latest checkpoint."""
+    ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
+    for step in (2, 4):
+        ckpts.save(step, small_state(step), {"step": step}, force=True)
+    assert ckpts.best_step() is None
+    assert restored_value(ckpts, "best") == (4.0, 4)
+    assert ckpts.read_meta("best") == ({"step": 4}, 4)
+    ckpts.close()
+
+
+def test_a_step_number_finds_a_checkpoint_of_either_series(tmp_path):
+    """The best series keeps its step after the periodic series has dropped it."""
+    ckpts = checkpointing.Checkpoints(tmp_path, keep=2, async_save=False)
+    ckpts.save_best(2, small_state(20.0), {"step": 2}, val_iou=0.5)
+    for step in (2, 4, 6):
+        ckpts.save(step, small_state(step), {"step": step}, force=True)
+    assert ckpts.latest.all_steps() == [4, 6]  # keep=2
+    assert restored_value(ckpts, 2) == (20.0, 2)
+    assert restored_value(ckpts, "4") == (4.0, 4)
+    assert restored_value(ckpts, "latest") == (6.0, 6)
+    assert restored_value(ckpts, "best") == (20.0, 2)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3; available: periodic "
+                                                r"\[4, 6\], best \[2\]"):
+        ckpts.resolve("3")
+    ckpts.close()
+
+
 def test_init_checkpoint_must_exist_and_fit_the_model(tmp_path):
     """It starts from the run's best checkpoint (not its latest, nor a fresh model)."""
     config = tiny_config(0.0)
@@ -195,22 +238,57 @@ def test_a_run_started_again_before_its_first_checkpoint_hides_the_killed_run_lo
     assert set(session_starts(tmp_path / "tensorboard")) == {1}
 
 
-def session_starts(folder):
-    """Steps of the session-start events in a TensorBoard folder's event files (TFRecords)."""
+def tensorboard_events(folder):
+    """The events of a TensorBoard folder's event files (TFRecords), in order."""
     import struct
 
     from tensorboardX.proto import event_pb2
 
-    steps = []
     for path in sorted(folder.iterdir()):
         data, at = path.read_bytes(), 0
         while at < len(data):
             (length,) = struct.unpack("<Q", data[at:at + 8])
-            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            yield event_pb2.Event.FromString(data[at + 12:at + 12 + length])
             at += 12 + length + 4  # length, its crc, the record, its crc
-            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
-                steps.append(event.step)
-    return steps
+
+
+def session_starts(folder):
+    """Steps of the session-start events in a TensorBoard folder's event files."""
+    return [event.step for event in tensorboard_events(folder)
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START]
+
+
+def test_each_kind_of_record_keeps_its_kind_in_the_log_and_in_tensorboard(tmp_path):
+    """The sweep ranks trials by the log's validation records, and TensorBoard shows train and
+    validation values of one name as two curves."""
+    from jaxseg import metric_writer
+
+    writer = metric_writer.MetricWriter(tmp_path)
+    writer.scalars(5, {"loss": 0.5})
+    writer.scalars(5, {"loss": 0.7, "val_iou": 0.25}, kind="validation")
+    writer.close()
+    assert [(r["kind"], r["loss"]) for r in metric_writer.read_metrics(tmp_path)] == [
+        ("train", 0.5), ("validation", 0.7)]
+    scalars = {(value.tag, event.step, round(value.simple_value, 6))
+               for event in tensorboard_events(tmp_path / "tensorboard")
+               if event.HasField("summary") for value in event.summary.value}
+    assert scalars == {("train/loss", 5, 0.5), ("validation/loss", 5, 0.7),
+                       ("validation/val_iou", 5, 0.25)}
+
+
+def test_a_disabled_writer_writes_nothing_and_leaves_the_log_alone(tmp_path):
+    """Processes other than 0 get a disabled writer: one that trimmed the shared log on resume,
+    or wrote to it, would race process 0's own writer."""
+    from jaxseg import metric_writer
+
+    text = "".join(json.dumps({"step": s, "kind": "train"}) + "\n" for s in (5, 10, 15))
+    (tmp_path / metric_writer.METRICS_FILE).write_text(text + '{"step": 20, "ki')
+    writer = metric_writer.MetricWriter(tmp_path, enabled=False, resume_step=5)
+    writer.scalars(15, {"loss": 1.0})
+    writer.images(15, "validation/predictions", np.zeros((1, 4, 4, 3), np.uint8))
+    writer.close()
+    assert (tmp_path / metric_writer.METRICS_FILE).read_text() == text + '{"step": 20, "ki'
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_resuming_with_another_seed_mixture_or_length_warns(caplog):

@@ -10,7 +10,7 @@ from flax import nnx
 
 from fake_data import fake_source
 from guided_filter_reference import reference_coefficients
-from jaxseg import evaluate, metrics, resolution, sharding
+from jaxseg import evaluate, metrics, refine, resolution, sharding
 from jaxseg.models.unet import UNet
 
 
@@ -230,6 +230,7 @@ def test_empty_prediction_scores_zero(tmp_path):
     (["--checkpoint", "latest"], "--predictions scores another model's masks instead"),
     (["--images", "x", "--masks", "y"], "--dataset and --images/--masks each name what to score"),
     (["--refine_eps", "1e-9"], "--refine_eps=1e-09 must be >= 1e-6"),
+    (["--refine_radius", "0"], "--refine_radius=0 must be >= 1"),
 ])
 def test_bad_options_are_a_usage_error_before_any_work(options, message, tmp_path):
     import subprocess
@@ -282,6 +283,47 @@ def test_a_users_folder_says_which_files_are_not_scored(tmp_path, monkeypatch):
     assert not (tmp_path / "report_dd").exists()
 
 
+def test_a_workdir_is_scored_on_its_best_checkpoint_by_default(tmp_path):
+    """The latest checkpoint (step 4) is not the best (step 2): the default scores the best, names
+    its file so and records its step; a batch under the device count is rounded up to it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import jax
+
+    import fixtures_data as fx
+    from test_ema_checkpoints import tiny_config
+
+    from jaxseg import checkpointing, train_step
+
+    config = tiny_config(0.0)
+    # States of the train state's shapes (initialising a real one takes seconds of eager ops).
+    _, abstract = nnx.eval_shape(lambda: train_step.create_train_state(config))
+
+    def state(value):
+        return jax.tree.map(lambda s: np.full(s.shape, value).astype(s.dtype), abstract)
+
+    meta = {"config": json.loads(config.to_json())}
+    ckpts = checkpointing.Checkpoints(tmp_path / "run", async_save=False)
+    ckpts.save_best(2, state(0.01), dict(meta, step=2), val_iou=0.5)
+    ckpts.save(4, state(-0.01), dict(meta, step=4), force=True)
+    ckpts.close()
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b"])
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.evaluate", "--workdir", str(tmp_path / "run"),
+         "--images", str(root / "images"), "--masks", str(root / "masks"),
+         "--data_dir", str(tmp_path / "dd"), "--batch_size", "1"],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (written,) = (tmp_path / "run" / "eval").iterdir()
+    assert written.name.startswith("best_person_folder_train_")
+    scored = json.loads(written.read_text())
+    assert scored["checkpoint_step"] == 2 and scored["num_images"] == 2
+
+
 def test_folder_evaluations_keep_their_own_results_file(tmp_path):
     """Two --images/--masks pairs once wrote the same default JSON, the second replacing the first."""
     import types
@@ -304,6 +346,14 @@ def test_folder_evaluations_keep_their_own_results_file(tmp_path):
                                                               "threshold": 0.4}),
                                      "person_folder", "train")
     assert at_04 not in outputs and at_04.name.startswith("best_person_folder_train_t0.4_")
+    # Flip averaging, refinement and its settings change the figures: each has its own file.
+    variants = [{}, {"flip_tta": True}, {"refine": True}, {"refine": True, "flip_tta": True},
+                {"refine": True, "refine_radius": refine.RADIUS + 1},
+                {"refine": True, "refine_eps": refine.EPS * 10}]
+    named = {evaluate._default_output(types.SimpleNamespace(**{
+        **vars(flags(a, tmp_path / "m")), "refine_radius": refine.RADIUS, "refine_eps": refine.EPS,
+        **variant}), "person_folder", "train") for variant in variants}
+    assert len(named) == len(variants)
     predicted = {evaluate._default_output(
         types.SimpleNamespace(**{**vars(flags(d, tmp_path / "m")), "predictions": "p"}),
         "person_folder", "train") for d in (a, b)}
@@ -315,6 +365,8 @@ def test_folder_evaluations_keep_their_own_results_file(tmp_path):
     (a / "x.jpg").write_bytes(b"")  # with x_mask.png beside it: each file its own mask
     with pytest.raises(ValueError, match="--images and --masks are the same folder"):
         evaluate.folder_root(str(a), str(a) + "/")
+    with pytest.raises(ValueError, match="--images and --masks go together"):  # not cwd's files
+        evaluate._source_for(flags(a, ""))
     with pytest.raises(ValueError, match="pass --images DIR --masks DIR"):
         evaluate._source_for(types.SimpleNamespace(**{**vars(flags("", "")), "images": "",
                                                       "masks": "", "dataset": "person_folder"}))
@@ -333,6 +385,8 @@ def test_sibling_folders_beside_split_folders_are_linked_not_read_as_their_paren
     assert root != tmp_path / "x"
     assert (root / "images").resolve() == tmp_path / "x" / "images"
     assert (root / "masks").resolve() == tmp_path / "x" / "masks"
+    # Scored again: the same links (and so the data prepared from them) serve.
+    assert evaluate.folder_root(str(tmp_path / "x" / "images"), str(tmp_path / "x" / "masks")) == root
     shutil.rmtree(tmp_path / "x" / "test")  # now a plain folder of the two: used in place
     assert evaluate.folder_root(str(tmp_path / "x" / "images"),
                                 str(tmp_path / "x" / "masks")) == tmp_path / "x"

@@ -36,6 +36,10 @@ def run():
 if sys.argv[2:] == ["mapped"]:
     with host_memory.large_blocks_mapped():
         run()
+elif sys.argv[2:] == ["after_mapped"]:
+    with host_memory.large_blocks_mapped():
+        pass
+    run()
 else:
     run()
 print(json.dumps({{"applied": applied, "second_round_faults": faults[1]}}))
@@ -59,6 +63,7 @@ def test_freed_large_block_is_reused_without_page_faults_unless_opted_out():
     pages = BLOCK // 4096
     default, tuned = _probe("default"), _probe("tuned")
     opted_out, mapped = _probe("tuned", opt_out=True), _probe("tuned", "mapped")
+    after_mapped = _probe("tuned", "after_mapped")
     assert tuned["applied"] and mapped["applied"] and not opted_out["applied"]
     # Without the settings every round maps fresh pages (far fewer faults with huge pages).
     if default["second_round_faults"] < pages // 4:
@@ -67,6 +72,8 @@ def test_freed_large_block_is_reused_without_page_faults_unless_opted_out():
     assert opted_out["second_round_faults"] >= pages // 4
     # Inside large_blocks_mapped() the block is unmapped at free, as by default.
     assert mapped["second_round_faults"] >= pages // 4
+    # And after it, training's blocks are kept again (validation ran inside it, then training).
+    assert after_mapped["second_round_faults"] < pages // 100
 
 
 def test_reuse_freed_memory_is_a_no_op_off_glibc(monkeypatch):

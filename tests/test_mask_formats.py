@@ -176,6 +176,9 @@ def test_a_file_named_as_a_cutout_that_is_all_person_is_read_by_its_alpha(tmp_pa
     assert not evaluate.is_soft(values)  # it would switch the whole folder to soft maps
     np.testing.assert_array_equal(image_io.binarize(values)[0], everyone)
     assert evaluate.is_soft(evaluate.read_prediction_values(tmp_path / "a.png"))  # by its colours
+    # Named as a mask, not a cutout: read by its colours too.
+    (tmp_path / "a_mask.png").write_bytes((tmp_path / "a_cutout.png").read_bytes())
+    assert evaluate.is_soft(evaluate.read_prediction_values(tmp_path / "a_mask.png"))
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])

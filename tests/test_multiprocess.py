@@ -394,6 +394,29 @@ def test_auto_lets_jax_find_the_cluster(no_launch_env, monkeypatch):
     assert no_launch_env == [((), {})]
 
 
+def test_only_a_cluster_of_several_hosts_is_joined_on_its_own(no_launch_env, monkeypatch):
+    """One SLURM task, or a GKE TPU pod of one host, is a single process: joining a runtime
+    there would wait for peers that never come."""
+    for name, single, several in (("SLURM_NTASKS", "1", "2"),
+                                  ("TPU_WORKER_HOSTNAMES", "host-0", "host-0,host-1")):
+        monkeypatch.setenv(name, single)
+        distributed.initialize()
+        assert no_launch_env == [], name
+        monkeypatch.setenv(name, several)
+        distributed.initialize()
+        assert len(no_launch_env) == 1, name
+        no_launch_env.clear()
+        monkeypatch.delenv(name)
+
+
+def test_explicit_launch_settings_reach_jax_with_the_heartbeat_timeout(no_launch_env, monkeypatch):
+    monkeypatch.delenv(distributed.HEARTBEAT_ENV, raising=False)
+    distributed.initialize("127.0.0.1:1", 2, 1, timeout_s=300)
+    assert no_launch_env == [(("127.0.0.1:1", 2, 1), {
+        "initialization_timeout": 300,
+        "heartbeat_timeout_seconds": distributed.heartbeat_timeout_s(300)})]
+
+
 def test_launch_mistakes_are_one_line_before_joining(no_launch_env, monkeypatch):
     for args, message in [
             (("127.0.0.1:1", 2), "missing: JAXSEG_PROCESS_ID"),

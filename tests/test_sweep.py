@@ -19,6 +19,9 @@ def test_grid_and_random_trials():
     picked = sweep.trials(grid, num_random=3, seed=1)
     assert len(picked) == 3 and len({sweep.trial_name(t) for t in picked}) == 3
     assert picked == sweep.trials(grid, num_random=3, seed=1)
+    # More draws than the grid holds: the whole grid, each combination once.
+    every = sweep.trials(grid, num_random=10)
+    assert sorted(map(sweep.trial_name, every)) == sorted(map(sweep.trial_name, sweep.trials(grid)))
     with pytest.raises(ValueError):
         sweep.parse_grid(["no_equals_sign"])
     with pytest.raises(ValueError, match="optim.learning_rate lists 0.001 twice"):
@@ -270,3 +273,45 @@ def test_a_trial_is_ranked_by_its_best_validation_not_its_last(tmp_path, monkeyp
     monkeypatch.setattr(sweep, "_command", fake_train)
     (row,) = sweep.run("configs/smoke.py", tmp_path, sweep.trials(sweep.parse_grid(["x=1"])))
     assert (row["val_iou"], row["best_step"], row["final_train_loss"]) == (0.6, 2, 0.5)
+
+
+def test_a_finished_trial_of_tuple_values_is_not_run_again(tmp_path, monkeypatch):
+    """A trial's values come back from its JSON file with lists for tuples: a rerun of
+    optim.step_fractions=(0.5,0.8),... must still find its trials finished."""
+    runs = []
+
+    def fake_train(config, tdir, values, extra):
+        runs.append(tdir.name)
+        (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 1}}))
+        (tdir / "metrics.jsonl").write_text(
+            json.dumps({"step": 1, "kind": "train", "loss": 0.5}) + "\n"
+            + json.dumps({"step": 1, "kind": "validation", "val_iou": 0.5}) + "\n")
+        return [sys.executable, "-c", ""]
+
+    monkeypatch.setattr(sweep, "_command", fake_train)
+    combos = sweep.trials(sweep.parse_grid(["optim.step_fractions=(0.5,0.8),(0.6,0.9)"]))
+    first = sweep.run("configs/smoke.py", tmp_path, combos)
+    assert len(runs) == 2
+    assert sweep.run("configs/smoke.py", tmp_path, combos) == first
+    assert len(runs) == 2 and sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(runs)
+
+
+def test_parallel_below_one_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """With --parallel 0 the sweep would wait forever for a free slot once a trial started."""
+    monkeypatch.setattr(sweep, "run", lambda *args, **kwargs: pytest.fail("the sweep ran"))
+    with pytest.raises(SystemExit) as usage:
+        sweep.main(["--workdir", str(tmp_path / "sweep"), "--grid", "seed=0", "--parallel", "0"])
+    assert usage.value.code == 2 and "--parallel must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_a_stopped_sweep_exits_as_a_stopped_training_does(tmp_path, monkeypatch, capsys, stopped):
+    """A launch script reruns a sweep stopped by a signal (EX_TEMPFAIL) but not a failed one."""
+    def run(*args, **kwargs):
+        raise sweep.SweepError("unfinished trials: x", stopped=stopped)
+
+    monkeypatch.setattr(sweep, "run", run)
+    with pytest.raises(SystemExit) as exited:
+        sweep.main(["--workdir", str(tmp_path), "--grid", "seed=0"])
+    assert exited.value.code == (sweep.STOPPED_EXIT_STATUS if stopped else 1)
+    assert exited.value.code != 0 and "error: unfinished trials: x" in capsys.readouterr().err

@@ -142,6 +142,13 @@ def test_non_finite_step_leaves_state_unchanged(monkeypatch, where):
     ("data.eval_split", "validation+test", "data.eval_split='validation\\+test': the test split"),
     ("optim.step_decay", -0.1, "optim.step_decay=-0.1 must be >= 0"),
     ("optim.step_fractions", (0.5, 1.5), "optim.step_fractions=\\(0.5, 1.5\\): each must be in"),
+    ("eval.batch_size", 12, "eval.batch_size=12 must be a positive multiple of the 8 devices"),
+    ("eval.threshold", 1.0, "eval.threshold=1.0 must be in \\(0, 1\\)"),
+    ("eval.threshold", 0.0, "eval.threshold=0.0 must be in \\(0, 1\\)"),
+    ("model.dropout", 1.0, "model.dropout=1.0 must be in \\[0, 1\\)"),
+    ("train.ema_decay", 1.0, "train.ema_decay=1.0 must be in \\[0, 1\\)"),
+    ("optim.final_lr_fraction", -0.1, "optim.final_lr_fraction=-0.1 must be >= 0"),
+    ("optim.b1", -0.1, "optim.b1=-0.1 must be in \\[0, 1\\)"),
 ])
 def test_impossible_config_fails_before_any_work(field, value, message):
     config = tiny_config()
@@ -206,6 +213,17 @@ def test_a_mesh_of_fewer_devices_takes_an_equal_share_of_each_process():
         sharding.choose_devices(uneven, None, process_count=2)
 
 
+@pytest.mark.parametrize("num_devices", [1, 2, 8])
+def test_one_process_owns_every_row_of_the_batch(num_devices):
+    """With one process, its slice of the global batch is the whole batch (the input pipeline
+    decodes those rows), and a flag it raises is seen as raised."""
+    mesh = sharding.make_mesh(num_devices)
+    rows = range(16)[sharding.local_batch_slice(16, mesh)]
+    assert list(rows) == list(range(16)) and sharding.local_batch_size(16, mesh) == 16
+    assert bool(sharding.any_process_flag(True, mesh))
+    assert not bool(sharding.any_process_flag(False, mesh))
+
+
 def test_a_person_folder_without_the_asked_split_is_refused(tmp_path):
     (tmp_path / "images").mkdir()  # the single-split layout: 'train' only
     config = tiny_config()
@@ -214,6 +232,18 @@ def test_a_person_folder_without_the_asked_split_is_refused(tmp_path):
     with pytest.raises(config_check.ConfigError, match="data.eval_split='validation'.*only \\['train'\\]"):
         config_check.validate(config, num_devices=8)
     config.data.eval_split = "train"
+    config_check.validate(config, num_devices=8)
+
+
+def test_a_person_folder_trained_on_needs_its_train_split_and_one_only_scored_does_not(tmp_path):
+    (tmp_path / "validation" / "images").mkdir(parents=True)
+    config = tiny_config()
+    config.data.train = config.data.eval = "person_folder"
+    config.data.folder = str(tmp_path)
+    with pytest.raises(config_check.ConfigError,
+                       match="data.train_split='train'.*only \\['validation'\\]"):
+        config_check.validate(config, num_devices=8)
+    config.data.train = "portrait_segmentation"  # the folder only validates
     config_check.validate(config, num_devices=8)
 
 
