@@ -383,10 +383,11 @@ def main(argv):
     if (f.images or f.masks) and f.dataset:
         raise app.UsageError("--dataset and --images/--masks each name what to score: "
                              "pass one or the other")
-    # Below about 1e-6 the filter's float32 window variances lose their precision.
-    if f.refine_radius < 1 or f.refine_eps < 1e-6:
+    # Below about 1e-6 the filter's float32 window variances lose their precision; NaN would
+    # make every refined probability NaN, and so no pixel a person, without a word.
+    if f.refine_radius < 1 or not 1e-6 <= f.refine_eps < float("inf"):
         raise app.UsageError(f"--refine_radius={f.refine_radius} must be >= 1 and "
-                             f"--refine_eps={f.refine_eps:g} must be >= 1e-6")
+                             f"--refine_eps={f.refine_eps:g} a finite number >= 1e-6")
     if not 0 < f.threshold < 1:
         raise app.UsageError(f"--threshold={f.threshold} must be between 0 and 1")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)

@@ -229,7 +229,9 @@ def test_empty_prediction_scores_zero(tmp_path):
     (["--members", "1"], "--predictions scores another model's masks instead"),  # were ignored
     (["--checkpoint", "latest"], "--predictions scores another model's masks instead"),
     (["--images", "x", "--masks", "y"], "--dataset and --images/--masks each name what to score"),
-    (["--refine_eps", "1e-9"], "--refine_eps=1e-09 must be >= 1e-6"),
+    (["--refine_eps", "1e-9"], "--refine_eps=1e-09 a finite number >= 1e-6"),
+    (["--refine_eps", "nan"], "--refine_eps=nan a finite number >= 1e-6"),
+    (["--refine_eps", "inf"], "--refine_eps=inf a finite number >= 1e-6"),
     (["--refine_radius", "0"], "--refine_radius=0 must be >= 1"),
 ])
 def test_bad_options_are_a_usage_error_before_any_work(options, message, tmp_path):
