@@ -246,6 +246,19 @@ def test_gray_masks(tmp_path, scale):
     assert_mask(tmp_path / "gray.png", person)
 
 
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_a_floating_point_matte_is_cut_at_half_its_range(tmp_path, scale):
+    """A 32-bit float TIFF matte, 0-1 or 0-255: its faint halo (0.1) is background, its
+    partly covered edge (0.9) person, as an 8-bit matte's 25 and 230 are."""
+    person = drawn(16)
+    halo = cv2.dilate(person.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool) & ~person
+    edge = person & ~cv2.erode(person.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    matte = np.where(person, 1.0, 0.0) - 0.1 * edge + 0.1 * halo
+    Image.fromarray((matte * scale).astype(np.float32), "F").save(tmp_path / "matte.tif")
+    assert stored(tmp_path / "matte.tif", "mode") == "F" and halo.any() and edge.any()
+    assert_mask(tmp_path / "matte.tif", person)
+
+
 def test_sixteen_bit_and_one_bit_masks(tmp_path):
     person = drawn(15)
     assert cv2.imwrite(str(tmp_path / "u16.png"), person.astype(np.uint16) * 65535)

@@ -128,7 +128,7 @@ def _without_repeats_of_held_out(examples: list[_Example], report: Report) -> li
 class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the builders: image, mask, id and source per example, stored as array_record."""
 
-    VERSION = tfds.core.Version("1.2.4")
+    VERSION = tfds.core.Version("1.2.5")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "A photo byte-identical to one of a more held-out split is excluded "
                               "(3 portraits of the train list repeat test photos); photos with "
@@ -156,7 +156,9 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                               "ignores it (it turned the stored photo and mask); the build "
                               "report's warnings leave out photos excluded as repeats; a mask "
                               "named as a cutout (a_cutout.png) that is all opaque marks the "
-                              "whole photo (it was read by the photo's brightness)."}
+                              "whole photo (it was read by the photo's brightness).",
+                     "1.2.5": "A floating-point mask of 0-1 (a 32-bit TIFF matte) is cut at "
+                              "0.5 (it was cut at 0, so a faint halo was person)."}
     HOMEPAGE = ""
     CITATION = ""
     URL = ""  # public archive of the dataset

@@ -191,8 +191,8 @@ def read_mat(path: pathlib.Path, variable: str) -> np.ndarray:
 
 def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
     """0/1 uint8 mask from 0/1 or 0/255 (0/65535) values; a note when other values occur (0/1
-    with a void of 255, as `_void_marked` tells: person = 1; otherwise a threshold at half the
-    bit depth of the largest value)."""
+    with a void of 255, as `_void_marked` tells: person = 1; a floating-point matte of 0-1 is cut
+    at 0.5; otherwise a threshold at half the bit depth of the largest value)."""
     if ((values == 0) | (values == 1)).all():
         return (values == 1).astype(np.uint8), None
     top = values.max()
@@ -206,6 +206,10 @@ def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
         return (values == 255).astype(np.uint8), "0/255 mask with stray 1 pixels; person = 255"
     if ((values == 0) | (values == top)).all():  # two levels at another depth (16-bit 0/1000)
         return (values == top).astype(np.uint8), f"0/{top} mask; person = {top}"
+    if np.issubdtype(values.dtype, np.floating) and top <= 1:
+        # A floating-point matte (32-bit TIFF) holds coverage 0-1: cut at half, as integer
+        # mattes are at half their depth, not at 0, which would make a faint halo person.
+        return (values > 0.5).astype(np.uint8), "soft 0-1 floating-point mask; person = value > 0.5"
     # Small maxima mean a 0/1-style (or label) mask with stray values.
     threshold = 0 if top < 128 else full // 2
     note = f"mask values other than 0/1/{full} (max {top}); person = value > {threshold}"
