@@ -414,10 +414,12 @@ def predict_images(predictor, renderer, items, output, *, max_pixels, inputs_res
 
 
 def predict_video(predictor, renderer, path, target, *, progress=None):
-    """Writes the rendered video (same frame rate and size; mp4v codec; audio is dropped).
+    """Writes the rendered video (same frame rate and size; mp4v codec; audio is dropped);
+    returns the number of frames written and notes for the user.
 
     MPEG-4 frames have even sizes: an odd width or height loses its last column or row. That, and
-    a video that ends before the frame count its header gives, are noted on stderr.
+    a video that ends before the frame count its header gives, are the notes (returned, not
+    printed, so that they do not land on the line of a progress bar still open).
     """
     for name, file in (("the video's", path), ("its output's", target)):
         try:
@@ -478,13 +480,14 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
     with open(partial, "ab") as f:
         f.write(_MP4_MARK)
     os.replace(partial, target)
+    notes = []
     if (even_w, even_h) != (width, height):
-        print(f"note: {path}: {width}x{height} frames written as {even_w}x{even_h} "
-              "(MPEG-4 needs even sizes)", file=sys.stderr)
+        notes.append(f"{path}: {width}x{height} frames written as {even_w}x{even_h} "
+                     "(MPEG-4 needs even sizes)")
     if frames < announced:
-        print(f"note: {path}: only {frames} of the {announced} frames its header gives could be "
-              "read; the output is that much shorter", file=sys.stderr)
-    return frames
+        notes.append(f"{path}: only {frames} of the {announced} frames its header gives could be "
+                     "read; the output is that much shorter")
+    return frames, notes
 
 
 def ignored_option_notes(*, mode: str, soft: bool, videos: bool, background_given: bool,
@@ -574,7 +577,9 @@ def main(argv):
             continue
         try:
             with tqdm(desc=path.name, unit="frame") as progress:
-                predict_video(predictor, renderer, path, target, progress=progress)
+                _, notes = predict_video(predictor, renderer, path, target, progress=progress)
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
         except (InputError, OSError) as e:
             claimed.pop(target.resolve())
             video_problems.append((path, str(e) if isinstance(e, InputError)

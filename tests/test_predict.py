@@ -653,7 +653,7 @@ def test_video_frames_keep_their_colours(tmp_path):
     renderer = predict.Renderer(mode="background", threshold=0.5, soft=False,
                                 background=predict.parse_colour("red"))
     for value, name in ((0.0, "red.mp4"), (1.0, "kept.mp4")):
-        assert predict.predict_video(Everywhere(value), renderer, source, tmp_path / name) == 3
+        assert predict.predict_video(Everywhere(value), renderer, source, tmp_path / name) == (3, [])
     red, _ = read_video(tmp_path / "red.mp4")
     assert np.abs(np.stack(red).astype(int).mean(axis=(0, 1, 2)) - [0, 0, 255]).max() < 8  # BGR
     kept, _ = read_video(tmp_path / "kept.mp4")
@@ -662,7 +662,7 @@ def test_video_frames_keep_their_colours(tmp_path):
     # Cutouts of videos are on black: no person, no photo.
     cutout = predict.Renderer(mode="cutout", threshold=0.5, soft=False, background=None)
     for value, name in ((0.0, "black.mp4"), (1.0, "whole.mp4")):
-        assert predict.predict_video(Everywhere(value), cutout, source, tmp_path / name) == 3
+        assert predict.predict_video(Everywhere(value), cutout, source, tmp_path / name) == (3, [])
     assert np.stack(read_video(tmp_path / "black.mp4")[0]).astype(int).mean() < 8
     whole, _ = read_video(tmp_path / "whole.mp4")
     assert np.abs(np.stack(whole).astype(int) - np.stack(original)).mean() < 8
@@ -676,7 +676,7 @@ def test_a_soft_background_replacement_blends_by_the_probability():
     assert np.abs(out.astype(np.float64) - expected).max() <= 1
 
 
-def test_odd_sized_and_short_videos_are_noted(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_odd_sized_and_short_videos_are_noted(tiny_model_dir, tmp_path, monkeypatch):
     """OpenCV's MPEG-4 writer silently made a 97x61 video 96x60, and a video that ended early
     was cut short without a word: the crop is now explicit and both are noted."""
     model, config, _ = inference.load_pretrained(tiny_model_dir)
@@ -706,12 +706,13 @@ def test_odd_sized_and_short_videos_are_noted(tiny_model_dir, tmp_path, monkeypa
 
     with monkeypatch.context() as m:
         m.setattr(predict.cv2, "VideoCapture", ShortOddCapture)
-        assert predict.predict_video(predictor, renderer, tmp_path / "in.avi",
-                                     tmp_path / "out.mp4") == 3
+        count, notes = predict.predict_video(predictor, renderer, tmp_path / "in.avi",
+                                             tmp_path / "out.mp4")
     written, fps = read_video(tmp_path / "out.mp4")
-    assert len(written) == 3 and written[0].shape == (60, 96, 3) and fps == pytest.approx(10.0)
-    err = capsys.readouterr().err
-    assert "97x61 frames written as 96x60" in err and "only 3 of the 5 frames" in err
+    assert len(written) == count == 3 and written[0].shape == (60, 96, 3)
+    assert fps == pytest.approx(10.0)
+    assert len(notes) == 2
+    assert "97x61 frames written as 96x60" in notes[0] and "only 3 of the 5 frames" in notes[1]
 
 
 def test_collect_inputs_skips_hidden_files_and_repeats_and_knows_more_videos(tmp_path):
@@ -918,7 +919,7 @@ def test_a_dangling_link_named_as_an_output_is_not_written_through(tmp_path):
     assert why and "was not written by jaxseg.predict: not replaced" in why
 
 
-def test_a_video_read_to_its_end_gets_no_notes(tmp_path, capsys):
+def test_a_video_read_to_its_end_gets_no_notes(tmp_path):
     class Nobody:
         batch_size = 2
 
@@ -927,8 +928,7 @@ def test_a_video_read_to_its_end_gets_no_notes(tmp_path, capsys):
 
     source = write_video(tmp_path / "in.mp4", frames=3)
     assert predict.predict_video(Nobody(), predict.Renderer(mode="mask"), source,
-                                 tmp_path / "out.mp4") == 3
-    assert "note:" not in capsys.readouterr().err
+                                 tmp_path / "out.mp4") == (3, [])
 
 
 def test_a_probability_at_the_threshold_is_person_as_the_evaluator_counts_it():
@@ -1017,3 +1017,20 @@ def test_a_photo_with_a_non_rgb_profile_is_read_as_it_is_without_a_note():
     rgb, alpha, notes = photo_pixels.decode_photo(encoded.getvalue())
     np.testing.assert_array_equal(rgb, np.dstack([grey] * 3))
     assert alpha is None and notes == []
+
+
+def test_cli_video_notes_start_their_own_line_after_the_progress_bar(tiny_model_dir, jax_cache,
+                                                                      tmp_path):
+    """They were printed while the video's progress bar was open, onto the end of its line."""
+    # OpenCV's own MJPEG writer keeps an odd size (its FFmpeg writers round it down).
+    writer = cv2.VideoWriter(str(tmp_path / "odd.avi"), cv2.CAP_OPENCV_MJPEG,
+                             cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (97, 61))
+    assert writer.isOpened()
+    for i in range(3):
+        writer.write(photo(61, 97, seed=i))
+    writer.release()
+    result = run_cli(tiny_model_dir, tmp_path / "odd.avi", "--output", tmp_path / "out",
+                     cache=jax_cache)
+    assert result.returncode == 0, result.stderr
+    assert (f"note: {tmp_path / 'odd.avi'}: 97x61 frames written as 96x60 (MPEG-4 needs even "
+            "sizes)") in result.stderr.splitlines()
