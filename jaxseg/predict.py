@@ -298,14 +298,15 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
     the passed-over images and videos that do not carry the mark but are named as outputs or lie
     where outputs go (a user's own photos/photos/ with --output photos, say), which the run should
     name."""
-    images, videos, problems, passed_over, unmarked = [], [], [], 0, []
+    images, videos, problems, unmarked = [], [], [], []
     output = output.resolve()
     seen = set()  # an input named twice (a.jpg a.jpg, or photos photos/) is taken once
+    passed = set()  # and a file passed over is counted once
 
-    def first_time(f: pathlib.Path) -> bool:
+    def first_time(f: pathlib.Path, met: set) -> bool:
         key = f.resolve()
-        new = key not in seen
-        seen.add(key)
+        new = key not in met
+        met.add(key)
         return new
 
     for raw in inputs:
@@ -320,32 +321,36 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
                     stems[f.parent].add(f.stem)
             mirror = pathlib.Path(_mirror_name(path))
             media = 0  # the folder's images and videos, whether new or named before
+            outputs = 0  # and its earlier outputs, passed over
             for f in files:
                 kind = f.suffix.lower()
                 named_as_output = _is_earlier_output(f, stems[f.parent])
                 in_outputs = skip is not None and skip in f.resolve().parents
                 if in_outputs or named_as_output or kind not in MEDIA_SUFFIXES:
-                    passed_over += 1
-                    if ((named_as_output or (in_outputs and kind in MEDIA_SUFFIXES))
-                            and not written_by_predict(f)):
-                        unmarked.append(f)
+                    new = first_time(f, passed)
+                    if kind in MEDIA_SUFFIXES:
+                        outputs += 1
+                        if new and not written_by_predict(f):
+                            unmarked.append(f)
                     continue
                 if written_by_predict(f):  # an output of a run to another --output
-                    passed_over += 1
+                    first_time(f, passed)
+                    outputs += 1
                     continue
                 media += 1
-                if first_time(f):
+                if first_time(f, seen):
                     (videos if kind in VIDEO_SUFFIXES else images).append(
                         (f, mirror / f.relative_to(path).with_suffix("")))
             if not media:
-                problems.append((path, "no images or videos in this folder"))
+                problems.append((path, "no images or videos in this folder" + (
+                    f" but {outputs} passed over as earlier outputs" if outputs else "")))
         elif path.is_file():
-            if first_time(path):
+            if first_time(path, seen):
                 (videos if path.suffix.lower() in VIDEO_SUFFIXES else images).append(
                     (path, pathlib.Path(path.stem)))
         else:
             problems.append((path, "no such file or folder"))
-    return images, videos, problems, passed_over, unmarked
+    return images, videos, problems, len(passed), unmarked
 
 
 def output_path(output: pathlib.Path, stem: pathlib.Path, mode: str, suffix: str) -> pathlib.Path:

@@ -740,6 +740,15 @@ def test_collect_inputs_skips_hidden_files_and_repeats_and_knows_more_videos(tmp
     images, _, _, passed_over, unmarked = predict.collect_inputs([photos], photos)
     assert [p.name for p, _ in images] == ["a.png"] and passed_over == 4
     assert unmarked == [photos / "photos" / "b.png"]
+    # Named twice, the folder's passed-over files are counted, and named, once.
+    (photos / "notes.txt").write_text("not an image\n")
+    images, _, _, passed_over, unmarked = predict.collect_inputs([photos, str(photos) + "/"], photos)
+    assert [p.name for p, _ in images] == ["a.png"] and passed_over == 5
+    assert unmarked == [photos / "photos" / "b.png"]
+    # A folder of earlier outputs only says so, not that it holds no images.
+    _, _, problems, passed_over, _ = predict.collect_inputs([photos / "out"], tmp_path / "out3")
+    assert problems == [(photos / "out", "no images or videos in this folder but 1 passed over "
+                                         "as earlier outputs")] and passed_over == 1
 
 
 def test_outputs_are_marked_and_only_marked_files_are_replaced(tmp_path):
