@@ -185,7 +185,10 @@ def main():
         p.error(f"--out {out} already holds a model_state.npz from an earlier run: use a new --out "
                 f"(or move that run away first)")
     t0 = time.time()
-    z = np.load(args.data)
+    try:
+        z = np.load(args.data)
+    except (OSError, ValueError) as e:  # missing, or not an .npz (np.load says which)
+        p.error(f"--data {args.data}: cannot read it as an array file ({e})")
     if str(z.get("mask_resize", "")) != "centre":
         # A model trained on them learns to predict half a model pixel low (model.output_shift).
         p.error(f"--data {args.data}: its masks were resized by each block's top-left pixel (an "

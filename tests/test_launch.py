@@ -569,6 +569,19 @@ def test_gpu_array_train_refuses_an_array_file_of_top_left_masks(monkeypatch, ca
     assert "make it again with launch/make_array_file.py" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["none.npz", "text.npz"])
+def test_gpu_array_train_refuses_a_missing_or_unreadable_array_file(monkeypatch, capsys, tmp_path,
+                                                                    name):
+    (tmp_path / "text.npz").write_text("not an array file\n")
+    module = _load_launch_module("gpu_array_train")
+    monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / name),
+                                      "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    assert f"error: --data {tmp_path / name}: cannot read it as an array file" in capsys.readouterr().err
+
+
 def test_gpu_array_train_refuses_a_mixture_the_file_cannot_give(monkeypatch, capsys, tmp_path):
     """data.train names a dataset the array file lacks: refused, not trained without it."""
     _tiny_array_file(monkeypatch, tmp_path / "arr.npz", "ccp_person", per_split=2)
