@@ -31,7 +31,7 @@ from flax import nnx
 
 from jaxseg import inference
 from jaxseg.arg_types import add_model_arguments, at_least
-from jaxseg.workdir import local_folder_problem, local_output_folder
+from jaxseg.workdir import escape_unencodable_stdout, local_folder_problem, local_output_folder
 
 PLATFORMS = ("cpu",)
 STABLEHLO_FILE = "model.stablehlo"
@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: load the model, write every form, print the manifest's summary."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
-    if hasattr(sys.stdout, "reconfigure"):  # a non-UTF-8 --output in the last line
-        sys.stdout.reconfigure(errors="backslashreplace")
+    escape_unencodable_stdout()  # a non-UTF-8 --output in the last line
     output = local_output_folder(args.output)
     created = not output.exists()
     problem = local_folder_problem(output)  # before the minutes of loading and converting

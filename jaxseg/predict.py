@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxseg import photo_pixels, refine, resolution
 from jaxseg.inference import person_probabilities
-from jaxseg.workdir import local_folder_problem, local_output_folder
+from jaxseg.workdir import escape_unencodable_stdout, local_folder_problem, local_output_folder
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".3gp", ".mpg", ".mpeg",
                   ".wmv", ".flv", ".mts", ".m2ts"}
@@ -524,10 +524,7 @@ def main(argv):
     from tqdm import tqdm
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
-    # A file name that is not valid UTF-8 must not end the run at its summary line (stderr
-    # already escapes such names; stdout, under a UTF-8 locale, would raise).
-    if hasattr(sys.stdout, "reconfigure"):  # not a captured stream (a notebook's, say)
-        sys.stdout.reconfigure(errors="backslashreplace")
+    escape_unencodable_stdout()  # a file name that is not UTF-8 in the summary line
 
     from jaxseg import inference
 

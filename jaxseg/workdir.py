@@ -1,5 +1,6 @@
-"""Workdir paths: local folders or storage URLs (gs://...) shared by every process of a pod; and
-the exit status of a training that stopped with its workdir ready to resume.
+"""Workdir paths: local folders or storage URLs (gs://...) shared by every process of a pod; the
+output folders of the command lines, and their summaries of them on stdout; and the exit status of
+a training that stopped with its workdir ready to resume.
 
 pathlib would turn 'gs://bucket/run' into the local folder 'gs:/bucket/run' and write each TPU
 host's checkpoints to its own disk; etils.epath keeps the URL (orbax writes it through tensorstore,
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 from etils import epath
 
@@ -49,3 +51,11 @@ def local_output_folder(text: str) -> pathlib.Path:
     if path.exists() and not path.is_dir():
         raise SystemExit(f"--output {path}: exists and is not a folder")
     return path
+
+
+def escape_unencodable_stdout() -> None:
+    """Lets stdout print a path that is not valid UTF-8 (escaped, as stderr prints it) instead of
+    raising under a UTF-8 locale at a command's summary line, after all its work. A captured stream
+    without `reconfigure` (a notebook's, say) is left as it is."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")

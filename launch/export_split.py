@@ -24,7 +24,8 @@ if str(REPO) not in sys.path:  # run as a script: make `import jaxseg` work from
     sys.path.insert(0, str(REPO))
 
 from jaxseg.arg_types import at_least  # noqa: E402 (after the path above)
-from jaxseg.photo_pixels import PhotoError, encode_png  # noqa: E402
+from jaxseg.photo_pixels import encode_png  # noqa: E402
+from jaxseg.workdir import escape_unencodable_stdout  # noqa: E402
 
 IDS_FILE = "ids.txt"
 
@@ -53,10 +54,7 @@ def export(source, out_dir: str | pathlib.Path, *, limit: int | None = None) -> 
             raise ValueError(f"example {example_id}: expected uint8 HxWx3 RGB, got "
                              f"{image.dtype} {image.shape}")
         path = out_dir / f"{example_id}.png"
-        try:  # encoded here and written by Python: OpenCV's imwrite crashes on a non-UTF-8 path
-            path.write_bytes(encode_png(image))
-        except PhotoError as e:
-            raise OSError(f"cannot write {path}: {e}") from None
+        path.write_bytes(encode_png(image))  # not cv2.imwrite, which crashes on a non-UTF-8 path
         ids.append(example_id)
     (out_dir / IDS_FILE).write_text("".join(f"{i}\n" for i in ids))
     return ids
@@ -72,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=at_least(1), default=None,
                         help="export only the first N examples")
     args = parser.parse_args(argv)
+    escape_unencodable_stdout()  # a non-UTF-8 --out in the summary line
 
     from jaxseg import datasets
 

@@ -53,7 +53,8 @@ def read_bgr(path: pathlib.Path) -> np.ndarray | None:
 
 def write_png(path: pathlib.Path, image: np.ndarray) -> None:
     """IMAGE (uint8, OpenCV's channel order) as a PNG at PATH, written by Python for the same
-    reason as read_bgr; OSError when it cannot be."""
+    reason as read_bgr; OSError when it cannot be. (jaxseg.photo_pixels.encode_png's work, done
+    here again because this script runs in MediaPipe's environment, without jaxseg.)"""
     ok, png = cv2.imencode(".png", image)
     if not ok:
         raise OSError("PNG encoding failed")
@@ -70,6 +71,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:  # [:0] would be no photo, [:-1] all but one
         parser.error(f"--limit must be at least 1, got {args.limit}")
+    # A non-UTF-8 --out must not end the run at its summary line (as jaxseg.workdir's
+    # escape_unencodable_stdout does it; jaxseg is not in this environment).
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
     import mediapipe as mp  # only in the mediapipe environment
 

@@ -112,11 +112,18 @@ def test_export_split_writes_one_lossless_rgb_png_per_id(tmp_path, monkeypatch):
     assert _load("mediapipe_segment").list_ids(tmp_path / "two") == ids[:2]
 
 
-def test_export_split_and_segment_read_and_write_under_a_non_utf8_folder(tmp_path):
-    # OpenCV's imread/imwrite crash the process on such a path; both scripts hand it bytes.
+def test_export_split_and_segment_read_and_write_under_a_non_utf8_folder(tmp_path, monkeypatch,
+                                                                          capsys):
+    # OpenCV's imread/imwrite crash the process on such a path; both scripts hand it bytes. And
+    # the summary line names the folder escaped, not with an encoding error after the work.
+    import jaxseg.datasets
+
     folder = tmp_path / os.fsdecode(b"caf\xe9")  # Latin-1 'café', not UTF-8
     source = fake_source(2, seed=5)
-    ids = _load("export_split").export(source, folder)
+    monkeypatch.setattr(jaxseg.datasets, "data_source", lambda *args, **kwargs: source)
+    assert _load("export_split").main(["--dataset", "ccp_person", "--out", str(folder)]) == 0
+    assert "caf\\udce9" in capsys.readouterr().out
+    ids = [ex["id"] for ex in source]
     segment = _load("mediapipe_segment")
     assert segment.list_ids(folder) == ids
     for ex in source:
