@@ -84,6 +84,14 @@ def test_binarize_rules():
     # A 0/255 mask with a stray 1 is not read as a void-marked 0/1 mask: its person stays.
     mask, note = image_io.binarize(np.array([[0, 255, 255, 1]], np.uint8))
     assert "stray 1" in note and mask.tolist() == [[0, 1, 1, 0]]
+    # Floating point: a 0-1 matte, also one resampled a little over 1, is cut at 0.5; NaN and
+    # infinite values make the file unusable, not the build stop.
+    for top in (1.0, 1.03):
+        mask, note = image_io.binarize(np.array([[0, 0.1, 0.45, 0.55, top]], np.float32))
+        assert "> 0.5" in note and mask.tolist() == [[0, 0, 0, 1, 1]]
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(image_io.BadFile, match="NaN or infinite"):
+            image_io.binarize(np.array([[0, 1, bad]], np.float32))
 
 
 def test_a_small_person_inside_a_wider_void_band_stays_the_person():

@@ -158,7 +158,9 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                               "named as a cutout (a_cutout.png) that is all opaque marks the "
                               "whole photo (it was read by the photo's brightness).",
                      "1.2.5": "A floating-point mask of 0-1 (a 32-bit TIFF matte) is cut at "
-                              "0.5 (it was cut at 0, so a faint halo was person)."}
+                              "0.5 (it was cut at 0, so a faint halo was person); one holding "
+                              "NaN or infinite values is skipped as a bad file (it stopped the "
+                              "build)."}
     HOMEPAGE = ""
     CITATION = ""
     URL = ""  # public archive of the dataset

@@ -192,7 +192,11 @@ def read_mat(path: pathlib.Path, variable: str) -> np.ndarray:
 def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
     """0/1 uint8 mask from 0/1 or 0/255 (0/65535) values; a note when other values occur (0/1
     with a void of 255, as `_void_marked` tells: person = 1; a floating-point matte of 0-1 is cut
-    at 0.5; otherwise a threshold at half the bit depth of the largest value)."""
+    at 0.5; otherwise a threshold at half the bit depth of the largest value). BadFile for a
+    floating-point mask holding NaN or infinite values."""
+    floating = np.issubdtype(values.dtype, np.floating)
+    if floating and not np.isfinite(values).all():
+        raise BadFile("mask holds NaN or infinite values")
     if ((values == 0) | (values == 1)).all():
         return (values == 1).astype(np.uint8), None
     top = values.max()
@@ -206,9 +210,10 @@ def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
         return (values == 255).astype(np.uint8), "0/255 mask with stray 1 pixels; person = 255"
     if ((values == 0) | (values == top)).all():  # two levels at another depth (16-bit 0/1000)
         return (values == top).astype(np.uint8), f"0/{top} mask; person = {top}"
-    if np.issubdtype(values.dtype, np.floating) and top <= 1:
-        # A floating-point matte (32-bit TIFF) holds coverage 0-1: cut at half, as integer
-        # mattes are at half their depth, not at 0, which would make a faint halo person.
+    if floating and top < 2:
+        # A floating-point matte (32-bit TIFF) holds coverage 0-1 (a little over 1 where it was
+        # resampled): cut at half, as integer mattes are at half their depth, not at 0, which
+        # would make a faint halo person.
         return (values > 0.5).astype(np.uint8), "soft 0-1 floating-point mask; person = value > 0.5"
     # Small maxima mean a 0/1-style (or label) mask with stray values.
     threshold = 0 if top < 128 else full // 2
