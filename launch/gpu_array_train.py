@@ -24,6 +24,7 @@ import pathlib
 import sys
 import tempfile
 import time
+import zipfile
 
 # `python launch/gpu_array_train.py` puts launch/, not the repository root, on sys.path: without
 # this, `configs` and `jaxseg` would only import with PYTHONPATH=. set.
@@ -185,10 +186,16 @@ def main():
         p.error(f"--out {out} already holds a model_state.npz from an earlier run: use a new --out "
                 f"(or move that run away first)")
     t0 = time.time()
+    not_an_array_file = (f"--data {args.data}: not an array file of launch/make_array_file.py "
+                         "(or a copy of one cut short)")
     try:
         z = np.load(args.data)
-    except (OSError, ValueError) as e:  # missing, or not an .npz (np.load says which)
-        p.error(f"--data {args.data}: cannot read it as an array file ({e})")
+    except OSError as e:
+        p.error(f"--data {args.data}: cannot read it ({e.strerror or e})")
+    except (ValueError, zipfile.BadZipFile):  # another kind of file, or a truncated zip
+        p.error(not_an_array_file)
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a single .npy array
+        p.error(not_an_array_file)
     if str(z.get("mask_resize", "")) != "centre":
         # A model trained on them learns to predict half a model pixel low (model.output_shift).
         p.error(f"--data {args.data}: its masks were resized by each block's top-left pixel (an "

@@ -569,17 +569,24 @@ def test_gpu_array_train_refuses_an_array_file_of_top_left_masks(monkeypatch, ca
     assert "make it again with launch/make_array_file.py" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["none.npz", "text.npz"])
+@pytest.mark.parametrize("name, message", [
+    ("none.npz", "cannot read it (No such file or directory)"),
+    ("text.npz", "not an array file of launch/make_array_file.py"),
+    ("cut.npz", "not an array file of launch/make_array_file.py"),
+    ("one.npy", "not an array file of launch/make_array_file.py")])
 def test_gpu_array_train_refuses_a_missing_or_unreadable_array_file(monkeypatch, capsys, tmp_path,
-                                                                    name):
+                                                                    name, message):
     (tmp_path / "text.npz").write_text("not an array file\n")
+    np.savez(tmp_path / "whole.npz", a=np.arange(1000))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:500])
+    np.save(tmp_path / "one.npy", np.arange(3))
     module = _load_launch_module("gpu_array_train")
     monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / name),
                                       "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as e:
         module.main()
     assert e.value.code == 2
-    assert f"error: --data {tmp_path / name}: cannot read it as an array file" in capsys.readouterr().err
+    assert f"error: --data {tmp_path / name}: {message}" in capsys.readouterr().err
 
 
 def test_gpu_array_train_refuses_a_mixture_the_file_cannot_give(monkeypatch, capsys, tmp_path):
