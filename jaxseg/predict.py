@@ -290,7 +290,8 @@ def _files_under(folder: pathlib.Path) -> list[pathlib.Path]:
 
 def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int, list]:
     """(images, videos, problems, passed_over, unmarked): [(path, relative output stem)], how many
-    files of the input folders were not taken: neither images nor videos by their suffix, or
+    files of the input folders (each file once, however it was reached) were not taken: neither
+    images nor videos by their suffix, or
     earlier outputs (the output folder's tree where it lies inside an input folder, files named
     as outputs of a file beside them: x_mask.png next to x.jpg, as --output at an input folder's
     parent writes them, and files carrying the output mark, wherever an earlier run put them).
@@ -301,7 +302,8 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
     images, videos, problems, unmarked = [], [], [], []
     output = output.resolve()
     seen = set()  # an input named twice (a.jpg a.jpg, or photos photos/) is taken once
-    passed = set()  # and a file passed over is counted once
+    passed = set()  # and a file passed over is counted once, as a folder without media is named
+    empty_folders = set()
 
     def first_time(f: pathlib.Path, met: set) -> bool:
         key = f.resolve()
@@ -321,7 +323,7 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
                     stems[f.parent].add(f.stem)
             mirror = pathlib.Path(_mirror_name(path))
             media = 0  # the folder's images and videos, whether new or named before
-            outputs = 0  # and its earlier outputs, passed over
+            earlier_outputs = 0  # its files carrying the output mark, passed over
             for f in files:
                 kind = f.suffix.lower()
                 named_as_output = _is_earlier_output(f, stems[f.parent])
@@ -329,21 +331,23 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
                 if in_outputs or named_as_output or kind not in MEDIA_SUFFIXES:
                     new = first_time(f, passed)
                     if kind in MEDIA_SUFFIXES:
-                        outputs += 1
-                        if new and not written_by_predict(f):
+                        if written_by_predict(f):
+                            earlier_outputs += 1
+                        elif new:
                             unmarked.append(f)
                     continue
                 if written_by_predict(f):  # an output of a run to another --output
                     first_time(f, passed)
-                    outputs += 1
+                    earlier_outputs += 1
                     continue
                 media += 1
                 if first_time(f, seen):
                     (videos if kind in VIDEO_SUFFIXES else images).append(
                         (f, mirror / f.relative_to(path).with_suffix("")))
-            if not media:
+            if not media and first_time(path, empty_folders):
                 problems.append((path, "no images or videos in this folder" + (
-                    f" but {outputs} passed over as earlier outputs" if outputs else "")))
+                    f", only {earlier_outputs} earlier output(s) of jaxseg.predict"
+                    if earlier_outputs else "")))
         elif path.is_file():
             if first_time(path, seen):
                 (videos if path.suffix.lower() in VIDEO_SUFFIXES else images).append(

@@ -745,10 +745,16 @@ def test_collect_inputs_skips_hidden_files_and_repeats_and_knows_more_videos(tmp
     images, _, _, passed_over, unmarked = predict.collect_inputs([photos, str(photos) + "/"], photos)
     assert [p.name for p, _ in images] == ["a.png"] and passed_over == 5
     assert unmarked == [photos / "photos" / "b.png"]
-    # A folder of earlier outputs only says so, not that it holds no images.
-    _, _, problems, passed_over, _ = predict.collect_inputs([photos / "out"], tmp_path / "out3")
-    assert problems == [(photos / "out", "no images or videos in this folder but 1 passed over "
-                                         "as earlier outputs")] and passed_over == 1
+    # A folder of earlier outputs says so, once however often it is named; a user's own photo
+    # where outputs go is no earlier output.
+    _, _, problems, passed_over, _ = predict.collect_inputs([photos / "out", photos / "out"],
+                                                            tmp_path / "out3")
+    assert problems == [(photos / "out", "no images or videos in this folder, only 1 earlier "
+                                         "output(s) of jaxseg.predict")] and passed_over == 1
+    fx.write(tmp_path / "solo" / "solo" / "b.png", photo(10, 10))
+    _, _, problems, _, unmarked = predict.collect_inputs([tmp_path / "solo"], tmp_path / "solo")
+    assert problems == [(tmp_path / "solo", "no images or videos in this folder")]
+    assert unmarked == [tmp_path / "solo" / "solo" / "b.png"]
 
 
 def test_outputs_are_marked_and_only_marked_files_are_replaced(tmp_path):
