@@ -26,6 +26,23 @@ def person(seed: int, h: int = H, w: int = W) -> np.ndarray:
     return mask
 
 
+def mean_centre_shift(resize, size: tuple[int, int], seed: int, count: int = 20) -> np.ndarray:
+    """Mean (row, column) offset, in output pixels, of the centre of mass of RESIZE(mask) from an
+    area-resized (exact) copy's, over COUNT rectangles in 450x600 masks resized to SIZE (h, w)."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    grid = np.mgrid[:height, :width].reshape(2, -1)
+    shifts = []
+    for _ in range(count):
+        mask = np.zeros((450, 600), np.uint8)
+        top, left = rng.integers(20, 200), rng.integers(20, 300)
+        mask[top:top + rng.integers(60, 200), left:left + rng.integers(60, 250)] = 1
+        resized = np.asarray(resize(mask)).reshape(height, width)
+        exact = cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+        shifts.append(grid @ resized.ravel() / resized.sum() - grid @ exact.ravel() / exact.sum())
+    return np.mean(shifts, axis=0)
+
+
 def write(path: pathlib.Path, rgb_or_gray: np.ndarray) -> pathlib.Path:
     """Write an RGB (or gray, or RGBA) array with OpenCV, format from the suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)

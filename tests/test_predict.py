@@ -870,6 +870,8 @@ def test_photos_are_predicted_in_chunks_of_bounded_pixels(tiny_model_dir, tmp_pa
     for i in range(5):
         cv2.imwrite(str(tmp_path / f"p{i}.png"), photo(30, 40, seed=i))
         items.append((tmp_path / f"p{i}.png", pathlib.PurePath(f"p{i}")))
+    (tmp_path / "broken.png").write_bytes(b"not a photo")  # skipped, and counted as done too
+    items.append((tmp_path / "broken.png", pathlib.PurePath("broken")))
 
     class Progress:
         done = 0
@@ -884,7 +886,8 @@ def test_photos_are_predicted_in_chunks_of_bounded_pixels(tiny_model_dir, tmp_pa
         problems = predict.predict_images(predictor, predict.Renderer(mode="mask"), items, out,
                                           max_pixels=10**6, inputs_resolved=set(),
                                           progress=progress)
-        assert problems == [] and calls == expected and progress.done == 5
+        assert [p for p, _ in problems] == [tmp_path / "broken.png"]
+        assert calls == expected and progress.done == len(items)
         assert sorted(p.name for p in out.iterdir()) == [f"p{i}_mask.png" for i in range(5)]
 
 
@@ -932,18 +935,6 @@ def test_a_dangling_link_named_as_an_output_is_not_written_through(tmp_path):
     (tmp_path / "a_mask.png").symlink_to(tmp_path / "elsewhere" / "target.png")
     why = predict.claim_output(tmp_path / "a_mask.png", tmp_path / "a.png", set(), {})
     assert why and "was not written by jaxseg.predict: not replaced" in why
-
-
-def test_a_video_read_to_its_end_gets_no_notes(tmp_path):
-    class Nobody:
-        batch_size = 2
-
-        def probabilities(self, images):
-            return [np.zeros(image.shape[:2], np.float32) for image in images]
-
-    source = write_video(tmp_path / "in.mp4", frames=3)
-    assert predict.predict_video(Nobody(), predict.Renderer(mode="mask"), source,
-                                 tmp_path / "out.mp4") == (3, [])
 
 
 def test_a_probability_at_the_threshold_is_person_as_the_evaluator_counts_it():
@@ -996,26 +987,6 @@ def test_a_larger_background_image_is_averaged_down_not_sampled():
     np.testing.assert_allclose(bg, stripes.mean(), atol=1)
 
 
-def test_progress_counts_the_skipped_photos_too(tiny_model_dir, tmp_path):
-    model, config, _ = inference.load_pretrained(tiny_model_dir)
-    predictor = predict.Predictor(model, config.data.image_size, batch_size=2)
-    cv2.imwrite(str(tmp_path / "a.png"), photo(30, 40))
-    (tmp_path / "b.png").write_bytes(b"not a photo")
-    items = [(tmp_path / n, pathlib.PurePath(n[0])) for n in ("a.png", "b.png")]
-
-    class Progress:
-        done = 0
-
-        def update(self, n):
-            self.done += n
-
-    progress = Progress()
-    problems = predict.predict_images(predictor, predict.Renderer(mode="mask"), items,
-                                      tmp_path / "out", max_pixels=10**6, inputs_resolved=set(),
-                                      progress=progress)
-    assert [p for p, _ in problems] == [tmp_path / "b.png"] and progress.done == len(items)
-
-
 def test_a_photo_with_a_non_rgb_profile_is_read_as_it_is_without_a_note():
     """Only an RGB profile other than sRGB is converted; grey, CMYK and Lab ones (Lab here:
     Pillow builds no grey or CMYK profile) hold no RGB numbers to convert."""
@@ -1040,7 +1011,8 @@ def test_cli_video_notes_start_their_own_line_after_the_progress_bar(tiny_model_
     # OpenCV's own MJPEG writer keeps an odd size (its FFmpeg writers round it down).
     writer = cv2.VideoWriter(str(tmp_path / "odd.avi"), cv2.CAP_OPENCV_MJPEG,
                              cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (97, 61))
-    assert writer.isOpened()
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build has no MJPEG writer of its own")
     for i in range(3):
         writer.write(photo(61, 97, seed=i))
     writer.release()
