@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import math
 import pathlib
 import re
 import sys
@@ -384,8 +385,8 @@ def main(argv):
         raise app.UsageError("--dataset and --images/--masks each name what to score: "
                              "pass one or the other")
     # Below about 1e-6 the filter's float32 window variances lose their precision; NaN would
-    # make every refined probability NaN, and so no pixel a person, without a word.
-    if f.refine_radius < 1 or not 1e-6 <= f.refine_eps < float("inf"):
+    # make every refined probability NaN (no pixel a person, without a word), and inf a box blur.
+    if f.refine_radius < 1 or not (math.isfinite(f.refine_eps) and f.refine_eps >= 1e-6):
         raise app.UsageError(f"--refine_radius={f.refine_radius} must be >= 1 and "
                              f"--refine_eps={f.refine_eps:g} a finite number >= 1e-6")
     if not 0 < f.threshold < 1:
