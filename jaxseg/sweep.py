@@ -1,5 +1,5 @@
 """Hyperparameter search: `python -m jaxseg.sweep --config C --workdir W --grid a.b=1,2 [--grid ...]
-[--config.x.y=V ...]` (the trailing config overrides go to every trial's training).
+[--config.x.y=V ...]` (config overrides, anywhere on the line, go to every trial's training).
 
 Each trial is an ordinary training run (`jaxseg.train`) in its own workdir W/<trial>, with the
 trial's values as `--config.a.b=v` overrides, run sequentially or `--parallel N` at a time. Trials
