@@ -225,6 +225,30 @@ def test_split_of_an_id_is_stable(portraits, tmp_path):
 # ---------------------------------------------------------------- ccp
 
 
+def test_a_dataset_is_built_by_one_process_at_a_time(tmp_path):
+    """Two builds of one dataset into one data dir at once collided (the second's final rename
+    failed: a sweep's parallel trials on a fresh machine). The second waits for the first's lock,
+    then reads what the first built."""
+    import threading
+
+    import tensorflow_datasets as tfds
+
+    fx.make_ccp(tmp_path / "ccp")
+    data_dir, manual_dir = str(tmp_path / "dd"), str(tmp_path / "ccp")
+    target = datasets.builder("ccp_person", data_dir=data_dir).data_path
+    sizes = []
+    with datasets._one_build_at_a_time(target):  # another process's build, under way
+        waiting = threading.Thread(target=lambda: sizes.append(datasets.prepare(
+            "ccp_person", data_dir=data_dir, manual_dir=manual_dir).split_sizes()))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not target.exists()  # waits; builds nothing beside it
+        other = datasets.builder("ccp_person", data_dir=data_dir)
+        other.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    waiting.join(timeout=120)
+    assert sizes == [other.split_sizes()] and sum(sizes[0].values()) > 0
+
+
 @pytest.mark.parametrize("given", ["its own folder", "the folder of both datasets"])
 def test_ccp_fixture(tmp_path, given):
     """--manual_dir names the dataset's folder, or (like $JAXSEG_MANUAL_DIR) the one holding

@@ -8,6 +8,8 @@ public archives; without it the archives are downloaded. Prepared data goes to
 `build_report.json` listing every skipped, excluded or converted file.
 """
 import collections.abc
+import contextlib
+import fcntl
 import operator
 import os
 import pathlib
@@ -54,6 +56,35 @@ def prepare(name: str, *, data_dir: str | None = None, folder: str | None = None
     read as $JAXSEG_MANUAL_DIR is: the folder of both datasets.
     """
     ds_builder = builder(name, data_dir=data_dir, folder=folder, on_bad=on_bad)
+    if not ds_builder.data_path.exists():
+        with _one_build_at_a_time(ds_builder.data_path):
+            # Made again once the lock is held: a builder made before another process finished
+            # the data would skip the build without reading what it built.
+            ds_builder = builder(name, data_dir=data_dir, folder=folder, on_bad=on_bad)
+            _download_and_prepare(ds_builder, name, manual_dir)
+    else:
+        _download_and_prepare(ds_builder, name, manual_dir)
+    return ds_builder
+
+
+@contextlib.contextmanager
+def _one_build_at_a_time(data_path):
+    """Holds an exclusive lock beside a dataset's folder while it is built: two processes building
+    one dataset into one data dir at once collide (the second's final rename fails), as a sweep's
+    parallel trials or two commands started together on a fresh machine do. The second waits,
+    then finds the data built. Storage URLs (gs://...) are not locked."""
+    if "://" in str(data_path):
+        yield
+        return
+    folder = pathlib.Path(data_path)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _download_and_prepare(ds_builder, name: str, manual_dir: str | None) -> None:
+    """Builds NAME unless it is built, from manual_dir or $JAXSEG_MANUAL_DIR/<subfolder>."""
     if manual_dir is None and os.environ.get("JAXSEG_MANUAL_DIR") and name in MANUAL_SUBDIRS:
         manual_dir = pathlib.Path(os.environ["JAXSEG_MANUAL_DIR"]) / MANUAL_SUBDIRS[name]
     elif manual_dir is not None and name in MANUAL_SUBDIRS:
@@ -61,7 +92,6 @@ def prepare(name: str, *, data_dir: str | None = None, folder: str | None = None
         if not ds_builder.find_layout(pathlib.Path(manual_dir)) and shared.is_dir():
             manual_dir = shared  # else both datasets of one --manual_dir were downloaded
     ds_builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    return ds_builder
 
 
 class Source(collections.abc.Sequence):
