@@ -105,3 +105,53 @@ def test_train_bench_times_jax_alone(capsys):
     assert len(rate) == 1 and rate[0].startswith("median images/s jax: ")
     assert float(rate[0].split(": ")[1]) > 0
     assert not any("keras" in line for line in lines)
+
+
+def test_infer_photo_path_times_a_height_by_width_photo_plain_and_refined(capsys, monkeypatch):
+    """--photo_size is HEIGHTxWIDTH, and each figure is that of its own predictor (the clock is
+    replaced: a refined call 'takes' 3 ms, a plain one 1 ms)."""
+    import jaxseg.predict
+    from jaxseg import bench_infer
+
+    made = []
+
+    class FakePredictor:
+        def __init__(self, model, size, *, batch_size, refined):
+            made.append((model, size, batch_size, refined))
+            self.refined = refined
+
+        def probabilities(self, photos):
+            assert [p.shape for p in photos] == [(30, 20, 3)]
+            return [np.zeros(p.shape[:2], np.float32) for p in photos]
+
+    monkeypatch.setattr(jaxseg.predict, "Predictor", FakePredictor)
+    monkeypatch.setattr(bench_infer, "_seconds",
+                        lambda run, photos: 0.003 if run.__self__.refined else 0.001)
+    args = bench_infer._parser().parse_args(["--photo_size", "30x20", "--repeats", "3",
+                                             "--warmup", "1"])
+    assert args.photo_size == (30, 20)
+    assert bench_infer._parser().parse_args([]).photo_size == (800, 600)
+    bench_infer._photo_path("model", 64, args)
+    assert sorted(refined for *_, refined in made) == [False, True]
+    assert all(m[:3] == ("model", 64, 1) for m in made)
+    assert ("predict path, one 30x20 photo: 1.00 ms plain, 3.00 ms with --refine (+2.00 ms)"
+            in capsys.readouterr().out)
+
+
+def test_infer_reports_latency_from_batch_1_and_throughput_from_the_batch(capsys, monkeypatch):
+    """The table's figures come from the right timings (the clock is replaced: a call 'takes'
+    1 ms per image), for JAX and each export runner."""
+    from jaxseg import bench_infer, export, inference
+
+    c = smoke.get_config()
+    c.data.image_size, c.model.depth, c.model.base_features = 16, 2, 4
+    model = create_model(c.model)
+    monkeypatch.setattr(inference, "load_or_exit", lambda *a: (model, c, "tiny"))
+    monkeypatch.setattr(export, "export_all", lambda *a, **k: {"tflite": {}})
+    monkeypatch.setattr(export, "runners", lambda *a, **k: {"other": {None: lambda x: x}})
+    monkeypatch.setattr(bench_infer, "_seconds", lambda run, images: 1e-3 * len(images))
+    monkeypatch.setattr(bench_infer, "_photo_path", lambda *a: None)
+    bench_infer.main(["--batch_size", "4", "--repeats", "2", "--warmup", "1"])
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in ("jax", "other")}
+    assert rows == {"jax": ["1.00", "1000.0"], "other": ["1.00", "1000.0"]}

@@ -23,6 +23,11 @@ import fixtures_data as fx
 from jaxseg import datasets, photo_pixels
 from jaxseg.datasets import base, ccp_person, image_io, portrait_segmentation
 
+# The split rules the README documents, written out here rather than read from the builders, so
+# that a changed constant (which would move published splits) fails the tests.
+PORTRAITS_90_10 = {"train": 0.9, "validation": 0.1}  # of the photos outside the official test list
+CCP_80_10_10 = {"train": 0.8, "validation": 0.1, "test": 0.1}
+
 
 def ids_by_split(name: str, data_dir, folder=None) -> dict[str, list[str]]:
     """Ids of every split, in the sources' order."""
@@ -172,6 +177,8 @@ def test_portraits_splits_and_report(portraits):
     assert set(ids["test"]) == expected["test"]
     assert set(ids["train"]) | set(ids["validation"]) == expected["train+validation"]
     assert ids["validation"] and not set(ids["train"]) & set(ids["validation"])
+    # The documented rule: about 90/10 by the stable hash (not merely the module's own constant).
+    assert all(base.hash_split(i, PORTRAITS_90_10) == s for s in ("train", "validation") for i in ids[s])
     report = datasets.build_report("portrait_segmentation", data_dir=str(data_dir))
     assert {e["file"]: e["reason"] for e in report["excluded"]} == expected["excluded"]
     assert report["skipped"] == []
@@ -231,8 +238,6 @@ def test_a_dataset_is_built_by_one_process_at_a_time(tmp_path):
     then reads what the first built."""
     import threading
 
-    import tensorflow_datasets as tfds
-
     fx.make_ccp(tmp_path / "ccp")
     data_dir, manual_dir = str(tmp_path / "dd"), str(tmp_path / "ccp")
     target = datasets.builder("ccp_person", data_dir=data_dir).data_path
@@ -260,6 +265,8 @@ def test_ccp_fixture(tmp_path, given):
     ids = ids_by_split("ccp_person", data_dir)
     assert {i for v in ids.values() for i in v} == expected["ids"]
     assert all(split == base.hash_split(i, ccp_person.FRACTIONS) for split, v in ids.items() for i in v)
+    # The documented rule: train/validation/test 80/10/10 by the stable hash, in that order.
+    assert all(split == base.hash_split(i, CCP_80_10_10) for split, v in ids.items() for i in v)
     report = datasets.build_report("ccp_person", data_dir=data_dir)
     assert {e["file"]: e["reason"] for e in report["excluded"]} == expected["excluded"]
     src = datasets.data_source("ccp_person", "train", data_dir=data_dir)
@@ -460,7 +467,8 @@ def test_real_portraits_split_sizes(real_data_dir, manual_dir):
     repeats = {i for i in usable - test_list if digest[i] in test_digests}
     assert len(repeats) == 3
     rest = usable - test_list - repeats
-    train = {i for i in rest if base.hash_split(i, portrait_segmentation.TRAIN_FRACTIONS) == "train"}
+    # The documented 90/10 by the stable hash (a changed constant would move published splits).
+    train = {i for i in rest if base.hash_split(i, PORTRAITS_90_10) == "train"}
     sizes = datasets.split_sizes("portrait_segmentation", data_dir=real_data_dir)
     assert sizes == {"test": len(usable & test_list), "train": len(train), "validation": len(rest - train)}
     assert sizes["train"] + sizes["validation"] == len(rest)
@@ -481,7 +489,7 @@ def test_real_ccp_split_sizes(real_data_dir, manual_dir):
     labelled = {i for i in _stems(root / "annotations/pixel-level", ".mat") & photos
                 if scipy.io.loadmat(root / f"annotations/pixel-level/{i}.mat")["groundtruth"].any()}
     assert "0536" not in labelled
-    expected = {s: sum(base.hash_split(i, ccp_person.FRACTIONS) == s for i in labelled) for s in ccp_person.FRACTIONS}
+    expected = {s: sum(base.hash_split(i, CCP_80_10_10) == s for i in labelled) for s in CCP_80_10_10}
     assert datasets.split_sizes("ccp_person", data_dir=real_data_dir) == expected
     report = datasets.build_report("ccp_person", data_dir=real_data_dir)
     assert report["excluded"] == [{"file": "annotations/pixel-level/0536.mat",
@@ -903,3 +911,43 @@ def test_build_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match=r"^error: .*Not a directory"):  # not a traceback
         cli.main(["build", "person_folder", "--folder", str(tmp_path / "good"),
                   "--data_dir", str(tmp_path / "a_file")])
+
+
+def test_build_command_passes_its_options_to_each_build(tmp_path, capsys, monkeypatch):
+    from jaxseg.datasets import __main__ as cli
+
+    built = []
+
+    class Built:
+        data_dir = str(tmp_path)
+
+        def split_sizes(self):
+            return {"train": 2}
+
+        def report(self):
+            return {"counts": {"excluded": 1}}
+
+    monkeypatch.setattr(datasets, "prepare", lambda name, **kw: built.append((name, kw)) or Built())
+    cli.main(["build", "ccp_person", "person_folder", "--manual_dir", "M", "--data_dir", "D",
+              "--folder", "F", "--on_bad", "error"])
+    options = {"manual_dir": "M", "data_dir": "D", "folder": "F", "on_bad": "error"}
+    assert built == [("ccp_person", options), ("person_folder", options)]
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["dataset"] for line in lines] == ["ccp_person", "person_folder"]
+    assert all(line["splits"] == {"train": 2} and line["counts"] == {"excluded": 1} for line in lines)
+
+
+def test_portraits_outside_the_test_list_are_divided_90_10_by_the_hash(portraits, tmp_path):
+    """The documented rule on more ids than the fixture's few (whose hashes all lie below 0.8
+    or above 0.9): unlisted and train-listed photos go to train or validation by the stable
+    hash with the 90/10 fractions of the docstring, test-listed ones to test."""
+    root, _, _ = portraits
+    more = shutil.copytree(root, tmp_path / "more")
+    added = [f"{i:05d}" for i in range(31, 71)]
+    for id_ in added:
+        fx.write(more / f"data/images_data_crop/{id_}.jpg", fx.photo(int(id_)))
+        fx.savemat(more / f"data/images_mask/{id_}_mask.mat", mask=fx.person(int(id_)))
+    datasets.prepare("portrait_segmentation", data_dir=str(tmp_path / "dd"), manual_dir=str(more))
+    ids = ids_by_split("portrait_segmentation", tmp_path / "dd")
+    assert set(added) <= set(ids["train"]) | set(ids["validation"])
+    assert all(base.hash_split(i, PORTRAITS_90_10) == s for s in ("train", "validation") for i in ids[s])

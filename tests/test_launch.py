@@ -1,4 +1,5 @@
 """The launch scripts: syntax, dry runs, clear failures without their tools, a real local cluster."""
+import io
 import json
 import os
 import pathlib
@@ -713,3 +714,191 @@ def test_setup_env_sourced_from_another_shell_says_so(tmp_path):
                          cwd=tree, env=env, capture_output=True, text=True, timeout=60)
     assert "rc=1" in out.stdout and "from bash" in out.stderr, out.stdout + out.stderr
     assert not (tmp_path / ".venv").exists() and not (tmp_path / "pip_ran").exists()
+
+
+def test_make_array_file_stores_each_example_as_rgb_photo_and_0_255_mask(monkeypatch, tmp_path):
+    """Each row is its (dataset, split) example resized as jaxseg resizes it: the JPEG decodes
+    (by Pillow, as gpu_array_train.py reads it) to the RGB photo, the PNG to the mask times 255,
+    and the split and source columns say where it came from."""
+    from PIL import Image
+
+    from jaxseg import resolution
+
+    module = _load_launch_module("make_array_file")
+    names, splits = ["portrait_segmentation", "ccp_person"], ["train", "validation"]
+    rng = np.random.default_rng(2)
+    sources = {}
+    for d, name in enumerate(names):
+        for s, split in enumerate(splits):
+            # A smooth photo of a colour of its own (far from its channels reversed) and a mask
+            # of its own, so that a row from the wrong place or in BGR order shows.
+            colour = np.array([200 - 60 * d, 40 + 100 * s, 20 + 30 * d], np.float32)
+            ramp = np.linspace(0, 30, 24, dtype=np.float32)[None, :, None]
+            image = np.broadcast_to(colour + ramp, (20, 24, 3)).astype(np.uint8)
+            mask = (rng.random((20, 24, 1)) > 0.5).astype(np.uint8)
+            sources[name, split] = [{"image": image, "mask": mask}] * (2 + d + s)
+    monkeypatch.setattr(module.datasets, "data_source", lambda name, split: sources[name, split])
+    out = {}
+    for quality in (100, 30):
+        monkeypatch.setattr(sys, "argv", ["make_array_file.py", "--size", "16", "--datasets",
+                                          ",".join(names), "--output", str(tmp_path / f"q{quality}"),
+                                          "--jpeg_quality", str(quality)])
+        module.main()
+        out[quality] = np.load(tmp_path / f"q{quality}.npz")
+    z = out[100]
+    assert [str(n) for n in z["source_names"]] == names
+    assert len(z["split"]) == len(z["source"]) == sum(len(v) for v in sources.values())
+
+    def decoded(kind, k):
+        a, b = z[f"{kind}_offsets"][k:k + 2]
+        return np.asarray(Image.open(io.BytesIO(z[f"{kind}_bytes"][a:b].tobytes())))
+
+    rows = {}
+    for k, (s, d) in enumerate(zip(z["split"], z["source"])):
+        key = (names[d], splits[s])
+        rows[key] = rows.get(key, 0) + 1
+        example = sources[key][0]
+        photo = decoded("image", k).astype(np.float32)
+        assert photo.shape == (16, 16, 3)
+        assert np.abs(photo - resolution.resize_image(example["image"], 16)).mean() < 2, key
+        np.testing.assert_array_equal(decoded("mask", k),
+                                      resolution.resize_mask(example["mask"], 16)[..., 0] * 255)
+    assert rows == {key: len(v) for key, v in sources.items()}
+    # --jpeg_quality reaches the encoder.
+    assert len(out[30]["image_bytes"]) < len(z["image_bytes"])
+
+
+def test_gpu_array_train_config_takes_every_flag():
+    """config_for: the flags reach the config that is trained and saved in summary.json."""
+    import argparse
+
+    module = _load_launch_module("gpu_array_train")
+    args = argparse.Namespace(base_features=8, residual=True, batch_size=24, ema_decay=0.5,
+                              boundary_weight=2.0, learning_rate=0.01,
+                              set=["data.aug.copy_paste=0.25", "model.depth=3"])
+    c = module.config_for(64, 50, args)
+    assert (c.data.image_size, c.model.base_features, c.model.residual, c.model.depth) == (64, 8, True, 3)
+    assert (c.train.batch_size, c.eval.batch_size, c.train.num_steps) == (24, 24, 50)
+    assert (c.train.ema_decay, c.loss.boundary_weight, c.optim.learning_rate) == (0.5, 2.0, 0.01)
+    assert c.data.aug.copy_paste == 0.25 and c.model.compute_dtype == "bfloat16"
+    assert 0 <= c.optim.warmup_steps < 50
+
+
+def test_gpu_array_train_trains_on_training_rows_and_saves_the_weights_it_selected(monkeypatch,
+                                                                                  tmp_path):
+    """With splits of unequal sizes: it trains on the file's training rows and validates on its
+    validation rows of each dataset, validates both the trained and the EMA weights, and the
+    saved weights give (recomputed here, without padding) the IoU by which they were selected."""
+    import jax
+    import jax.numpy as jnp
+    from PIL import Image
+
+    data = _tiny_array_file(monkeypatch, tmp_path / "arr.npz",
+                            "portrait_segmentation,ccp_person", per_split=3)
+    arrays = dict(np.load(data))
+    arrays["split"][[3, 6]] = [0, 1]  # portraits: 4 training, 2 validation; ccp: 2 and 4
+    np.savez(data, **arrays)
+    names = [str(n) for n in arrays["source_names"]]
+    module = _load_launch_module("gpu_array_train")
+    monkeypatch.setattr(sys, "argv", [
+        "gpu_array_train.py", "--data", str(data), "--out", str(tmp_path / "run"), "--num_steps",
+        "2", "--batch_size", "8", "--base_features", "4", "--num_validations", "1",
+        "--set", "model.depth=2"])
+    module.main()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    split, source = arrays["split"], arrays["source"]
+    assert summary["train_examples"] == {n: int(np.sum((split == 0) & (source == d)))
+                                         for d, n in enumerate(names)} == {names[0]: 4, names[1]: 2}
+    assert summary["validation_examples"] == {n: int(np.sum((split == 1) & (source == d)))
+                                              for d, n in enumerate(names)}
+    assert {h["weights"] for h in summary["validation_history"]} == {"model", "ema"}
+    selected = summary["selected"]
+    assert selected in summary["validation_history"]
+
+    def rows(kind):
+        buf, offsets = arrays[f"{kind}_bytes"], arrays[f"{kind}_offsets"]
+        return np.stack([np.asarray(Image.open(io.BytesIO(buf[a:b].tobytes())))
+                         for a, b in zip(offsets[:-1], offsets[1:])])
+
+    images, masks = rows("image"), rows("mask") > 127
+    saver = _load_launch_module("save_pretrained_from_npz")
+    model, config, _ = saver.load_run(tmp_path / "run")
+    for d, name in enumerate(names):
+        val = (split == 1) & (source == d)
+        probs = jax.nn.sigmoid(model(jnp.asarray(images[val]), train=False)[..., 0])
+        pred = np.asarray(probs) >= config.eval.threshold
+        iou = np.sum(pred & masks[val]) / np.sum(pred | masks[val])
+        assert selected[name] == pytest.approx(iou, abs=1e-6), name
+
+
+def _array_train_run(run, *, seed, num_steps, selected_step, base_features=4):
+    """A launch/gpu_array_train.py --out folder: a model's flat state (keyed by path, as that
+    script writes it) and a summary.json of its bf16-compute config and selected step."""
+    import jax
+    from flax import nnx
+
+    from configs import default
+    from jaxseg.models import create_model
+
+    config = default.get_config()
+    config.data.image_size = 32
+    config.model.depth, config.model.base_features = 2, base_features
+    config.model.compute_dtype = "bfloat16"
+    config.train.num_steps = num_steps
+    state = nnx.state(create_model(config.model, seed=seed))
+    run.mkdir()
+    np.savez(run / "model_state.npz", **{jax.tree_util.keystr(k): np.asarray(v)
+                                         for k, v in jax.tree_util.tree_leaves_with_path(state)})
+    summary = {"config": json.loads(config.to_json()), "num_steps": num_steps,
+               "steps_done": selected_step, "device": "fake",
+               "selected": {"mean": 0.5, "step": selected_step, "weights": "ema"}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_save_pretrained_from_npz_saves_the_runs_in_order_as_float32_members(monkeypatch, capsys,
+                                                                            tmp_path):
+    """Several runs make an ensemble: its members are the runs' own weights in the order given,
+    with --output_shift, float32 compute, and each run's selected step in the card (a run cut
+    short by its deadline selected weights before its planned num_steps)."""
+    import jax
+    from flax import nnx
+
+    saver = _load_launch_module("save_pretrained_from_npz")
+    runs = [_array_train_run(tmp_path / "second", seed=2, num_steps=10, selected_step=10),
+            _array_train_run(tmp_path / "first", seed=1, num_steps=10, selected_step=4)]
+    saved = []
+    monkeypatch.setattr(saver.inference, "save_pretrained",
+                        lambda models, config, card: saved.append((models, config, card)))
+    monkeypatch.setattr(sys, "argv", ["save_pretrained_from_npz.py", *map(str, runs),
+                                      "--output_shift", "0.5,0"])
+    saver.main()
+    [(models, config, card)] = saved
+    assert len(models) == 2
+    for model, run in zip(models, runs):
+        flat = np.load(run / "model_state.npz")
+        for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model)):
+            np.testing.assert_array_equal(leaf, flat[jax.tree_util.keystr(path)])
+        assert model.output_shift == (0.5, 0.0)
+    assert config.model.compute_dtype == "float32" and tuple(config.model.output_shift) == (0.5, 0.0)
+    assert card["steps"] == [10, 4]
+    assert [m["selected"]["step"] for m in card["members"]] == [10, 4]
+    assert all(m["config"]["model"]["compute_dtype"] == "float32" for m in card["members"])
+
+    # One run: its own card, the steps of the weights it selected.
+    saved.clear()
+    monkeypatch.setattr(sys, "argv", ["save_pretrained_from_npz.py", str(runs[1])])
+    saver.main()
+    [(models, config, card)] = saved
+    assert len(models) == 1 and card["steps"] == 4 and "config" not in card
+    assert models[0].output_shift == (0.0, 0.0) and config.model.compute_dtype == "float32"
+
+    # Members of different widths cannot be one ensemble.
+    wider = _array_train_run(tmp_path / "wider", seed=3, num_steps=10, selected_step=10,
+                             base_features=8)
+    saved.clear()
+    monkeypatch.setattr(sys, "argv", ["save_pretrained_from_npz.py", *map(str, runs), str(wider)])
+    with pytest.raises(SystemExit) as e:
+        saver.main()
+    assert e.value.code == 2 and not saved
+    assert "ensemble members must share one image size and model config" in capsys.readouterr().err

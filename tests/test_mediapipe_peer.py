@@ -161,3 +161,26 @@ def test_export_split_rejects_ids_that_are_not_file_names(tmp_path):
     named = [dict(good, id="my photo"), dict(good, id="café")]
     assert export_split.export(named, tmp_path / "named") == ["my photo", "café"]
     assert (tmp_path / "named" / "café.png").is_file()
+
+
+def test_export_split_exports_the_split_and_data_dir_it_is_given(tmp_path, monkeypatch):
+    import jaxseg.datasets
+
+    source = fake_source(3, seed=7)
+    calls = []
+
+    def fake_data_source(name, split, **kwargs):
+        calls.append((name, split, kwargs))
+        return source
+
+    monkeypatch.setattr(jaxseg.datasets, "data_source", fake_data_source)
+    export_split = _load("export_split")
+    out = tmp_path / "images"
+    assert export_split.main(["--dataset", "portrait_segmentation", "--split", "validation",
+                              "--data_dir", str(tmp_path / "dd"), "--out", str(out)]) == 0
+    assert calls == [("portrait_segmentation", "validation", {"data_dir": str(tmp_path / "dd")})]
+    # A --limit of the split's size or more exports all of it.
+    ids = [ex["id"] for ex in source]
+    for limit in (3, 10):
+        assert export_split.export(source, tmp_path / f"limit{limit}", limit=limit) == ids
+        assert (tmp_path / f"limit{limit}" / "ids.txt").read_text().split() == ids

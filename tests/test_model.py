@@ -179,3 +179,50 @@ def test_output_shift_moves_the_logits_out_of_training_only():
     stored = config.to_dict()
     del stored["model"]["output_shift"]
     assert create_model(inference.config_from_json(stored).model).output_shift == (0.0, 0.0)
+
+
+def test_the_model_normalises_rgb_pixels_by_the_imagenet_statistics():
+    """The first convolution sees (pixel / 255 - mean) / std with ImageNet's RGB statistics, in
+    RGB order: pretrained weights and every caller rely on it."""
+    model = UNet(depth=2, base_features=4, rngs=nnx.Rngs(0))
+    first = model.down[0].conv1
+    seen = []
+
+    class Recorder(nnx.Module):
+        def __init__(self, conv):
+            self.conv = conv
+
+        def __call__(self, x):
+            seen.append(np.asarray(x))
+            return self.conv(x)
+
+    model.down[0].conv1 = Recorder(first)
+    images = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
+    model(jnp.asarray(images))
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(seen[0], (images / 255 - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_an_open_attention_gate_passes_the_skip_itself():
+    """Gates that let the whole skip through (sigmoid = 1) give the plain U-Net with the same
+    weights: each gate is applied to the skip, driven by the decoder feature, not the reverse."""
+    gated = UNet(depth=2, base_features=4, attention_gates=True, rngs=nnx.Rngs(0))
+    plain = UNet(depth=2, base_features=4, rngs=nnx.Rngs(1))
+    nnx.update(gated, nnx.state(plain))
+    for gate in gated.gates:
+        gate.psi.kernel[...] = jnp.zeros_like(gate.psi.kernel[...])
+        gate.psi.bias[...] = jnp.full_like(gate.psi.bias[...], 40.0)  # sigmoid(40) == 1 in float32
+    images = jax.random.randint(jax.random.key(3), (2, 16, 16, 3), 0, 256).astype(jnp.uint8)
+    np.testing.assert_allclose(gated(images), plain(images), rtol=1e-5, atol=1e-5)
+
+
+def test_create_model_builds_what_the_config_describes():
+    config = default.get_config().model
+    config.update(depth=3, base_features=4, norm="group", residual=True, dropout=0.3,
+                  upsample="resize", num_classes=2, attention_gates=True)
+    model = create_model(config)
+    assert len(model.down) == len(model.up) == len(model.gates) == 3
+    assert isinstance(model.down[0].norm1, nnx.GroupNorm) and model.down[0].shortcut is not None
+    assert all(up.mode == "resize" for up in model.up) and model.dropout.rate == 0.3
+    assert count_params(model) == expected_params(3, 4, True, "resize", 2, gates=True)
+    assert model(jnp.zeros((1, 16, 16, 3), jnp.uint8)).shape == (1, 16, 16, 2)
