@@ -302,8 +302,8 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
     images, videos, problems, unmarked = [], [], [], []
     output = output.resolve()
     seen = set()  # an input named twice (a.jpg a.jpg, or photos photos/) is taken once
-    passed = set()  # and a file passed over is counted once, as a folder without media is named
-    empty_folders = set()
+    passed = set()  # and a file passed over is counted once
+    empty_folders = set()  # and a folder without media named once
 
     def first_time(f: pathlib.Path, met: set) -> bool:
         key = f.resolve()
@@ -328,17 +328,14 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
                 kind = f.suffix.lower()
                 named_as_output = _is_earlier_output(f, stems[f.parent])
                 in_outputs = skip is not None and skip in f.resolve().parents
-                if in_outputs or named_as_output or kind not in MEDIA_SUFFIXES:
+                # Marked: an output of an earlier run, to this --output or another.
+                marked = kind in MEDIA_SUFFIXES and written_by_predict(f)
+                if in_outputs or named_as_output or kind not in MEDIA_SUFFIXES or marked:
                     new = first_time(f, passed)
-                    if kind in MEDIA_SUFFIXES:
-                        if written_by_predict(f):
-                            earlier_outputs += 1
-                        elif new:
-                            unmarked.append(f)
-                    continue
-                if written_by_predict(f):  # an output of a run to another --output
-                    first_time(f, passed)
-                    earlier_outputs += 1
+                    if marked:
+                        earlier_outputs += 1
+                    elif kind in MEDIA_SUFFIXES and new:  # named as an output or lying among them
+                        unmarked.append(f)
                     continue
                 media += 1
                 if first_time(f, seen):
