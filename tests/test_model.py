@@ -226,3 +226,20 @@ def test_create_model_builds_what_the_config_describes():
     assert all(up.mode == "resize" for up in model.up) and model.dropout.rate == 0.3
     assert count_params(model) == expected_params(3, 4, True, "resize", 2, gates=True)
     assert model(jnp.zeros((1, 16, 16, 3), jnp.uint8)).shape == (1, 16, 16, 2)
+
+
+@pytest.mark.parametrize("base_features", [4, 16])
+def test_group_norm_normalises_min_8_groups_of_channels(base_features):
+    """model.norm='group' splits each width into min(8, width) groups (as config_check tells the
+    user): each group of channels is normalised over space and its channels together, checked
+    against numpy on channels of very different scales."""
+    config = default.get_config().model
+    config.update(depth=1, base_features=base_features, norm="group")
+    norm = create_model(config).down[0].norm1
+    scales = np.arange(1, base_features + 1)
+    x = np.random.default_rng(0).normal(size=(2, 5, 5, base_features)) * scales
+    groups = x.reshape(2, 5, 5, min(8, base_features), -1)
+    mean = groups.mean(axis=(1, 2, 4), keepdims=True)
+    expected = (groups - mean) / np.sqrt(groups.var(axis=(1, 2, 4), keepdims=True) + 1e-6)
+    np.testing.assert_allclose(norm(jnp.asarray(x, jnp.float32)), expected.reshape(x.shape),
+                               rtol=1e-4, atol=1e-4)
