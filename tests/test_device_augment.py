@@ -53,6 +53,18 @@ def test_every_example_gets_another_examples_person_at_probability_one(seed):
     assert not np.array_equal(got_images, images)
 
 
+def test_of_two_examples_each_always_gets_the_other_ones_person():
+    """The donor offset is drawn from [1, B): for B = 2 it is 1 under every key, never 0 (which
+    pastes an example's person onto itself: no paste at all)."""
+    images, masks = batch(b=2, seed=3)
+    valid = np.ones(2, np.float32)
+    expected = pasted_reference(images, masks, valid, 1, [True, True])
+    for seed in range(16):
+        got = device_augment.copy_paste(jax.random.key(seed), images, masks, valid, 1.0)
+        for g, e in zip(got, expected):
+            np.testing.assert_array_equal(g, e, err_msg=seed)
+
+
 def test_probability_zero_changes_nothing_and_a_half_pastes_some():
     images, masks = batch(b=64, size=4)
     valid = np.ones(64, np.float32)
@@ -154,3 +166,18 @@ def test_contrast_and_saturation_scale_distances_from_the_image_mean_and_the_pix
         factor = np.sum((image - grey) * (out - grey)) / np.sum((image - grey) ** 2)
         np.testing.assert_allclose(out, factor * (image - grey) + grey, atol=1.0)
         assert abs(factor - contrast) > 1e-3
+
+
+def test_shifts_move_by_up_to_max_shift_of_the_image_size():
+    """With max_shift alone, each example moves by up to max_shift * size pixels along each axis,
+    by amounts that spread over that range (as on the host)."""
+    size, radius = 64, 10
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    disc = (yy ** 2 + xx ** 2 <= radius ** 2).astype(np.uint8)
+    masks = np.repeat(disc[None, ..., None], 24, axis=0)
+    images = np.repeat(masks * 255, 3, axis=-1)
+    _, out_masks = _augmented(images, masks, _aug(max_shift=0.1))
+    grid = np.mgrid[:size, :size].reshape(2, -1)
+    moves = np.abs([grid @ m.reshape(-1) / m.sum() - (size - 1) / 2
+                    for m in out_masks[..., 0].astype(float)])
+    assert 0.05 * size < moves.max() <= 0.1 * size + 0.5

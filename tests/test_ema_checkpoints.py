@@ -80,6 +80,15 @@ def test_resuming_with_another_ema_setting_or_model_shape_says_what_to_do(tmp_pa
                              f"\\(this config: {wider.model.base_features}\\)"):
         train._check_resumable(wider, ckpts)
     ckpts.close()
+    # Another decay with EMA still on keeps the same train state: it resumes.
+    averaged = tiny_config(0.99)
+    graphdef, state = train_step.create_train_state(averaged)
+    save(tmp_path / "ema", averaged, nnx.merge(graphdef, state))
+    ckpts = checkpointing.Checkpoints(tmp_path / "ema", read_only=True)
+    train._check_resumable(tiny_config(0.999), ckpts)
+    with pytest.raises(config_check.ConfigError, match="written with train.ema_decay=0.99"):
+        train._check_resumable(tiny_config(0.0), ckpts)
+    ckpts.close()
 
 
 def test_a_checkpoint_name_that_is_not_a_step_says_what_to_name(tmp_path):
@@ -157,6 +166,31 @@ def test_init_checkpoint_must_exist_and_fit_the_model(tmp_path):
     missing.train.init_checkpoint = str(tmp_path / "nowhere")
     with pytest.raises(config_check.ConfigError, match="train.init_checkpoint=.*nowhere: no checkpoint"):
         train._init_model(missing)
+
+
+def test_init_checkpoint_starts_the_model_and_its_ema_at_step_0(tmp_path):
+    """A new EMA run started from another run's checkpoint: both its trained model and its
+    average begin as that checkpoint's evaluated model (not the average at random weights),
+    and the step count begins at 0."""
+    from jaxseg import sharding
+
+    config = tiny_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    best = shifted(nnx.merge(graphdef, state), 2.0)
+    ckpts = checkpointing.Checkpoints(tmp_path / "old", async_save=False)
+    ckpts.save_best(2, nnx.state(best), {"config": json.loads(config.to_json()), "step": 2}, 0.5)
+    ckpts.close()
+    new = tiny_config(0.9)
+    new.train.init_checkpoint = str(tmp_path / "old")
+    graphdef, state = train_step.create_train_state(new)
+    ckpts = checkpointing.Checkpoints(tmp_path / "new", async_save=False)
+    restored, step = train._initial_state(new, ckpts, graphdef, state, sharding.make_mesh(1))
+    ckpts.close()
+    assert step == 0
+    nodes = nnx.merge(graphdef, restored)
+    for name in ("model", "ema"):
+        for got, saved in zip(params(nodes[name]), params(best["model"])):
+            np.testing.assert_array_equal(got, saved, err_msg=name)
 
 
 def test_a_run_resumes_from_its_latest_checkpoint_not_its_best(tmp_path):
@@ -297,6 +331,8 @@ def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
             "data_train": config.data.train, "global_batch": config.train.batch_size}
     with caplog.at_level("WARNING", logger="jaxseg.train"):
         train._warn_about_resume_changes(config, meta)
+        # What a checkpoint records of its run says nothing changed when resumed as written.
+        train._warn_about_resume_changes(config, train._meta(config, 5, {"preempted": True}))
     assert not caplog.records
     changed = tiny_config(0.0)
     changed.seed += 1

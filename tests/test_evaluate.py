@@ -55,6 +55,7 @@ def test_original_resolution_counts_match_an_independent_numpy_pipeline(model):
         # at probabilities of exactly the threshold.
         assert abs(rec["tp"] - int((up & target).sum())) <= 2
         assert abs(rec["fp"] - int((up & ~target).sum())) <= 2
+        assert rec["person_fraction"] == pytest.approx(target.mean())  # of the truth, not the guess
         small = resolution.resize_mask(ex["mask"], 32)[..., 0] > 0
         tp += int((p >= 0.4)[small].sum())
         fp += int((p >= 0.4)[~small].sum())
@@ -185,6 +186,11 @@ def test_predictions_are_read_like_masks_and_meet_the_threshold(tmp_path):
     warning = score(zero_one)["predictions_warning"]
     assert warning.startswith(f"{len(source) - 1} file(s) hold only 0 and 1")
     assert f"(e.g. {source[0]['id']}.png)" in warning
+    # As many soft files as 0/1 ones: the 0/1 files do not outnumber them, so no warning.
+    mask = truth[1].astype(np.uint8)
+    mask[0, 0] = 128
+    cv2.imwrite(str(zero_one / f"{source[1]['id']}.png"), mask)
+    assert "predictions_warning" not in score(zero_one)
     # Two files for one photo: refused, not one picked silently.
     cv2.imwrite(str(folders["named"] / f"{source[0]['id']}.png"), truth[0].astype(np.uint8))
     with pytest.raises(ValueError, match="several predictions"):

@@ -64,6 +64,9 @@ def test_each_epoch_visits_every_example_once():
     seen = collections.Counter(tb.example_at(step, slot) for step in range(2) for slot in range(8))
     assert sorted(i for d, i in seen if d == 0) == list(range(8))
     assert all(v == 1 for v in seen.values())
+    # The second dataset's 4 slots a step (slots 4..7) take its 12 examples in 3 steps.
+    later = [tb.example_at(step, slot) for step in range(3) for slot in range(4, 8)]
+    assert sorted(i for d, i in later if d == 1) == list(range(12))
     tb.close()
 
 
@@ -78,14 +81,16 @@ def test_each_epoch_is_shuffled_anew():
 
 def test_each_slot_of_a_step_is_augmented_its_own_way():
     """Augmentation is keyed by (seed, step, slot): one zoom, turn and flip for a whole batch
-    would show the model eight times fewer variations."""
+    would show the model eight times fewer variations, and one per slot for every step would
+    show an example that comes back to a slot as it was."""
     from jaxseg import preprocess
 
     example = fake_source(1, 0)[0]
-    images = [preprocess.train_example(example, 32, aug_config(), 3, 5, slot)[0]
-              for slot in (0, 1, 0)]
+    images = [preprocess.train_example(example, 32, aug_config(), 3, step, slot)[0]
+              for step, slot in ((5, 0), (5, 1), (5, 0), (6, 0))]
     np.testing.assert_array_equal(images[0], images[2])  # a pure function
     assert not np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[3])  # and the next step's slot 0 its own way too
 
 
 def centroid(weights: np.ndarray) -> np.ndarray:
@@ -147,10 +152,21 @@ def test_process_shards_cover_the_split_exactly_once():
             covered = [i for p in range(count) for i in input_pipeline.process_shard(n, p, count)]
             assert covered == list(range(n))
     # Every process runs the same number of batches even when the shards differ in size.
-    sizes = [input_pipeline.EvalBatches(fake_source(7), local_batch=2, image_size=32,
-                                        canvas=(96, 96), process_index=p, process_count=2).num_batches
-             for p in range(2)]
-    assert sizes[0] == sizes[1]
+    for local_batch in (1, 2):  # shards of 4 and 3 examples
+        sizes = [input_pipeline.EvalBatches(fake_source(7), local_batch=local_batch, image_size=32,
+                                            canvas=(96, 96), process_index=p,
+                                            process_count=2).num_batches for p in range(2)]
+        assert sizes[0] == sizes[1] == -(-4 // local_batch), local_batch
+
+
+def test_head_is_the_first_n_examples_and_all_of_them_at_0():
+    """eval.max_examples = 0 (the default) validates on the whole split."""
+    source = fake_source(5)
+    for n, expected in ((0, 5), (3, 3), (9, 5)):
+        head = input_pipeline.Head(source, n)
+        assert [ex["id"] for ex in head] == [ex["id"] for ex in source[:expected]], n
+    with pytest.raises(IndexError):
+        input_pipeline.Head(source, 3)[3]
 
 
 def test_ids_round_trip():
@@ -171,21 +187,85 @@ def test_region_count_ignores_specks():
     assert input_pipeline.count_regions(np.zeros((10, 10), np.uint8)) == 0
 
 
+class Draws:
+    """Stands in for augment's generator, drawing these values in augment's order: zoom, angle,
+    (dy, dx) shift, brightness, contrast, saturation; and no flip."""
+
+    def __init__(self, zoom=1.0, angle=0.0, brightness=1.0, contrast=1.0, saturation=1.0):
+        self.values = iter([zoom, angle, np.zeros(2), brightness, contrast, saturation])
+
+    def uniform(self, *args, **kwargs):
+        return next(self.values)
+
+    def random(self):
+        return 0.9  # no flip
+
+
 def test_colour_jitter_rounds_to_the_nearest_level():
     """A grey 100 image brightened by 1.127 is 113 (the device path rounds too); truncation
     gave 112. Geometry is the identity here."""
     from jaxseg import preprocess
 
-    class Draws:  # the generator's draws, in augment's order
-        def __init__(self):
-            self.values = iter([1.0, 0.0, np.zeros(2), 1.127, 1.0, 1.0])
-
-        def uniform(self, *args, **kwargs):
-            return next(self.values)
-
-        def random(self):
-            return 0.9  # no flip
-
     image = np.full((8, 8, 3), 100, np.uint8)
-    out, mask = preprocess.augment(image, np.ones((8, 8, 1), np.uint8), aug_config(), Draws())
+    out, mask = preprocess.augment(image, np.ones((8, 8, 1), np.uint8), aug_config(),
+                                   Draws(brightness=1.127))
     assert (out == 113).all() and (mask == 1).all()
+
+
+def test_contrast_and_saturation_scale_distances_from_the_image_mean_and_the_pixels_grey():
+    """As on the device: contrast scales each value's distance from the mean of the whole image
+    (all channels), saturation each pixel's distance from its own grey (its channels' mean)."""
+    from jaxseg import preprocess
+
+    image = np.random.default_rng(5).integers(60, 200, (8, 8, 3), dtype=np.uint8)
+    mask = np.zeros((8, 8, 1), np.uint8)
+    x = image.astype(float)
+    out, _ = preprocess.augment(image, mask, aug_config(), Draws(contrast=1.3))
+    np.testing.assert_allclose(out, (x - x.mean()) * 1.3 + x.mean(), atol=0.51)
+    grey = x.mean(axis=-1, keepdims=True)
+    out, _ = preprocess.augment(image, mask, aug_config(), Draws(saturation=0.6))
+    np.testing.assert_allclose(out, (x - grey) * 0.6 + grey, atol=0.51)
+
+
+@pytest.mark.parametrize("zoom, angle", [(2.0, 0.0), (1.0, 30.0), (1.25, -20.0)])
+def test_zoom_and_rotation_turn_about_the_image_centre(zoom, angle):
+    """A disc centred on a 64x64 image stays centred (at 31.5, 31.5) when zoomed and turned, its
+    area scaled by zoom**2: a turn about another point moves it, a shear squeezes it."""
+    from jaxseg import preprocess
+
+    size, radius = 64, 12
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    disc = (yy ** 2 + xx ** 2 <= radius ** 2).astype(np.uint8)
+    image = np.repeat(disc[..., None] * 255, 3, axis=-1)
+    out_image, out_mask = preprocess.augment(image, disc[..., None], aug_config(),
+                                             Draws(zoom=zoom, angle=angle))
+    for out in (out_mask[..., 0].astype(float), out_image[..., 0] / 255.0):
+        np.testing.assert_allclose(centroid(out), [(size - 1) / 2] * 2, atol=0.05)
+        assert out.sum() == pytest.approx(disc.sum() * zoom ** 2, rel=0.03)
+
+
+@pytest.mark.parametrize("identity", [True, False])
+def test_shifts_move_by_up_to_max_shift_of_the_image_size(identity):
+    """With max_shift alone, each slot's example is moved by up to max_shift * size pixels
+    along each axis, by amounts that spread over that range; with every transform off (no
+    flip either), augmentation returns the example as it was."""
+    from jaxseg import preprocess
+
+    size, radius = 64, 10
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    disc = (yy ** 2 + xx ** 2 <= radius ** 2).astype(np.uint8)[..., None]
+    example = {"image": np.repeat(disc * 255, 3, axis=-1), "mask": disc, "id": "disc"}
+    example["image"][5:12, 40:50, 1] = 128  # off the centre: a flip or a turn would show
+    aug = aug_config()
+    aug.update(scale_min=1.0, scale_max=1.0, rotate_degrees=0.0, hflip=False, brightness=0.0,
+               contrast=0.0, saturation=0.0, max_shift=0.0 if identity else 0.1)
+    moves = []
+    for slot in range(24):
+        image, mask = preprocess.train_example(example, size, aug, 0, 1, slot)
+        if identity:
+            np.testing.assert_array_equal(image, example["image"])
+            np.testing.assert_array_equal(mask, disc)
+        moves.append(centroid(mask[..., 0].astype(float)) - (size - 1) / 2)
+    moves = np.abs(moves)
+    assert moves.max() <= 0.1 * size + 0.5
+    assert identity or moves.max() > 0.05 * size

@@ -166,3 +166,7 @@ def test_empty_masks_score_what_could_not_be_wrong():
     no_person = metrics.metrics_from_counts(
         metrics.per_image_counts(jnp.asarray(pred), jnp.zeros_like(target), region, 1))
     assert no_person["recall"] == 1.0 and no_person["precision"] == 0.0
+    # Person-free photos with nothing predicted: no edge to miss or to invent.
+    blank = jnp.zeros_like(target)
+    assert metrics.metrics_from_counts(
+        metrics.per_image_counts(blank, blank, region, 1))["boundary_f1"] == 1.0

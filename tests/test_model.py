@@ -243,3 +243,11 @@ def test_group_norm_normalises_min_8_groups_of_channels(base_features):
     expected = (groups - mean) / np.sqrt(groups.var(axis=(1, 2, 4), keepdims=True) + 1e-6)
     np.testing.assert_allclose(norm(jnp.asarray(x, jnp.float32)), expected.reshape(x.shape),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_create_model_initialises_from_the_seed():
+    config = default.get_config().model
+    config.update(depth=2, base_features=4)
+    params = [jax.tree.leaves(nnx.state(create_model(config, seed=s), nnx.Param)) for s in (0, 0, 1)]
+    assert all(np.array_equal(a, b) for a, b in zip(params[0], params[1]))
+    assert not any(np.array_equal(a, c) for a, c in zip(params[0], params[2]) if a.ndim > 1)

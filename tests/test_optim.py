@@ -22,6 +22,7 @@ def optim_config(**overrides):
     ((0.6, 0.62), 20, 0),  # both land on step 12: the rate is divided by 10 twice there
     ((0.6, 0.62), 20, 4),
     ((0.29, 0.57), 100, 0),  # in floats 0.29 * 100 and 0.57 * 100 fall just short of 29 and 57
+    ((0.75,), 10, 0),  # 7.5: the decay starts at step 7, the floor, not at a rounded 8
     ((np.float64(0.29),), 100, 0)])  # a numpy number, whose repr is not a decimal
 def test_step_schedule_decays_once_per_fraction(fractions, num_steps, warmup):
     c = optim_config(step_fractions=fractions, warmup_steps=warmup)

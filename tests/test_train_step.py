@@ -65,11 +65,13 @@ def test_eight_devices_equal_one_device(copy_paste, lovasz_weight):
 
 def test_each_steps_dropout_and_the_boundary_weight_take_effect():
     """One batch twice with the learning rate at 0, so the weights stay: the losses differ only
-    by the dropout mask, drawn anew each step; loss.boundary_weight changes the loss."""
-    def two_losses(boundary_weight):
+    by the dropout mask, drawn anew each step, or by the copy-paste, drawn anew each step too
+    (without either they are equal); loss.boundary_weight changes the loss."""
+    def two_losses(boundary_weight, dropout=0.1, copy_paste=0.0):
         config = tiny_config()
         config.optim.learning_rate, config.optim.warmup_steps = 0.0, 0
         config.loss.boundary_weight = boundary_weight
+        config.model.dropout, config.data.aug.copy_paste = dropout, copy_paste
         mesh = sharding.make_mesh(1)
         graphdef, state = train_step.create_train_state(config)
         step = train_step.make_train_step(graphdef, config, mesh)
@@ -86,7 +88,44 @@ def test_each_steps_dropout_and_the_boundary_weight_take_effect():
 
     plain = two_losses(0.0)
     assert plain[0] != plain[1]
+    still = two_losses(0.0, dropout=0.0)
+    assert still[0] == pytest.approx(still[1], rel=1e-6)
+    pasted = two_losses(0.0, dropout=0.0, copy_paste=0.5)
+    assert pasted[0] != pytest.approx(pasted[1], rel=1e-4)
     assert two_losses(3.0)[0] != pytest.approx(plain[0], rel=1e-3)
+
+
+def test_the_step_reports_the_configured_loss_of_the_models_logits_and_the_rate_it_used():
+    """The loss is losses.segmentation_loss with every loss field of the config (the boundary
+    radius too), of the model's training logits on the batch as given: data.aug.enabled=False
+    turns copy-paste off with the rest of the augmentation. The learning rate logged is the
+    schedule at the step's own count (0 at the first step of a warmup)."""
+    from jaxseg import optim
+
+    config = tiny_config()
+    config.model.dropout = 0.0
+    config.data.aug.enabled, config.data.aug.copy_paste = False, 1.0
+    config.loss.update(ce_weight=0.5, dice_weight=2.0, boundary_weight=3.0, boundary_radius=1,
+                       lovasz_weight=0.25)
+    config.optim.warmup_steps = 4
+    mesh = sharding.make_mesh(1)
+    graphdef, state = train_step.create_train_state(config)
+    step = train_step.make_train_step(graphdef, config, mesh)
+    tb = input_pipeline.TrainBatches([fake_source(12, 0)], [1], global_batch=8,
+                                     image_size=config.data.image_size, aug=config.data.aug,
+                                     seed=config.seed)
+    schedule = optim.make_schedule(config.optim, config.train.num_steps)
+    for t in range(2):
+        batch = next(tb)
+        model = nnx.merge(graphdef, jax.tree.map(jnp.array, jax.device_get(state)))["model"]
+        logits = model(jnp.asarray(batch["image"]), train=True)
+        expected, _ = losses.segmentation_loss(
+            logits, batch["mask"], batch["valid"], ce_weight=0.5, dice_weight=2.0,
+            boundary_weight=3.0, boundary_radius=1, lovasz_weight=0.25)
+        state, metrics = step(state, sharding.to_global(batch, mesh))
+        np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["learning_rate"]), float(schedule(t)), rtol=1e-6)
+    tb.close()
 
 
 @pytest.mark.parametrize("where", ["loss", "gradient only"])
@@ -328,3 +367,53 @@ def test_validation_overlays_cut_at_the_eval_threshold():
         tinted = np.any(overlay[:, 32:] != image, axis=-1)
         np.testing.assert_array_equal(tinted, p >= threshold)
         assert not np.array_equal(tinted, p >= 0.5)  # the cut at 0.5 would show otherwise
+
+
+def test_validation_sets_score_as_the_eval_config_says(monkeypatch):
+    """One evaluator per data.eval dataset, over its first eval.max_examples (all of them at 0),
+    cut at eval.threshold; val_iou, which picks best/, is the mean of their original-resolution
+    IoUs."""
+    from jaxseg import datasets, train
+
+    sources = {"a": fake_source(5, seed=6), "b": fake_source(7, seed=7)}
+    monkeypatch.setattr(datasets, "data_source", lambda name, split, **kwargs: sources[name])
+    config = tiny_config()
+    config.data.eval, config.eval.threshold = "a,b", 0.3
+    mesh = sharding.make_mesh(1)
+    config.eval.max_examples = 0
+    assert [len(e.source) for e in train.validation_evaluators(config, mesh).values()] == [5, 7]
+    config.eval.max_examples = 4
+    evaluators = train.validation_evaluators(config, mesh)
+    assert list(evaluators) == ["a", "b"] and [len(e.source) for e in evaluators.values()] == [4, 4]
+    graphdef, state = train_step.create_train_state(config)
+    val = train.validate(evaluators, state, graphdef, config.eval)
+    model = train_step.inference_model(nnx.merge(graphdef, state))
+    for name, evaluator in evaluators.items():
+        result = evaluator.evaluate_model(model)
+        assert result["threshold"] == 0.3 and val[f"{name}/iou"] == result["iou"]
+        assert result["iou"] != result["model_resolution"]["iou"]
+    assert val["val_iou"] == pytest.approx((val["a/iou"] + val["b/iou"]) / 2)
+
+
+def test_a_run_logs_validates_and_saves_its_last_step_off_the_intervals(tmp_path, monkeypatch):
+    """In process on fake data: 3 steps with every interval 2 log, validate and save at step 2
+    and at the last step, 3; run again to 4 steps, it resumes at 3 and trains step 4 alone."""
+    from jaxseg import checkpointing, datasets, metric_writer, train
+
+    monkeypatch.setattr(train, "train_sources", lambda config: ([fake_source(12, 0)], [1.0]))
+    monkeypatch.setattr(datasets, "data_source",
+                        lambda name, split, **kwargs: fake_source(3, seed=len(name)))
+    config = tiny_config()
+    config.num_devices = 1
+    config.train.update(num_steps=3, log_every=2, eval_every=2, checkpoint_every=2,
+                        num_logged_images=0)
+    workdir = tmp_path / "run"
+    assert train.train_and_evaluate(config, str(workdir))["step"] == 3
+    config.train.num_steps = 4
+    assert train.train_and_evaluate(config, str(workdir))["step"] == 4
+    records = metric_writer.read_metrics(workdir)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 3, 4]
+    assert [r["step"] for r in records if r["kind"] == "validation"] == [2, 3, 4]
+    ckpts = checkpointing.Checkpoints(workdir, read_only=True)
+    assert ckpts.latest.all_steps() == [2, 3, 4]
+    ckpts.close()
