@@ -7,6 +7,7 @@ hard kill during a save leaves the previous checkpoint usable.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -17,6 +18,25 @@ from jaxseg.workdir import workdir_path
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (no space, a folder gone or replaced, a storage error).
+
+    Orbax's background threads of the failed save never finish, so a process that meets this
+    must end with os._exit: a normal exit waits for those threads forever.
+    """
+
+
+@contextlib.contextmanager
+def _saving(manager: ocp.CheckpointManager):
+    # An asynchronous save's error surfaces at the next save, wait or close, as whatever orbax
+    # met (often a bare Exception): one type, naming the folder, lets the trainer stop cleanly.
+    try:
+        yield
+    except Exception as e:
+        raise SaveError(f"saving a checkpoint in {manager.directory} failed: "
+                        f"{type(e).__name__}: {e}") from e
 
 
 def _manager(directory: epath.Path, options: ocp.CheckpointManagerOptions):
@@ -43,7 +63,8 @@ class Checkpoints:
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> None:
         """Periodic save (asynchronous): the state and its JSON metadata."""
-        self.latest.save(step, args=_save_args(state, meta), force=force)
+        with _saving(self.latest):
+            self.latest.save(step, args=_save_args(state, meta), force=force)
 
     def save_best(self, step: int, state, meta: dict, val_iou: float) -> None:
         """Offers a checkpoint to the best series; orbax keeps it only if its IoU is the highest.
@@ -54,8 +75,9 @@ class Checkpoints:
         """
         if step in self.best.all_steps():
             return
-        self.best.save(step, args=_save_args(state, meta), metrics={"val_iou": float(val_iou)},
-                       force=True)
+        with _saving(self.best):
+            self.best.save(step, args=_save_args(state, meta), metrics={"val_iou": float(val_iou)},
+                           force=True)
 
     def latest_step(self) -> int | None:
         """Newest periodic step, or None."""
@@ -103,13 +125,15 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Blocks until every asynchronous save has been committed."""
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        for manager in (self.latest, self.best):
+            with _saving(manager):
+                manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases the managers."""
-        self.latest.close()
-        self.best.close()
+        for manager in (self.latest, self.best):
+            with _saving(manager):
+                manager.close()
 
 
 def _save_args(state, meta: dict):

@@ -293,9 +293,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     except ValueError as e:  # more devices than there are, or no equal share per process
         raise config_check.ConfigError(f"num_devices={config.num_devices}: {e}") from None
     config_check.validate(config, mesh.devices.size)
-    problem = local_folder_problem(workdir)  # one line, not orbax's traceback at its first save
-    if problem:
-        raise config_check.ConfigError(f"--workdir {workdir}: {problem}")
+    # One line, not orbax's traceback at the first save (workdir/checkpoints a file, say).
+    for folder in (workdir, workdir / checkpointing.LATEST_DIR, workdir / checkpointing.BEST_DIR):
+        problem = local_folder_problem(folder)
+        if problem:
+            raise config_check.ConfigError(f"--workdir {workdir}: {folder}: {problem}")
     main = distributed.is_main_process()
     # Whatever stops the run (an error in setup or in the loop, SIGTERM, the end), what it opened
     # is closed: an open checkpoint manager or log writer buries the error in shutdown noise.
@@ -430,6 +432,14 @@ def main(argv):
         result = train_and_evaluate(config, FLAGS.workdir)
     except (config_check.ConfigError, FloatingPointError, datasets.BadDataError) as e:
         distributed.exit_with_error(f"error: {e}")
+    except checkpointing.SaveError as e:
+        message = (f"error: {e}; the checkpoints saved before it are intact: rerun the same "
+                   "command to resume from the latest once the cause is fixed")
+        if jax.process_count() > 1:
+            distributed.exit_with_error(message)  # its failure hook exits at once
+        # Orbax's threads of the failed save never finish: a normal exit would wait for them.
+        print(message, file=sys.stderr, flush=True)
+        os._exit(1)
     if distributed.is_main_process():
         print(json.dumps({k: v for k, v in result.items()}, indent=1, default=float))
     return STOPPED_EXIT_STATUS if result.get("preempted") else 0

@@ -153,3 +153,39 @@ def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
     assert result.returncode != 0
     assert "file/sub: cannot create it (Not a directory)" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("")  # where the periodic saves go
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.train", "--config", "configs/smoke.py", "--workdir",
+         str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "run/checkpoints: cannot create it (File exists)" in result.stderr
+    assert not (tmp_path / "tfds").exists()  # refused before touching data
+
+
+def test_a_failed_save_stops_the_run_with_one_line(manual_dir, tmp_path):
+    """A save that fails in orbax's background thread (here: its folder replaced by a file at
+    step 8; a full disk alike) ends the run with status 1 and a line naming the folder. The run
+    used to print tracebacks and then hang for ever at exit, waiting for orbax's threads."""
+    prelude = (
+        "import os, sys, runpy; from jaxseg import checkpointing as c; save = c.Checkpoints.save\n"
+        "def failing(self, step, *a, **k):\n"
+        "    if step == 8:\n"
+        "        self.wait(); d = str(self.latest.directory)\n"
+        "        os.rename(d, d + '.aside'); open(d, 'w').close()\n"
+        "    return save(self, step, *a, **k)\n"
+        "c.Checkpoints.save = failing; sys.argv = ['jaxseg.train'] + sys.argv[1:]\n"
+        "runpy.run_module('jaxseg.train', run_name='__main__', alter_sys=True)")
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", prelude, *train_command(workdir)[3:]],
+                            cwd=REPO, env=run_env(manual_dir), capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: saving a checkpoint in {workdir / 'checkpoints'} failed: ")
+    assert "rerun the same command to resume" in last
+    # What was saved before the failure is whole: step 4, restorable.
+    os.rename(workdir / "checkpoints", workdir / "failed")
+    os.rename(workdir / "checkpoints.aside", workdir / "checkpoints")
+    assert final_state(workdir)[1] == 4
