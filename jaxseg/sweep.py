@@ -8,7 +8,9 @@ W/results.csv. Re-running skips finished trials; an interrupted one (preempted: 
 and exited before num_steps) is not recorded and resumes from its checkpoint. A sweep folder keeps
 its config and extra overrides (W/sweep.json): once a trial has finished, re-running it with
 others is refused, while another --grid adds its trials to the same ranking. SIGTERM to the sweep
-is passed on to its running trials, which save and stop; no further trial starts.
+is passed on to its running trials, which save and stop; no further trial starts. Every trial's
+config is built and checked as jaxseg.train does before any starts; arguments other than
+--config.* overrides are refused.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import ast
 import csv
 import itertools
 import json
+import os
 import pathlib
 import random
 import re
@@ -23,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 from jaxseg import metric_writer
 from jaxseg.workdir import STOPPED_EXIT_STATUS
@@ -100,10 +104,97 @@ def trial_name(values: dict, *, whole: bool = False) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]", "-", text) or "base"
 
 
+def _overrides(values: dict) -> list[str]:
+    """A trial's values as jaxseg.train's config overrides."""
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
 def _command(config: str, workdir: pathlib.Path, values: dict, extra: list[str]) -> list[str]:
-    overrides = [f"--config.{k}={v}" for k, v in values.items()]
     return [sys.executable, "-m", "jaxseg.train", "--config", config, "--workdir", str(workdir),
-            *extra, *overrides]
+            *extra, *_overrides(values)]
+
+
+def _trial_config(config: str, extra: list[str], values: dict):
+    """The config a trial's jaxseg.train builds from --config CONFIG, the EXTRA overrides and the
+    trial's VALUES, by absl's flag parsing as train's: (config, the arguments no flag took), or
+    ValueError saying which argument is wrong (the field it lacks, with the nearest name)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["jaxseg.train", "--config", config, *extra, *_overrides(values)]
+    try:
+        with warnings.catch_warnings():  # ml_collections loads the config file by load_module()
+            warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+            # sys_argv: ml_collections makes the override flags from the arguments at definition.
+            flag_values = flags.FlagValues()
+            config_flags.DEFINE_config_file("config", config, flag_values=flag_values,
+                                            sys_argv=argv)
+            rest = flag_values(argv)
+        built = flag_values.config
+        built.to_dict()  # a config file that failed to load stands in as an object raising on use
+    except flags.Error as e:  # a value of the wrong type, say
+        raise ValueError(str(e)) from None
+    except (AttributeError, KeyError) as e:  # ml_collections: the config has no such field
+        text = str(e).replace("\\", "")
+        name = re.search(r"'([^']+)'", text)
+        if not name:
+            raise
+        given = [f"--grid {field}" for field in values if name.group(1) in field.split(".")]
+        given += [arg.split("=", 1)[0] for arg in extra if arg.startswith(("--config.", "--noconfig."))
+                  and name.group(1) in arg.split("=", 1)[0].split(".")[1:]]
+        suggestion = re.search(r'Did you mean "([^"]+)"', text)
+        hint = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
+        raise ValueError(f"{given[0] if given else 'an override'}: the config has no field "
+                         f"{name.group(1)!r}{hint}") from None
+    except OSError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"--config {config}: {lines[-1] if lines else e}") from None
+    return built, rest[1:]
+
+
+def check_trials(config: str, combos: list[dict], extra: list[str]) -> str | None:
+    """Why some trial's training would refuse its config (the config file, the extra overrides,
+    then the trial's values, as its jaxseg.train gets them), or None: before any trial starts."""
+    from jaxseg import config_check
+
+    for values in combos:
+        try:
+            built, rest = _trial_config(config, extra, values)
+        except ValueError as e:
+            return str(e)
+        if rest:  # arguments no flag took, which training would ignore
+            return f"unrecognized arguments: {' '.join(rest)}"
+        try:
+            # The devices are the trial's to count: starting JAX here would take them.
+            config_check.validate(built, built.get("num_devices") or 1)
+        except config_check.ConfigError as e:
+            problems = [line.strip().removeprefix("- ") for line in str(e).splitlines()[1:]]
+            return f"trial {trial_name(values)}: invalid config: {'; '.join(problems)}"
+    return None
+
+
+def _not_overrides(extra: list[str]) -> list[str]:
+    """The options among EXTRA that are no --config.FIELD override (a mistyped sweep option):
+    a value of an override's (--config.seed -1) is taken for none."""
+    def option(arg):
+        try:
+            float(arg)
+            return False
+        except ValueError:
+            return arg.startswith("-") and arg != "-"
+
+    return [arg for arg in extra if option(arg) and not arg.startswith(("--config.", "--noconfig."))]
+
+
+def _last_line(log: pathlib.Path) -> str:
+    """The last line of a trial's log (its error, when it failed), or ''."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
 def _result(workdir: pathlib.Path, values: dict) -> dict:
@@ -191,7 +282,9 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
 
     def finish(proc, tdir, values):
         if proc.wait() not in (0, STOPPED_EXIT_STATUS):
-            failures.append(f"{tdir.name} failed (exit {proc.returncode}, log {tdir / 'train.log'})")
+            error = _last_line(tdir / "train.log")
+            failures.append(f"{tdir.name} failed (exit {proc.returncode}"
+                            f"{': ' + error if error else ''}; log {tdir / 'train.log'})")
             return
         try:
             done, num_steps = _steps(tdir)
@@ -274,23 +367,6 @@ def write_table(workdir: pathlib.Path, rows: list[dict]) -> None:
         + "\n".join(lines) + "\n")
 
 
-def _split_problem(combos: list[dict], extra: list[str]) -> str | None:
-    """The config check's word on a split the grid or an override sets (the test split, say)."""
-    from jaxseg import config_check
-
-    given = {}
-    for i, arg in enumerate(extra):  # --config.FIELD=VALUE or --config.FIELD VALUE
-        field, sep, value = arg.removeprefix("--config.").partition("=")
-        if arg.startswith("--config.") and field in config_check.SPLIT_FIELDS:
-            given[field] = value if sep else (extra[i + 1] if i + 1 < len(extra) else "")
-    for values in combos:
-        for field in config_check.SPLIT_FIELDS:
-            if field in values or field in given:
-                if problem := config_check.split_problem(field, values.get(field, given.get(field))):
-                    return problem
-    return None
-
-
 def main(argv=None):
     """Entry point."""
     import argparse
@@ -303,6 +379,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parallel", type=int, default=1)
     args, extra = p.parse_known_args(argv)
+    if unknown := _not_overrides(extra):  # a mistyped sweep option would go to every trial
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.grid:
         p.error("give at least one --grid FIELD=V1,V2")
     if args.parallel < 1:
@@ -311,10 +389,11 @@ def main(argv=None):
         combos = trials(parse_grid(args.grid), args.random, args.seed)
     except ValueError as e:
         p.error(str(e))
-    if problem := _split_problem(combos, extra):  # before any trial starts, and fails on it
-        p.error(problem)
     if not args.workdir:  # pathlib would make "" the current folder
         p.error("--workdir: give the sweep's folder")
+    # Before any trial starts, and fails on it: a mistyped field, the test split, a bad value.
+    if problem := check_trials(args.config, combos, extra):
+        p.error(problem)
     try:
         rows = run(args.config, args.workdir, combos, parallel=args.parallel, extra=extra)
     except SweepError as e:

@@ -315,3 +315,62 @@ def test_a_stopped_sweep_exits_as_a_stopped_training_does(tmp_path, monkeypatch,
         sweep.main(["--workdir", str(tmp_path), "--grid", "seed=0"])
     assert exited.value.code == (sweep.STOPPED_EXIT_STATUS if stopped else 1)
     assert exited.value.code != 0 and "error: unfinished trials: x" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--grid", "optim.learnig_rate=1e-3,3e-3"],
+     "--grid optim.learnig_rate: the config has no field 'learnig_rate' (did you mean "
+     "'learning_rate'?)"),
+    (["--grid", "seed=0,1", "--config.train.num_stpes=4"],
+     "--config.train.num_stpes: the config has no field 'num_stpes' (did you mean 'num_steps'?)"),
+    (["--grid", "seed=0", "--paralel=2"], "unrecognized arguments: --paralel=2"),
+    (["--grid", "seed=0", "--config.train.num_steps", "4", "stray"],
+     "unrecognized arguments: stray"),
+    (["--grid", "seed=0", "--config.train.num_steps=four"],
+     "flag --config.train.num_steps=four: invalid literal for int()"),
+    (["--grid", "data.image_size=32,30"],
+     "trial image_size=30: invalid config: data.image_size=30 must be divisible by 2**model.depth"),
+    (["--config", "configs/no_such_config.py", "--grid", "seed=0"],
+     "--config configs/no_such_config.py: [Errno 2] No such file or directory")])
+def test_a_mistyped_field_option_or_override_is_refused_before_any_trial(
+        tmp_path, monkeypatch, capsys, args, error):
+    """Each was passed on to every trial, which failed on it ('failed (exit 1, log ...)'), and a
+    mistyped sweep option was recorded in sweep.json as an override."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sweep, "run", lambda *args, **kwargs: pytest.fail("the sweep ran"))
+    with pytest.raises(SystemExit) as usage:
+        sweep.main(["--workdir", str(tmp_path / "sweep"), *args])
+    assert usage.value.code == 2
+    assert f"error: {error}" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_checked_overrides_go_to_every_trial_as_given(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    ran = []
+
+    def run(*args, **kwargs):
+        ran.append((args, kwargs))
+        (tmp_path / "results.md").write_text("")
+
+    monkeypatch.setattr(sweep, "run", run)
+    extra = ["--config.train.num_steps", "4", "--config.seed", "-1"]  # -1: a value, not an option
+    with pytest.raises(SystemExit) as usage:
+        sweep.main(["--workdir", str(tmp_path), "--grid", "optim.learning_rate=1e-3", *extra])
+    assert usage.value.code == 2 and not ran
+    assert "invalid config: seed=-1 must be >= 0" in capsys.readouterr().err
+    extra[-1] = "1"
+    sweep.main(["--config", "configs/smoke.py", "--workdir", str(tmp_path), "--grid",
+                "optim.learning_rate=1e-3,3e-3", *extra])
+    ((config, _, combos), kwargs), = ran
+    assert config == "configs/smoke.py" and kwargs["extra"] == extra and len(combos) == 2
+
+
+def test_a_failed_trial_is_summed_up_with_its_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "_command", lambda config, tdir, values, extra: [
+        sys.executable, "-c", "import sys\nprint('training...')\n"
+        "sys.exit('error: train.batch_size=6 must be a positive multiple of the 4 devices\\n')"])
+    with pytest.raises(sweep.SweepError) as failed:
+        sweep.run("configs/smoke.py", tmp_path, [{"seed": 0}])
+    assert (f"seed=0 failed (exit 1: error: train.batch_size=6 must be a positive multiple of the "
+            f"4 devices; log {tmp_path / 'seed=0' / 'train.log'})") in str(failed.value)
