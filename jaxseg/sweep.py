@@ -10,12 +10,14 @@ its config and extra overrides (W/sweep.json): once a trial has finished, re-run
 others is refused, while another --grid adds its trials to the same ranking. SIGTERM to the sweep
 is passed on to its running trials, which save and stop; no further trial starts. Every trial's
 config is built and checked as jaxseg.train does before any starts; arguments other than
---config.* overrides are refused.
+--config.* overrides are refused. On Linux a trial gets SIGTERM too when the sweep dies by
+SIGKILL: it saves and stops.
 """
 from __future__ import annotations
 
 import ast
 import csv
+import ctypes
 import itertools
 import json
 import os
@@ -197,6 +199,30 @@ def _last_line(log: pathlib.Path) -> str:
     return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_the_sweep():
+    """A preexec_fn making a trial get SIGTERM (it saves and stops) when the sweep dies, even by
+    SIGKILL, which no handler sees: no trial trains on unwatched, beside the rerun's. None where
+    the system has no prctl(PR_SET_PDEATHSIG) (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the child
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    sweep = os.getpid()
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != sweep:  # the sweep died before the prctl: no signal will come
+            os._exit(STOPPED_EXIT_STATUS)
+
+    return preexec
+
+
 def _result(workdir: pathlib.Path, values: dict) -> dict:
     records = metric_writer.read_metrics(workdir)
     validation = [r for r in records if r["kind"] == "validation"]
@@ -315,6 +341,7 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
     # unwatched: they get it too, and save. Ctrl-C reaches them from the terminal already: the
     # sweep waits for their saves instead of dying on KeyboardInterrupt.
     previous = signal.signal(signal.SIGTERM, stop), signal.signal(signal.SIGINT, interrupted)
+    preexec = _die_with_the_sweep()
     try:
         for number, (tdir, values) in enumerate(todo):
             if stopping:
@@ -326,7 +353,8 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
             command = _command(config, tdir, values, list(extra))
             print(f"trial {tdir.name}: {' '.join(command)}", flush=True)
             with open(tdir / "train.log", "a") as log:  # the trial holds its own copy
-                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=preexec)
             running.append((proc, tdir, values))
             if stopping:  # the signal came while this trial started
                 proc.send_signal(stopping[0])

@@ -374,3 +374,56 @@ def test_a_failed_trial_is_summed_up_with_its_error(tmp_path, monkeypatch):
         sweep.run("configs/smoke.py", tmp_path, [{"seed": 0}])
     assert (f"seed=0 failed (exit 1: error: train.batch_size=6 must be a positive multiple of the "
             f"4 devices; log {tmp_path / 'seed=0' / 'train.log'})") in str(failed.value)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
+def test_a_trial_stops_when_its_sweep_is_killed(tmp_path):
+    """SIGKILL to the sweep (which no handler sees) left its trial training on as an orphan, and a
+    rerun started a second training in the trial's folder."""
+    import signal
+    import subprocess
+    import time
+
+    trial = ("import os, pathlib, signal, sys, time\n"
+             "here = pathlib.Path(sys.argv[1])\n"
+             "signal.signal(signal.SIGTERM, lambda *a: ((here / 'got_sigterm').write_text(''), "
+             "sys.exit(75)))\n"
+             "(here / 'pid').write_text(str(os.getpid()))\n"
+             "time.sleep(120)\n")
+    sweep_script = ("import sys\n"
+                    "from jaxseg import sweep\n"
+                    "sweep._command = lambda config, tdir, values, extra: "
+                    f"[sys.executable, '-c', {trial!r}, str(tdir)]\n"
+                    f"sweep.run('configs/smoke.py', {str(tmp_path)!r}, [{{'seed': 0}}])\n")
+    proc = subprocess.Popen([sys.executable, "-c", sweep_script], cwd=REPO)
+    pid_file = tmp_path / "seed=0" / "pid"
+    pid = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "seed=0" / "got_sigterm").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "seed=0" / "got_sigterm").exists()
+
+        def running():
+            try:  # an orphan that exited may wait as a zombie for an init that never reaps
+                return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except (OSError, IndexError):
+                return False
+
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
