@@ -5,6 +5,8 @@ launch/gpu_array_train.py runs it on accelerator machines without TensorFlow.
 """
 from __future__ import annotations
 
+import re
+
 from jaxseg import mixture, train_step
 
 _CHOICES = {
@@ -19,6 +21,17 @@ _CHOICES = {
 
 class ConfigError(ValueError):
     """A config value that cannot work, with what to change."""
+
+
+def unknown_field(error: Exception) -> tuple[str, str | None] | None:
+    """(the field, the nearest field name or None) that ml_collections' AttributeError or
+    KeyError for an override of a field the config lacks names, or None when it names none."""
+    text = str(error).replace("\\", "")
+    name = re.search(r"'([^']+)'", text)
+    if not name:
+        return None
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    return name.group(1), suggestion.group(1) if suggestion else None
 
 
 def _get(config, dotted: str):

@@ -123,6 +123,8 @@ def _trial_config(config: str, extra: list[str], values: dict):
     from absl import flags
     from ml_collections import config_flags
 
+    from jaxseg import config_check
+
     argv = ["jaxseg.train", "--config", config, *extra, *_overrides(values)]
     try:
         with warnings.catch_warnings():  # ml_collections loads the config file by load_module()
@@ -137,17 +139,16 @@ def _trial_config(config: str, extra: list[str], values: dict):
     except flags.Error as e:  # a value of the wrong type, say
         raise ValueError(str(e)) from None
     except (AttributeError, KeyError) as e:  # ml_collections: the config has no such field
-        text = str(e).replace("\\", "")
-        name = re.search(r"'([^']+)'", text)
-        if not name:
+        unknown = config_check.unknown_field(e)
+        if not unknown:
             raise
-        given = [f"--grid {field}" for field in values if name.group(1) in field.split(".")]
+        name, suggestion = unknown
+        given = [f"--grid {field}" for field in values if name in field.split(".")]
         given += [arg.split("=", 1)[0] for arg in extra if arg.startswith(("--config.", "--noconfig."))
-                  and name.group(1) in arg.split("=", 1)[0].split(".")[1:]]
-        suggestion = re.search(r'Did you mean "([^"]+)"', text)
-        hint = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
+                  and name in arg.split("=", 1)[0].split(".")[1:]]
+        hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
         raise ValueError(f"{given[0] if given else 'an override'}: the config has no field "
-                         f"{name.group(1)!r}{hint}") from None
+                         f"{name!r}{hint}") from None
     except OSError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise ValueError(f"--config {config}: {lines[-1] if lines else e}") from None

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -472,16 +471,14 @@ def _unknown_config_field_as_error(argv):
     try:
         yield
     except (AttributeError, KeyError) as e:
-        text = str(e).replace("\\", "")
-        name = re.search(r"'([^']+)'", text)
+        unknown = config_check.unknown_field(e)
         fields = {part for arg in argv if arg.startswith("--config.")
                   for part in arg.split("=", 1)[0].split(".")[1:]}
-        if not name or name.group(1) not in fields:  # not an override's unknown name: a bug
+        if not unknown or unknown[0] not in fields:  # not an override's unknown name: a bug
             raise
-        suggestion = re.search(r'Did you mean "([^"]+)"', text)
-        hint = f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
-        raise SystemExit(f"FATAL Flags parsing error: the config has no field "
-                         f"{name.group(1)!r}{hint}") from None
+        name, suggestion = unknown
+        hint = f"; did you mean {suggestion!r}?" if suggestion else ""
+        raise SystemExit(f"FATAL Flags parsing error: the config has no field {name!r}{hint}") from None
 
 
 if __name__ == "__main__":
