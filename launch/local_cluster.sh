@@ -20,13 +20,19 @@ override (or a multi-process flag) is refused before anything starts.
               or any dotted module name, run with ARGS only
   -c CONFIG   training config (default configs/smoke.py)
   -w WORKDIR  (default runs/local_cluster)
-  -l LOGDIR   one log per process, process_<i>.log (default WORKDIR/logs)
+  -l LOGDIR   one log per process, process_<i>.log, appended to (default WORKDIR/logs)
   --dry-run   print the commands and stop
   -h, --help  this help
 
 Environment: PYTHON (default .venv/bin/python if present, else python3).
-Relative paths are relative to the repository root. Process 0's log is shown as it runs; if any
-process fails, the others are stopped and the script exits with the failing process's status.
+Relative paths are relative to the repository root. Each process appends to its log, after a
+'==== DATE local_cluster.sh launch' line (a rerun keeps the earlier logs); process 0's is shown as
+it runs. If a process fails, the others are stopped (SIGTERM, then SIGKILL after 10 s). SIGTERM or
+Ctrl-C is passed on as SIGTERM (jaxseg.train saves, then exits 75) and the processes are waited
+for however long they take; a second one kills them at once. Exit status: 0 when all finished, 75
+when all stopped after saving (rerun to resume); otherwise every process's status is listed, one
+killed by a signal first (the others fail after it), and the script exits with the first listed
+failure's status (130 or 143 when it had to kill them after Ctrl-C or SIGTERM).
 
 Examples:
   launch/local_cluster.sh                                  # 2 processes x 2 devices, smoke config
@@ -89,53 +95,157 @@ echo "each runs: JAX_PLATFORMS=cpu XLA_FLAGS='${xla_flags# }' JAXSEG_COORDINATOR
 [[ -z $dry_run ]] || exit 0
 
 mkdir -p "$logdir"
-pids=()
+# Per process: its exit status once it ended, and the last signal this script sent it.
+pids=() statuses=() sent=()
 tail_pid=""
-stop_all() {  # TERM (train.py checkpoints on SIGTERM), then KILL whatever is left after 10 s
-  local pid alive _
-  for pid in ${pids[@]+"${pids[@]}"}; do [[ -n $pid ]] && kill -TERM "$pid" 2>/dev/null || true; done
-  for _ in $(seq 20); do
-    alive=""
-    for pid in ${pids[@]+"${pids[@]}"}; do [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && alive=1; done
-    [[ -n $alive ]] || break
-    sleep 0.5
-  done
-  for pid in ${pids[@]+"${pids[@]}"}; do [[ -n $pid ]] && kill -KILL "$pid" 2>/dev/null || true; done
-  [[ -z $tail_pid ]] || kill "$tail_pid" 2>/dev/null || true
-}
-trap 'echo "interrupted: stopping all processes" >&2; stop_all; exit 130' INT TERM
+interrupted=""  # INT or TERM: the first stop signal this script got
+kill_at=""      # when ($SECONDS) to SIGKILL the processes still running after a failure
 
-for ((i = 0; i < num; i++)); do
-  : >"$logdir/process_$i.log"
-  JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" JAXSEG_COORDINATOR_ADDRESS="127.0.0.1:$port" \
-    JAXSEG_NUM_PROCESSES="$num" JAXSEG_PROCESS_ID="$i" "${cmd[@]}" >"$logdir/process_$i.log" 2>&1 &
-  pids+=("$!")
-done
-tail -n +1 -f "$logdir/process_0.log" &
-tail_pid=$!
-
-failed="" status=0 remaining=$num
-while ((remaining > 0)); do
+signal_running() {  # SIG: send SIG to every process still running
+  local i
   for i in "${!pids[@]}"; do
-    pid=${pids[$i]}
-    if [[ -z $pid ]] || kill -0 "$pid" 2>/dev/null; then continue; fi  # empty or running
-    rc=0; wait "$pid" || rc=$?
-    pids[i]="" remaining=$((remaining - 1))
-    if ((rc != 0)); then failed=$i status=$rc; break 2; fi
+    if [[ -z ${statuses[i]-} ]] && kill -"$1" "${pids[i]}" 2>/dev/null; then sent[i]=$1; fi
   done
-  sleep 0.5
-done
-sleep 1  # let tail print the end of process 0's log
-if [[ -n $failed ]]; then
-  if ((status == 75)); then  # jaxseg.train's status after a stop signal and a committed save
-    echo "process $failed stopped after saving (exit 75): rerun the same command to resume" >&2
+}
+# shellcheck disable=SC2329  # called by the traps below
+on_signal() {  # SIG: a stop signal, passed on as SIGTERM (jaxseg.train saves, then exits 75)
+  if [[ -z $interrupted ]]; then
+    interrupted=$1
+    echo "local_cluster.sh: got SIG$1: passing SIGTERM on to the processes and waiting for" \
+         "them to stop (jaxseg.train saves a checkpoint first, which may take a validation);" \
+         "SIGTERM or Ctrl-C again kills them at once" >&2
+    signal_running TERM
   else
-    echo "process $failed failed (exit $status); stopping the others" >&2
+    echo "local_cluster.sh: got SIG$1 again: killing the processes" >&2
+    signal_running KILL
   fi
-  stop_all
-  echo "--- last lines of $logdir/process_$failed.log ---" >&2
-  tail -n 30 "$logdir/process_$failed.log" >&2
-  exit "$status"
-fi
+}
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
+trap '[[ -z $tail_pid ]] || kill "$tail_pid" 2>/dev/null || true' EXIT
+
+# The logs are appended to, after a line per launch: a rerun (to resume, or -m evaluate on the same
+# workdir) keeps the earlier runs' logs. offsets[i]: where this launch's part of log i begins.
+offsets=()
+launched=$(printf '%(%Y-%m-%d %H:%M:%S %z)T' -1)
+for ((i = 0; i < num; i++)); do
+  [[ -z $interrupted ]] || break  # a stop signal already
+  log=$logdir/process_$i.log
+  offsets[i]=0
+  [[ ! -f $log ]] || offsets[i]=$(($(wc -c <"$log")))
+  printf '==== %s local_cluster.sh launch, process %d of %d: %s\n' "$launched" "$i" "$num" \
+    "JAXSEG_PROCESS_ID=$i $(printf '%q ' "${cmd[@]}")" >>"$log"
+  JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" JAXSEG_COORDINATOR_ADDRESS="127.0.0.1:$port" \
+    JAXSEG_NUM_PROCESSES="$num" JAXSEG_PROCESS_ID="$i" "${cmd[@]}" >>"$log" 2>&1 &
+  pids[i]=$!
+done
+((${#pids[@]} > 0)) || exit $((128 + $(kill -l "$interrupted")))  # stopped before any started
+tail -c +$((offsets[0] + 1)) -f "$logdir/process_0.log" &
+tail_pid=$!
+running=${#pids[@]}
+
+signal_of() {  # STATUS: the name of the signal a status above 128 stands for
+  kill -l $(($1 - 128)) 2>/dev/null || echo "$(($1 - 128))"
+}
+by_us() {  # I: whether process I died of the signal this script sent it, or, after a stop
+  # signal to the script, of SIGINT or SIGTERM (a terminal's Ctrl-C reaches it directly)
+  local rc=${statuses[$1]}
+  ((rc > 128)) || return 1
+  [[ $(signal_of "$rc") == "${sent[$1]-}" ]] || [[ -n $interrupted && ($rc == 130 || $rc == 143) ]]
+}
+failed() {  # I: whether process I failed of itself (not 0, not 75, not stopped by this script)
+  [[ ${statuses[$1]} != 0 && ${statuses[$1]} != 75 ]] && ! by_us "$1"
+}
+describe() {  # I: how process I ended
+  local rc=${statuses[$1]} how
+  if ((rc == 0)); then how="finished"
+  elif ((rc == 75)); then how="stopped after saving"
+  elif ((rc > 128)) && [[ $(signal_of "$rc") == "${sent[$1]-}" ]]; then
+    how="was killed by this script's SIG$(signal_of "$rc")"
+  elif ((rc > 128)); then how="was killed by SIG$(signal_of "$rc")"
+  else how="failed"; fi
+  echo "process $1 $how (exit $rc)"
+}
+in_order() {  # I...: the processes I, those killed by a signal of their own first (the cause)
+  local i
+  for i; do if failed "$i" && ((statuses[i] > 128)); then echo "$i"; fi; done
+  for i; do if ! failed "$i" || ((statuses[i] <= 128)); then echo "$i"; fi; done
+}
+
+while ((running > 0)); do
+  ended=()
+  for i in "${!pids[@]}"; do  # every process that ended since the last pass, before acting on any
+    if [[ -n ${statuses[i]-} ]] || kill -0 "${pids[i]}" 2>/dev/null; then continue; fi
+    rc=0; wait "${pids[i]}" 2>/dev/null || rc=$?
+    statuses[i]=$rc running=$((running - 1))
+    ended+=("$i")
+  done
+  if ((running > 0 && ${#ended[@]} > 0)); then
+    for i in $(in_order "${ended[@]}"); do
+      if failed "$i" && [[ -z $kill_at ]]; then
+        # The others cannot save without it (a process blocked in a collective may not even
+        # notice SIGTERM): SIGTERM, then SIGKILL.
+        echo "local_cluster.sh: $(describe "$i"); stopping the others (SIGTERM, then SIGKILL" \
+             "after 10 s)" >&2
+        signal_running TERM
+        kill_at=$((SECONDS + 10))
+      elif failed "$i"; then
+        echo "local_cluster.sh: $(describe "$i")" >&2
+      elif ((statuses[i] == 75)) && [[ -z $kill_at ]]; then
+        echo "local_cluster.sh: $(describe "$i"); waiting for the others" >&2
+      fi
+    done
+  fi
+  if ((running > 0)) && [[ -n $kill_at ]] && ((SECONDS >= kill_at)); then
+    echo "local_cluster.sh: killing the processes still running 10 s after SIGTERM" >&2
+    signal_running KILL
+    kill_at=""
+  fi
+  # A terminal's Ctrl-C reaches sleep too: its status must not stop the script (set -e).
+  if ((running > 0)); then sleep 0.5 || true; fi
+done
+sleep 1 || true  # let tail print the end of process 0's log
 kill "$tail_pid" 2>/dev/null || true
-echo "all $num processes finished; logs in $logdir/"
+tail_pid=""
+
+all_finished=1 all_saved=1 clean=1  # clean: every process finished or stopped after saving
+for i in "${!pids[@]}"; do
+  ((statuses[i] == 0)) || all_finished=""
+  ((statuses[i] == 75)) || all_saved=""
+  ((statuses[i] == 0 || statuses[i] == 75)) || clean=""
+done
+if [[ -n $all_finished ]]; then
+  echo "all $num processes finished; logs in $logdir/"
+  exit 0
+fi
+if [[ -n $all_saved ]]; then  # jaxseg.train's status after a stop signal and a committed save
+  echo "local_cluster.sh: all $num processes stopped after saving (exit 75): rerun the same" \
+       "command to resume; logs in $logdir/" >&2
+  exit 75
+fi
+# The cause: a process killed by a signal this script did not send (the others then fail in
+# their next collective), else the first that failed.
+cause=""
+for i in $(in_order "${!pids[@]}"); do
+  if failed "$i"; then cause=$i; break; fi
+done
+for i in $(in_order "${!pids[@]}"); do echo "local_cluster.sh: $(describe "$i")" >&2; done
+if [[ -n $cause ]]; then
+  status=${statuses[cause]} why="process $cause's status"
+  echo "--- the end of $logdir/process_$cause.log, from this launch's '==== $launched' line on" \
+       "(earlier launches' logs are above it) ---" >&2
+  tail -c +$((offsets[cause] + 1)) "$logdir/process_$cause.log" | tail -n 30 >&2
+elif [[ -n $clean ]]; then  # some finished, some stopped after saving: a rerun resumes them
+  status=75 why="rerun the same command to resume"
+elif [[ -n $interrupted ]]; then  # 130 after Ctrl-C, 143 after SIGTERM
+  status=$((128 + $(kill -l "$interrupted")))
+  why="SIG$interrupted, and not every process stopped after saving: a rerun resumes from the"
+  why+=" last complete checkpoint"
+else
+  for i in "${!pids[@]}"; do
+    if ((statuses[i] != 0 && statuses[i] != 75)); then status=${statuses[i]}; break; fi
+  done
+  why="process $i's status"
+fi
+echo "local_cluster.sh: exit $status ($why); logs in $logdir/" >&2
+exit "$status"

@@ -4,9 +4,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 
 import numpy as np
@@ -328,11 +330,8 @@ CLUSTER_CHECK = textwrap.dedent('''
     import os
     import sys
 
-    if os.environ["JAXSEG_PROCESS_ID"] == "1":
-        if "--fail" in sys.argv:
-            sys.exit(7)
-        if "--stop" in sys.argv:  # as jaxseg.train after a stop signal and a save
-            sys.exit(75)
+    if os.environ["JAXSEG_PROCESS_ID"] == "1" and "--fail" in sys.argv:
+        sys.exit(7)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -369,16 +368,175 @@ def test_local_cluster_runs_collective(cluster_module, tmp_path):
     assert "all 2 processes finished" in out.stdout
 
 
-@pytest.mark.parametrize("flag, status, said", [
-    ("--fail", 7, "process 1 failed (exit 7); stopping the others"),
-    ("--stop", 75, "process 1 stopped after saving (exit 75): rerun the same command to resume")])
-def test_local_cluster_failure_stops_the_others(cluster_module, tmp_path, flag, status, said):
-    """Process 1 exits at once; process 0 (waiting for it) is stopped, with process 1's status."""
+def test_local_cluster_failure_stops_the_others(cluster_module, tmp_path):
+    """Process 1 exits at once; 0 and 2 (waiting for it) are stopped, with process 1's status."""
     out = _run([LAUNCH / "local_cluster.sh", "-n", "3", "-d", "1", "-m", "cluster_check", "-l",
-                tmp_path / "logs", "--", flag], os.environ["PATH"], env=cluster_module,
+                tmp_path / "logs", "--", "--fail"], os.environ["PATH"], env=cluster_module,
                timeout=120)
-    assert out.returncode == status, out.stdout + out.stderr
-    assert said in out.stderr
+    assert out.returncode == 7, out.stdout + out.stderr
+    assert "process 1 failed (exit 7); stopping the others" in out.stderr
+
+
+FAKE_TRAIN = textwrap.dedent('''
+    """Stands in for jaxseg.train in the local_cluster.sh tests, without JAX.
+
+    Prints "process <i> ready <pid> <message>" once its signal handlers are set. Then with
+    --exit=S process 1 exits with S at once; with --sigkill process 1 is killed by SIGKILL and
+    process 0 fails (exit 1, as in a collective after its peer's death) once process 1 is gone.
+    Otherwise it waits for a stop, as jaxseg.train does: a first SIGTERM or Ctrl-C asks for a
+    save, which takes --save_s seconds (a validation, then the checkpoint), then it exits 75; a
+    second Ctrl-C stops it at once.
+    """
+    import argparse
+    import fcntl
+    import os
+    import pathlib
+    import signal
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--save_s", type=float, default=0.0)
+    parser.add_argument("--exit", type=int)
+    parser.add_argument("--sigkill", action="store_true")
+    parser.add_argument("--message", default="")
+    args = parser.parse_args()
+    index = int(os.environ["JAXSEG_PROCESS_ID"])
+    requested = False
+
+
+    def handle(signum, frame):
+        global requested
+        if signum == signal.SIGINT and requested:
+            raise KeyboardInterrupt
+        requested = True
+
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    lock = pathlib.Path(os.environ["FAKE_TRAIN_DIR"]) / "process_1.lock"
+    if args.sigkill and index == 1:
+        held = open(lock, "w")
+        fcntl.flock(held, fcntl.LOCK_EX)  # released by the kernel when this process dies
+        lock.with_suffix(".held").touch()
+    print(f"process {index} ready {os.getpid()} {args.message}", flush=True)
+    if args.exit is not None and index == 1:
+        sys.exit(args.exit)
+    if args.sigkill:
+        if index == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        while not lock.with_suffix(".held").exists():
+            time.sleep(0.01)
+        with open(lock) as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # waits for process 1's death
+        print("Gloo: connection closed by peer", flush=True)
+        sys.exit(1)
+    while not requested:
+        time.sleep(0.05)
+    print(f"process {index} saving", flush=True)
+    time.sleep(args.save_s)
+    print(f"process {index} saved", flush=True)
+    sys.exit(75)
+''')
+
+
+@pytest.fixture
+def fake_train(tmp_path):
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / "fake_train.py").write_text(FAKE_TRAIN)
+    return {"PYTHON": sys.executable, "PYTHONPATH": str(tmp_path / "mod"),
+            "FAKE_TRAIN_DIR": str(tmp_path)}
+
+
+def _start_fake_cluster(fake_train, logs, num, *args):
+    """local_cluster.sh running fake_train in a session of its own (its process group is what a
+    terminal's Ctrl-C reaches), once every process has its signal handlers."""
+    proc = subprocess.Popen(
+        ["bash", LAUNCH / "local_cluster.sh", "-n", str(num), "-d", "1", "-m", "fake_train",
+         "-l", logs, "--", *args], cwd=REPO,
+        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **fake_train},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not all((logs / f"process_{i}.log").exists()
+                  and "ready" in (logs / f"process_{i}.log").read_text() for i in range(num)):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    return proc
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the script", "Ctrl-C"])
+def test_local_cluster_stop_waits_for_the_saves(fake_train, tmp_path, how):
+    """A save that takes longer than 10 s (a validation first) is waited for, not killed (it
+    left a checkpoint-tmp folder, and the rerun lost steps), and the script exits 75 as each
+    process does. Ctrl-C reaches the processes from the terminal, and SIGTERM from the script."""
+    logs = tmp_path / "logs"
+    proc = _start_fake_cluster(fake_train, logs, 2, "--save_s=13")
+    if how == "Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 75, stdout + stderr
+    for i in range(2):
+        assert f"process {i} saved" in (logs / f"process_{i}.log").read_text(), stderr
+    assert "all 2 processes stopped after saving (exit 75): rerun the same command" in stderr
+
+
+def test_local_cluster_second_signal_kills_at_once(fake_train, tmp_path):
+    """A second SIGTERM (or Ctrl-C) while the processes save kills them at once."""
+    logs = tmp_path / "logs"
+    proc = _start_fake_cluster(fake_train, logs, 2, "--save_s=60")
+    pids = [int((logs / f"process_{i}.log").read_text().split("ready ")[1].split()[0])
+            for i in range(2)]
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while not all("saving" in (logs / f"process_{i}.log").read_text() for i in range(2)):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(1)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=90)
+    assert time.monotonic() - start < 5, stderr
+    assert proc.returncode == 143, stdout + stderr  # 128 + SIGTERM, the script's own stop
+    for i in range(2):
+        assert f"process {i} was killed by this script's SIGKILL (exit 137)" in stderr
+        with pytest.raises(ProcessLookupError):
+            os.kill(pids[i], 0)
+
+
+def test_local_cluster_keeps_earlier_logs(fake_train, tmp_path):
+    """A rerun (to resume, or -m evaluate on the same workdir) appends to the logs, after a line
+    per launch: the first launch's error, which the script pointed at, is still there."""
+    logs = tmp_path / "logs"
+    args = ["-n", "2", "-d", "1", "-m", "fake_train", "-l", logs, "--"]
+    out = _run([LAUNCH / "local_cluster.sh", *args, "--exit=7", "--message=first"],
+               os.environ["PATH"], env=fake_train)
+    assert out.returncode == 7, out.stdout + out.stderr
+    assert f"{logs}/process_1.log" in out.stderr and "first" in out.stderr
+    out = _run([LAUNCH / "local_cluster.sh", *args, "--exit=3", "--message=second"],
+               os.environ["PATH"], env=fake_train)
+    assert out.returncode == 3, out.stdout + out.stderr
+    log = (logs / "process_1.log").read_text()
+    headers = [line for line in log.splitlines() if line.startswith("==== ")]
+    said = [line for line in log.splitlines() if line.startswith("process 1 ready")]
+    assert [line.split()[-1] for line in said] == ["first", "second"], log
+    assert len(headers) == 2 and all("local_cluster.sh" in h and "process 1 of 2" in h
+                                     and "-m fake_train" in h for h in headers), headers
+    assert "second" in out.stderr and "first" not in out.stderr  # this launch's part of the log
+    assert (logs / "process_0.log").read_text().count("ready") == 2
+
+
+def test_local_cluster_reports_a_killed_process_first(fake_train, tmp_path):
+    """Process 1 is killed (SIGKILL: the machine's OOM killer, say), and process 0 fails on its
+    next collective: the cause is process 1's death, not process 0's error."""
+    logs = tmp_path / "logs"
+    out = _run([LAUNCH / "local_cluster.sh", "-n", "2", "-d", "1", "-m", "fake_train", "-l", logs,
+                "--", "--sigkill"], os.environ["PATH"], env=fake_train)
+    assert out.returncode == 137, out.stdout + out.stderr
+    killed = out.stderr.index("process 1 was killed by SIGKILL (exit 137)")
+    assert killed < out.stderr.index("process 0 failed (exit 1)"), out.stderr
+    assert f"the end of {logs}/process_1.log" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("name,num_devices", [("gpu", 1), ("tpu", 32), ("tpu", 8)])
