@@ -325,6 +325,44 @@ def test_a_stop_signal_to_one_process_saves_and_stops_both(tmp_path):
     assert f"a stop signal to another process: saved step {last_logged} to" in cluster.log(0)
 
 
+
+def test_ctrl_c_to_local_cluster_saves_and_exits_75(tmp_path):
+    """launch/local_cluster.sh under a terminal's Ctrl-C: SIGINT reaches every process of its
+    group, and the script passes SIGTERM on too; both processes save the same step and exit 75,
+    and so does the script (it used to SIGKILL them 10 s later, and exit 130)."""
+    from jaxseg.workdir import STOPPED_EXIT_STATUS
+
+    workdir = tmp_path / "work"
+    cmd = endless_training_command(tmp_path, workdir)
+    args = cmd[cmd.index(str(workdir)) + 1:]  # the config overrides
+    env = base_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), JAXSEG_MANUAL_DIR=str(tmp_path / "none"),
+                   PYTHON=sys.executable)
+    logs = workdir / "logs"
+    proc = subprocess.Popen(["bash", "launch/local_cluster.sh", "-n", "2", "-d", "2", "-w",
+                             str(workdir), "--", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        metrics = workdir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out = proc.communicate(timeout=TIMEOUT_S)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == STOPPED_EXIT_STATUS, out[-3000:]
+    assert "all 2 processes stopped after saving (exit 75)" in out
+    last_logged = records(workdir, "train")[-1]["step"]
+    assert checkpointing.Checkpoints(workdir, read_only=True).latest_step() == last_logged
+    for i in range(2):
+        assert f"saved step {last_logged} to" in (logs / f"process_{i}.log").read_text()
+    assert not list((workdir / "checkpoints").glob("*tmp*"))
+
 RAISES = textwrap.dedent('''
     import numpy as np
     from jax.experimental import multihost_utils
