@@ -90,6 +90,19 @@ def validate(config, num_devices: int) -> None:
                         f"half the image size ({size / 2:g})")
     if not 0 <= config.model.dropout < 1:
         problems.append(f"model.dropout={config.model.dropout} must be in [0, 1)")
+    aug = config.data.aug
+    if not 0 < aug.scale_min <= aug.scale_max:
+        problems.append(f"data.aug.scale_min={aug.scale_min}, scale_max={aug.scale_max}: the zoom "
+                        "range needs 0 < scale_min <= scale_max (1, 1 = no zoom)")
+    for field in ("rotate_degrees", "max_shift"):
+        if aug[field] < 0:
+            problems.append(f"data.aug.{field}={aug[field]} must be >= 0 (0 = off; the draw is "
+                            "symmetric about 0)")
+    for field in ("brightness", "contrast", "saturation"):
+        # A jitter of 1 or more can scale a photo by 0 or less: black or inverted.
+        if not 0 <= aug[field] < 1:
+            problems.append(f"data.aug.{field}={aug[field]} must be in [0, 1) (0 = off): the "
+                            "factor is drawn from [1 - it, 1 + it]")
     if not 0 <= config.data.aug.get("copy_paste", 0.0) <= 1:
         problems.append(f"data.aug.copy_paste={config.data.aug.copy_paste} must be in [0, 1] (0 = off)")
     if not 0 <= train_step.ema_decay(config) < 1:
