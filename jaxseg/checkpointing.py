@@ -28,6 +28,32 @@ class SaveError(RuntimeError):
     """
 
 
+class UnreadableCheckpoint(FileNotFoundError):
+    """A checkpoint folder that exists but cannot be read (empty, files deleted, not jaxseg's).
+
+    A FileNotFoundError, as for a missing checkpoint, so that every command naming a missing one
+    in one line names this one so too.
+    """
+
+
+@contextlib.contextmanager
+def _reading(manager: ocp.CheckpointManager, step: int):
+    # Orbax says KeyError for a missing item and a bare Exception for missing array files; a
+    # ValueError (a tree of another structure) is the caller's to explain, so it passes.
+    try:
+        yield
+    except ValueError:
+        raise
+    except Exception as e:
+        others = [s for s in manager.all_steps() if s != step]
+        what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UnreadableCheckpoint(
+            f"checkpoint {manager.directory / str(step)} cannot be read ({type(e).__name__}"
+            f"{': ' + what if what else ''}): it is incomplete or not written by jaxseg; move it "
+            f"out of {manager.directory} to use "
+            f"{f'step {max(others)} instead' if others else 'none there'}") from None
+
+
 @contextlib.contextmanager
 def _saving(manager: ocp.CheckpointManager):
     # An asynchronous save's error surfaces at the next save, wait or close, as whatever orbax
@@ -113,14 +139,16 @@ class Checkpoints:
     def restore(self, which: str | int, abstract_state) -> tuple[object, dict, int]:
         """Restores onto `abstract_state` (shapes, dtypes and target shardings): (state, meta, step)."""
         manager, step = self.resolve(str(which))
-        out = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        with _reading(manager, step):
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out.state, dict(out.meta), step
 
     def read_meta(self, which: str | int) -> tuple[dict, int]:
         """Only the JSON metadata of a checkpoint: (meta, step)."""
         manager, step = self.resolve(str(which))
-        out = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        with _reading(manager, step):
+            out = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out.meta), step
 
     def wait(self) -> None:

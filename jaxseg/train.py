@@ -141,9 +141,13 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
     """Resume order: the workdir's latest checkpoint > train.init_checkpoint > scratch."""
     rep = sharding.replicated(mesh)
     if ckpts.latest_step() is not None:
-        _check_resumable(config, ckpts)
         try:
+            _check_resumable(config, ckpts)
             restored, meta, step = ckpts.restore("latest", checkpointing.abstract_like(state, rep))
+        except checkpointing.UnreadableCheckpoint as e:
+            raise config_check.ConfigError(f"cannot resume: {e}") from None
+        except config_check.ConfigError:
+            raise
         except ValueError as e:  # another optimiser structure, e.g. gradient clipping on/off
             raise config_check.ConfigError(
                 "the workdir's checkpoint does not fit this config's train state (an optim or "

@@ -211,6 +211,36 @@ def test_a_run_resumes_from_its_latest_checkpoint_not_its_best(tmp_path):
         np.testing.assert_array_equal(got, saved)
 
 
+@pytest.mark.parametrize("damage", ["an empty step folder", "array files deleted"])
+def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage):
+    """A latest checkpoint that cannot be read (a folder made by hand, files lost) stops the resume
+    and the loading commands with one line naming its folder and the step to fall back to; it
+    was a KeyError or a bare Exception from orbax, with tracebacks of hundreds of lines."""
+    import shutil
+
+    from jaxseg import sharding
+
+    config = tiny_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    save(tmp_path, config, nnx.merge(graphdef, state))  # step 1, whole
+    folder = tmp_path / "checkpoints" / "5"
+    if damage == "an empty step folder":
+        folder.mkdir()
+    else:
+        shutil.copytree(tmp_path / "checkpoints" / "1", folder)
+        for data in (folder / "state").glob("ocdbt.process_*/d/*"):
+            data.unlink()
+    message = f"checkpoint {folder} cannot be read .*move it out of .* to use step 1 instead"
+    ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
+    with pytest.raises(config_check.ConfigError, match="cannot resume: " + message):
+        train._initial_state(config, ckpts, graphdef, state, sharding.make_mesh(1))
+    ckpts.close()
+    with pytest.raises(FileNotFoundError, match=message):
+        inference.load_from_workdir(str(tmp_path), "latest")
+    shutil.rmtree(folder)
+    assert inference.load_from_workdir(str(tmp_path), "latest")[2] == 1
+
+
 def test_revalidating_a_step_the_best_series_holds_keeps_it(tmp_path):
     """A run killed after validating step N but before saving it periodically validates N again
     on resume; orbax refused the second best save of N, so the workdir could never resume."""
