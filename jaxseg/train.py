@@ -22,7 +22,8 @@ from flax import nnx
 
 from jaxseg import (checkpointing, config_check, datasets, distributed, host_memory, inference,
                     input_pipeline, metric_writer, mixture, preprocess, sharding, train_step)
-from jaxseg.workdir import STOPPED_EXIT_STATUS, local_folder_problem, workdir_path
+from jaxseg.workdir import (STOPPED_EXIT_STATUS, WorkdirBusy, local_folder_problem, training_lock,
+                            workdir_path)
 
 log = logging.getLogger("jaxseg.train")
 
@@ -189,8 +190,10 @@ def _warn_about_resume_changes(config, meta: dict) -> None:
                     "schedule now spans %d steps, so the rate at the resumed step differs "
                     "from the one the run had (a finished cosine rises again)",
                     config.train.num_steps, steps, config.train.num_steps)
-    changed = _changed_fields(meta.get("config", {}), json.loads(config.to_json()),
-                              ("data", "loss", "optim", "eval"))
+    stored, current = meta.get("config", {}), json.loads(config.to_json())
+    # model: the fields that leave the parameters' shapes (those are refused in _check_resumable).
+    changed = _changed_fields(stored, current, ("data", "loss", "optim", "eval", "model"))
+    changed += _changed_fields(stored.get("train", {}), current["train"], ("ema_decay",), "train.")
     if changed:
         log.warning("resumed with %s: from here the run trains (and validates) otherwise than the "
                     "one that wrote the checkpoint%s", ", ".join(changed),
@@ -305,6 +308,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Whatever stops the run (an error in setup or in the loop, SIGTERM, the end), what it opened
     # is closed: an open checkpoint manager or log writer buries the error in shutdown noise.
     with contextlib.ExitStack() as cleanup:
+        if main:  # the processes of one run share the workdir
+            try:
+                cleanup.enter_context(training_lock(workdir))
+            except WorkdirBusy as e:
+                raise config_check.ConfigError(f"--workdir {workdir}: {e}") from None
         ckpts = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
         cleanup.callback(ckpts.close)
         graphdef, state = train_step.create_train_state(config)

@@ -8,6 +8,8 @@ the small files go through TensorFlow's gfile).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pathlib
 import sys
@@ -36,6 +38,36 @@ def local_folder_problem(path: epath.Path) -> str | None:
     except OSError as e:
         return f"cannot create it ({e.strerror or e})"
     return None if os.access(path, os.W_OK) else "not writable"
+
+
+TRAIN_LOCK = ".train.lock"
+
+
+class WorkdirBusy(RuntimeError):
+    """Another process holds the workdir's training lock."""
+
+
+@contextlib.contextmanager
+def training_lock(workdir: epath.Path):
+    """Holds an exclusive lock on WORKDIR/.train.lock while a run trains there, or raises
+    WorkdirBusy naming the holder's pid: two trainers in one folder would both write its
+    checkpoints and logs. The kernel drops the lock when its holder dies, SIGKILL included.
+    Storage URLs (gs://...) are not locked (their file systems have no such locks)."""
+    if "://" in os.fspath(workdir):
+        yield
+        return
+    with open(workdir / TRAIN_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise WorkdirBusy(f"another jaxseg.train (pid {holder}) is training in it: wait for it "
+                              "to end, or stop it (SIGTERM saves), then run again") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
 
 
 def local_output_folder(text: str) -> pathlib.Path:

@@ -398,6 +398,15 @@ def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
             train._warn_about_resume_changes(scored, meta)
         warned = f"eval.{field}={value!r}" in caplog.text and "best/ compares" in caplog.text
         assert warned == (field != "batch_size"), (field, caplog.text)
+    # Model fields that keep the parameters' shapes, and another EMA decay, train otherwise too.
+    caplog.clear()
+    modelled = tiny_config(0.0)
+    modelled.model.dropout, modelled.model.compute_dtype = 0.3, "bfloat16"
+    modelled.train.ema_decay = 0.99
+    with caplog.at_level("WARNING", logger="jaxseg.train"):
+        train._warn_about_resume_changes(modelled, meta)
+    for change in ("model.dropout=0.3", "model.compute_dtype='bfloat16'", "train.ema_decay=0.99"):
+        assert change in caplog.text, (change, caplog.text)
 
 
 def test_a_checkpoint_from_before_attention_gates_resumes_only_without_them(tmp_path):

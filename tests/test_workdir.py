@@ -1,7 +1,13 @@
 """Workdirs keep storage URLs intact (pathlib would collapse gs://b/run into the folder gs:/b/run)."""
 import os
+import signal
+import subprocess
+import sys
 
-from jaxseg.workdir import local_folder_problem, local_output_folder, workdir_path
+import pytest
+
+from jaxseg.workdir import (WorkdirBusy, local_folder_problem, local_output_folder, training_lock,
+                            workdir_path)
 
 
 def test_url_workdirs_stay_urls():
@@ -28,3 +34,45 @@ def test_an_output_folder_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     assert local_output_folder("~/out") == tmp_path / "home" / "out"
+
+
+def test_one_trainer_at_a_time_holds_a_workdir(tmp_path):
+    """A second training lock on a workdir is refused, naming the holder's pid, while the first is
+    held; it is free once the holder is done, and once a holder dies by SIGKILL (the kernel drops
+    the lock): a rerun after a crash is never locked out."""
+    workdir = workdir_path(tmp_path)
+    with training_lock(workdir):
+        with pytest.raises(WorkdirBusy, match=f"pid {os.getpid()}"):
+            with training_lock(workdir):
+                pass
+    with training_lock(workdir):
+        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from jaxseg.workdir import training_lock, "
+         "workdir_path\nwith training_lock(workdir_path(sys.argv[1])):\n print('held', flush=True);"
+         " time.sleep(600)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkdirBusy, match=f"pid {holder.pid}"):
+            with training_lock(workdir):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with training_lock(workdir):
+        pass
+
+
+def test_training_refuses_a_workdir_another_trainer_holds(tmp_path):
+    from configs import smoke
+    from jaxseg import config_check, train
+
+    config = smoke.get_config()
+    config.num_devices = 1
+    workdir = workdir_path(tmp_path / "run")
+    workdir.mkdir()
+    with training_lock(workdir):
+        with pytest.raises(config_check.ConfigError,
+                           match=f"--workdir {workdir}: another jaxseg.train \\(pid {os.getpid()}\\)"):
+            train.train_and_evaluate(config, str(workdir))
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
