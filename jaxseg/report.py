@@ -376,6 +376,14 @@ _BUCKET_ADVICE = {
 }
 
 
+def _bucket_words(family: str, bucket: str) -> str:
+    """A bucket in words: 'images with 2 people', 'images whose person covers <10% of them'."""
+    if family == "people":
+        return {"0": "images with no person", "1": "images with 1 person"}.get(
+            bucket, f"images with {bucket} people")
+    return f"images whose person covers {bucket} of them"
+
+
 def _advice(family: str, bucket: str) -> str:
     return _BUCKET_ADVICE.get((family, bucket),
                               "look at the worst predictions below for the common pattern")
@@ -389,7 +397,7 @@ def _bucket_recommendations(area: list[dict], people: list[dict], num_images: in
     if worst["errors"] == 0:
         return []
     excess = worst["error_share"] / worst["image_share"]
-    text = (f"Most IoU is lost on {family} {worst['bucket']}: {worst['images']} images "
+    text = (f"Most IoU is lost on {_bucket_words(family, worst['bucket'])}: {worst['images']} images "
             f"({worst['image_share']:.0%}) hold {worst['error_share']:.0%} of all error pixels, "
             f"mean image IoU {_fmt(worst['mean_iou'])}; without those errors IoU would rise by "
             f"{worst['iou_lost']:.3f}.")
@@ -405,8 +413,8 @@ def _bucket_recommendations(area: list[dict], people: list[dict], num_images: in
         excess = odd["error_share"] / odd["image_share"]
         if excess >= IMBALANCE_RATIO:
             recs.append(
-                f"Out of proportion: {family} {odd['bucket']} is {odd['image_share']:.0%} of the "
-                f"images but {odd['error_share']:.0%} of the error pixels ({excess:.1f}x), mean "
+                f"Out of proportion: {_bucket_words(family, odd['bucket'])} are "
+                f"{odd['image_share']:.0%} of the images but {odd['error_share']:.0%} of the error pixels ({excess:.1f}x), mean "
                 f"image IoU {_fmt(odd['mean_iou'])}. Suggested: {_advice(family, odd['bucket'])}.")
     return recs
 

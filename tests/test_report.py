@@ -219,7 +219,7 @@ def test_buckets_name_the_costliest_failure():
               "threshold_sweep": {"thresholds": [0.0, 0.5], "person": [190, 100],
                                   "pixels": [400, 110]}}
     recs = report.recommendations(result, area, people, [], None)
-    assert recs[0].startswith("Most IoU is lost on person area <10%") and "small people" in recs[0]
+    assert recs[0].startswith("Most IoU is lost on images whose person covers <10% of them") and "small people" in recs[0]
 
 
 def test_false_positives_on_person_free_photos_are_not_blamed_on_small_people():
@@ -238,7 +238,7 @@ def test_false_positives_on_person_free_photos_are_not_blamed_on_small_people():
               "threshold_sweep": {"thresholds": [0.0, 0.5], "person": [235, 220],
                                   "pixels": [1000, 535]}}
     recs = report.recommendations(result, area, people, [], None)
-    assert recs[0].startswith("Most IoU is lost on people 0") and "person-free" in recs[0]
+    assert recs[0].startswith("Most IoU is lost on images with no person") and "person-free" in recs[0]
     assert "small people" not in " ".join(recs)
 
 
@@ -433,7 +433,7 @@ def test_the_costliest_bucket_is_not_named_again_as_out_of_proportion():
     area = report.bucket_rows(per_image, "person_fraction", report.AREA_BUCKETS)
     people = report.bucket_rows(per_image, "regions", report.REGION_BUCKETS)
     recs = report._bucket_recommendations(area, people, len(per_image))
-    assert recs[0].startswith("Most IoU is lost on person area <10%") and "Suggested" in recs[0]
+    assert recs[0].startswith("Most IoU is lost on images whose person covers <10% of them") and "Suggested" in recs[0]
     assert len(recs) == 1, recs
 
 
