@@ -139,8 +139,12 @@ def member_steps(steps, members: int | None):
 
 
 def checkpoint_problem(workdir: str | None, checkpoint: str) -> str | None:
-    """Why a command line's --checkpoint cannot apply (a checkpoint other than 'best' without a
-    workdir), or None."""
+    """Why a command line's --workdir and --checkpoint cannot apply (a workdir that is no folder,
+    a checkpoint other than 'best' without a workdir), or None."""
+    from jaxseg.workdir import workdir_path
+
+    if workdir and not workdir_path(workdir).is_dir():
+        return f"--workdir {workdir}: no such folder"
     if not workdir and checkpoint != "best":
         return (f"--checkpoint {checkpoint} needs --workdir: the pretrained model has one set of "
                 "weights")

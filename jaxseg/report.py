@@ -817,8 +817,6 @@ def main(argv):
 
     f = flags.FLAGS
     workdir = f.workdir
-    if workdir and not workdir_path(workdir).is_dir():
-        raise SystemExit(f"--workdir {workdir}: no such folder")
     if f.peer_dir and not workdir_path(f.peer_dir).is_dir():
         raise SystemExit(f"--peer_dir {f.peer_dir}: no such folder")
     problem = inference.checkpoint_problem(workdir, f.checkpoint)  # as evaluate says it

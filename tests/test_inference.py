@@ -105,3 +105,13 @@ def test_flip_averaging_mirrors_the_flipped_prediction_back():
     got = np.asarray(inference.person_probabilities(Lopsided(), x, flip_tta=True))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(got, probs(x), atol=1e-3)
+
+
+def test_a_workdir_that_is_no_folder_is_named_before_any_checkpoint_is_looked_for(tmp_path):
+    """evaluate, predict, export and report say so in one line (evaluate said 'no checkpoint in
+    WORKDIR/checkpoints' of a mistyped workdir)."""
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path / "nowhere", tmp_path / "file"):
+        assert inference.checkpoint_problem(str(path), "best") == f"--workdir {path}: no such folder"
+    assert inference.checkpoint_problem(str(tmp_path), "latest") is None
+    assert "needs --workdir" in inference.checkpoint_problem(None, "latest")
