@@ -8,6 +8,7 @@ hard kill during a save leaves the previous checkpoint usable.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import jax
@@ -18,6 +19,16 @@ from jaxseg.workdir import workdir_path
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+
+
+def _not_a_read_only_note(record: logging.LogRecord) -> bool:
+    # Orbax warns, per manager, that a read-only one will not save: 3-6 lines before every
+    # evaluation's or prediction's output (or its one-line error) that say nothing to the user.
+    return not record.getMessage().startswith(("CheckpointManagerOptions.read_only=True",
+                                               "Given directory is read only"))
+
+
+logging.getLogger("absl").addFilter(_not_a_read_only_note)
 
 
 class SaveError(RuntimeError):

@@ -433,3 +433,14 @@ def test_the_two_checkpoint_series_name_their_barriers_apart(tmp_path):
                 for m in (ckpts.latest, ckpts.best)}
     ckpts.close()
     assert prefixes == {checkpointing.LATEST_DIR, checkpointing.BEST_DIR}
+
+
+def test_reading_checkpoints_logs_no_notes_about_not_saving(tmp_path, caplog):
+    """Orbax's per-manager warnings that a read-only manager will not save (3-6 lines before
+    every evaluation's output or one-line error) are dropped; its other warnings are not."""
+    import logging
+
+    with caplog.at_level("WARNING"):
+        checkpointing.Checkpoints(tmp_path, read_only=True).close()
+        logging.getLogger("absl").warning("another orbax warning")
+    assert [r.getMessage() for r in caplog.records] == ["another orbax warning"]
