@@ -30,9 +30,10 @@ Relative paths are relative to the repository root. Each process appends to its 
 it runs. If a process fails, the others are stopped (SIGTERM, then SIGKILL after 10 s). SIGTERM or
 Ctrl-C is passed on as SIGTERM (jaxseg.train saves, then exits 75) and the processes are waited
 for however long they take; a second one kills them at once. Exit status: 0 when all finished, 75
-when all stopped after saving (rerun to resume); otherwise every process's status is listed, one
-killed by a signal first (the others fail after it), and the script exits with the first listed
-failure's status (130 or 143 when it had to kill them after Ctrl-C or SIGTERM).
+when all stopped after saving (rerun to resume); otherwise every process's status is listed, the
+first to fail first (the others fail after it: of several ending together, one killed by a signal
+from outside is taken as the first), and the script exits with its status (130 or 143 when it had
+to kill them after Ctrl-C or SIGTERM).
 
 Examples:
   launch/local_cluster.sh                                  # 2 processes x 2 devices, smoke config
@@ -99,6 +100,7 @@ mkdir -p "$logdir"
 pids=() statuses=() sent=()
 tail_pid=""
 interrupted=""  # INT or TERM: the first stop signal this script got
+first_failure=""  # the first process seen failing: the cause, the others failing after it
 kill_at=""      # when ($SECONDS) to SIGKILL the processes still running after a failure
 
 signal_running() {  # SIG: send SIG to every process still running
@@ -140,6 +142,8 @@ for ((i = 0; i < num; i++)); do
   pids[i]=$!
 done
 ((${#pids[@]} > 0)) || exit $((128 + $(kill -l "$interrupted")))  # stopped before any started
+# A signal between a start and its pid's record reached no process: pass it on to all now.
+[[ -z $interrupted ]] || signal_running TERM
 tail -c +$((offsets[0] + 1)) -f "$logdir/process_0.log" &
 tail_pid=$!
 running=${#pids[@]}
@@ -166,10 +170,18 @@ describe() {  # I: how process I ended
   else how="failed"; fi
   echo "process $1 $how (exit $rc)"
 }
-in_order() {  # I...: the processes I, those killed by a signal of their own first (the cause)
+killed_outright() {  # I: whether process I failed by a signal from outside (SIGKILL, say): the
+  # cause of its peers' failures. SIGABRT is JAX aborting a process whose peer failed: an effect.
+  failed "$1" && ((statuses[$1] > 128 && statuses[$1] != 134))
+}
+in_order() {  # I...: the processes I, likeliest cause first: killed outright, then failed by
+  # an error of their own, then the rest (aborted by JAX, or ended well)
   local i
-  for i; do if failed "$i" && ((statuses[i] > 128)); then echo "$i"; fi; done
-  for i; do if ! failed "$i" || ((statuses[i] <= 128)); then echo "$i"; fi; done
+  for i; do if killed_outright "$i"; then echo "$i"; fi; done
+  for i; do if failed "$i" && ((statuses[i] < 128)); then echo "$i"; fi; done
+  for i; do
+    if ! killed_outright "$i" && ! { failed "$i" && ((statuses[i] < 128)); }; then echo "$i"; fi
+  done
 }
 
 while ((running > 0)); do
@@ -182,7 +194,8 @@ while ((running > 0)); do
   done
   if ((running > 0 && ${#ended[@]} > 0)); then
     for i in $(in_order "${ended[@]}"); do
-      if failed "$i" && [[ -z $kill_at ]]; then
+      if failed "$i" && [[ -z $first_failure ]]; then
+        first_failure=$i
         # The others cannot save without it (a process blocked in a collective may not even
         # notice SIGTERM): SIGTERM, then SIGKILL.
         echo "local_cluster.sh: $(describe "$i"); stopping the others (SIGTERM, then SIGKILL" \
@@ -223,13 +236,18 @@ if [[ -n $all_saved ]]; then  # jaxseg.train's status after a stop signal and a 
        "command to resume; logs in $logdir/" >&2
   exit 75
 fi
-# The cause: a process killed by a signal this script did not send (the others then fail in
-# their next collective), else the first that failed.
-cause=""
+# The cause: the first process seen failing (the others then fail in their next collective, or
+# JAX aborts them), of those that ended together one killed outright first.
+cause=$first_failure
+if [[ -z $cause ]]; then
+  for i in $(in_order "${!pids[@]}"); do
+    if failed "$i"; then cause=$i; break; fi
+  done
+fi
+[[ -z $cause ]] || echo "local_cluster.sh: $(describe "$cause")" >&2
 for i in $(in_order "${!pids[@]}"); do
-  if failed "$i"; then cause=$i; break; fi
+  [[ $i == "$cause" ]] || echo "local_cluster.sh: $(describe "$i")" >&2
 done
-for i in $(in_order "${!pids[@]}"); do echo "local_cluster.sh: $(describe "$i")" >&2; done
 if [[ -n $cause ]]; then
   status=${statuses[cause]} why="process $cause's status"
   echo "--- the end of $logdir/process_$cause.log, from this launch's '==== $launched' line on" \
@@ -237,15 +255,10 @@ if [[ -n $cause ]]; then
   tail -c +$((offsets[cause] + 1)) "$logdir/process_$cause.log" | tail -n 30 >&2
 elif [[ -n $clean ]]; then  # some finished, some stopped after saving: a rerun resumes them
   status=75 why="rerun the same command to resume"
-elif [[ -n $interrupted ]]; then  # 130 after Ctrl-C, 143 after SIGTERM
-  status=$((128 + $(kill -l "$interrupted")))
+else  # no failure of their own, yet not all saved: this script killed them after a stop signal
+  status=$((128 + $(kill -l "$interrupted")))  # 130 after Ctrl-C, 143 after SIGTERM
   why="SIG$interrupted, and not every process stopped after saving: a rerun resumes from the"
   why+=" last complete checkpoint"
-else
-  for i in "${!pids[@]}"; do
-    if ((statuses[i] != 0 && statuses[i] != 75)); then status=${statuses[i]}; break; fi
-  done
-  why="process $i's status"
 fi
 echo "local_cluster.sh: exit $status ($why); logs in $logdir/" >&2
 exit "$status"

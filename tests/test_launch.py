@@ -382,7 +382,9 @@ FAKE_TRAIN = textwrap.dedent('''
 
     Prints "process <i> ready <pid> <message>" once its signal handlers are set. Then with
     --exit=S process 1 exits with S at once; with --sigkill process 1 is killed by SIGKILL and
-    process 0 fails (exit 1, as in a collective after its peer's death) once process 1 is gone.
+    process 0 fails (exit 1, as in a collective after its peer's death) once process 1 is gone;
+    with --abort process 1 fails (exit 1) and process 0 is aborted (SIGABRT, as JAX's
+    coordination service aborts the peers of a failed process) once process 1 is gone.
     Otherwise it waits for a stop, as jaxseg.train does: a first SIGTERM or Ctrl-C asks for a
     save, which takes --save_s seconds (a validation, then the checkpoint), then it exits 75; a
     second Ctrl-C stops it at once.
@@ -399,6 +401,7 @@ FAKE_TRAIN = textwrap.dedent('''
     parser.add_argument("--save_s", type=float, default=0.0)
     parser.add_argument("--exit", type=int)
     parser.add_argument("--sigkill", action="store_true")
+    parser.add_argument("--abort", action="store_true")
     parser.add_argument("--message", default="")
     args = parser.parse_args()
     index = int(os.environ["JAXSEG_PROCESS_ID"])
@@ -415,20 +418,26 @@ FAKE_TRAIN = textwrap.dedent('''
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     lock = pathlib.Path(os.environ["FAKE_TRAIN_DIR"]) / "process_1.lock"
-    if args.sigkill and index == 1:
+    if (args.sigkill or args.abort) and index == 1:
         held = open(lock, "w")
         fcntl.flock(held, fcntl.LOCK_EX)  # released by the kernel when this process dies
         lock.with_suffix(".held").touch()
     print(f"process {index} ready {os.getpid()} {args.message}", flush=True)
     if args.exit is not None and index == 1:
         sys.exit(args.exit)
-    if args.sigkill:
+    if args.sigkill or args.abort:
         if index == 1:
+            if args.abort:
+                sys.exit(1)
             os.kill(os.getpid(), signal.SIGKILL)
         while not lock.with_suffix(".held").exists():
             time.sleep(0.01)
         with open(lock) as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # waits for process 1's death
+        if args.abort:
+            print("Terminating process because the JAX distributed service detected fatal "
+                  "errors", flush=True)
+            os.abort()
         print("Gloo: connection closed by peer", flush=True)
         sys.exit(1)
     while not requested:
@@ -497,7 +506,7 @@ def test_local_cluster_second_signal_kills_at_once(fake_train, tmp_path):
     start = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=90)
-    assert time.monotonic() - start < 5, stderr
+    assert time.monotonic() - start < 15, stderr  # not the 60 s save
     assert proc.returncode == 143, stdout + stderr  # 128 + SIGTERM, the script's own stop
     for i in range(2):
         assert f"process {i} was killed by this script's SIGKILL (exit 137)" in stderr
@@ -536,6 +545,18 @@ def test_local_cluster_reports_a_killed_process_first(fake_train, tmp_path):
     assert out.returncode == 137, out.stdout + out.stderr
     killed = out.stderr.index("process 1 was killed by SIGKILL (exit 137)")
     assert killed < out.stderr.index("process 0 failed (exit 1)"), out.stderr
+    assert f"the end of {logs}/process_1.log" in out.stderr, out.stderr
+
+
+def test_local_cluster_reports_the_failed_process_not_the_one_jax_aborted(fake_train, tmp_path):
+    """Process 1 fails of itself (exit 1) and JAX aborts process 0 for it (SIGABRT, at once, so
+    both end in one poll): the cause is process 1, not the aborted peer."""
+    logs = tmp_path / "logs"
+    out = _run([LAUNCH / "local_cluster.sh", "-n", "2", "-d", "1", "-m", "fake_train", "-l", logs,
+                "--", "--abort"], os.environ["PATH"], env=fake_train)
+    assert out.returncode == 1, out.stdout + out.stderr
+    failed = out.stderr.index("process 1 failed (exit 1)")
+    assert failed < out.stderr.index("process 0 was killed by SIGABRT (exit 134)"), out.stderr
     assert f"the end of {logs}/process_1.log" in out.stderr, out.stderr
 
 
