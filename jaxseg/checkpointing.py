@@ -49,13 +49,14 @@ class UnreadableCheckpoint(FileNotFoundError):
 
 @contextlib.contextmanager
 def _reading(manager: ocp.CheckpointManager, step: int):
-    # Orbax says KeyError for a missing item and a bare Exception for missing array files; a
-    # ValueError (a tree of another structure) is the caller's to explain, so it passes.
+    # Orbax says KeyError for a missing item, FileNotFoundError or a bare Exception for missing
+    # files. Other errors pass: a tree of another structure (ValueError) is the caller's to
+    # explain, and a storage or permission error says nothing against the checkpoint.
     try:
         yield
-    except ValueError:
-        raise
     except Exception as e:
+        if not isinstance(e, (KeyError, FileNotFoundError)) and type(e) is not Exception:
+            raise
         others = [s for s in manager.all_steps() if s != step]
         what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise UnreadableCheckpoint(
@@ -164,15 +165,25 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Blocks until every asynchronous save has been committed."""
-        for manager in (self.latest, self.best):
-            with _saving(manager):
-                manager.wait_until_finished()
+        _for_both(self, "wait_until_finished")
 
     def close(self) -> None:
         """Waits for pending saves and releases the managers."""
-        for manager in (self.latest, self.best):
+        _for_both(self, "close")
+
+
+def _for_both(ckpts: Checkpoints, method: str) -> None:
+    # Both series, even when the first fails: a process that then ends at once must not cut the
+    # other's save short. The first error is raised.
+    errors = []
+    for manager in (ckpts.latest, ckpts.best):
+        try:
             with _saving(manager):
-                manager.close()
+                getattr(manager, method)()
+        except SaveError as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def _save_args(state, meta: dict):

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -144,11 +145,12 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
     if ckpts.latest_step() is not None:
         try:
             _check_resumable(config, ckpts)
+        except checkpointing.UnreadableCheckpoint as e:
+            raise config_check.ConfigError(f"cannot resume: {e}") from None
+        try:
             restored, meta, step = ckpts.restore("latest", checkpointing.abstract_like(state, rep))
         except checkpointing.UnreadableCheckpoint as e:
             raise config_check.ConfigError(f"cannot resume: {e}") from None
-        except config_check.ConfigError:
-            raise
         except ValueError as e:  # another optimiser structure, e.g. gradient clipping on/off
             raise config_check.ConfigError(
                 "the workdir's checkpoint does not fit this config's train state (an optim or "
@@ -444,6 +446,8 @@ def main(argv):
     except (config_check.ConfigError, FloatingPointError, datasets.BadDataError) as e:
         distributed.exit_with_error(f"error: {e}")
     except checkpointing.SaveError as e:
+        if not isinstance(e.__cause__, OSError):  # not storage: perhaps a bug, whose trace helps
+            traceback.print_exception(e.__cause__)
         message = (f"error: {e}; the checkpoints saved before it are intact: rerun the same "
                    "command to resume from the latest once the cause is fixed")
         if jax.process_count() > 1:
@@ -483,10 +487,8 @@ def _unknown_config_field_as_error(argv):
     try:
         yield
     except (AttributeError, KeyError) as e:
-        unknown = config_check.unknown_field(e)
-        fields = {part for arg in argv if arg.startswith("--config.")
-                  for part in arg.split("=", 1)[0].split(".")[1:]}
-        if not unknown or unknown[0] not in fields:  # not an override's unknown name: a bug
+        unknown = config_check.unknown_field(e, argv)
+        if not unknown:  # not an override's unknown name: a bug
             raise
         name, suggestion = unknown
         hint = f"; did you mean {suggestion!r}?" if suggestion else ""

@@ -241,6 +241,43 @@ def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage)
     assert inference.load_from_workdir(str(tmp_path), "latest")[2] == 1
 
 
+def test_a_storage_error_while_reading_is_not_called_a_broken_checkpoint(tmp_path, monkeypatch):
+    """A permission or storage error says nothing against the checkpoint: it passes as it is,
+    not as 'move it away'."""
+    import orbax.checkpoint as ocp
+
+    config = tiny_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    save(tmp_path, config, nnx.merge(graphdef, state))
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
+    ckpts = checkpointing.Checkpoints(tmp_path, read_only=True)
+    with pytest.raises(PermissionError):
+        ckpts.read_meta("latest")
+    ckpts.close()
+
+
+def test_a_failed_wait_still_waits_for_the_other_series(tmp_path, monkeypatch):
+    """The periodic series' failed save does not leave the best series' save unwaited (the
+    process then ends at once, which would cut it short); the first error is raised."""
+    ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
+    waited = []
+
+    def fails():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpts.latest, "wait_until_finished", fails)
+    monkeypatch.setattr(ckpts.best, "wait_until_finished", lambda: waited.append("best"))
+    with pytest.raises(checkpointing.SaveError, match="checkpoints failed: OSError: .*No space"):
+        ckpts.wait()
+    assert waited == ["best"]
+    monkeypatch.undo()
+    ckpts.close()
+
+
 def test_revalidating_a_step_the_best_series_holds_keeps_it(tmp_path):
     """A run killed after validating step N but before saving it periodically validates N again
     on resume; orbax refused the second best save of N, so the workdir could never resume."""
