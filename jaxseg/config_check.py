@@ -23,12 +23,15 @@ class ConfigError(ValueError):
     """A config value that cannot work, with what to change."""
 
 
-def unknown_field(error: Exception) -> tuple[str, str | None] | None:
-    """(the field, the nearest field name or None) that ml_collections' AttributeError or
-    KeyError for an override of a field the config lacks names, or None when it names none."""
+def unknown_field(error: Exception, argv: list[str]) -> tuple[str, str | None] | None:
+    """(the field, the nearest field name or None) when ml_collections' AttributeError or
+    KeyError is about a field that an override in ARGV (--config.a.b=..., --noconfig.a.b) names
+    and the config lacks; None otherwise (an error of the config file's own code, say)."""
     text = str(error).replace("\\", "")
     name = re.search(r"'([^']+)'", text)
-    if not name:
+    fields = {part for arg in argv if arg.startswith(("--config.", "--noconfig."))
+              for part in arg.split("=", 1)[0].split(".")[1:]}
+    if not name or name.group(1) not in fields:
         return None
     suggestion = re.search(r'Did you mean "([^"]+)"', text)
     return name.group(1), suggestion.group(1) if suggestion else None

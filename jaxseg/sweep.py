@@ -139,8 +139,8 @@ def _trial_config(config: str, extra: list[str], values: dict):
     except flags.Error as e:  # a value of the wrong type, say
         raise ValueError(str(e)) from None
     except (AttributeError, KeyError) as e:  # ml_collections: the config has no such field
-        unknown = config_check.unknown_field(e)
-        if not unknown:
+        unknown = config_check.unknown_field(e, argv)
+        if not unknown:  # an error of the config file's own code: its traceback says where
             raise
         name, suggestion = unknown
         given = [f"--grid {field}" for field in values if name in field.split(".")]

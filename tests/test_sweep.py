@@ -427,3 +427,19 @@ def test_a_trial_stops_when_its_sweep_is_killed(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_an_unknown_field_is_an_overrides_only_when_an_override_names_it():
+    """ml_collections' KeyError names the field; one that no --config./--noconfig. override
+    names comes from the config file's own code, and is not blamed on an override."""
+    from jaxseg import config_check
+
+    from configs import default
+
+    with pytest.raises(AttributeError) as caught:
+        default.get_config().train.num_stpes  # noqa: B018 (the lookup is the point)
+    error = caught.value
+    assert config_check.unknown_field(error, ["--config.train.num_stpes=4"]) == ("num_stpes",
+                                                                                 "num_steps")
+    assert config_check.unknown_field(error, ["--noconfig.train.num_stpes"])[0] == "num_stpes"
+    assert config_check.unknown_field(KeyError("'oops'"), ["--config.train.num_steps=4"]) is None
