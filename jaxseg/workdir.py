@@ -9,7 +9,9 @@ the small files go through TensorFlow's gfile).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 import pathlib
 import sys
@@ -64,6 +66,15 @@ def training_lock(workdir: epath.Path):
             holder = lock.read().strip() or "unknown"
             raise WorkdirBusy(f"another jaxseg.train (pid {holder}) is training in it: wait for it "
                               "to end, or stop it (SIGTERM saves), then run again") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                raise
+            # Some network file systems (Lustre without -o flock) have no locks: train unguarded.
+            logging.getLogger(__name__).warning(
+                "%s cannot be locked (%s): nothing stops a second training there", workdir,
+                e.strerror)
+            yield
+            return
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()

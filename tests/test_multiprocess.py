@@ -254,6 +254,15 @@ def wait_until_training(cluster, workdir):
         time.sleep(0.2)
 
 
+def latest_step(workdir):
+    """The workdir's latest periodic checkpoint step, its managers closed again."""
+    ckpts = checkpointing.Checkpoints(workdir, read_only=True)
+    try:
+        return ckpts.latest_step()
+    finally:
+        ckpts.close()
+
+
 def test_killed_process_stops_the_other(tmp_path):
     """SIGKILL one process mid-training: the other exits non-zero within seconds, saying why.
 
@@ -320,7 +329,7 @@ def test_a_stop_signal_to_one_process_saves_and_stops_both(tmp_path):
         cluster.kill()
     assert codes == [STOPPED_EXIT_STATUS] * 2, [cluster.log(i)[-3000:] for i in range(2)]
     last_logged = records(workdir, "train")[-1]["step"]  # a stopped run logs its last step
-    assert checkpointing.Checkpoints(workdir, read_only=True).latest_step() == last_logged
+    assert latest_step(workdir) == last_logged
     assert f"SIGTERM: saved step {last_logged} to" in cluster.log(1)
     assert f"a stop signal to another process: saved step {last_logged} to" in cluster.log(0)
 
@@ -358,7 +367,7 @@ def test_ctrl_c_to_local_cluster_saves_and_exits_75(tmp_path):
     assert proc.returncode == STOPPED_EXIT_STATUS, out[-3000:]
     assert "all 2 processes stopped after saving (exit 75)" in out
     last_logged = records(workdir, "train")[-1]["step"]
-    assert checkpointing.Checkpoints(workdir, read_only=True).latest_step() == last_logged
+    assert latest_step(workdir) == last_logged
     for i in range(2):
         assert f"saved step {last_logged} to" in (logs / f"process_{i}.log").read_text()
     assert not list((workdir / "checkpoints").glob("*tmp*"))

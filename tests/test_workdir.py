@@ -75,4 +75,22 @@ def test_training_refuses_a_workdir_another_trainer_holds(tmp_path):
         with pytest.raises(config_check.ConfigError,
                            match=f"--workdir {workdir}: another jaxseg.train \\(pid {os.getpid()}\\)"):
             train.train_and_evaluate(config, str(workdir))
-    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+    assert not (workdir / "config.json").exists() and not (workdir / "metrics.jsonl").exists()
+
+
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"):
+        with training_lock(workdir_path(tmp_path)):
+            pass
+    assert "cannot be locked (No locks available)" in caplog.text
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(PermissionError(13, "x")))
+    with pytest.raises(PermissionError):  # other errors are not hidden
+        with training_lock(workdir_path(tmp_path)):
+            pass
