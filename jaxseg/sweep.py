@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import ctypes
 import itertools
 import json
 import os
@@ -200,28 +199,24 @@ def _last_line(log: pathlib.Path) -> str:
     return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Run before a trial's command, in the trial's own process (a preexec_fn would run Python in a
+# forked copy of the sweep, which in a process with threads, such as a test's with JAX, can
+# deadlock): prctl(PR_SET_PDEATHSIG = 1, SIGTERM), kept across the exec of the command, then
+# the command. A sweep already gone by then sends no signal: the trial stops as stopped.
+_DIE_WITH_THE_SWEEP = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
+    f"if os.getppid() != int(sys.argv[1]): sys.exit({STOPPED_EXIT_STATUS})\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n")
 
 
-def _die_with_the_sweep():
-    """A preexec_fn making a trial get SIGTERM (it saves and stops) when the sweep dies, even by
-    SIGKILL, which no handler sees: no trial trains on unwatched, beside the rerun's. None where
-    the system has no prctl(PR_SET_PDEATHSIG) (not Linux)."""
+def _dying_with_the_sweep(command: list[str]) -> list[str]:
+    """COMMAND, made to get SIGTERM (a trial saves and stops) when the sweep dies, even by
+    SIGKILL, which no handler sees: no trial trains on unwatched, beside a rerun's. As it is
+    where the system has no prctl(PR_SET_PDEATHSIG) (not Linux)."""
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the child
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    sweep = os.getpid()
-
-    def preexec():
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != sweep:  # the sweep died before the prctl: no signal will come
-            os._exit(STOPPED_EXIT_STATUS)
-
-    return preexec
+        return command
+    return [sys.executable, "-c", _DIE_WITH_THE_SWEEP, str(os.getpid()), *command]
 
 
 def _result(workdir: pathlib.Path, values: dict) -> dict:
@@ -342,7 +337,6 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
     # unwatched: they get it too, and save. Ctrl-C reaches them from the terminal already: the
     # sweep waits for their saves instead of dying on KeyboardInterrupt.
     previous = signal.signal(signal.SIGTERM, stop), signal.signal(signal.SIGINT, interrupted)
-    preexec = _die_with_the_sweep()
     try:
         for number, (tdir, values) in enumerate(todo):
             if stopping:
@@ -354,8 +348,8 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
             command = _command(config, tdir, values, list(extra))
             print(f"trial {tdir.name}: {' '.join(command)}", flush=True)
             with open(tdir / "train.log", "a") as log:  # the trial holds its own copy
-                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                        preexec_fn=preexec)
+                proc = subprocess.Popen(_dying_with_the_sweep(command), stdout=log,
+                                        stderr=subprocess.STDOUT)
             running.append((proc, tdir, values))
             if stopping:  # the signal came while this trial started
                 proc.send_signal(stopping[0])
