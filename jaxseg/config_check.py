@@ -37,6 +37,17 @@ def unknown_field(error: Exception, argv: list[str]) -> tuple[str, str | None] |
     return name.group(1), suggestion.group(1) if suggestion else None
 
 
+# Fields that change how validation IoU is measured (which examples, the cut, the prediction):
+# runs that differ in them have IoUs that do not compare.
+_MEASURED_NEUTRAL = {"eval.batch_size"}
+
+
+def changes_validation(field: str) -> bool:
+    """Whether a dotted config FIELD changes how validation IoU is measured."""
+    return (field in ("data.eval", "data.eval_split") or field.startswith("eval.")) and (
+        field not in _MEASURED_NEUTRAL)
+
+
 def _get(config, dotted: str):
     value = config
     for part in dotted.split("."):

@@ -390,6 +390,16 @@ def write_table(workdir: pathlib.Path, rows: list[dict]) -> None:
         + "\n".join(lines) + "\n")
 
 
+def measured_apart(combos: list[dict]) -> list[str]:
+    """The fields that take different values among the trials and change how validation IoU is
+    measured (eval.threshold, data.eval, ...): their trials' IoUs do not rank fairly."""
+    from jaxseg import config_check
+
+    fields = sorted({f for values in combos for f in values})
+    return [f for f in fields if config_check.changes_validation(f)
+            and len({repr(values.get(f)) for values in combos}) > 1]
+
+
 def main(argv=None):
     """Entry point."""
     import argparse
@@ -417,6 +427,11 @@ def main(argv=None):
     # Before any trial starts, and fails on it: a mistyped field, the test split, a bad value.
     if problem := check_trials(args.config, combos, extra):
         p.error(problem)
+    if unlike := measured_apart(combos):
+        print(f"note: the grid varies {', '.join(unlike)}: the trials' validation IoUs are "
+              "measured differently (other examples, cut or prediction), so the ranking compares "
+              "unlike figures; to pick a threshold, use one trial's evaluation threshold sweep",
+              file=sys.stderr)
     try:
         rows = run(args.config, args.workdir, combos, parallel=args.parallel, extra=extra)
     except SweepError as e:

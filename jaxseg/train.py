@@ -201,7 +201,7 @@ def _warn_about_resume_changes(config, meta: dict) -> None:
                     "one that wrote the checkpoint%s", ", ".join(changed),
                     "; best/ compares validation IoU measured in other ways (another validation "
                     "set, threshold or prediction)"
-                    if any(c.startswith(("data.eval=", "data.eval_split=", "eval.")) for c in changed)
+                    if any(config_check.changes_validation(c.split("=", 1)[0]) for c in changed)
                     else "")
 
 

@@ -443,3 +443,16 @@ def test_an_unknown_field_is_an_overrides_only_when_an_override_names_it():
                                                                                  "num_steps")
     assert config_check.unknown_field(error, ["--noconfig.train.num_stpes"])[0] == "num_stpes"
     assert config_check.unknown_field(KeyError("'oops'"), ["--config.train.num_steps=4"]) is None
+
+
+def test_a_grid_over_how_validation_is_measured_is_noted(tmp_path, monkeypatch, capsys):
+    """Trials validated at other thresholds (or on other examples) rank by unlike IoUs: the sweep
+    says so, and still runs; a grid over training fields, or over the eval batch, says nothing."""
+    monkeypatch.setattr(sweep, "run", lambda *args, **kwargs: [])
+    (tmp_path / "results.md").write_text("")  # what main prints after the run
+    for grid, noted in ((["eval.threshold=0.4,0.5", "seed=0,1"], "eval.threshold"),
+                        (["data.eval=ccp_person,portrait_segmentation"], "data.eval"),
+                        (["eval.batch_size=16,32", "optim.learning_rate=1e-3,3e-3"], None)):
+        sweep.main(["--workdir", str(tmp_path), *[a for g in grid for a in ("--grid", g)]])
+        err = capsys.readouterr().err
+        assert (f"note: the grid varies {noted}:" in err) if noted else "note:" not in err, err
