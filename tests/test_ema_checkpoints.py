@@ -50,6 +50,14 @@ def shifted(nodes, by: float):
     return nodes
 
 
+def save_best(workdir, config, nodes, step: int = 2):
+    """NODES saved as WORKDIR's best checkpoint at STEP."""
+    ckpts = checkpointing.Checkpoints(workdir, async_save=False)
+    ckpts.save_best(step, nnx.state(nodes), {"config": json.loads(config.to_json()), "step": step},
+                    0.5)
+    ckpts.close()
+
+
 def test_a_checkpoint_from_before_ema_existed_loads(tmp_path):
     config = tiny_config(0.0)
     graphdef, state = train_step.create_train_state(config)
@@ -148,9 +156,7 @@ def test_init_checkpoint_must_exist_and_fit_the_model(tmp_path):
     latest = shifted(nnx.merge(graphdef, state), 1.0)
     save(tmp_path / "old", config, latest)
     best = shifted(nnx.merge(graphdef, state), 2.0)
-    ckpts = checkpointing.Checkpoints(tmp_path / "old", async_save=False)
-    ckpts.save_best(2, nnx.state(best), {"config": json.loads(config.to_json()), "step": 2}, 0.5)
-    ckpts.close()
+    save_best(tmp_path / "old", config, best)
     same = tiny_config(0.0)
     same.train.init_checkpoint = str(tmp_path / "old")
     model, step = train._init_model(same)
@@ -177,9 +183,7 @@ def test_init_checkpoint_starts_the_model_and_its_ema_at_step_0(tmp_path):
     config = tiny_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     best = shifted(nnx.merge(graphdef, state), 2.0)
-    ckpts = checkpointing.Checkpoints(tmp_path / "old", async_save=False)
-    ckpts.save_best(2, nnx.state(best), {"config": json.loads(config.to_json()), "step": 2}, 0.5)
-    ckpts.close()
+    save_best(tmp_path / "old", config, best)
     new = tiny_config(0.9)
     new.train.init_checkpoint = str(tmp_path / "old")
     graphdef, state = train_step.create_train_state(new)

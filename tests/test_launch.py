@@ -536,27 +536,20 @@ def test_local_cluster_keeps_earlier_logs(fake_train, tmp_path):
     assert (logs / "process_0.log").read_text().count("ready") == 2
 
 
-def test_local_cluster_reports_a_killed_process_first(fake_train, tmp_path):
-    """Process 1 is killed (SIGKILL: the machine's OOM killer, say), and process 0 fails on its
-    next collective: the cause is process 1's death, not process 0's error."""
+@pytest.mark.parametrize("flag, status, cause, effect", [
+    # Process 1 is killed (SIGKILL: the machine's OOM killer, say), and process 0 fails on its next
+    # collective: the cause is process 1's death, not process 0's error.
+    ("--sigkill", 137, "process 1 was killed by SIGKILL (exit 137)", "process 0 failed (exit 1)"),
+    # Process 1 fails of itself (exit 1) and JAX aborts process 0 for it (SIGABRT, at once, so
+    # both end in one poll): the cause is process 1, not the aborted peer.
+    ("--abort", 1, "process 1 failed (exit 1)", "process 0 was killed by SIGABRT (exit 134)")])
+def test_local_cluster_reports_the_process_that_failed_first(fake_train, tmp_path, flag, status,
+                                                             cause, effect):
     logs = tmp_path / "logs"
     out = _run([LAUNCH / "local_cluster.sh", "-n", "2", "-d", "1", "-m", "fake_train", "-l", logs,
-                "--", "--sigkill"], os.environ["PATH"], env=fake_train)
-    assert out.returncode == 137, out.stdout + out.stderr
-    killed = out.stderr.index("process 1 was killed by SIGKILL (exit 137)")
-    assert killed < out.stderr.index("process 0 failed (exit 1)"), out.stderr
-    assert f"the end of {logs}/process_1.log" in out.stderr, out.stderr
-
-
-def test_local_cluster_reports_the_failed_process_not_the_one_jax_aborted(fake_train, tmp_path):
-    """Process 1 fails of itself (exit 1) and JAX aborts process 0 for it (SIGABRT, at once, so
-    both end in one poll): the cause is process 1, not the aborted peer."""
-    logs = tmp_path / "logs"
-    out = _run([LAUNCH / "local_cluster.sh", "-n", "2", "-d", "1", "-m", "fake_train", "-l", logs,
-                "--", "--abort"], os.environ["PATH"], env=fake_train)
-    assert out.returncode == 1, out.stdout + out.stderr
-    failed = out.stderr.index("process 1 failed (exit 1)")
-    assert failed < out.stderr.index("process 0 was killed by SIGABRT (exit 134)"), out.stderr
+                "--", flag], os.environ["PATH"], env=fake_train)
+    assert out.returncode == status, out.stdout + out.stderr
+    assert out.stderr.index(cause) < out.stderr.index(effect), out.stderr
     assert f"the end of {logs}/process_1.log" in out.stderr, out.stderr
 
 

@@ -63,6 +63,16 @@ def test_eight_devices_equal_one_device(copy_paste, lovasz_weight):
     assert not all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(one), initial))
 
 
+def one_device_step(config):
+    """(mesh, graphdef, state, the train step, batches of 8 of 12 fake examples) on one device."""
+    mesh = sharding.make_mesh(1)
+    graphdef, state = train_step.create_train_state(config)
+    tb = input_pipeline.TrainBatches([fake_source(12, 0)], [1], global_batch=8,
+                                     image_size=config.data.image_size, aug=config.data.aug,
+                                     seed=config.seed)
+    return mesh, graphdef, state, train_step.make_train_step(graphdef, config, mesh), tb
+
+
 def test_each_steps_dropout_and_the_boundary_weight_take_effect():
     """One batch twice with the learning rate at 0, so the weights stay: the losses differ only
     by the dropout mask, drawn anew each step, or by the copy-paste, drawn anew each step too
@@ -72,12 +82,7 @@ def test_each_steps_dropout_and_the_boundary_weight_take_effect():
         config.optim.learning_rate, config.optim.warmup_steps = 0.0, 0
         config.loss.boundary_weight = boundary_weight
         config.model.dropout, config.data.aug.copy_paste = dropout, copy_paste
-        mesh = sharding.make_mesh(1)
-        graphdef, state = train_step.create_train_state(config)
-        step = train_step.make_train_step(graphdef, config, mesh)
-        tb = input_pipeline.TrainBatches([fake_source(12, 0)], [1], global_batch=8,
-                                         image_size=config.data.image_size, aug=config.data.aug,
-                                         seed=config.seed)
+        mesh, _, state, step, tb = one_device_step(config)
         batch = sharding.to_global(next(tb), mesh)
         tb.close()
         found = []
@@ -108,12 +113,7 @@ def test_the_step_reports_the_configured_loss_of_the_models_logits_and_the_rate_
     config.loss.update(ce_weight=0.5, dice_weight=2.0, boundary_weight=3.0, boundary_radius=1,
                        lovasz_weight=0.25)
     config.optim.warmup_steps = 4
-    mesh = sharding.make_mesh(1)
-    graphdef, state = train_step.create_train_state(config)
-    step = train_step.make_train_step(graphdef, config, mesh)
-    tb = input_pipeline.TrainBatches([fake_source(12, 0)], [1], global_batch=8,
-                                     image_size=config.data.image_size, aug=config.data.aug,
-                                     seed=config.seed)
+    mesh, graphdef, state, step, tb = one_device_step(config)
     schedule = optim.make_schedule(config.optim, config.train.num_steps)
     for t in range(2):
         batch = next(tb)
