@@ -397,8 +397,8 @@ def _bucket_recommendations(area: list[dict], people: list[dict], num_images: in
     if worst["errors"] == 0:
         return []
     excess = worst["error_share"] / worst["image_share"]
-    text = (f"Most IoU is lost on {_bucket_words(family, worst['bucket'])}: {worst['images']} images "
-            f"({worst['image_share']:.0%}) hold {worst['error_share']:.0%} of all error pixels, "
+    text = (f"Most IoU is lost on {_bucket_words(family, worst['bucket'])}: {worst['images']} "
+            f"images ({worst['image_share']:.0%}) hold {worst['error_share']:.0%} of all error pixels, "
             f"mean image IoU {_fmt(worst['mean_iou'])}; without those errors IoU would rise by "
             f"{worst['iou_lost']:.3f}.")
     if excess >= IMBALANCE_RATIO:
@@ -414,8 +414,9 @@ def _bucket_recommendations(area: list[dict], people: list[dict], num_images: in
         if excess >= IMBALANCE_RATIO:
             recs.append(
                 f"Out of proportion: {_bucket_words(family, odd['bucket'])} are "
-                f"{odd['image_share']:.0%} of the images but {odd['error_share']:.0%} of the error pixels ({excess:.1f}x), mean "
-                f"image IoU {_fmt(odd['mean_iou'])}. Suggested: {_advice(family, odd['bucket'])}.")
+                f"{odd['image_share']:.0%} of the images but {odd['error_share']:.0%} of the "
+                f"error pixels ({excess:.1f}x), mean image IoU {_fmt(odd['mean_iou'])}. "
+                f"Suggested: {_advice(family, odd['bucket'])}.")
     return recs
 
 

@@ -145,17 +145,16 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
     if ckpts.latest_step() is not None:
         try:
             _check_resumable(config, ckpts)
-        except checkpointing.UnreadableCheckpoint as e:
+            try:
+                restored, meta, step = ckpts.restore("latest",
+                                                     checkpointing.abstract_like(state, rep))
+            except ValueError as e:  # another optimiser structure, e.g. gradient clipping on/off
+                raise config_check.ConfigError(
+                    "the workdir's checkpoint does not fit this config's train state (an optim or "
+                    "train setting changed since it was written; its config.json has the old "
+                    f"values): {str(e)[:300]}") from None
+        except checkpointing.UnreadableCheckpoint as e:  # read by either
             raise config_check.ConfigError(f"cannot resume: {e}") from None
-        try:
-            restored, meta, step = ckpts.restore("latest", checkpointing.abstract_like(state, rep))
-        except checkpointing.UnreadableCheckpoint as e:
-            raise config_check.ConfigError(f"cannot resume: {e}") from None
-        except ValueError as e:  # another optimiser structure, e.g. gradient clipping on/off
-            raise config_check.ConfigError(
-                "the workdir's checkpoint does not fit this config's train state (an optim or "
-                "train setting changed since it was written; its config.json has the old "
-                f"values): {str(e)[:300]}") from None
         log.info("resumed from %s at step %d", ckpts.latest.directory, step)
         _warn_about_resume_changes(config, meta)
         return restored, step
