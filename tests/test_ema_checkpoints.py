@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import smoke
+from fake_data import tiny_config
 from jaxseg import checkpointing, config_check, inference, train, train_step
 
 
-def tiny_config(ema_decay):
-    c = smoke.get_config()
-    c.data.image_size = 32
-    c.model.depth = 2
-    c.model.base_features = 4
-    c.train.ema_decay = ema_decay
-    return c
+def ema_config(decay):
+    return tiny_config({"train.ema_decay": decay})
 
 
 def save(workdir, config, nodes, meta_config=None):
@@ -31,7 +26,7 @@ def params(model):
 
 
 def test_a_workdir_loads_its_ema_model(tmp_path):
-    config = tiny_config(0.99)
+    config = ema_config(0.99)
     graphdef, state = train_step.create_train_state(config)
     nodes = nnx.merge(graphdef, state)
     nnx.update(nodes["ema"], jax.tree.map(lambda x: x + 1.0, nnx.state(nodes["ema"], nnx.Param)))
@@ -59,7 +54,7 @@ def save_best(workdir, config, nodes, step: int = 2):
 
 
 def test_a_checkpoint_from_before_ema_existed_loads(tmp_path):
-    config = tiny_config(0.0)
+    config = ema_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     nodes = shifted(nnx.merge(graphdef, state), 1.0)
     old = json.loads(config.to_json())
@@ -72,16 +67,16 @@ def test_a_checkpoint_from_before_ema_existed_loads(tmp_path):
 
 
 def test_resuming_with_another_ema_setting_or_model_shape_says_what_to_do(tmp_path):
-    config = tiny_config(0.0)
+    config = ema_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     save(tmp_path, config, nnx.merge(graphdef, state))
     ckpts = checkpointing.Checkpoints(tmp_path, read_only=True)
-    same_shape = tiny_config(0.0)
+    same_shape = ema_config(0.0)
     same_shape.model.dropout = 0.3  # not a shape: resumes
     train._check_resumable(same_shape, ckpts)
     with pytest.raises(config_check.ConfigError, match="written with train.ema_decay=0.0"):
-        train._check_resumable(tiny_config(0.999), ckpts)
-    wider = tiny_config(0.0)
+        train._check_resumable(ema_config(0.999), ckpts)
+    wider = ema_config(0.0)
     wider.model.base_features *= 2
     with pytest.raises(config_check.ConfigError,
                        match=f"model.base_features={config.model.base_features} "
@@ -89,13 +84,13 @@ def test_resuming_with_another_ema_setting_or_model_shape_says_what_to_do(tmp_pa
         train._check_resumable(wider, ckpts)
     ckpts.close()
     # Another decay with EMA still on keeps the same train state: it resumes.
-    averaged = tiny_config(0.99)
+    averaged = ema_config(0.99)
     graphdef, state = train_step.create_train_state(averaged)
     save(tmp_path / "ema", averaged, nnx.merge(graphdef, state))
     ckpts = checkpointing.Checkpoints(tmp_path / "ema", read_only=True)
-    train._check_resumable(tiny_config(0.999), ckpts)
+    train._check_resumable(ema_config(0.999), ckpts)
     with pytest.raises(config_check.ConfigError, match="written with train.ema_decay=0.99"):
-        train._check_resumable(tiny_config(0.0), ckpts)
+        train._check_resumable(ema_config(0.0), ckpts)
     ckpts.close()
 
 
@@ -151,24 +146,24 @@ def test_a_step_number_finds_a_checkpoint_of_either_series(tmp_path):
 
 def test_init_checkpoint_must_exist_and_fit_the_model(tmp_path):
     """It starts from the run's best checkpoint (not its latest, nor a fresh model)."""
-    config = tiny_config(0.0)
+    config = ema_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     latest = shifted(nnx.merge(graphdef, state), 1.0)
     save(tmp_path / "old", config, latest)
     best = shifted(nnx.merge(graphdef, state), 2.0)
     save_best(tmp_path / "old", config, best)
-    same = tiny_config(0.0)
+    same = ema_config(0.0)
     same.train.init_checkpoint = str(tmp_path / "old")
     model, step = train._init_model(same)
     assert step == 2
     for got, saved in zip(params(model), params(best["model"])):
         np.testing.assert_array_equal(got, saved)
-    wider = tiny_config(0.0)
+    wider = ema_config(0.0)
     wider.model.base_features *= 2  # loaded into this model, the old arrays failed in the step
     wider.train.init_checkpoint = str(tmp_path / "old")
     with pytest.raises(config_check.ConfigError, match="can only start a model of the same shape"):
         train._init_model(wider)
-    missing = tiny_config(0.0)
+    missing = ema_config(0.0)
     missing.train.init_checkpoint = str(tmp_path / "nowhere")
     with pytest.raises(config_check.ConfigError, match="train.init_checkpoint=.*nowhere: no checkpoint"):
         train._init_model(missing)
@@ -180,11 +175,11 @@ def test_init_checkpoint_starts_the_model_and_its_ema_at_step_0(tmp_path):
     and the step count begins at 0."""
     from jaxseg import sharding
 
-    config = tiny_config(0.0)
+    config = ema_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     best = shifted(nnx.merge(graphdef, state), 2.0)
     save_best(tmp_path / "old", config, best)
-    new = tiny_config(0.9)
+    new = ema_config(0.9)
     new.train.init_checkpoint = str(tmp_path / "old")
     graphdef, state = train_step.create_train_state(new)
     ckpts = checkpointing.Checkpoints(tmp_path / "new", async_save=False)
@@ -200,7 +195,7 @@ def test_init_checkpoint_starts_the_model_and_its_ema_at_step_0(tmp_path):
 def test_a_run_resumes_from_its_latest_checkpoint_not_its_best(tmp_path):
     from jaxseg import sharding
 
-    config = tiny_config(0.0)
+    config = ema_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     best = shifted(nnx.merge(graphdef, state), 2.0)
     latest = shifted(nnx.merge(graphdef, state), 1.0)
@@ -224,7 +219,7 @@ def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage)
 
     from jaxseg import sharding
 
-    config = tiny_config(0.0)
+    config = ema_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     save(tmp_path, config, nnx.merge(graphdef, state))  # step 1, whole
     folder = tmp_path / "checkpoints" / "5"
@@ -250,7 +245,7 @@ def test_a_storage_error_while_reading_is_not_called_a_broken_checkpoint(tmp_pat
     not as 'move it away'."""
     import orbax.checkpoint as ocp
 
-    config = tiny_config(0.0)
+    config = ema_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     save(tmp_path, config, nnx.merge(graphdef, state))
 
@@ -285,7 +280,7 @@ def test_a_failed_wait_still_waits_for_the_other_series(tmp_path, monkeypatch):
 def test_revalidating_a_step_the_best_series_holds_keeps_it(tmp_path):
     """A run killed after validating step N but before saving it periodically validates N again
     on resume; orbax refused the second best save of N, so the workdir could never resume."""
-    config = tiny_config(0.0)
+    config = ema_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
     ckpts.save_best(15, state, {"step": 15}, 0.5)
@@ -397,7 +392,7 @@ def test_a_disabled_writer_writes_nothing_and_leaves_the_log_alone(tmp_path):
 
 
 def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
-    config = tiny_config(0.0)
+    config = ema_config(0.0)
     meta = {"config": json.loads(config.to_json()), "seed": config.seed,
             "data_train": config.data.train, "global_batch": config.train.batch_size}
     with caplog.at_level("WARNING", logger="jaxseg.train"):
@@ -405,7 +400,7 @@ def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
         # What a checkpoint records of its run says nothing changed when resumed as written.
         train._warn_about_resume_changes(config, train._meta(config, 5, {"preempted": True}))
     assert not caplog.records
-    changed = tiny_config(0.0)
+    changed = ema_config(0.0)
     changed.seed += 1
     changed.data.train = "ccp_person"
     changed.train.num_steps *= 2
@@ -417,7 +412,7 @@ def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
     # Other fields of the data, the loss and the optimiser are named in one warning, with a
     # word on best/ where the validation set changed; where data is read from is not a change.
     caplog.clear()
-    other = tiny_config(0.0)
+    other = ema_config(0.0)
     other.optim.learning_rate *= 3
     other.data.eval = "ccp_person"
     other.data.num_workers += 1
@@ -433,7 +428,7 @@ def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
     # scores; a validation batch size does not.
     for field, value in (("threshold", 0.4), ("flip_tta", True), ("batch_size", 64)):
         caplog.clear()
-        scored = tiny_config(0.0)
+        scored = ema_config(0.0)
         scored.eval[field] = value
         with caplog.at_level("WARNING", logger="jaxseg.train"):
             train._warn_about_resume_changes(scored, meta)
@@ -441,7 +436,7 @@ def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
         assert warned == (field != "batch_size"), (field, caplog.text)
     # Model fields that keep the parameters' shapes, and another EMA decay, train otherwise too.
     caplog.clear()
-    modelled = tiny_config(0.0)
+    modelled = ema_config(0.0)
     modelled.model.dropout, modelled.model.compute_dtype = 0.3, "bfloat16"
     modelled.train.ema_decay = 0.99
     with caplog.at_level("WARNING", logger="jaxseg.train"):
@@ -451,14 +446,14 @@ def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
 
 
 def test_a_checkpoint_from_before_attention_gates_resumes_only_without_them(tmp_path):
-    config = tiny_config(0.0)
+    config = ema_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     old = json.loads(config.to_json())
     del old["model"]["attention_gates"]  # as written before the option existed
     save(tmp_path, config, nnx.merge(graphdef, state), meta_config=old)
     ckpts = checkpointing.Checkpoints(tmp_path, read_only=True)
-    train._check_resumable(tiny_config(0.0), ckpts)
-    gated = tiny_config(0.0)
+    train._check_resumable(ema_config(0.0), ckpts)
+    gated = ema_config(0.0)
     gated.model.attention_gates = True
     with pytest.raises(config_check.ConfigError,
                        match="model.attention_gates=False \\(this config: True\\)"):

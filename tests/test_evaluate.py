@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fake_data import fake_source
+from fake_data import fake_source, tiny_config
 from guided_filter_reference import reference_coefficients
 from jaxseg import evaluate, metrics, refine, resolution, sharding
 from jaxseg.models.unet import UNet
@@ -302,11 +302,10 @@ def test_a_workdir_is_scored_on_its_best_checkpoint_by_default(tmp_path):
     import jax
 
     import fixtures_data as fx
-    from test_ema_checkpoints import tiny_config
 
     from jaxseg import checkpointing, train_step
 
-    config = tiny_config(0.0)
+    config = tiny_config()
     # States of the train state's shapes (initialising a real one takes seconds of eager ops).
     _, abstract = nnx.eval_shape(lambda: train_step.create_train_state(config))
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default
+from fake_data import tiny_config
 from jaxseg import export, inference, resolution
 from jaxseg.models import create_model
 
-SIZE = 32
+SIZE = tiny_config().data.image_size
 BATCH = 3
 # Tolerances on probabilities. The XLA forms (StableHLO through JAX, SavedModel through TF's XLA)
 # run the same StableHLO, but another compilation (weights as constants or arguments, another XLA
@@ -45,9 +45,7 @@ def random_model(config):
 def exported(tmp_path_factory):
     """(export folder, manifest, reference fn) for a tiny random model round-tripped via save_pretrained."""
     root = tmp_path_factory.mktemp("export")
-    config = default.get_config()
-    config.data.image_size = SIZE
-    config.model.depth, config.model.base_features = 2, 4
+    config = tiny_config()
     inference.save_pretrained(random_model(config), config, {"steps": 0}, root / "pretrained")
     model, config, _ = inference.load_pretrained(root / "pretrained")
     manifest = export.export_all(model, config, root / "out", batch_size=BATCH)

@@ -4,15 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default
+from fake_data import tiny_config
 from jaxseg import inference
 from jaxseg.models import LogitAverage, create_model
-
-
-def tiny_config():
-    c = default.get_config()
-    c.data.image_size, c.model.depth, c.model.base_features = 32, 1, 4
-    return c
 
 
 def images(n=2, seed=0):

@@ -1009,14 +1009,11 @@ def _array_train_run(run, *, seed, num_steps, selected_step, base_features=4):
     import jax
     from flax import nnx
 
-    from configs import default
+    from fake_data import tiny_config
     from jaxseg.models import create_model
 
-    config = default.get_config()
-    config.data.image_size = 32
-    config.model.depth, config.model.base_features = 2, base_features
-    config.model.compute_dtype = "bfloat16"
-    config.train.num_steps = num_steps
+    config = tiny_config({"model.base_features": base_features, "model.compute_dtype": "bfloat16",
+                          "train.num_steps": num_steps})
     state = nnx.state(create_model(config.model, seed=seed))
     run.mkdir()
     np.savez(run / "model_state.npz", **{jax.tree_util.keystr(k): np.asarray(v)

@@ -7,20 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import smoke
-from fake_data import fake_source
+from fake_data import fake_source, tiny_config
 from jaxseg import config_check, input_pipeline, losses, preprocess, sharding, train_step
-
-
-def tiny_config():
-    c = smoke.get_config()
-    c.data.image_size = 32
-    c.model.depth = 2
-    c.model.base_features = 4
-    c.model.dropout = 0.1
-    c.train.batch_size = 8
-    c.train.num_steps = 10
-    return c
 
 
 def run_steps(config, num_devices, num_steps=3):
