@@ -242,7 +242,23 @@ def write_image(path: pathlib.Path, array: np.ndarray) -> None:
     except photo_pixels.PhotoError as e:  # a write that failed, as the caller reports them
         raise OSError(str(e)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png[:_PNG_HEADER_END] + _PNG_MARK + png[_PNG_HEADER_END:])
+    with _complete_or_absent(path) as partial:
+        partial.write_bytes(png[:_PNG_HEADER_END] + _PNG_MARK + png[_PNG_HEADER_END:])
+
+
+@contextlib.contextmanager
+def _complete_or_absent(target: pathlib.Path):
+    """Yields a hidden path beside TARGET to write the output at, renamed to TARGET when the
+    block ends and removed when it raises: a write that fails or is stopped halfway (a full disk,
+    Ctrl-C) leaves the earlier output whole, never a truncated file carrying the mark, and a
+    later scan of the folder passes over the hidden name."""
+    partial = target.with_name(f".{target.stem}.partial{target.suffix}")
+    try:
+        yield partial
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _mirror_name(folder: pathlib.Path) -> str:
@@ -445,47 +461,44 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
         raise InputError("the video has no frame size")
     even_w, even_h = width - width % 2, height - height % 2
     target.parent.mkdir(parents=True, exist_ok=True)
+    frames = 0
     # Written beside the target and renamed when complete: a run stopped halfway leaves no
     # unmarked, truncated video where the next run would refuse to replace it.
-    partial = target.with_name(f".{target.stem}.partial.mp4")
-    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps, (even_w, even_h))
-    if not writer.isOpened():
-        capture.release()
-        raise InputError(f"could not open {target} for writing as MPEG-4 at {even_w}x{even_h}, "
-                         f"{fps:g} fps")
-    frames, complete = 0, False
-    try:
-        while True:
-            batch = []
-            while len(batch) < predictor.batch_size:
-                ok, frame = capture.read()
-                if not ok:
+    with _complete_or_absent(target) as partial:
+        writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                 (even_w, even_h))
+        try:
+            if not writer.isOpened():
+                raise InputError(f"could not open {target} for writing as MPEG-4 at "
+                                 f"{even_w}x{even_h}, {fps:g} fps")
+            while True:
+                batch = []
+                while len(batch) < predictor.batch_size:
+                    ok, frame = capture.read()
+                    if not ok:
+                        break
+                    batch.append(cv2.cvtColor(frame[:even_h, :even_w], cv2.COLOR_BGR2RGB))
+                if not batch:
                     break
-                batch.append(cv2.cvtColor(frame[:even_h, :even_w], cv2.COLOR_BGR2RGB))
-            if not batch:
-                break
-            for frame, p in zip(batch, predictor.probabilities(batch)):
-                out = renderer.render(frame, p)
-                if out.ndim == 2:
-                    out = np.dstack([out] * 3)
-                elif out.shape[2] == 4:  # video has no alpha: cut out onto black
-                    out = (out[..., :3].astype(np.float32) * (out[..., 3:] / 255.0)).astype(np.uint8)
-                writer.write(cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
-            frames += len(batch)
-            if progress is not None:
-                progress.total = max(announced, frames)  # headers may give none, or too few
-                progress.update(len(batch))
-        complete = frames > 0
-    finally:
-        capture.release()
-        writer.release()
-        if not complete:  # no empty or half-written video left behind
-            partial.unlink(missing_ok=True)
-    if frames == 0:
-        raise InputError("the video has no readable frames")
-    with open(partial, "ab") as f:
-        f.write(_MP4_MARK)
-    os.replace(partial, target)
+                for frame, p in zip(batch, predictor.probabilities(batch)):
+                    out = renderer.render(frame, p)
+                    if out.ndim == 2:
+                        out = np.dstack([out] * 3)
+                    elif out.shape[2] == 4:  # video has no alpha: cut out onto black
+                        out = (out[..., :3].astype(np.float32)
+                               * (out[..., 3:] / 255.0)).astype(np.uint8)
+                    writer.write(cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
+                frames += len(batch)
+                if progress is not None:
+                    progress.total = max(announced, frames)  # headers may give none, or too few
+                    progress.update(len(batch))
+        finally:
+            capture.release()
+            writer.release()
+        if frames == 0:  # no empty video left behind
+            raise InputError("the video has no readable frames")
+        with open(partial, "ab") as f:
+            f.write(_MP4_MARK)
     notes = []
     if (even_w, even_h) != (width, height):
         notes.append(f"{path}: {width}x{height} frames written as {even_w}x{even_h} "

@@ -822,6 +822,38 @@ def test_a_png_that_cannot_be_encoded_is_a_failed_write(tmp_path, monkeypatch):
     assert not (tmp_path / "x_mask.png").exists()
 
 
+# Rewrites an output under a file size limit that the new one exceeds: the write fails halfway,
+# as on a full disk (with SIGXFSZ ignored the kernel refuses the write with EFBIG).
+REWRITE_PAST_LIMIT = """
+import pathlib, resource, signal, sys
+import numpy as np
+from jaxseg import predict
+
+target = pathlib.Path(sys.argv[1])
+predict.write_image(target, np.zeros((8, 8), np.uint8))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (target.stat().st_size + 100, resource.RLIM_INFINITY))
+try:
+    predict.write_image(target, np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
+except OSError as e:
+    print("failed", e.errno)
+"""
+
+
+def test_a_write_that_fails_halfway_leaves_the_earlier_output_whole(tmp_path):
+    """A rerun whose write failed (a full disk) destroyed the earlier run's output: the file was
+    truncated in place, leaving a broken PNG that carried the mark, while the run said only that
+    it could not write."""
+    import errno
+
+    earlier = tmp_path / "earlier.png"
+    predict.write_image(earlier, np.zeros((8, 8), np.uint8))
+    result = python(REWRITE_PAST_LIMIT, tmp_path / "out" / "x_mask.png")
+    assert result.stdout.split() == ["failed", str(errno.EFBIG)], result.stderr
+    assert (tmp_path / "out" / "x_mask.png").read_bytes() == earlier.read_bytes()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x_mask.png"]  # nothing half-written
+
+
 def test_an_opaque_png_is_decoded_once(tmp_path, monkeypatch):
     """Asking PIL for a PNG's orientation decoded the whole photo before OpenCV decoded it again."""
     from PIL import Image, PngImagePlugin
