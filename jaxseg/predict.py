@@ -252,7 +252,9 @@ def _complete_or_absent(target: pathlib.Path):
     block ends and removed when it raises: a write that fails or is stopped halfway (a full disk,
     Ctrl-C) leaves the earlier output whole, never a truncated file carrying the mark, and a
     later scan of the folder passes over the hidden name."""
-    partial = target.with_name(f".{target.stem}.partial{target.suffix}")
+    # A short name of this process's own, not TARGET's name lengthened: a target whose name just
+    # fits the file system's 255 bytes stays writable. The suffix tells OpenCV the container.
+    partial = target.with_name(f".jaxseg-{os.getpid()}.partial{target.suffix}")
     try:
         yield partial
         os.replace(partial, target)

@@ -852,6 +852,9 @@ def test_a_write_that_fails_halfway_leaves_the_earlier_output_whole(tmp_path):
     assert result.stdout.split() == ["failed", str(errno.EFBIG)], result.stderr
     assert (tmp_path / "out" / "x_mask.png").read_bytes() == earlier.read_bytes()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x_mask.png"]  # nothing half-written
+    longest = tmp_path / ("x" * 246 + "_mask.png")  # 255 bytes, the most a file name can have
+    predict.write_image(longest, np.zeros((8, 8), np.uint8))
+    assert predict.written_by_predict(longest)
 
 
 def test_an_opaque_png_is_decoded_once(tmp_path, monkeypatch):
