@@ -145,6 +145,25 @@ def parse_colour(text: str) -> tuple[int, int, int]:
     raise ValueError(f"not a colour: {text!r} (use a name, #rrggbb or r,g,b from 0 to 255)")
 
 
+def read_background(text: str, max_pixels: int) -> tuple[int, int, int] | np.ndarray:
+    """--background: a colour (parse_colour), else an image file's RGB; ValueError says why not.
+
+    A colour first: a folder or file named like one where the command runs (photos sorted into
+    white/ and green/) must not take the place of the colour asked for, or of the default."""
+    try:
+        return parse_colour(text)
+    except ValueError as e:
+        not_a_colour = e
+    path = pathlib.Path(text).expanduser()  # as --output, when not expanded by a shell
+    if path.is_dir():
+        raise ValueError("a folder, not an image or a colour")
+    if path.is_file():
+        return read_image(path, max_pixels)[0]
+    if path.suffix.lower() in photo_pixels.IMAGE_SUFFIXES:
+        raise ValueError("no such image file")
+    raise not_a_colour
+
+
 @dataclasses.dataclass
 class Renderer:
     """Turns (RGB image, probability map) into the requested output."""
@@ -563,14 +582,8 @@ def main(argv):
         print(f"note: {note}", file=sys.stderr)
     background = None
     if f.mode == "background":
-        bg_path = pathlib.Path(f.background).expanduser()  # as --output, when not expanded by a shell
-        if bg_path.is_dir():
-            raise SystemExit(f"--background {f.background}: a folder, not an image or a colour")
-        if not bg_path.is_file() and bg_path.suffix.lower() in photo_pixels.IMAGE_SUFFIXES:
-            raise SystemExit(f"--background {f.background}: no such image file")
         try:
-            background = (read_image(bg_path, f.max_pixels)[0] if bg_path.is_file()
-                          else parse_colour(f.background))
+            background = read_background(f.background, f.max_pixels)
         except ValueError as e:  # InputError is one
             raise SystemExit(f"--background {f.background}: {e}") from None
     renderer = Renderer(mode=f.mode, threshold=f.threshold, soft=f.soft, background=background)

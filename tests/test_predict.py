@@ -47,17 +47,17 @@ inference.save_pretrained(create_model(c.model, seed=3), c, {"steps": 0}, sys.ar
 """
 
 
-def python(script, *args, cache=None, env=None):
-    """Runs SCRIPT in a fresh interpreter on one CPU device; with CACHE, JAX's persistent
-    compilation cache is used for every compilation (even the initialisers' small eager ones);
-    ENV adds environment variables."""
+def python(script, *args, cache=None, env=None, cwd=REPO):
+    """Runs SCRIPT in a fresh interpreter on one CPU device, in the folder CWD; with CACHE, JAX's
+    persistent compilation cache is used for every compilation (even the initialisers' small eager
+    ones); ENV adds environment variables."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (env or {})
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     if cache:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return subprocess.run([sys.executable, "-c", script, *map(str, args)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def tiny_model_dir(jax_cache, tmp_path_factory):
     return path
 
 
-def run_cli(model_dir, *args, cache=None, env=None):
-    return python(CLI, model_dir, *args, cache=cache, env=env)
+def run_cli(model_dir, *args, cache=None, env=None, cwd=REPO):
+    return python(CLI, model_dir, *args, cache=cache, env=env, cwd=cwd)
 
 
 def photo(h, w, seed=0):
@@ -457,6 +457,22 @@ def test_a_home_relative_background_image_is_found(tiny_model_dir, jax_cache, tm
     # At that threshold nothing is person: the output is the blue background image, scaled.
     np.testing.assert_array_equal(read_rgb(tmp_path / "out" / "a_background.png"),
                                   np.full((20, 20, 3), (0, 0, 255), np.uint8))
+
+
+def test_a_colour_is_the_background_even_beside_a_folder_of_its_name(tiny_model_dir, jax_cache,
+                                                                      tmp_path):
+    """Run where photos are sorted into white/ and green/, `--background white` and the default
+    green ended the run: "--background white: a folder, not an image or a colour"."""
+    fx.write(tmp_path / "white" / "a.png", photo(20, 20))
+    (tmp_path / "green").mkdir()
+    for given in (["--background", "white"], []):
+        result = run_cli(tiny_model_dir, "white", "--output", "out", "--mode", "background",
+                         "--threshold=0.999999", *given, cache=jax_cache, cwd=tmp_path,
+                         env={"PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stderr
+        colour = (255, 255, 255) if given else (0, 255, 0)  # nothing is person at that threshold
+        np.testing.assert_array_equal(read_rgb(tmp_path / "out" / "white" / "a_background.png"),
+                                      np.full((20, 20, 3), colour, np.uint8))
 
 
 def test_cli_refine_writes_the_refined_soft_mask(tiny_model_dir, jax_cache, tmp_path):
