@@ -1038,6 +1038,24 @@ def test_a_larger_background_image_is_averaged_down_not_sampled():
     np.testing.assert_allclose(bg, stripes.mean(), atol=1)
 
 
+def test_a_background_image_is_scaled_once_for_a_videos_frames(monkeypatch):
+    """Each frame of a video scaled the background image anew: with a 24-megapixel background a
+    1080p frame's render took 0.19 s instead of 0.04 s."""
+    background = photo(90, 120, seed=3)
+    renderer = predict.Renderer(mode="background", background=background)
+    frame, probs = photo(40, 30), np.full((40, 30), 0.25, np.float32)
+    expected = renderer.render(frame, probs)
+    resized = []
+    resize = cv2.resize
+    monkeypatch.setattr(predict.cv2, "resize", lambda *a, **k: resized.append(1) or resize(*a, **k))
+    renderer = predict.Renderer(mode="background", background=background)
+    for _ in range(3):
+        np.testing.assert_array_equal(renderer.render(frame, probs), expected)
+    assert len(resized) == 1
+    assert renderer.render(photo(30, 40), probs.T).shape == (30, 40, 3)  # another size: scaled anew
+    assert len(resized) == 2
+
+
 def test_a_photo_with_a_non_rgb_profile_is_read_as_it_is_without_a_note():
     """Only an RGB profile other than sRGB is converted; grey, CMYK and Lab ones (Lab here:
     Pillow builds no grey or CMYK profile) hold no RGB numbers to convert."""
