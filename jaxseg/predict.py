@@ -173,7 +173,7 @@ class Renderer:
     soft: bool = False
     background: np.ndarray | tuple[int, int, int] | None = None
     # The background image scaled for the last size asked for: a video's frames, or a camera's
-    # photos, share it (scaling a 12-megapixel image took 4x the rest of a 1080p frame's render).
+    # photos, share it (scaling a 24-megapixel image took 4x the rest of a 1080p frame's render).
     _cover: tuple = dataclasses.field(default=(None, None), init=False, repr=False, compare=False)
 
     def alpha(self, probs: np.ndarray) -> np.ndarray:
