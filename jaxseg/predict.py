@@ -358,14 +358,20 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
         path = pathlib.Path(raw)
         if path.is_dir():
             skip = _outputs_inside(path, output)
-            files = sorted(p for p in _files_under(path)
-                           if p.is_file() and not photo_pixels.is_hidden(p.relative_to(path)))
+            listed = [p for p in _files_under(path)
+                      if not photo_pixels.is_hidden(p.relative_to(path))]
+            files = sorted(p for p in listed if p.is_file())
+            # Links whose target is gone (into a disk not mounted, say) are inputs that cannot be
+            # read: named as missing ones are, not left out without a word.
+            dangling = sorted(p for p in listed if p.suffix.lower() in MEDIA_SUFFIXES
+                              and p.is_symlink() and not p.exists())
+            problems += [(f, "a link to a missing file") for f in dangling if first_time(f, seen)]
             stems = collections.defaultdict(set)
             for f in files:
                 if f.suffix.lower() in MEDIA_SUFFIXES:
                     stems[f.parent].add(f.stem)
             mirror = pathlib.Path(_mirror_name(path))
-            media = 0  # the folder's images and videos, whether new or named before
+            media = len(dangling)  # the folder's images and videos, whether new or named before
             earlier_outputs = 0  # its files carrying the output mark, passed over
             for f in files:
                 kind = f.suffix.lower()

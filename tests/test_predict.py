@@ -773,6 +773,21 @@ def test_collect_inputs_skips_hidden_files_and_repeats_and_knows_more_videos(tmp
     assert unmarked == [tmp_path / "solo" / "solo" / "b.png"]
 
 
+def test_a_link_to_a_missing_photo_in_a_folder_is_named_as_skipped(tmp_path):
+    """A folder's links to photos that are gone (on a disk not mounted) were left out without a
+    word, and a folder of only such links was said to hold no images or videos."""
+    photos = tmp_path / "photos"
+    fx.write(photos / "a.png", photo(10, 10))
+    (photos / "b.jpg").symlink_to(tmp_path / "unmounted" / "b.jpg")
+    (photos / "notes.txt").symlink_to(tmp_path / "unmounted" / "notes.txt")  # not a photo anyway
+    images, _, problems, _, _ = predict.collect_inputs([photos, photos], tmp_path / "out")
+    assert [p.name for p, _ in images] == ["a.png"]
+    assert problems == [(photos / "b.jpg", "a link to a missing file")]  # once, though named twice
+    (photos / "a.png").unlink()
+    _, _, problems, _, _ = predict.collect_inputs([photos], tmp_path / "out")
+    assert problems == [(photos / "b.jpg", "a link to a missing file")]
+
+
 def test_outputs_are_marked_and_only_marked_files_are_replaced(tmp_path):
     image = photo(20, 30)
     predict.write_image(tmp_path / "a_mask.png", image)
