@@ -349,7 +349,7 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
     empty_folders = set()  # and a folder without media named once
 
     def first_time(f: pathlib.Path, met: set) -> bool:
-        key = f.resolve()
+        key = os.path.realpath(f)  # not Path.resolve, which raises on a link to itself
         new = key not in met
         met.add(key)
         return new

@@ -780,12 +780,14 @@ def test_a_link_to_a_missing_photo_in_a_folder_is_named_as_skipped(tmp_path):
     fx.write(photos / "a.png", photo(10, 10))
     (photos / "b.jpg").symlink_to(tmp_path / "unmounted" / "b.jpg")
     (photos / "notes.txt").symlink_to(tmp_path / "unmounted" / "notes.txt")  # not a photo anyway
+    (photos / "loop.png").symlink_to("loop.png")  # a link to itself: no target either
     images, _, problems, _, _ = predict.collect_inputs([photos, photos], tmp_path / "out")
     assert [p.name for p, _ in images] == ["a.png"]
-    assert problems == [(photos / "b.jpg", "a link to a missing file")]  # once, though named twice
+    assert problems == [(photos / "b.jpg", "a link to a missing file"),  # once, though named twice
+                        (photos / "loop.png", "a link to a missing file")]
     (photos / "a.png").unlink()
     _, _, problems, _, _ = predict.collect_inputs([photos], tmp_path / "out")
-    assert problems == [(photos / "b.jpg", "a link to a missing file")]
+    assert [why for _, why in problems] == ["a link to a missing file"] * 2
 
 
 def test_outputs_are_marked_and_only_marked_files_are_replaced(tmp_path):
