@@ -106,24 +106,32 @@ class Predictor:
                 full = (np.stack([resolution.pad_to_canvas(images[i], canvas) for i in chunk]
                                  + [np.zeros((*canvas, 3), np.uint8)] * pad)
                         if self.refined else None)
-                probs = np.asarray(_probabilities_at_sizes(
-                    self.graphdef, self.state, jnp.asarray(batch), jnp.asarray(sizes), full,
-                    flip_tta=self.flip_tta, refined=self.refined, canvas=canvas))
+                batch = jnp.asarray(batch)
+                probs = _model_probabilities(self.graphdef, self.state, batch,
+                                             flip_tta=self.flip_tta)
+                probs = np.asarray(_at_sizes(batch, probs, jnp.asarray(sizes), full,
+                                             refined=self.refined, canvas=canvas))
                 for row, i in enumerate(chunk):
                     h, w = images[i].shape[:2]
                     out[i] = probs[row, :h, :w]
         return out
 
 
-# One jit for every Predictor, keyed by what the computation depends on: predictors of one model
-# share compilations, and none is kept alive by the cache (a static `self` was, state and all).
-@functools.partial(jax.jit, static_argnames=("graphdef", "flip_tta", "refined", "canvas"))
-def _probabilities_at_sizes(graphdef, state, images, sizes, full_images, *, flip_tta: bool,
-                            refined: bool, canvas: tuple[int, int]):
+# Two jits for every Predictor, each keyed by what its computation depends on: predictors of one
+# model share compilations, and none is kept alive by the cache (a static `self` was, state and
+# all). The model's compiles once per batch rows, whatever the photos' sizes; only the way back to
+# each canvas bucket compiles per bucket. With the model in that jit every bucket compiled it
+# again: eight photos of eight buckets took 11.5 s with the pretrained ensemble on the 2-core CI
+# machine (5.7 s at one size), 5.4 s now; 21.0 s with --flip_tta --refine, 13.3 s now.
+@functools.partial(jax.jit, static_argnames=("graphdef", "flip_tta"))
+def _model_probabilities(graphdef, state, images, *, flip_tta: bool):
     from flax import nnx
 
-    model = nnx.merge(graphdef, state)
-    probs = person_probabilities(model, images, flip_tta=flip_tta)
+    return person_probabilities(nnx.merge(graphdef, state), images, flip_tta=flip_tta)
+
+
+@functools.partial(jax.jit, static_argnames=("refined", "canvas"))
+def _at_sizes(images, probs, sizes, full_images, *, refined: bool, canvas: tuple[int, int]):
     return refine.full_resolution(images, probs, full_images, sizes, canvas,
                                   (refine.RADIUS, refine.EPS) if refined else None)
 
