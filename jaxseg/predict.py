@@ -1,9 +1,9 @@
 """Prediction on images, folders and videos: `python -m jaxseg.predict INPUT... --output DIR`.
 
-Images are grouped by canvas bucket (their size rounded up to 64 pixels) and run through one
-compiled function per bucket and batch size; the probability map comes back to each image's own
-size by the shared resolution rule (jaxseg.resolution), or along the photo's edges with
---refine (jaxseg.refine), exactly as the evaluator scores it.
+Images are grouped by canvas bucket (their size rounded up to 64 pixels); the model runs at its
+own size, compiled once per batch size, and the probability map comes back to each image's own
+size, compiled once per bucket and batch size, by the shared resolution rule (jaxseg.resolution),
+or along the photo's edges with --refine (jaxseg.refine), exactly as the evaluator scores it.
 """
 from __future__ import annotations
 
@@ -69,8 +69,9 @@ def written_by_predict(path: pathlib.Path) -> bool:
 
 
 class Predictor:
-    """Batched person probabilities at each input's own size, one compilation per canvas bucket
-    and batch rows (a power of two up to `batch_size`).
+    """Batched person probabilities at each input's own size: the model compiled once per batch
+    rows (a power of two up to `batch_size`), the way back to the inputs' sizes once per canvas
+    bucket and batch rows.
 
     `flip_tta` averages in the mirrored image; `refined` upsamples along each photo's own edges
     (jaxseg.refine) instead of plainly.
