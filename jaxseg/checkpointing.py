@@ -8,8 +8,10 @@ hard kill during a save leaves the previous checkpoint usable.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -47,15 +49,28 @@ class UnreadableCheckpoint(FileNotFoundError):
     """
 
 
+# How tensorstore's ValueError begins for a data file that is gone or cut short (the checkpoint's
+# merged `d/` folder); its other errors, and orbax's ValueErrors, do not begin so.
+_LOST_DATA = re.compile(r"(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS): ")
+
+
+def _damaged(e: Exception) -> bool:
+    # Orbax says KeyError for a missing item, FileNotFoundError or a bare Exception for missing
+    # files, tensorstore a ValueError with its status code for lost or cut data, and json a
+    # JSONDecodeError for a garbled metadata file. Other errors are not the checkpoint's: a tree of
+    # another structure (ValueError) is the caller's to explain, and a storage or permission error
+    # says nothing against it.
+    return (isinstance(e, (KeyError, FileNotFoundError, json.JSONDecodeError))
+            or type(e) is Exception
+            or (isinstance(e, ValueError) and bool(_LOST_DATA.match(str(e)))))
+
+
 @contextlib.contextmanager
 def _reading(manager: ocp.CheckpointManager, step: int):
-    # Orbax says KeyError for a missing item, FileNotFoundError or a bare Exception for missing
-    # files. Other errors pass: a tree of another structure (ValueError) is the caller's to
-    # explain, and a storage or permission error says nothing against the checkpoint.
     try:
         yield
     except Exception as e:
-        if not isinstance(e, (KeyError, FileNotFoundError)) and type(e) is not Exception:
+        if not _damaged(e):
             raise
         others = [s for s in manager.all_steps() if s != step]
         what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""

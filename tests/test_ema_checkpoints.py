@@ -210,11 +210,13 @@ def test_a_run_resumes_from_its_latest_checkpoint_not_its_best(tmp_path):
         np.testing.assert_array_equal(got, saved)
 
 
-@pytest.mark.parametrize("damage", ["an empty step folder", "array files deleted"])
+@pytest.mark.parametrize("damage", ["an empty step folder", "array files deleted",
+                                    "merged array files deleted", "metadata garbled"])
 def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage):
     """A latest checkpoint that cannot be read (a folder made by hand, files lost) stops the resume
     and the loading commands with one line naming its folder and the step to fall back to; it
-    was a KeyError or a bare Exception from orbax, with tracebacks of hundreds of lines."""
+    was a KeyError, a bare Exception, tensorstore's ValueError (NOT_FOUND) or a JSONDecodeError,
+    with tracebacks of hundreds of lines."""
     import shutil
 
     from jaxseg import sharding
@@ -227,7 +229,13 @@ def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage)
         folder.mkdir()
     else:
         shutil.copytree(tmp_path / "checkpoints" / "1", folder)
-        for data in (folder / "state").glob("ocdbt.process_*/d/*"):
+        if damage == "metadata garbled":
+            (folder / "meta" / "metadata").write_text("{")
+        # A finished save merges each process's data files into state/d/ (the form that
+        # evaluation and prediction meet); a save cut short has only the per-process ones.
+        pattern = {"array files deleted": "ocdbt.process_*/d/*",
+                   "merged array files deleted": "d/*"}.get(damage)
+        for data in (folder / "state").glob(pattern) if pattern else ():
             data.unlink()
     message = f"checkpoint {folder} cannot be read .*move it out of .* to use step 1 instead"
     ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
