@@ -161,10 +161,16 @@ def validate(config, num_devices: int) -> None:
 SPLIT_FIELDS = ("data.train_split", "data.eval_split")
 
 
+def split_names(split) -> set[str]:
+    """The splits a TFDS split string reads, slices and sums undone: 'train[:90%]+validation'
+    -> {'train', 'validation'}."""
+    return {part.split("[")[0].strip() for part in str(split).split("+")}
+
+
 def split_problem(field: str, split) -> str | None:
     """Why FIELD (one of SPLIT_FIELDS) cannot name SPLIT, or None: only train and validation,
     whole or as TFDS slices and sums ('train[:90%]+validation'), may train or choose checkpoints."""
-    names = {part.split("[")[0].strip() for part in str(split).split("+")}
+    names = split_names(split)
     if "test" in names:
         return (f"{field}={split!r}: the test split is kept for the final score (python -m "
                 "jaxseg.evaluate --split test); training on it or choosing checkpoints by it "

@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from jaxseg import inference, input_pipeline, metric_writer, metrics, refine
+from jaxseg import config_check, inference, input_pipeline, metric_writer, metrics, refine
 from jaxseg.models import LogitAverage, of_members
 from jaxseg.predict import Renderer
 from jaxseg.workdir import local_folder_problem, workdir_path
@@ -431,7 +431,7 @@ def _threshold_recommendation(result: dict) -> str:
         return (f"Keep the threshold at {used:g}: the best sweep threshold ({best_t:g}) gains "
                 f"only {max(gain, 0):.3f} IoU.")
     caution = (" Choose it on a validation split: tuned on this test split, the gain is "
-               "optimistic." if result["split"] == "test" else "")
+               "optimistic." if "test" in config_check.split_names(result["split"]) else "")
     return (f"{'Lower' if best_t < used else 'Raise'} the threshold from {used:g} to {best_t:g}: "
             f"IoU {best_iou:.3f} instead of {result['iou']:.3f} (+{gain:.3f}); pass --threshold "
             f"{best_t:g} to evaluate and predict.{caution}")

@@ -170,9 +170,10 @@ def test_threshold_advice_is_a_threshold_evaluate_takes():
     advice = report._threshold_recommendation(result)
     assert "from 0.5 to 0.05:" in advice and "--threshold 0.05 " in advice, advice
     assert "Choose it on a validation split" not in advice
-    on_test = report._threshold_recommendation(dict(result, split="test"))
-    assert on_test.endswith("Choose it on a validation split: tuned on this test split, the gain "
-                            "is optimistic.")
+    for test_split in ("test", "test[:50%]", "validation+test"):  # a slice of it tunes on it too
+        on_test = report._threshold_recommendation(dict(result, split=test_split))
+        assert on_test.endswith("Choose it on a validation split: tuned on this test split, the "
+                                "gain is optimistic."), test_split
     masks = report._threshold_recommendation(dict(result, predictions_read_as="masks"))
     assert masks == "No threshold to tune: the predictions scored are 0/1 masks."
 
