@@ -12,6 +12,7 @@ import collections
 import functools
 import json
 import math
+import os
 import pathlib
 import re
 import sys
@@ -314,8 +315,6 @@ def folder_root(images: str, masks: str) -> pathlib.Path:
     if (images_dir.parent == masks_dir.parent and images_dir.name == "images"
             and masks_dir.name == "masks" and _single_split_folder(images_dir.parent)):
         return images_dir.parent
-    import os
-
     base = pathlib.Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
     root = base / "jaxseg_folder_pairs" / folder_pair_key(images, masks)
     root.mkdir(parents=True, exist_ok=True)
@@ -474,7 +473,8 @@ def _default_output(f, dataset: str, split: str) -> pathlib.Path:
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", pathlib.Path(f.images).resolve().name)
         suffix += f"_{name}-{folder_pair_key(f.images, f.masks)[:8]}"
     if f.predictions:
-        predictions = pathlib.Path(f.predictions)
+        # Absolute and normalised: '.' (run inside the folder) has no name and is its own parent.
+        predictions = pathlib.Path(os.path.abspath(f.predictions))
         return predictions.parent / f"{predictions.name}_{dataset}_{split}{suffix}.json"
     base = (workdir_path(f.workdir) if f.workdir else pathlib.Path(PRETRAINED_RUN_DIR)) / "eval"
     return base / f"{f.checkpoint}_{dataset}_{split}{suffix}.json"

@@ -364,7 +364,7 @@ def test_folder_evaluations_keep_their_own_results_file(tmp_path):
     predicted = {evaluate._default_output(
         types.SimpleNamespace(**{**vars(flags(d, tmp_path / "m")), "predictions": "p"}),
         "person_folder", "train") for d in (a, b)}
-    assert len(predicted) == 2 and all(p.parent == pathlib.Path(".") for p in predicted)
+    assert len(predicted) == 2 and all(p.parent == pathlib.Path.cwd() for p in predicted)
     a.mkdir()
     (tmp_path / "m").mkdir()
     with pytest.raises(FileNotFoundError, match="--images: no files in"):
@@ -377,6 +377,22 @@ def test_folder_evaluations_keep_their_own_results_file(tmp_path):
     with pytest.raises(ValueError, match="pass --images DIR --masks DIR"):
         evaluate._source_for(types.SimpleNamespace(**{**vars(flags("", "")), "images": "",
                                                       "masks": "", "dataset": "person_folder"}))
+
+
+def test_results_of_the_current_predictions_folder_go_beside_it(tmp_path, monkeypatch):
+    """`--predictions .` wrote its results into the folder as `_ccp_person_test.json`, and
+    `--predictions ..` into the current folder as the hidden `.._ccp_person_test.json`."""
+    import types
+
+    from jaxseg import evaluate
+
+    masks = tmp_path / "mediapipe masks"
+    (masks / "sub").mkdir(parents=True)
+    for folder, given in ((masks, "."), (masks / "sub", ".."), (tmp_path, "mediapipe masks/")):
+        monkeypatch.chdir(folder)
+        flags = types.SimpleNamespace(predictions=given, threshold=0.5, images="")
+        output = evaluate._default_output(flags, "ccp_person", "test")
+        assert output == tmp_path / "mediapipe masks_ccp_person_test.json", given
 
 
 def test_sibling_folders_beside_split_folders_are_linked_not_read_as_their_parent(tmp_path,
