@@ -228,29 +228,55 @@ class Evaluator:
 def prediction_files(predictions_dir: pathlib.Path, ids: list[str]) -> dict[str, pathlib.Path]:
     """Each id's prediction PNG (any case of .png): `<id>.png`, or the stem with a mask suffix
     (`<id>_mask.png` or `<id>_cutout.png`, as jaxseg.predict names them), by person_folder's
-    pairing rule. FileNotFoundError names ids without one, ValueError ids with several."""
-    import unicodedata
-
-    from jaxseg.datasets.person_folder import MASK_SUFFIX
-
+    pairing rule. FileNotFoundError names ids without one (and where their files are instead),
+    ValueError ids with several."""
     if not predictions_dir.is_dir():
         raise FileNotFoundError(f"no folder {predictions_dir}")
     wanted = set(ids)
-    found = collections.defaultdict(list)
-    for path in sorted(p for p in predictions_dir.iterdir() if p.suffix.lower() == ".png"):
-        # One Unicode form, as person_folder's ids: a name written on macOS is decomposed.
-        stem = unicodedata.normalize("NFC", path.stem)
-        found[stem if stem in wanted else MASK_SUFFIX.sub("", stem)].append(path)
-    missing = [i for i in ids if i not in found]
+    named = _named_for(predictions_dir, wanted)
+    found = {i: [p for p in paths if p.suffix.lower() == ".png"] for i, paths in named.items()}
+    missing = [i for i in ids if not found.get(i)]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(ids)} ids have no prediction <id>.png, <id>_mask.png or "
-            f"<id>_cutout.png in {predictions_dir}: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+            f"<id>_cutout.png in {predictions_dir}: " + ", ".join(missing[:20])
+            + (" ..." if len(missing) > 20 else "") + _elsewhere(predictions_dir, named, missing))
     several = [i for i in ids if len(found[i]) > 1]
     if several:
         raise ValueError(f"{len(several)} ids have several predictions, keep one of: " + "; ".join(
             " or ".join(p.name for p in found[i]) for i in several[:5]))
     return {i: found[i][0] for i in ids}
+
+
+def _named_for(folder: pathlib.Path, wanted: set[str]) -> dict[str, list[pathlib.Path]]:
+    """The entries directly in FOLDER by the id their stem names (`<id>` itself, else the stem
+    without a mask suffix), whatever their suffix."""
+    import unicodedata
+
+    from jaxseg.datasets.person_folder import MASK_SUFFIX
+
+    named = collections.defaultdict(list)
+    for path in sorted(folder.iterdir()):
+        # One Unicode form, as person_folder's ids: a name written on macOS is decomposed.
+        stem = unicodedata.normalize("NFC", path.stem)
+        named[stem if stem in wanted else MASK_SUFFIX.sub("", stem)].append(path)
+    return named
+
+
+def _elsewhere(folder: pathlib.Path, named: dict, missing: list[str]) -> str:
+    """Where the MISSING ids' predictions are instead, for the error: files of another format
+    beside them, or a subfolder (jaxseg.predict writes a folder's outputs to OUTPUT/<its name>/)."""
+    suffixes = sorted({p.suffix.lower() or "no suffix" for i in missing for p in named.get(i, [])
+                       if p.is_file()})
+    if suffixes:
+        return (f"; the files named for them are {', '.join(suffixes)}, and predictions are "
+                "read from PNG files only")
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        inside = _named_for(sub, set(missing))
+        held = sum(any(p.suffix.lower() == ".png" for p in inside.get(i, [])) for i in missing)
+        if held:
+            return f"; {held} of them are in {sub.name}/: pass --predictions {sub}"
+    return ""
 
 
 def read_prediction_values(path: pathlib.Path) -> np.ndarray:

@@ -438,6 +438,22 @@ def test_prediction_files_take_cutouts_and_any_case_of_png(tmp_path):
         evaluate.prediction_files(tmp_path / "c.jpg", ["c"])
 
 
+def test_missing_predictions_say_where_their_files_are_instead(tmp_path):
+    """jaxseg.predict writes a folder's masks to OUTPUT/<folder's name>/, and other tools may
+    write JPEGs: the error named every id as missing, without a word of either."""
+    (tmp_path / "photos").mkdir()
+    for stem in ("a", "b"):
+        (tmp_path / "photos" / f"{stem}_mask.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"2 of 2 ids .*: a, b; 2 of them are in photos/: "
+                       rf"pass --predictions {tmp_path / 'photos'}$"):
+        evaluate.prediction_files(tmp_path, ["a", "b"])
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "b_mask.JPG").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r": a, b; the files named for them are \.jpg, "
+                       "and predictions are read from PNG files only$"):
+        evaluate.prediction_files(tmp_path, ["a", "b"])
+
+
 def test_an_empty_split_is_named_not_a_numpy_error():
     with pytest.raises(ValueError, match="nothing to evaluate: the split has no examples"):
         evaluate.Evaluator([], mesh=sharding.make_mesh(1), image_size=32, batch_size=2)
