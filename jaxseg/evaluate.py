@@ -422,7 +422,9 @@ def main(argv):
         # several processes building into one TFDS_DATA_DIR at once collide.
         dataset, split, source, folder, not_scored = distributed.main_process_first(
             lambda: _source_for(f))
-    except (ValueError, FileNotFoundError) as e:  # unknown dataset or split, missing folders
+    # An unknown dataset or split, missing folders, or a data folder that cannot be made or
+    # written (--data_dir or $TFDS_DATA_DIR naming a file, a read-only folder).
+    except (ValueError, OSError) as e:
         distributed.exit_with_error(f"error: {e}")
     mesh = sharding.make_mesh()
     batch = -(-f.batch_size // mesh.devices.size) * mesh.devices.size
