@@ -1,5 +1,5 @@
 """What the argparse command lines (bench, export, bench infer) share: value types, and the
-arguments that choose a model."""
+arguments that choose a model; and what the absl ones (evaluate, report) check of their words."""
 import argparse
 
 
@@ -21,3 +21,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--members", type=at_least(0), default=0,
                         help="pretrained ensemble: use its first N members (0 = all; fewer is "
                              "faster)")
+
+
+def refuse_positional(argv: list[str]) -> None:
+    """absl.app.UsageError for words after the program name in an absl command line's ARGV: absl
+    leaves them there unread, so `--dataset ccp_person validation` scored the default test split."""
+    if len(argv) > 1:
+        from absl import app
+
+        raise app.UsageError(f"unexpected argument(s) {' '.join(argv[1:])}: every setting is a "
+                             "--flag (--name value or --name=value); see --helpshort")

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import input_pipeline, metrics, refine, resolution, sharding
+from jaxseg.arg_types import refuse_positional
 from jaxseg.inference import person_probabilities
 from jaxseg.workdir import workdir_path
 
@@ -391,7 +392,7 @@ def _source_for(flags_):
 
 def main(argv):
     """Entry point: evaluate a checkpoint, the pretrained model, or a folder of predictions."""
-    del argv
+    refuse_positional(argv)
     from absl import app, flags
     from absl import logging as absl_logging
 

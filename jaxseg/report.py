@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from jaxseg import config_check, inference, input_pipeline, metric_writer, metrics, refine
+from jaxseg.arg_types import refuse_positional
 from jaxseg.models import LogitAverage, of_members
 from jaxseg.predict import Renderer
 from jaxseg.workdir import local_folder_problem, workdir_path
@@ -811,7 +812,7 @@ def build_report(workdir: str | os.PathLike, output: str | os.PathLike | None = 
 
 def main(argv):
     """Entry point: load the model for the overlays, build the report, print where it went."""
-    del argv
+    refuse_positional(argv)
     from absl import flags
 
     from jaxseg import evaluate

@@ -240,6 +240,8 @@ def test_empty_prediction_scores_zero(tmp_path):
     (["--refine_eps", "inf"], "--refine_eps=inf a finite number >= 1e-6"),
     (["--refine_radius", "0"], "--refine_radius=0 must be >= 1"),
     (["--data_dir", "/dev/null"], "error: [Errno 20] Not a directory: '/dev/null/ccp_person'"),
+    # Words without a flag were left unread: this scored the default split, test.
+    (["validation"], "unexpected argument(s) validation: every setting is a --flag"),
 ])
 def test_bad_options_are_a_usage_error_before_any_work(options, message, tmp_path):
     import subprocess

@@ -533,6 +533,18 @@ def test_a_missing_peer_folder_is_refused(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "r").exists()
 
 
+def test_a_word_without_a_flag_is_refused(tmp_path):
+    """absl leaves such words unread: `--workdir a b` reported on a alone, without a word."""
+    (tmp_path / "w").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.report", "--workdir", str(tmp_path / "w"), "runs/other",
+         "--output", str(tmp_path / "r")], capture_output=True, text=True, timeout=300,
+        cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode != 0
+    assert "unexpected argument(s) runs/other: every setting is a --flag" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "r").exists()
+
+
 def test_the_metric_table_shows_both_resolutions_and_the_balance_its_numbers():
     def eval_file(name, iou, at_model):
         return report.EvalFile(epath.Path(f"{name}_fake_validation.json"),
