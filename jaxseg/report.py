@@ -799,6 +799,17 @@ def build_report(workdir: str | os.PathLike, output: str | os.PathLike | None = 
     blocks += metric_tables(own, peers)
     blocks += sections
 
+    # Slugs drop punctuation, so test[:50%] and test[50%:] named their figures alike, and the
+    # Markdown showed one section's charts in both: later figures of a taken name are numbered.
+    taken = set()
+    for b in blocks:
+        if isinstance(b, Image):
+            name, n = b.name, 1
+            while name in taken:
+                n += 1
+                name = f"{b.name}-{n}"
+            b.name = name
+            taken.add(name)
     title = f"jaxseg report: {workdir.name}"
     output.mkdir(parents=True, exist_ok=True)
     for b in blocks:

@@ -304,6 +304,25 @@ def test_an_eval_of_the_first_members_gets_overlays_of_those_members():
     assert inference.member_steps(4000, None) == 4000
 
 
+def test_slices_whose_names_slug_alike_keep_their_own_figures(tmp_path):
+    """test[:50%] and test[50%:] both slug to test-50: the second's figures overwrote the first's
+    files, and the Markdown showed the second's charts in both sections."""
+    source = fake_source(8, seed=3, min_size=40, max_size=60)
+    params = {case: {k: v for k, v in CASES[case].items() if k != "expect"} for case in CASES}
+    workdir = make_workdir(tmp_path, fake_eval(source, **params["over"]))
+    for split, case in (("validation[:50%]", "under"), ("validation[50%:]", "over")):
+        result = dict(fake_eval(source, **params[case], seed=1), split=split)
+        (workdir / "eval" / f"best_fake_{split}.json").write_text(json.dumps(result))
+    paths = report.build_report(workdir, k=2)
+    figures = paths["figures"]
+    assert len(figures) == len(set(figures)) == 1 + 3 * 2  # training; 2 charts per evaluation
+    charts = {p.name: p.read_bytes() for p in figures
+              if "validation-50_threshold" in p.stem}
+    assert len(set(charts.values())) == 2  # the under- and the over-segmenting slice
+    markdown = paths["markdown"].read_text()
+    assert all(markdown.count(f"]({name})") == 1 for name in charts)
+
+
 def test_an_eval_without_images_gets_no_advice(tmp_path):
     source = fake_source(8, seed=3, min_size=40, max_size=60)
     result = fake_eval(source, **{k: v for k, v in CASES["over"].items() if k != "expect"})
