@@ -24,9 +24,10 @@ STOPPED_EXIT_STATUS = 75
 
 
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
-    """The workdir as an epath.Path: absolute for local folders (orbax wants that), URLs untouched."""
+    """The workdir as an epath.Path: absolute for local folders (orbax wants that), with `~`
+    expanded (--output=~/x reaches the program unexpanded), URLs untouched."""
     path = epath.Path(workdir)
-    return path if "://" in os.fspath(workdir) else path.absolute()
+    return path if "://" in os.fspath(workdir) else path.expanduser().absolute()
 
 
 def local_folder_problem(path: epath.Path) -> str | None:

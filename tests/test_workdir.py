@@ -36,6 +36,13 @@ def test_an_output_folder_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     assert local_output_folder("~/out") == tmp_path / "home" / "out"
 
 
+def test_a_workdir_or_results_path_with_a_tilde_is_under_home(tmp_path, monkeypatch):
+    """evaluate --output=~/r.json and report --output=~/r wrote under a folder named '~' here."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(workdir_path("~/r.json")) == os.fspath(tmp_path / "home" / "r.json")
+
+
 def test_one_trainer_at_a_time_holds_a_workdir(tmp_path):
     """A second training lock on a workdir is refused, naming the holder's pid, while the first is
     held; it is free once the holder is done, and once a holder dies by SIGKILL (the kernel drops
