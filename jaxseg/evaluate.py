@@ -364,7 +364,7 @@ def _single_split_folder(folder: pathlib.Path) -> bool:
 
 def _source_for(flags_):
     """(dataset, split, source, the user's folder or None, its files not scored or None)."""
-    from jaxseg import datasets, distributed
+    from jaxseg import config_check, datasets, distributed
 
     data_dir = flags_.data_dir or None
     if flags_.images or flags_.masks:
@@ -379,8 +379,10 @@ def _source_for(flags_):
             print(f"{len(skipped)} file(s) of the folder are not scored:\n"
                   + "\n".join(f"  {s['file']}: {s['reason']}" for s in skipped[:20])
                   + ("\n  ..." if len(skipped) > 20 else ""), file=sys.stderr)
-        # A folder without split subfolders has one split; use it whatever --split says.
-        split = flags_.split if flags_.split in splits else next(iter(splits))
+        # A folder without split subfolders has one split; use it whatever --split says, but
+        # a slice of it as asked (train[:10] scored the whole folder).
+        asked = config_check.split_names(flags_.split)
+        split = flags_.split if asked <= set(splits) else next(iter(splits))
         return "person_folder", split, datasets.Source(prepared, split), str(root), skipped
     if not flags_.dataset:
         raise ValueError("say what to evaluate on: --dataset NAME --split SPLIT, or --images/--masks")

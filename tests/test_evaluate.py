@@ -294,6 +294,21 @@ def test_a_users_folder_says_which_files_are_not_scored(tmp_path, monkeypatch):
     assert not (tmp_path / "report_dd").exists()
 
 
+def test_a_slice_of_a_users_folder_is_scored_as_asked(tmp_path, monkeypatch):
+    """--split train[:2] scored the whole folder (its one split, whatever --split said)."""
+    import types
+
+    import fixtures_data as fx
+
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b", "c"])
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "dd"))
+    for asked, split, count in (("train[:2]", "train[:2]", 2), ("test", "train", 3)):
+        flags = types.SimpleNamespace(images=str(root / "images"), masks=str(root / "masks"),
+                                      split=asked, data_dir="", dataset="")
+        _, scored, source, _, _ = evaluate._source_for(flags)
+        assert (scored, len(source)) == (split, count)
+
+
 def test_a_workdir_is_scored_on_its_best_checkpoint_by_default(tmp_path):
     """The latest checkpoint (step 4) is not the best (step 2): the default scores the best, names
     its file so and records its step; a batch under the device count is rounded up to it."""
