@@ -49,8 +49,8 @@ class UnreadableCheckpoint(FileNotFoundError):
     """
 
 
-# How tensorstore's ValueError begins for a data file that is gone or cut short (the checkpoint's
-# merged `d/` folder); its other errors, and orbax's ValueErrors, do not begin so.
+# How tensorstore's ValueError begins for a data file that is gone, cut short or garbled (in the
+# checkpoint's merged `d/` folder); its other errors, and orbax's ValueErrors, do not begin so.
 _LOST_DATA = re.compile(r"(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS): ")
 
 

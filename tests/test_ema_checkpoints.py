@@ -211,7 +211,8 @@ def test_a_run_resumes_from_its_latest_checkpoint_not_its_best(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["an empty step folder", "array files deleted",
-                                    "merged array files deleted", "metadata garbled"])
+                                    "merged array files deleted", "merged array files garbled",
+                                    "metadata garbled"])
 def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage):
     """A latest checkpoint that cannot be read (a folder made by hand, files lost) stops the resume
     and the loading commands with one line naming its folder and the step to fall back to; it
@@ -234,9 +235,12 @@ def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage)
         # A finished save merges each process's data files into state/d/ (the form that
         # evaluation and prediction meet); a save cut short has only the per-process ones.
         pattern = {"array files deleted": "ocdbt.process_*/d/*",
-                   "merged array files deleted": "d/*"}.get(damage)
+                   "merged array files deleted": "d/*", "merged array files garbled": "d/*"}.get(damage)
         for data in (folder / "state").glob(pattern) if pattern else ():
-            data.unlink()
+            if damage.endswith("garbled"):
+                data.write_bytes(bytes(len(data.read_bytes())))  # its size, zeros: DATA_LOSS
+            else:
+                data.unlink()
     message = f"checkpoint {folder} cannot be read .*move it out of .* to use step 1 instead"
     ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
     with pytest.raises(config_check.ConfigError, match="cannot resume: " + message):
