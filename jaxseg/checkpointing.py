@@ -142,6 +142,7 @@ class Checkpoints:
 
     def resolve(self, which: str) -> tuple[ocp.CheckpointManager, int]:
         """'best', 'latest' or a step number -> (manager, step); errors name what exists."""
+        instead_of_best = which == "best"
         if which == "best":
             step = self.best_step()
             if step is not None:
@@ -151,6 +152,10 @@ class Checkpoints:
             step = self.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint in {self.latest.directory}")
+            if instead_of_best:  # else results named best_* hold the latest without a word
+                logging.getLogger(__name__).warning(
+                    "no best checkpoint in %s: using the latest, step %d",
+                    self.best.directory, step)
             return self.latest, step
         if not which.isdigit():
             raise FileNotFoundError(

@@ -105,11 +105,12 @@ def load_from_workdir(workdir: str, checkpoint: str = "best"):
     """(model, config, step) from a training workdir's 'best', 'latest' or numbered checkpoint,
     placed on the default device."""
     ckpts = checkpointing.Checkpoints(workdir, read_only=True)
-    meta, _ = ckpts.read_meta(checkpoint)
+    _, step = ckpts.resolve(checkpoint)  # once: 'best' may fall back to the latest, and says so
+    meta, _ = ckpts.read_meta(step)
     config = config_from_json(meta["config"])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     graphdef, abstract = nnx.eval_shape(lambda: train_step.create_train_state(config))
-    state, _, step = ckpts.restore(checkpoint, checkpointing.abstract_like(abstract, device))
+    state, _, step = ckpts.restore(step, checkpointing.abstract_like(abstract, device))
     ckpts.close()
     return train_step.inference_model(nnx.merge(graphdef, state)), config, step
 

@@ -1,5 +1,6 @@
 """Checkpoints with and without a weight EMA: what gets loaded, and resuming with another setting."""
 import json
+import logging
 
 import jax
 import numpy as np
@@ -250,6 +251,18 @@ def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage)
         inference.load_from_workdir(str(tmp_path), "latest")
     shutil.rmtree(folder)
     assert inference.load_from_workdir(str(tmp_path), "latest")[2] == 1
+
+
+def test_best_in_a_workdir_that_never_validated_is_the_latest_and_says_so(tmp_path, caplog):
+    """evaluate's default --checkpoint best took the latest checkpoint without a word, and named
+    its results best_*; one warning now says which step it is."""
+    config = tiny_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    save(tmp_path, config, nnx.merge(graphdef, state))  # step 1, periodic only
+    with caplog.at_level(logging.WARNING):
+        assert inference.load_from_workdir(str(tmp_path), "best")[2] == 1
+    notes = [r.getMessage() for r in caplog.records if "no best checkpoint" in r.getMessage()]
+    assert notes == [f"no best checkpoint in {tmp_path / 'best'}: using the latest, step 1"]
 
 
 def test_a_storage_error_while_reading_is_not_called_a_broken_checkpoint(tmp_path, monkeypatch):
