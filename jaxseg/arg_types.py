@@ -17,7 +17,8 @@ def at_least(minimum: int):
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--workdir, --checkpoint and --members, as jaxseg.inference.load_or_exit takes them."""
     parser.add_argument("--workdir", help="training workdir (default: the pretrained model)")
-    parser.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
+    parser.add_argument("--checkpoint", default="best",
+                        help="'best' (the latest where there is none), 'latest' or a step number")
     parser.add_argument("--members", type=at_least(0), default=0,
                         help="pretrained ensemble: use its first N members (0 = all; fewer is "
                              "faster)")

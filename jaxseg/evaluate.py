@@ -515,7 +515,8 @@ def _define_flags():
     from absl import flags
 
     flags.DEFINE_string("workdir", "", "Training workdir; empty = the pretrained model.")
-    flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+    flags.DEFINE_string("checkpoint", "best", "'best' (the latest where there is none), "
+                        "'latest' or a step number.")
     flags.DEFINE_integer("members", 0, "Pretrained ensemble: use its first N members "
                          "(0 = all; fewer is faster).")
     flags.DEFINE_string("dataset", "", "portrait_segmentation or ccp_person (for a folder of "
