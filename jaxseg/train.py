@@ -23,10 +23,15 @@ from flax import nnx
 
 from jaxseg import (checkpointing, config_check, datasets, distributed, host_memory, inference,
                     input_pipeline, metric_writer, mixture, preprocess, sharding, train_step)
+from jaxseg.arg_types import refuse_positional
 from jaxseg.workdir import (STOPPED_EXIT_STATUS, WorkdirBusy, local_folder_problem, training_lock,
                             workdir_path)
 
 log = logging.getLogger("jaxseg.train")
+
+
+class DataUnavailable(OSError):
+    """The training data could not be prepared (downloaded, read or written)."""
 
 
 def _data_dir(config):
@@ -37,9 +42,14 @@ def train_sources(config):
     """(sources, weights) of the training mixture."""
     used = dict.fromkeys(n for spec in (config.data.train, config.data.eval)
                          for n, _ in mixture.parse_mixture(spec))  # each prepared once
-    distributed.main_process_first(lambda: [
-        datasets.prepare(n, data_dir=_data_dir(config), folder=config.data.folder or None)
-        for n in used])
+    try:
+        distributed.main_process_first(lambda: [
+            datasets.prepare(n, data_dir=_data_dir(config), folder=config.data.folder or None)
+            for n in used])
+    # No manual dir and no network, or a data dir that is a file or read-only: the builders'
+    # messages say what to do, and a traceback would bury them.
+    except OSError as e:
+        raise DataUnavailable(str(e)) from None
     names_weights = mixture.parse_mixture(config.data.train)
     sources = [datasets.data_source(name, config.data.train_split, data_dir=_data_dir(config),
                                     folder=config.data.folder or None) for name, _ in names_weights]
@@ -305,6 +315,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         problem = local_folder_problem(folder)
         if problem:
             raise config_check.ConfigError(f"--workdir {workdir}: {folder}: {problem}")
+    sources, weights = train_sources(config)  # a run without data writes no files in the workdir
     main = distributed.is_main_process()
     # Whatever stops the run (an error in setup or in the loop, SIGTERM, the end), what it opened
     # is closed: an open checkpoint manager or log writer buries the error in shutdown noise.
@@ -330,7 +341,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if main:
             (workdir / "config.json").write_text(config.to_json(indent=2))
 
-        sources, weights = train_sources(config)
         batches = input_pipeline.TrainBatches(
             sources, weights, global_batch=config.train.batch_size, image_size=config.data.image_size,
             aug=config.data.aug, seed=config.seed, start_step=start,
@@ -419,7 +429,7 @@ def _check_finite(metrics, step: int, ckpts) -> None:
 
 def main(argv):
     """Entry point: flags -> distributed init -> train_and_evaluate."""
-    del argv
+    refuse_positional(argv)
     from absl import flags
     from absl import logging as absl_logging
 
@@ -442,7 +452,8 @@ def main(argv):
         distributed.exit_with_error(f"error: --config: {lines[-1] if lines else e}")
     try:
         result = train_and_evaluate(config, FLAGS.workdir)
-    except (config_check.ConfigError, FloatingPointError, datasets.BadDataError) as e:
+    except (config_check.ConfigError, FloatingPointError, datasets.BadDataError,
+            DataUnavailable) as e:
         distributed.exit_with_error(f"error: {e}")
     except checkpointing.SaveError as e:
         if not isinstance(e.__cause__, OSError):  # not storage: perhaps a bug, whose trace helps

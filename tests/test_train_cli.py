@@ -144,6 +144,23 @@ def test_config_errors_are_one_line(tmp_path, args, message):
     assert not (tmp_path / "w").exists()
 
 
+def test_data_that_cannot_be_prepared_is_one_line(tmp_path):
+    """A data folder that is a file stands for every data preparation failure (offline without a
+    manual dir alike): one line with the cause, no traceback; a stray word is refused first."""
+    (tmp_path / "file").write_text("")
+    command = [sys.executable, "-m", "jaxseg.train", "--config", "configs/smoke.py", "--workdir",
+               str(tmp_path / "run")]
+    env = dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "file"))
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: [Errno 20] Not a directory" in result.stderr, result.stderr[-2000:]
+    # absl leaves a word without a flag unread: it would have trained on the default data.
+    result = subprocess.run(command + ["validation"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode != 0 and "unexpected argument(s) validation" in result.stderr
+    assert not [p for p in (tmp_path / "run").rglob("*") if not p.is_dir()]  # no config, logs
+
+
 def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     result = subprocess.run(
