@@ -661,7 +661,8 @@ def _define_flags():
     flags.DEFINE_float("threshold", 0.5, "Person probability threshold.")
     flags.DEFINE_bool("soft", False, "Use the probability as alpha instead of a hard mask.")
     flags.DEFINE_string("workdir", "", "Training workdir; empty = the pretrained model.")
-    flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+    flags.DEFINE_string("checkpoint", "best", "'best' (the latest where there is none), "
+                        "'latest' or a step number.")
     flags.DEFINE_integer("members", 0, "Pretrained ensemble: use its first N members "
                          "(0 = all; fewer is faster).")
     flags.DEFINE_integer("batch_size", 8, "Images per compiled batch.", lower_bound=1)
