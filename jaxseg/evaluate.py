@@ -379,10 +379,13 @@ def _source_for(flags_):
             print(f"{len(skipped)} file(s) of the folder are not scored:\n"
                   + "\n".join(f"  {s['file']}: {s['reason']}" for s in skipped[:20])
                   + ("\n  ..." if len(skipped) > 20 else ""), file=sys.stderr)
-        # A folder without split subfolders has one split; use it whatever --split says, but
-        # a slice of it as asked (train[:10] scored the whole folder).
-        asked = config_check.split_names(flags_.split)
-        split = flags_.split if asked <= set(splits) else next(iter(splits))
+        # A folder without split subfolders has one split, `train`: use it whatever --split
+        # names, but cut as asked (test[:10], the default split sliced, scored the whole folder).
+        split = flags_.split
+        if not config_check.split_names(split) <= set(splits):
+            only = next(iter(splits))
+            split = (re.sub(r"^\s*[^\[]*", only, split, count=1)
+                     if len(splits) == 1 and "+" not in split else only)
         return "person_folder", split, datasets.Source(prepared, split), str(root), skipped
     if not flags_.dataset:
         raise ValueError("say what to evaluate on: --dataset NAME --split SPLIT, or --images/--masks")

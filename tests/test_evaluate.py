@@ -295,14 +295,16 @@ def test_a_users_folder_says_which_files_are_not_scored(tmp_path, monkeypatch):
 
 
 def test_a_slice_of_a_users_folder_is_scored_as_asked(tmp_path, monkeypatch):
-    """--split train[:2] scored the whole folder (its one split, whatever --split said)."""
+    """--split train[:2] scored the whole folder (its one split, whatever --split said), and
+    after a first fix test[:2] (the default split, sliced) still did: the folder has no `test`."""
     import types
 
     import fixtures_data as fx
 
     root = fx.make_simple_folder(tmp_path / "mine", ["a", "b", "c"])
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "dd"))
-    for asked, split, count in (("train[:2]", "train[:2]", 2), ("test", "train", 3)):
+    for asked, split, count in (("train[:2]", "train[:2]", 2), ("test", "train", 3),
+                                ("test[:2]", "train[:2]", 2), ("validation[-1:]", "train[-1:]", 1)):
         flags = types.SimpleNamespace(images=str(root / "images"), masks=str(root / "masks"),
                                       split=asked, data_dir="", dataset="")
         _, scored, source, _, _ = evaluate._source_for(flags)
