@@ -273,7 +273,10 @@ def _elsewhere(folder: pathlib.Path, named: dict, missing: list[str]) -> str:
         return (f"; the files named for them are {', '.join(suffixes)}, and predictions are "
                 "read from PNG files only")
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        inside = _named_for(sub, set(missing))
+        try:
+            inside = _named_for(sub, set(missing))
+        except OSError:  # one it may not list (a volume's lost+found): the error as it was
+            continue
         held = sum(any(p.suffix.lower() == ".png" for p in inside.get(i, [])) for i in missing)
         if held:
             return f"; {held} of them are in {sub.name}/: pass --predictions {sub}"

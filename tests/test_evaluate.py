@@ -467,6 +467,20 @@ def test_missing_predictions_say_where_their_files_are_instead(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"2 of 2 ids .*: a, b; 2 of them are in photos/: "
                        rf"pass --predictions {tmp_path / 'photos'}$"):
         evaluate.prediction_files(tmp_path, ["a", "b"])
+    # A subfolder it may not list (a volume's lost+found; chmod does not stop root) is passed
+    # over: the hint came as a PermissionError traceback instead of the missing ids.
+    (tmp_path / "lost+found").mkdir()
+    iterdir = pathlib.Path.iterdir
+
+    def unlistable(path):
+        if path.name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(path))
+        return iterdir(path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pathlib.Path, "iterdir", unlistable)
+        with pytest.raises(FileNotFoundError, match=r": a, b; 2 of them are in photos/"):
+            evaluate.prediction_files(tmp_path, ["a", "b"])
     (tmp_path / "a.jpg").write_bytes(b"")
     (tmp_path / "b_mask.JPG").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r": a, b; the files named for them are \.jpg, "
