@@ -14,6 +14,7 @@ import functools
 import io
 import os
 import pathlib
+import secrets
 import struct
 import sys
 import zlib
@@ -286,9 +287,12 @@ def _complete_or_absent(target: pathlib.Path):
     block ends and removed when it raises: a write that fails or is stopped halfway (a full disk,
     Ctrl-C) leaves the earlier output whole, never a truncated file carrying the mark, and a
     later scan of the folder passes over the hidden name."""
-    # A short name of this process's own, not TARGET's name lengthened: a target whose name just
-    # fits the file system's 255 bytes stays writable. The suffix tells OpenCV the container.
-    partial = target.with_name(f".jaxseg-{os.getpid()}.partial{target.suffix}")
+    # A short name of this write's own, not TARGET's name lengthened: a target whose name just
+    # fits the file system's 255 bytes stays writable. Not the pid alone: processes in other
+    # containers (each its own pid 1) may write into one shared output folder. The suffix tells
+    # OpenCV the container.
+    partial = target.with_name(f".jaxseg-{os.getpid()}-{secrets.token_hex(6)}.partial"
+                               f"{target.suffix}")
     try:
         yield partial
         os.replace(partial, target)
