@@ -1,5 +1,6 @@
 """What the argparse command lines (bench, export, bench infer) share: value types, and the
-arguments that choose a model; and what the absl ones (evaluate, report) check of their words."""
+arguments that choose a model; and what the absl ones without inputs (evaluate, report, train)
+check of their words."""
 import argparse
 
 
