@@ -265,6 +265,21 @@ def test_best_in_a_workdir_that_never_validated_is_the_latest_and_says_so(tmp_pa
     assert notes == [f"no best checkpoint in {tmp_path / 'best'}: using the latest, step 1"]
 
 
+def test_best_is_read_from_the_best_series_where_the_latest_holds_its_step_too(tmp_path):
+    """'best' was resolved to its step, and the step read from whichever series held it, the
+    periodic one first: a workdir whose periodic checkpoints were started again (checkpoints/
+    moved away to retrain) loaded the new run's step instead of the best, under the best's step."""
+    config = ema_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    best = shifted(nnx.merge(graphdef, state), 2.0)
+    save_best(tmp_path, config, best, step=1)
+    save(tmp_path, config, shifted(nnx.merge(*train_step.create_train_state(config)), 1.0))
+    model, _, step = inference.load_from_workdir(str(tmp_path), "best")
+    assert step == 1
+    for got, saved in zip(params(model), params(best["model"])):
+        np.testing.assert_array_equal(got, saved)
+
+
 def test_a_storage_error_while_reading_is_not_called_a_broken_checkpoint(tmp_path, monkeypatch):
     """A permission or storage error says nothing against the checkpoint: it passes as it is,
     not as 'move it away'."""
