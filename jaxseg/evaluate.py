@@ -369,7 +369,9 @@ def _source_for(flags_):
     """(dataset, split, source, the user's folder or None, its files not scored or None)."""
     from jaxseg import config_check, datasets, distributed
 
-    data_dir = flags_.data_dir or None
+    # As the results record it for jaxseg.report: --data_dir=~/d (no shell expands it) was built
+    # in ./~/d, and the results named ~/d.
+    data_dir = str(workdir_path(flags_.data_dir)) if flags_.data_dir else None
     if flags_.images or flags_.masks:
         if not (flags_.images and flags_.masks):
             raise ValueError("--images and --masks go together")

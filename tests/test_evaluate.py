@@ -311,6 +311,23 @@ def test_a_slice_of_a_users_folder_is_scored_as_asked(tmp_path, monkeypatch):
         assert (scored, len(source)) == (split, count)
 
 
+def test_a_data_dir_with_a_tilde_is_built_where_the_results_say(tmp_path, monkeypatch):
+    """--data_dir=~/d (which no shell expands) was built in ./~/d while the results named ~/d,
+    where jaxseg.report then looked for the photos."""
+    import types
+
+    import fixtures_data as fx
+
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b"])
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    flags = types.SimpleNamespace(images=str(root / "images"), masks=str(root / "masks"),
+                                  split="train", data_dir="~/d", dataset="")
+    assert len(evaluate._source_for(flags)[2]) == 2
+    assert (tmp_path / "home" / "d" / "person_folder").is_dir()
+    assert not (tmp_path / "~").exists()
+
+
 def test_a_workdir_is_scored_on_its_best_checkpoint_by_default(tmp_path):
     """The latest checkpoint (step 4) is not the best (step 2): the default scores the best, names
     its file so and records its step; a batch under the device count is rounded up to it."""
