@@ -660,8 +660,9 @@ def _define_flags():
 
     flags.DEFINE_string("output", None, "Output folder.", required=True)
     flags.DEFINE_enum("mode", "mask", MODES, "What to write.")
-    flags.DEFINE_string("background", "green", "Image file (scaled to cover the photo, "
-                        "centre-cropped) or colour for --mode=background.")
+    flags.DEFINE_string("background", "green", "Colour (a name, #rrggbb or r,g,b) for "
+                        "--mode=background, else an image file (scaled to cover the photo, "
+                        "centre-cropped; ./white for a file named like a colour).")
     flags.DEFINE_float("threshold", 0.5, "Person probability threshold.")
     flags.DEFINE_bool("soft", False, "Use the probability as alpha instead of a hard mask.")
     flags.DEFINE_string("workdir", "", "Training workdir; empty = the pretrained model.")
