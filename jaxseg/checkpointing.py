@@ -113,6 +113,7 @@ class Checkpoints:
             max_to_keep=1, best_fn=lambda m: m["val_iou"], best_mode="max",
             keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save,
             read_only=read_only, create=not read_only))
+        self._said_no_best = False  # the fallback to the latest is said once, not at each read
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> None:
         """Periodic save (asynchronous): the state and its JSON metadata."""
@@ -152,7 +153,8 @@ class Checkpoints:
             step = self.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint in {self.latest.directory}")
-            if instead_of_best:  # else results named best_* hold the latest without a word
+            if instead_of_best and not self._said_no_best:  # else best_* results hold it unsaid
+                self._said_no_best = True
                 logging.getLogger(__name__).warning(
                     "no best checkpoint in %s: using the latest, step %d",
                     self.best.directory, step)

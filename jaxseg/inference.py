@@ -105,16 +105,11 @@ def load_from_workdir(workdir: str, checkpoint: str = "best"):
     """(model, config, step) from a training workdir's 'best', 'latest' or numbered checkpoint,
     placed on the default device."""
     ckpts = checkpointing.Checkpoints(workdir, read_only=True)
-    # Resolved once, as 'best' falling back to the latest says so; read by the step only then, as
-    # a step number is looked for in the periodic series first, which may hold the best's step
-    # with other weights (its checkpoints moved away and trained again).
-    manager, step = ckpts.resolve(checkpoint)
-    which = step if manager is ckpts.latest else checkpoint
-    meta, _ = ckpts.read_meta(which)
+    meta, _ = ckpts.read_meta(checkpoint)
     config = config_from_json(meta["config"])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     graphdef, abstract = nnx.eval_shape(lambda: train_step.create_train_state(config))
-    state, _, step = ckpts.restore(which, checkpointing.abstract_like(abstract, device))
+    state, _, step = ckpts.restore(checkpoint, checkpointing.abstract_like(abstract, device))
     ckpts.close()
     return train_step.inference_model(nnx.merge(graphdef, state)), config, step
 

@@ -10,7 +10,8 @@ def tiny_config(overrides=None):
     c = smoke.get_config()
     c.data.image_size = 32
     c.model.depth, c.model.base_features = 2, 4
-    c.update_from_flattened_dict(overrides or {})
+    if overrides is not None:
+        c.update_from_flattened_dict(overrides)
     return c
 
 

@@ -256,7 +256,7 @@ def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage)
 def test_best_in_a_workdir_that_never_validated_is_the_latest_and_says_so(tmp_path, caplog):
     """evaluate's default --checkpoint best took the latest checkpoint without a word, and named
     its results best_*; one warning now says which step it is."""
-    config = tiny_config(0.0)
+    config = ema_config(0.0)
     graphdef, state = train_step.create_train_state(config)
     save(tmp_path, config, nnx.merge(graphdef, state))  # step 1, periodic only
     with caplog.at_level(logging.WARNING):
