@@ -194,7 +194,14 @@ def _folder_split_problems(config, *, train: bool, evaluated: bool) -> list[str]
     wanted = {"data.train_split": config.data.train_split} if train else {}
     if evaluated:
         wanted["data.eval_split"] = config.data.eval_split
-    return [f"{field}={split!r}: {config.data.folder} has only {sorted(splits)} (a folder with "
-            f"images/ and masks/ is the single split 'train'; add a {split}/ folder holding them, "
-            f"or set {field}={next(iter(splits))})"
-            for field, split in wanted.items() if split not in splits]
+    problems = []
+    for field, split in wanted.items():
+        # By the splits it reads: a slice of a single-split folder ('train[80%:]') is its train.
+        if missing := sorted(split_names(split) - splits.keys()):
+            slices = (", or slices of it such as data.train_split='train[:80%]' "
+                      "data.eval_split='train[80%:]'" if "train" in splits else "")
+            problems.append(
+                f"{field}={split!r}: {config.data.folder} has only {sorted(splits)} (a folder with "
+                f"images/ and masks/ is the single split 'train'; add a {missing[0]}/ folder "
+                f"holding them, or set {field}={next(iter(splits))}{slices})")
+    return problems

@@ -752,6 +752,23 @@ def test_a_folder_whose_path_is_not_utf8_is_named(tmp_path):
         config_check.validate(config, num_devices=1)
 
 
+def test_training_may_hold_out_a_slice_of_a_single_split_folder(tmp_path):
+    """train[:80%] / train[80%:] of a folder with images/ and masks/ was refused as a split the
+    folder lacks, so a user's one folder could not give a validation set."""
+    from configs import smoke
+    from jaxseg import config_check
+
+    config = smoke.get_config()
+    config.data.train, config.data.eval = "person_folder", "person_folder"
+    config.data.folder = str(fx.make_simple_folder(tmp_path / "mine", ["a", "b", "c"]))
+    config.data.train_split, config.data.eval_split = "train[:80%]", "train[80%:]"
+    config_check.validate(config, num_devices=1)
+    config.data.eval_split = "validation[:50%]"
+    with pytest.raises(config_check.ConfigError, match=r"has only \['train'\] .*add a validation/ "
+                       r"folder .*or slices of it such as data.train_split='train\[:80%\]'"):
+        config_check.validate(config, num_devices=1)
+
+
 def test_a_split_folder_whose_every_file_is_dropped_is_an_error(tmp_path):
     """The split used to vanish from the build, and training on it died later in TFDS."""
     root = tmp_path / "split"
