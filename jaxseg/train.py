@@ -117,6 +117,16 @@ def _meta(config, step: int, extra: dict | None = None) -> dict:
             **(extra or {})}
 
 
+def _folder_data(config) -> dict:
+    """{'person_folder': the name of its prepared data} where the run reads a person_folder (the
+    name hashes the folder's path and its files' names, sizes and times), else {}: recorded with
+    each checkpoint, so that a resume on a folder changed since says so."""
+    names = {n for spec in (config.data.train, config.data.eval) for n, _ in mixture.parse_mixture(spec)}
+    if "person_folder" not in names:
+        return {}
+    return {"person_folder": datasets.config_for(config.data.folder).name}
+
+
 # Model fields that set the shapes of the parameters (the others may change on resume).
 _SHAPE_FIELDS = ("depth", "base_features", "norm", "residual", "upsample", "num_classes",
                  "attention_gates")
@@ -201,6 +211,13 @@ def _warn_about_resume_changes(config, meta: dict) -> None:
                     "schedule now spans %d steps, so the rate at the resumed step differs "
                     "from the one the run had (a finished cosine rises again)",
                     config.train.num_steps, steps, config.train.num_steps)
+    written, now = meta.get("person_folder"), _folder_data(config).get("person_folder")
+    if written and now and written != now:  # a changed folder is rebuilt without a word
+        log.warning("resumed on person_folder data %s, written with %s: %s is another folder, or "
+                    "files were added to it, removed or changed since the checkpoint, so from "
+                    "here the run trains and validates on other examples; best/ compares "
+                    "validation IoU measured on another validation set", now, written,
+                    config.data.folder)
     stored, current = meta.get("config", {}), json.loads(config.to_json())
     # model: the fields that leave the parameters' shapes (those are refused in _check_resumable).
     changed = _changed_fields(stored, current, ("data", "loss", "optim", "eval", "model"))
@@ -316,6 +333,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if problem:
             raise config_check.ConfigError(f"--workdir {workdir}: {folder}: {problem}")
     sources, weights = train_sources(config)  # a run without data writes no files in the workdir
+    folder_data = _folder_data(config)  # as prepared now, whatever the folder becomes meanwhile
     main = distributed.is_main_process()
     # Whatever stops the run (an error in setup or in the loop, SIGTERM, the end), what it opened
     # is closed: an open checkpoint manager or log writer buries the error in shutdown noise.
@@ -396,12 +414,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             state, graphdef, first.source, config.train.num_logged_images,
                             config.data.image_size, config.eval.threshold))
                 writer.scalars(step, val, kind="validation")
-                ckpts.save_best(step, state, _meta(config, step, {"validation": val}), val["val_iou"])
+                ckpts.save_best(step, state, _meta(config, step, {"validation": val, **folder_data}),
+                                val["val_iou"])
                 last.update(val)
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
                 _check_finite(pending, step - 1, ckpts)
-                extra = {"preempted": True} if stop else None
+                extra = {**folder_data, "preempted": True} if stop else folder_data
                 ckpts.save(step, state, _meta(config, step, extra), force=True)
             if stop:
                 # Committed before the message, and before the signal handler goes: a second

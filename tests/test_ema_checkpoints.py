@@ -431,6 +431,25 @@ def test_a_disabled_writer_writes_nothing_and_leaves_the_log_alone(tmp_path):
     assert not (tmp_path / "tensorboard").exists()
 
 
+def test_resuming_on_a_changed_person_folder_warns(caplog, tmp_path):
+    """A folder changed since the checkpoint is rebuilt, and the resumed run trained and
+    validated on other examples without a word (data.folder, its path, is the same)."""
+    import fixtures_data as fx
+
+    config = ema_config(0.0)
+    config.data.train, config.data.eval, config.data.eval_split = "person_folder", "person_folder", "train"
+    config.data.folder = str(fx.make_simple_folder(tmp_path / "mine", ["a", "b"]))
+    meta = train._meta(config, 5, train._folder_data(config))
+    with caplog.at_level("WARNING", logger="jaxseg.train"):
+        train._warn_about_resume_changes(config, meta)
+    assert not caplog.records
+    fx.make_simple_folder(tmp_path / "mine", ["c"])
+    with caplog.at_level("WARNING", logger="jaxseg.train"):
+        train._warn_about_resume_changes(config, meta)
+    assert f"written with {meta['person_folder']}: {config.data.folder} is another folder, or " \
+           "files were added" in caplog.text and "best/ compares" in caplog.text, caplog.text
+
+
 def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
     config = ema_config(0.0)
     meta = {"config": json.loads(config.to_json()), "seed": config.seed,
