@@ -334,6 +334,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             raise config_check.ConfigError(f"--workdir {workdir}: {folder}: {problem}")
     sources, weights = train_sources(config)  # a run without data writes no files in the workdir
     folder_data = _folder_data(config)  # as prepared now, whatever the folder becomes meanwhile
+    evaluators = validation_evaluators(config, mesh)  # an empty validation slice, too
     main = distributed.is_main_process()
     # Whatever stops the run (an error in setup or in the loop, SIGTERM, the end), what it opened
     # is closed: an open checkpoint manager or log writer buries the error in shutdown noise.
@@ -366,7 +367,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
             num_workers=config.data.num_workers, prefetch=config.data.prefetch)
         cleanup.callback(batches.close)
         train_iter = input_pipeline.prefetch_to_mesh(batches, mesh, size=config.data.prefetch)
-        evaluators = validation_evaluators(config, mesh)
         preemption = _Preemption(mesh)
         cleanup.callback(preemption.restore)
 

@@ -769,6 +769,19 @@ def test_training_may_hold_out_a_slice_of_a_single_split_folder(tmp_path):
         config_check.validate(config, num_devices=1)
 
 
+def test_a_slice_of_no_examples_is_named(tmp_path):
+    """train[80%:] of two photos rounds to none: array_record's traceback ("Paths sequence can
+    not be of 0 length") came out of training, after its workdir was written."""
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b"])
+    data_dir = str(tmp_path / "dd")
+    assert len(datasets.data_source("person_folder", "train[:80%]", data_dir=data_dir, folder=str(root))) == 2
+    with pytest.raises(datasets.BadDataError, match=r"person_folder: split 'train\[80%:\]' holds "
+                       r"no examples \(the splits hold \{'train': 2\}\): take a larger slice"):
+        datasets.data_source("person_folder", "train[80%:]", data_dir=data_dir, folder=str(root))
+    with pytest.raises(datasets.BadDataError, match=r"split 'train\[5:\]': Requested slice"):
+        datasets.data_source("person_folder", "train[5:]", data_dir=data_dir, folder=str(root))
+
+
 def test_a_split_folder_whose_every_file_is_dropped_is_an_error(tmp_path):
     """The split used to vanish from the build, and training on it died later in TFDS."""
     root = tmp_path / "split"

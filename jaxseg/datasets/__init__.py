@@ -105,6 +105,15 @@ class Source(collections.abc.Sequence):
     def __init__(self, ds_builder: tfds.core.DatasetBuilder, split: str):
         self.name = ds_builder.name
         self.split = split
+        # One line for what array_record would only meet with a traceback ("Paths sequence can
+        # not be of 0 length"): a slice that rounds to nothing, as train[80%:] of 2 photos does.
+        try:
+            size = ds_builder.info.splits[split].num_examples
+        except ValueError as e:  # an unknown split, a slice past the split's end
+            raise BadDataError(self.name, [], f"split {split!r}: {e}") from None
+        if not size:
+            raise BadDataError(self.name, [], f"split {split!r} holds no examples (the splits "
+                               f"hold {ds_builder.split_sizes()}): take a larger slice")
         self._records = ds_builder.as_data_source(split=split)
 
     def __len__(self) -> int:

@@ -43,7 +43,8 @@ def hash_split(key: str, fractions: Mapping[str, float]) -> str:
 
 
 class BadDataError(ValueError):
-    """Bad files met with on_bad='error' (or nothing usable left); the message names them."""
+    """Bad files met with on_bad='error' (or nothing usable left, or a split or slice of none);
+    the message names them."""
 
     def __init__(self, dataset: str, entries: list[dict], headline: str = "bad file(s) with on_bad='error'"):
         self.files = [e["file"] for e in entries]
