@@ -787,9 +787,26 @@ def test_a_split_folder_whose_every_file_is_dropped_is_an_error(tmp_path):
     root = tmp_path / "split"
     fx.make_simple_folder(root / "train", ["a", "b"])
     fx.write(root / "validation" / "images" / "v.jpg", fx.photo(9))  # a photo without a mask
+    fx.write(root / "validation" / "masks" / "w.png", fx.person(9) * 255)  # and a mask without one
     with pytest.raises(datasets.BadDataError, match=r"leaving split\(s\) validation without any "
                        r"usable example(.|\n)*validation/images/v.jpg: image without mask"):
         datasets.prepare("person_folder", data_dir=str(tmp_path / "dd"), folder=str(root))
+
+
+def test_images_without_a_masks_folder_is_one_line(tmp_path):
+    """Masks in labels/ (or mask/) left every photo "image without mask", one line each, with no
+    word of the masks/ folder that was looked for."""
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b"])
+    (root / "masks").rename(root / "labels")
+    with pytest.raises(ValueError, match=r"mine: images/ without a masks/ folder beside it "
+                       r"\(found labels/\); put the masks in masks/"):
+        datasets.prepare("person_folder", data_dir=str(tmp_path / "dd"), folder=str(root))
+    fx.make_simple_folder(root / "test", ["c"])  # in a split folder too
+    shutil.rmtree(root / "images")
+    (root / "test" / "masks").rename(root / "test" / "mask")
+    with pytest.raises(ValueError, match=r"test: images/ without a masks/ folder beside it "
+                       r"\(found mask/\)"):
+        datasets.builder("person_folder", folder=str(root))
 
 
 def test_an_empty_split_folder_or_a_file_as_the_folder_is_named(tmp_path):

@@ -260,6 +260,7 @@ def test_one_process_owns_every_row_of_the_batch(num_devices):
 
 def test_a_person_folder_without_the_asked_split_is_refused(tmp_path):
     (tmp_path / "images").mkdir()  # the single-split layout: 'train' only
+    (tmp_path / "masks").mkdir()
     config = tiny_config()
     config.data.train = config.data.eval = "person_folder"
     config.data.folder = str(tmp_path)
@@ -271,6 +272,7 @@ def test_a_person_folder_without_the_asked_split_is_refused(tmp_path):
 
 def test_a_person_folder_trained_on_needs_its_train_split_and_one_only_scored_does_not(tmp_path):
     (tmp_path / "validation" / "images").mkdir(parents=True)
+    (tmp_path / "validation" / "masks").mkdir()
     config = tiny_config()
     config.data.train = config.data.eval = "person_folder"
     config.data.folder = str(tmp_path)

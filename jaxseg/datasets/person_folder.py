@@ -46,11 +46,18 @@ def layout(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     split_dirs = {name: folder / name for name in SPLITS if (folder / name).is_dir()}
     if split_dirs and (folder / "images").exists():
         raise ValueError(f"{folder}: has both images/ and split folders {sorted(split_dirs)}; use one layout")
-    if split_dirs:
-        return split_dirs
-    if (folder / "images").is_dir():
-        return {"train": folder}
-    raise ValueError(f"{folder}: expected images/ and masks/, or train/ validation/ test/ folders holding them")
+    if not split_dirs and (folder / "images").is_dir():
+        split_dirs = {"train": folder}
+    if not split_dirs:
+        raise ValueError(f"{folder}: expected images/ and masks/, or train/ validation/ test/ folders holding them")
+    for directory in split_dirs.values():
+        # Else each photo would be "image without mask", one line each, and the cause unsaid.
+        if (directory / "images").is_dir() and not (directory / "masks").is_dir():
+            others = sorted(f"{d.name}/" for d in _entries(directory) if d.is_dir() and d.name != "images")
+            raise ValueError(f"{directory}: images/ without a masks/ folder beside it"
+                             + (f" (found {', '.join(others)})" if others else "")
+                             + "; put the masks in masks/")
+    return split_dirs
 
 
 def _entries(folder: pathlib.Path) -> list[pathlib.Path]:
