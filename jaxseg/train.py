@@ -43,13 +43,22 @@ def train_sources(config):
     used = dict.fromkeys(n for spec in (config.data.train, config.data.eval)
                          for n, _ in mixture.parse_mixture(spec))  # each prepared once
     try:
-        distributed.main_process_first(lambda: [
+        prepared = distributed.main_process_first(lambda: [
             datasets.prepare(n, data_dir=_data_dir(config), folder=config.data.folder or None)
             for n in used])
     # No manual dir and no network, or a data dir that is a file or read-only: the builders'
     # messages say what to do, and a traceback would bury them.
     except OSError as e:
         raise DataUnavailable(str(e)) from None
+    for builder in prepared:
+        # A user's folder with misnamed masks trains on what pairs: say what did not, and where
+        # the list is (the shipped datasets' known exclusions are not skips).
+        if (skipped := builder.report()["skipped"]) and distributed.is_main_process():
+            log.warning("%s: %d file(s) skipped, not trained or validated on (%s; all with their "
+                        "reasons in %s)", builder.name, len(skipped), ", ".join(
+                            f"{s['file']}: {s['reason']}" for s in skipped[:3]) + (
+                            ", ..." if len(skipped) > 3 else ""),
+                        builder.data_path / datasets.REPORT_FILE)
     names_weights = mixture.parse_mixture(config.data.train)
     sources = [datasets.data_source(name, config.data.train_split, data_dir=_data_dir(config),
                                     folder=config.data.folder or None) for name, _ in names_weights]

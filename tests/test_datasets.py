@@ -769,6 +769,25 @@ def test_training_may_hold_out_a_slice_of_a_single_split_folder(tmp_path):
         config_check.validate(config, num_devices=1)
 
 
+def test_training_names_the_files_of_its_folder_that_it_skips(tmp_path, caplog):
+    """A mask named in other capitals than its photo (IMG_1.JPG, img_1.png) pairs with nothing:
+    training went on with the rest without a word, where the build command and evaluation say."""
+    from configs import smoke
+    from jaxseg import train
+
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b"])
+    fx.write(root / "images" / "IMG_1.JPG", fx.photo(5))
+    fx.write(root / "masks" / "img_1.png", fx.person(5) * 255)
+    config = smoke.get_config()
+    config.data.train, config.data.eval, config.data.eval_split = "person_folder", "person_folder", "train"
+    config.data.folder, config.data.data_dir = str(root), str(tmp_path / "dd")
+    with caplog.at_level("WARNING", logger="jaxseg.train"):
+        (source,), _ = train.train_sources(config)
+    assert len(source) == 2
+    assert ("person_folder: 2 file(s) skipped, not trained or validated on (images/IMG_1.JPG: image "
+            "without mask, masks/img_1.png: mask without image; all with their reasons in ") in caplog.text
+
+
 def test_a_slice_of_no_examples_is_named(tmp_path):
     """train[80%:] of two photos rounds to none: array_record's traceback ("Paths sequence can
     not be of 0 length") came out of training, after its workdir was written."""
