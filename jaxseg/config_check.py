@@ -151,6 +151,12 @@ def validate(config, num_devices: int) -> None:
             problems.append(f"unknown dataset {name!r} in data.train/data.eval; known: {mixture.DATASETS}")
         if name == "person_folder" and not config.data.folder:
             problems.append("person_folder needs --config.data.folder=PATH")
+    if names and config.data.folder and "person_folder" not in names:
+        # Else a forgotten --config.data.train=person_folder trains on the default datasets.
+        problems.append(f"data.folder={config.data.folder!r} is set, but neither data.train nor "
+                        "data.eval names person_folder, so nothing would read it: add it "
+                        "(--config.data.train=person_folder --config.data.eval=person_folder, or "
+                        "person_folder:1 beside other datasets), or leave data.folder out")
     if "person_folder" in names and config.data.folder:
         problems += _folder_split_problems(config, train="person_folder" in config.data.train,
                                            evaluated="person_folder" in config.data.eval)

@@ -789,6 +789,21 @@ def test_training_names_the_files_of_its_folder_that_it_skips(tmp_path, caplog):
             "without mask, masks/img_1.png: mask without image; all with their reasons in ") in caplog.text
 
 
+def test_a_data_folder_that_no_dataset_reads_is_refused(tmp_path):
+    """--config.data.folder=F without person_folder in the mixture trained on the default
+    datasets without a word."""
+    from configs import smoke
+    from jaxseg import config_check
+
+    config = smoke.get_config()
+    config.data.folder = str(fx.make_simple_folder(tmp_path / "mine", ["a"]))
+    with pytest.raises(config_check.ConfigError, match=r"data.folder='.*mine' is set, but neither "
+                       r"data.train nor data.eval names person_folder"):
+        config_check.validate(config, num_devices=1)
+    config.data.eval, config.data.eval_split = "portrait_segmentation,person_folder", "train"
+    config_check.validate(config, num_devices=1)  # a folder only validated on is read
+
+
 def test_a_slice_of_no_examples_is_named(tmp_path):
     """train[80%:] of two photos rounds to none: array_record's traceback ("Paths sequence can
     not be of 0 length") came out of training, after its workdir was written."""
