@@ -304,7 +304,8 @@ def test_a_slice_of_a_users_folder_is_scored_as_asked(tmp_path, monkeypatch):
     root = fx.make_simple_folder(tmp_path / "mine", ["a", "b", "c"])
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "dd"))
     for asked, split, count in (("train[:2]", "train[:2]", 2), ("test", "train", 3),
-                                ("test[:2]", "train[:2]", 2), ("validation[-1:]", "train[-1:]", 1)):
+                                ("test[:2]", "train[:2]", 2), ("validation[-1:]", "train[-1:]", 1),
+                                ("validation+test", "train", 3)):
         flags = types.SimpleNamespace(images=str(root / "images"), masks=str(root / "masks"),
                                       split=asked, data_dir="", dataset="")
         _, scored, source, _, _ = evaluate._source_for(flags)
