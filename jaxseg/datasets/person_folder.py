@@ -70,7 +70,7 @@ def _entries(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def config_for(folder: str | pathlib.Path) -> PersonFolderConfig:
-    """Config whose name hashes FOLDER's resolved path and its files' names, sizes and times.
+    """Config whose name hashes FOLDER's resolved path and its files' names, sizes and mtimes.
 
     Two folders, or one folder after a change, so never share prepared data.
     """
@@ -80,17 +80,15 @@ def config_for(folder: str | pathlib.Path) -> PersonFolderConfig:
     for split, directory in sorted(splits.items()):
         for sub in ("images", "masks"):
             for f in _entries(directory / sub):
-                # The linked file's size and times, so that editing a link's target is a change;
-                # the change time (ctime) too, which no tool sets back: an edit that keeps the
-                # modification time (exiftool -P, touch -r) is a change. A dangling link (lstat)
-                # or a name in another encoding (raw bytes) is reported by the build
-                # (pair_files) instead of stopping it here.
+                # The linked file's size and time, so that editing a link's target is a change;
+                # a dangling link (lstat) or a name in another encoding (raw bytes) is reported
+                # by the build (pair_files) instead of stopping it here.
                 try:
                     stat = f.stat()
                 except OSError:
                     stat = f.lstat()
                 digest.update(f"{split}/{sub}/".encode() + os.fsencode(f.name)
-                              + f"\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\n".encode())
+                              + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     name = re.sub(r"[^\w.-]", "_", root.name or "root")
     return PersonFolderConfig(name=f"{name}-{digest.hexdigest()[:12]}", folder=str(root),
                               description=f"Photos and masks from {root}")
