@@ -816,6 +816,17 @@ def test_a_slice_of_no_examples_is_named(tmp_path):
         datasets.data_source("person_folder", "train[5:]", data_dir=data_dir, folder=str(root))
 
 
+def test_a_slice_of_all_is_a_bad_data_error(tmp_path):
+    """TFDS cannot slice 'all' (all[:5]) and says so with NotImplementedError, which no command
+    caught: evaluate --split 'all[:5]' ended in a traceback instead of its message."""
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b"])
+    data_dir = str(tmp_path / "dd")
+    assert len(datasets.data_source("person_folder", "all", data_dir=data_dir, folder=str(root))) == 2
+    with pytest.raises(datasets.BadDataError, match=r"(?s)person_folder: split 'all\[:1\]': .*'all' does "
+                       r"not support slice"):
+        datasets.data_source("person_folder", "all[:1]", data_dir=data_dir, folder=str(root))
+
+
 def test_a_split_folder_whose_every_file_is_dropped_is_an_error(tmp_path):
     """The split used to vanish from the build, and training on it died later in TFDS."""
     root = tmp_path / "split"

@@ -109,7 +109,8 @@ class Source(collections.abc.Sequence):
         # not be of 0 length"): a slice that rounds to nothing, as train[80%:] of 2 photos does.
         try:
             size = ds_builder.info.splits[split].num_examples
-        except ValueError as e:  # an unknown split, a slice past the split's end
+        # An unknown split, a slice past the split's end; NotImplementedError: a slice of 'all'.
+        except (ValueError, NotImplementedError) as e:
             raise BadDataError(self.name, [], f"split {split!r}: {e}") from None
         if not size:
             raise BadDataError(self.name, [], f"split {split!r} holds no examples (the splits "
