@@ -982,6 +982,10 @@ def test_folder_fingerprint_sees_a_mask_rewritten_at_the_same_size(tmp_path):
     os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert mask.stat().st_size == size
     assert person_folder.config_for(root).name != name
+    # A permission change leaves the photos as they were: no rebuild, no "data changed" on resume.
+    name = person_folder.config_for(root).name
+    mask.chmod(0o600)
+    assert person_folder.config_for(root).name == name
 
 
 def test_build_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
