@@ -342,7 +342,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if problem:
             raise config_check.ConfigError(f"--workdir {workdir}: {folder}: {problem}")
     sources, weights = train_sources(config)  # a run without data writes no files in the workdir
-    folder_data = _folder_data(config)  # as prepared now, whatever the folder becomes meanwhile
+    folder_data = _folder_data(config)  # the folder as just prepared, recorded with each save
     evaluators = validation_evaluators(config, mesh)  # an empty validation slice, too
     main = distributed.is_main_process()
     # Whatever stops the run (an error in setup or in the loop, SIGTERM, the end), what it opened
