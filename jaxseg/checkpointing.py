@@ -153,7 +153,9 @@ class Checkpoints:
             step = self.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint in {self.latest.directory}")
-            if instead_of_best and not self._said_no_best:  # else best_* results hold it unsaid
+            # Else best_* results hold it unsaid; by the first process only, as jaxseg's other
+            # messages, not once per host of a pod.
+            if instead_of_best and not self._said_no_best and jax.process_index() == 0:
                 self._said_no_best = True
                 logging.getLogger(__name__).warning(
                     "no best checkpoint in %s: using the latest, step %d",
