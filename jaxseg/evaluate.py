@@ -25,7 +25,7 @@ from flax import nnx
 from jaxseg import input_pipeline, metrics, refine, resolution, sharding
 from jaxseg.arg_types import refuse_positional
 from jaxseg.inference import person_probabilities
-from jaxseg.workdir import workdir_path
+from jaxseg.workdir import workdir_path, write_text_whole
 
 # Thresholds at which per-pixel counts are kept for the threshold sweep and calibration.
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(20))
@@ -486,7 +486,7 @@ def main(argv):
                           **{k: round(v, 4) for k, v in summary.items()}}), flush=True)
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(result, indent=1) + "\n")
+            write_text_whole(output, json.dumps(result, indent=1) + "\n")
         except OSError as e:
             raise SystemExit(f"could not write {output} ({e.strerror or e}): "
                              "give --output a writable path") from None

@@ -31,7 +31,8 @@ from flax import nnx
 
 from jaxseg import inference
 from jaxseg.arg_types import add_model_arguments, at_least
-from jaxseg.workdir import escape_unencodable_stdout, local_folder_problem, local_output_folder
+from jaxseg.workdir import (escape_unencodable_stdout, local_folder_problem, local_output_folder,
+                            write_text_whole)
 
 PLATFORMS = ("cpu",)
 STABLEHLO_FILE = "model.stablehlo"
@@ -145,7 +146,7 @@ def export_all(model, config, output, *, batch_size: int = 8, description: dict 
         (output / TFLITE_FILE).write_bytes(flatbuffer)
         manifest["tflite"] = {"file": TFLITE_FILE, "signatures": signatures}
 
-    (output / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_whole(output / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxseg import checkpointing, losses, train_step
+from jaxseg.workdir import write_text_whole
 from jaxseg.models import create_model, of_members
 
 PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "pretrained"
@@ -93,7 +94,7 @@ def save_pretrained(models, config, card: dict, directory: str | pathlib.Path = 
     card.pop("member_weights", None)  # a card taken from an ensemble must not name absent members
     if len(models) > 1:
         card["member_weights"] = names
-    (directory / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
+    write_text_whole(directory / MODEL_CARD, json.dumps(card, indent=2) + "\n")
     # After the card: a kill in between leaves unnamed folders, not a card naming missing ones.
     for stale in directory.glob(f"{PRETRAINED_WEIGHTS}_*"):
         if (stale.name not in names and stale.is_dir() and not stale.is_symlink()

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from jaxseg.workdir import workdir_path
+from jaxseg.workdir import workdir_path, write_text_whole
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -34,10 +34,7 @@ class MetricWriter:
                     if (record := _record(line)) is not None and record["step"] <= resume_step]
             # A last record without its newline (a kill between the two) would join the next one.
             if len(kept) < len(lines) or (text and not text.endswith("\n")):
-                # Rewritten whole, then renamed: a kill keeps one or the other.
-                partial = path.parent / f"{METRICS_FILE}.tmp"
-                partial.write_text("".join(line + "\n" for line in kept))
-                partial.replace(path)
+                write_text_whole(path, "".join(line + "\n" for line in kept))
         self._jsonl = path.open("a")
         # A session-start event at resume_step + 1 makes TensorBoard purge the earlier events of
         # that step and later ones, so that its curves do not double back either; also at step 1,

@@ -14,7 +14,6 @@ import functools
 import io
 import os
 import pathlib
-import secrets
 import struct
 import sys
 import zlib
@@ -26,7 +25,8 @@ import numpy as np
 
 from jaxseg import photo_pixels, refine, resolution
 from jaxseg.inference import person_probabilities
-from jaxseg.workdir import escape_unencodable_stdout, local_folder_problem, local_output_folder
+from jaxseg.workdir import (complete_or_absent, escape_unencodable_stdout, local_folder_problem,
+                            local_output_folder)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".3gp", ".mpg", ".mpeg",
                   ".wmv", ".flv", ".mts", ".m2ts"}
@@ -277,28 +277,8 @@ def write_image(path: pathlib.Path, array: np.ndarray) -> None:
     except photo_pixels.PhotoError as e:  # a write that failed, as the caller reports them
         raise OSError(str(e)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _complete_or_absent(path) as partial:
+    with complete_or_absent(path) as partial:
         partial.write_bytes(png[:_PNG_HEADER_END] + _PNG_MARK + png[_PNG_HEADER_END:])
-
-
-@contextlib.contextmanager
-def _complete_or_absent(target: pathlib.Path):
-    """Yields a hidden path beside TARGET to write the output at, renamed to TARGET when the
-    block ends and removed when it raises: a write that fails or is stopped halfway (a full disk,
-    Ctrl-C) leaves the earlier output whole, never a truncated file carrying the mark, and a
-    later scan of the folder passes over the hidden name."""
-    # A short name of this write's own, not TARGET's name lengthened: a target whose name just
-    # fits the file system's 255 bytes stays writable. Not the pid alone: processes in other
-    # containers (each its own pid 1) may write into one shared output folder. The suffix tells
-    # OpenCV the container.
-    partial = target.with_name(f".jaxseg-{os.getpid()}-{secrets.token_hex(6)}.partial"
-                               f"{target.suffix}")
-    try:
-        yield partial
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def _mirror_name(folder: pathlib.Path) -> str:
@@ -510,7 +490,7 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
     frames = 0
     # Written beside the target and renamed when complete: a run stopped halfway leaves no
     # unmarked, truncated video where the next run would refuse to replace it.
-    with _complete_or_absent(target) as partial:
+    with complete_or_absent(target) as partial:
         writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps,
                                  (even_w, even_h))
         try:

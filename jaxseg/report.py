@@ -37,7 +37,7 @@ from jaxseg import config_check, inference, input_pipeline, metric_writer, metri
 from jaxseg.arg_types import refuse_positional
 from jaxseg.models import LogitAverage, of_members
 from jaxseg.predict import Renderer
-from jaxseg.workdir import local_folder_problem, workdir_path
+from jaxseg.workdir import local_folder_problem, workdir_path, write_text_whole
 
 # Person area (fraction of the image) and ground-truth region count buckets: (label, low, high).
 # Images without a person are in no area bucket (their errors are the people "0" bucket's): in
@@ -815,8 +815,8 @@ def build_report(workdir: str | os.PathLike, output: str | os.PathLike | None = 
     for b in blocks:
         if isinstance(b, Image):
             (output / b.file_name).write_bytes(b.data)
-    (output / "report.html").write_text(to_html(title, blocks))
-    (output / "report.md").write_text(to_markdown(title, blocks))
+    write_text_whole(output / "report.html", to_html(title, blocks))
+    write_text_whole(output / "report.md", to_markdown(title, blocks))
     return {"html": output / "report.html", "markdown": output / "report.md",
             "figures": [output / b.file_name for b in blocks if isinstance(b, Image)]}
 
@@ -839,7 +839,7 @@ def main(argv):
         workdir = workdir_path(evaluate.PRETRAINED_RUN_DIR)
         model, config, card = inference.load_pretrained()
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json(indent=2))
+        write_text_whole(workdir / "config.json", config.to_json(indent=2))
     output = workdir_path(f.output) if f.output else workdir_path(workdir) / "report"
     problem = local_folder_problem(output)  # before the minutes of predicting the overlays
     if problem:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 import itertools
 import json
 import os
@@ -30,7 +31,7 @@ import time
 import warnings
 
 from jaxseg import metric_writer
-from jaxseg.workdir import STOPPED_EXIT_STATUS
+from jaxseg.workdir import STOPPED_EXIT_STATUS, write_text_whole
 
 RESULT_FILE = "sweep_result.json"
 SWEEP_FILE = "sweep.json"
@@ -276,7 +277,7 @@ def _check_same_sweep(workdir: pathlib.Path, config: str, extra: list[str]) -> N
     if finished:  # a folder from before sweep.json existed: nothing to compare with
         print(f"warning: {workdir} has finished trials but no {SWEEP_FILE}; assuming they come "
               "from this command", file=sys.stderr)
-    path.write_text(json.dumps(command, indent=1) + "\n")
+    write_text_whole(path, json.dumps(command, indent=1) + "\n")
 
 
 def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, parallel: int = 1,
@@ -318,7 +319,8 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # no usable record of the run
             failures.append(f"{tdir.name} left no usable record ({e}; log {tdir / 'train.log'})")
             return
-        (tdir / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
+        # Whole or absent: a cut result would count the trial finished and break every table.
+        write_text_whole(tdir / RESULT_FILE, json.dumps(result, indent=1) + "\n")
 
     def finish_first_to_end():
         # Whichever trial ends first frees its slot, not the oldest.
@@ -344,7 +346,7 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
                                 "command again")
                 break
             tdir.mkdir(parents=True, exist_ok=True)
-            (tdir / TRIAL_FILE).write_text(json.dumps(values) + "\n")
+            write_text_whole(tdir / TRIAL_FILE, json.dumps(values) + "\n")
             command = _command(config, tdir, values, list(extra))
             print(f"trial {tdir.name}: {' '.join(command)}", flush=True)
             with open(tdir / "train.log", "a") as log:  # the trial holds its own copy
@@ -375,18 +377,19 @@ def write_table(workdir: pathlib.Path, rows: list[dict]) -> None:
     if not rows:
         return
     columns = list(dict.fromkeys(c for row in rows for c in row))  # grids may vary other fields
-    with open(workdir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_whole(workdir / "results.csv", table.getvalue())
     lines = ["| rank | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for rank, row in enumerate(rows, 1):
         # 4 significant digits: fixed decimals would print learning rates 1e-5 and 3e-5 as 0.0000.
         cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
                  for c in columns]
         lines.append(f"| {rank} | " + " | ".join(cells) + " |")
-    (workdir / "results.md").write_text(
-        "Ranked by validation IoU (original resolution); the test split is never used.\n\n"
+    write_text_whole(
+        workdir / "results.md", "Ranked by validation IoU (original resolution); the test split is never used.\n\n"
         + "\n".join(lines) + "\n")
 
 

@@ -25,7 +25,7 @@ from jaxseg import (checkpointing, config_check, datasets, distributed, host_mem
                     input_pipeline, metric_writer, mixture, preprocess, sharding, train_step)
 from jaxseg.arg_types import refuse_positional
 from jaxseg.workdir import (STOPPED_EXIT_STATUS, WorkdirBusy, local_folder_problem, training_lock,
-                            workdir_path)
+                            workdir_path, write_text_whole)
 
 log = logging.getLogger("jaxseg.train")
 
@@ -367,7 +367,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         step_fn = train_step.make_train_step(graphdef, config, mesh)
         num_steps = config.train.num_steps
         if main:
-            (workdir / "config.json").write_text(config.to_json(indent=2))
+            write_text_whole(workdir / "config.json", config.to_json(indent=2))
 
         batches = input_pipeline.TrainBatches(
             sources, weights, global_batch=config.train.batch_size, image_size=config.data.image_size,

@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import pathlib
+import secrets
 import sys
 
 from etils import epath
@@ -28,6 +29,33 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     expanded (--output=~/x reaches the program unexpanded), URLs untouched."""
     path = epath.Path(workdir)
     return path if "://" in os.fspath(workdir) else path.expanduser().absolute()
+
+
+@contextlib.contextmanager
+def complete_or_absent(target: os.PathLike):
+    """Yields a hidden path beside TARGET to write it at, renamed to TARGET when the block ends
+    and removed when it raises: a write that fails or is stopped halfway (a full disk, Ctrl-C)
+    leaves the earlier file whole, never a truncated one that a later reader trusts, and a scan
+    of the folder passes over the hidden name. TARGET may be a pathlib or an epath path."""
+    # A short name of this write's own, not TARGET's name lengthened: a target whose name just
+    # fits the file system's 255 bytes stays writable. Not the pid alone: processes in other
+    # containers (each its own pid 1) may write into one shared folder. The suffix tells
+    # OpenCV a video's container.
+    partial = target.with_name(f".jaxseg-{os.getpid()}-{secrets.token_hex(6)}.partial"
+                               f"{target.suffix}")
+    try:
+        yield partial
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_text_whole(path: os.PathLike, text: str) -> None:
+    """Writes TEXT to PATH (pathlib or epath) through `complete_or_absent`: a reader finds the
+    earlier file or the new one, never one cut short."""
+    with complete_or_absent(path) as partial:
+        partial.write_text(text)
 
 
 def local_folder_problem(path: epath.Path) -> str | None:

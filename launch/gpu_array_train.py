@@ -15,14 +15,11 @@ already holds a model_state.npz is refused: a new run must not replace an earlie
 root (which this script puts on sys.path itself).
 """
 import argparse
-import contextlib
 import difflib
 import io
 import json
-import os
 import pathlib
 import sys
-import tempfile
 import time
 import zipfile
 
@@ -38,6 +35,7 @@ from PIL import Image
 
 from configs import default
 from jaxseg import config_check, device_augment, losses, mixture, sharding, train_step
+from jaxseg.workdir import complete_or_absent, write_text_whole
 
 
 def decode(buf, offsets):
@@ -125,26 +123,6 @@ class UnknownFieldError(KeyError):
 
     def __str__(self):
         return str(self.args[0])
-
-
-def write_atomically(path, write):
-    """Calls write(binary file) on a temporary file in path's folder, then renames it to path, so
-    that a kill mid-write leaves the previous file whole instead of a truncated one."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def main():
@@ -311,8 +289,8 @@ def main():
                         jax.tree_util.tree_leaves_with_path(jax.device_get(nnx.state(model)))}
                 # Compressed: a width-24 U-Net's weights are 16.7 MiB plain, over the 16 MiB a
                 # rented machine's tool may return per file.
-                write_atomically(out / "model_state.npz",
-                                 lambda f: np.savez_compressed(f, **flat))
+                with complete_or_absent(out / "model_state.npz") as partial, open(partial, "wb") as f:
+                    np.savez_compressed(f, **flat)
         # Rewritten at every validation: the whole history and the steps trained so far.
         summary = {"config": json.loads(config.to_json()), "num_steps": num_steps,
                    "steps_done": step, "train_seconds": train_s,
@@ -323,7 +301,7 @@ def main():
                    "validation_examples": {n: int(len(r)) for n, r in val_rows.items()},
                    "batch_mixture": dict(zip(trained, counts))}
         text = json.dumps(summary, indent=1)
-        write_atomically(out / "summary.json", lambda f: f.write(text.encode()))
+        write_text_whole(out / "summary.json", text)
 
     validate_at = {int(num_steps * (k + 1) / args.num_validations) for k in range(args.num_validations)}
     t = time.time()

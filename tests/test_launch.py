@@ -775,24 +775,6 @@ def test_gpu_array_train_refuses_a_mixture_the_file_cannot_give(monkeypatch, cap
     assert not (tmp_path / "run" / "model_state.npz").exists()
 
 
-def test_gpu_array_train_writes_atomically(tmp_path):
-    module = _load_launch_module("gpu_array_train")
-    target = tmp_path / "model_state.npz"
-    module.write_atomically(target, lambda f: np.savez(f, w=np.arange(3)))
-    assert np.load(target)["w"].tolist() == [0, 1, 2]
-
-    def fail(f):
-        f.write(b"partial")
-        raise KeyboardInterrupt  # a kill mid-save
-
-    with pytest.raises(KeyboardInterrupt):
-        module.write_atomically(target, fail)
-    assert np.load(target)["w"].tolist() == [0, 1, 2]  # the previous file is whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_state.npz"]  # no temporary left
-    module.write_atomically(tmp_path / "summary.json", lambda f: f.write(b"{}"))
-    assert (tmp_path / "summary.json").read_text() == "{}"
-
-
 @pytest.mark.parametrize("output,written", [("arr", "arr.npz"), ("arr.npz", "arr.npz"),
                                             ("sub/arr.v2", "sub/arr.v2.npz")])
 def test_make_array_file_output_path(monkeypatch, capsys, tmp_path, output, written):

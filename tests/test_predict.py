@@ -895,19 +895,6 @@ def test_a_write_that_fails_halfway_leaves_the_earlier_output_whole(tmp_path):
     assert predict.written_by_predict(longest)
 
 
-def test_outputs_written_at_once_into_one_folder_keep_their_own_contents(tmp_path, monkeypatch):
-    """The partial file was named by the pid alone: two runs writing into one shared output
-    folder from their own containers (each pid 1, say) wrote one partial file, and each renamed
-    the other's output to its own name."""
-    monkeypatch.setattr(predict.os, "getpid", lambda: 1)
-    with predict._complete_or_absent(tmp_path / "a_mask.png") as first:
-        first.write_bytes(b"a")
-        with predict._complete_or_absent(tmp_path / "b_mask.png") as second:  # the other run
-            second.write_bytes(b"b")
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"a_mask.png": b"a",
-                                                                    "b_mask.png": b"b"}
-
-
 def test_an_opaque_png_is_decoded_once(tmp_path, monkeypatch):
     """Asking PIL for a PNG's orientation decoded the whole photo before OpenCV decoded it again."""
     from PIL import Image, PngImagePlugin

@@ -4,10 +4,13 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from etils import epath
 
-from jaxseg.workdir import (WorkdirBusy, local_folder_problem, local_output_folder, training_lock,
-                            workdir_path)
+from jaxseg import workdir
+from jaxseg.workdir import (WorkdirBusy, complete_or_absent, local_folder_problem,
+                            local_output_folder, training_lock, workdir_path, write_text_whole)
 
 
 def test_url_workdirs_stay_urls():
@@ -101,3 +104,38 @@ def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, m
     with pytest.raises(PermissionError):  # other errors are not hidden
         with training_lock(workdir_path(tmp_path)):
             pass
+
+
+@pytest.mark.parametrize("path_type", [epath.Path, lambda p: p])
+def test_a_write_stopped_halfway_leaves_the_earlier_file_whole(tmp_path, path_type):
+    """Results, sweep rows, cards and weights were written in place: a kill or a full disk
+    mid-write left a file cut short, which a resumed sweep counted as a finished trial and then
+    failed to parse on every later run."""
+    target = path_type(tmp_path) / "sweep_result.json"
+    write_text_whole(target, '{"val_iou": 0.9}\n')
+
+    class Killed(BaseException):
+        pass
+
+    with pytest.raises(Killed):
+        with complete_or_absent(target) as partial:
+            partial.write_text('{"val_iou": 0.')
+            raise Killed
+    assert target.read_text() == '{"val_iou": 0.9}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep_result.json"]  # no partial file left
+    with complete_or_absent(tmp_path / "w.npz") as partial, open(partial, "wb") as f:
+        np.savez_compressed(f, w=np.arange(3))  # as launch/gpu_array_train.py saves weights
+    assert np.load(tmp_path / "w.npz")["w"].tolist() == [0, 1, 2]
+
+
+def test_outputs_written_at_once_into_one_folder_keep_their_own_contents(tmp_path, monkeypatch):
+    """The partial file was named by the pid alone: two runs writing into one shared output
+    folder from their own containers (each pid 1, say) wrote one partial file, and each renamed
+    the other's output to its own name."""
+    monkeypatch.setattr(workdir.os, "getpid", lambda: 1)
+    with complete_or_absent(tmp_path / "a_mask.png") as first:
+        first.write_bytes(b"a")
+        with complete_or_absent(tmp_path / "b_mask.png") as second:  # the other run
+            second.write_bytes(b"b")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"a_mask.png": b"a",
+                                                                    "b_mask.png": b"b"}

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from jaxseg import photo_pixels
+from jaxseg.workdir import write_text_whole
 from jaxseg.datasets import image_io
 
 ON_BAD = ("skip", "error")
@@ -83,7 +84,7 @@ class Report:
                       excluded=len(self.excluded), warnings=len(self.warnings))
         report = dict(dataset=self.dataset, source_dir=str(self.root), on_bad=self.on_bad, counts=counts,
                       skipped=self.skipped, excluded=self.excluded, warnings=self.warnings)
-        pathlib.Path(path).write_text(json.dumps(report, indent=1))
+        write_text_whole(pathlib.Path(path), json.dumps(report, indent=1))
 
 
 @dataclasses.dataclass(frozen=True)
