@@ -825,8 +825,11 @@ def main(argv):
     """Entry point: load the model for the overlays, build the report, print where it went."""
     refuse_positional(argv)
     from absl import flags
+    from absl import logging as absl_logging
 
     from jaxseg import evaluate
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
 
     f = flags.FLAGS
     workdir = f.workdir
