@@ -79,31 +79,39 @@ class WorkdirBusy(RuntimeError):
 
 
 @contextlib.contextmanager
+def exclusive_lock(path: os.PathLike, *, wait: bool, unguarded: str):
+    """Holds an exclusive lock on the local file PATH (created if absent) and yields it open, or
+    raises BlockingIOError where another process holds it and WAIT is false. The kernel drops the
+    lock when its holder dies, SIGKILL included. Some network file systems (Lustre without
+    -o flock) have no locks: there it warns that UNGUARDED and yields the file unlocked."""
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                raise  # BlockingIOError included
+            logging.getLogger(__name__).warning("%s cannot be locked (%s): %s",
+                                                pathlib.Path(path).parent, e.strerror, unguarded)
+        yield lock
+
+
+@contextlib.contextmanager
 def training_lock(workdir: epath.Path):
     """Holds an exclusive lock on WORKDIR/.train.lock while a run trains there, or raises
     WorkdirBusy naming the holder's pid: two trainers in one folder would both write its
-    checkpoints and logs. The kernel drops the lock when its holder dies, SIGKILL included.
-    Storage URLs (gs://...) are not locked (their file systems have no such locks)."""
+    checkpoints and logs. Storage URLs (gs://...) are not locked (their file systems have no
+    such locks)."""
     if "://" in os.fspath(workdir):
         yield
         return
-    with open(workdir / TRAIN_LOCK, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with contextlib.ExitStack() as held:
+        try:  # around the taking only: the training inside may raise BlockingIOError of its own
+            lock = held.enter_context(exclusive_lock(
+                workdir / TRAIN_LOCK, wait=False, unguarded="nothing stops a second training there"))
         except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            raise WorkdirBusy(f"another jaxseg.train (pid {holder}) is training in it: wait for it "
-                              "to end, or stop it (SIGTERM saves), then run again") from None
-        except OSError as e:
-            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
-                raise
-            # Some network file systems (Lustre without -o flock) have no locks: train unguarded.
-            logging.getLogger(__name__).warning(
-                "%s cannot be locked (%s): nothing stops a second training there", workdir,
-                e.strerror)
-            yield
-            return
+            holder = pathlib.Path(workdir / TRAIN_LOCK).read_text().strip() or "unknown"
+            raise WorkdirBusy(f"another jaxseg.train (pid {holder}) is training in it: wait for "
+                              "it to end, or stop it (SIGTERM saves), then run again") from None
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()

@@ -88,9 +88,14 @@ def test_training_refuses_a_workdir_another_trainer_holds(tmp_path):
     assert not (workdir / "config.json").exists() and not (workdir / "metrics.jsonl").exists()
 
 
-def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+def test_a_file_system_without_locks_trains_and_builds_unguarded_with_a_warning(
+        tmp_path, monkeypatch, caplog):
+    """A dataset build on such a file system (Lustre without -o flock) failed with the
+    OSError, where training went on with a warning."""
     import errno
     import fcntl
+
+    from jaxseg import datasets
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -99,7 +104,12 @@ def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, m
     with caplog.at_level("WARNING"):
         with training_lock(workdir_path(tmp_path)):
             pass
-    assert "cannot be locked (No locks available)" in caplog.text
+        with datasets._one_build_at_a_time(tmp_path / "data" / "ccp_person" / "1.0.0"):
+            pass
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path} cannot be locked (No locks available): nothing stops a second training there",
+        f"{tmp_path / 'data' / 'ccp_person'} cannot be locked (No locks available): two "
+        "processes building it at once may collide"]
     monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(PermissionError(13, "x")))
     with pytest.raises(PermissionError):  # other errors are not hidden
         with training_lock(workdir_path(tmp_path)):

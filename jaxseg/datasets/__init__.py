@@ -9,7 +9,6 @@ public archives; without it the archives are downloaded. Prepared data goes to
 """
 import collections.abc
 import contextlib
-import fcntl
 import operator
 import os
 import pathlib
@@ -22,6 +21,7 @@ from jaxseg.datasets.ccp_person import CcpPerson
 from jaxseg.datasets.person_folder import PersonFolder, config_for
 from jaxseg.datasets.portrait_segmentation import PortraitSegmentation
 from jaxseg.mixture import DATASETS
+from jaxseg.workdir import exclusive_lock
 
 __all__ = ["DATASETS", "MANUAL_SUBDIRS", "REPORT_FILE", "BadDataError", "Source", "build_report", "builder",
            "data_source", "prepare", "split_sizes"]
@@ -78,8 +78,8 @@ def _one_build_at_a_time(data_path):
         return
     folder = pathlib.Path(data_path)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.build.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with exclusive_lock(folder.parent / f".{folder.name}.build.lock", wait=True,
+                        unguarded="two processes building it at once may collide"):
         yield
 
 
