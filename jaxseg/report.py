@@ -225,11 +225,13 @@ class EvalFile:
 
 
 def find_evals(folder: epath.Path, *, peer: bool) -> list[EvalFile]:
-    """The eval JSONs directly in `folder` (other JSON files are ignored), sorted by name."""
+    """The eval JSONs directly in `folder` (other JSON files, and hidden ones such as a write's
+    partial file that a kill left, are ignored), sorted by name."""
     found = []
     if folder.is_dir():
         # iterdir, not glob: a glob reads a '[' in the folder's own path as a pattern.
-        for path in sorted(p for p in folder.iterdir() if p.suffix == ".json"):
+        for path in sorted(p for p in folder.iterdir()
+                           if p.suffix == ".json" and not p.name.startswith(".")):
             try:
                 result = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):

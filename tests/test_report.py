@@ -377,6 +377,18 @@ def test_a_workdir_with_a_bracket_in_its_path_finds_its_evals(tmp_path):
     assert [e.path.name for e in found] == ["best_fake_validation.json"]
 
 
+def test_a_partial_file_left_by_a_killed_evaluation_is_not_an_evaluation(tmp_path):
+    """evaluate writes its results to a hidden partial file and renames it; one a SIGKILL left
+    complete before the rename was read as a second evaluation of the split."""
+    workdir = make_workdir(tmp_path, {"dataset": "fake", "split": "validation", "iou": 0.9,
+                                      "precision": 0.9, "recall": 0.9, "checkpoint_step": 1})
+    evals = workdir / "eval"
+    (evals / ".jaxseg-7-0123456789ab.partial.json").write_text(
+        (evals / "best_fake_validation.json").read_text())
+    found = report.find_evals(epath.Path(evals), peer=False)
+    assert [e.path.name for e in found] == ["best_fake_validation.json"]
+
+
 def test_a_split_with_nothing_to_show_says_so_instead_of_an_overlay_error():
     """Person-free photos with nothing predicted: no best or worst example to draw."""
     per_image = [{"id": str(i), "iou": 1.0, "dice": 1.0, "regions": 0, "person_fraction": 0.0,
