@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -293,11 +294,42 @@ def test_download_path(name, make, tmp_path, monkeypatch):
             z.extractall(tmp_path / "extracted")
         return tmp_path / "extracted"
 
+    asked = []  # the reachability check before the download, as the host would answer it
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: asked.append(address)
+                        or io.BytesIO())
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
     monkeypatch.delenv("JAXSEG_MANUAL_DIR", raising=False)
     sizes = datasets.split_sizes(name, data_dir=str(tmp_path / "dd"))
-    assert requested == [cls.URL]
+    assert requested == [cls.URL] and asked == [("github.com", 443)]
     assert sum(sizes.values()) == {"portrait_segmentation": 12, "ccp_person": 11}[name]
+
+
+def test_offline_without_a_manual_dir_fails_at_once(tmp_path, monkeypatch):
+    """TFDS's downloader tried ten times, with growing waits, for about 3.5 minutes before the
+    error; the host is now asked once first. Behind a proxy the download is left to try."""
+    requested = []
+
+    def download_and_extract(self, url):
+        requested.append(url)
+        raise ConnectionError("no route through the proxy")
+
+    def offline(address, timeout):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
+    monkeypatch.delenv("JAXSEG_MANUAL_DIR", raising=False)
+    for proxy in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    with pytest.raises(FileNotFoundError, match=r"could not download .* \(ConnectionError: "
+                       r"github.com cannot be reached: Name or service not known\); to build "
+                       "offline, point the manual dir"):
+        datasets.prepare("ccp_person", data_dir=str(tmp_path / "dd"))
+    assert requested == []
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    with pytest.raises(FileNotFoundError, match="no route through the proxy"):
+        datasets.prepare("ccp_person", data_dir=str(tmp_path / "dd"))
+    assert requested == [ccp_person.CcpPerson.URL]
 
 
 # ---------------------------------------------------------------- person_folder
