@@ -201,7 +201,10 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
 
 
 def _warn_about_resume_changes(config, meta: dict) -> None:
-    """Warns about config changes that make a resumed run differ from an uninterrupted one."""
+    """Warns about config changes that make a resumed run differ from an uninterrupted one
+    (on process 0 only)."""
+    if not distributed.is_main_process():  # every process reads the same meta: say it once
+        return
     if meta.get("global_batch", config.train.batch_size) != config.train.batch_size:
         # The data position is step x batch composition: another batch moves it.
         log.warning("resumed with train.batch_size=%d, written with %d: the data position "
@@ -358,9 +361,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         graphdef, state = train_step.create_train_state(config)
         state, start = _initial_state(config, ckpts, graphdef, state, mesh)
         if start >= config.train.num_steps:
-            log.warning("the workdir is at step %d, not before train.num_steps=%d: nothing to train "
-                        "(raise --config.train.num_steps to go on; the learning-rate schedule "
-                        "then spans the new total)", start, config.train.num_steps)
+            if main:
+                log.warning("the workdir is at step %d, not before train.num_steps=%d: nothing to "
+                            "train (raise --config.train.num_steps to go on; the learning-rate "
+                            "schedule then spans the new total)", start, config.train.num_steps)
             return {"step": start}
         writer = metric_writer.MetricWriter(workdir, enabled=main, resume_step=start)
         cleanup.callback(writer.close)

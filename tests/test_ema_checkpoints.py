@@ -508,6 +508,23 @@ def test_resuming_with_another_seed_mixture_or_length_warns(caplog):
         assert change in caplog.text, (change, caplog.text)
 
 
+def test_resume_changes_are_said_by_the_first_process_only(caplog, monkeypatch):
+    """Every process of a run reads the same checkpoint: its warnings came once per process (16
+    copies in one SLURM output), where the run's other messages come from process 0 alone."""
+    config = ema_config(0.0)
+    meta = train._meta(config, 5)
+    changed = ema_config(0.0)
+    changed.seed += 1
+    said = []
+    for index in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda: index)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="jaxseg.train"):
+            train._warn_about_resume_changes(changed, meta)
+        said.append(f"seed={changed.seed}" in caplog.text)
+    assert said == [True, False]
+
+
 def test_a_checkpoint_from_before_attention_gates_resumes_only_without_them(tmp_path):
     config = ema_config(0.0)
     graphdef, state = train_step.create_train_state(config)
