@@ -1,11 +1,13 @@
 """Joining the JAX multi-controller runtime when launched as one of several processes."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
 
 import jax
+import numpy as np
 
 _ENV = ("JAXSEG_COORDINATOR_ADDRESS", "JAXSEG_NUM_PROCESSES", "JAXSEG_PROCESS_ID")
 HEARTBEAT_ENV = "JAXSEG_HEARTBEAT_TIMEOUT_S"
@@ -147,6 +149,30 @@ def exit_with_error(message: str):
     if jax.process_count() > 1:
         raise RunError(message) from None
     raise SystemExit(message)
+
+
+def disagreement(items: dict[str, str]) -> str | None:
+    """Which of ITEMS (a name -> this process's value as text, the same names in the same order on
+    every process) differ between the processes, each with the processes whose value is not
+    process 0's, as one phrase; None where all agree, as always for a single process.
+
+    A cross-process operation: every process must call it at the same point.
+    """
+    if jax.process_count() == 1:
+        return None
+    from jax.experimental import multihost_utils
+
+    digests = np.stack([np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
+                        for value in items.values()])
+    gathered = multihost_utils.process_allgather(digests)  # (processes, items, 32)
+    parts = []
+    for k, name in enumerate(items):
+        others = [p for p in range(1, len(gathered))
+                  if not np.array_equal(gathered[p, k], gathered[0, k])]
+        if others:
+            parts.append(f"{name} (process{'es' if len(others) > 1 else ''} "
+                         f"{', '.join(map(str, others))} against process 0)")
+    return "; ".join(parts) or None
 
 
 def define_flags() -> None:

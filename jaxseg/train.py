@@ -283,6 +283,24 @@ def _init_model(config):
     return model, step
 
 
+# Config fields that may differ between hosts: where each reads its data, and how fast.
+_PER_HOST = ("data_dir", "folder", "num_workers", "prefetch")
+
+
+def _must_agree(config, sources, evaluators, ckpts) -> dict[str, str]:
+    """What every process of a run must hold alike, as text (distributed.disagreement): the
+    config but for _PER_HOST fields, the sizes of the training and validation data (and each
+    validation set's canvas), and the workdir's latest checkpoint."""
+    shared = json.loads(config.to_json())
+    for field in _PER_HOST:
+        shared["data"].pop(field, None)
+    return {"the config": json.dumps(shared, sort_keys=True),
+            "the training data": json.dumps([len(s) for s in sources]),
+            "the validation data": json.dumps({n: [len(e.source), list(e.canvas)]
+                                               for n, e in evaluators.items()}),
+            "the workdir's latest checkpoint": str(ckpts.latest_step())}
+
+
 def validate(evaluators, state, graphdef, eval_config) -> dict:
     """Validation metrics per dataset, and `val_iou`: their mean original-resolution IoU.
 
@@ -358,6 +376,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 raise config_check.ConfigError(f"--workdir {workdir}: {e}") from None
         ckpts = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
         cleanup.callback(ckpts.close)
+        # Before the first step: processes that differ here train replicas that silently drift
+        # apart (another seed, other examples, one resuming and one starting afresh), or hang in
+        # a collective that only some of them reach (another batch, step count or validation).
+        differ = distributed.disagreement(_must_agree(config, sources, evaluators, ckpts))
+        if differ:
+            raise config_check.ConfigError(
+                f"the processes of this run differ in {differ}: start every process with the "
+                "same config, on the same data, in one workdir that all of them share")
         graphdef, state = train_step.create_train_state(config)
         state, start = _initial_state(config, ckpts, graphdef, state, mesh)
         if start >= config.train.num_steps:

@@ -372,6 +372,50 @@ def test_ctrl_c_to_local_cluster_saves_and_exits_75(tmp_path):
         assert f"saved step {last_logged} to" in (logs / f"process_{i}.log").read_text()
     assert not list((workdir / "checkpoints").glob("*tmp*"))
 
+def test_processes_on_other_data_are_refused_before_training(tmp_path):
+    """Hosts whose copies of a person_folder differ (one lacks two photos) trained replicas on
+    other examples, each process its own, and finished without a word: now every process stops
+    before the first step, naming what differs, and nothing is trained or saved."""
+    folders = []
+    for i, count in enumerate((6, 4)):
+        folder = tmp_path / f"host_{i}"
+        fx.make_simple_folder(folder / "train", [f"t{j}" for j in range(count)])
+        fx.make_simple_folder(folder / "validation", ["v0", "v1"], seed=50)  # alike on both
+        folders.append(str(folder))
+    config = tmp_path / "per_host.py"  # as the same config file reads on two hosts
+    config.write_text(textwrap.dedent(f"""
+        import os
+        from configs import smoke
+
+        def get_config():
+            c = smoke.get_config()
+            c.data.folder = {folders!r}[int(os.environ["JAXSEG_PROCESS_ID"])]
+            return c
+    """))
+    workdir = tmp_path / "work"
+    cmd = [sys.executable, "-m", "jaxseg.train", "--config", str(config), "--workdir",
+           str(workdir), "--config.data.train=person_folder", "--config.data.eval=person_folder",
+           "--config.data.image_size=32", "--config.model.depth=2",
+           "--config.train.num_steps=2", "--config.train.eval_every=2",
+           "--config.train.checkpoint_every=2", "--config.eval.max_examples=2",
+           "--config.train.num_logged_images=0"]
+    env = base_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), JAXSEG_MANUAL_DIR=str(tmp_path / "none"),
+                   JAXSEG_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
+    cluster = Cluster(cmd, num=2, devices=1, env=env, log_dir=tmp_path / "logs")
+    try:
+        rcs = [proc.wait(timeout=TIMEOUT_S) for proc in cluster.procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung:\n{cluster.log(0)[-2000:]}\n{cluster.log(1)[-2000:]}")
+    finally:
+        cluster.kill()
+    assert rcs == [1, 1], [cluster.log(i)[-2000:] for i in range(2)]
+    for i in range(2):
+        assert ("error: the processes of this run differ in the training data (process 1 "
+                "against process 0): start every process with the same config"
+                in cluster.log(i)), cluster.log(i)[-2000:]
+    assert not (workdir / "metrics.jsonl").exists() and latest_step(workdir) is None
+
+
 RAISES = textwrap.dedent('''
     import numpy as np
     from jax.experimental import multihost_utils

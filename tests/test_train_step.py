@@ -414,3 +414,31 @@ def test_a_run_logs_validates_and_saves_its_last_step_off_the_intervals(tmp_path
     ckpts = checkpointing.Checkpoints(workdir, read_only=True)
     assert ckpts.latest.all_steps() == [2, 3, 4]
     ckpts.close()
+
+
+def test_processes_must_agree_on_the_config_data_and_checkpoint_but_not_on_local_paths():
+    """What distributed.disagreement compares between the processes of a training run."""
+    from jaxseg import train
+
+    class Ckpts:
+        def __init__(self, step):
+            self.step = step
+
+        def latest_step(self):
+            return self.step
+
+    config = tiny_config()
+    base = train._must_agree(config, [range(5)], {}, Ckpts(None))
+    local = tiny_config()  # where each host reads its data, and how fast
+    local.data.data_dir, local.data.folder = "/scratch/tfds", "/scratch/mine"
+    local.data.num_workers += 3
+    local.data.prefetch += 1
+    assert train._must_agree(local, [range(5)], {}, Ckpts(None)) == base
+    seeded = tiny_config()
+    seeded.seed += 1
+    for changed, what in ((train._must_agree(seeded, [range(5)], {}, Ckpts(None)), "the config"),
+                          (train._must_agree(config, [range(4)], {}, Ckpts(None)),
+                           "the training data"),
+                          (train._must_agree(config, [range(5)], {}, Ckpts(10)),
+                           "the workdir's latest checkpoint")):
+        assert [k for k in base if changed[k] != base[k]] == [what]
