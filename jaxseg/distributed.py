@@ -18,9 +18,19 @@ AUTO_ENV = "JAXSEG_DISTRIBUTED"
 
 def _auto_detected() -> bool:
     # Environments where jax.distributed.initialize() finds its own settings.
-    if os.environ.get(AUTO_ENV) == "auto" or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if os.environ.get(AUTO_ENV) == "auto" or _slurm_step_tasks() > 1:
         return True
     return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))  # GKE TPU pods
+
+
+def _slurm_step_tasks() -> int:
+    """The task count of the srun job step this process is a task of; 1 outside a step."""
+    # A batch script or an salloc shell holds its allocation's SLURM_NTASKS but is no task of it:
+    # a program started there directly is one process, and JAX's SLURM detection, which reads the
+    # step's node list, finds no cluster ("coordinator_address should be defined").
+    if "SLURM_STEP_NODELIST" not in os.environ:
+        return 1
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1)
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
@@ -28,8 +38,9 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     """Calls jax.distributed.initialize when this is one process of several; no-op otherwise.
 
     Explicit arguments win, then $JAXSEG_COORDINATOR_ADDRESS / $JAXSEG_NUM_PROCESSES /
-    $JAXSEG_PROCESS_ID, then what JAX detects itself: under SLURM with several tasks, in GKE TPU
-    pods, and wherever $JAXSEG_DISTRIBUTED=auto (Cloud TPU VM pod slices). In a run of several
+    $JAXSEG_PROCESS_ID, then what JAX detects itself: in a SLURM job step (srun) of several
+    tasks, in GKE TPU pods, and wherever $JAXSEG_DISTRIBUTED=auto (Cloud TPU VM pod slices). In a
+    run of several
     processes, one that stops sending heartbeats for `heartbeat_timeout_s()` seconds counts as dead
     and the others stop, and an uncaught exception ends this process at once (so that the others
     stop too instead of waiting for it).

@@ -468,7 +468,8 @@ def test_heartbeat_timeout_from_the_environment(monkeypatch):
 
 @pytest.fixture
 def no_launch_env(monkeypatch):
-    for name in (*distributed._ENV, distributed.AUTO_ENV, "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+    for name in (*distributed._ENV, distributed.AUTO_ENV, "SLURM_NTASKS", "SLURM_STEP_NODELIST",
+                 "SLURM_STEP_NUM_TASKS", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(name, raising=False)
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
@@ -489,6 +490,7 @@ def test_auto_lets_jax_find_the_cluster(no_launch_env, monkeypatch):
 def test_only_a_cluster_of_several_hosts_is_joined_on_its_own(no_launch_env, monkeypatch):
     """One SLURM task, or a GKE TPU pod of one host, is a single process: joining a runtime
     there would wait for peers that never come."""
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[01-02]")  # a task of an srun step
     for name, single, several in (("SLURM_NTASKS", "1", "2"),
                                   ("TPU_WORKER_HOSTNAMES", "host-0", "host-0,host-1")):
         monkeypatch.setenv(name, single)
@@ -499,6 +501,24 @@ def test_only_a_cluster_of_several_hosts_is_joined_on_its_own(no_launch_env, mon
         assert len(no_launch_env) == 1, name
         no_launch_env.clear()
         monkeypatch.delenv(name)
+
+
+def test_a_program_started_outside_an_srun_step_is_a_single_process(no_launch_env, monkeypatch):
+    """A batch script or an salloc shell holds its allocation's task count, SLURM_NTASKS, without
+    being one of its tasks: jaxseg.evaluate started there asked JAX to join a cluster that JAX's
+    SLURM detection (it reads the step's node list) cannot find, and failed with a traceback."""
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_JOB_ID", "200505")
+    distributed.initialize()
+    assert no_launch_env == []
+    # In an srun step, the step's count: one task of it is a single process too.
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node01")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    distributed.initialize()
+    assert no_launch_env == []
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
+    distributed.initialize()
+    assert len(no_launch_env) == 1
 
 
 def test_explicit_launch_settings_reach_jax_with_the_heartbeat_timeout(no_launch_env, monkeypatch):
