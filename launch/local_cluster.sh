@@ -10,7 +10,8 @@ Usage: launch/local_cluster.sh [options] [--] [ARGS...]
 
 Starts N processes of `python -m MODULE` on this machine as one JAX cluster (CPU only).
 ARGS go to the module (e.g. --config.train.num_steps=100); for train, an ARG that is not a config
-override (or a multi-process flag) is refused before anything starts.
+override is refused before anything starts, and for train and evaluate so are --coordinator_address,
+--num_processes and --process_id (the script gives each process its own).
 
   -n N        processes (default 2)
   -d D        CPU devices per process (default 2)
@@ -65,6 +66,9 @@ done
 source launch/train_args.sh
 # Other modules check their own flags at start-up, before any cross-process work.
 [[ $module != train ]] || check_train_args local_cluster.sh ${1+"$@"}
+case $module in  # the modules that join a cluster: their places come from the environment
+  train|evaluate|jaxseg.train|jaxseg.evaluate) refuse_process_flags local_cluster.sh ${1+"$@"} ;;
+esac
 [[ $num =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$num'"
 [[ $devices =~ ^[1-9][0-9]*$ ]] || die "-d must be a positive integer, got '$devices'"
 [[ -z $port || $port =~ ^[0-9]+$ ]] || die "-p must be a port number, got '$port'"

@@ -66,6 +66,7 @@ config_file=${CONFIG:-}  # relative to the caller's folder, else to the reposito
 cd "$(dirname "$0")/.."
 source launch/train_args.sh
 check_train_args tpu_vm.sh ${1+"$@"}
+refuse_process_flags tpu_vm.sh ${1+"$@"}
 command -v gcloud >/dev/null ||
   die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk) and run 'gcloud auth login'"
 [[ -n $zone ]] || die "--zone is required (see --help)"

@@ -45,3 +45,25 @@ check_train_args() {
   } >&2
   exit 2
 }
+
+# refuse_process_flags SCRIPT ARGS... exits with status 2 if an ARG is one of jaxseg.distributed's
+# flags. For the scripts that start every process of a cluster with one command line (their
+# places come from the environment: the script's, SLURM's or the TPU VM's): such a flag, the same
+# on every process, would override each one's place, all of them process 0 or a count that never
+# gathers, which JAX waits for through its 5-minute start-up timeout.
+refuse_process_flags() {
+  local script=$1 arg
+  shift
+  for arg; do
+    case $arg in
+      --coordinator_address|--coordinator_address=*|--num_processes|--num_processes=*|\
+      --process_id|--process_id=*)
+        {
+          echo "$script: error: '$arg': $script gives each process its place in the cluster" \
+               "itself; the same flag on every process would override it"
+          echo "  (see $script --help)"
+        } >&2
+        exit 2 ;;
+    esac
+  done
+}

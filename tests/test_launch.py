@@ -244,6 +244,25 @@ def test_unknown_option_fails_before_anything_runs(all_stubs, script, bad):
     assert "Python 3.12" not in out.stderr  # cpu.sh: the setup did not start either
 
 
+@pytest.mark.parametrize("script", [["local_cluster.sh", "-n", "2", "--dry-run"],
+                                    ["local_cluster.sh", "-m", "evaluate", "--dry-run"],
+                                    ["slurm.sbatch"],
+                                    ["tpu_vm.sh", "--zone", "z", "--workdir", "gs://b/w"]])
+@pytest.mark.parametrize("flag", [["--process_id=1"], ["--num_processes", "4"],
+                                  ["--config.train.num_steps=5", "--coordinator_address=h:1"]])
+def test_scripts_that_start_a_cluster_refuse_the_process_flags(all_stubs, script, flag):
+    """Each process's place comes from the script (or SLURM, or the TPU VM); the same
+    --process_id on every process made them all process 0, and --num_processes=4 on a cluster of
+    2 waited out JAX's start-up timeout. The help says only config overrides go through."""
+    path, env, log = all_stubs
+    out = _run([LAUNCH / script[0], *script[1:], "--", *flag], path, env=env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert (f"{script[0]}: error: '{flag[-1] if '=' in flag[-1] else flag[0]}': {script[0]} "
+            "gives each process its place in the cluster itself") in out.stderr
+    assert not log.exists(), log.read_text()  # no gcloud/srun call
+    assert "+ " not in out.stdout and "local cluster:" not in out.stdout
+
+
 def test_training_overrides_pass_the_check(all_stubs):
     path, env, _ = all_stubs
     args = ["--config.train.num_steps=5", "--config.train.batch_size", "8",
