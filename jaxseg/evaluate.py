@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import json
 import math
 import os
@@ -451,6 +452,14 @@ def main(argv):
                               batch_size=batch, threshold=f.threshold)
     except ValueError as e:  # an empty split
         distributed.exit_with_error(f"error: {dataset} {split}: {e}")
+    # Each process scores its share of the split, and the shares are summed: processes that
+    # differ here (a workdir each host holds its own copy of, another copy of the data, other
+    # flags) summed counts of other models or examples into one result without a word.
+    differ = distributed.disagreement(_must_agree(f, dataset, split, evaluator, model))
+    if differ:
+        distributed.exit_with_error(
+            f"error: the processes of this evaluation differ in {differ}: start every process "
+            "with the same command, on the same data and checkpoint")
     if evaluator.batch_size < batch and distributed.is_main_process():
         canvas = evaluator.canvas
         print(f"note: batch {evaluator.batch_size} instead of {batch}: the largest photo needs a "
@@ -491,6 +500,23 @@ def main(argv):
             raise SystemExit(f"could not write {output} ({e.strerror or e}): "
                              "give --output a writable path") from None
         print(f"wrote {output}")
+
+
+def _must_agree(f, dataset: str, split: str, evaluator: Evaluator, model) -> dict[str, str]:
+    """What every process of an evaluation must hold alike, as text (distributed.disagreement):
+    the model's weights (None for --predictions), the options that change the figures, and the
+    data (its size and canvas)."""
+    weights = None
+    if model is not None:
+        digest = hashlib.sha256()
+        for leaf in jax.tree.leaves(jax.device_get(nnx.state(model))):
+            digest.update(np.ascontiguousarray(leaf).tobytes())
+        weights = digest.hexdigest()
+    return {"the model": json.dumps([weights, f.members, bool(f.predictions)]),
+            "the options": json.dumps([f.flip_tta, f.refine, f.refine_radius, f.refine_eps,
+                                       evaluator.threshold, evaluator.batch_size]),
+            "the data": json.dumps([dataset, split, len(evaluator.source),
+                                    list(evaluator.canvas)])}
 
 
 # Where results of the pretrained model go when no workdir is given (read by jaxseg.report too).

@@ -509,3 +509,26 @@ def test_missing_predictions_say_where_their_files_are_instead(tmp_path):
 def test_an_empty_split_is_named_not_a_numpy_error():
     with pytest.raises(ValueError, match="nothing to evaluate: the split has no examples"):
         evaluate.Evaluator([], mesh=sharding.make_mesh(1), image_size=32, batch_size=2)
+
+
+def test_processes_must_agree_on_the_weights_the_options_and_the_data(model):
+    """What distributed.disagreement compares between the processes of an evaluation: each
+    scores its share of the split, and shares of other models or data were summed silently."""
+    import types
+
+    flags = types.SimpleNamespace(members=0, flip_tta=False, refine=False,
+                                  refine_radius=refine.RADIUS, refine_eps=refine.EPS,
+                                  predictions="")
+    mesh = sharding.make_mesh(1)
+
+    def must_agree(f=flags, n=5, m=model):
+        ev = evaluate.Evaluator(fake_source(n, seed=4), mesh=mesh, image_size=32, batch_size=2)
+        return evaluate._must_agree(f, "ccp_person", "test", ev, m)
+
+    base = must_agree()
+    assert must_agree() == base  # the same weights loaded again, the same data read again
+    other = UNet(depth=2, base_features=4, norm="group", rngs=nnx.Rngs(1))
+    flipped = types.SimpleNamespace(**{**vars(flags), "flip_tta": True})
+    for changed, what in ((must_agree(m=other), "the model"), (must_agree(f=flipped), "the options"),
+                          (must_agree(n=4), "the data")):
+        assert [k for k in base if changed[k] != base[k]] == [what]
