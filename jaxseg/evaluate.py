@@ -82,7 +82,7 @@ def _predictions_step(batch, *, canvas, threshold, tol_full):
 
 def _info(batch):
     # Passed through the step so that they are gathered in the same row order as the counts.
-    return {k: batch[k] for k in ("id", "regions", "valid")}
+    return {k: batch[k] for k in ("id", "index", "regions", "valid")}
 
 
 def _gather(tree):
@@ -195,9 +195,13 @@ class Evaluator:
         info = [o["info"] for o in host]
         merged = {k: np.concatenate([o["full"][k] for o in host]) for k in host[0]["full"]}
         valid = np.concatenate([i["valid"] for i in info]) > 0
-        # Valid rows in id order, so that float means do not depend on the process count.
+        # Valid rows in id order, so that float means do not depend on the process count; rows
+        # arrive interleaved by process, so ids that repeat (a split of several folders' photos)
+        # are ordered by their place in the source.
         all_ids = [input_pipeline.decode_id(r) for r in np.concatenate([i["id"] for i in info])]
-        rows = np.array(sorted(np.flatnonzero(valid), key=all_ids.__getitem__), dtype=np.int64)
+        index = np.concatenate([i["index"] for i in info])
+        rows = np.array(sorted(np.flatnonzero(valid), key=lambda r: (all_ids[r], index[r])),
+                        dtype=np.int64)
         full = {k: v[rows] for k, v in merged.items()}
         ids = [all_ids[r] for r in rows]
         regions = np.concatenate([i["regions"] for i in info])[rows]

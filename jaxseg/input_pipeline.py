@@ -149,7 +149,8 @@ class EvalBatches:
     Each local batch has: image (b,S,S,3) and mask (b,S,S,1) at model resolution; full_mask
     (b,H,W) on the canvas at original resolution (and full_image (b,H,W,3) from
     `iterate(full_image=True)`); size (b,2) original (height, width); valid (b,); regions (b,)
-    person regions in the ground truth (count_regions); id (b, ID_BYTES) uint8.
+    person regions in the ground truth (count_regions); id (b, ID_BYTES) uint8; index (b,) the
+    example's position in the source (-1 for padding).
     """
 
     def __init__(self, source, *, local_batch: int, image_size: int,
@@ -169,7 +170,7 @@ class EvalBatches:
         if i is None:
             row = {"image": np.zeros((s, s, 3), np.uint8), "mask": np.zeros((s, s, 1), np.uint8),
                    "full_mask": np.zeros(c, np.uint8), "size": np.zeros(2, np.int32),
-                   "valid": 0.0, "regions": 0, "id": np.zeros(ID_BYTES, np.uint8)}
+                   "valid": 0.0, "regions": 0, "id": np.zeros(ID_BYTES, np.uint8), "index": -1}
             if full_image:
                 row["full_image"] = np.zeros((*c, 3), np.uint8)
             return row
@@ -178,7 +179,7 @@ class EvalBatches:
         full = ex["mask"][..., 0]
         row = {"image": image, "mask": mask, "full_mask": resolution.pad_to_canvas(full, c),
                "size": np.array(full.shape, np.int32), "valid": 1.0,
-               "regions": count_regions(full), "id": encode_id(ex["id"])}
+               "regions": count_regions(full), "id": encode_id(ex["id"]), "index": i}
         if full_image:
             row["full_image"] = resolution.pad_to_canvas(ex["image"], c)
         return row
@@ -201,6 +202,7 @@ class EvalBatches:
                 batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
                 batch["valid"] = batch["valid"].astype(np.float32)
                 batch["regions"] = batch["regions"].astype(np.int32)
+                batch["index"] = batch["index"].astype(np.int32)
                 yield batch
 
 

@@ -3,6 +3,7 @@ import pathlib
 import shutil
 
 import cv2
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -532,3 +533,21 @@ def test_processes_must_agree_on_the_weights_the_options_and_the_data(model):
     for changed, what in ((must_agree(m=other), "the model"), (must_agree(f=flipped), "the options"),
                           (must_agree(n=4), "the data")):
         assert [k for k in base if changed[k] != base[k]] == [what]
+
+
+def test_repeated_ids_are_ordered_alike_whatever_order_the_rows_arrive_in(model):
+    """A split of several folders (a person_folder's train+validation) can repeat a photo's id.
+    Rows arrive interleaved by process (each process's part of each batch in turn), and rows of one
+    id were kept in that order: their records, and the float means, depended on the processes."""
+    source = fake_source(6, seed=2)
+    source[1]["id"] = source[4]["id"] = "same"
+    ev = evaluate.Evaluator(source, mesh=sharding.make_mesh(1), image_size=32,
+                            batch_size=len(source))
+    outputs = []
+    result = ev._result
+    ev._result = lambda o: outputs.append(o) or result(o)
+    expected = ev.evaluate_model(model)
+    (batch,) = jax.device_get(outputs[0])  # every row in one batch, in the source's order
+    backwards = jax.tree.map(lambda a: a[::-1], batch)
+    assert [r["id"] for r in expected["per_image"]].count("same") == 2
+    assert result([backwards]) == expected
