@@ -55,6 +55,10 @@ def _get(config, dotted: str):
     return value
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def validate(config, num_devices: int) -> None:
     """Raises ConfigError naming the field and the fix for the first impossible value found."""
     problems = []
@@ -98,8 +102,14 @@ def validate(config, num_devices: int) -> None:
                 f"model.norm='group' splits each width into min(8, width) groups, and widths "
                 f"{uneven} of {widths} (model.base_features x 2**level) do not split evenly: use "
                 f"a model.base_features of 1, 2, 4 or a multiple of 8")
+    # ml_collections reads a tuple override's items as Python literals: a word stays a string.
+    numeric = {field: all(_is_number(v) for v in _get(config, field))
+               for field in ("model.output_shift", "optim.step_fractions")}
+    for field in (f for f, ok in numeric.items() if not ok):
+        problems.append(f"{field}={tuple(_get(config, field))} must hold numbers only")
     shift = tuple(config.model.output_shift)
-    if len(shift) != 2 or not all(abs(v) <= size / 2 for v in shift):
+    if numeric["model.output_shift"] and (
+            len(shift) != 2 or not all(abs(v) <= size / 2 for v in shift)):
         problems.append(f"model.output_shift={shift} must be (dy, dx), model pixels of at most "
                         f"half the image size ({size / 2:g})")
     if not 0 <= config.model.dropout < 1:
@@ -132,7 +142,7 @@ def validate(config, num_devices: int) -> None:
             problems.append(problem)
     if config.optim.step_decay < 0:
         problems.append(f"optim.step_decay={config.optim.step_decay} must be >= 0")
-    if not all(0 < f <= 1 for f in config.optim.step_fractions):
+    if numeric["optim.step_fractions"] and not all(0 < f <= 1 for f in config.optim.step_fractions):
         problems.append(f"optim.step_fractions={tuple(config.optim.step_fractions)}: each must be "
                         "in (0, 1], a fraction of train.num_steps")
     if not 0 < config.eval.threshold < 1:

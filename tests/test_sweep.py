@@ -330,6 +330,12 @@ def test_a_stopped_sweep_exits_as_a_stopped_training_does(tmp_path, monkeypatch,
      "flag --config.train.num_steps=four: invalid literal for int()"),
     (["--grid", "data.image_size=32,30"],
      "trial image_size=30: invalid config: data.image_size=30 must be divisible by 2**model.depth"),
+    # A tuple field's items are Python literals, so a word stays a string: validation compared
+    # it with numbers and the sweep (as training) ended in a TypeError's traceback.
+    (["--grid", "optim.step_fractions=(0.5,0.8),abc"],
+     "trial step_fractions=abc: invalid config: optim.step_fractions=('abc',) must hold numbers"),
+    (["--grid", "seed=0", "--config.model.output_shift=(0.5,'x')"],
+     "trial seed=0: invalid config: model.output_shift=(0.5, 'x') must hold numbers"),
     (["--config", "configs/no_such_config.py", "--grid", "seed=0"],
      "--config configs/no_such_config.py: [Errno 2] No such file or directory")])
 def test_a_mistyped_field_option_or_override_is_refused_before_any_trial(

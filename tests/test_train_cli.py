@@ -116,6 +116,8 @@ def test_a_stop_signal_saves_and_exits_cleanly(manual_dir, tmp_path, sig, said):
     ("--config.train.nope=1", "the config has no field 'nope'"),
     # 0 kept no checkpoint at all, not even the one a SIGTERM saves
     ("--config.train.keep_checkpoints=0", "train.keep_checkpoints=0 must be positive"),
+    # a word in a tuple field stays a string: a TypeError's traceback
+    ("--config.optim.step_fractions=abc", "optim.step_fractions=('abc',) must hold numbers"),
 ])
 def test_impossible_config_fails_before_touching_data(tmp_path, override, message):
     result = subprocess.run(
