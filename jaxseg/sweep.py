@@ -31,6 +31,7 @@ import time
 import warnings
 
 from jaxseg import metric_writer
+from jaxseg.arg_types import at_least
 from jaxseg.workdir import STOPPED_EXIT_STATUS, write_text_whole
 
 RESULT_FILE = "sweep_result.json"
@@ -411,7 +412,8 @@ def main(argv=None):
     p.add_argument("--config", default="configs/default.py")
     p.add_argument("--workdir", required=True)
     p.add_argument("--grid", action="append", default=[], help="FIELD=V1,V2,... (repeatable)")
-    p.add_argument("--random", type=int, default=0, help="sample N combinations instead of all")
+    p.add_argument("--random", type=at_least(0), default=0,
+                   help="sample N combinations instead of all (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parallel", type=int, default=1)
     args, extra = p.parse_known_args(argv)

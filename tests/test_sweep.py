@@ -324,6 +324,9 @@ def test_a_stopped_sweep_exits_as_a_stopped_training_does(tmp_path, monkeypatch,
     (["--grid", "seed=0,1", "--config.train.num_stpes=4"],
      "--config.train.num_stpes: the config has no field 'num_stpes' (did you mean 'num_steps'?)"),
     (["--grid", "seed=0", "--paralel=2"], "unrecognized arguments: --paralel=2"),
+    # random.sample's own words, which blamed the grid: "Sample larger than population or is
+    # negative"
+    (["--grid", "seed=0,1", "--random", "-1"], "argument --random: must be at least 0, got -1"),
     (["--grid", "seed=0", "--config.train.num_steps", "4", "stray"],
      "unrecognized arguments: stray"),
     (["--grid", "seed=0", "--config.train.num_steps=four"],
