@@ -26,7 +26,7 @@ from flax import nnx
 from jaxseg import input_pipeline, metrics, refine, resolution, sharding
 from jaxseg.arg_types import refuse_positional
 from jaxseg.inference import person_probabilities
-from jaxseg.workdir import workdir_path, write_text_whole
+from jaxseg.workdir import output_file_problem, workdir_path, write_text_whole
 
 # Thresholds at which per-pixel counts are kept for the threshold sweep and calibration.
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(20))
@@ -432,6 +432,9 @@ def main(argv):
                              f"--refine_eps={f.refine_eps:g} a finite number >= 1e-6")
     if not 0 < f.threshold < 1:
         raise app.UsageError(f"--threshold={f.threshold} must be between 0 and 1")
+    # Else refused only once the whole split has been scored.
+    if f.output and (problem := output_file_problem(workdir_path(f.output))):
+        raise app.UsageError(f"--output {f.output}: {problem}")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     try:
         # Process 0 prepares the data (and a folder pair's links) before the others read it:

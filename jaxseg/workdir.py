@@ -71,6 +71,21 @@ def local_folder_problem(path: epath.Path) -> str | None:
     return None if os.access(path, os.W_OK) else "not writable"
 
 
+def output_file_problem(path: epath.Path) -> str | None:
+    """Why a file cannot be written at the local PATH (a folder there, a file where one of its
+    folders should be, a folder not writable), or None; creates nothing, so that a command can
+    refuse its --output before its work rather than after. URLs are left to their storage."""
+    if "://" in os.fspath(path):
+        return None
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return "is a folder: name the file to write"
+    parent = next(p for p in path.parents if p.exists())  # the root exists
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
+
+
 TRAIN_LOCK = ".train.lock"
 
 

@@ -241,6 +241,9 @@ def test_empty_prediction_scores_zero(tmp_path):
     (["--refine_eps", "inf"], "--refine_eps=inf a finite number >= 1e-6"),
     (["--refine_radius", "0"], "--refine_radius=0 must be >= 1"),
     (["--data_dir", "/dev/null"], "error: [Errno 20] Not a directory: '/dev/null/ccp_person'"),
+    # Refused only once the whole split had been scored.
+    (["--output", "/"], "--output /: is a folder: name the file to write"),
+    (["--output", "/dev/null/r.json"], "--output /dev/null/r.json: /dev/null is not a folder"),
     # Words without a flag were left unread: this scored the default split, test.
     (["validation"], "unexpected argument(s) validation: every setting is a --flag"),
 ])
