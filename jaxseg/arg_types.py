@@ -15,6 +15,14 @@ def at_least(minimum: int):
     return parse
 
 
+def positive_number(text: str) -> float:
+    """argparse type: a finite number > 0 (a peak of 0 divided by zero after minutes of timing)."""
+    value = float(text)
+    if not 0 < value < float("inf"):  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--workdir, --checkpoint and --members, as jaxseg.inference.load_or_exit takes them."""
     parser.add_argument("--workdir", help="training workdir (default: the pretrained model)")

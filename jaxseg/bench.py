@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import host_memory, sharding
-from jaxseg.arg_types import at_least
+from jaxseg.arg_types import at_least, positive_number
 from jaxseg.models import unet
 from jaxseg.train_step import create_train_state, make_train_step
 
@@ -239,7 +239,7 @@ def _train_parser() -> argparse.ArgumentParser:
                         "(none: JAX alone, TensorFlow not imported)")
     p.add_argument("--gpu_config", action="store_true",
                    help="configs/gpu.py (else configs/default.py); JAX only, no TF")
-    p.add_argument("--peak_tflops", type=float, default=989.0,
+    p.add_argument("--peak_tflops", type=positive_number, default=989.0,
                    help="accelerator peak for --gpu_config (H100 dense bf16: 989)")
     return p
 

@@ -84,6 +84,15 @@ def test_help_and_counts_that_would_time_nothing(capsys, monkeypatch):
             bench.main(args)
         assert exit_info.value.code == 2
         assert "must be at least 1" in capsys.readouterr().err or args[-1] == ","
+    # --peak_tflops 0 divided by zero after the whole timing, nan and -1 printed nonsense.
+    with monkeypatch.context() as patched:
+        patched.setattr(bench, "_load_config", lambda gpu: pytest.fail("the benchmark started"))
+        for peak in ("0", "-1", "nan", "inf"):
+            with pytest.raises(SystemExit) as exit_info:
+                bench.main(["train", "--gpu_config", "--peak_tflops", peak])
+            assert exit_info.value.code == 2
+            assert (f"--peak_tflops: must be a finite number above 0, got {peak}"
+                    in capsys.readouterr().err)
     # A size the model cannot take is refused before minutes of compiling or timing.
     for args in (["train", "--image_size", "100"], ["input", "--image_sizes", "128,100"]):
         with pytest.raises(SystemExit,
