@@ -140,10 +140,15 @@ def member_steps(steps, members: int | None):
 
 
 def checkpoint_problem(workdir: str | None, checkpoint: str) -> str | None:
-    """Why a command line's --workdir and --checkpoint cannot apply (a workdir that is no folder,
-    a checkpoint other than 'best' without a workdir), or None."""
+    """Why a command line's --workdir and --checkpoint cannot apply (a checkpoint that is no
+    checkpoint's name, a workdir that is no folder, a checkpoint other than 'best' without a
+    workdir), or None."""
     from jaxseg.workdir import workdir_path
 
+    # Else report took a mistyped name for a workdir without checkpoints and went on without its
+    # overlays, exit status 0.
+    if checkpoint not in ("best", "latest") and not re.fullmatch(r"[0-9]+", checkpoint):
+        return f"--checkpoint {checkpoint}: name 'best', 'latest' or a step number"
     if workdir and not workdir_path(workdir).is_dir():
         return f"--workdir {workdir}: no such folder"
     if not workdir and checkpoint != "best":

@@ -109,3 +109,13 @@ def test_a_workdir_that_is_no_folder_is_named_before_any_checkpoint_is_looked_fo
         assert inference.checkpoint_problem(str(path), "best") == f"--workdir {path}: no such folder"
     assert inference.checkpoint_problem(str(tmp_path), "latest") is None
     assert "needs --workdir" in inference.checkpoint_problem(None, "latest")
+
+
+@pytest.mark.parametrize("checkpoint", ["foo", "-1", " 2", "\u00b2", "bset"])
+def test_a_checkpoint_that_is_no_checkpoints_name_is_refused_before_any_is_looked_for(
+        tmp_path, checkpoint):
+    """report went on without its overlays (exit status 0) where the workdir had no such
+    checkpoint; a superscript digit passed str.isdigit and ended in int()'s traceback."""
+    assert inference.checkpoint_problem(str(tmp_path), checkpoint) == (
+        f"--checkpoint {checkpoint}: name 'best', 'latest' or a step number")
+    assert inference.checkpoint_problem(str(tmp_path), "12") is None
