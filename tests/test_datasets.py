@@ -1054,13 +1054,33 @@ def test_build_command_passes_its_options_to_each_build(tmp_path, capsys, monkey
             return {"counts": {"excluded": 1}}
 
     monkeypatch.setattr(datasets, "prepare", lambda name, **kw: built.append((name, kw)) or Built())
-    cli.main(["build", "ccp_person", "person_folder", "--manual_dir", "M", "--data_dir", "D",
-              "--folder", "F", "--on_bad", "error"])
-    options = {"manual_dir": "M", "data_dir": "D", "folder": "F", "on_bad": "error"}
+    (tmp_path / "M").mkdir()
+    cli.main(["build", "ccp_person", "person_folder", "--manual_dir", str(tmp_path / "M"),
+              "--data_dir", "D", "--folder", "F", "--on_bad", "error"])
+    options = {"manual_dir": str(tmp_path / "M"), "data_dir": "D", "folder": "F", "on_bad": "error"}
     assert built == [("ccp_person", options), ("person_folder", options)]
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["dataset"] for line in lines] == ["ccp_person", "person_folder"]
     assert all(line["splits"] == {"train": 2} and line["counts"] == {"excluded": 1} for line in lines)
+
+
+@pytest.mark.parametrize("args, message", [
+    # A mistyped manual dir was warned of, then the public archive downloaded in its place.
+    (["ccp_person", "--manual_dir", "{tmp}/nowhere"], "--manual_dir {tmp}/nowhere: no such folder"),
+    (["ccp_person", "--manual_dir", "{tmp}/file"], "--manual_dir {tmp}/file: no such folder"),
+    # Ignored without a word: the user's folder was not built.
+    (["ccp_person", "--folder", "{tmp}"], "--folder is read by person_folder only"),
+])
+def test_build_command_refuses_a_manual_dir_or_folder_it_cannot_use(tmp_path, capsys, monkeypatch,
+                                                                   args, message):
+    from jaxseg.datasets import __main__ as cli
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(datasets, "prepare", lambda name, **kw: pytest.fail("a build started"))
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["build", *(a.format(tmp=tmp_path) for a in args)])
+    assert usage.value.code == 2
+    assert f"error: {message.format(tmp=tmp_path)}" in capsys.readouterr().err
 
 
 def test_portraits_outside_the_test_list_are_divided_90_10_by_the_hash(portraits, tmp_path):

@@ -7,6 +7,7 @@ jaxseg's numpy and protobuf; in an environment that has them,
 """
 import argparse
 import json
+import os
 import pathlib
 
 from jaxseg import datasets
@@ -26,6 +27,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if "person_folder" in args.names and not args.folder:  # before minutes of building the others
         p.error("person_folder needs --folder: a folder with images/ and masks/")
+    if args.folder and "person_folder" not in args.names:  # else ignored without a word
+        p.error("--folder is read by person_folder only: add it to the names, or leave --folder out")
+    if args.manual_dir:
+        # A mistyped one was warned of and replaced by a download of the public archive.
+        args.manual_dir = os.path.expanduser(args.manual_dir)  # --manual_dir=~/data: no shell
+        if not os.path.isdir(args.manual_dir):
+            p.error(f"--manual_dir {args.manual_dir}: no such folder")
     for name in args.names:
         try:
             builder = datasets.prepare(name, data_dir=args.data_dir, folder=args.folder,
