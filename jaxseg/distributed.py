@@ -49,6 +49,13 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
         address = coordinator_address or os.environ.get(_ENV[0], "")
         count = num_processes or _env_int(_ENV[1], 0)
         pid = process_id if process_id >= 0 else _env_int(_ENV[2], -1)
+        # Either was ignored without a word: the process trained (into its workdir) alone.
+        if count < 0:
+            raise ValueError(f"the process count must be at least 1, got {count}")
+        if pid > 0 and not (address or count > 1):
+            raise ValueError(f"process id {pid} is one of several processes, but neither a "
+                             "coordinator address nor a process count above 1 is given "
+                             f"({_ENV[0]}, {_ENV[1]} or the matching --flags)")
         if address or count > 1:
             missing = [name for name, value, unset in zip(_ENV, (address, count, pid), ("", 0, -1))
                        if value == unset]

@@ -533,7 +533,11 @@ def test_launch_mistakes_are_one_line_before_joining(no_launch_env, monkeypatch)
     for args, message in [
             (("127.0.0.1:1", 2), "missing: JAXSEG_PROCESS_ID"),
             (("127.0.0.1:1", 2, 2), "process id 2 must be from 0 to 1"),
-            (("", 2, -1), "missing: JAXSEG_COORDINATOR_ADDRESS, JAXSEG_PROCESS_ID")]:
+            (("", 2, -1), "missing: JAXSEG_COORDINATOR_ADDRESS, JAXSEG_PROCESS_ID"),
+            # Both were ignored: the process ran alone.
+            (("", -2, -1), "the process count must be at least 1, got -2"),
+            (("", 0, 1), "process id 1 is one of several processes, but neither a coordinator"),
+            (("", 1, 3), "process id 3 is one of several processes")]:
         with pytest.raises(SystemExit, match=f"^error: .*{message}"):
             distributed.initialize(*args)
     monkeypatch.setenv("JAXSEG_NUM_PROCESSES", "two")
