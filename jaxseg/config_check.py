@@ -78,15 +78,16 @@ def validate(config, num_devices: int) -> None:
             problems.append(
                 f"{field}={batch} must be a positive multiple of the {num_devices} devices "
                 f"in use (set --config.{field} to a multiple, or --config.num_devices)")
-    for field in ("data.image_size", "train.num_steps", "train.log_every", "train.eval_every",
-                  "train.checkpoint_every", "train.keep_checkpoints", "model.base_features",
-                  "optim.learning_rate"):
+    for field in ("data.image_size", "data.num_workers", "train.num_steps", "train.log_every",
+                  "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                  "model.base_features", "optim.learning_rate"):
         if _get(config, field) <= 0:
             problems.append(f"{field}={_get(config, field)} must be positive")
     # A negative clip norm, weight decay or loss weight turns descent into ascent, silently.
+    # (eval.max_examples: 0 = all, and so was any negative number, without a word.)
     for field in ("seed", "data.prefetch", "train.num_logged_images", "optim.warmup_steps",
                   "optim.weight_decay", "optim.final_lr_fraction", "loss.ce_weight",
-                  "loss.dice_weight"):
+                  "loss.dice_weight", "eval.max_examples"):
         if _get(config, field) < 0:
             problems.append(f"{field}={_get(config, field)} must be >= 0")
     if config.optim.grad_clip_norm < 0:

@@ -333,6 +333,11 @@ def test_a_stopped_sweep_exits_as_a_stopped_training_does(tmp_path, monkeypatch,
      "flag --config.train.num_steps=four: invalid literal for int()"),
     (["--grid", "data.image_size=32,30"],
      "trial image_size=30: invalid config: data.image_size=30 must be divisible by 2**model.depth"),
+    # Validated on the whole split, and decoded by one thread, without a word.
+    (["--grid", "eval.max_examples=8,-1"],
+     "trial max_examples=-1: invalid config: eval.max_examples=-1 must be >= 0"),
+    (["--grid", "data.num_workers=2,0"],
+     "trial num_workers=0: invalid config: data.num_workers=0 must be positive"),
     # A tuple field's items are Python literals, so a word stays a string: validation compared
     # it with numbers and the sweep (as training) ended in a TypeError's traceback.
     (["--grid", "optim.step_fractions=(0.5,0.8),abc"],
