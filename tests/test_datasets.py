@@ -1083,6 +1083,15 @@ def test_build_command_refuses_a_manual_dir_or_folder_it_cannot_use(tmp_path, ca
     assert f"error: {message.format(tmp=tmp_path)}" in capsys.readouterr().err
 
 
+def test_a_data_dir_with_a_tilde_is_the_home_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    fx.make_ccp(tmp_path / "ccp")
+    built = datasets.prepare("ccp_person", data_dir="~/dd", manual_dir=str(tmp_path / "ccp"))
+    assert pathlib.Path(built.data_dir).is_relative_to(tmp_path / "home" / "dd")
+    assert (tmp_path / "home" / "dd" / "ccp_person").is_dir() and not (tmp_path / "~").exists()
+
+
 def test_portraits_outside_the_test_list_are_divided_90_10_by_the_hash(portraits, tmp_path):
     """The documented rule on more ids than the fixture's few (whose hashes all lie below 0.8
     or above 0.9): unlisted and train-listed photos go to train or validation by the stable

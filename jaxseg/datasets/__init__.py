@@ -40,6 +40,9 @@ def builder(name: str, *, data_dir: str | None = None, folder: str | None = None
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
+    # No shell expands --data_dir=~/d or --config.data.data_dir=~/d: TFDS downloaded into ~/d
+    # but built into ./~/d, and the build report's path read as the home folder's.
+    data_dir = os.path.expanduser(data_dir) if data_dir else data_dir
     config = None
     if name == "person_folder":
         if not folder:
