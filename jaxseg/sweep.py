@@ -429,6 +429,9 @@ def main(argv=None):
         p.error(str(e))
     if not args.workdir:  # pathlib would make "" the current folder
         p.error("--workdir: give the sweep's folder")
+    # No shell expands --workdir=~/s: the sweep wrote ./~/s, its trials trained in the home
+    # folder's ~/s (jaxseg.train expands it), and their results were not found.
+    args.workdir = os.path.expanduser(args.workdir)
     # Before any trial starts, and fails on it: a mistyped field, the test split, a bad value.
     if problem := check_trials(args.config, combos, extra):
         p.error(problem)

@@ -359,6 +359,17 @@ def test_a_mistyped_field_option_or_override_is_refused_before_any_trial(
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_workdir_with_a_tilde_is_the_home_folders(tmp_path, monkeypatch, capsys):
+    """As jaxseg.train reads its trials' --workdir: the sweep's own files went to ./~/s."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ran = []
+    monkeypatch.setattr(sweep, "run", lambda config, workdir, *a, **k: ran.append(workdir) or (
+        pathlib.Path(workdir).mkdir() or (pathlib.Path(workdir) / "results.md").write_text("")))
+    sweep.main(["--workdir=~/s", "--grid", "seed=0"])
+    assert ran == [str(tmp_path / "s")] and not (REPO / "~").exists()
+
+
 def test_the_checked_overrides_go_to_every_trial_as_given(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     ran = []
