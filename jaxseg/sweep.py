@@ -404,18 +404,28 @@ def measured_apart(combos: list[dict]) -> list[str]:
             and len({repr(values.get(f)) for values in combos}) > 1]
 
 
-def main(argv=None):
-    """Entry point."""
+def _parser():
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default="configs/default.py")
-    p.add_argument("--workdir", required=True)
+    p = argparse.ArgumentParser(prog="python -m jaxseg.sweep", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="configs/default.py",
+                   help="every trial's jaxseg.train --config (default: %(default)s)")
+    p.add_argument("--workdir", required=True,
+                   help="the sweep's folder: a workdir per trial, results.md, results.csv")
     p.add_argument("--grid", action="append", default=[], help="FIELD=V1,V2,... (repeatable)")
     p.add_argument("--random", type=at_least(0), default=0,
                    help="sample N combinations instead of all (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of --random's draw (default: %(default)s)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="trials run at once (default: %(default)s)")
+    return p
+
+
+def main(argv=None):
+    """Entry point."""
+    p = _parser()
     args, extra = p.parse_known_args(argv)
     if unknown := _not_overrides(extra):  # a mistyped sweep option would go to every trial
         p.error(f"unrecognized arguments: {' '.join(unknown)}")

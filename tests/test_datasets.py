@@ -1083,6 +1083,14 @@ def test_build_command_refuses_a_manual_dir_or_folder_it_cannot_use(tmp_path, ca
     assert f"error: {message.format(tmp=tmp_path)}" in capsys.readouterr().err
 
 
+def test_every_build_option_says_what_it_does():
+    """--on_bad was listed without a word (nor its default)."""
+    from jaxseg.datasets import __main__ as cli
+
+    parser = cli._parser()
+    assert [a.dest for a in parser._actions if a.option_strings and not a.help] == []
+
+
 def test_a_data_dir_with_a_tilde_is_the_home_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)

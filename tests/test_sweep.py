@@ -481,3 +481,9 @@ def test_a_grid_over_how_validation_is_measured_is_noted(tmp_path, monkeypatch, 
         sweep.main(["--workdir", str(tmp_path), *[a for g in grid for a in ("--grid", g)]])
         err = capsys.readouterr().err
         assert (f"note: the grid varies {noted}:" in err) if noted else "note:" not in err, err
+
+
+def test_every_option_says_what_it_does():
+    """--config, --workdir, --seed and --parallel were listed without a word (nor the default)."""
+    parser = sweep._parser()
+    assert [a.dest for a in parser._actions if a.option_strings and not a.help] == []

@@ -13,8 +13,7 @@ import pathlib
 from jaxseg import datasets
 
 
-def main(argv=None):
-    """Builds each named dataset and prints its split sizes and build-report counts."""
+def _parser():
     p = argparse.ArgumentParser(prog="python -m jaxseg.datasets", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("command", choices=["build"])
@@ -23,7 +22,16 @@ def main(argv=None):
                    "ccp/ (default: $JAXSEG_MANUAL_DIR/<portraits|ccp>)")
     p.add_argument("--data_dir", help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
     p.add_argument("--folder", help="person_folder: the folder with images/ and masks/")
-    p.add_argument("--on_bad", choices=["skip", "error"], default="skip")
+    p.add_argument("--on_bad", choices=["skip", "error"], default="skip",
+                   help="a bad file (unreadable, mismatched, unpaired in your folder) is skipped "
+                        "and listed in the build report, or stops the build (default: "
+                        "%(default)s)")
+    return p
+
+
+def main(argv=None):
+    """Builds each named dataset and prints its split sizes and build-report counts."""
+    p = _parser()
     args = p.parse_args(argv)
     if "person_folder" in args.names and not args.folder:  # before minutes of building the others
         p.error("person_folder needs --folder: a folder with images/ and masks/")
