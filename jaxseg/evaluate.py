@@ -416,6 +416,9 @@ def main(argv):
     from jaxseg import distributed, inference
 
     f = flags.FLAGS
+    # No shell expands --images=~/x (nor --masks=, --predictions=): they were looked for in ./~/x.
+    for name in ("images", "masks", "predictions"):
+        f[name].value = os.path.expanduser(f[name].value)
     if f.predictions and (f.flip_tta or f.refine):
         raise app.UsageError("--flip_tta and --refine change how a model predicts; "
                              "they do not apply to --predictions")

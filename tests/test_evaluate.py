@@ -1,4 +1,5 @@
 """The evaluator's integer counts do not depend on the device count or on batch padding."""
+import os
 import pathlib
 import shutil
 
@@ -296,6 +297,27 @@ def test_a_users_folder_says_which_files_are_not_scored(tmp_path, monkeypatch):
                                      scored["data_dir"])
     assert sorted(source[i]["id"] for i in range(len(source))) == ["a", "b"]
     assert not (tmp_path / "report_dd").exists()
+
+
+def test_folders_with_a_tilde_are_the_home_folders(tmp_path):
+    """No shell expands --images=~/x: the three folders were looked for in ./~/."""
+    import subprocess
+    import sys
+
+    import fixtures_data as fx
+
+    fx.make_simple_folder(tmp_path / "mine", ["a"])
+    fx.write(tmp_path / "pred" / "a.png", fx.person(0) * 255)  # the truth itself: IoU 1
+    (tmp_path / "work").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.evaluate", "--images=~/mine/images", "--masks=~/mine/masks",
+         "--predictions=~/pred", "--data_dir", str(tmp_path / "dd"), "--output",
+         str(tmp_path / "out.json")], capture_output=True, text=True, timeout=300,
+        cwd=tmp_path / "work", env=dict(os.environ, HOME=str(tmp_path), PYTHONPATH=str(
+            pathlib.Path(__file__).resolve().parents[1])))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"num_images": 1' in result.stdout and '"iou": 1.0' in result.stdout
+    assert not (tmp_path / "work" / "~").exists()
 
 
 def test_a_slice_of_a_users_folder_is_scored_as_asked(tmp_path, monkeypatch):
