@@ -17,6 +17,7 @@ esac
 cd "$(dirname "$0")/.."
 source launch/train_args.sh
 check_train_args cpu.sh ${1+"$@"}
+check_workdir cpu.sh "$workdir"
 source launch/setup_env.sh
 echo "+ python -m jaxseg.train --config configs/default.py --workdir $workdir $*"
 python -m jaxseg.train --config configs/default.py --workdir "$workdir" "$@"

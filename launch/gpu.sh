@@ -50,6 +50,7 @@ cd "$(dirname "$0")/.."
 source launch/train_args.sh
 check_train_args gpu.sh ${1+"$@"}
 VENV=${VENV:-.venv} WORKDIR=${WORKDIR:-runs/gpu} CONFIG=${CONFIG:-configs/gpu.py} JAX_CUDA=${JAX_CUDA:-cuda12}
+check_workdir gpu.sh "$WORKDIR"
 command -v nvidia-smi >/dev/null ||
   die "nvidia-smi not found: this script needs an NVIDIA GPU and its driver (for CPU runs use" \
       "python -m jaxseg.train directly or launch/local_cluster.sh)"

@@ -67,3 +67,11 @@ refuse_process_flags() {
     esac
   done
 }
+
+# check_workdir SCRIPT WORKDIR exits with status 2 where WORKDIR exists and is no folder:
+# jaxseg.train refuses it too, but only after the script's setup (a venv, pip installs).
+check_workdir() {
+  [[ ! -e $2 || -d $2 ]] && return 0
+  echo "$1: error: workdir $2 exists and is not a folder: name a folder (new or a run's)" >&2
+  exit 2
+}

@@ -75,6 +75,21 @@ def test_gpu_dry_run(bin_dir):
     assert "stub" not in out.stderr  # nothing ran
 
 
+def test_a_workdir_that_is_a_file_is_refused_before_the_setup(bin_dir, cpu_tree, tmp_path):
+    """jaxseg.train refused it only after the venv was made and pip had installed."""
+    (tmp_path / "file").write_text("")
+    _stub(bin_dir, "nvidia-smi")
+    out = _run([LAUNCH / "gpu.sh", "--dry-run"], bin_dir, env={"WORKDIR": str(tmp_path / "file")})
+    assert out.returncode == 2 and "stub" not in out.stderr
+    assert f"gpu.sh: error: workdir {tmp_path / 'file'} exists and is not a folder" in out.stderr
+    assert "pip install" not in out.stdout
+    script, path = cpu_tree
+    out = _run([script, tmp_path / "file"], path)
+    assert out.returncode == 2
+    assert f"cpu.sh: error: workdir {tmp_path / 'file'} exists and is not a folder" in out.stderr
+    assert "setup done" not in out.stdout and "ran python" not in out.stdout
+
+
 def test_gpu_refuses_a_python_older_than_312(bin_dir, tmp_path):
     """Its venv was made by any python3 (3.10 on many GPU images), then reused at every rerun."""
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: H100'\n")
