@@ -17,9 +17,13 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, weight = item.partition(":")
-        w = float(weight) if weight else 1.0
+        try:  # float's own words named neither the dataset nor the field
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            w = float("nan")
         if not 0 < w < float("inf"):  # also refuses nan
-            raise ValueError(f"mixture weight for {name!r} must be a positive number, got {w}")
+            raise ValueError(f"mixture weight for {name!r} must be a positive number, got "
+                             f"{weight or w}")
         if name.strip() in (n for n, _ in out):  # two sources, one dict entry, one evaluator
             raise ValueError(f"{name.strip()!r} is named twice in the mixture {spec!r}: give it "
                              "once, with the sum of its weights")

@@ -34,8 +34,8 @@ def test_mixture_counts_and_parsing():
         assert np.all(np.abs(np.asarray(counts) - exact) < 1), (weights, counts)
         assert mixture.mixture_counts(weights[::-1], batch) == counts[::-1]
     assert mixture.parse_mixture("a:2, b") == [("a", 2.0), ("b", 1.0)]
-    for bad in ("a:0", "a:nan", "a:inf", "a:-1"):
-        with pytest.raises(ValueError, match="must be a positive number"):
+    for bad in ("a:0", "a:nan", "a:inf", "a:-1", "a:1/2"):
+        with pytest.raises(ValueError, match=f"for 'a' must be a positive number, got {bad[2:]}"):
             mixture.parse_mixture(bad)
     with pytest.raises(ValueError, match="'a' is named twice"):
         mixture.parse_mixture("a:1, b, a:1")
