@@ -840,15 +840,18 @@ def main(argv):
     problem = inference.checkpoint_problem(workdir, f.checkpoint)  # as evaluate says it
     if problem:
         raise SystemExit(problem)
-    if not workdir:  # the pretrained model: its eval JSONs are where jaxseg.evaluate put them
-        workdir = workdir_path(evaluate.PRETRAINED_RUN_DIR)
+    # The pretrained model's eval JSONs are where jaxseg.evaluate put them.
+    workdir = workdir or workdir_path(evaluate.PRETRAINED_RUN_DIR)
+    output = workdir_path(f.output) if f.output else workdir_path(workdir) / "report"
+    # Before the minutes of predicting the overlays, and before the pretrained model's config is
+    # written (a refused --output left runs/pretrained/config.json in the current folder).
+    problem = local_folder_problem(output)
+    if problem:
+        raise SystemExit(f"report folder {output}: {problem}; give --output a writable folder")
+    if not f.workdir:
         model, config, card = inference.load_pretrained()
         workdir.mkdir(parents=True, exist_ok=True)
         write_text_whole(workdir / "config.json", config.to_json(indent=2))
-    output = workdir_path(f.output) if f.output else workdir_path(workdir) / "report"
-    problem = local_folder_problem(output)  # before the minutes of predicting the overlays
-    if problem:
-        raise SystemExit(f"report folder {output}: {problem}; give --output a writable folder")
     try:
         examples = (ModelExamples.from_workdir(workdir, f.checkpoint) if f.workdir else
                     ModelExamples(model, config.data.image_size, card.get("steps")))

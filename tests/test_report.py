@@ -2,6 +2,7 @@
 that follow from the numbers (checked against cases whose right answer is known by construction)."""
 import base64
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -355,6 +356,14 @@ def test_an_unwritable_report_folder_is_one_line_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "cannot create it (Not a directory); give --output a writable folder" in result.stderr
     assert "Traceback" not in result.stderr
+    # The pretrained model's report: nothing written where it is run.
+    (tmp_path / "elsewhere").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.report", "--output", str(tmp_path / "file" / "sub")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path / "elsewhere",
+        env=dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1])))
+    assert result.returncode != 0 and "give --output a writable folder" in result.stderr
+    assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 def test_a_checkpoint_without_a_workdir_is_refused(tmp_path):
