@@ -51,6 +51,8 @@ source launch/train_args.sh
 check_train_args gpu.sh ${1+"$@"}
 VENV=${VENV:-.venv} WORKDIR=${WORKDIR:-runs/gpu} CONFIG=${CONFIG:-configs/gpu.py} JAX_CUDA=${JAX_CUDA:-cuda12}
 check_workdir gpu.sh "$WORKDIR"
+# pip installs the CPU jax for an extra it does not know (cuda-12), and says so in a warning only.
+[[ $JAX_CUDA =~ ^cuda[0-9]+$ ]] || die "JAX_CUDA=$JAX_CUDA: name jax's CUDA extra, cuda12 or cuda13"
 command -v nvidia-smi >/dev/null ||
   die "nvidia-smi not found: this script needs an NVIDIA GPU and its driver (for CPU runs use" \
       "python -m jaxseg.train directly or launch/local_cluster.sh)"

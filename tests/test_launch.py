@@ -90,6 +90,17 @@ def test_a_workdir_that_is_a_file_is_refused_before_the_setup(bin_dir, cpu_tree,
     assert "setup done" not in out.stdout and "ran python" not in out.stdout
 
 
+def test_gpu_refuses_an_unknown_cuda_extra_before_the_setup(bin_dir):
+    """pip installed the CPU jax for jax[cuda-12] (a warning only): the run failed at the GPU
+    check after the whole setup."""
+    _stub(bin_dir, "nvidia-smi")
+    out = _run([LAUNCH / "gpu.sh", "--dry-run"], bin_dir, env={"JAX_CUDA": "cuda-12"})
+    assert out.returncode == 2 and "JAX_CUDA=cuda-12: name jax's CUDA extra" in out.stderr
+    assert "pip install" not in out.stdout
+    out = _run([LAUNCH / "gpu.sh", "--dry-run"], bin_dir, env={"JAX_CUDA": "cuda13"})
+    assert out.returncode == 0 and "jax\\[cuda13\\]" in out.stdout, out.stderr
+
+
 def test_gpu_refuses_a_python_older_than_312(bin_dir, tmp_path):
     """Its venv was made by any python3 (3.10 on many GPU images), then reused at every rerun."""
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: H100'\n")
