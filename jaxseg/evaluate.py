@@ -433,6 +433,10 @@ def main(argv):
     if f.refine_radius < 1 or not (math.isfinite(f.refine_eps) and f.refine_eps >= 1e-6):
         raise app.UsageError(f"--refine_radius={f.refine_radius} must be >= 1 and "
                              f"--refine_eps={f.refine_eps:g} a finite number >= 1e-6")
+    if not f.refine and (f["refine_radius"].present or f["refine_eps"].present):
+        # Ignored without a word: the results (and their file name) were the unrefined ones.
+        raise app.UsageError("--refine_radius and --refine_eps set how --refine refines: add "
+                             "--refine, or leave them out")
     if not 0 < f.threshold < 1:
         raise app.UsageError(f"--threshold={f.threshold} must be between 0 and 1")
     # Else refused only once the whole split has been scored.

@@ -241,6 +241,7 @@ def test_empty_prediction_scores_zero(tmp_path):
     (["--refine_eps", "nan"], "--refine_eps=nan a finite number >= 1e-6"),
     (["--refine_eps", "inf"], "--refine_eps=inf a finite number >= 1e-6"),
     (["--refine_radius", "0"], "--refine_radius=0 must be >= 1"),
+    (["--refine_eps", "1e-3"], "--refine_radius and --refine_eps set how --refine refines"),
     (["--data_dir", "/dev/null"], "error: [Errno 20] Not a directory: '/dev/null/ccp_person'"),
     # Refused only once the whole split had been scored.
     (["--output", "/"], "--output /: is a folder: name the file to write"),
