@@ -40,10 +40,9 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     Explicit arguments win, then $JAXSEG_COORDINATOR_ADDRESS / $JAXSEG_NUM_PROCESSES /
     $JAXSEG_PROCESS_ID, then what JAX detects itself: in a SLURM job step (srun) of several
     tasks, in GKE TPU pods, and wherever $JAXSEG_DISTRIBUTED=auto (Cloud TPU VM pod slices). In a
-    run of several
-    processes, one that stops sending heartbeats for `heartbeat_timeout_s()` seconds counts as dead
-    and the others stop, and an uncaught exception ends this process at once (so that the others
-    stop too instead of waiting for it).
+    run of several processes, one that stops sending heartbeats for `heartbeat_timeout_s()`
+    seconds counts as dead and the others stop, and an uncaught exception ends this process at
+    once (so that the others stop too instead of waiting for it).
     """
     try:
         address = coordinator_address or os.environ.get(_ENV[0], "")
