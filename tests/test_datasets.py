@@ -332,6 +332,32 @@ def test_offline_without_a_manual_dir_fails_at_once(tmp_path, monkeypatch):
     assert requested == [ccp_person.CcpPerson.URL]
 
 
+def test_an_archive_downloaded_before_is_rebuilt_from_offline(tmp_path, monkeypatch):
+    """TFDS keeps each downloaded archive in the data dir's downloads/ and builds from it again
+    without the network (a new dataset version, a deleted or interrupted build, compute nodes
+    without internet under a login node's download): the host check must not refuse that."""
+    import functools
+    import http.server
+    import threading
+
+    fx.make_ccp(tmp_path / "src")
+    (tmp_path / "www").mkdir()
+    fx.zip_archive(tmp_path / "src", ccp_person.CcpPerson.ARCHIVE_DIR, tmp_path / "www" / "master.zip")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(ccp_person.CcpPerson, "URL",
+                        f"http://127.0.0.1:{server.server_address[1]}/master.zip")
+    monkeypatch.delenv("JAXSEG_MANUAL_DIR", raising=False)
+    try:
+        first = datasets.split_sizes("ccp_person", data_dir=str(tmp_path / "dd"))
+    finally:
+        server.shutdown()
+        server.server_close()  # offline from here on
+    shutil.rmtree(tmp_path / "dd" / "ccp_person")
+    assert datasets.split_sizes("ccp_person", data_dir=str(tmp_path / "dd")) == first
+
+
 # ---------------------------------------------------------------- person_folder
 
 

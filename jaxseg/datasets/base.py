@@ -105,6 +105,20 @@ def _unreachable(url: str) -> str | None:
     return None
 
 
+def _downloaded(download_dir, url: str) -> bool:
+    """Whether TFDS holds URL's archive in DOWNLOAD_DIR already (a file beside its .INFO naming
+    the URL, in the folder itself or a dataset's subfolder): it builds from that offline."""
+    root = epath.Path(download_dir)
+    for info in (*root.glob("*.INFO"), *root.glob("*/*.INFO")):
+        try:
+            urls = json.loads(info.read_text()).get("urls", ())
+        except (OSError, ValueError, AttributeError):
+            continue
+        if url in urls and info.with_suffix("").exists():
+            return True
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     """A photo/mask pair found in the source folder, not yet validated."""
@@ -255,7 +269,8 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         else:
             logging.warning("%s: no manual dir, or an empty one; downloading %s", self.name, self.URL)
         try:
-            if why := _unreachable(self.URL):
+            # Not where TFDS has it from an earlier download: it builds from that offline.
+            if not _downloaded(dl_manager.download_dir, self.URL) and (why := _unreachable(self.URL)):
                 raise ConnectionError(why)
             extracted = pathlib.Path(os.fspath(dl_manager.download_and_extract(self.URL)))
         except Exception as e:  # network errors come in many types
