@@ -332,6 +332,26 @@ def test_offline_without_a_manual_dir_fails_at_once(tmp_path, monkeypatch):
     assert requested == [ccp_person.CcpPerson.URL]
 
 
+def test_a_no_proxy_list_alone_does_not_skip_the_host_check(monkeypatch):
+    """NO_PROXY (set in many containers and CI images) names hosts reached directly; with no
+    proxy set, the download goes straight to the host, which must still be asked first."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+
+    def offline(address, timeout):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    assert base._unreachable(ccp_person.CcpPerson.URL) == (
+        "github.com cannot be reached: Name or service not known")
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert base._unreachable(ccp_person.CcpPerson.URL) is None
+    monkeypatch.setenv("no_proxy", "github.com")  # bypassed: straight to the host again
+    assert base._unreachable(ccp_person.CcpPerson.URL) is not None
+
+
 def test_an_archive_downloaded_before_is_rebuilt_from_offline(tmp_path, monkeypatch):
     """TFDS keeps each downloaded archive in the data dir's downloads/ and builds from it again
     without the network (a new dataset version, a deleted or interrupted build, compute nodes

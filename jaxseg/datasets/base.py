@@ -95,7 +95,12 @@ def _unreachable(url: str) -> str | None:
     with growing waits, about 3.5 minutes, before it fails; this asks once. Not asked where a
     proxy is set: the download goes through it, not to the host."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or urllib.request.getproxies():
+    if parts.scheme not in ("http", "https"):
+        return None
+    # A no_proxy list alone (getproxies' "no" entry) sends the download straight to the host.
+    proxies = urllib.request.getproxies()
+    if ((proxies.get(parts.scheme) or proxies.get("all"))
+            and not urllib.request.proxy_bypass(parts.hostname)):
         return None
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
