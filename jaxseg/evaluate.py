@@ -439,10 +439,13 @@ def main(argv):
                              "--refine, or leave them out")
     if not 0 < f.threshold < 1:
         raise app.UsageError(f"--threshold={f.threshold} must be between 0 and 1")
-    # Else refused only once the whole split has been scored.
-    if f.output and (problem := output_file_problem(workdir_path(f.output))):
-        raise app.UsageError(f"--output {f.output}: {problem}")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    # Else refused only once the whole split has been scored. By the process that writes it
+    # (another host's disk may lack its folder), once joined: a process refusing before it joins
+    # leaves the others waiting out the start-up timeout.
+    if f.output and distributed.is_main_process() and (
+            problem := output_file_problem(workdir_path(f.output))):
+        distributed.exit_with_error(f"error: --output {f.output}: {problem}")
     try:
         # Process 0 prepares the data (and a folder pair's links) before the others read it:
         # several processes building into one TFDS_DATA_DIR at once collide.
