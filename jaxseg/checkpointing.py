@@ -100,6 +100,14 @@ def _manager(directory: epath.Path, options: ocp.CheckpointManagerOptions):
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
+def name_problem(which: str) -> str | None:
+    """Why WHICH names no checkpoint, or None: 'best', 'latest' or a step number in ASCII digits
+    (str.isdigit also takes a superscript, which int() refuses)."""
+    if which in ("best", "latest") or re.fullmatch(r"[0-9]+", which):
+        return None
+    return "name 'best', 'latest' or a step number"
+
+
 class Checkpoints:
     """The workdir's two checkpoint series (periodic and best)."""
 
@@ -161,9 +169,8 @@ class Checkpoints:
                     "no best checkpoint in %s: using the latest, step %d",
                     self.best.directory, step)
             return self.latest, step
-        if not which.isdigit():
-            raise FileNotFoundError(
-                f"no checkpoint {which!r}: name 'best', 'latest' or a step number")
+        if problem := name_problem(which):
+            raise FileNotFoundError(f"no checkpoint {which!r}: {problem}")
         step = int(which)
         for manager in (self.latest, self.best):
             if step in manager.all_steps():

@@ -147,8 +147,8 @@ def checkpoint_problem(workdir: str | None, checkpoint: str) -> str | None:
 
     # Else report took a mistyped name for a workdir without checkpoints and went on without its
     # overlays, exit status 0.
-    if checkpoint not in ("best", "latest") and not re.fullmatch(r"[0-9]+", checkpoint):
-        return f"--checkpoint {checkpoint}: name 'best', 'latest' or a step number"
+    if problem := checkpointing.name_problem(checkpoint):
+        return f"--checkpoint {checkpoint}: {problem}"
     if workdir and not workdir_path(workdir).is_dir():
         return f"--workdir {workdir}: no such folder"
     if not workdir and checkpoint != "best":
