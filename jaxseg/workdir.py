@@ -36,7 +36,8 @@ def complete_or_absent(target: os.PathLike):
     """Yields a hidden path beside TARGET to write it at, renamed to TARGET when the block ends
     and removed when it raises: a write that fails or is stopped halfway (a full disk, Ctrl-C)
     leaves the earlier file whole, never a truncated one that a later reader trusts, and a scan
-    of the folder passes over the hidden name. TARGET may be a pathlib or an epath path."""
+    of the folder passes over the hidden name. The file is synced to disk before the rename, so
+    that a power loss does not leave it empty either. TARGET may be a pathlib or an epath path."""
     # A short name of this write's own, not TARGET's name lengthened: a target whose name just
     # fits the file system's 255 bytes stays writable. Not the pid alone: processes in other
     # containers (each its own pid 1) may write into one shared folder. The suffix tells
@@ -45,10 +46,27 @@ def complete_or_absent(target: os.PathLike):
                                f"{target.suffix}")
     try:
         yield partial
+        # The data on disk before a name points at it: ext4 and xfs may write the rename first,
+        # and a power loss between the two could leave an empty file at TARGET.
+        _fsync(partial)
         partial.replace(target)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):  # and the rename; some file systems cannot sync a folder
+        _fsync(target.parent, folder=True)
+
+
+def _fsync(path, *, folder: bool = False) -> None:
+    """Flushes a local file's or folder's contents to disk; storage URLs are left to their
+    storage (an object is durable once written)."""
+    if "://" in os.fspath(path):
+        return
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_whole(path: os.PathLike, text: str) -> None:

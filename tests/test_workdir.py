@@ -1,5 +1,7 @@
 """Workdirs keep storage URLs intact (pathlib would collapse gs://b/run into the folder gs:/b/run)."""
+import errno
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -149,3 +151,41 @@ def test_outputs_written_at_once_into_one_folder_keep_their_own_contents(tmp_pat
             second.write_bytes(b"b")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"a_mask.png": b"a",
                                                                     "b_mask.png": b"b"}
+
+
+def test_a_write_is_synced_to_disk_before_its_rename(tmp_path, monkeypatch):
+    """The partial file was renamed without an fsync: ext4 and xfs may put the rename on disk
+    before the data, and a power loss then left an empty file under the target's name. The
+    folder is synced after the rename where the file system lets it; where not, the write stands."""
+    events, fsync, replace = [], os.fsync, os.replace
+    refuse_folders = False
+
+    def recording_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(path):
+            if refuse_folders:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            events.append(("fsync folder", path))
+        else:
+            events.append(("fsync", path, pathlib.Path(path).read_bytes()))
+        fsync(fd)
+
+    def recording_replace(source, target):
+        events.append(("replace", os.fspath(source), os.fspath(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    for path_type in (epath.Path, lambda p: p):
+        events.clear()
+        write_text_whole(path_type(tmp_path) / "result.json", "{}\n")
+        partial = events[0][1]
+        assert events == [("fsync", partial, b"{}\n"),
+                          ("replace", partial, str(tmp_path / "result.json")),
+                          ("fsync folder", str(tmp_path))]
+    refuse_folders = True
+    events.clear()
+    with complete_or_absent(tmp_path / "w.npz") as partial, open(partial, "wb") as f:
+        np.savez(f, w=np.arange(3))  # written by the caller, and closed before the sync
+    assert [e[0] for e in events] == ["fsync", "replace"]
+    assert np.load(tmp_path / "w.npz")["w"].tolist() == [0, 1, 2]
