@@ -250,6 +250,14 @@ def _pil_without_size_limit():
         Image.MAX_IMAGE_PIXELS = limit
 
 
+def pixels_problem(width: int, height: int, max_pixels: int) -> str | None:
+    """Why an image, or a video's frame, of WIDTH x HEIGHT is refused (over --max_pixels), or
+    None."""
+    if width * height > max_pixels:
+        return f"{width}x{height} = {width * height} pixels exceeds --max_pixels={max_pixels}"
+    return None
+
+
 def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(RGB uint8 image in sRGB, its transparency as uint8 or None if opaque), shown as a viewer
     shows it, by the rules the dataset builders read photos with (photo_pixels.decode_photo);
@@ -260,8 +268,8 @@ def read_image(path: pathlib.Path, max_pixels: int) -> tuple[np.ndarray, np.ndar
             w, h = im.size
     except Exception as e:  # PIL raises many types for non-images and damaged files
         raise InputError(f"not a readable image ({e.__class__.__name__})") from None
-    if w * h > max_pixels:
-        raise InputError(f"{w}x{h} = {w * h} pixels exceeds --max_pixels={max_pixels}")
+    if problem := pixels_problem(w, h, max_pixels):
+        raise InputError(problem)
     try:
         with _pil_without_size_limit():
             image, alpha, _ = photo_pixels.decode_photo(data)
@@ -461,9 +469,10 @@ def predict_images(predictor, renderer, items, output, *, max_pixels, inputs_res
     return problems
 
 
-def predict_video(predictor, renderer, path, target, *, progress=None):
+def predict_video(predictor, renderer, path, target, *, max_pixels, progress=None):
     """Writes the rendered video (same frame rate and size; mp4v codec; audio is dropped);
-    returns the number of frames written and notes for the user.
+    returns the number of frames written and notes for the user. Frames over MAX_PIXELS are
+    refused, as larger images are.
 
     MPEG-4 frames have even sizes: an odd width or height loses its last column or row. That, and
     a video that ends before the frame count its header gives, are the notes (returned, not
@@ -482,9 +491,11 @@ def predict_video(predictor, renderer, path, target, *, progress=None):
     width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
     height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     announced = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    if width < 2 or height < 2:
+    problem = ("the video has no frame size" if width < 2 or height < 2
+               else pixels_problem(width, height, max_pixels))
+    if problem:
         capture.release()
-        raise InputError("the video has no frame size")
+        raise InputError(problem)
     even_w, even_h = width - width % 2, height - height % 2
     target.parent.mkdir(parents=True, exist_ok=True)
     frames = 0
@@ -613,7 +624,8 @@ def main(argv):
             continue
         try:
             with tqdm(desc=path.name, unit="frame") as progress:
-                _, notes = predict_video(predictor, renderer, path, target, progress=progress)
+                _, notes = predict_video(predictor, renderer, path, target,
+                                         max_pixels=f.max_pixels, progress=progress)
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
         except (InputError, OSError) as e:
@@ -653,8 +665,8 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 8, "Images per compiled batch.", lower_bound=1)
     flags.DEFINE_bool("flip_tta", False, "Average with the mirrored image.")
     flags.DEFINE_bool("refine", False, "Upsample along the photo's edges (guided filter).")
-    flags.DEFINE_integer("max_pixels", 80_000_000, "Refuse larger images (decompression bombs).",
-                         lower_bound=1)
+    flags.DEFINE_integer("max_pixels", 80_000_000, "Refuse larger images and video "
+                         "frames (decompression bombs).", lower_bound=1)
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ def same_folder_runs(tiny_model_dir, jax_cache, tmp_path_factory):
     alpha[:, image.shape[1] // 2:] = 0
     cv2.imwrite(str(photos / "t.png"), cv2.cvtColor(np.dstack([image, alpha]), cv2.COLOR_RGBA2BGRA))
     before = digest(photos)
+    clip = write_video(photos.parent / "clip.mp4")  # 96x64 frames
     runs = {
         "cutout": run_cli(tiny_model_dir, photos, "--output", photos, "--mode", "cutout",
                           cache=jax_cache),
@@ -230,12 +231,13 @@ def same_folder_runs(tiny_model_dir, jax_cache, tmp_path_factory):
         "background": run_cli(tiny_model_dir, photos, "--output", photos, "--mode", "background",
                               "--background", "0,0,255", cache=jax_cache),
         # Single files: x.png's output would be the input x_overlay.png (refused), big.png is
-        # over --max_pixels (3600 > 3500) and a.png exactly at it.
+        # over --max_pixels (3600 > 3500) and a.png exactly at it, and so are clip.mp4's frames
+        # (6144).
         "overlay": run_cli(tiny_model_dir, *(photos / n for n in ("x.png", "x_overlay.png", "a.png", "big.png")),
-                           "--output", photos, "--mode", "overlay", "--max_pixels", 3500,
+                           clip, "--output", photos, "--mode", "overlay", "--max_pixels", 3500,
                            cache=jax_cache),
     }
-    return dict(runs=runs, photos=photos, image=image, before=before)
+    return dict(runs=runs, photos=photos, image=image, before=before, clip=clip)
 
 
 def test_output_folder_equal_to_input_folder(same_folder_runs):
@@ -264,9 +266,13 @@ def test_output_never_overwrites_an_input_and_max_pixels_refuses(same_folder_run
     assert f"skipped {photos / 'x.png'}: output {photos / 'x_overlay.png'} would overwrite an input" \
         in result.stderr
     assert f"skipped {photos / 'big.png'}: 60x60 = 3600 pixels exceeds --max_pixels=3500" in result.stderr
-    assert "wrote 2 outputs" in result.stdout
+    # A video's frames were not held to it: one of any size was read and predicted.
+    clip = same_folder_runs["clip"]
+    assert f"skipped {clip}: 96x64 = 6144 pixels exceeds --max_pixels=3500" in result.stderr
+    assert "wrote 2 outputs" in result.stdout and "3 input(s) skipped" in result.stderr
     assert (photos / "x_overlay_overlay.png").exists() and (photos / "a_overlay.png").exists()
     assert not (photos / "big_overlay.png").exists()
+    assert not list(photos.glob("clip*")) and not list(photos.glob(".*"))  # nor a partial video
 
 
 def test_unreadable_and_unwritable_inputs_cost_only_themselves_in_repeated_runs(
@@ -674,7 +680,8 @@ def test_video_frames_keep_their_colours(tmp_path):
     renderer = predict.Renderer(mode="background", threshold=0.5, soft=False,
                                 background=predict.parse_colour("red"))
     for value, name in ((0.0, "red.mp4"), (1.0, "kept.mp4")):
-        assert predict.predict_video(Everywhere(value), renderer, source, tmp_path / name) == (3, [])
+        assert predict.predict_video(Everywhere(value), renderer, source, tmp_path / name,
+                                     max_pixels=10**6) == (3, [])
     red, _ = read_video(tmp_path / "red.mp4")
     assert np.abs(np.stack(red).astype(int).mean(axis=(0, 1, 2)) - [0, 0, 255]).max() < 8  # BGR
     kept, _ = read_video(tmp_path / "kept.mp4")
@@ -683,7 +690,8 @@ def test_video_frames_keep_their_colours(tmp_path):
     # Cutouts of videos are on black: no person, no photo.
     cutout = predict.Renderer(mode="cutout", threshold=0.5, soft=False, background=None)
     for value, name in ((0.0, "black.mp4"), (1.0, "whole.mp4")):
-        assert predict.predict_video(Everywhere(value), cutout, source, tmp_path / name) == (3, [])
+        assert predict.predict_video(Everywhere(value), cutout, source, tmp_path / name,
+                                     max_pixels=10**6) == (3, [])
     assert np.stack(read_video(tmp_path / "black.mp4")[0]).astype(int).mean() < 8
     whole, _ = read_video(tmp_path / "whole.mp4")
     assert np.abs(np.stack(whole).astype(int) - np.stack(original)).mean() < 8
@@ -728,7 +736,7 @@ def test_odd_sized_and_short_videos_are_noted(tiny_model_dir, tmp_path, monkeypa
     with monkeypatch.context() as m:
         m.setattr(predict.cv2, "VideoCapture", ShortOddCapture)
         count, notes = predict.predict_video(predictor, renderer, tmp_path / "in.avi",
-                                             tmp_path / "out.mp4")
+                                             tmp_path / "out.mp4", max_pixels=10**6)
     written, fps = read_video(tmp_path / "out.mp4")
     assert len(written) == count == 3 and written[0].shape == (60, 96, 3)
     assert fps == pytest.approx(10.0)
@@ -926,9 +934,10 @@ def test_a_video_name_that_is_not_utf8_is_skipped_not_a_crash(tiny_model_dir, tm
     monkeypatch.setattr(predict.cv2, "VideoCapture", must_not_open)
     latin1 = tmp_path / os.fsdecode(b"caf\xe9.mp4")
     with pytest.raises(predict.InputError, match="is not UTF-8 text, which OpenCV cannot open"):
-        predict.predict_video(predictor, renderer, latin1, tmp_path / "cafe_mask.mp4")
+        predict.predict_video(predictor, renderer, latin1, tmp_path / "cafe_mask.mp4",
+                              max_pixels=10**6)
     with pytest.raises(predict.InputError, match="its output's path"):
-        predict.predict_video(predictor, renderer, tmp_path / "cafe.mp4", latin1)
+        predict.predict_video(predictor, renderer, tmp_path / "cafe.mp4", latin1, max_pixels=10**6)
 
 
 def test_photos_are_predicted_in_chunks_of_bounded_pixels(tiny_model_dir, tmp_path, monkeypatch):
