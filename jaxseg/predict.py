@@ -26,7 +26,7 @@ import numpy as np
 from jaxseg import photo_pixels, refine, resolution
 from jaxseg.inference import person_probabilities
 from jaxseg.workdir import (complete_or_absent, escape_unencodable_stdout, local_folder_problem,
-                            local_output_folder)
+                            local_output_folder, remove_stale_partials)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".3gp", ".mpg", ".mpeg",
                   ".wmv", ".flv", ".mts", ".m2ts"}
@@ -607,6 +607,11 @@ def main(argv):
     problem = local_folder_problem(output) if images or videos else None  # before predicting
     if problem:
         raise SystemExit(f"--output {output}: {problem}")
+    # A run killed outright (SIGKILL, out of memory) left its unfinished outputs there, hidden.
+    stale = sum(map(remove_stale_partials, {output / stem.parent for _, stem in images + videos}))
+    if stale:
+        print(f"note: removed {stale} partial file(s) that killed runs left in {output}",
+              file=sys.stderr)
     predictor = Predictor(model, config.data.image_size, batch_size=f.batch_size,
                           flip_tta=f.flip_tta, refined=f.refine)
     inputs_resolved = {p.resolve() for p, _ in images + videos}

@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import pathlib
+import re
 import secrets
 import sys
 
@@ -37,24 +38,72 @@ def complete_or_absent(target: os.PathLike):
     and removed when it raises: a write that fails or is stopped halfway (a full disk, Ctrl-C)
     leaves the earlier file whole, never a truncated one that a later reader trusts, and a scan
     of the folder passes over the hidden name. The file is synced to disk before the rename, so
-    that a power loss does not leave it empty either. TARGET may be a pathlib or an epath path."""
+    that a power loss does not leave it empty either. A local hidden file exists (empty) as the
+    block starts, locked until it ends. TARGET may be a pathlib or an epath path."""
     # A short name of this write's own, not TARGET's name lengthened: a target whose name just
     # fits the file system's 255 bytes stays writable. Not the pid alone: processes in other
     # containers (each its own pid 1) may write into one shared folder. The suffix tells
     # OpenCV a video's container.
     partial = target.with_name(f".jaxseg-{os.getpid()}-{secrets.token_hex(6)}.partial"
                                f"{target.suffix}")
-    try:
-        yield partial
-        # The data on disk before a name points at it: ext4 and xfs may write the rename first,
-        # and a power loss between the two could leave an empty file at TARGET.
-        _fsync(partial)
-        partial.replace(target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with contextlib.ExitStack() as held:
+        if "://" not in os.fspath(partial):
+            # Locked until the rename, and the kernel drops the lock when its writer dies: so
+            # remove_stale_partials tells a file that a killed write left from one still being
+            # written, by any process (one of another container, whose pid means nothing here).
+            lock = held.enter_context(open(partial, "x"))
+            with contextlib.suppress(OSError):  # no locks here: such a file is never removed
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            yield partial
+            # The data on disk before a name points at it: ext4 and xfs may write the rename
+            # first, and a power loss between the two could leave an empty file at TARGET.
+            _fsync(partial)
+            partial.replace(target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
     with contextlib.suppress(OSError):  # and the rename; some file systems cannot sync a folder
         _fsync(target.parent, folder=True)
+
+
+# The names complete_or_absent gives its partial files.
+_PARTIAL_NAME = re.compile(r"\.jaxseg-(\d+)-[0-9a-f]{12}\.partial(\.[^.]+)?")
+
+
+def remove_stale_partials(folder: pathlib.Path) -> int:
+    """Removes the hidden partial files that writes killed outright (SIGKILL, out of memory) left
+    in the local FOLDER; returns how many. One is kept while a process holds its lock (its writer,
+    in whatever container), where locks cannot be taken, and while its pid runs here (a writer
+    of an earlier jaxseg, which did not lock them)."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no such folder yet
+        return 0
+    for entry in entries:
+        named = _PARTIAL_NAME.fullmatch(entry.name)
+        if not named or not entry.is_file(follow_symlinks=False) or _running(int(named[1])):
+            continue
+        try:
+            with open(entry.path, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(entry.path)
+        except OSError:  # held by its writer, no locks here, or gone already
+            continue
+        removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether PID is a process of this pid namespace (another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process, or no pid at all
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def _fsync(path, *, folder: bool = False) -> None:

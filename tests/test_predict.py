@@ -1121,3 +1121,23 @@ def test_cli_video_notes_start_their_own_line_after_the_progress_bar(tiny_model_
     assert result.returncode == 0, result.stderr
     assert (f"note: {tmp_path / 'odd.avi'}: 97x61 frames written as 96x60 (MPEG-4 needs even "
             "sizes)") in result.stderr.splitlines()
+
+
+def test_a_run_removes_the_partial_files_a_killed_run_left(tiny_model_dir, jax_cache, tmp_path):
+    """A run killed outright (SIGKILL) left its unfinished output hidden in the output folder,
+    where every later run left it too."""
+    fx.write(tmp_path / "a.png", photo(20, 20))
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    out = tmp_path / "out"
+    left = [out / f".jaxseg-{gone.pid}-0123456789ab.partial.png",
+            out / f".jaxseg-{gone.pid}-0123456789ac.partial.mp4"]
+    elsewhere = out / "sub" / f".jaxseg-{gone.pid}-0123456789ab.partial.png"  # not written to
+    for path in left + [elsewhere]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    result = run_cli(tiny_model_dir, tmp_path / "a.png", "--output", out, cache=jax_cache)
+    assert result.returncode == 0, result.stderr
+    assert f"note: removed 2 partial file(s) that killed runs left in {out}" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "sub"]
+    assert elsewhere.exists()

@@ -189,3 +189,51 @@ def test_a_write_is_synced_to_disk_before_its_rename(tmp_path, monkeypatch):
         np.savez(f, w=np.arange(3))  # written by the caller, and closed before the sync
     assert [e[0] for e in events] == ["fsync", "replace"]
     assert np.load(tmp_path / "w.npz")["w"].tolist() == [0, 1, 2]
+
+
+WRITER = """
+import pathlib, sys, time
+from jaxseg.workdir import complete_or_absent
+with complete_or_absent(pathlib.Path(sys.argv[1])) as partial:
+    partial.write_bytes(b"half a video")
+    print(partial, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_only_partial_files_whose_writer_is_gone_are_removed(tmp_path, monkeypatch):
+    """A write killed outright (SIGKILL) left its hidden partial file in the folder for good. It
+    is removed once no process holds its lock and its pid is not running; a write still going on
+    keeps its file, its pid unknown here (another container's) or not."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, tmp_path / "clip_mask.mp4"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        killed = pathlib.Path(writer.stdout.readline().strip())
+        assert workdir.remove_stale_partials(tmp_path) == 0  # being written
+        assert killed.read_bytes() == b"half a video"
+    finally:
+        writer.kill()
+        writer.wait()
+    gone = writer.pid
+    kept = [tmp_path / f".jaxseg-{os.getpid()}-0123456789ab.partial.png",  # unlocked, pid runs
+            tmp_path / f".jaxseg-{gone}-0123.partial.png",  # not a name complete_or_absent gives
+            tmp_path / f"jaxseg-{gone}-0123456789ab.partial.png",
+            tmp_path / f".jaxseg-{gone}-0123456789ab.partial.png.txt",
+            tmp_path / "sub" / f".jaxseg-{gone}-0123456789ab.partial.png"]  # another folder
+    for path in kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+    kept += [tmp_path / f".jaxseg-{gone}-0123456789ac.partial",
+             tmp_path / f".jaxseg-{gone}-0123456789ad.partial.png"]
+    kept[-2].mkdir()  # not a file
+    kept[-1].symlink_to(kept[0])
+    monkeypatch.setattr(workdir.os, "getpid", lambda: gone)  # a live writer of another container
+    with complete_or_absent(tmp_path / "a_mask.png") as live:
+        live.write_bytes(b"png")
+        stale = tmp_path / f".jaxseg-{gone}-0123456789ae.partial"
+        stale.write_bytes(b"x")
+        assert workdir.remove_stale_partials(tmp_path) == 2
+    assert not killed.exists() and not stale.exists()
+    assert (tmp_path / "a_mask.png").read_bytes() == b"png"
+    assert all(path.exists() for path in kept)
+    assert workdir.remove_stale_partials(tmp_path / "missing") == 0
