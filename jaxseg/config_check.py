@@ -6,6 +6,7 @@ launch/gpu_array_train.py runs it on accelerator machines without TensorFlow.
 from __future__ import annotations
 
 import re
+import types
 
 from jaxseg import mixture, train_step
 
@@ -35,6 +36,23 @@ def unknown_field(error: Exception, argv: list[str]) -> tuple[str, str | None] |
         return None
     suggestion = re.search(r'Did you mean "([^"]+)"', text)
     return name.group(1), suggestion.group(1) if suggestion else None
+
+
+def config_file_problem(error: Exception) -> str | None:
+    """Why ml_collections could not load a --config file, as one line naming the file, or None
+    for any other ERROR: the file missing or unreadable (OSError), not Python (SyntaxError), or
+    defining no get_config() (AttributeError). An error of the file's own code is None: its
+    traceback says where."""
+    if isinstance(error, OSError):  # ml_collections' own lines on where it looked come first
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return lines[-1] if lines else str(error)
+    if isinstance(error, SyntaxError):
+        return f"{error.filename}, line {error.lineno}: {error.msg}"
+    if (isinstance(error, AttributeError) and error.name == "get_config"
+            and isinstance(error.obj, types.ModuleType)):
+        return (f"{error.obj.__file__} defines no get_config(): a config file must define "
+                "get_config(), returning the config")
+    return None
 
 
 # Fields that change how validation IoU is measured (which examples, the cut, the prediction):

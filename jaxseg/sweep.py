@@ -139,7 +139,9 @@ def _trial_config(config: str, extra: list[str], values: dict):
         built.to_dict()  # a config file that failed to load stands in as an object raising on use
     except flags.Error as e:  # a value of the wrong type, say
         raise ValueError(str(e)) from None
-    except (AttributeError, KeyError) as e:  # ml_collections: the config has no such field
+    except (AttributeError, KeyError, SyntaxError) as e:  # ml_collections: no such field
+        if problem := config_check.config_file_problem(e):  # or a file without get_config()
+            raise ValueError(f"--config {config}: {problem}") from None
         unknown = config_check.unknown_field(e, argv)
         if not unknown:  # an error of the config file's own code: its traceback says where
             raise
@@ -151,8 +153,7 @@ def _trial_config(config: str, extra: list[str], values: dict):
         raise ValueError(f"{given[0] if given else 'an override'}: the config has no field "
                          f"{name!r}{hint}") from None
     except OSError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise ValueError(f"--config {config}: {lines[-1] if lines else e}") from None
+        raise ValueError(f"--config {config}: {config_check.config_file_problem(e)}") from None
     return built, rest[1:]
 
 

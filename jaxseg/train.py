@@ -506,8 +506,7 @@ def main(argv):
     try:
         config.to_dict()  # a --config file that failed to load stands in as an object raising on use
     except OSError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        distributed.exit_with_error(f"error: --config: {lines[-1] if lines else e}")
+        distributed.exit_with_error(f"error: --config: {config_check.config_file_problem(e)}")
     try:
         result = train_and_evaluate(config, FLAGS.workdir)
     except (config_check.ConfigError, FloatingPointError, datasets.BadDataError,
@@ -540,21 +539,25 @@ def _define_flags():
 
 
 def _parse_flags(argv):
-    """absl's flag parsing, with an unknown --config.a.b field or section as a one-line error."""
+    """absl's flag parsing, with an unknown --config.a.b field or section, or a --config file
+    that cannot be loaded, as a one-line error."""
     from absl import app
 
-    with _unknown_config_field_as_error(argv):
+    with _config_errors_as_one_line(argv):
         return app.parse_flags_with_usage(argv)
 
 
 @contextlib.contextmanager
-def _unknown_config_field_as_error(argv):
-    # ml_collections raises AttributeError or KeyError for an unknown --config.a.b, which absl
-    # shows as a traceback: while parsing, or already while defining the flag when --config is
-    # left at its default.
+def _config_errors_as_one_line(argv):
+    # ml_collections raises AttributeError or KeyError for an unknown --config.a.b, and
+    # AttributeError or SyntaxError for a config file without get_config() or not Python, which
+    # absl shows as a traceback: while parsing, or already while defining the flag when --config
+    # is left at its default.
     try:
         yield
-    except (AttributeError, KeyError) as e:
+    except (AttributeError, KeyError, SyntaxError) as e:
+        if problem := config_check.config_file_problem(e):
+            raise SystemExit(f"error: --config: {problem}") from None
         unknown = config_check.unknown_field(e, argv)
         if not unknown:  # not an override's unknown name: a bug
             raise
@@ -566,6 +569,6 @@ def _unknown_config_field_as_error(argv):
 if __name__ == "__main__":
     from absl import app
 
-    with _unknown_config_field_as_error(sys.argv):
+    with _config_errors_as_one_line(sys.argv):
         _define_flags()
     app.run(main, flags_parser=_parse_flags)

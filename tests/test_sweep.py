@@ -359,6 +359,28 @@ def test_a_mistyped_field_option_or_override_is_refused_before_any_trial(
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("text, message", [
+    ("seed = 1\n", "{} defines no get_config(): a config file must define get_config()"),
+    ("def get_config(:\n", "{}, line 1: invalid syntax"),
+])
+def test_a_config_file_that_cannot_be_loaded_is_refused_in_one_line(tmp_path, monkeypatch, capsys,
+                                                                     text, message):
+    """Both ended in ml_collections' traceback (AttributeError, SyntaxError), exit status 1."""
+    monkeypatch.setattr(sweep, "run", lambda *args, **kwargs: pytest.fail("the sweep ran"))
+    # ml_collections loads each config file into this one module, keeping what an earlier load
+    # (another test's) defined: a command line loads one.
+    monkeypatch.delitem(sys.modules, "config_config", raising=False)
+    config = tmp_path / "mine.py"
+    config.write_text(text)
+    with pytest.raises(SystemExit) as usage:
+        sweep.main(["--config", str(config), "--workdir", str(tmp_path / "sweep"), "--grid",
+                    "seed=0"])
+    assert usage.value.code == 2
+    assert (f"error: --config {config}: " + message.format(config)
+            in capsys.readouterr().err.splitlines()[-1])
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_workdir_with_a_tilde_is_the_home_folders(tmp_path, monkeypatch, capsys):
     """As jaxseg.train reads its trials' --workdir: the sweep's own files went to ./~/s."""
     monkeypatch.chdir(REPO)

@@ -146,6 +146,25 @@ def test_config_errors_are_one_line(tmp_path, args, message):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("text, message", [
+    ("seed = 1\n", "{} defines no get_config(): a config file must define get_config()"),
+    ("def get_config(:\n", "{}, line 1: invalid syntax"),
+])
+def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path, text, message):
+    """Both ended in ml_collections' traceback (AttributeError: module 'config_config' has no
+    attribute 'get_config'; SyntaxError), as sweep's check of its trials' config did."""
+    config = tmp_path / "mine.py"
+    config.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.train", "--config", str(config), "--workdir",
+         str(tmp_path / "w")], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("error: --config: " + message.format(config))
+    assert not (tmp_path / "w").exists()
+
+
 def test_data_that_cannot_be_prepared_is_one_line(tmp_path):
     """A data folder that is a file stands for every data preparation failure (offline without a
     manual dir alike): one line with the cause, no traceback; a stray word is refused first."""
