@@ -168,8 +168,9 @@ def _check_resumable(config, ckpts) -> None:
             f"--config.train.init_checkpoint=OLD_WORKDIR")
 
 
-def _initial_state(config, ckpts, graphdef, state, mesh):
-    """Resume order: the workdir's latest checkpoint > train.init_checkpoint > scratch."""
+def _initial_state(config, ckpts, graphdef, state, mesh, init=None):
+    """Resume order: the workdir's latest checkpoint > INIT, the (model, step) of
+    train.init_checkpoint (`_starting_model`) > scratch."""
     rep = sharding.replicated(mesh)
     if ckpts.latest_step() is not None:
         try:
@@ -188,9 +189,9 @@ def _initial_state(config, ckpts, graphdef, state, mesh):
         _warn_about_resume_changes(config, meta)
         return restored, step
     state = sharding.replicate(state, mesh)
-    if config.train.init_checkpoint:
+    if init is not None:
         # The checkpoint's evaluated model (its EMA when it kept one) starts both models here.
-        model, step = _init_model(config)
+        model, step = init
         nodes = nnx.merge(graphdef, state)
         for name in ("model", "ema"):
             if name in nodes:
@@ -264,6 +265,19 @@ def _changed_fields(stored: dict, current: dict, sections, prefix: str = "") -> 
         elif name not in _RESUME_NEUTRAL and old != new:
             changed.append(f"{name}={new!r} (written with {old!r})")
     return changed
+
+
+def _starting_model(config, workdir):
+    """(model, step) of train.init_checkpoint where the run starts from it (the workdir holds no
+    checkpoint yet), else None."""
+    if not config.train.init_checkpoint:
+        return None
+    ckpts = checkpointing.Checkpoints(workdir, read_only=True)  # creates no folder
+    try:
+        resuming = ckpts.latest_step() is not None
+    finally:
+        ckpts.close()
+    return None if resuming else _init_model(config)
 
 
 def _init_model(config):
@@ -357,6 +371,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     except ValueError as e:  # more devices than there are, or no equal share per process
         raise config_check.ConfigError(f"num_devices={config.num_devices}: {e}") from None
     config_check.validate(config, mesh.devices.size)
+    # Before anything is made in the workdir: a missing init_checkpoint left it holding empty
+    # checkpoint folders and a lock.
+    init = _starting_model(config, workdir)
     # One line, not orbax's traceback at the first save (workdir/checkpoints a file, say).
     for folder in (workdir, workdir / checkpointing.LATEST_DIR, workdir / checkpointing.BEST_DIR):
         problem = local_folder_problem(folder)
@@ -385,7 +402,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f"the processes of this run differ in {differ}: start every process with the "
                 "same config, on the same data, in one workdir that all of them share")
         graphdef, state = train_step.create_train_state(config)
-        state, start = _initial_state(config, ckpts, graphdef, state, mesh)
+        state, start = _initial_state(config, ckpts, graphdef, state, mesh, init)
         if start >= config.train.num_steps:
             if main:
                 log.warning("the workdir is at step %d, not before train.num_steps=%d: nothing to "

@@ -184,7 +184,8 @@ def test_init_checkpoint_starts_the_model_and_its_ema_at_step_0(tmp_path):
     new.train.init_checkpoint = str(tmp_path / "old")
     graphdef, state = train_step.create_train_state(new)
     ckpts = checkpointing.Checkpoints(tmp_path / "new", async_save=False)
-    restored, step = train._initial_state(new, ckpts, graphdef, state, sharding.make_mesh(1))
+    restored, step = train._initial_state(new, ckpts, graphdef, state, sharding.make_mesh(1),
+                                          train._init_model(new))
     ckpts.close()
     assert step == 0
     nodes = nnx.merge(graphdef, restored)

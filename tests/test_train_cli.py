@@ -165,6 +165,25 @@ def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path, text, message
     assert not (tmp_path / "w").exists()
 
 
+def test_a_missing_init_checkpoint_is_refused_before_the_workdir_is_touched(tmp_path):
+    """It was found once the workdir, its checkpoints/ and best/ folders and its lock had been
+    made, and the data prepared: they stayed behind, empty."""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "jaxseg.train", "--config", "configs/smoke.py", "--workdir",
+               str(workdir), f"--config.train.init_checkpoint={tmp_path / 'nowhere'}"]
+    env = dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    for exists in (False, True):
+        if exists:
+            workdir.mkdir()
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                                env=env)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert (f"error: train.init_checkpoint={tmp_path / 'nowhere'}: no checkpoint in "
+                f"{tmp_path / 'nowhere' / 'checkpoints'} (name a training workdir)") in result.stderr
+        assert (list(workdir.iterdir()) == []) if exists else not workdir.exists()
+        assert not (tmp_path / "tfds").exists()
+
+
 def test_data_that_cannot_be_prepared_is_one_line(tmp_path):
     """A data folder that is a file stands for every data preparation failure (offline without a
     manual dir alike): one line with the cause, no traceback; a stray word is refused first."""
