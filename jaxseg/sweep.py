@@ -417,8 +417,8 @@ def _parser():
     p.add_argument("--grid", action="append", default=[], help="FIELD=V1,V2,... (repeatable)")
     p.add_argument("--random", type=at_least(0), default=0,
                    help="sample N combinations instead of all (0 = all)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of --random's draw (default: %(default)s)")
+    p.add_argument("--seed", type=int,  # None: not given, which only --random may be
+                   help="seed of --random's draw (default: 0)")
     p.add_argument("--parallel", type=int, default=1,
                    help="trials run at once (default: %(default)s)")
     return p
@@ -434,8 +434,11 @@ def main(argv=None):
         p.error("give at least one --grid FIELD=V1,V2")
     if args.parallel < 1:
         p.error(f"--parallel must be at least 1, got {args.parallel}")
+    if args.seed is not None and not args.random:  # taken for the trials' seed, say
+        p.error("--seed seeds --random's draw and nothing else: give --random N, or set the "
+                "trials' training seed with --config.seed=N or --grid seed=...")
     try:
-        combos = trials(parse_grid(args.grid), args.random, args.seed)
+        combos = trials(parse_grid(args.grid), args.random, args.seed or 0)
     except ValueError as e:
         p.error(str(e))
     if not args.workdir:  # pathlib would make "" the current folder

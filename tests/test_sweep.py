@@ -327,6 +327,10 @@ def test_a_stopped_sweep_exits_as_a_stopped_training_does(tmp_path, monkeypatch,
     # random.sample's own words, which blamed the grid: "Sample larger than population or is
     # negative"
     (["--grid", "seed=0,1", "--random", "-1"], "argument --random: must be at least 0, got -1"),
+    # Ignored without a word: every trial ran, in the grid's order.
+    (["--grid", "seed=0,1", "--seed", "3"], "--seed seeds --random's draw and nothing else"),
+    (["--grid", "seed=0,1", "--seed", "3", "--random", "0"],
+     "--seed seeds --random's draw and nothing else"),
     (["--grid", "seed=0", "--config.train.num_steps", "4", "stray"],
      "unrecognized arguments: stray"),
     (["--grid", "seed=0", "--config.train.num_steps=four"],
@@ -379,6 +383,16 @@ def test_a_config_file_that_cannot_be_loaded_is_refused_in_one_line(tmp_path, mo
     assert (f"error: --config {config}: " + message.format(config)
             in capsys.readouterr().err.splitlines()[-1])
     assert not (tmp_path / "sweep").exists()
+
+
+def test_seed_draws_the_random_trials(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    ran = []
+    monkeypatch.setattr(sweep, "run", lambda config, workdir, combos, **k: ran.append(combos) or (
+        pathlib.Path(workdir).mkdir() or (pathlib.Path(workdir) / "results.md").write_text("")))
+    sweep.main(["--workdir", str(tmp_path / "s"), "--grid", "seed=0,1,2,3", "--random", "2",
+                "--seed", "3"])
+    assert ran == [sweep.trials({"seed": [0, 1, 2, 3]}, 2, 3)]
 
 
 def test_a_workdir_with_a_tilde_is_the_home_folders(tmp_path, monkeypatch, capsys):
