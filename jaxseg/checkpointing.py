@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import re
+import sys
+import traceback
 
 import jax
 import orbax.checkpoint as ocp
@@ -65,8 +67,30 @@ def _damaged(e: Exception) -> bool:
             or (isinstance(e, ValueError) and bool(_LOST_DATA.match(str(e)))))
 
 
+def _drop_closed_loop_notices() -> None:
+    """From now on, drops the "Event loop is closed" errors of the reads that a failed restore
+    leaves running: orbax closes its event loop at a restore's first failed read, and each read
+    still running then reports its end to the closed loop, which Python prints as a traceback of
+    its own (a hundred after the one-line error of a garbled checkpoint, some at exit). Those
+    reads' results are not wanted; other unraisable errors are printed as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_notices", False):
+        return
+
+    def hook(unraisable):
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"
+                and frames and frames[0].name == "call_soon_threadsafe"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_notices = True
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def _reading(manager: ocp.CheckpointManager, step: int):
+    _drop_closed_loop_notices()  # before: some reads end before the error reaches this frame
     try:
         yield
     except Exception as e:
