@@ -141,7 +141,7 @@ def _trial_config(config: str, extra: list[str], values: dict):
         raise ValueError(str(e)) from None
     except (AttributeError, KeyError, SyntaxError) as e:  # ml_collections: no such field
         if problem := config_check.config_file_problem(e):  # or a file without get_config()
-            raise ValueError(f"--config {config}: {problem}") from None
+            raise ValueError(f"--config: {problem}") from None
         unknown = config_check.unknown_field(e, argv)
         if not unknown:  # an error of the config file's own code: its traceback says where
             raise
@@ -153,7 +153,7 @@ def _trial_config(config: str, extra: list[str], values: dict):
         raise ValueError(f"{given[0] if given else 'an override'}: the config has no field "
                          f"{name!r}{hint}") from None
     except OSError as e:
-        raise ValueError(f"--config {config}: {config_check.config_file_problem(e)}") from None
+        raise ValueError(f"--config: {config_check.config_file_problem(e)}") from None
     return built, rest[1:]
 
 

@@ -349,7 +349,7 @@ def test_a_stopped_sweep_exits_as_a_stopped_training_does(tmp_path, monkeypatch,
     (["--grid", "seed=0", "--config.model.output_shift=(0.5,'x')"],
      "trial seed=0: invalid config: model.output_shift=(0.5, 'x') must hold numbers"),
     (["--config", "configs/no_such_config.py", "--grid", "seed=0"],
-     "--config configs/no_such_config.py: [Errno 2] No such file or directory")])
+     "--config: [Errno 2] No such file or directory: 'configs/no_such_config.py'")])
 def test_a_mistyped_field_option_or_override_is_refused_before_any_trial(
         tmp_path, monkeypatch, capsys, args, error):
     """Each was passed on to every trial, which failed on it ('failed (exit 1, log ...)'), and a
@@ -380,7 +380,7 @@ def test_a_config_file_that_cannot_be_loaded_is_refused_in_one_line(tmp_path, mo
         sweep.main(["--config", str(config), "--workdir", str(tmp_path / "sweep"), "--grid",
                     "seed=0"])
     assert usage.value.code == 2
-    assert (f"error: --config {config}: " + message.format(config)
+    assert ("error: --config: " + message.format(config)
             in capsys.readouterr().err.splitlines()[-1])
     assert not (tmp_path / "sweep").exists()
 
