@@ -38,11 +38,12 @@ def unknown_field(error: Exception, argv: list[str]) -> tuple[str, str | None] |
     return name.group(1), suggestion.group(1) if suggestion else None
 
 
-def config_file_problem(error: Exception) -> str | None:
-    """Why ml_collections could not load a --config file, as one line naming the file, or None
-    for any other ERROR: the file missing or unreadable (OSError), not Python (SyntaxError), or
-    defining no get_config() (AttributeError). An error of the file's own code is None: its
-    traceback says where."""
+def config_file_problem(error: Exception, config_file: str) -> str | None:
+    """Why ml_collections could not load CONFIG_FILE (the --config argument), as one line naming
+    the file, or None for any other ERROR: the file missing or unreadable (OSError), not Python
+    (SyntaxError), defining no get_config() (AttributeError), or its get_config() returning None
+    (KeyError or AttributeError). An error of the file's own code is None: its traceback says
+    where."""
     if isinstance(error, OSError):  # ml_collections' own lines on where it looked come first
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         return lines[-1] if lines else str(error)
@@ -52,6 +53,15 @@ def config_file_problem(error: Exception) -> str | None:
             and isinstance(error.obj, types.ModuleType)):
         return (f"{error.obj.__file__} defines no get_config(): a config file must define "
                 "get_config(), returning the config")
+    # ml_collections only logs a warning for a get_config() returning None; the None then fails
+    # where first used: looking up an override's field in it, or the caller's config.to_dict().
+    # (A None field deeper in a config fails the lookup by a ValueError.)
+    if (isinstance(error, KeyError) and error.args and re.fullmatch(
+            r"Attribute <class 'NoneType'>\.(\w+) does not exist .* lookup: \1(\..*)?",
+            str(error.args[0]), re.DOTALL)) or (
+            isinstance(error, AttributeError) and error.obj is None and error.name == "to_dict"):
+        return (f"{config_file}: get_config() returned None, not a config (does it end in "
+                "`return config`?)")
     return None
 
 

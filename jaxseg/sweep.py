@@ -136,11 +136,13 @@ def _trial_config(config: str, extra: list[str], values: dict):
                                             sys_argv=argv)
             rest = flag_values(argv)
         built = flag_values.config
-        built.to_dict()  # a config file that failed to load stands in as an object raising on use
+        # A config file that failed to load stands in as an object raising on use (None where
+        # its get_config() returned None).
+        built.to_dict()
     except flags.Error as e:  # a value of the wrong type, say
         raise ValueError(str(e)) from None
     except (AttributeError, KeyError, SyntaxError) as e:  # ml_collections: no such field
-        if problem := config_check.config_file_problem(e):  # or a file without get_config()
+        if problem := config_check.config_file_problem(e, config):  # or a file without get_config()
             raise ValueError(f"--config: {problem}") from None
         unknown = config_check.unknown_field(e, argv)
         if not unknown:  # an error of the config file's own code: its traceback says where
@@ -153,7 +155,7 @@ def _trial_config(config: str, extra: list[str], values: dict):
         raise ValueError(f"{given[0] if given else 'an override'}: the config has no field "
                          f"{name!r}{hint}") from None
     except OSError as e:
-        raise ValueError(f"--config: {config_check.config_file_problem(e)}") from None
+        raise ValueError(f"--config: {config_check.config_file_problem(e, config)}") from None
     return built, rest[1:]
 
 

@@ -521,9 +521,12 @@ def main(argv):
         distributed.exit_with_error("error: --workdir: give the run's folder")
     config = FLAGS.config
     try:
-        config.to_dict()  # a --config file that failed to load stands in as an object raising on use
-    except OSError as e:
-        distributed.exit_with_error(f"error: --config: {config_check.config_file_problem(e)}")
+        # A --config file that failed to load stands in as an object raising on use (None where
+        # its get_config() returned None).
+        config.to_dict()
+    except (OSError, AttributeError) as e:
+        distributed.exit_with_error(
+            f"error: --config: {config_check.config_file_problem(e, _config_file(sys.argv))}")
     try:
         result = train_and_evaluate(config, FLAGS.workdir)
     except (config_check.ConfigError, FloatingPointError, datasets.BadDataError,
@@ -544,11 +547,14 @@ def main(argv):
     return STOPPED_EXIT_STATUS if result.get("preempted") else 0
 
 
+_DEFAULT_CONFIG = "configs/default.py"
+
+
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.")
+    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.")
     flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.", required=True)
     from jaxseg import distributed
 
@@ -564,16 +570,28 @@ def _parse_flags(argv):
         return app.parse_flags_with_usage(argv)
 
 
+def _config_file(argv) -> str:
+    """The config file that ARGV's --config names (ml_collections reads the first), or the
+    default."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(("--config=", "-config=")):
+            return arg.split("=", 1)[1]
+    return _DEFAULT_CONFIG
+
+
 @contextlib.contextmanager
 def _config_errors_as_one_line(argv):
-    # ml_collections raises AttributeError or KeyError for an unknown --config.a.b, and
-    # AttributeError or SyntaxError for a config file without get_config() or not Python, which
-    # absl shows as a traceback: while parsing, or already while defining the flag when --config
-    # is left at its default.
+    # ml_collections raises AttributeError or KeyError for an unknown --config.a.b, AttributeError
+    # or SyntaxError for a config file without get_config() or not Python, and KeyError for an
+    # override of a config file whose get_config() returned None, which absl shows as a
+    # traceback: while parsing, or already while defining the flag when --config is left at its
+    # default.
     try:
         yield
     except (AttributeError, KeyError, SyntaxError) as e:
-        if problem := config_check.config_file_problem(e):
+        if problem := config_check.config_file_problem(e, _config_file(argv)):
             raise SystemExit(f"error: --config: {problem}") from None
         unknown = config_check.unknown_field(e, argv)
         if not unknown:  # not an override's unknown name: a bug

@@ -165,6 +165,24 @@ def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path, text, message
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("override", [[], ["--config.model.depth=3"]])
+def test_a_config_file_returning_none_is_one_line(tmp_path, override):
+    """It ended in a traceback: AttributeError: 'NoneType' object has no attribute 'to_dict', or
+    with an override KeyError: "Attribute <class 'NoneType'>.model does not exist…". (Above the
+    line, ml_collections' own warning of it.)"""
+    config = tmp_path / "mine.py"
+    config.write_text("def get_config():\n    pass\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.train", "--config", str(config), "--workdir",
+         str(tmp_path / "w"), *override], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --config: {config}: get_config() returned None, not a config (does it end in "
+        "`return config`?)")
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_missing_init_checkpoint_is_refused_before_the_workdir_is_touched(tmp_path):
     """It was found once the workdir, its checkpoints/ and best/ folders and its lock had been
     made, and the data prepared: they stayed behind, empty."""
