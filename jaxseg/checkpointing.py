@@ -47,8 +47,13 @@ class UnreadableCheckpoint(FileNotFoundError):
     """A checkpoint folder that exists but cannot be read (empty, files deleted, not jaxseg's).
 
     A FileNotFoundError, as for a missing checkpoint, so that every command naming a missing one
-    in one line names this one so too.
+    in one line names this one so too. FALLBACK: the newest other step of its folder, what moving
+    it out leaves there to use, or None.
     """
+
+    def __init__(self, message: str, fallback: int | None):
+        super().__init__(message)
+        self.fallback = fallback
 
 
 # How tensorstore's ValueError begins for a data file that is gone, cut short or garbled (in the
@@ -96,13 +101,14 @@ def _reading(manager: ocp.CheckpointManager, step: int):
     except Exception as e:
         if not _damaged(e):
             raise
-        others = [s for s in manager.all_steps() if s != step]
+        fallback = max((s for s in manager.all_steps() if s != step), default=None)
         what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise UnreadableCheckpoint(
             f"checkpoint {manager.directory / str(step)} cannot be read ({type(e).__name__}"
-            f"{': ' + what if what else ''}): it is incomplete or not written by jaxseg; move it "
-            f"out of {manager.directory} to use "
-            f"{f'step {max(others)} instead' if others else 'none there'}") from None
+            f"{': ' + what if what else ''}): it is incomplete or not written by jaxseg; " + (
+                f"it is the only checkpoint in {manager.directory}" if fallback is None else
+                f"move it out of {manager.directory} to use step {fallback} instead"),
+            fallback) from None
 
 
 @contextlib.contextmanager

@@ -184,7 +184,10 @@ def _initial_state(config, ckpts, graphdef, state, mesh, init=None):
                     "train setting changed since it was written; its config.json has the old "
                     f"values): {str(e)[:300]}") from None
         except checkpointing.UnreadableCheckpoint as e:  # read by either
-            raise config_check.ConfigError(f"cannot resume: {e}") from None
+            # Without it checkpoints/ holds none to resume from: the run starts as a new one does.
+            afresh = ("" if e.fallback is not None else ": move it out of there to start afresh "
+                      "(from train.init_checkpoint if set, else from scratch)")
+            raise config_check.ConfigError(f"cannot resume: {e}{afresh}") from None
         log.info("resumed from %s at step %d", ckpts.latest.directory, step)
         _warn_about_resume_changes(config, meta)
         return restored, step

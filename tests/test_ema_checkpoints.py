@@ -259,6 +259,27 @@ def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage)
     assert inference.load_from_workdir(str(tmp_path), "latest")[2] == 1
 
 
+def test_an_unreadable_only_checkpoint_says_what_moving_it_out_does(tmp_path):
+    """Its line ended "move it out of WORKDIR/checkpoints to use none there"."""
+    from jaxseg import sharding
+
+    config = ema_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    save(tmp_path, config, nnx.merge(graphdef, state))
+    for data in (tmp_path / "checkpoints" / "1" / "state").glob("d/*"):
+        data.unlink()
+    only = f"it is the only checkpoint in {tmp_path / 'checkpoints'}"
+    ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
+    with pytest.raises(config_check.ConfigError) as error:
+        train._initial_state(config, ckpts, graphdef, state, sharding.make_mesh(1))
+    ckpts.close()
+    assert str(error.value).endswith(f"; {only}: move it out of there to start afresh (from "
+                                     "train.init_checkpoint if set, else from scratch)")
+    with pytest.raises(FileNotFoundError) as error:
+        inference.load_from_workdir(str(tmp_path), "latest")
+    assert str(error.value).endswith(f"; {only}")
+
+
 def test_an_unreadable_checkpoint_leaves_no_tracebacks_behind_its_line(tmp_path):
     """A restore that failed on a garbled file left orbax's other reads running, and each printed
     'RuntimeError: Event loop is closed' with a traceback after the one-line error (a hundred
