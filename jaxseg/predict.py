@@ -546,19 +546,22 @@ def predict_video(predictor, renderer, path, target, *, max_pixels, progress=Non
     return frames, notes
 
 
-def ignored_option_notes(*, mode: str, soft: bool, videos: bool, background_given: bool,
+def ignored_option_notes(*, mode: str, soft: bool, background_given: bool,
                          threshold_given: bool) -> list[str]:
-    """What the run will not do that its options or inputs may lead a user to expect."""
+    """What the run will not do that its options may lead a user to expect."""
     notes = []
     if background_given and mode != "background":
         notes.append(f"--background is used by --mode background only; --mode {mode} ignores it")
     if threshold_given and soft:
         notes.append("--threshold is ignored with --soft (the probability itself is the alpha)")
-    if videos:
-        notes.append("videos are written without their audio"
-                     + ("; video has no transparency, so cutouts of videos are on black"
-                        if mode == "cutout" else ""))
     return notes
+
+
+def video_note(mode: str) -> str:
+    """What the videos a run writes in MODE lack that a user may expect of them."""
+    return ("videos are written without their audio"
+            + ("; video has no transparency, so cutouts of videos are on black"
+               if mode == "cutout" else ""))
 
 
 # Exit status when some inputs were skipped (the others were processed); 1 stays for usage errors.
@@ -592,7 +595,7 @@ def main(argv):
         print(f"note: passed over {len(unmarked)} file(s) named like outputs of a file beside "
               f"them, or where outputs go, but not written by this tool: {shown}; name them as "
               "inputs to predict on them", file=sys.stderr)
-    for note in ignored_option_notes(mode=f.mode, soft=f.soft, videos=bool(videos),
+    for note in ignored_option_notes(mode=f.mode, soft=f.soft,
                                      background_given=f["background"].present,
                                      threshold_given=f["threshold"].present):
         print(f"note: {note}", file=sys.stderr)
@@ -637,6 +640,8 @@ def main(argv):
             claimed.pop(target.resolve())
             video_problems.append((path, str(e) if isinstance(e, InputError)
                                    else f"could not write {target} ({e.strerror or e})"))
+    if len(video_problems) < len(videos):  # said of videos written only: all may be refused
+        print(f"note: {video_note(f.mode)}", file=sys.stderr)
     # Missing paths (already in `problems`) are neither images nor videos: not subtracted.
     done = len(images) + len(videos) - len(image_problems) - len(video_problems)
     problems += image_problems + video_problems

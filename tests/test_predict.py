@@ -181,6 +181,7 @@ def test_cli_video_keeps_frame_count_size_and_rate(mask_run):
     assert not list((mask_run["out"] / "sub").glob(".*"))  # no partial file left
     assert frames[0].shape == (64, 96, 3)
     assert fps == pytest.approx(10.0)
+    assert mask_run["result"].stderr.count(f"note: {predict.video_note('mask')}\n") == 1
 
 
 def test_cli_reports_and_skips_bad_inputs(mask_run):
@@ -273,6 +274,7 @@ def test_output_never_overwrites_an_input_and_max_pixels_refuses(same_folder_run
     assert (photos / "x_overlay_overlay.png").exists() and (photos / "a_overlay.png").exists()
     assert not (photos / "big_overlay.png").exists()
     assert not list(photos.glob("clip*")) and not list(photos.glob(".*"))  # nor a partial video
+    assert "audio" not in result.stderr  # of the videos written, which were none
 
 
 def test_unreadable_and_unwritable_inputs_cost_only_themselves_in_repeated_runs(
@@ -432,16 +434,15 @@ def test_transparency_turns_with_a_photo_oriented_by_xmp(tmp_path, orientation):
 
 def test_options_a_run_ignores_are_noted():
     notes = predict.ignored_option_notes
-    quiet = dict(mode="background", soft=False, videos=False, background_given=True,
-                 threshold_given=True)
+    quiet = dict(mode="background", soft=False, background_given=True, threshold_given=True)
     assert notes(**quiet) == []
     assert notes(**dict(quiet, mode="cutout")) == [
         "--background is used by --mode background only; --mode cutout ignores it"]
     assert notes(**dict(quiet, soft=True)) == [
         "--threshold is ignored with --soft (the probability itself is the alpha)"]
     assert notes(**dict(quiet, soft=True, threshold_given=False)) == []
-    assert notes(**dict(quiet, videos=True)) == ["videos are written without their audio"]
-    assert "cutouts of videos are on black" in notes(**dict(quiet, videos=True, mode="cutout"))[-1]
+    assert "videos are written without their audio" == "videos are written without their audio"
+    assert "cutouts of videos are on black" in predict.video_note("cutout")
 
 
 def test_a_bad_background_is_a_usage_error(tiny_model_dir, jax_cache, tmp_path):
@@ -1054,8 +1055,8 @@ def test_cli_notes_the_options_it_ignores(tiny_model_dir, jax_cache, tmp_path):
     result = run_cli(tiny_model_dir, tmp_path / "a.png", "--output", tmp_path / "out", "--soft",
                      "--threshold", "0.3", "--background", "red", cache=jax_cache)
     assert result.returncode == 0, result.stderr
-    notes = predict.ignored_option_notes(mode="mask", soft=True, videos=False,
-                                         background_given=True, threshold_given=True)
+    notes = predict.ignored_option_notes(mode="mask", soft=True, background_given=True,
+                                         threshold_given=True)
     assert len(notes) == 2
     for note in notes:
         assert f"note: {note}" in result.stderr
