@@ -272,15 +272,22 @@ def _changed_fields(stored: dict, current: dict, sections, prefix: str = "") -> 
 
 def _starting_model(config, workdir):
     """(model, step) of train.init_checkpoint where the run starts from it (the workdir holds no
-    checkpoint yet), else None."""
+    checkpoint yet), else None.
+
+    Opening and loading checkpoints meets the other processes in orbax's barriers: every process
+    first checks that all of them agree on the config, then on the workdir's latest checkpoint
+    (as `_must_agree` does later), or a process that alone loaded it met the others in barriers
+    of other names (an AssertionError, or a hang) instead of the line naming what differs."""
+    _refuse_disagreement({"the config": _shared_config(config)})
     if not config.train.init_checkpoint:
         return None
     ckpts = checkpointing.Checkpoints(workdir, read_only=True)  # creates no folder
     try:
-        resuming = ckpts.latest_step() is not None
+        latest = ckpts.latest_step()
     finally:
         ckpts.close()
-    return None if resuming else _init_model(config)
+    _refuse_disagreement({"the workdir's latest checkpoint": str(latest)})
+    return None if latest is not None else _init_model(config)
 
 
 def _init_model(config):
@@ -308,14 +315,29 @@ def _must_agree(config, sources, evaluators, ckpts) -> dict[str, str]:
     """What every process of a run must hold alike, as text (distributed.disagreement): the
     config but for _PER_HOST fields, the sizes of the training and validation data (and each
     validation set's canvas), and the workdir's latest checkpoint."""
-    shared = json.loads(config.to_json())
-    for field in _PER_HOST:
-        shared["data"].pop(field, None)
-    return {"the config": json.dumps(shared, sort_keys=True),
+    return {"the config": _shared_config(config),
             "the training data": json.dumps([len(s) for s in sources]),
             "the validation data": json.dumps({n: [len(e.source), list(e.canvas)]
                                                for n, e in evaluators.items()}),
             "the workdir's latest checkpoint": str(ckpts.latest_step())}
+
+
+def _shared_config(config) -> str:
+    """The config but for its _PER_HOST fields, as text."""
+    shared = json.loads(config.to_json())
+    for field in _PER_HOST:
+        shared["data"].pop(field, None)
+    return json.dumps(shared, sort_keys=True)
+
+
+def _refuse_disagreement(items: dict[str, str]) -> None:
+    """ConfigError naming what of ITEMS differs between the processes (a cross-process
+    operation: every process calls it at the same point)."""
+    differ = distributed.disagreement(items)
+    if differ:
+        raise config_check.ConfigError(
+            f"the processes of this run differ in {differ}: start every process with the "
+            "same config, on the same data, in one workdir that all of them share")
 
 
 def validate(evaluators, state, graphdef, eval_config) -> dict:
@@ -399,11 +421,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # Before the first step: processes that differ here train replicas that silently drift
         # apart (another seed, other examples, one resuming and one starting afresh), or hang in
         # a collective that only some of them reach (another batch, step count or validation).
-        differ = distributed.disagreement(_must_agree(config, sources, evaluators, ckpts))
-        if differ:
-            raise config_check.ConfigError(
-                f"the processes of this run differ in {differ}: start every process with the "
-                "same config, on the same data, in one workdir that all of them share")
+        _refuse_disagreement(_must_agree(config, sources, evaluators, ckpts))
         graphdef, state = train_step.create_train_state(config)
         state, start = _initial_state(config, ckpts, graphdef, state, mesh, init)
         if start >= config.train.num_steps:

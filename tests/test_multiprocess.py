@@ -416,6 +416,49 @@ def test_processes_on_other_data_are_refused_before_training(tmp_path):
     assert not (workdir / "metrics.jsonl").exists() and latest_step(workdir) is None
 
 
+
+def test_processes_that_differ_in_init_checkpoint_are_refused_in_one_line(tmp_path):
+    """train.init_checkpoint was loaded, through orbax's cross-process barriers, before the
+    processes had checked that they agree: a process that alone had it set (or alone found no
+    checkpoint in the workdir) met the others in barriers of other names, an AssertionError
+    ('sync_global_devices name mismatch') or a hang instead of the line naming what differs."""
+    folder = tmp_path / "folder"
+    fx.make_simple_folder(folder / "train", [f"t{j}" for j in range(4)])
+    fx.make_simple_folder(folder / "validation", ["v0", "v1"], seed=50)
+    config = tmp_path / "per_host.py"
+    config.write_text(textwrap.dedent(f"""
+        import os
+        from configs import smoke
+
+        def get_config():
+            c = smoke.get_config()
+            if os.environ["JAXSEG_PROCESS_ID"] == "1":
+                c.train.init_checkpoint = {str(tmp_path / "old")!r}
+            return c
+    """))
+    workdir = tmp_path / "work"
+    cmd = [sys.executable, "-m", "jaxseg.train", "--config", str(config), "--workdir",
+           str(workdir), "--config.data.train=person_folder", "--config.data.eval=person_folder",
+           f"--config.data.folder={folder}", "--config.data.image_size=32",
+           "--config.model.depth=2", "--config.train.num_steps=2",
+           "--config.eval.max_examples=2", "--config.train.num_logged_images=0"]
+    env = base_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), JAXSEG_MANUAL_DIR=str(tmp_path / "none"),
+                   JAXSEG_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
+    cluster = Cluster(cmd, num=2, devices=1, env=env, log_dir=tmp_path / "logs")
+    try:
+        rcs = [proc.wait(timeout=TIMEOUT_S) for proc in cluster.procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung:\n{cluster.log(0)[-2000:]}\n{cluster.log(1)[-2000:]}")
+    finally:
+        cluster.kill()
+    assert rcs == [1, 1], [cluster.log(i)[-2000:] for i in range(2)]
+    for i in range(2):
+        assert ("error: the processes of this run differ in the config (process 1 against "
+                "process 0)" in cluster.log(i)), cluster.log(i)[-2000:]
+        assert "Traceback" not in cluster.log(i), cluster.log(i)[-2000:]
+    assert not (workdir / "metrics.jsonl").exists() and latest_step(workdir) is None
+
+
 RAISES = textwrap.dedent('''
     import numpy as np
     from jax.experimental import multihost_utils
