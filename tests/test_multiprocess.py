@@ -459,6 +459,38 @@ def test_processes_that_differ_in_init_checkpoint_are_refused_in_one_line(tmp_pa
     assert not (workdir / "metrics.jsonl").exists() and latest_step(workdir) is None
 
 
+
+def test_processes_in_workdirs_that_differ_are_refused_before_init_checkpoint_is_loaded(tmp_path):
+    """A workdir that is not shared, one process's holding a checkpoint: that one would resume
+    and the other load train.init_checkpoint (here a missing one: the line of its own error,
+    and the other stopping for its peer), not both naming what differs."""
+    folder = tmp_path / "folder"
+    fx.make_simple_folder(folder / "train", [f"t{j}" for j in range(4)])
+    fx.make_simple_folder(folder / "validation", ["v0", "v1"], seed=50)
+    (tmp_path / "work_0" / "checkpoints" / "5").mkdir(parents=True)  # a step, as orbax lists them
+    train = [sys.executable, "-m", "jaxseg.train", "--config", "configs/smoke.py",
+             "--config.data.train=person_folder", "--config.data.eval=person_folder",
+             f"--config.data.folder={folder}", "--config.data.image_size=32",
+             "--config.model.depth=2", "--config.train.num_steps=2",
+             "--config.eval.max_examples=2", "--config.train.num_logged_images=0",
+             f"--config.train.init_checkpoint={tmp_path / 'old'}"]
+    cmd = ["sh", "-c", 'exec "$@" --workdir "$WORK_ROOT/work_$JAXSEG_PROCESS_ID"', "sh", *train]
+    env = base_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), JAXSEG_MANUAL_DIR=str(tmp_path / "none"),
+                   JAXSEG_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S), WORK_ROOT=str(tmp_path))
+    cluster = Cluster(cmd, num=2, devices=1, env=env, log_dir=tmp_path / "logs")
+    try:
+        rcs = [proc.wait(timeout=TIMEOUT_S) for proc in cluster.procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung:\n{cluster.log(0)[-2000:]}\n{cluster.log(1)[-2000:]}")
+    finally:
+        cluster.kill()
+    assert rcs == [1, 1], [cluster.log(i)[-2000:] for i in range(2)]
+    for i in range(2):
+        assert ("error: the processes of this run differ in the workdir's latest checkpoint "
+                "(process 1 against process 0)" in cluster.log(i)), cluster.log(i)[-2000:]
+    assert not (tmp_path / "work_1").exists()
+
+
 RAISES = textwrap.dedent('''
     import numpy as np
     from jax.experimental import multihost_utils
