@@ -74,8 +74,8 @@ _PARTIAL_NAME = re.compile(r"\.jaxseg-(\d+)-[0-9a-f]{12}\.partial(\.[^.]+)?")
 def remove_stale_partials(folder: pathlib.Path) -> int:
     """Removes the hidden partial files that writes killed outright (SIGKILL, out of memory) left
     in the local FOLDER; returns how many. One is kept while a process holds its lock (its writer,
-    in whatever container), where locks cannot be taken, and while its pid runs here (a writer
-    of an earlier jaxseg, which did not lock them)."""
+    in whatever container), where locks cannot be taken, and while its pid runs here, other
+    than this process's (a writer of an earlier jaxseg, which did not lock them)."""
     removed = 0
     try:
         entries = list(os.scandir(folder))
@@ -83,7 +83,11 @@ def remove_stale_partials(folder: pathlib.Path) -> int:
         return 0
     for entry in entries:
         named = _PARTIAL_NAME.fullmatch(entry.name)
-        if not named or not entry.is_file(follow_symlinks=False) or _running(int(named[1])):
+        if not named or not entry.is_file(follow_symlinks=False):
+            continue
+        # This process's pid is a killed run's that had it too (a container's pid 1 at each run):
+        # this process's own writes are locked.
+        if int(named[1]) != os.getpid() and _running(int(named[1])):
             continue
         try:
             with open(entry.path, "rb") as f:

@@ -215,7 +215,7 @@ def test_only_partial_files_whose_writer_is_gone_are_removed(tmp_path, monkeypat
         writer.kill()
         writer.wait()
     gone = writer.pid
-    kept = [tmp_path / f".jaxseg-{os.getpid()}-0123456789ab.partial.png",  # unlocked, pid runs
+    kept = [tmp_path / f".jaxseg-{os.getppid()}-0123456789ab.partial.png",  # unlocked, pid runs
             tmp_path / f".jaxseg-{gone}-0123.partial.png",  # not a name complete_or_absent gives
             tmp_path / f"jaxseg-{gone}-0123456789ab.partial.png",
             tmp_path / f".jaxseg-{gone}-0123456789ab.partial.png.txt",
@@ -237,3 +237,17 @@ def test_only_partial_files_whose_writer_is_gone_are_removed(tmp_path, monkeypat
     assert (tmp_path / "a_mask.png").read_bytes() == b"png"
     assert all(path.exists() for path in kept)
     assert workdir.remove_stale_partials(tmp_path / "missing") == 0
+
+
+def test_a_partial_file_named_with_this_process_pid_is_a_killed_writers(tmp_path):
+    """A process started the same way gets the same pid each time (a container's pid 1, as
+    `docker run IMAGE python -m jaxseg.predict` starts it): the partial file that such a run left
+    when it was killed carries the pid of the run cleaning up, which runs, and stayed for good.
+    This process's own writes are locked, and kept."""
+    left = tmp_path / f".jaxseg-{os.getpid()}-0123456789ab.partial.png"
+    left.write_bytes(b"half")
+    with complete_or_absent(tmp_path / "b_mask.png") as live:
+        live.write_bytes(b"png")
+        assert workdir.remove_stale_partials(tmp_path) == 1
+        assert live.exists()
+    assert not left.exists() and (tmp_path / "b_mask.png").read_bytes() == b"png"
