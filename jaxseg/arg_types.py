@@ -1,6 +1,6 @@
 """What the argparse command lines (bench, export, bench infer) share: value types, and the
 arguments that choose a model; and what the absl ones without inputs (evaluate, report, train)
-check of their words."""
+check of their words, and how every absl one (evaluate, predict, report, train) runs."""
 import argparse
 
 
@@ -41,3 +41,25 @@ def refuse_positional(argv: list[str]) -> None:
 
         raise app.UsageError(f"unexpected argument(s) {' '.join(argv[1:])}: every setting is a "
                              "--flag (--name value or --name=value); see --helpshort")
+
+
+def run_absl(main, **kwargs) -> None:
+    """absl.app.run(MAIN, **KWARGS), where asking for help (--help, -?, --helpshort, --helpfull,
+    --helpxml) exits 0: absl's help flags exit 1, which a script asking for help reads as a
+    failure. Usage errors keep absl's status."""
+    from absl import app, flags
+
+    app.define_help_flags()  # app.run defines them too: it does so once
+    for name in ("help", "helpshort", "helpfull", "helpxml"):
+        flags.FLAGS[name].parse = _help_exits_0(flags.FLAGS[name].parse)
+    app.run(main, **kwargs)
+
+
+def _help_exits_0(parse):
+    # A help flag's parse exits only where help was asked for, once the help is printed.
+    def parse_and_exit_0(arg):
+        try:
+            parse(arg)
+        except SystemExit:
+            raise SystemExit(0) from None
+    return parse_and_exit_0

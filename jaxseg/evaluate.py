@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import input_pipeline, metrics, refine, resolution, sharding
-from jaxseg.arg_types import refuse_positional
+from jaxseg.arg_types import refuse_positional, run_absl
 from jaxseg.inference import person_probabilities
 from jaxseg.workdir import output_file_problem, workdir_path, write_text_whole
 
@@ -595,7 +595,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    run_absl(main)

@@ -680,7 +680,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from jaxseg.arg_types import run_absl
 
     _define_flags()
-    app.run(main)
+    run_absl(main)

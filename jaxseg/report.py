@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from jaxseg import config_check, inference, input_pipeline, metric_writer, metrics, refine
-from jaxseg.arg_types import refuse_positional
+from jaxseg.arg_types import refuse_positional, run_absl
 from jaxseg.models import LogitAverage, of_members
 from jaxseg.predict import Renderer
 from jaxseg.workdir import local_folder_problem, workdir_path, write_text_whole
@@ -875,7 +875,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    run_absl(main)

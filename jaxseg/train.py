@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxseg import (checkpointing, config_check, datasets, distributed, host_memory, inference,
                     input_pipeline, metric_writer, mixture, preprocess, sharding, train_step)
-from jaxseg.arg_types import refuse_positional
+from jaxseg.arg_types import refuse_positional, run_absl
 from jaxseg.workdir import (STOPPED_EXIT_STATUS, WorkdirBusy, local_folder_problem, training_lock,
                             workdir_path, write_text_whole)
 
@@ -623,8 +623,6 @@ def _config_errors_as_one_line(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
     with _config_errors_as_one_line(sys.argv):
         _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    run_absl(main, flags_parser=_parse_flags)

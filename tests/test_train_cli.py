@@ -202,6 +202,22 @@ def test_a_missing_init_checkpoint_is_refused_before_the_workdir_is_touched(tmp_
         assert not (tmp_path / "tfds").exists()
 
 
+@pytest.mark.parametrize("module, flag", [("train", "--help"), ("train", "--helpfull"),
+                                          ("predict", "--help"), ("predict", "-?"),
+                                          ("evaluate", "--helpshort"), ("report", "--helpxml")])
+def test_asking_for_help_exits_0(module, flag):
+    """Help on stdout and exit status 0 (absl's help flags exit 1: a failure to a script); an
+    unknown flag stays a usage error."""
+    result = subprocess.run([sys.executable, "-m", f"jaxseg.{module}", flag], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--workdir" in result.stdout and "Traceback" not in result.stderr
+    if flag == "--help":
+        result = subprocess.run([sys.executable, "-m", f"jaxseg.{module}", "--nosuch"], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and "Unknown command line flag 'nosuch'" in result.stderr
+
+
 def test_data_that_cannot_be_prepared_is_one_line(tmp_path):
     """A data folder that is a file stands for every data preparation failure (offline without a
     manual dir alike): one line with the cause, no traceback; a stray word is refused first."""
