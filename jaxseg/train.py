@@ -546,8 +546,9 @@ def main(argv):
         # its get_config() returned None).
         config.to_dict()
     except (OSError, AttributeError) as e:
-        distributed.exit_with_error(
-            f"error: --config: {config_check.config_file_problem(e, _config_file(sys.argv))}")
+        if not (problem := config_check.config_file_problem(e, _config_file(sys.argv))):
+            raise  # not a file that failed to load: a bug, whose traceback says where
+        distributed.exit_with_error(f"error: --config: {problem}")
     try:
         result = train_and_evaluate(config, FLAGS.workdir)
     except (config_check.ConfigError, FloatingPointError, datasets.BadDataError,

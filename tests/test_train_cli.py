@@ -183,6 +183,20 @@ def test_a_config_file_returning_none_is_one_line(tmp_path, override):
     assert not (tmp_path / "w").exists()
 
 
+def test_an_unrecognised_config_error_is_a_traceback(tmp_path):
+    """An AttributeError that is not a config file failing to load (here a get_config() returning
+    a dict) printed 'error: --config: None'."""
+    config = tmp_path / "mine.py"
+    config.write_text("def get_config():\n    return {'a': 1}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.train", "--config", str(config), "--workdir",
+         str(tmp_path / "w")], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
+    assert result.returncode == 1 and "None" not in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" in result.stderr and "has no attribute 'to_dict'" in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_missing_init_checkpoint_is_refused_before_the_workdir_is_touched(tmp_path):
     """It was found once the workdir, its checkpoints/ and best/ folders and its lock had been
     made, and the data prepared: they stayed behind, empty."""
