@@ -1030,6 +1030,49 @@ def test_gpu_array_train_trains_on_training_rows_and_saves_the_weights_it_select
         assert selected[name] == pytest.approx(iou, abs=1e-6), name
 
 
+@pytest.mark.parametrize("chosen", ["model", "ema"])
+def test_gpu_array_train_saves_the_weights_that_validation_chose(monkeypatch, tmp_path, chosen):
+    """Validation forced to prefer CHOSEN's weights (the trained or the EMA ones, which differ
+    after training): model_state.npz holds exactly those."""
+    import types
+
+    import jax
+    from flax import nnx
+
+    data = _tiny_array_file(monkeypatch, tmp_path / "arr.npz", "portrait_segmentation,ccp_person",
+                            per_split=2)
+    module = _load_launch_module("gpu_array_train")
+    merged = []
+
+    def merge(graphdef, state):  # the weights validated and saved at each validation
+        merged.append(nnx.merge(graphdef, state))
+        return merged[-1]
+
+    def jit(counts_of):  # the validation's (intersection, union) per image: IoU 1 for CHOSEN, else 0
+        def counts(model, images, masks):
+            return np.full(len(images), int(model is merged[-1][chosen])), np.ones(len(images))
+        return counts
+
+    monkeypatch.setattr(module, "nnx", types.SimpleNamespace(merge=merge, jit=jit,
+                                                             state=nnx.state))
+    monkeypatch.setattr(sys, "argv", [
+        "gpu_array_train.py", "--data", str(data), "--out", str(tmp_path / "run"), "--num_steps",
+        "2", "--batch_size", "8", "--base_features", "4", "--num_validations", "1",
+        "--set", "model.depth=2"])
+    module.main()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["selected"]["weights"] == chosen
+    saved = dict(np.load(tmp_path / "run" / "model_state.npz"))
+
+    def flat(kind):
+        return {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+                jax.tree_util.tree_leaves_with_path(jax.device_get(nnx.state(merged[-1][kind])))}
+
+    expected, other = flat(chosen), flat({"model": "ema", "ema": "model"}[chosen])
+    assert saved.keys() == expected.keys()
+    assert all(np.array_equal(saved[k], expected[k]) for k in expected)
+    assert not all(np.array_equal(saved[k], other[k]) for k in other)
+
+
 def _array_train_run(run, *, seed, num_steps, selected_step, base_features=4):
     """A launch/gpu_array_train.py --out folder: a model's flat state (keyed by path, as that
     script writes it) and a summary.json of its bf16-compute config and selected step."""
