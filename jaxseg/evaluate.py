@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from flax import nnx
 
 from jaxseg import input_pipeline, metrics, refine, resolution, sharding
 from jaxseg.arg_types import refuse_positional, run_absl
-from jaxseg.inference import person_probabilities
+from jaxseg.inference import person_probabilities, weights_digest
 from jaxseg.workdir import output_file_problem, workdir_path, write_text_whole
 
 # Thresholds at which per-pixel counts are kept for the threshold sweep and calibration.
@@ -523,12 +522,7 @@ def _must_agree(f, dataset: str, split: str, evaluator: Evaluator, model) -> dic
     """What every process of an evaluation must hold alike, as text (distributed.disagreement):
     the model's weights (None for --predictions), the options that change the figures, and the
     data (its size and canvas)."""
-    weights = None
-    if model is not None:
-        digest = hashlib.sha256()
-        for leaf in jax.tree.leaves(jax.device_get(nnx.state(model))):
-            digest.update(np.ascontiguousarray(leaf).tobytes())
-        weights = digest.hexdigest()
+    weights = None if model is None else weights_digest(model)
     return {"the model": json.dumps([weights, f.members, bool(f.predictions)]),
             "the options": json.dumps([f.flip_tta, f.refine, f.refine_radius, f.refine_eps,
                                        evaluator.threshold, evaluator.batch_size]),

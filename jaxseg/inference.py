@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import pathlib
 import re
@@ -9,6 +10,7 @@ import shutil
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -113,6 +115,14 @@ def load_from_workdir(workdir: str, checkpoint: str = "best"):
     state, _, step = ckpts.restore(checkpoint, checkpointing.abstract_like(abstract, device))
     ckpts.close()
     return train_step.inference_model(nnx.merge(graphdef, state)), config, step
+
+
+def weights_digest(model) -> str:
+    """sha256 of MODEL's weights, as hex: processes compare it to know they hold the same model."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(nnx.state(model))):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
 
 
 def load(workdir: str | None = None, checkpoint: str = "best", members: int = 0):

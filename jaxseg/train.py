@@ -277,17 +277,32 @@ def _starting_model(config, workdir):
     Opening and loading checkpoints meets the other processes in orbax's barriers: every process
     first checks that all of them agree on the config, then on the workdir's latest checkpoint
     (as `_must_agree` does later), or a process that alone loaded it met the others in barriers
-    of other names (an AssertionError, or a hang) instead of the line naming what differs."""
+    of other names (an AssertionError, or a hang) instead of the line naming what differs.
+    Each host may hold train.init_checkpoint at a path of its own (`_shared_config`): all check
+    that each finds a checkpoint there before loading it, and that they loaded the same weights
+    and step after."""
     _refuse_disagreement({"the config": _shared_config(config)})
     if not config.train.init_checkpoint:
         return None
+    latest = _latest_step(workdir)
+    _refuse_disagreement({"the workdir's latest checkpoint": str(latest)})
+    if latest is not None:
+        return None
+    _refuse_disagreement({"whether train.init_checkpoint holds a checkpoint": str(
+        _latest_step(config.train.init_checkpoint) is not None)})
+    model, step = _init_model(config)
+    _refuse_disagreement({"the model of train.init_checkpoint": json.dumps(
+        [inference.weights_digest(model), step])})
+    return model, step
+
+
+def _latest_step(workdir):
+    """The latest checkpoint step in WORKDIR, None where it holds none (or does not exist)."""
     ckpts = checkpointing.Checkpoints(workdir, read_only=True)  # creates no folder
     try:
-        latest = ckpts.latest_step()
+        return ckpts.latest_step()
     finally:
         ckpts.close()
-    _refuse_disagreement({"the workdir's latest checkpoint": str(latest)})
-    return None if latest is not None else _init_model(config)
 
 
 def _init_model(config):
@@ -323,10 +338,14 @@ def _must_agree(config, sources, evaluators, ckpts) -> dict[str, str]:
 
 
 def _shared_config(config) -> str:
-    """The config but for its _PER_HOST fields, as text."""
+    """The config but for its _PER_HOST fields, and with whether train.init_checkpoint is set in
+    place of its path, as text."""
     shared = json.loads(config.to_json())
     for field in _PER_HOST:
         shared["data"].pop(field, None)
+    # Each host may hold its own copy at a path of its own: `_starting_model` compares the
+    # model loaded from it instead.
+    shared["train"]["init_checkpoint"] = bool(config.train.init_checkpoint)
     return json.dumps(shared, sort_keys=True)
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -417,11 +418,10 @@ def test_processes_on_other_data_are_refused_before_training(tmp_path):
 
 
 
-def test_processes_that_differ_in_init_checkpoint_are_refused_in_one_line(tmp_path):
-    """train.init_checkpoint was loaded, through orbax's cross-process barriers, before the
-    processes had checked that they agree: a process that alone had it set (or alone found no
-    checkpoint in the workdir) met the others in barriers of other names, an AssertionError
-    ('sync_global_devices name mismatch') or a hang instead of the line naming what differs."""
+def run_with_init_checkpoints(tmp_path, paths):
+    """A 2-step training of 2 processes on a small person_folder, each process starting from its
+    own train.init_checkpoint, PATHS[process id] ("" for none): (exit statuses, cluster,
+    workdir)."""
     folder = tmp_path / "folder"
     fx.make_simple_folder(folder / "train", [f"t{j}" for j in range(4)])
     fx.make_simple_folder(folder / "validation", ["v0", "v1"], seed=50)
@@ -432,8 +432,7 @@ def test_processes_that_differ_in_init_checkpoint_are_refused_in_one_line(tmp_pa
 
         def get_config():
             c = smoke.get_config()
-            if os.environ["JAXSEG_PROCESS_ID"] == "1":
-                c.train.init_checkpoint = {str(tmp_path / "old")!r}
+            c.train.init_checkpoint = {list(map(str, paths))!r}[int(os.environ["JAXSEG_PROCESS_ID"])]
             return c
     """))
     workdir = tmp_path / "work"
@@ -451,6 +450,15 @@ def test_processes_that_differ_in_init_checkpoint_are_refused_in_one_line(tmp_pa
         pytest.fail(f"hung:\n{cluster.log(0)[-2000:]}\n{cluster.log(1)[-2000:]}")
     finally:
         cluster.kill()
+    return rcs, cluster, workdir
+
+
+def test_processes_that_differ_in_init_checkpoint_are_refused_in_one_line(tmp_path):
+    """train.init_checkpoint was loaded, through orbax's cross-process barriers, before the
+    processes had checked that they agree: a process that alone had it set (or alone found no
+    checkpoint in the workdir) met the others in barriers of other names, an AssertionError
+    ('sync_global_devices name mismatch') or a hang instead of the line naming what differs."""
+    rcs, cluster, workdir = run_with_init_checkpoints(tmp_path, ["", tmp_path / "old"])
     assert rcs == [1, 1], [cluster.log(i)[-2000:] for i in range(2)]
     for i in range(2):
         assert ("error: the processes of this run differ in the config (process 1 against "
@@ -458,6 +466,34 @@ def test_processes_that_differ_in_init_checkpoint_are_refused_in_one_line(tmp_pa
         assert "Traceback" not in cluster.log(i), cluster.log(i)[-2000:]
     assert not (workdir / "metrics.jsonl").exists() and latest_step(workdir) is None
 
+
+def test_hosts_with_their_own_copy_of_init_checkpoint_train_from_it(runs, tmp_path):
+    """Each host holding the same init checkpoint at a path of its own was refused for a config
+    that differs: they train from it."""
+    copies = [shutil.copytree(runs["two"], tmp_path / f"copy_{i}") for i in range(2)]
+    rcs, cluster, workdir = run_with_init_checkpoints(tmp_path, copies)
+    assert rcs == [0, 0], [cluster.log(i)[-2000:] for i in range(2)]
+    assert f"initialised the model from {copies[0]} (step {STEPS})" in cluster.log(0)
+    assert latest_step(workdir) == 2
+
+
+def test_hosts_whose_init_checkpoints_differ_are_refused_in_one_line(runs, tmp_path):
+    """Other weights at each host's train.init_checkpoint (or none at one) stop both processes
+    with one line naming what differs, before the first step."""
+    one, two = model_state(runs["one"])[0], model_state(runs["two"])[0]
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, one, two)))  # 1e-7 apart
+    for case, paths, differ in (
+            ("other", [runs["two"], runs["one"]], "the model of train.init_checkpoint"),
+            ("none", [runs["two"], tmp_path / "none"],
+             "whether train.init_checkpoint holds a checkpoint")):
+        (tmp_path / case).mkdir()
+        rcs, cluster, workdir = run_with_init_checkpoints(tmp_path / case, paths)
+        assert rcs == [1, 1], [cluster.log(i)[-2000:] for i in range(2)]
+        for i in range(2):
+            assert (f"error: the processes of this run differ in {differ} (process 1 against "
+                    "process 0)" in cluster.log(i)), cluster.log(i)[-2000:]
+            assert "Traceback" not in cluster.log(i), cluster.log(i)[-2000:]
+        assert not (workdir / "metrics.jsonl").exists() and latest_step(workdir) is None
 
 
 def test_processes_in_workdirs_that_differ_are_refused_before_init_checkpoint_is_loaded(tmp_path):
