@@ -88,6 +88,16 @@ class Cluster:
                 proc.kill()
                 proc.wait()
 
+    def exit_codes(self, timeout: float = TIMEOUT_S) -> list[int]:
+        """Every process's exit status, whatever it is; fails if one is still running after
+        TIMEOUT (each process is given that long), and leaves none running."""
+        try:
+            return [proc.wait(timeout=timeout) for proc in self.procs]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"hung:\n{self.log(0)[-2000:]}\n{self.log(1)[-2000:]}")
+        finally:
+            self.kill()
+
     def wait(self, timeout: float = TIMEOUT_S) -> None:
         """Waits for all; fails (after stopping the rest) on a non-zero exit or the timeout."""
         deadline = time.monotonic() + timeout
@@ -403,12 +413,7 @@ def test_processes_on_other_data_are_refused_before_training(tmp_path):
     env = base_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), JAXSEG_MANUAL_DIR=str(tmp_path / "none"),
                    JAXSEG_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
     cluster = Cluster(cmd, num=2, devices=1, env=env, log_dir=tmp_path / "logs")
-    try:
-        rcs = [proc.wait(timeout=TIMEOUT_S) for proc in cluster.procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"hung:\n{cluster.log(0)[-2000:]}\n{cluster.log(1)[-2000:]}")
-    finally:
-        cluster.kill()
+    rcs = cluster.exit_codes()
     assert rcs == [1, 1], [cluster.log(i)[-2000:] for i in range(2)]
     for i in range(2):
         assert ("error: the processes of this run differ in the training data (process 1 "
@@ -444,12 +449,7 @@ def run_with_init_checkpoints(tmp_path, paths):
     env = base_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), JAXSEG_MANUAL_DIR=str(tmp_path / "none"),
                    JAXSEG_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
     cluster = Cluster(cmd, num=2, devices=1, env=env, log_dir=tmp_path / "logs")
-    try:
-        rcs = [proc.wait(timeout=TIMEOUT_S) for proc in cluster.procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"hung:\n{cluster.log(0)[-2000:]}\n{cluster.log(1)[-2000:]}")
-    finally:
-        cluster.kill()
+    rcs = cluster.exit_codes()
     return rcs, cluster, workdir
 
 
@@ -514,12 +514,7 @@ def test_processes_in_workdirs_that_differ_are_refused_before_init_checkpoint_is
     env = base_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), JAXSEG_MANUAL_DIR=str(tmp_path / "none"),
                    JAXSEG_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S), WORK_ROOT=str(tmp_path))
     cluster = Cluster(cmd, num=2, devices=1, env=env, log_dir=tmp_path / "logs")
-    try:
-        rcs = [proc.wait(timeout=TIMEOUT_S) for proc in cluster.procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"hung:\n{cluster.log(0)[-2000:]}\n{cluster.log(1)[-2000:]}")
-    finally:
-        cluster.kill()
+    rcs = cluster.exit_codes()
     assert rcs == [1, 1], [cluster.log(i)[-2000:] for i in range(2)]
     for i in range(2):
         assert ("error: the processes of this run differ in the workdir's latest checkpoint "
@@ -552,12 +547,7 @@ def test_process_that_raises_stops_the_other(tmp_path):
     cluster = Cluster([sys.executable, "-c", RAISES], num=2, devices=1, env=env,
                       log_dir=tmp_path / "logs")
     start = time.monotonic()
-    try:
-        rcs = [proc.wait(timeout=120) for proc in cluster.procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"hung:\n{cluster.log(0)[-2000:]}\n{cluster.log(1)[-2000:]}")
-    finally:
-        cluster.kill()
+    rcs = cluster.exit_codes(120)
     assert all(rc != 0 for rc in rcs), rcs
     assert time.monotonic() - start < 60
     assert "RuntimeError: a bug in process 1 only" in cluster.log(1)
