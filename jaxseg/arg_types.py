@@ -44,12 +44,16 @@ def refuse_positional(argv: list[str]) -> None:
 
 
 def run_absl(main, **kwargs) -> None:
-    """absl.app.run(MAIN, **KWARGS), where asking for help (--help, -?, --helpshort, --helpfull,
-    --helpxml) exits 0: absl's help flags exit 1, which a script asking for help reads as a
-    failure. Usage errors keep absl's status."""
+    """absl.app.run(MAIN, **KWARGS), where asking for help (--help, -h, -?, --helpshort,
+    --helpfull, --helpxml) exits 0: absl's help flags exit 1, which a script asking for help reads
+    as a failure. Usage errors keep absl's status."""
     from absl import app, flags
 
     app.define_help_flags()  # app.run defines them too: it does so once
+    # -h is help in the argparse CLIs (sweep, export, bench). An absl alias rather than rewriting
+    # argv: absl's own parser then decides, so `--output -h` stays the value of --output.
+    if "h" not in flags.FLAGS:
+        flags.DEFINE_alias("h", "help")
     for name in ("help", "helpshort", "helpfull", "helpxml"):
         flags.FLAGS[name].parse = _help_exits_0(flags.FLAGS[name].parse)
     app.run(main, **kwargs)

@@ -217,11 +217,11 @@ def test_a_missing_init_checkpoint_is_refused_before_the_workdir_is_touched(tmp_
 
 
 @pytest.mark.parametrize("module, flag", [("train", "--help"), ("train", "--helpfull"),
-                                          ("predict", "--help"), ("predict", "-?"),
+                                          ("train", "-h"), ("predict", "--help"), ("predict", "-?"),
                                           ("evaluate", "--helpshort"), ("report", "--helpxml")])
 def test_asking_for_help_exits_0(module, flag):
-    """Help on stdout and exit status 0 (absl's help flags exit 1: a failure to a script); an
-    unknown flag stays a usage error."""
+    """Help on stdout and exit status 0 (absl's help flags exit 1: a failure to a script), -h as
+    in the argparse CLIs; an unknown flag stays a usage error."""
     result = subprocess.run([sys.executable, "-m", f"jaxseg.{module}", flag], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
