@@ -42,8 +42,8 @@ def config_file_problem(error: Exception, config_file: str) -> str | None:
     """Why ml_collections could not load CONFIG_FILE (the --config argument), as one line naming
     the file, or None for any other ERROR: the file missing or unreadable (OSError), not Python
     (SyntaxError), defining no get_config() (AttributeError), or its get_config() returning None
-    (KeyError or AttributeError). An error of the file's own code is None: its traceback says
-    where."""
+    (KeyError or AttributeError) or another type than a ConfigDict (AttributeError). An error of
+    the file's own code is None: its traceback says where."""
     if isinstance(error, OSError):  # ml_collections' own lines on where it looked come first
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         return lines[-1] if lines else str(error)
@@ -62,6 +62,13 @@ def config_file_problem(error: Exception, config_file: str) -> str | None:
             isinstance(error, AttributeError) and error.obj is None and error.name == "to_dict"):
         return (f"{config_file}: get_config() returned None, not a config (does it end in "
                 "`return config`?)")
+    # Another type loads, and takes overrides where it has their fields (a dict does), until the
+    # caller's config.to_dict().
+    if isinstance(error, AttributeError) and error.name == "to_dict":
+        kind = type(error.obj).__name__
+        article = "an" if kind[0].lower() in "aeiou" else "a"
+        return (f"{config_file}: get_config() returned {article} {kind}, not an ml_collections "
+                "ConfigDict (return ml_collections.ConfigDict(...))")
     return None
 
 

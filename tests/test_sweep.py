@@ -367,11 +367,14 @@ def test_a_mistyped_field_option_or_override_is_refused_before_any_trial(
     ("seed = 1\n", "{} defines no get_config(): a config file must define get_config()"),
     ("def get_config(:\n", "{}, line 1: invalid syntax"),
     ("def get_config():\n    pass\n", "{}: get_config() returned None, not a config"),
+    ("def get_config():\n    return {'seed': 1}\n",
+     "{}: get_config() returned a dict, not an ml_collections ConfigDict"),
 ])
 def test_a_config_file_that_cannot_be_loaded_is_refused_in_one_line(tmp_path, monkeypatch, capsys,
                                                                      text, message):
     """Each ended in a traceback (AttributeError, SyntaxError; KeyError: "Attribute <class
-    'NoneType'>.seed does not exist…" for the grid's override), exit status 1."""
+    'NoneType'>.seed does not exist…" for the grid's override; AttributeError: 'dict' object has
+    no attribute 'to_dict'), exit status 1."""
     monkeypatch.setattr(sweep, "run", lambda *args, **kwargs: pytest.fail("the sweep ran"))
     # ml_collections loads each config file into this one module, keeping what an earlier load
     # (another test's) defined: a command line loads one.

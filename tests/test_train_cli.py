@@ -183,17 +183,35 @@ def test_a_config_file_returning_none_is_one_line(tmp_path, override):
     assert not (tmp_path / "w").exists()
 
 
-def test_an_unrecognised_config_error_is_a_traceback(tmp_path):
-    """An AttributeError that is not a config file failing to load (here a get_config() returning
-    a dict) printed 'error: --config: None'."""
+@pytest.mark.parametrize("override", [[], ["--config.seed=3"]])
+def test_a_config_file_returning_a_dict_is_one_line(tmp_path, override):
+    """It ended in a traceback: AttributeError: 'dict' object has no attribute 'to_dict' (the
+    override, a key of the dict, is taken)."""
     config = tmp_path / "mine.py"
-    config.write_text("def get_config():\n    return {'a': 1}\n")
+    config.write_text("def get_config():\n    return {'seed': 0}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.train", "--config", str(config), "--workdir",
+         str(tmp_path / "w"), *override], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --config: {config}: get_config() returned a dict, not an ml_collections "
+        "ConfigDict (return ml_collections.ConfigDict(...))")
+    assert not (tmp_path / "w").exists()
+
+
+def test_an_unrecognised_config_error_is_a_traceback(tmp_path):
+    """An AttributeError that is not a config file failing to load (here of the to_dict() of what
+    get_config() returned) printed 'error: --config: None'."""
+    config = tmp_path / "mine.py"
+    config.write_text("class Config:\n    def to_dict(self):\n        return self.fields\n\n\n"
+                      "def get_config():\n    return Config()\n")
     result = subprocess.run(
         [sys.executable, "-m", "jaxseg.train", "--config", str(config), "--workdir",
          str(tmp_path / "w")], cwd=REPO, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
     assert result.returncode == 1 and "None" not in result.stderr.strip().splitlines()[-1]
-    assert "Traceback" in result.stderr and "has no attribute 'to_dict'" in result.stderr
+    assert "Traceback" in result.stderr and "has no attribute 'fields'" in result.stderr
     assert not (tmp_path / "w").exists()
 
 
