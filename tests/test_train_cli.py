@@ -165,38 +165,25 @@ def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path, text, message
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("override", [[], ["--config.model.depth=3"]])
-def test_a_config_file_returning_none_is_one_line(tmp_path, override):
-    """It ended in a traceback: AttributeError: 'NoneType' object has no attribute 'to_dict', or
-    with an override KeyError: "Attribute <class 'NoneType'>.model does not exist…". (Above the
-    line, ml_collections' own warning of it.)"""
-    config = tmp_path / "mine.py"
-    config.write_text("def get_config():\n    pass\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxseg.train", "--config", str(config), "--workdir",
-         str(tmp_path / "w"), *override], cwd=REPO, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: --config: {config}: get_config() returned None, not a config (does it end in "
-        "`return config`?)")
-    assert not (tmp_path / "w").exists()
-
-
+@pytest.mark.parametrize("returned, message", [
+    ("None", "returned None, not a config (does it end in `return config`?)"),
+    ("{'seed': 0}", "returned a dict, not an ml_collections ConfigDict (return "
+                    "ml_collections.ConfigDict(...))")])
 @pytest.mark.parametrize("override", [[], ["--config.seed=3"]])
-def test_a_config_file_returning_a_dict_is_one_line(tmp_path, override):
-    """It ended in a traceback: AttributeError: 'dict' object has no attribute 'to_dict' (the
-    override, a key of the dict, is taken)."""
+def test_a_config_file_returning_no_config_is_one_line(tmp_path, returned, message, override):
+    """It ended in a traceback: for None, AttributeError: 'NoneType' object has no attribute
+    'to_dict', or with an override KeyError: "Attribute <class 'NoneType'>.seed does not exist…"
+    (above the line, ml_collections' own warning of it); for a dict, AttributeError: 'dict'
+    object has no attribute 'to_dict' (the override, a key of the dict, is taken)."""
     config = tmp_path / "mine.py"
-    config.write_text("def get_config():\n    return {'seed': 0}\n")
+    config.write_text(f"def get_config():\n    return {returned}\n")
     result = subprocess.run(
         [sys.executable, "-m", "jaxseg.train", "--config", str(config), "--workdir",
          str(tmp_path / "w"), *override], cwd=REPO, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "tfds")))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: --config: {config}: get_config() returned a dict, not an ml_collections "
-        "ConfigDict (return ml_collections.ConfigDict(...))")
+        f"error: --config: {config}: get_config() {message}")
     assert not (tmp_path / "w").exists()
 
 
