@@ -25,11 +25,16 @@ from etils import epath
 STOPPED_EXIT_STATUS = 75
 
 
+def is_storage_url(path: str | os.PathLike) -> bool:
+    """Whether PATH is a storage URL (gs://bucket/x), not a local path."""
+    return "://" in os.fspath(path)
+
+
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     """The workdir as an epath.Path: absolute for local folders (orbax wants that), with `~`
     expanded (--output=~/x reaches the program unexpanded), URLs untouched."""
     path = epath.Path(workdir)
-    return path if "://" in os.fspath(workdir) else path.expanduser().absolute()
+    return path if is_storage_url(workdir) else path.expanduser().absolute()
 
 
 @contextlib.contextmanager
@@ -47,7 +52,7 @@ def complete_or_absent(target: os.PathLike):
     partial = target.with_name(f".jaxseg-{os.getpid()}-{secrets.token_hex(6)}.partial"
                                f"{target.suffix}")
     with contextlib.ExitStack() as held:
-        if "://" not in os.fspath(partial):
+        if not is_storage_url(partial):
             # Locked until the rename, and the kernel drops the lock when its writer dies: so
             # remove_stale_partials tells a file that a killed write left from one still being
             # written, by any process (one of another container, whose pid means nothing here).
@@ -113,7 +118,7 @@ def _running(pid: int) -> bool:
 def _fsync(path, *, folder: bool = False) -> None:
     """Flushes a local file's or folder's contents to disk; storage URLs are left to their
     storage (an object is durable once written)."""
-    if "://" in os.fspath(path):
+    if is_storage_url(path):
         return
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     try:
@@ -133,7 +138,7 @@ def local_folder_problem(path: epath.Path) -> str | None:
     """Creates a local folder if needed; why it cannot be created or written, else None.
 
     URLs are left to their storage, whose errors come with the first write."""
-    if "://" in os.fspath(path):
+    if is_storage_url(path):
         return None
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,7 @@ def output_file_problem(path: epath.Path) -> str | None:
     """Why a file cannot be written at the local PATH (a folder there, a file where one of its
     folders should be, a folder not writable), or None; creates nothing, so that a command can
     refuse its --output before its work rather than after. URLs are left to their storage."""
-    if "://" in os.fspath(path):
+    if is_storage_url(path):
         return None
     path = pathlib.Path(path)
     if path.is_dir():
@@ -187,7 +192,7 @@ def training_lock(workdir: epath.Path):
     WorkdirBusy naming the holder's pid: two trainers in one folder would both write its
     checkpoints and logs. Storage URLs (gs://...) are not locked (their file systems have no
     such locks)."""
-    if "://" in os.fspath(workdir):
+    if is_storage_url(workdir):
         yield
         return
     with contextlib.ExitStack() as held:
@@ -210,7 +215,7 @@ def local_output_folder(text: str) -> pathlib.Path:
     quietly make gs://b/x the local folder gs:/b/x), for an existing file."""
     if not text:
         raise SystemExit("--output: give the folder to write to")
-    if "://" in text:
+    if is_storage_url(text):
         raise SystemExit(f"--output {text}: give a local folder (this command writes local "
                          "files; copy them to storage afterwards)")
     path = pathlib.Path(text).expanduser()  # --output=~/out: no shell expands it

@@ -21,7 +21,7 @@ from jaxseg.datasets.ccp_person import CcpPerson
 from jaxseg.datasets.person_folder import PersonFolder, config_for
 from jaxseg.datasets.portrait_segmentation import PortraitSegmentation
 from jaxseg.mixture import DATASETS
-from jaxseg.workdir import exclusive_lock
+from jaxseg.workdir import exclusive_lock, is_storage_url
 
 __all__ = ["DATASETS", "MANUAL_SUBDIRS", "REPORT_FILE", "BadDataError", "Source", "build_report", "builder",
            "data_source", "prepare", "split_sizes"]
@@ -76,7 +76,7 @@ def _one_build_at_a_time(data_path):
     one dataset into one data dir at once collide (the second's final rename fails), as a sweep's
     parallel trials or two commands started together on a fresh machine do. The second waits,
     then finds the data built. Storage URLs (gs://...) are not locked."""
-    if "://" in str(data_path):
+    if is_storage_url(data_path):
         yield
         return
     folder = pathlib.Path(data_path)
