@@ -94,7 +94,10 @@ def _drop_closed_loop_notices() -> None:
 
 
 @contextlib.contextmanager
-def _reading(manager: ocp.CheckpointManager, step: int):
+def _reading(manager: ocp.CheckpointManager, step: int, which: str):
+    """Raises UnreadableCheckpoint for a damaged checkpoint at STEP, asked for as WHICH: one asked
+    for by number is told to name another step, one found as 'latest' or 'best' to move this one
+    out of their way."""
     _drop_closed_loop_notices()  # before: some reads end before the error reaches this frame
     try:
         yield
@@ -107,6 +110,7 @@ def _reading(manager: ocp.CheckpointManager, step: int):
             f"checkpoint {manager.directory / str(step)} cannot be read ({type(e).__name__}"
             f"{': ' + what if what else ''}): it is incomplete or not written by jaxseg; " + (
                 f"it is the only checkpoint in {manager.directory}" if fallback is None else
+                f"name step {fallback} instead" if which not in ("best", "latest") else
                 f"move it out of {manager.directory} to use step {fallback} instead"),
             fallback) from None
 
@@ -212,7 +216,7 @@ class Checkpoints:
     def restore(self, which: str | int, abstract_state) -> tuple[object, dict, int]:
         """Restores onto `abstract_state` (shapes, dtypes and target shardings): (state, meta, step)."""
         manager, step = self.resolve(str(which))
-        with _reading(manager, step):
+        with _reading(manager, step, str(which)):
             out = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out.state, dict(out.meta), step
@@ -220,7 +224,7 @@ class Checkpoints:
     def read_meta(self, which: str | int) -> tuple[dict, int]:
         """Only the JSON metadata of a checkpoint: (meta, step)."""
         manager, step = self.resolve(str(which))
-        with _reading(manager, step):
+        with _reading(manager, step, str(which)):
             out = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out.meta), step
 

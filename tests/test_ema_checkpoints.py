@@ -255,6 +255,10 @@ def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage)
     ckpts.close()
     with pytest.raises(FileNotFoundError, match=message):
         inference.load_from_workdir(str(tmp_path), "latest")
+    # Asked for by number, it is not in the way of another: the line names the step to ask for.
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {folder} cannot be read .*; name "
+                       "step 1 instead$"):
+        inference.load_from_workdir(str(tmp_path), "5")
     shutil.rmtree(folder)
     assert inference.load_from_workdir(str(tmp_path), "latest")[2] == 1
 
