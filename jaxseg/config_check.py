@@ -5,6 +5,7 @@ launch/gpu_array_train.py runs it on accelerator machines without TensorFlow.
 """
 from __future__ import annotations
 
+import math
 import re
 import types
 
@@ -151,13 +152,15 @@ def validate(config, num_devices: int) -> None:
     if not 0 <= config.model.dropout < 1:
         problems.append(f"model.dropout={config.model.dropout} must be in [0, 1)")
     aug = config.data.aug
-    if not 0 < aug.scale_min <= aug.scale_max:
+    # An infinite or nan bound (nan passed `< 0`) stopped the first batch with numpy's
+    # OverflowError, raised in a worker thread.
+    if not 0 < aug.scale_min <= aug.scale_max < math.inf:
         problems.append(f"data.aug.scale_min={aug.scale_min}, scale_max={aug.scale_max}: the zoom "
-                        "range needs 0 < scale_min <= scale_max (1, 1 = no zoom)")
+                        "range needs 0 < scale_min <= scale_max < inf (1, 1 = no zoom)")
     for field in ("rotate_degrees", "max_shift"):
-        if aug[field] < 0:
-            problems.append(f"data.aug.{field}={aug[field]} must be >= 0 (0 = off; the draw is "
-                            "symmetric about 0)")
+        if not 0 <= aug[field] < math.inf:
+            problems.append(f"data.aug.{field}={aug[field]} must be >= 0 and finite (0 = off; the "
+                            "draw is symmetric about 0)")
     for field in ("brightness", "contrast", "saturation"):
         # A jitter of 1 or more can scale a photo by 0 or less: black or inverted.
         if not 0 <= aug[field] < 1:
