@@ -9,7 +9,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_devices = 0  # 0 = every device of every process
 
     c.data = ml_collections.ConfigDict()
-    # name:weight pairs; each training batch holds examples in these proportions.
+    # name:weight pairs; each training batch holds examples in these proportions, rounded to
+    # whole examples (at least one each; training warns where the batch cannot hold them exactly).
     c.data.train = "portrait_segmentation:1,ccp_person:1"
     c.data.train_split = "train"
     c.data.eval = "portrait_segmentation,ccp_person"

@@ -456,6 +456,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if main:
             write_text_whole(workdir / "config.json", config.to_json(indent=2))
 
+        if main and (note := mixture.rounding_note(config.data.train, config.train.batch_size)):
+            log.warning(note)
         batches = input_pipeline.TrainBatches(
             sources, weights, global_batch=config.train.batch_size, image_size=config.data.image_size,
             aug=config.data.aug, seed=config.seed, start_step=start,

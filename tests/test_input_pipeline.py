@@ -1,5 +1,6 @@
 """Training batches are a pure function of (seed, step); evaluation covers each example once."""
 import collections
+import re
 
 import jax
 import ml_collections
@@ -19,6 +20,17 @@ def aug_config(enabled=True):
 def batches(sources, start=0, slots=None, batch=8):
     return input_pipeline.TrainBatches(sources, [1, 1], global_batch=batch, image_size=32,
                                        aug=aug_config(), seed=3, start_step=start, slots=slots)
+
+
+def test_a_mixture_that_a_batch_cannot_hold_exactly_is_noted_with_its_rounded_shares():
+    """1:1:1 in 16 rows, or 1:99 in 8, is trained at other shares at every step; that was unsaid."""
+    assert mixture.rounding_note("a:1,b:1", 16) is None
+    assert mixture.rounding_note("a:3,b:1", 8) is None
+    assert mixture.rounding_note("a:0.25,b:0.75", 64) is None
+    note = mixture.rounding_note("a:1,b:99", 8)
+    assert note.endswith("each batch of 8 holds 1 a (12.5%, asked 1.0%), 7 b (87.5%, asked 99.0%)")
+    counts = [int(c) for c in re.findall(r"(\d+) [abc] \(", mixture.rounding_note("a:1,b:1,c:1", 16))]
+    assert sorted(counts) == [5, 5, 6] and sum(counts) == 16
 
 
 def test_mixture_counts_and_parsing():
