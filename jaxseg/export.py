@@ -10,7 +10,8 @@ normalisation is inside the model, so callers feed raw pixels. Written to DIR:
                    one image (batch 1) and `batch_N` takes N; input `images`, output
                    `probabilities`.
   model.tflite     The same signatures converted by `tf.lite.TFLiteConverter`, if it converts.
-  export.json      Shapes, dtypes, signatures, versions, and why a form is missing or fixed-batch.
+  export.json      Shapes, dtypes, signatures, versions, and why a form is missing or fixed-batch;
+                   written last, so that a folder without it holds no whole export.
 
 All forms are lowered for the CPU: they are meant for CPU serving, and lowering for the local
 default backend would make an export built on a GPU machine unusable on a CPU-only one.
@@ -112,6 +113,9 @@ def export_all(model, config, output, *, batch_size: int = 8, description: dict 
 
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    # Removed first and written last: an export that fails halfway into an earlier export's
+    # folder must not leave that export's manifest describing files now partly this model's.
+    (output / MANIFEST_FILE).unlink(missing_ok=True)
     size = config.data.image_size
     manifest = {
         "model": description or {},

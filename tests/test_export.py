@@ -92,6 +92,26 @@ def test_a_failed_conversion_leaves_no_earlier_tflite(exported, tmp_path, monkey
     assert not (again / export.TFLITE_FILE).exists()
 
 
+def test_a_failed_export_leaves_no_earlier_manifest(exported, tmp_path, monkeypatch):
+    """Exporting again into a folder and failing after the StableHLO file: the earlier manifest
+    would still describe the folder as a whole export, of which that file is now another model's."""
+    import shutil
+
+    out, _, _ = exported
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    config = tiny_config()
+
+    def broken(*args):
+        raise RuntimeError("SavedModel broke")
+
+    monkeypatch.setattr(export, "save_saved_model", broken)
+    with pytest.raises(RuntimeError, match="SavedModel broke"):
+        export.export_all(create_model(config.model, seed=2), config, again, batch_size=BATCH)
+    assert (again / export.STABLEHLO_FILE).read_bytes() != (out / export.STABLEHLO_FILE).read_bytes()
+    assert not (again / export.MANIFEST_FILE).exists()
+
+
 def test_exports_match_jax_on_real_photos(exported, photos):
     out, _, reference = exported
     forms = export.runners(out)
