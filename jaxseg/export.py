@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     escape_unencodable_stdout()  # a non-UTF-8 --output in the last line
     output = local_output_folder(args.output)
-    created = not output.exists()
+    created = [p for p in (output, *output.parents) if not p.exists()]  # deepest first
     problem = local_folder_problem(output)  # before the minutes of loading and converting
     if problem:
         raise SystemExit(f"--output {output}: {problem}")
@@ -206,9 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         model, config, description = inference.load_or_exit(args.workdir, args.checkpoint,
                                                             args.members)
     except SystemExit:
-        if created:  # no empty folder left behind by a run that wrote nothing
+        for folder in created:  # no empty folders left behind by a run that wrote nothing
             with contextlib.suppress(OSError):
-                output.rmdir()
+                folder.rmdir()
         raise
     manifest = export_all(model, config, output, batch_size=args.batch_size,
                           description=dict(description, members=args.members or None))

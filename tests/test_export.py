@@ -194,6 +194,10 @@ def test_a_model_that_cannot_be_loaded_leaves_no_empty_output(tmp_path):
     with pytest.raises(SystemExit, match="nowhere"):
         export.main(["--workdir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+    # Nor the missing folders above it that it created too.
+    with pytest.raises(SystemExit, match="nowhere"):
+        export.main(["--workdir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "a" / "b")])
+    assert not (tmp_path / "a").exists()
     (tmp_path / "mine").mkdir()  # a folder the user made stays
     with pytest.raises(SystemExit, match="nowhere"):
         export.main(["--workdir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "mine")])
