@@ -33,7 +33,7 @@ from flax import nnx
 from jaxseg import inference
 from jaxseg.arg_types import add_model_arguments, at_least
 from jaxseg.workdir import (escape_unencodable_stdout, local_folder_problem, local_output_folder,
-                            write_text_whole)
+                            remove_stale_partials, write_text_whole)
 
 PLATFORMS = ("cpu",)
 STABLEHLO_FILE = "model.stablehlo"
@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    remove_stale_partials(output)  # the hidden unfinished manifest of a run killed outright
     manifest = export_all(model, config, output, batch_size=args.batch_size,
                           description=dict(description, members=args.members or None))
     print(f"wrote {output}: {STABLEHLO_FILE} (symbolic batch), {SAVED_MODEL_DIR}/ "

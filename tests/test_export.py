@@ -218,6 +218,28 @@ def test_a_home_relative_output_is_written_in_home(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "~").exists()
 
 
+def test_the_unfinished_manifest_of_a_killed_export_is_removed(tmp_path, monkeypatch):
+    """An export killed outright (SIGKILL) while writing export.json left its hidden partial file
+    in --output for good; the next export there removes it, and keeps a user's hidden files."""
+    import subprocess
+    import sys
+
+    from jaxseg import export
+
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    left = out / f".jaxseg-{gone.pid}-0123456789ab.partial.json"
+    left.write_text("{")
+    mine = out / ".notes.json"
+    mine.write_text("{}")
+    monkeypatch.setattr(export, "export_all", lambda *_, **__: {"saved_model": {"signatures": []},
+                                                               "tflite": {"file": "x"}})
+    export.main(["--members=1", "--output", str(out)])
+    assert not left.exists() and mine.read_text() == "{}"
+
+
 def test_a_negative_member_count_is_a_usage_error(tmp_path, capsys):
     from jaxseg import export
 
