@@ -53,6 +53,10 @@ RESOLUTION_MIN_GAP = 0.01
 BOUNDARY_MIN_GAP = 0.10
 IMBALANCE_RATIO = 1.25
 EVAL_KEYS = {"iou", "dataset", "split", "precision", "recall"}
+# What the detailed analysis reads besides EVAL_KEYS: every eval JSON jaxseg.evaluate has written
+# holds them; one without them (cut down, or another tool's) is a row of the metric tables only.
+ANALYSIS_KEYS = ("num_images", "per_image", "threshold", "threshold_sweep", "mean_image_iou",
+                 "boundary_f1")
 ERROR_COLOURS = {"tp": (40, 190, 40), "fp": (230, 30, 30), "fn": (30, 90, 255)}
 
 
@@ -508,7 +512,7 @@ def recommendations(result: dict, area: list[dict], people: list[dict], peers: l
         diff = result["iou"] - peer.result["iou"]
         recs.append(f"{'Ahead of' if diff >= 0 else 'Behind'} {peer.label} by {abs(diff):.3f} IoU "
                     f"({result['iou']:.3f} vs {peer.result['iou']:.3f}); boundary F1 "
-                    f"{result['boundary_f1']:.3f} vs {peer.result['boundary_f1']:.3f}.")
+                    f"{result['boundary_f1']:.3f} vs {_fmt(peer.result.get('boundary_f1'))}.")
     return recs
 
 
@@ -699,6 +703,11 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
                  image_size: int | None) -> tuple[list, list[str]]:
     """(blocks, recommendations) of the detailed analysis of one own eval file."""
     r = e.result
+    missing = [k for k in ANALYSIS_KEYS if k not in r]
+    if missing:  # else a KeyError's traceback, and no report at all
+        note = (f"Not analysed: {e.path.name} lacks {', '.join(missing)}, which every eval JSON "
+                "of jaxseg.evaluate holds; evaluate again for the analysis.")
+        return [Heading(f"{r['dataset']} / {r['split']}: {e.label}"), Text(note)], [note]
     if not r["num_images"]:  # its ratios would read as a perfect or undefined score
         return ([Heading(f"{r['dataset']} / {r['split']}: {e.label}"), Text("No images.")],
                 ["No images were evaluated: nothing to analyse."])

@@ -398,6 +398,27 @@ def test_a_partial_file_left_by_a_killed_evaluation_is_not_an_evaluation(tmp_pat
     assert [e.path.name for e in found] == ["best_fake_validation.json"]
 
 
+def test_an_eval_json_without_what_the_analysis_reads_is_a_line_not_a_traceback(tmp_path):
+    """A cut-down eval JSON (no per-image results, no sweep) stopped the whole report with a
+    KeyError, and so did a peer without a boundary F1 beside a complete own eval."""
+    summary = {"dataset": "fake", "split": "validation", "iou": 0.9, "precision": 0.9,
+               "recall": 0.9, "checkpoint_step": STEP}
+    workdir = make_workdir(tmp_path / "cut", summary)
+    markdown = report.build_report(workdir, k=2)["markdown"].read_text()
+    assert ("Not analysed: best_fake_validation.json lacks num_images, per_image, threshold, "
+            "threshold_sweep, mean_image_iou, boundary_f1") in markdown
+    assert "| best (step 20) | 0.900 |" in markdown  # still a row of the metric table
+
+    source = fake_source(8, seed=3, min_size=40, max_size=60)
+    result = fake_eval(source, **{k: v for k, v in CASES["over"].items() if k != "expect"})
+    workdir = make_workdir(tmp_path / "peer", result)
+    peer = workdir.parent / "peers" / "mediapipe_fake_validation.json"
+    peer.write_text(json.dumps({k: v for k, v in json.loads(peer.read_text()).items()
+                                if k != "boundary_f1"}))
+    markdown = report.build_report(workdir, k=2)["markdown"].read_text()
+    assert f"boundary F1 {result['boundary_f1']:.3f} vs —." in markdown
+
+
 def test_a_split_with_nothing_to_show_says_so_instead_of_an_overlay_error():
     """Person-free photos with nothing predicted: no best or worst example to draw."""
     per_image = [{"id": str(i), "iou": 1.0, "dice": 1.0, "regions": 0, "person_fraction": 0.0,
