@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import sys
 
 import cv2
 import numpy as np
@@ -230,7 +231,7 @@ class EvalFile:
 
 def find_evals(folder: epath.Path, *, peer: bool) -> list[EvalFile]:
     """The eval JSONs directly in `folder` (other JSON files, and hidden ones such as a write's
-    partial file that a kill left, are ignored), sorted by name."""
+    partial file that a kill left, are ignored; unreadable ones named on stderr), sorted by name."""
     found = []
     if folder.is_dir():
         # iterdir, not glob: a glob reads a '[' in the folder's own path as a pattern.
@@ -238,7 +239,11 @@ def find_evals(folder: epath.Path, *, peer: bool) -> list[EvalFile]:
                            if p.suffix == ".json" and not p.name.startswith(".")):
             try:
                 result = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+                # Said, not skipped without a word: an eval JSON cut short (a copy interrupted)
+                # made a report that read as if that evaluation had never run.
+                print(f"warning: {path} left out: not a readable JSON file ({err})",
+                      file=sys.stderr)
                 continue
             if isinstance(result, dict) and EVAL_KEYS <= result.keys():
                 found.append(EvalFile(path, result, peer))

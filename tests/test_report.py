@@ -398,6 +398,24 @@ def test_a_partial_file_left_by_a_killed_evaluation_is_not_an_evaluation(tmp_pat
     assert [e.path.name for e in found] == ["best_fake_validation.json"]
 
 
+def test_an_eval_json_cut_short_is_named_not_left_out_without_a_word(tmp_path, capsys):
+    """A damaged eval JSON was skipped silently (the report read as if it had never run), and a
+    folder named like one stopped the report with IsADirectoryError."""
+    source = fake_source(4, seed=3, min_size=40, max_size=60)
+    result = fake_eval(source, **{k: v for k, v in CASES["over"].items() if k != "expect"})
+    evals = make_workdir(tmp_path, result) / "eval"
+    whole = (evals / "best_fake_validation.json").read_text()
+    (evals / "best_fake_test.json").write_text(whole[: len(whole) // 2])
+    (evals / "old.json").mkdir()
+    found = report.find_evals(epath.Path(evals), peer=False)
+    assert [e.path.name for e in found] == ["best_fake_validation.json"]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"warning: {evals / 'best_fake_test.json'} left out: not a "
+                               "readable JSON file (")
+    assert lines[1].startswith(f"warning: {evals / 'old.json'} left out: ")
+
+
 def test_an_eval_json_without_what_the_analysis_reads_is_a_line_not_a_traceback(tmp_path):
     """A cut-down eval JSON (no per-image results, no sweep) stopped the whole report with a
     KeyError, and so did a peer without a boundary F1 beside a complete own eval."""
