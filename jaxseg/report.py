@@ -764,11 +764,14 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
 
 
 def build_report(workdir: str | os.PathLike, output: str | os.PathLike | None = None, *,
-                 k: int = 6, peer_dir: str | os.PathLike | None = None, examples=None) -> dict:
+                 k: int = 6, peer_dir: str | os.PathLike | None = None, examples=None,
+                 checkpoint: str = "best") -> dict:
     """Writes report.html and report.md (+ figure files) to `output`; returns their paths.
 
     `examples` supplies the overlays (`.step` and `.fetch`, see ModelExamples); own eval files of
     that checkpoint step get the detailed analysis (all own eval files when it is None).
+    `checkpoint`: the name `examples` was loaded by, for the evaluate command the report gives
+    when no eval JSON is of its step.
     """
     # workdir_path: a gs:// workdir stays a URL (pathlib would make it a local 'gs:/' folder).
     workdir = workdir_path(workdir)
@@ -798,10 +801,14 @@ def build_report(workdir: str | os.PathLike, output: str | os.PathLike | None = 
         from jaxseg.evaluate import PRETRAINED_RUN_DIR
 
         pretrained = workdir == workdir_path(PRETRAINED_RUN_DIR)  # evaluate needs no --workdir
+        # Without the checkpoint's name the command scored 'best', whose eval JSONs another
+        # --checkpoint's report still would not analyse; without a model there is no step.
+        options = ("" if pretrained else f" --workdir {workdir}") + (
+            "" if checkpoint == "best" else f" --checkpoint {checkpoint}")
+        of_step = "" if examples is None else f" of checkpoint step {step}"
         blocks.append(Text(
-            f"No eval JSON of checkpoint step {step} under {workdir / 'eval'}: run python -m "
-            f"jaxseg.evaluate{'' if pretrained else f' --workdir {workdir}'} --dataset NAME "
-            "--split SPLIT first."))
+            f"No eval JSON{of_step} under {workdir / 'eval'}: run python -m jaxseg.evaluate"
+            f"{options} --dataset NAME --split SPLIT first."))
     for e, recs in all_recs:
         blocks += [Heading(f"{e.result['dataset']} / {e.result['split']}: {e.label}", 3),
                    Bullets(recs)]
@@ -873,7 +880,7 @@ def main(argv):
         print(f"no model for the overlays ({err}); reporting every eval JSON without them")
         examples = None
     paths = build_report(workdir, f.output or None, k=f.k, peer_dir=f.peer_dir or None,
-                         examples=examples)
+                         examples=examples, checkpoint=f.checkpoint)
     print(f"wrote {paths['html']} and {paths['markdown']} ({len(paths['figures'])} figures)")
 
 

@@ -564,6 +564,23 @@ def test_only_the_examples_checkpoint_gets_the_detailed_analysis(tmp_path):
     assert len(examples.calls) == 2  # worst and best of the one analysed eval
 
 
+def test_without_an_eval_of_the_checkpoint_the_advice_scores_that_checkpoint(tmp_path):
+    """The command given scored 'best' whatever --checkpoint the report was for (its evals then
+    still had another step), and without a model the report spoke of 'checkpoint step None'."""
+    source = fake_source(4, seed=3, min_size=40, max_size=60)
+    result = fake_eval(source, 0.42, 0.2, boundary_f1=0.0, resolution_gain=0.0)
+    workdir = make_workdir(tmp_path, result)
+    markdown = report.build_report(workdir, k=2, examples=RecordingExamples(source, 2 * STEP),
+                                   checkpoint="latest")["markdown"].read_text()
+    assert (f"No eval JSON of checkpoint step {2 * STEP} under {workdir / 'eval'}: run python -m "
+            f"jaxseg.evaluate --workdir {workdir} --checkpoint latest --dataset NAME --split SPLIT "
+            "first.") in markdown
+    (workdir / "eval" / "best_fake_validation.json").unlink()
+    markdown = report.build_report(workdir, k=2)["markdown"].read_text()
+    assert (f"No eval JSON under {workdir / 'eval'}: run python -m jaxseg.evaluate --workdir "
+            f"{workdir} --dataset NAME --split SPLIT first.") in markdown
+
+
 def test_overlays_of_two_member_counts_come_from_two_models():
     """The predictor is cached per options: an eval of the first member and one of the whole
     ensemble must not share one."""
