@@ -2,7 +2,7 @@
 
     python -m jaxseg.report --workdir DIR [--output DIR] [--k 6] [--peer_dir DIR] [--checkpoint C]
 
-Reads the workdir's training log (metrics.jsonl), every eval JSON under WORKDIR/eval/ written by
+Reads the workdir's training log (metrics.jsonl), every eval JSON directly in WORKDIR/eval/ written by
 `python -m jaxseg.evaluate` (the model's own rows), and the eval JSONs of other models found
 directly in --peer_dir (default WORKDIR/../peers, where launch/mediapipe_peer.sh writes; a peer
 is shown beside the model's rows of the same dataset and split). The own eval JSONs of the
