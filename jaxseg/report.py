@@ -708,7 +708,7 @@ def eval_section(e: EvalFile, peers: list[EvalFile], examples, k: int,
                  image_size: int | None) -> tuple[list, list[str]]:
     """(blocks, recommendations) of the detailed analysis of one own eval file."""
     r = e.result
-    missing = [k for k in ANALYSIS_KEYS if k not in r]
+    missing = [key for key in ANALYSIS_KEYS if key not in r]
     if missing:  # else a KeyError's traceback, and no report at all
         note = (f"Not analysed: {e.path.name} lacks {', '.join(missing)}, which every eval JSON "
                 "of jaxseg.evaluate holds; evaluate again for the analysis.")
