@@ -6,9 +6,10 @@ trial's values as `--config.a.b=v` overrides, run sequentially or `--parallel N`
 are ranked by validation IoU (the config's eval split, never the test split) into W/results.md and
 W/results.csv. Re-running skips finished trials; an interrupted one (preempted: its training saved
 and exited before num_steps) is not recorded and resumes from its checkpoint. A sweep folder keeps
-its config and extra overrides (W/sweep.json): once a trial has finished, re-running it with
-others is refused, while another --grid adds its trials to the same ranking. SIGTERM to the sweep
-is passed on to its running trials, which save and stop; no further trial starts. Every trial's
+its config, extra overrides and the fields they make (W/sweep.json): once a trial has finished,
+re-running it with others, or with the config file edited, is refused, while another --grid adds
+its trials to the same ranking. SIGTERM to the sweep is passed on to its running trials, which
+save and stop; no further trial starts. Every trial's
 config is built and checked as jaxseg.train does before any starts; arguments other than
 --config.* overrides are refused. On Linux a trial gets SIGTERM too when the sweep dies by
 SIGKILL: it saves and stops.
@@ -262,26 +263,57 @@ def _steps(tdir: pathlib.Path) -> tuple[int, int]:
     return max(logged, default=0), num_steps  # training always logs its last step
 
 
+def _settings(config: str, extra: list[str]) -> dict | None:
+    """The config the trials start from (the --config file as it is now, with the EXTRA
+    overrides) as JSON, or None where it cannot be built (its trials fail, each saying why)."""
+    try:
+        built, _ = _trial_config(config, list(extra), {})
+    except ValueError:
+        return None
+    return json.loads(built.to_json())
+
+
+def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'field: old -> new' for each field both configs (as JSON) hold with other values."""
+    changed = []
+    for key in sorted(old.keys() & new.keys()):
+        if isinstance(old[key], dict) and isinstance(new[key], dict):
+            changed += _changed_settings(old[key], new[key], f"{prefix}{key}.")
+        elif old[key] != new[key]:
+            changed.append(f"{prefix}{key}: {old[key]!r} -> {new[key]!r}")
+    return changed
+
+
 def _check_same_sweep(workdir: pathlib.Path, config: str, extra: list[str]) -> None:
     """Refuses to add this command's trials to a folder whose finished trials came from another
-    command (they would be ranked as this one's); records the command otherwise."""
+    command, or from its config file before an edit (they would be ranked as this one's);
+    records the command otherwise."""
     # The config file by its absolute path: the same file named another way is the same command
     # (a folder from before stored it relative to the working directory, as it is resolved here).
     command = {"config": str(pathlib.Path(config).resolve()), "extra": list(extra)}
+    settings = _settings(config, extra)
     path = workdir / SWEEP_FILE
     finished = any(workdir.glob(f"*/{RESULT_FILE}"))
     if finished and path.exists():
         stored = json.loads(path.read_text())
-        if {**stored, "config": str(pathlib.Path(stored["config"]).resolve())} != command:
+        if [str(pathlib.Path(stored["config"]).resolve()), stored["extra"]] != list(command.values()):
             raise SweepError(
                 f"{workdir} holds finished trials of --config {stored['config']} with "
                 f"{' '.join(stored['extra']) or 'no overrides'}; this command is --config "
                 f"{command['config']} with {' '.join(extra) or 'no overrides'}: use a new --workdir")
+        # The same file, edited since (or a config it imports): its trials would train otherwise.
+        # A folder from before the settings were kept has none to compare with.
+        if stored.get("settings") and settings and (
+                changed := _changed_settings(stored["settings"], settings)):
+            raise SweepError(
+                f"{workdir} holds finished trials of --config {stored['config']} as it was "
+                f"then; it has changed since ({'; '.join(changed[:5])}"
+                f"{'; ...' if len(changed) > 5 else ''}): use a new --workdir")
         return
     if finished:  # a folder from before sweep.json existed: nothing to compare with
         print(f"warning: {workdir} has finished trials but no {SWEEP_FILE}; assuming they come "
               "from this command", file=sys.stderr)
-    write_text_whole(path, json.dumps(command, indent=1) + "\n")
+    write_text_whole(path, json.dumps({**command, "settings": settings}, indent=1) + "\n")
 
 
 def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, parallel: int = 1,

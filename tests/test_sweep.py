@@ -176,6 +176,32 @@ def test_the_same_config_file_named_another_way_is_the_same_sweep(tmp_path, monk
         sweep.run("configs/default.py", tmp_path, combos)
 
 
+def test_a_config_file_edited_after_trials_finished_is_refused(tmp_path, monkeypatch):
+    """Its finished trials, trained with the file as it was, were skipped and ranked beside the
+    trials of the edited file (here 1000 training steps against 20)."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.delitem(sys.modules, "config_config", raising=False)
+
+    def fake_train(config, tdir, values, extra):
+        (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 1}}))
+        (tdir / "metrics.jsonl").write_text(
+            json.dumps({"step": 1, "kind": "train", "loss": 0.5}) + "\n"
+            + json.dumps({"step": 1, "kind": "validation", "val_iou": 0.5}) + "\n")
+        return [sys.executable, "-c", ""]
+
+    monkeypatch.setattr(sweep, "_command", fake_train)
+    config = tmp_path / "mine.py"
+    body = "from configs import smoke\n\ndef get_config():\n    c = smoke.get_config()\n"
+    config.write_text(body + "    return c\n")
+    sweep.run(str(config), tmp_path / "s", [{"seed": 0}])
+    assert len(sweep.run(str(config), tmp_path / "s", [{"seed": 1}])) == 2  # unchanged: joins
+    config.write_text(body + "    c.train.num_steps = 1000\n    return c\n")
+    with pytest.raises(sweep.SweepError,
+                       match=r"it has changed since \(train.num_steps: 20 -> 1000\): use a new"):
+        sweep.run(str(config), tmp_path / "s", [{"seed": 2}])
+    assert not (tmp_path / "s" / "seed=2").exists()
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_stop_signal_reaches_the_running_trial_and_starts_no_other(tmp_path, monkeypatch, sig):
     """The sweep once died alone on SIGTERM: its trial trained on unwatched, and a rerun started
