@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -99,13 +100,21 @@ def trials(grid: dict[str, list], num_random: int = 0, seed: int = 0) -> list[di
     return combos
 
 
-def trial_name(values: dict, *, whole: bool = False) -> str:
+_MAX_NAME = 200  # characters of a trial's folder name: most file systems allow 255
+
+
+def trial_name(values: dict, *, whole: bool = False, hashed: bool = False) -> str:
     """A stable, readable directory name for a trial's values: each field by its last part, or
-    whole where two fields share it (train.batch_size and eval.batch_size) or `whole` says so."""
+    whole where two fields share it (train.batch_size and eval.batch_size) or `whole` says so;
+    cut and ended by a hash of the values where longer than _MAX_NAME (or `hashed` says so)."""
     last = [k.split(".")[-1] for k in values]
     names = [k if whole or last.count(short) > 1 else short for k, short in zip(values, last)]
     text = "_".join(f"{name}={v}" for name, v in zip(names, values.values()))
-    return re.sub(r"[^A-Za-z0-9_.=-]", "-", text) or "base"
+    text = re.sub(r"[^A-Za-z0-9_.=-]", "-", text) or "base"
+    if hashed or len(text) > _MAX_NAME:
+        digest = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+        text = f"{text[:_MAX_NAME - len(digest) - 1]}-{digest}"
+    return text
 
 
 def _overrides(values: dict) -> list[str]:
@@ -246,14 +255,20 @@ def _recorded_values(tdir: pathlib.Path) -> dict | None:
     return None
 
 
-def trial_dir(workdir: pathlib.Path, values: dict) -> pathlib.Path:
-    """The trial's folder: by its short name, unless another grid's trial holds that name
-    (eval.batch_size=4 after train.batch_size=4), then by whole field names."""
-    short = workdir / trial_name(values)
-    recorded = _recorded_values(short)
-    if recorded is None or recorded == json.loads(json.dumps(values)):
-        return short
-    return workdir / trial_name(values, whole=True)
+def trial_dir(workdir: pathlib.Path, values: dict, taken: dict | None = None) -> pathlib.Path:
+    """The trial's folder: by its short name, unless a trial of other values holds that name
+    (another grid's, eval.batch_size=4 after train.batch_size=4, or, as names keep only letters,
+    digits and _.=-, 'a/b' after 'a-b'), then by whole field names, then by those and a hash of
+    the values. TAKEN: the values of the folders given to this run's earlier trials."""
+    same = json.loads(json.dumps(values))
+    for name in (trial_name(values), trial_name(values, whole=True),
+                 trial_name(values, whole=True, hashed=True)):
+        tdir = workdir / name
+        held = (taken or {}).get(tdir)
+        recorded = _recorded_values(tdir) if held is None else json.loads(json.dumps(held))
+        if recorded is None or recorded == same:
+            return tdir
+    return tdir  # named by the hash of these values
 
 
 def _steps(tdir: pathlib.Path) -> tuple[int, int]:
@@ -326,8 +341,12 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
     except OSError as e:
         raise SweepError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
     _check_same_sweep(workdir, config, extra)
-    todo = [(tdir, v) for tdir, v in ((trial_dir(workdir, v), v) for v in combos)
-            if not (tdir / RESULT_FILE).exists()]
+    todo, taken = [], {}
+    for values in combos:
+        tdir = trial_dir(workdir, values, taken)
+        taken[tdir] = values
+        if not (tdir / RESULT_FILE).exists():
+            todo.append((tdir, values))
     running: list[tuple] = []
     failures = []
     stopping = []  # the signal that stops the sweep, once one came

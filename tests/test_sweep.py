@@ -267,6 +267,34 @@ def test_another_grids_trial_of_the_same_short_name_gets_its_own_folder(tmp_path
     assert len(runs) == 2
 
 
+def test_values_a_folder_name_cannot_tell_apart_get_folders_of_their_own(tmp_path, monkeypatch):
+    """'a/b' and 'a b' are both folder 'x=a-b': the two trials trained in one folder and one
+    result row stood for both. A name over the file system's 255 characters (a random search over
+    many fields) ended the sweep in an OSError traceback."""
+    runs = []
+
+    def fake_train(config, tdir, values, extra):
+        runs.append(values)
+        (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 1}}))
+        (tdir / "metrics.jsonl").write_text(
+            json.dumps({"step": 1, "kind": "train", "loss": 0.5}) + "\n"
+            + json.dumps({"step": 1, "kind": "validation", "val_iou": 0.1 * len(runs)}) + "\n")
+        return [sys.executable, "-c", ""]
+
+    monkeypatch.setattr(sweep, "_command", fake_train)
+    long = {f"section{i}.field_number_{i}": 0.001 for i in range(15)}
+    combos = sweep.trials(sweep.parse_grid(["x='a/b','a b','a-b'"])) + [long]
+    rows = sweep.run("configs/smoke.py", tmp_path, combos, parallel=2)
+    assert len(runs) == 4 and sorted(json.dumps(r) for r in runs) == sorted(map(json.dumps, combos))
+    for row in rows:  # each row is its own trial's, in a folder of its own
+        assert json.loads((tmp_path / row["trial"] / sweep.TRIAL_FILE).read_text()) == {
+            k: v for k, v in row.items() if k not in ("trial", "val_iou", "best_step",
+                                                      "final_train_loss")}
+        assert len(row["trial"]) <= 255
+    assert len({r["trial"] for r in rows}) == 4
+    assert sweep.run("configs/smoke.py", tmp_path, combos) == rows and len(runs) == 4  # finished
+
+
 def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(sweep.SweepError, match="cannot create it"):
