@@ -440,8 +440,9 @@ def write_table(workdir: pathlib.Path, rows: list[dict]) -> None:
     lines = ["| rank | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for rank, row in enumerate(rows, 1):
         # 4 significant digits: fixed decimals would print learning rates 1e-5 and 3e-5 as 0.0000.
-        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
-                 for c in columns]
+        # A value's own | (in a path, say) is escaped: it would end the cell early.
+        cells = [(f"{row[c]:.4g}" if isinstance(row.get(c), float)
+                  else str(row.get(c, "-")).replace("|", "\\|")) for c in columns]
         lines.append(f"| {rank} | " + " | ".join(cells) + " |")
     write_text_whole(
         workdir / "results.md", "Ranked by validation IoU (original resolution); the test split is never used.\n\n"

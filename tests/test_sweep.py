@@ -295,6 +295,15 @@ def test_values_a_folder_name_cannot_tell_apart_get_folders_of_their_own(tmp_pat
     assert sweep.run("configs/smoke.py", tmp_path, combos) == rows and len(runs) == 4  # finished
 
 
+def test_a_value_with_a_pipe_keeps_its_markdown_cell(tmp_path):
+    rows = [{"trial": "init_checkpoint=runs-a-b", "train.init_checkpoint": "runs/a|b",
+             "val_iou": 0.5, "best_step": 2, "final_train_loss": 0.25}]
+    sweep.write_table(tmp_path, rows)
+    row = (tmp_path / "results.md").read_text().splitlines()[-1]
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+    assert cells == ["1", "init_checkpoint=runs-a-b", r"runs/a\|b", "0.5", "2", "0.25"]
+
+
 def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(sweep.SweepError, match="cannot create it"):
