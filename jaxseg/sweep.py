@@ -22,6 +22,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import pathlib
 import random
@@ -94,10 +95,27 @@ def _literal(text: str):
 
 def trials(grid: dict[str, list], num_random: int = 0, seed: int = 0) -> list[dict]:
     """The full grid, or `num_random` distinct combinations drawn from it with `seed`."""
-    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    if num_random:
-        combos = random.Random(seed).sample(combos, min(num_random, len(combos)))
-    return combos
+    if not num_random:
+        return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    # Drawn by their indices in the grid's order: random search over many fields may span
+    # billions of combinations, too many to list (sample picks the same indices from a range as
+    # from the list, so a seed draws the trials it drew when the list was made).
+    total = math.prod(len(options) for options in grid.values())
+    if total > sys.maxsize:
+        raise ValueError(f"--random: the grid holds {total:.3g} combinations, too many to draw "
+                         "from; list fewer values")
+    return [_combination(grid, index)
+            for index in random.Random(seed).sample(range(total), min(num_random, total))]
+
+
+def _combination(grid: dict[str, list], index: int) -> dict:
+    """The grid's combination number INDEX, in itertools.product's order (the last field's
+    values change fastest)."""
+    values = []
+    for options in reversed(grid.values()):
+        index, i = divmod(index, len(options))
+        values.append(options[i])
+    return dict(zip(grid, reversed(values)))
 
 
 _MAX_NAME = 200  # characters of a trial's folder name: most file systems allow 255

@@ -1,7 +1,9 @@
 """jaxseg.sweep: grid parsing, ranked tables by validation IoU, resumable runs."""
+import itertools
 import json
 import os
 import pathlib
+import random
 import re
 import sys
 
@@ -32,6 +34,33 @@ def test_grid_and_random_trials():
     # So does a quoted string's (a mixture), with either quote and a bracket inside.
     assert sweep.parse_grid(["data.train='a:1,b:1',\"a:2,b:1\",'(c,d'"]) == {
         "data.train": ["a:1,b:1", "a:2,b:1", "(c,d"]}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS")
+def test_random_trials_are_drawn_without_listing_the_grid(tmp_path):
+    """--random 3 over 10 fields of 10 values listed all 10**10 combinations first: memory ran
+    out (a MemoryError here, under a 2 GB limit; hours of swapping without one)."""
+    import subprocess
+
+    script = ("import json, resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+              "from jaxseg import sweep\n"
+              "grid = {f'f{i}': list(range(10)) for i in range(10)}\n"
+              "print(json.dumps(sweep.trials(grid, 3, seed=5)))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    picked = json.loads(done.stdout)
+    assert len(picked) == 3 and len({json.dumps(p) for p in picked}) == 3
+    assert all(sorted(p) == sorted(f"f{i}" for i in range(10)) and set(p.values()) <= set(range(10))
+               for p in picked)
+    # A seed draws what it drew from the listed grid, so a rerun finds its trials finished.
+    grid = {"a": [1, 2, 3], "b": ["x", "y"], "c": [0.1, 0.2, 0.3, 0.4]}
+    listed = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
+    for num, seed in ((1, 0), (5, 3), (30, 1)):
+        assert sweep.trials(grid, num, seed) == random.Random(seed).sample(listed, min(num, 24))
+    with pytest.raises(ValueError, match="too many to draw from"):
+        sweep.trials({f"f{i}": list(range(10)) for i in range(20)}, 3)
 
 
 def test_parallel_trials_fill_the_slot_that_frees_first(tmp_path, monkeypatch):
