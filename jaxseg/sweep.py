@@ -35,7 +35,7 @@ import warnings
 
 from jaxseg import metric_writer
 from jaxseg.arg_types import at_least
-from jaxseg.workdir import STOPPED_EXIT_STATUS, write_text_whole
+from jaxseg.workdir import STOPPED_EXIT_STATUS, is_storage_url, write_text_whole
 
 RESULT_FILE = "sweep_result.json"
 SWEEP_FILE = "sweep.json"
@@ -515,6 +515,9 @@ def main(argv=None):
         p.error(str(e))
     if not args.workdir:  # pathlib would make "" the current folder
         p.error("--workdir: give the sweep's folder")
+    if is_storage_url(args.workdir):  # pathlib made gs://b/s the local folder gs:/b/s
+        p.error(f"--workdir {args.workdir}: the sweep's folder must be a local one (a trial's "
+                "own training may write to storage: jaxseg.train --workdir URL)")
     # No shell expands --workdir=~/s: the sweep wrote ./~/s, its trials trained in the home
     # folder's ~/s (jaxseg.train expands it), and their results were not found.
     args.workdir = os.path.expanduser(args.workdir)

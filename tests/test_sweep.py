@@ -342,6 +342,18 @@ def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     assert usage.value.code == 2 and "--workdir: give the sweep's folder" in capsys.readouterr().err
 
 
+def test_a_storage_url_workdir_is_refused_not_made_a_local_folder(tmp_path, monkeypatch, capsys):
+    """--workdir gs://bucket/s trained every trial in the local folder gs:/bucket/s."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "run", lambda *args, **kwargs: pytest.fail("the sweep ran"))
+    with pytest.raises(SystemExit) as usage:
+        sweep.main(["--config", str(REPO / "configs" / "smoke.py"), "--workdir", "gs://bucket/s",
+                    "--grid", "seed=0"])
+    assert usage.value.code == 2
+    assert "--workdir gs://bucket/s: the sweep's folder must be a local one" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("args", [
     ["--grid", "data.eval_split=validation,test"],
     ["--grid", "seed=0,1", "--config.data.eval_split=test"],
