@@ -377,7 +377,11 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
                 proc.send_signal(signum)
 
     def finish(proc, tdir, values):
-        if proc.wait() not in (0, STOPPED_EXIT_STATUS):
+        if proc.wait() < 0:  # killed (by the OOM killer, say): its log ends in a progress bar
+            failures.append(f"{tdir.name} was killed by signal {-proc.returncode} "
+                            f"({signal.strsignal(-proc.returncode)}; log {tdir / 'train.log'})")
+            return
+        if proc.returncode not in (0, STOPPED_EXIT_STATUS):
             error = _last_line(tdir / "train.log")
             failures.append(f"{tdir.name} failed (exit {proc.returncode}"
                             f"{': ' + error if error else ''}; log {tdir / 'train.log'})")

@@ -546,6 +546,22 @@ def test_a_failed_trial_is_summed_up_with_its_error(tmp_path, monkeypatch):
             f"4 devices; log {tmp_path / 'seed=0' / 'train.log'})") in str(failed.value)
 
 
+def test_a_killed_trial_is_summed_up_as_killed_not_by_its_progress_bar(tmp_path, monkeypatch):
+    """A trial killed mid-run (the OOM killer's SIGKILL, as parallel trials may meet) was reported
+    as 'failed (exit -9: train:  45%|###  | 9/20 ...)': its log's last line, a progress bar."""
+    import signal
+
+    monkeypatch.setattr(sweep, "_command", lambda config, tdir, values, extra: [
+        sys.executable, "-c", "import os, signal\nprint('train:  45%|###  | 9/20', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)"])
+    with pytest.raises(sweep.SweepError) as failed:
+        sweep.run("configs/smoke.py", tmp_path, [{"seed": 0}])
+    assert (f"seed=0 was killed by signal {int(signal.SIGKILL)} "
+            f"({signal.strsignal(signal.SIGKILL)}; log {tmp_path / 'seed=0' / 'train.log'})"
+            in str(failed.value))
+    assert "9/20" not in str(failed.value)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
 def test_a_trial_stops_when_its_sweep_is_killed(tmp_path):
     """SIGKILL to the sweep (which no handler sees) left its trial training on as an orphan, and a
