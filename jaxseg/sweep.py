@@ -329,7 +329,8 @@ def _check_same_sweep(workdir: pathlib.Path, config: str, extra: list[str]) -> N
     finished = any(workdir.glob(f"*/{RESULT_FILE}"))
     if finished and path.exists():
         stored = json.loads(path.read_text())
-        if [str(pathlib.Path(stored["config"]).resolve()), stored["extra"]] != list(command.values()):
+        stored_config = str(pathlib.Path(stored["config"]).resolve())
+        if [stored_config, stored["extra"]] != [command["config"], command["extra"]]:
             raise SweepError(
                 f"{workdir} holds finished trials of --config {stored['config']} with "
                 f"{' '.join(stored['extra']) or 'no overrides'}; this command is --config "
@@ -460,7 +461,10 @@ def write_table(workdir: pathlib.Path, rows: list[dict]) -> None:
     writer.writerows(rows)
     write_text_whole(workdir / "results.csv", table.getvalue())
     lines = ["| rank | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    for rank, row in enumerate(rows, 1):
+    for number, row in enumerate(rows, 1):
+        # Equal IoUs share a rank (1, 1, 3): the one listed first (by folder name) is no better.
+        if number == 1 or row["val_iou"] != rows[number - 2]["val_iou"]:
+            rank = number
         # 4 significant digits: fixed decimals would print learning rates 1e-5 and 3e-5 as 0.0000.
         # A value's own | (in a path, say) is escaped: it would end the cell early.
         cells = [(f"{row[c]:.4g}" if isinstance(row.get(c), float)

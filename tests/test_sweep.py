@@ -333,6 +333,18 @@ def test_a_value_with_a_pipe_keeps_its_markdown_cell(tmp_path):
     assert cells == ["1", "init_checkpoint=runs-a-b", r"runs/a\|b", "0.5", "2", "0.25"]
 
 
+def test_trials_of_equal_validation_iou_share_their_rank(tmp_path):
+    """Trials that tie (as all of a few-step sweep's may, at IoU 0) were ranked 1, 2, 3 by their
+    folder names."""
+    ious = [0.5, 0.5, 0.25, 0.0, 0.0]
+    rows = [{"trial": f"seed={i}", "seed": i, "val_iou": iou, "best_step": 2,
+             "final_train_loss": 0.5} for i, iou in enumerate(ious)]
+    sweep.write_table(tmp_path, rows)
+    ranks = re.findall(r"^\| (\d+) \| seed=", (tmp_path / "results.md").read_text(), re.M)
+    expected = [1 + sum(other > iou for other in ious) for iou in ious]  # 1 + how many beat it
+    assert [int(r) for r in ranks] == expected == [1, 1, 3, 4, 4]
+
+
 def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(sweep.SweepError, match="cannot create it"):
@@ -350,7 +362,8 @@ def test_a_storage_url_workdir_is_refused_not_made_a_local_folder(tmp_path, monk
         sweep.main(["--config", str(REPO / "configs" / "smoke.py"), "--workdir", "gs://bucket/s",
                     "--grid", "seed=0"])
     assert usage.value.code == 2
-    assert "--workdir gs://bucket/s: the sweep's folder must be a local one" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--workdir gs://bucket/s: the sweep's folder must be a local one" in err
     assert not list(tmp_path.iterdir())
 
 
