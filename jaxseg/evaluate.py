@@ -463,6 +463,14 @@ def main(argv):
         model, config, described = inference.load_or_exit(f.workdir or None, f.checkpoint,
                                                           f.members)
         image_size = config.data.image_size
+    # epath, as for the default under a workdir: pathlib made gs://b/r.json a local gs:/b/r.json.
+    output = workdir_path(f.output) if f.output else _default_output(f, dataset, split)
+    # The default path too, once a missing --workdir has been named (beside a --predictions
+    # folder on a read-only share, say): it failed only once the whole split had been scored.
+    if not f.output and distributed.is_main_process() and (
+            problem := output_file_problem(output)):
+        distributed.exit_with_error(f"error: the default results file {output}: {problem}; "
+                                    "pass --output")
     try:
         evaluator = Evaluator(source, mesh=mesh, image_size=max(image_size, 32),
                               batch_size=batch, threshold=f.threshold)
@@ -501,8 +509,6 @@ def main(argv):
     if f.data_dir:  # and the prepared data
         result["data_dir"] = str(workdir_path(f.data_dir))
     if distributed.is_main_process():
-        # epath, as for the default under a workdir: pathlib made gs://b/r.json a local gs:/b/r.json.
-        output = workdir_path(f.output) if f.output else _default_output(f, dataset, split)
         summary = {k: result[k] for k in ("iou", "mean_image_iou", "miou", "dice", "precision",
                                           "recall", "pixel_accuracy", "boundary_f1",
                                           "iou_without_edge_errors")}

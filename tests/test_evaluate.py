@@ -321,6 +321,27 @@ def test_folders_with_a_tilde_are_the_home_folders(tmp_path):
     assert not (tmp_path / "work" / "~").exists()
 
 
+def test_a_default_results_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    """Only --output was checked first: the default path (here under a file named runs, as a
+    read-only share beside a --predictions folder would be) failed once the split was scored."""
+    import subprocess
+    import sys
+
+    import fixtures_data as fx
+
+    fx.make_simple_folder(tmp_path / "mine", ["a"])
+    (tmp_path / "runs").write_text("not a folder")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.evaluate", "--images", "mine/images", "--masks",
+         "mine/masks", "--data_dir", str(tmp_path / "dd")], capture_output=True, text=True,
+        timeout=300, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(
+            pathlib.Path(__file__).resolve().parents[1])))
+    assert result.returncode != 0
+    assert ": runs is not a folder; pass --output" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert '"iou"' not in result.stdout  # nothing was scored
+
+
 def test_a_slice_of_a_users_folder_is_scored_as_asked(tmp_path, monkeypatch):
     """--split train[:2] scored the whole folder (its one split, whatever --split said), and
     after a first fix test[:2] (the default split, sliced) still did: the folder has no `test`."""
