@@ -107,8 +107,8 @@ def huge_png(path, width=50_000, height=50_000):
     return path
 
 
-def write_video(path, frames=5, size=(96, 64), fps=10.0):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+def write_video(path, frames=5, size=(96, 64), fps=10.0, fourcc="mp4v"):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
     assert writer.isOpened()
     for i in range(frames):
         writer.write(cv2.cvtColor(photo(size[1], size[0], seed=i), cv2.COLOR_RGB2BGR))
@@ -665,18 +665,20 @@ def test_real_photo_mask_scores_as_the_evaluator_scores_the_model(manual_dir, pr
         assert abs(of_masks[k] - of_model[k]) <= 2, (k, of_masks, of_model)
 
 
+class Everywhere:
+    """A predictor without a model: person probability `value` on every pixel."""
+    batch_size = 2
+
+    def __init__(self, value):
+        self.value = value
+
+    def probabilities(self, images):
+        return [np.full(image.shape[:2], self.value, np.float32) for image in images]
+
+
 def test_video_frames_keep_their_colours(tmp_path):
     """Frames go RGB through the renderer and back to OpenCV's BGR: a red background stays red
     (without the conversions it came out blue), and where the person is the photo is kept."""
-    class Everywhere:  # person probability `value` on every pixel
-        batch_size = 2
-
-        def __init__(self, value):
-            self.value = value
-
-        def probabilities(self, images):
-            return [np.full(image.shape[:2], self.value, np.float32) for image in images]
-
     source = write_video(tmp_path / "in.mp4", frames=3)
     renderer = predict.Renderer(mode="background", threshold=0.5, soft=False,
                                 background=predict.parse_colour("red"))
@@ -696,6 +698,20 @@ def test_video_frames_keep_their_colours(tmp_path):
     assert np.stack(read_video(tmp_path / "black.mp4")[0]).astype(int).mean() < 8
     whole, _ = read_video(tmp_path / "whole.mp4")
     assert np.abs(np.stack(whole).astype(int) - np.stack(original)).mean() < 8
+
+
+@pytest.mark.parametrize("fps", [119.533, 66.667, 29.97, 240.0])
+def test_a_video_at_an_uneven_high_frame_rate_is_written_at_its_rate(tmp_path, fps):
+    """MPEG-4 counts at most 65535 time units a second: a slow-motion video averaging 119.533
+    fps (a phone's variable rate) was refused ('could not open ... for writing'); it is written
+    with all its frames at that rate to 0.01%."""
+    source = write_video(tmp_path / "in.avi", frames=3, fps=fps, fourcc="MJPG")
+    assert read_video(source)[1] == pytest.approx(fps, abs=1e-9)  # the rate the header gives
+    renderer = predict.Renderer(mode="mask")
+    assert predict.predict_video(Everywhere(1.0), renderer, source, tmp_path / "out.mp4",
+                                 max_pixels=10**6) == (3, [])
+    written, written_fps = read_video(tmp_path / "out.mp4")
+    assert len(written) == 3 and written_fps == pytest.approx(fps, rel=1e-4)
 
 
 def test_a_soft_background_replacement_blends_by_the_probability():
