@@ -722,6 +722,23 @@ def test_a_soft_background_replacement_blends_by_the_probability():
     assert np.abs(out.astype(np.float64) - expected).max() <= 1
 
 
+def test_soft_compositions_round_as_numpy_alpha_compositing_does():
+    """out = alpha * photo + (1 - alpha) * background, rounded: truncated, the soft edge of a
+    white photo over white came out 254, and every blend half a level dark."""
+    alpha = np.tile(np.linspace(0, 1, 301, dtype=np.float32), (7, 1))
+    white = np.full((7, 301, 3), 255, np.uint8)
+    over_white = predict.Renderer(mode="background", soft=True, background=(255, 255, 255))
+    np.testing.assert_array_equal(over_white.render(white, alpha), white)
+    image = photo(7, 301, seed=5)
+    a = alpha.astype(np.float64)[..., None]
+    colour = np.array([30, 200, 90], np.float64)
+    cases = {"background": a * image + (1 - a) * colour,
+             "overlay": image * (1 - a / 2) + np.array([255, 0, 160]) * a / 2}
+    for mode, expected in cases.items():
+        out = predict.Renderer(mode=mode, soft=True, background=(30, 200, 90)).render(image, alpha)
+        assert np.abs(out - expected).max() <= 0.5 + 1e-3, mode
+
+
 def test_odd_sized_and_short_videos_are_noted(tiny_model_dir, tmp_path, monkeypatch):
     """OpenCV's MPEG-4 writer silently made a 97x61 video 96x60, and a video that ended early
     was cut short without a word: the crop is now explicit and both are noted."""
