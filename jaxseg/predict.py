@@ -536,8 +536,7 @@ def predict_video(predictor, renderer, path, target, *, max_pixels, progress=Non
                     if out.ndim == 2:
                         out = np.dstack([out] * 3)
                     elif out.shape[2] == 4:  # video has no alpha: cut out onto black
-                        out = (out[..., :3].astype(np.float32)
-                               * (out[..., 3:] / 255.0)).astype(np.uint8)
+                        out = np.round(out[..., :3] * (out[..., 3:] / 255.0)).astype(np.uint8)
                     writer.write(cv2.cvtColor(out, cv2.COLOR_RGB2BGR))
                 frames += len(batch)
                 if progress is not None:

@@ -739,6 +739,33 @@ def test_soft_compositions_round_as_numpy_alpha_compositing_does():
         assert np.abs(out - expected).max() <= 0.5 + 1e-3, mode
 
 
+def test_a_soft_video_cutout_is_the_photo_composed_onto_black_by_its_alpha(tmp_path, monkeypatch):
+    """A video's cutout frame is alpha * photo over black, rounded (it was truncated: half a
+    level dark along every soft edge), with the alpha a cutout PNG holds."""
+    source = write_video(tmp_path / "in.avi", frames=3, fourcc="MJPG")
+    originals, _ = read_video(source)
+    written = []
+
+    class Recorder:  # the frames as given to the MPEG-4 encoder, before its losses
+        def __init__(self, *args):
+            pass
+
+        def isOpened(self):
+            return True
+
+        def write(self, frame):
+            written.append(frame)
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(predict.cv2, "VideoWriter", Recorder)
+    cutout = predict.Renderer(mode="cutout", soft=True)
+    predict.predict_video(Everywhere(0.3), cutout, source, tmp_path / "out.mp4", max_pixels=10**6)
+    alpha = np.round(0.3 * 255) / 255
+    np.testing.assert_array_equal(np.stack(written), np.round(np.stack(originals) * alpha))
+
+
 def test_odd_sized_and_short_videos_are_noted(tiny_model_dir, tmp_path, monkeypatch):
     """OpenCV's MPEG-4 writer silently made a 97x61 video 96x60, and a video that ended early
     was cut short without a word: the crop is now explicit and both are noted."""
