@@ -15,10 +15,11 @@ class MetricWriter:
     """Writes on process 0 only; other processes get a writer that does nothing."""
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
-                 resume_step: int = 0):
+                 resume_step: int = 0, revalidate: bool = False):
         """`resume_step`: the checkpoint step a run resumes from. Records of later steps were
         logged before a hard kill and are logged again as the run repeats those steps: the JSONL
-        file drops them (and a line the kill cut short), and TensorBoard is told to hide them."""
+        file drops them (and a line the kill cut short), and TensorBoard is told to hide them.
+        `revalidate`: the run validates resume_step again, so its validation records go too."""
         self.enabled = enabled
         if not enabled:
             return
@@ -31,7 +32,9 @@ class MetricWriter:
             text = path.read_text()
             lines = [line for line in text.splitlines() if line.strip()]
             kept = [line for line in lines
-                    if (record := _record(line)) is not None and record["step"] <= resume_step]
+                    if (record := _record(line)) is not None and record["step"] <= resume_step
+                    and not (revalidate and record["step"] == resume_step
+                             and record.get("kind") == "validation")]
             # A last record without its newline (a kill between the two) would join the next one.
             if len(kept) < len(lines) or (text and not text.endswith("\n")):
                 write_text_whole(path, "".join(line + "\n" for line in kept))

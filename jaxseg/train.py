@@ -449,7 +449,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             "train (raise --config.train.num_steps to go on; the learning-rate "
                             "schedule then spans the new total)", start, config.train.num_steps)
             return {"step": start}
-        writer = metric_writer.MetricWriter(workdir, enabled=main, resume_step=start)
+        # A stop at an evaluation step saved it unvalidated (saving first): validated here, or
+        # its validation record and its bid for best/ were never made.
+        revalidate = bool(start and start % config.train.eval_every == 0
+                          and ckpts.read_meta("latest")[0].get("preempted"))
+        writer = metric_writer.MetricWriter(workdir, enabled=main, resume_step=start,
+                                            revalidate=revalidate)
         cleanup.callback(writer.close)
         step_fn = train_step.make_train_step(graphdef, config, mesh)
         num_steps = config.train.num_steps
@@ -475,7 +480,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
             progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
             cleanup.callback(progress.close)
 
+        def validate_step(step, state) -> dict:
+            """Validates STATE, logs it and offers it to best/: the validation results."""
+            with host_memory.large_blocks_mapped():
+                val = validate(evaluators, state, graphdef, config.eval)
+                if main and config.train.num_logged_images:
+                    first = next(iter(evaluators.values()))
+                    writer.images(step, "validation/predictions", prediction_overlays(
+                        state, graphdef, first.source, config.train.num_logged_images,
+                        config.data.image_size, config.eval.threshold))
+            writer.scalars(step, val, kind="validation")
+            ckpts.save_best(step, state, _meta(config, step, {"validation": val, **folder_data}),
+                            val["val_iou"])
+            return val
+
         last = {"step": start}
+        if revalidate:
+            last.update(validate_step(start, state))
         pending = None  # the previous step's metrics, read one step late to keep the device busy
         window_start, window_steps = time.perf_counter(), 0
         step = start
@@ -501,20 +522,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 last.update(values, step=step)
                 window_start, window_steps = time.perf_counter(), 0
             # A stop saves first and at once (a preempted machine may be killed within
-            # seconds); the resumed run validates at its next evaluation step.
+            # seconds); the resumed run validates the step it stopped at before going on.
             if (step % config.train.eval_every == 0 or step == num_steps) and not stop:
                 _check_finite(pending, step - 1, ckpts)
-                with host_memory.large_blocks_mapped():
-                    val = validate(evaluators, state, graphdef, config.eval)
-                    if main and config.train.num_logged_images:
-                        first = next(iter(evaluators.values()))
-                        writer.images(step, "validation/predictions", prediction_overlays(
-                            state, graphdef, first.source, config.train.num_logged_images,
-                            config.data.image_size, config.eval.threshold))
-                writer.scalars(step, val, kind="validation")
-                ckpts.save_best(step, state, _meta(config, step, {"validation": val, **folder_data}),
-                                val["val_iou"])
-                last.update(val)
+                last.update(validate_step(step, state))
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
                 _check_finite(pending, step - 1, ckpts)

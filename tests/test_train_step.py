@@ -419,6 +419,47 @@ def test_a_run_logs_validates_and_saves_its_last_step_off_the_intervals(tmp_path
     ckpts.close()
 
 
+def test_a_stop_at_an_evaluation_step_is_validated_when_the_run_resumes(tmp_path, monkeypatch):
+    """A stop at step 1 of 2, every step validated, saves step 1 unvalidated; the resumed run
+    (first killed right after validating step 1, then run again) logs and offers to best/ the
+    validations of the run that was never stopped."""
+    from jaxseg import checkpointing, datasets, metric_writer, train
+
+    monkeypatch.setattr(train, "train_sources", lambda config: ([fake_source(12, 0)], [1.0]))
+    monkeypatch.setattr(datasets, "data_source",
+                        lambda name, split, **kwargs: fake_source(3, seed=len(name)))
+    config = tiny_config()
+    config.num_devices = 1
+    config.train.update(num_steps=2, log_every=1, eval_every=1, checkpoint_every=2,
+                        num_logged_images=0)
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        m.setattr(train._Preemption, "should_stop", lambda self: True)
+        assert train.train_and_evaluate(config, str(stopped))["preempted"]
+    with monkeypatch.context() as m:  # killed at its first step: the latest is still step 1
+
+        def killed(*args):
+            raise KeyboardInterrupt
+
+        m.setattr(train_step, "make_train_step", lambda *args: killed)
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config, str(stopped))
+    train.train_and_evaluate(config, str(stopped))
+
+    def validations(workdir):
+        return [(r["step"], r["val_iou"]) for r in metric_writer.read_metrics(workdir)
+                if r["kind"] == "validation"]
+
+    assert validations(stopped) == validations(tmp_path / "straight")
+    assert [s for s, _ in validations(stopped)] == [1, 2]
+    best = max(validations(stopped), key=lambda v: v[1])[0]
+    ckpts = checkpointing.Checkpoints(stopped, read_only=True)
+    assert ckpts.best_step() == best
+    ckpts.close()
+
+
 def test_processes_must_agree_on_the_config_data_and_checkpoint_but_not_on_local_paths():
     """What distributed.disagreement compares between the processes of a training run."""
     from jaxseg import train
