@@ -117,17 +117,18 @@ def validate(config, num_devices: int) -> None:
     for field in ("data.image_size", "data.num_workers", "train.num_steps", "train.log_every",
                   "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "model.base_features", "optim.learning_rate"):
-        if _get(config, field) <= 0:
-            problems.append(f"{field}={_get(config, field)} must be positive")
+        if not 0 < _get(config, field) < math.inf:  # nan passed `<= 0`: NaN weights at step 1
+            problems.append(f"{field}={_get(config, field)} must be positive and finite")
     # A negative clip norm, weight decay or loss weight turns descent into ascent, silently.
     # (eval.max_examples: 0 = all, and so was any negative number, without a word.)
     for field in ("seed", "data.prefetch", "train.num_logged_images", "optim.warmup_steps",
                   "optim.weight_decay", "optim.final_lr_fraction", "loss.ce_weight",
                   "loss.dice_weight", "eval.max_examples"):
-        if _get(config, field) < 0:
-            problems.append(f"{field}={_get(config, field)} must be >= 0")
-    if config.optim.grad_clip_norm < 0:
-        problems.append(f"optim.grad_clip_norm={config.optim.grad_clip_norm} must be >= 0 (0 = off)")
+        if not 0 <= _get(config, field) < math.inf:
+            problems.append(f"{field}={_get(config, field)} must be >= 0 and finite")
+    if not 0 <= config.optim.grad_clip_norm < math.inf:
+        problems.append(f"optim.grad_clip_norm={config.optim.grad_clip_norm} must be >= 0 and "
+                        "finite (0 = off)")
     for field in ("optim.b1", "optim.b2"):
         if not 0 <= _get(config, field) < 1:
             problems.append(f"{field}={_get(config, field)} must be in [0, 1)")
@@ -170,10 +171,9 @@ def validate(config, num_devices: int) -> None:
         problems.append(f"data.aug.copy_paste={config.data.aug.copy_paste} must be in [0, 1] (0 = off)")
     if not 0 <= train_step.ema_decay(config) < 1:
         problems.append(f"train.ema_decay={train_step.ema_decay(config)} must be in [0, 1) (0 = no EMA)")
-    if config.loss.boundary_weight < 0:
-        problems.append(f"loss.boundary_weight={config.loss.boundary_weight} must be >= 0 (0 = off)")
-    if config.loss.lovasz_weight < 0:
-        problems.append(f"loss.lovasz_weight={config.loss.lovasz_weight} must be >= 0 (0 = off)")
+    for field in ("loss.boundary_weight", "loss.lovasz_weight"):
+        if not 0 <= _get(config, field) < math.inf:
+            problems.append(f"{field}={_get(config, field)} must be >= 0 and finite (0 = off)")
     if config.loss.boundary_radius < 1:
         problems.append(f"loss.boundary_radius={config.loss.boundary_radius} must be >= 1")
     for field in SPLIT_FIELDS:
