@@ -88,6 +88,28 @@ def test_parallel_trials_fill_the_slot_that_frees_first(tmp_path, monkeypatch):
     assert (tmp_path / "x=0" / "saw_the_others_end").read_text() == "True"
 
 
+def test_parallel_trials_do_not_each_preallocate_the_gpu(tmp_path, monkeypatch):
+    """Side by side on one GPU, each trial took 75% of its memory at start (JAX's default), so
+    the second ran out of it; one at a time, or with the user's own allocator settings, the
+    trials get the sweep's environment as it is."""
+    for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                 "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sweep, "_command", lambda config, tdir, values, extra: [
+        sys.executable, "-c", "import os, sys; open(sys.argv[1], 'w').write(repr("
+        "os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE')))", str(tdir / "seen")])
+    seen = {}
+    for parallel, preset in ((2, None), (1, None), (2, ".9")):
+        if preset:
+            monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", preset)
+        folder = tmp_path / f"{parallel}-{preset}"
+        with pytest.raises(sweep.SweepError, match="left no usable record"):  # trained nothing
+            sweep.run("configs/smoke.py", folder, sweep.trials(sweep.parse_grid(["x=0,1"])),
+                      parallel=parallel)
+        seen[parallel, preset] = {(folder / f"x={x}" / "seen").read_text() for x in (0, 1)}
+    assert seen == {(2, None): {"'false'"}, (1, None): {"None"}, (2, ".9"): {"None"}}
+
+
 def test_sweep_ranks_by_validation_and_skips_finished(manual_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("JAXSEG_MANUAL_DIR", str(manual_dir))
