@@ -214,6 +214,28 @@ def test_a_broken_list_file_is_named(portraits, tmp_path):
         datasets.prepare("portrait_segmentation", data_dir=str(tmp_path / "dd"), manual_dir=str(broken))
 
 
+@pytest.mark.parametrize("name", ["portrait_segmentation", "ccp_person"])
+def test_a_mat_mask_of_another_shape_or_type_is_skipped_not_the_build(name, portraits, tmp_path):
+    if name == "portrait_segmentation":
+        root = shutil.copytree(portraits[0], tmp_path / "src")
+        files, variable = [root / f"data/images_mask/{i:05d}_mask.mat" for i in (1, 2, 3, 4)], "mask"
+    else:
+        root = tmp_path / "src"
+        fx.make_ccp(root)
+        files, variable = [root / f"annotations/pixel-level/{i:04d}.mat" for i in (1, 2, 3, 4)], "groundtruth"
+    bad = [np.ones((fx.H, fx.W, 3), np.uint8),  # a colour image saved as the mask
+           np.zeros((0, 0), np.uint8), np.array(["person"]), np.array([[np.ones((2, 2))]], dtype=object)]
+    for path, values in zip(files, bad):
+        scipy.io.savemat(path, {variable: values})
+    data_dir = str(tmp_path / "dd")
+    datasets.prepare(name, data_dir=data_dir, manual_dir=str(root))
+    skipped = datasets.build_report(name, data_dir=data_dir)["skipped"]
+    assert sorted(e["file"] for e in skipped) == sorted(f.relative_to(root).as_posix() for f in files)
+    assert all("not a 2-D mask of numbers" in e["reason"] for e in skipped)
+    kept = {i for v in ids_by_split(name, data_dir).values() for i in v}
+    assert kept and not kept & {f.stem.removesuffix("_mask") for f in files}
+
+
 def test_split_of_an_id_is_stable(portraits, tmp_path):
     root, _, data_dir = portraits
     first = ids_by_split("portrait_segmentation", data_dir)

@@ -56,4 +56,4 @@ class CcpPerson(base.PersonSegBuilder):
         return candidates
 
     def _read_mask(self, path: pathlib.Path) -> tuple[np.ndarray, str | None]:
-        return (image_io.read_mat(path, "groundtruth") != 0).astype(np.uint8), None
+        return (image_io.read_mat_mask(path, "groundtruth") != 0).astype(np.uint8), None

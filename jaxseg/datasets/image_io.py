@@ -189,6 +189,19 @@ def read_mat(path: pathlib.Path, variable: str) -> np.ndarray:
         raise BadFile(f"not a readable .mat file: {type(e).__name__}: {e}") from e
 
 
+def read_mat_mask(path: pathlib.Path, variable: str) -> np.ndarray:
+    """Variable VARIABLE of the MATLAB file at PATH as a mask or label map: a non-empty 2-D
+    array of numbers, else `BadFile` (a 3-D, empty, text or cell array stopped the whole
+    build with a traceback)."""
+    values = read_mat(path, variable)
+    numeric = values.dtype == bool or np.issubdtype(values.dtype, np.integer) or np.issubdtype(
+        values.dtype, np.floating)
+    if values.ndim != 2 or not values.size or not numeric:
+        shape = "x".join(map(str, values.shape)) or "scalar"
+        raise BadFile(f"{variable!r} is a {shape} array of {values.dtype}, not a 2-D mask of numbers")
+    return values
+
+
 def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
     """0/1 uint8 mask from 0/1 or 0/255 (0/65535) values; a note when other values occur (0/1
     with a void of 255, as `_void_marked` tells: person = 1; a floating-point matte of 0-1 is cut

@@ -74,4 +74,4 @@ class PortraitSegmentation(base.PersonSegBuilder):
         return candidates
 
     def _read_mask(self, path: pathlib.Path) -> tuple[np.ndarray, str | None]:
-        return image_io.binarize(image_io.read_mat(path, "mask"))
+        return image_io.binarize(image_io.read_mat_mask(path, "mask"))
