@@ -236,6 +236,26 @@ def test_a_mat_mask_of_another_shape_or_type_is_skipped_not_the_build(name, port
     assert kept and not kept & {f.stem.removesuffix("_mask") for f in files}
 
 
+def test_data_prepared_before_its_source_changed_is_named_stale(portraits, tmp_path, caplog):
+    """A photo fixed, added or removed in the manual dir after the build is not in the prepared
+    data: using that data says so, where it said nothing."""
+    root = shutil.copytree(portraits[0], tmp_path / "src")
+    data_dir = str(tmp_path / "dd")
+    datasets.prepare("portrait_segmentation", data_dir=data_dir, manual_dir=str(root))
+    with caplog.at_level("WARNING"):
+        datasets.prepare("portrait_segmentation", data_dir=data_dir, manual_dir=str(root))
+    os.utime(root / "data/images_data_crop/00001.jpg", (0, 0))  # as a copy of the files would
+    with caplog.at_level("WARNING"):
+        datasets.prepare("portrait_segmentation", data_dir=data_dir, manual_dir=str(root))
+    assert "differ from those" not in caplog.text  # unchanged: no word
+    fx.write(root / "data/images_data_crop/00013.jpg", fx.photo(13))  # its mask had no photo
+    with caplog.at_level("WARNING"):
+        prepared = datasets.prepare("portrait_segmentation", data_dir=data_dir, manual_dir=str(root))
+    assert f"the files of {root} differ from those the data prepared in {prepared.data_path}" in caplog.text
+    # Used as it was built: the new photo is not in it.
+    assert "00013" not in {i for v in ids_by_split("portrait_segmentation", data_dir).values() for i in v}
+
+
 def test_split_of_an_id_is_stable(portraits, tmp_path):
     root, _, data_dir = portraits
     first = ids_by_split("portrait_segmentation", data_dir)

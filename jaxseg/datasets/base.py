@@ -74,6 +74,7 @@ class Report:
     skipped: list = dataclasses.field(default_factory=list)
     excluded: list = dataclasses.field(default_factory=list)
     warnings: list = dataclasses.field(default_factory=list)
+    fingerprint: str = ""  # of the source folder's files (source_fingerprint); "" when not taken
 
     def add(self, kind: str, path: pathlib.Path, text: str) -> None:
         """Record PATH under KIND ('skipped', 'excluded' or 'warnings')."""
@@ -87,7 +88,25 @@ class Report:
                       excluded=len(self.excluded), warnings=len(self.warnings))
         report = dict(dataset=self.dataset, source_dir=str(self.root), on_bad=self.on_bad, counts=counts,
                       skipped=self.skipped, excluded=self.excluded, warnings=self.warnings)
+        if self.fingerprint:
+            report["source_fingerprint"] = self.fingerprint
         write_text_whole(pathlib.Path(path), json.dumps(report, indent=1))
+
+
+def source_fingerprint(root: pathlib.Path, paths: tuple[str, ...]) -> str:
+    """Hash of the names and sizes of the files at ROOT's PATHS (folders walked): files added,
+    removed or replaced (a fixed photo, an empty file filled) change it. Not their times, which
+    a copy of the same files (unzip, cp -r) changes."""
+    digest = hashlib.sha256()
+    for top in paths:
+        folder = root / top
+        for f in sorted(folder.rglob("*")) if folder.is_dir() else [folder]:
+            try:
+                size = f.stat().st_size
+            except OSError:  # a dangling link: the build reports it
+                size = -1
+            digest.update(os.fsencode(f.relative_to(root).as_posix()) + f"\0{size}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _unreachable(url: str) -> str | None:
@@ -309,6 +328,8 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = self._locate(dl_manager)
         self._report = Report(self.name, root, self.on_bad)
+        if self.LAYOUT:  # a person_folder's files are in its config's name (config_for)
+            self._report.fingerprint = source_fingerprint(root, self.LAYOUT)
         candidates = self._candidates(root, self._report)
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
             checked = list(pool.map(self._check, candidates))
@@ -358,10 +379,28 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._report.write(self.data_path / REPORT_FILE, self.split_sizes())
 
     def download_and_prepare(self, **kwargs):
-        """Prepare once; with on_bad='error', data prepared earlier must have skipped nothing."""
+        """Prepare once; with on_bad='error', data prepared earlier must have skipped nothing.
+
+        Data prepared earlier from a manual dir whose files changed since (source_fingerprint)
+        is used as it is, with a warning saying so."""
+        prepared = self.data_path.exists()
         super().download_and_prepare(**kwargs)
+        if prepared:
+            self._warn_if_source_changed(kwargs.get("download_config"))
         if self.on_bad == "error" and (skipped := self.report()["skipped"]):
             raise BadDataError(self.name, skipped)
+
+    def _warn_if_source_changed(self, download_config) -> None:
+        """A warning where the manual dir's files differ from those the prepared data was built
+        from: a photo fixed, added or removed after the build was not in the data, without a word."""
+        manual = download_config and download_config.manual_dir
+        root = self.find_layout(pathlib.Path(manual)) if manual and self.LAYOUT else None
+        report = self.report()
+        built_from = report.get("source_fingerprint")
+        if root and built_from and built_from != source_fingerprint(root, self.LAYOUT):
+            logging.warning("%s: the files of %s differ from those the data prepared in %s was "
+                            "built from (%s): it is used as it was built; delete that folder to "
+                            "rebuild from them", self.name, root, self.data_path, report["source_dir"])
 
     def report(self) -> dict:
         """The build report stored with the prepared data."""
