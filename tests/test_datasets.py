@@ -256,6 +256,15 @@ def test_data_prepared_before_its_source_changed_is_named_stale(portraits, tmp_p
     assert "00013" not in {i for v in ids_by_split("portrait_segmentation", data_dir).values() for i in v}
 
 
+@pytest.mark.parametrize("ids", [np.array([[1.0, np.nan]]), np.array([[1.5, 2]]), np.array([["1", "x"]]),
+                                 np.array([[np.ones(2)]], dtype=object)])
+def test_a_list_file_of_other_values_than_ids_is_named(portraits, tmp_path, ids):
+    broken = shutil.copytree(portraits[0], tmp_path / "broken")
+    scipy.io.savemat(broken / "data/trainlist.mat", {"trainlist": ids})
+    with pytest.raises(image_io.BadFile, match="trainlist.mat: holds values that are not ids"):
+        datasets.prepare("portrait_segmentation", data_dir=str(tmp_path / "dd"), manual_dir=str(broken))
+
+
 def test_split_of_an_id_is_stable(portraits, tmp_path):
     root, _, data_dir = portraits
     first = ids_by_split("portrait_segmentation", data_dir)

@@ -12,6 +12,18 @@ LISTS = {"train": "data/trainlist.mat", "test": "data/testlist.mat"}
 TRAIN_FRACTIONS = {"train": 0.9, "validation": 0.1}
 
 
+def _ids(values: np.ndarray) -> set[str]:
+    """The 5-digit ids of a list file's numbers (or digit strings); `BadFile` where it holds other
+    values (a cell array, NaN: a traceback, or a line that named no file)."""
+    try:
+        numbers = values.astype(np.float64)
+    except (ValueError, TypeError) as e:
+        raise image_io.BadFile(f"holds values that are not ids (whole numbers): {e}") from None
+    if not (np.isfinite(numbers) & (numbers >= 0) & (numbers == np.round(numbers))).all():
+        raise image_io.BadFile("holds values that are not ids (whole numbers of 0 or more)")
+    return {f"{int(i):05d}" for i in numbers.ravel()}
+
+
 class PortraitSegmentation(base.PersonSegBuilder):
     """Flickr head-and-shoulder portraits with hand-made person masks (Shen et al. 2016).
 
@@ -44,10 +56,9 @@ class PortraitSegmentation(base.PersonSegBuilder):
         listed = {}
         for split, path in LISTS.items():
             try:
-                ids = image_io.read_mat(root / path, f"{split}list")
+                listed[split] = _ids(image_io.read_mat(root / path, f"{split}list"))
             except image_io.BadFile as e:  # without the list no split can be built: say which
                 raise image_io.BadFile(f"{root / path}: {e}") from e
-            listed[split] = {f"{int(i):05d}" for i in ids.ravel()}
         candidates = []
         for id_ in sorted(photos.keys() | masks.keys()):
             if id_ in photos and id_ in masks:
