@@ -1167,6 +1167,8 @@ def test_build_command_passes_its_options_to_each_build(tmp_path, capsys, monkey
     (["ccp_person", "--manual_dir", "{tmp}/file"], "--manual_dir {tmp}/file: no such folder"),
     # Ignored without a word: the user's folder was not built.
     (["ccp_person", "--folder", "{tmp}"], "--folder is read by person_folder only"),
+    (["person_folder", "--folder", "{tmp}", "--manual_dir", "{tmp}"],
+     "--manual_dir is read by portrait_segmentation and ccp_person only"),
 ])
 def test_build_command_refuses_a_manual_dir_or_folder_it_cannot_use(tmp_path, capsys, monkeypatch,
                                                                    args, message):

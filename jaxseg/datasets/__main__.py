@@ -37,6 +37,9 @@ def main(argv=None):
         p.error("person_folder needs --folder: a folder with images/ and masks/")
     if args.folder and "person_folder" not in args.names:  # else ignored without a word
         p.error("--folder is read by person_folder only: add it to the names, or leave --folder out")
+    if args.manual_dir and not set(args.names) & datasets.MANUAL_SUBDIRS.keys():  # else ignored too
+        p.error(f"--manual_dir is read by {' and '.join(datasets.MANUAL_SUBDIRS)} only: "
+                "person_folder reads --folder")
     if args.manual_dir:
         # A mistyped one was warned of and replaced by a download of the public archive.
         args.manual_dir = os.path.expanduser(args.manual_dir)  # --manual_dir=~/data: no shell
