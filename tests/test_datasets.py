@@ -1151,7 +1151,8 @@ def test_build_command_passes_its_options_to_each_build(tmp_path, capsys, monkey
             return {"counts": {"excluded": 1}}
 
     monkeypatch.setattr(datasets, "prepare", lambda name, **kw: built.append((name, kw)) or Built())
-    (tmp_path / "M").mkdir()
+    (tmp_path / "M/photos").mkdir(parents=True)  # ccp's layout
+    (tmp_path / "M/annotations/pixel-level").mkdir(parents=True)
     cli.main(["build", "ccp_person", "person_folder", "--manual_dir", str(tmp_path / "M"),
               "--data_dir", "D", "--folder", "F", "--on_bad", "error"])
     options = {"manual_dir": str(tmp_path / "M"), "data_dir": "D", "folder": "F", "on_bad": "error"}
@@ -1169,6 +1170,9 @@ def test_build_command_passes_its_options_to_each_build(tmp_path, capsys, monkey
     (["ccp_person", "--folder", "{tmp}"], "--folder is read by person_folder only"),
     (["person_folder", "--folder", "{tmp}", "--manual_dir", "{tmp}"],
      "--manual_dir is read by portrait_segmentation and ccp_person only"),
+    # Warned of, then the public archive downloaded in place of the user's copy.
+    (["ccp_person", "--manual_dir", "{tmp}"], "--manual_dir {tmp} holds neither ccp_person's files "
+     "(photos, annotations/pixel-level) nor ccp/ or clothing-co-parsing-master/ holding them"),
 ])
 def test_build_command_refuses_a_manual_dir_or_folder_it_cannot_use(tmp_path, capsys, monkeypatch,
                                                                    args, message):

@@ -45,6 +45,15 @@ def main(argv=None):
         args.manual_dir = os.path.expanduser(args.manual_dir)  # --manual_dir=~/data: no shell
         if not os.path.isdir(args.manual_dir):
             p.error(f"--manual_dir {args.manual_dir}: no such folder")
+        # A folder without a dataset's files (one of them missing, or the wrong level named) was
+        # warned of, and the public archive downloaded in its place as well.
+        for name in sorted(set(args.names) & datasets.MANUAL_SUBDIRS.keys()):
+            builder = datasets.builder(name, data_dir=args.data_dir)
+            folder, sub = pathlib.Path(args.manual_dir), datasets.MANUAL_SUBDIRS[name]
+            if not (builder.find_layout(folder) or builder.find_layout(folder / sub)):
+                p.error(f"--manual_dir {folder} holds neither {name}'s files "
+                        f"({', '.join(builder.LAYOUT)}) nor {sub}/ or {builder.ARCHIVE_DIR}/ "
+                        "holding them")
     for name in args.names:
         try:
             builder = datasets.prepare(name, data_dir=args.data_dir, folder=args.folder,
