@@ -35,6 +35,7 @@ from PIL import Image
 
 from configs import default
 from jaxseg import config_check, device_augment, losses, mixture, sharding, train_step
+from jaxseg.arg_types import at_least, positive_number
 from jaxseg.workdir import complete_or_absent, write_text_whole
 
 
@@ -132,8 +133,11 @@ def main():
     p.add_argument("--out", required=True,
                    help="new folder for model_state.npz and summary.json (one that already holds a "
                         "model_state.npz is refused)")
-    p.add_argument("--budget_s", type=float, default=420, help="training seconds to plan for")
-    p.add_argument("--num_steps", type=int, default=0, help="train this many steps (no calibration)")
+    # Typed: a negative --num_steps trained nothing and saved nothing, yet exited 0.
+    p.add_argument("--budget_s", type=positive_number, default=420,
+                   help="training seconds to plan for")
+    p.add_argument("--num_steps", type=at_least(0), default=0,
+                   help="train this many steps (0: fitted to --budget_s by a calibration run)")
     p.add_argument("--deadline_s", type=float, default=0,
                    help="stop training this many seconds after start, planned or not (0 = never)")
     p.add_argument("--batch_size", type=int, default=64)

@@ -693,6 +693,22 @@ def test_gpu_array_train_refuses_an_impossible_config(monkeypatch, capsys, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--num_steps", "-5"], "--num_steps: must be at least 0, got -5"),
+    (["--budget_s", "-1"], "--budget_s: must be a finite number above 0, got -1")])
+def test_gpu_array_train_refuses_a_negative_step_count_or_budget(monkeypatch, capsys, tmp_path,
+                                                                 argv, message):
+    """A negative step count trained and saved nothing and exited 0: refused before the data."""
+    module = _load_launch_module("gpu_array_train")
+    monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / "none.npz"),
+                                      "--out", str(tmp_path / "run"), *argv])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def _tiny_array_file(monkeypatch, path, datasets: str, *, per_split: int):
     """An array file (launch/make_array_file.py) of 16 px random examples: `per_split` in each
     split of each of the comma-separated `datasets`."""
