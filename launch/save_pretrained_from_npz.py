@@ -8,6 +8,8 @@ import argparse
 import json
 import pathlib
 import sys
+import zipfile
+import zlib
 
 # `python launch/save_pretrained_from_npz.py` puts launch/, not the repository root, on sys.path:
 # without this, `jaxseg` would only import with PYTHONPATH=. set.
@@ -23,16 +25,36 @@ from jaxseg.models import create_model
 
 def load_run(run: pathlib.Path, output_shift: tuple[float, float] | None = None):
     """(model, config, card) of one run: its selected weights in a fresh model of its config,
-    with `output_shift` (model.output_shift) in place of the run's own where given."""
-    summary = json.loads((run / "summary.json").read_text())
-    config = inference.config_from_json(summary["config"])
+    with `output_shift` (model.output_shift) in place of the run's own where given. Raises
+    ValueError (a one-line message) where its two files are unreadable or do not match."""
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        config = inference.config_from_json(summary["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"{run / 'summary.json'}: not a gpu_array_train.py summary ({e!r})") from None
     config.model.compute_dtype = "float32"  # trained with bf16 compute; fp32 params either way
     if output_shift is not None:
         config.model.output_shift = output_shift
     model = create_model(config.model)
-    flat = np.load(run / "model_state.npz")
+    try:
+        flat = dict(np.load(run / "model_state.npz"))
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(
+            f"{run / 'model_state.npz'}: unreadable, a copy cut short? ({e})") from None
     paths, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model))
-    leaves = [flat[jax.tree_util.keystr(p)] for p, _ in paths]
+    leaves = []
+    for p, ref in paths:
+        # nnx.update takes arrays of any shape: weights of another run's width would be saved
+        # under this run's config, and the model card would describe another model.
+        value = flat.get(jax.tree_util.keystr(p))
+        if value is None or value.shape != ref.shape:
+            got = "missing" if value is None else f"shape {value.shape}"
+            raise ValueError(
+                f"{run / 'model_state.npz'} does not hold the weights of the model its "
+                f"summary.json describes: {jax.tree_util.keystr(p)} is {got}, expected "
+                f"shape {ref.shape} (files of two different runs?)")
+        leaves.append(value)
     nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
     card = {k: v for k, v in summary.items() if k != "config"}
     card["steps"] = summary.get("selected", {}).get("step", summary["num_steps"])
@@ -65,7 +87,10 @@ def main():
         missing = [f for f in ("model_state.npz", "summary.json") if not (run / f).is_file()]
         if missing:
             parser.error(f"{run} lacks {' and '.join(missing)}: not a gpu_array_train.py --out folder")
-    runs = [load_run(run, args.output_shift) for run in args.runs]
+    try:
+        runs = [load_run(run, args.output_shift) for run in args.runs]
+    except ValueError as e:
+        parser.error(str(e))
     models, configs, cards = zip(*runs)
     # Every member runs at the first one's input size.
     shapes = [(c.data.image_size, c.model.to_dict()) for c in configs]

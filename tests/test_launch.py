@@ -1157,3 +1157,32 @@ def test_save_pretrained_from_npz_saves_the_runs_in_order_as_float32_members(mon
         saver.main()
     assert e.value.code == 2 and not saved
     assert "ensemble members must share one image size and model config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("other_width", "does not hold the weights of the model its summary.json describes"),
+    ("truncated_npz", "model_state.npz: unreadable, a copy cut short?"),
+    ("bad_json", "summary.json: not a gpu_array_train.py summary")])
+def test_save_pretrained_from_npz_refuses_files_that_are_not_one_run(monkeypatch, capsys, tmp_path,
+                                                                      damage, message):
+    """The weights of a run of another width were saved under this run's config (nnx.update takes
+    any shape), and a cut-short or unreadable file gave a traceback: each is one usage error."""
+    saver = _load_launch_module("save_pretrained_from_npz")
+    run = _array_train_run(tmp_path / "run", seed=1, num_steps=10, selected_step=10)
+    if damage == "other_width":
+        other = _array_train_run(tmp_path / "other", seed=1, num_steps=10, selected_step=10,
+                                 base_features=8)
+        (run / "model_state.npz").write_bytes((other / "model_state.npz").read_bytes())
+    elif damage == "truncated_npz":
+        data = (run / "model_state.npz").read_bytes()
+        (run / "model_state.npz").write_bytes(data[:len(data) // 2])
+    else:
+        (run / "summary.json").write_text("{")
+    saved = []
+    monkeypatch.setattr(saver.inference, "save_pretrained", lambda *a: saved.append(a))
+    monkeypatch.setattr(sys, "argv", ["save_pretrained_from_npz.py", str(run)])
+    with pytest.raises(SystemExit) as e:
+        saver.main()
+    assert e.value.code == 2 and not saved
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
