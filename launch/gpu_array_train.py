@@ -295,17 +295,18 @@ def main():
                 # rented machine's tool may return per file.
                 with complete_or_absent(out / "model_state.npz") as partial, open(partial, "wb") as f:
                     np.savez_compressed(f, **flat)
-        # Rewritten at every validation: the whole history and the steps trained so far.
-        summary = {"config": json.loads(config.to_json()), "num_steps": num_steps,
-                   "steps_done": step, "train_seconds": train_s,
-                   "images_per_second": (step - 1) * args.batch_size / max(train_s, 1e-9),
-                   "selected": best, "validation_history": history,
-                   "device": jax.devices()[0].device_kind,
-                   "train_examples": {n: int(x.shape[0]) for n, x in zip(trained, per_source)},
-                   "validation_examples": {n: int(len(r)) for n, r in val_rows.items()},
-                   "batch_mixture": dict(zip(trained, counts))}
-        text = json.dumps(summary, indent=1)
-        write_text_whole(out / "summary.json", text)
+            # Rewritten after each weights' validation, not once both are done: a run killed
+            # while the EMA weights were validated kept the trained weights just saved with a
+            # summary that selected the earlier ones (or no summary, which the saver refuses).
+            summary = {"config": json.loads(config.to_json()), "num_steps": num_steps,
+                       "steps_done": step, "train_seconds": train_s,
+                       "images_per_second": (step - 1) * args.batch_size / max(train_s, 1e-9),
+                       "selected": best, "validation_history": history,
+                       "device": jax.devices()[0].device_kind,
+                       "train_examples": {n: int(x.shape[0]) for n, x in zip(trained, per_source)},
+                       "validation_examples": {n: int(len(r)) for n, r in val_rows.items()},
+                       "batch_mixture": dict(zip(trained, counts))}
+            write_text_whole(out / "summary.json", json.dumps(summary, indent=1))
 
     validate_at = {int(num_steps * (k + 1) / args.num_validations) for k in range(args.num_validations)}
     t = time.time()

@@ -1089,6 +1089,43 @@ def test_gpu_array_train_saves_the_weights_that_validation_chose(monkeypatch, tm
     assert not all(np.array_equal(saved[k], other[k]) for k in other)
 
 
+def test_gpu_array_train_killed_while_validating_the_ema_keeps_a_matching_summary(monkeypatch,
+                                                                                  tmp_path):
+    """Killed after the trained weights were saved, while the EMA weights were validated: the
+    summary already selects the saved weights (it was written only once both were validated)."""
+    import types
+
+    from flax import nnx
+
+    data = _tiny_array_file(monkeypatch, tmp_path / "arr.npz", "portrait_segmentation,ccp_person",
+                            per_split=2)
+    module = _load_launch_module("gpu_array_train")
+    merged = []
+
+    def merge(graphdef, state):
+        merged.append(nnx.merge(graphdef, state))
+        return merged[-1]
+
+    def jit(counts_of):
+        def counts(model, images, masks):
+            if model is merged[-1]["ema"]:
+                raise KeyboardInterrupt  # the machine's kill
+            return np.ones(len(images)), np.ones(len(images))
+        return counts
+
+    monkeypatch.setattr(module, "nnx", types.SimpleNamespace(merge=merge, jit=jit,
+                                                             state=nnx.state))
+    monkeypatch.setattr(sys, "argv", [
+        "gpu_array_train.py", "--data", str(data), "--out", str(tmp_path / "run"), "--num_steps",
+        "2", "--batch_size", "8", "--base_features", "4", "--num_validations", "1",
+        "--set", "model.depth=2"])
+    with pytest.raises(KeyboardInterrupt):
+        module.main()
+    assert (tmp_path / "run" / "model_state.npz").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["selected"]["weights"] == "model" and summary["selected"]["step"] == 2
+
+
 def _array_train_run(run, *, seed, num_steps, selected_step, base_features=4):
     """A launch/gpu_array_train.py --out folder: a model's flat state (keyed by path, as that
     script writes it) and a summary.json of its bf16-compute config and selected step."""
