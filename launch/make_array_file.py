@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from jaxseg import datasets, resolution
+from jaxseg.arg_types import at_least
 
 SPLITS = {"train": 0, "validation": 1}
 # How the masks were resized: "centre" (resolution.resize_mask samples pixel centres). Files without
@@ -34,7 +35,7 @@ def npz_path(output) -> pathlib.Path:
 def main():
     """Writes the array file and prints its size and example counts."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", type=int, default=192)
+    parser.add_argument("--size", type=at_least(1), default=192)
     parser.add_argument("--datasets", default="portrait_segmentation,ccp_person")
     parser.add_argument("--output", required=True, help="the array file (.npz is added if missing)")
     parser.add_argument("--jpeg_quality", type=int, default=95)
@@ -43,7 +44,10 @@ def main():
     names = args.datasets.split(",")
     for d, name in enumerate(names):
         for split, split_id in SPLITS.items():
-            src = datasets.data_source(name, split)
+            try:  # an unknown name, or person_folder (which needs a folder this script lacks)
+                src = datasets.data_source(name, split)
+            except ValueError as e:
+                parser.error(f"--datasets: {e}")
             for i in range(len(src)):
                 ex = src[i]
                 image = resolution.resize_image(ex["image"], args.size)

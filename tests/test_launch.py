@@ -836,6 +836,23 @@ def test_gpu_array_train_refuses_a_mixture_the_file_cannot_give(monkeypatch, cap
     assert not (tmp_path / "run" / "model_state.npz").exists()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--size", "0"], "argument --size: must be at least 1, got 0"),
+    (["--datasets", "nope"], "--datasets: unknown dataset 'nope'"),
+    (["--datasets", "person_folder"], "--datasets: person_folder needs folder=")])
+def test_make_array_file_bad_arguments_are_usage_errors(monkeypatch, capsys, tmp_path, argv,
+                                                        message):
+    """A size OpenCV cannot resize to and a dataset it cannot read gave tracebacks."""
+    module = _load_launch_module("make_array_file")
+    monkeypatch.setattr(sys, "argv", ["make_array_file.py", "--output", str(tmp_path / "arr"),
+                                      *argv])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "arr.npz").exists()
+
+
 @pytest.mark.parametrize("output,written", [("arr", "arr.npz"), ("arr.npz", "arr.npz"),
                                             ("sub/arr.v2", "sub/arr.v2.npz")])
 def test_make_array_file_output_path(monkeypatch, capsys, tmp_path, output, written):
