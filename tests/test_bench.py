@@ -106,9 +106,10 @@ def test_help_and_counts_that_would_time_nothing(capsys, monkeypatch):
         assert "must be HEIGHTxWIDTH" in capsys.readouterr().err
 
 
-def test_train_bench_times_jax_alone(capsys):
+@pytest.mark.parametrize("warmup", ["1", "0"])  # 0 (compilation timed) raised UnboundLocalError
+def test_train_bench_times_jax_alone(capsys, warmup):
     bench.train(["--keras_jit", "none", "--image_size", "32", "--batch_size", "1",
-                 "--repeats", "1", "--steps", "1", "--warmup", "1"])
+                 "--repeats", "1", "--steps", "1", "--warmup", warmup])
     lines = capsys.readouterr().out.splitlines()
     rate = [line for line in lines if line.startswith("median images/s")]
     assert len(rate) == 1 and rate[0].startswith("median images/s jax: ")
