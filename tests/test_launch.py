@@ -1063,13 +1063,13 @@ def test_gpu_array_train_trains_on_training_rows_and_saves_the_weights_it_select
         assert selected[name] == pytest.approx(iou, abs=1e-6), name
 
 
-@pytest.mark.parametrize("chosen", ["model", "ema"])
-def test_gpu_array_train_saves_the_weights_that_validation_chose(monkeypatch, tmp_path, chosen):
-    """Validation forced to prefer CHOSEN's weights (the trained or the EMA ones, which differ
-    after training): model_state.npz holds exactly those."""
+def _gpu_array_train_validating_with(monkeypatch, tmp_path, counts):
+    """launch/gpu_array_train.py, loaded and set to train 2 steps on a tiny array file into
+    TMP_PATH/run, whose validation's (intersection, union) per image are COUNTS(model, images,
+    latest): LATEST the trained and EMA models last merged for validation and saving. Returns
+    the module (run its main()) and the list of merged models."""
     import types
 
-    import jax
     from flax import nnx
 
     data = _tiny_array_file(monkeypatch, tmp_path / "arr.npz", "portrait_segmentation,ccp_person",
@@ -1081,10 +1081,8 @@ def test_gpu_array_train_saves_the_weights_that_validation_chose(monkeypatch, tm
         merged.append(nnx.merge(graphdef, state))
         return merged[-1]
 
-    def jit(counts_of):  # the validation's (intersection, union) per image: IoU 1 for CHOSEN, else 0
-        def counts(model, images, masks):
-            return np.full(len(images), int(model is merged[-1][chosen])), np.ones(len(images))
-        return counts
+    def jit(counts_of):
+        return lambda model, images, masks: counts(model, images, merged[-1])
 
     monkeypatch.setattr(module, "nnx", types.SimpleNamespace(merge=merge, jit=jit,
                                                              state=nnx.state))
@@ -1092,6 +1090,20 @@ def test_gpu_array_train_saves_the_weights_that_validation_chose(monkeypatch, tm
         "gpu_array_train.py", "--data", str(data), "--out", str(tmp_path / "run"), "--num_steps",
         "2", "--batch_size", "8", "--base_features", "4", "--num_validations", "1",
         "--set", "model.depth=2"])
+    return module, merged
+
+
+@pytest.mark.parametrize("chosen", ["model", "ema"])
+def test_gpu_array_train_saves_the_weights_that_validation_chose(monkeypatch, tmp_path, chosen):
+    """Validation forced to prefer CHOSEN's weights (the trained or the EMA ones, which differ
+    after training): model_state.npz holds exactly those."""
+    import jax
+    from flax import nnx
+
+    def counts(model, images, latest):  # IoU 1 for CHOSEN, else 0
+        return np.full(len(images), int(model is latest[chosen])), np.ones(len(images))
+
+    module, merged = _gpu_array_train_validating_with(monkeypatch, tmp_path, counts)
     module.main()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["selected"]["weights"] == chosen
     saved = dict(np.load(tmp_path / "run" / "model_state.npz"))
@@ -1110,32 +1122,12 @@ def test_gpu_array_train_killed_while_validating_the_ema_keeps_a_matching_summar
                                                                                   tmp_path):
     """Killed after the trained weights were saved, while the EMA weights were validated: the
     summary already selects the saved weights (it was written only once both were validated)."""
-    import types
+    def counts(model, images, latest):
+        if model is latest["ema"]:
+            raise KeyboardInterrupt  # the machine's kill
+        return np.ones(len(images)), np.ones(len(images))
 
-    from flax import nnx
-
-    data = _tiny_array_file(monkeypatch, tmp_path / "arr.npz", "portrait_segmentation,ccp_person",
-                            per_split=2)
-    module = _load_launch_module("gpu_array_train")
-    merged = []
-
-    def merge(graphdef, state):
-        merged.append(nnx.merge(graphdef, state))
-        return merged[-1]
-
-    def jit(counts_of):
-        def counts(model, images, masks):
-            if model is merged[-1]["ema"]:
-                raise KeyboardInterrupt  # the machine's kill
-            return np.ones(len(images)), np.ones(len(images))
-        return counts
-
-    monkeypatch.setattr(module, "nnx", types.SimpleNamespace(merge=merge, jit=jit,
-                                                             state=nnx.state))
-    monkeypatch.setattr(sys, "argv", [
-        "gpu_array_train.py", "--data", str(data), "--out", str(tmp_path / "run"), "--num_steps",
-        "2", "--batch_size", "8", "--base_features", "4", "--num_validations", "1",
-        "--set", "model.depth=2"])
+    module, _ = _gpu_array_train_validating_with(monkeypatch, tmp_path, counts)
     with pytest.raises(KeyboardInterrupt):
         module.main()
     assert (tmp_path / "run" / "model_state.npz").is_file()

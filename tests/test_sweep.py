@@ -294,9 +294,9 @@ def test_a_stop_signal_reaches_the_running_trial_and_starts_no_other(tmp_path, m
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
-def test_another_grids_trial_of_the_same_short_name_gets_its_own_folder(tmp_path, monkeypatch):
-    # train.batch_size=4 from a first --grid, then eval.batch_size=4 from a second: both are
-    # "batch_size=4" by short name, and the second was taken for finished.
+def _record_trials(monkeypatch) -> list[dict]:
+    """Makes each trial a finished one-step run whose validation IoU is 0.1 x its number, and
+    returns the list of trials' values it appends to as they start."""
     runs = []
 
     def fake_train(config, tdir, values, extra):
@@ -308,6 +308,13 @@ def test_another_grids_trial_of_the_same_short_name_gets_its_own_folder(tmp_path
         return [sys.executable, "-c", ""]
 
     monkeypatch.setattr(sweep, "_command", fake_train)
+    return runs
+
+
+def test_another_grids_trial_of_the_same_short_name_gets_its_own_folder(tmp_path, monkeypatch):
+    # train.batch_size=4 from a first --grid, then eval.batch_size=4 from a second: both are
+    # "batch_size=4" by short name, and the second was taken for finished.
+    runs = _record_trials(monkeypatch)
     for grid in ("train.batch_size=4", "eval.batch_size=4"):
         rows = sweep.run("configs/smoke.py", tmp_path, sweep.trials(sweep.parse_grid([grid])))
     assert runs == [{"train.batch_size": 4}, {"eval.batch_size": 4}]
@@ -322,17 +329,7 @@ def test_values_a_folder_name_cannot_tell_apart_get_folders_of_their_own(tmp_pat
     """'a/b' and 'a b' are both folder 'x=a-b': the two trials trained in one folder and one
     result row stood for both. A name over the file system's 255 characters (a random search over
     many fields) ended the sweep in an OSError traceback."""
-    runs = []
-
-    def fake_train(config, tdir, values, extra):
-        runs.append(values)
-        (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 1}}))
-        (tdir / "metrics.jsonl").write_text(
-            json.dumps({"step": 1, "kind": "train", "loss": 0.5}) + "\n"
-            + json.dumps({"step": 1, "kind": "validation", "val_iou": 0.1 * len(runs)}) + "\n")
-        return [sys.executable, "-c", ""]
-
-    monkeypatch.setattr(sweep, "_command", fake_train)
+    runs = _record_trials(monkeypatch)
     long = {f"section{i}.field_number_{i}": 0.001 for i in range(15)}
     combos = sweep.trials(sweep.parse_grid(["x='a/b','a b','a-b'"])) + [long]
     rows = sweep.run("configs/smoke.py", tmp_path, combos, parallel=2)

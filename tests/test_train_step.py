@@ -402,16 +402,25 @@ def test_validation_sets_score_as_the_eval_config_says(monkeypatch):
     assert val["val_iou"] == pytest.approx((val["a/iou"] + val["b/iou"]) / 2)
 
 
-def test_a_run_logs_validates_and_saves_its_last_step_off_the_intervals(tmp_path, monkeypatch):
-    """In process on fake data: 3 steps with every interval 2 log, validate and save at step 2
-    and at the last step, 3; run again to 4 steps, it resumes at 3 and trains step 4 alone."""
-    from jaxseg import checkpointing, datasets, metric_writer, train
+def _in_process_fake_run(monkeypatch):
+    """jaxseg.train on fake data (12 training examples, 3 per validation set) in this process,
+    on one device: the tiny config to train with."""
+    from jaxseg import datasets, train
 
     monkeypatch.setattr(train, "train_sources", lambda config: ([fake_source(12, 0)], [1.0]))
     monkeypatch.setattr(datasets, "data_source",
                         lambda name, split, **kwargs: fake_source(3, seed=len(name)))
     config = tiny_config()
     config.num_devices = 1
+    return config
+
+
+def test_a_run_logs_validates_and_saves_its_last_step_off_the_intervals(tmp_path, monkeypatch):
+    """In process on fake data: 3 steps with every interval 2 log, validate and save at step 2
+    and at the last step, 3; run again to 4 steps, it resumes at 3 and trains step 4 alone."""
+    from jaxseg import checkpointing, metric_writer, train
+
+    config = _in_process_fake_run(monkeypatch)
     config.train.update(num_steps=3, log_every=2, eval_every=2, checkpoint_every=2,
                         num_logged_images=0)
     workdir = tmp_path / "run"
@@ -430,13 +439,9 @@ def test_a_stop_at_an_evaluation_step_is_validated_when_the_run_resumes(tmp_path
     """A stop at step 1 of 2, every step validated, saves step 1 unvalidated; the resumed run
     (first killed right after validating step 1, then run again) logs and offers to best/ the
     validations of the run that was never stopped."""
-    from jaxseg import checkpointing, datasets, metric_writer, train
+    from jaxseg import checkpointing, metric_writer, train
 
-    monkeypatch.setattr(train, "train_sources", lambda config: ([fake_source(12, 0)], [1.0]))
-    monkeypatch.setattr(datasets, "data_source",
-                        lambda name, split, **kwargs: fake_source(3, seed=len(name)))
-    config = tiny_config()
-    config.num_devices = 1
+    config = _in_process_fake_run(monkeypatch)
     config.train.update(num_steps=2, log_every=1, eval_every=1, checkpoint_every=2,
                         num_logged_images=0)
     train.train_and_evaluate(config, str(tmp_path / "straight"))
