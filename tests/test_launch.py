@@ -681,24 +681,15 @@ def test_gpu_array_train_refuses_an_earlier_run(monkeypatch, capsys, tmp_path):
     assert np.load(run / "model_state.npz")["w"].tolist() == [1.0, 1.0]  # untouched
 
 
-def test_gpu_array_train_refuses_an_impossible_config(monkeypatch, capsys, tmp_path):
-    """Checked by jaxseg.config_check, as jaxseg.train checks it, before the data is opened."""
-    module = _load_launch_module("gpu_array_train")
-    monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / "none.npz"),
-                                      "--out", str(tmp_path / "run"), "--set", "train.ema_decay=1.5"])
-    with pytest.raises(SystemExit) as e:
-        module.main()
-    assert e.value.code == 2
-    assert "train.ema_decay=1.5 must be in [0, 1)" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
 @pytest.mark.parametrize("argv,message", [
+    (["--set", "train.ema_decay=1.5"], "train.ema_decay=1.5 must be in [0, 1)"),
+    # A negative step count trained and saved nothing and exited 0.
     (["--num_steps", "-5"], "--num_steps: must be at least 0, got -5"),
     (["--budget_s", "-1"], "--budget_s: must be a finite number above 0, got -1")])
-def test_gpu_array_train_refuses_a_negative_step_count_or_budget(monkeypatch, capsys, tmp_path,
-                                                                 argv, message):
-    """A negative step count trained and saved nothing and exited 0: refused before the data."""
+def test_gpu_array_train_refuses_an_impossible_config_or_step_count(monkeypatch, capsys, tmp_path,
+                                                                    argv, message):
+    """Refused before the data is opened (the config checked by jaxseg.config_check, as
+    jaxseg.train checks it)."""
     module = _load_launch_module("gpu_array_train")
     monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / "none.npz"),
                                       "--out", str(tmp_path / "run"), *argv])

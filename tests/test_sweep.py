@@ -232,15 +232,7 @@ def test_a_config_file_edited_after_trials_finished_is_refused(tmp_path, monkeyp
     trials of the edited file (here 1000 training steps against 20)."""
     monkeypatch.chdir(REPO)
     monkeypatch.delitem(sys.modules, "config_config", raising=False)
-
-    def fake_train(config, tdir, values, extra):
-        (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 1}}))
-        (tdir / "metrics.jsonl").write_text(
-            json.dumps({"step": 1, "kind": "train", "loss": 0.5}) + "\n"
-            + json.dumps({"step": 1, "kind": "validation", "val_iou": 0.5}) + "\n")
-        return [sys.executable, "-c", ""]
-
-    monkeypatch.setattr(sweep, "_command", fake_train)
+    _record_trials(monkeypatch)
     config = tmp_path / "mine.py"
     body = "from configs import smoke\n\ndef get_config():\n    c = smoke.get_config()\n"
     config.write_text(body + "    return c\n")
@@ -414,22 +406,13 @@ def test_a_trial_is_ranked_by_its_best_validation_not_its_last(tmp_path, monkeyp
 def test_a_finished_trial_of_tuple_values_is_not_run_again(tmp_path, monkeypatch):
     """A trial's values come back from its JSON file with lists for tuples: a rerun of
     optim.step_fractions=(0.5,0.8),... must still find its trials finished."""
-    runs = []
-
-    def fake_train(config, tdir, values, extra):
-        runs.append(tdir.name)
-        (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 1}}))
-        (tdir / "metrics.jsonl").write_text(
-            json.dumps({"step": 1, "kind": "train", "loss": 0.5}) + "\n"
-            + json.dumps({"step": 1, "kind": "validation", "val_iou": 0.5}) + "\n")
-        return [sys.executable, "-c", ""]
-
-    monkeypatch.setattr(sweep, "_command", fake_train)
+    runs = _record_trials(monkeypatch)
     combos = sweep.trials(sweep.parse_grid(["optim.step_fractions=(0.5,0.8),(0.6,0.9)"]))
     first = sweep.run("configs/smoke.py", tmp_path, combos)
     assert len(runs) == 2
     assert sweep.run("configs/smoke.py", tmp_path, combos) == first
-    assert len(runs) == 2 and sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(runs)
+    assert len(runs) == 2 and (sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+                               == sorted(map(sweep.trial_name, runs)))
 
 
 def test_parallel_below_one_is_a_usage_error(tmp_path, monkeypatch, capsys):
