@@ -170,7 +170,8 @@ def _check_resumable(config, ckpts) -> None:
 
 def _initial_state(config, ckpts, graphdef, state, mesh, init=None):
     """Resume order: the workdir's latest checkpoint > INIT, the (model, step) of
-    train.init_checkpoint (`_starting_model`) > scratch."""
+    train.init_checkpoint (`_starting_model`) > scratch. Returns (state, step, stopped):
+    STOPPED where the checkpoint resumed from was saved by a stop (SIGTERM, Ctrl-C)."""
     rep = sharding.replicated(mesh)
     if ckpts.latest_step() is not None:
         try:
@@ -190,7 +191,7 @@ def _initial_state(config, ckpts, graphdef, state, mesh, init=None):
             raise config_check.ConfigError(f"cannot resume: {e}{afresh}") from None
         log.info("resumed from %s at step %d", ckpts.latest.directory, step)
         _warn_about_resume_changes(config, meta)
-        return restored, step
+        return restored, step, bool(meta.get("preempted"))
     state = sharding.replicate(state, mesh)
     if init is not None:
         # The checkpoint's evaluated model (its EMA when it kept one) starts both models here.
@@ -201,7 +202,7 @@ def _initial_state(config, ckpts, graphdef, state, mesh, init=None):
                 nnx.update(nodes[name], nnx.state(model))
         log.info("initialised the model from %s (step %d)", config.train.init_checkpoint, step)
         state = sharding.replicate(nnx.state(nodes), mesh)
-    return state, 0
+    return state, 0, False
 
 
 def _warn_about_resume_changes(config, meta: dict) -> None:
@@ -442,7 +443,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # a collective that only some of them reach (another batch, step count or validation).
         _refuse_disagreement(_must_agree(config, sources, evaluators, ckpts))
         graphdef, state = train_step.create_train_state(config)
-        state, start = _initial_state(config, ckpts, graphdef, state, mesh, init)
+        state, start, stopped = _initial_state(config, ckpts, graphdef, state, mesh, init)
         if start >= config.train.num_steps:
             if main:
                 log.warning("the workdir is at step %d, not before train.num_steps=%d: nothing to "
@@ -451,8 +452,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             return {"step": start}
         # A stop at an evaluation step saved it unvalidated (saving first): validated here, or
         # its validation record and its bid for best/ were never made.
-        revalidate = bool(start and start % config.train.eval_every == 0
-                          and ckpts.read_meta("latest")[0].get("preempted"))
+        revalidate = stopped and start % config.train.eval_every == 0
         writer = metric_writer.MetricWriter(workdir, enabled=main, resume_step=start,
                                             revalidate=revalidate)
         cleanup.callback(writer.close)

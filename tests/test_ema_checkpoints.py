@@ -189,7 +189,7 @@ def test_init_checkpoint_starts_the_model_and_its_ema_at_step_0(tmp_path):
     new.train.init_checkpoint = str(tmp_path / "old")
     graphdef, state = train_step.create_train_state(new)
     ckpts = checkpointing.Checkpoints(tmp_path / "new", async_save=False)
-    restored, step = train._initial_state(new, ckpts, graphdef, state, sharding.make_mesh(1),
+    restored, step, _ = train._initial_state(new, ckpts, graphdef, state, sharding.make_mesh(1),
                                           train._init_model(new))
     ckpts.close()
     assert step == 0
@@ -210,7 +210,7 @@ def test_a_run_resumes_from_its_latest_checkpoint_not_its_best(tmp_path):
     ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
     ckpts.save_best(4, nnx.state(best), dict(meta, step=4), 0.9)
     ckpts.save(8, nnx.state(latest), dict(meta, step=8), force=True)
-    restored, step = train._initial_state(config, ckpts, graphdef, state, sharding.make_mesh(1))
+    restored, step, _ = train._initial_state(config, ckpts, graphdef, state, sharding.make_mesh(1))
     ckpts.close()
     assert step == 8
     for got, saved in zip(params(nnx.merge(graphdef, restored)["model"]), params(latest["model"])):
