@@ -126,9 +126,6 @@ def validate(config, num_devices: int) -> None:
                   "loss.dice_weight", "eval.max_examples"):
         if not 0 <= _get(config, field) < math.inf:
             problems.append(f"{field}={_get(config, field)} must be >= 0 and finite")
-    if not 0 <= config.optim.grad_clip_norm < math.inf:
-        problems.append(f"optim.grad_clip_norm={config.optim.grad_clip_norm} must be >= 0 and "
-                        "finite (0 = off)")
     for field in ("optim.b1", "optim.b2"):
         if not 0 <= _get(config, field) < 1:
             problems.append(f"{field}={_get(config, field)} must be in [0, 1)")
@@ -171,7 +168,7 @@ def validate(config, num_devices: int) -> None:
         problems.append(f"data.aug.copy_paste={config.data.aug.copy_paste} must be in [0, 1] (0 = off)")
     if not 0 <= train_step.ema_decay(config) < 1:
         problems.append(f"train.ema_decay={train_step.ema_decay(config)} must be in [0, 1) (0 = no EMA)")
-    for field in ("loss.boundary_weight", "loss.lovasz_weight"):
+    for field in ("optim.grad_clip_norm", "loss.boundary_weight", "loss.lovasz_weight"):
         if not 0 <= _get(config, field) < math.inf:
             problems.append(f"{field}={_get(config, field)} must be >= 0 and finite (0 = off)")
     if config.loss.boundary_radius < 1:
