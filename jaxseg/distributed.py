@@ -41,7 +41,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     $JAXSEG_PROCESS_ID, then what JAX detects itself: in a SLURM job step (srun) of several
     tasks, in GKE TPU pods, and wherever $JAXSEG_DISTRIBUTED=auto (Cloud TPU VM pod slices). In a
     run of several processes, one that stops sending heartbeats for `heartbeat_timeout_s()`
-    seconds counts as dead and the others stop, and an uncaught exception ends this process at
+    seconds (JAX's own 100 s where JAX finds the cluster itself and $JAXSEG_HEARTBEAT_TIMEOUT_S
+    is unset) counts as dead and the others stop, and an uncaught exception ends this process at
     once (so that the others stop too instead of waiting for it).
     """
     try:
