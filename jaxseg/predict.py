@@ -317,11 +317,15 @@ def _is_earlier_output(f: pathlib.Path, stems_beside: set[str]) -> bool:
     return bool(sep) and mode in MODES and base in stems_beside and f.suffix in (".png", ".mp4")
 
 
-def _files_under(folder: pathlib.Path) -> list[pathlib.Path]:
-    """Every file in FOLDER's tree, linked folders followed (pathlib's rglob leaves them out),
-    each real folder once, so that a link loop ends."""
-    found, visited = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+def _files_under(folder: pathlib.Path) -> tuple[list[pathlib.Path], list]:
+    """(files, unlisted): every file in FOLDER's tree, linked folders followed (pathlib's rglob
+    leaves them out), each real folder once, so that a link loop ends; and [(folder, why)] for
+    those of the tree (FOLDER itself included) that could not be listed."""
+    found, visited, unlisted = [], set(), []
+    # os.walk passes over such a folder without a word unless told.
+    for root, dirs, files in os.walk(folder, followlinks=True,
+                                     onerror=lambda e: unlisted.append(
+                                         (pathlib.Path(e.filename), e.strerror))):
         # Real folders before links to them, each group by name: a folder keeps its own name in
         # the outputs, and which name a twice-reached folder gets does not depend on the listing.
         dirs.sort(key=lambda name: (os.path.islink(os.path.join(root, name)), name))
@@ -331,7 +335,23 @@ def _files_under(folder: pathlib.Path) -> list[pathlib.Path]:
             continue
         visited.add(real)
         found += [pathlib.Path(root, name) for name in files]
-    return found
+    return found, unlisted
+
+
+def _sort_listed(paths) -> tuple[list, list, list]:
+    """(files, links to missing files, [(path, why)] for those that cannot be looked at) among
+    PATHS, each sorted: a folder that may be listed but not entered (`chmod -R 644` takes its
+    search permission) names files that no one may open or even stat."""
+    files, dangling, unreachable = [], [], []
+    for p in sorted(paths):
+        try:
+            if p.is_file():
+                files.append(p)
+            elif p.is_symlink() and not p.exists():
+                dangling.append(p)
+        except PermissionError as e:
+            unreachable.append((p, f"cannot be read ({e.strerror})"))
+    return files, dangling, unreachable
 
 
 def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int, list]:
@@ -359,22 +379,33 @@ def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int,
 
     for raw in inputs:
         path = pathlib.Path(raw)
-        if path.is_dir():
+        try:
+            is_dir = path.is_dir()  # raises in a folder without search permission
+        except PermissionError as e:
+            if first_time(path, seen):
+                problems.append((path, f"cannot be read ({e.strerror})"))
+            continue
+        if is_dir:
             skip = _outputs_inside(path, output)
-            listed = [p for p in _files_under(path)
-                      if not photo_pixels.is_hidden(p.relative_to(path))]
-            files = sorted(p for p in listed if p.is_file())
-            # Links whose target is gone (into a disk not mounted, say) are inputs that cannot be
-            # read: named as missing ones are, not left out without a word.
-            dangling = sorted(p for p in listed if p.suffix.lower() in MEDIA_SUFFIXES
-                              and p.is_symlink() and not p.exists())
-            problems += [(f, "a link to a missing file") for f in dangling if first_time(f, seen)]
+            found, unlisted = _files_under(path)
+            files, dangling, unreachable = _sort_listed(
+                p for p in found if not photo_pixels.is_hidden(p.relative_to(path)))
+            # Links whose target is gone (into a disk not mounted, say), photos that cannot be
+            # looked at and folders that cannot be listed are inputs that cannot be read: named
+            # as missing ones are, not left out without a word. A volume's lost+found is root's,
+            # without the user's photos.
+            unread = [(f, "a link to a missing file") for f in dangling] + unreachable
+            unread = [(f, why) for f, why in unread if f.suffix.lower() in MEDIA_SUFFIXES]
+            unread += [(d, f"could not list this folder ({why})") for d, why in unlisted
+                       if not photo_pixels.is_hidden(d.relative_to(path))
+                       and d.name != "lost+found"]
+            problems += [(f, why) for f, why in unread if first_time(f, seen)]
             stems = collections.defaultdict(set)
             for f in files:
                 if f.suffix.lower() in MEDIA_SUFFIXES:
                     stems[f.parent].add(f.stem)
             mirror = pathlib.Path(_mirror_name(path))
-            media = len(dangling)  # the folder's images and videos, whether new or named before
+            media = len(unread)  # the folder's images and videos, whether new or named before
             earlier_outputs = 0  # its files carrying the output mark, passed over
             for f in files:
                 kind = f.suffix.lower()

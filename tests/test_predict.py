@@ -864,6 +864,41 @@ def test_a_link_to_a_missing_photo_in_a_folder_is_named_as_skipped(tmp_path):
     assert [why for _, why in problems] == ["a link to a missing file"] * 2
 
 
+def test_folders_that_cannot_be_listed_or_entered_are_named_as_skipped(tmp_path, monkeypatch):
+    """A subfolder the user may not list was left out without a word (exit status 0), one named
+    itself was said to hold no images; one listed but not entered (`chmod -R 644`) ended the run
+    in a PermissionError traceback. Monkeypatched: chmod does not stop root."""
+    photos = tmp_path / "photos"
+    for name in ("a.png", "locked/b.png", "unentered/c.png", "lost+found/d.png", ".cache/e.png"):
+        fx.write(photos / name, photo(10, 10))
+    (photos / "unentered" / "notes.txt").write_text("not an image\n")  # no input: not named
+    not_listed = {photos / "locked", photos / "lost+found", photos / ".cache"}
+    scandir, stat = os.scandir, pathlib.Path.stat
+
+    def denied(path):
+        return PermissionError(13, "Permission denied", str(path))
+
+    def refusing_scandir(path):
+        if pathlib.Path(path) in not_listed:
+            raise denied(path)
+        return scandir(path)
+
+    def refusing_stat(self, **kwargs):
+        if self.parent == photos / "unentered":
+            raise denied(self)
+        return stat(self, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    monkeypatch.setattr(pathlib.Path, "stat", refusing_stat)
+    images, _, problems, _, _ = predict.collect_inputs(
+        [photos, photos / "unentered" / "c.png", photos / "locked"], tmp_path / "out")
+    assert [p.name for p, _ in images] == ["a.png"]
+    assert problems == [(photos / "unentered" / "c.png", "cannot be read (Permission denied)"),
+                        (photos / "locked", "could not list this folder (Permission denied)")]
+    _, _, problems, _, _ = predict.collect_inputs([photos / "locked"], tmp_path / "out")
+    assert problems == [(photos / "locked", "could not list this folder (Permission denied)")]
+
+
 def test_outputs_are_marked_and_only_marked_files_are_replaced(tmp_path):
     image = photo(20, 30)
     predict.write_image(tmp_path / "a_mask.png", image)
