@@ -340,8 +340,10 @@ def _files_under(folder: pathlib.Path) -> tuple[list[pathlib.Path], list]:
 
 def _sort_listed(paths) -> tuple[list, list, list]:
     """(files, links to missing files, [(path, why)] for those that cannot be looked at) among
-    PATHS, each sorted: a folder that may be listed but not entered (`chmod -R 644` takes its
-    search permission) names files that no one may open or even stat."""
+    PATHS, each sorted by name, files real ones before links: a photo reached twice (best.jpg a
+    link to portrait.jpg beside it) keeps its own name in the outputs, as a folder does. A folder
+    that may be listed but not entered (`chmod -R 644` takes its search permission) names files
+    that no one may open or even stat."""
     files, dangling, unreachable = [], [], []
     for p in sorted(paths):
         try:
@@ -351,7 +353,7 @@ def _sort_listed(paths) -> tuple[list, list, list]:
                 dangling.append(p)
         except PermissionError as e:
             unreachable.append((p, f"cannot be read ({e.strerror})"))
-    return files, dangling, unreachable
+    return sorted(files, key=pathlib.Path.is_symlink), dangling, unreachable
 
 
 def collect_inputs(inputs, output: pathlib.Path) -> tuple[list, list, list, int, list]:

@@ -899,6 +899,20 @@ def test_folders_that_cannot_be_listed_or_entered_are_named_as_skipped(tmp_path,
     assert problems == [(photos / "locked", "could not list this folder (Permission denied)")]
 
 
+def test_a_photo_linked_to_in_its_folder_keeps_its_own_name(tmp_path):
+    """A link sorted before the photo it points at took the photo's place: the outputs had
+    best_mask.png, and no portrait_mask.png, for a folder of portrait.jpg and best.jpg linking to
+    it."""
+    photos = tmp_path / "photos"
+    fx.write(photos / "portrait.jpg", photo(10, 10))
+    fx.write(photos / "sub" / "group.jpg", photo(10, 10))
+    (photos / "best.jpg").symlink_to("portrait.jpg")
+    (photos / "a.jpg").symlink_to(pathlib.Path("sub", "group.jpg"))
+    images, _, _, _, _ = predict.collect_inputs([photos], tmp_path / "out")
+    assert sorted(stem for _, stem in images) == [pathlib.Path("photos", "portrait"),
+                                                  pathlib.Path("photos", "sub", "group")]
+
+
 def test_outputs_are_marked_and_only_marked_files_are_replaced(tmp_path):
     image = photo(20, 30)
     predict.write_image(tmp_path / "a_mask.png", image)
