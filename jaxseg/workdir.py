@@ -212,14 +212,19 @@ def training_lock(workdir: epath.Path):
 def local_output_folder(text: str) -> pathlib.Path:
     """An `--output` folder for commands that write with local file APIs (predict, export), or
     SystemExit: for "" (pathlib would make it the current folder), for a URL (pathlib would
-    quietly make gs://b/x the local folder gs:/b/x), for an existing file."""
+    quietly make gs://b/x the local folder gs:/b/x), for an existing file, for a path this user
+    may not look at."""
     if not text:
         raise SystemExit("--output: give the folder to write to")
     if is_storage_url(text):
         raise SystemExit(f"--output {text}: give a local folder (this command writes local "
                          "files; copy them to storage afterwards)")
     path = pathlib.Path(text).expanduser()  # --output=~/out: no shell expands it
-    if path.exists() and not path.is_dir():
+    try:
+        not_a_folder = path.exists() and not path.is_dir()
+    except OSError as e:  # in a folder this user may not enter (another's home): not False
+        raise SystemExit(f"--output {path}: cannot reach it ({e.strerror})") from None
+    if not_a_folder:
         raise SystemExit(f"--output {path}: exists and is not a folder")
     return path
 

@@ -41,6 +41,22 @@ def test_an_output_folder_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     assert local_output_folder("~/out") == tmp_path / "home" / "out"
 
 
+def test_an_output_folder_that_cannot_be_reached_is_one_line(tmp_path, monkeypatch):
+    """--output in a folder this user may not enter (another's home) ended predict and export in
+    a PermissionError traceback. Monkeypatched: chmod does not stop root."""
+    stat = pathlib.Path.stat
+
+    def refusing_stat(self, **kwargs):
+        if tmp_path / "theirs" in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return stat(self, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", refusing_stat)
+    with pytest.raises(SystemExit, match=r"^--output .*/theirs/out: cannot reach it "
+                                         r"\(Permission denied\)$"):
+        local_output_folder(str(tmp_path / "theirs" / "out"))
+
+
 def test_a_workdir_or_results_path_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     """evaluate --output=~/r.json and report --output=~/r wrote under a folder named '~' here."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
