@@ -165,7 +165,11 @@ def read_background(text: str, max_pixels: int) -> tuple[int, int, int] | np.nda
     except ValueError as e:
         not_a_colour = e
     path = pathlib.Path(text).expanduser()  # as --output, when not expanded by a shell
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as e:  # in a folder this user may not enter (another's home): not False
+        raise ValueError(f"cannot reach it ({e.strerror})") from None
+    if is_dir:
         raise ValueError("a folder, not an image or a colour")
     if path.is_file():
         return read_image(path, max_pixels)[0]

@@ -454,6 +454,21 @@ def test_a_bad_background_is_a_usage_error(tiny_model_dir, jax_cache, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_background_image_that_cannot_be_reached_is_a_value_error(tmp_path, monkeypatch):
+    """A --background image in a folder this user may not enter ended the run in a
+    PermissionError traceback. Monkeypatched: chmod does not stop root."""
+    stat = pathlib.Path.stat
+
+    def refusing_stat(self, **kwargs):
+        if tmp_path / "theirs" in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return stat(self, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", refusing_stat)
+    with pytest.raises(ValueError, match=r"^cannot reach it \(Permission denied\)$"):
+        predict.read_background(str(tmp_path / "theirs" / "bg.png"), 10**6)
+
+
 def test_a_home_relative_background_image_is_found(tiny_model_dir, jax_cache, tmp_path):
     fx.write(tmp_path / "a.png", photo(20, 20))
     fx.write(tmp_path / "home" / "bg.png", np.full((8, 8, 3), (0, 0, 255), np.uint8))
