@@ -154,9 +154,12 @@ def output_file_problem(path: epath.Path) -> str | None:
     if is_storage_url(path):
         return None
     path = pathlib.Path(path)
-    if path.is_dir():
-        return "is a folder: name the file to write"
-    parent = next(p for p in path.parents if p.exists())  # the root exists
+    try:
+        if path.is_dir():
+            return "is a folder: name the file to write"
+        parent = next(p for p in path.parents if p.exists())  # the root exists
+    except OSError as e:  # in a folder this user may not enter (another's home): not False
+        return f"cannot reach it ({e.strerror})"
     if not parent.is_dir():
         return f"{parent} is not a folder"
     return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"

@@ -12,7 +12,8 @@ from etils import epath
 
 from jaxseg import workdir
 from jaxseg.workdir import (WorkdirBusy, complete_or_absent, local_folder_problem,
-                            local_output_folder, training_lock, workdir_path, write_text_whole)
+                            local_output_folder, output_file_problem, training_lock, workdir_path,
+                            write_text_whole)
 
 
 def test_url_workdirs_stay_urls():
@@ -42,8 +43,8 @@ def test_an_output_folder_with_a_tilde_is_under_home(tmp_path, monkeypatch):
 
 
 def test_an_output_folder_that_cannot_be_reached_is_one_line(tmp_path, monkeypatch):
-    """--output in a folder this user may not enter (another's home) ended predict and export in
-    a PermissionError traceback. Monkeypatched: chmod does not stop root."""
+    """--output in a folder this user may not enter (another's home) ended predict, export and
+    evaluate in a PermissionError traceback. Monkeypatched: chmod does not stop root."""
     stat = pathlib.Path.stat
 
     def refusing_stat(self, **kwargs):
@@ -55,6 +56,9 @@ def test_an_output_folder_that_cannot_be_reached_is_one_line(tmp_path, monkeypat
     with pytest.raises(SystemExit, match=r"^--output .*/theirs/out: cannot reach it "
                                          r"\(Permission denied\)$"):
         local_output_folder(str(tmp_path / "theirs" / "out"))
+    # Nor evaluate's --output file, there or in a folder below.
+    for path in (tmp_path / "theirs" / "r.json", tmp_path / "theirs" / "new" / "r.json"):
+        assert output_file_problem(workdir_path(path)) == "cannot reach it (Permission denied)"
 
 
 def test_a_workdir_or_results_path_with_a_tilde_is_under_home(tmp_path, monkeypatch):
