@@ -429,6 +429,68 @@ def test_an_archive_downloaded_before_is_rebuilt_from_offline(tmp_path, monkeypa
     assert datasets.split_sizes("ccp_person", data_dir=str(tmp_path / "dd")) == first
 
 
+@pytest.mark.parametrize("served", ["error page", "truncated archive", "another repository"])
+def test_a_downloaded_archive_that_is_not_the_dataset_is_fetched_again_next_time(served, tmp_path,
+                                                                               monkeypatch):
+    """TFDS keeps what it downloaded and reuses it on every later build: an error page that a
+    proxy served as the zip, a truncated zip or another repository's archive failed every build
+    alike (as 'could not download'), long after the server served the right archive again."""
+    import functools
+    import http.server
+    import threading
+
+    fx.make_ccp(tmp_path / "src")
+    good = fx.zip_archive(tmp_path / "src", ccp_person.CcpPerson.ARCHIVE_DIR, tmp_path / "good.zip")
+    (tmp_path / "www").mkdir()
+    if served == "another repository":
+        fx.make_portraits(tmp_path / "portraits")
+        fx.zip_archive(tmp_path / "portraits", portrait_segmentation.PortraitSegmentation.ARCHIVE_DIR,
+                       tmp_path / "www" / "master.zip")
+    else:
+        data = good.read_bytes()
+        (tmp_path / "www" / "master.zip").write_bytes(
+            b"<html>Access denied by proxy</html>" if served == "error page" else data[:len(data) // 2])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(ccp_person.CcpPerson, "URL",
+                        f"http://127.0.0.1:{server.server_address[1]}/master.zip")
+    monkeypatch.delenv("JAXSEG_MANUAL_DIR", raising=False)
+    try:
+        with pytest.raises(FileNotFoundError, match="the archive was deleted, so that the next build "
+                           "downloads it again" if served == "another repository" else
+                           "cannot be unpacked .*; it was deleted, so that the next build downloads"):
+            datasets.prepare("ccp_person", data_dir=str(tmp_path / "dd"))
+        shutil.copy(good, tmp_path / "www" / "master.zip")
+        sizes = datasets.split_sizes("ccp_person", data_dir=str(tmp_path / "dd"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sum(sizes.values()) == len(fx.make_ccp(tmp_path / "expected")["ids"])
+
+
+def test_an_archive_that_a_full_disk_did_not_unpack_is_kept(tmp_path, monkeypatch):
+    """Only an archive that is itself bad is deleted: one that a full disk kept from unpacking is
+    unpacked again, once there is room, without a new download."""
+    archive = tmp_path / "dd" / "downloads" / "ccp_person" / "master.zip"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"PK")
+    info = archive.with_name("master.zip.INFO")
+    info.write_text(json.dumps({"urls": [ccp_person.CcpPerson.URL]}))
+
+    def download_and_extract(self, url):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as e:
+            raise tfds.core.download.extractor.ExtractError(f"Error while extracting: {e}") from e
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
+    monkeypatch.delenv("JAXSEG_MANUAL_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="No space left on device"):
+        datasets.prepare("ccp_person", data_dir=str(tmp_path / "dd"))
+    assert archive.exists() and info.exists()
+
+
 # ---------------------------------------------------------------- person_folder
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import socket
 import urllib.parse
 import urllib.request
@@ -129,18 +130,20 @@ def _unreachable(url: str) -> str | None:
     return None
 
 
-def _downloaded(download_dir, url: str) -> bool:
-    """Whether TFDS holds URL's archive in DOWNLOAD_DIR already (a file beside its .INFO naming
-    the URL, in the folder itself or a dataset's subfolder): it builds from that offline."""
+def _downloads(download_dir, url: str) -> list[epath.Path]:
+    """The archives of URL that TFDS holds in DOWNLOAD_DIR (files beside an .INFO naming the URL,
+    in the folder itself or a dataset's subfolder): it builds from them offline, and reuses them
+    on every later build."""
     root = epath.Path(download_dir)
+    found = []
     for info in (*root.glob("*.INFO"), *root.glob("*/*.INFO")):
         try:
             urls = json.loads(info.read_text()).get("urls", ())
         except (OSError, ValueError, AttributeError):
             continue
         if url in urls and info.with_suffix("").exists():
-            return True
-    return False
+            found.append(info.with_suffix(""))
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,19 +295,40 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             logging.warning("%s: %s lacks %s; downloading %s", self.name, manual, self.LAYOUT, self.URL)
         else:
             logging.warning("%s: no manual dir, or an empty one; downloading %s", self.name, self.URL)
+        offline = (f"to build offline, point the manual dir at a folder holding {', '.join(self.LAYOUT)} "
+                   "($JAXSEG_MANUAL_DIR/<portraits|ccp> or --manual_dir; see README)")
         try:
             # Not where TFDS has it from an earlier download: it builds from that offline.
-            if not _downloaded(dl_manager.download_dir, self.URL) and (why := _unreachable(self.URL)):
+            if not _downloads(dl_manager.download_dir, self.URL) and (why := _unreachable(self.URL)):
                 raise ConnectionError(why)
             extracted = pathlib.Path(os.fspath(dl_manager.download_and_extract(self.URL)))
         except Exception as e:  # network errors come in many types
+            # An archive that is no zip (a full disk is not its fault): TFDS would reuse it on every build.
+            if (isinstance(e, tfds.core.download.extractor.ExtractError)
+                    and not isinstance(e.__cause__, OSError)):
+                self._forget_download(dl_manager)
+                raise FileNotFoundError(
+                    f"{self.name}: the archive downloaded from {self.URL} cannot be unpacked ({e}); "
+                    f"it was deleted, so that the next build downloads it again; {offline}") from e
             raise FileNotFoundError(
-                f"{self.name}: could not download {self.URL} ({type(e).__name__}: {e}); to build "
-                f"offline, point the manual dir at a folder holding {', '.join(self.LAYOUT)} "
-                "($JAXSEG_MANUAL_DIR/<portraits|ccp> or --manual_dir; see README)") from e
+                f"{self.name}: could not download {self.URL} ({type(e).__name__}: {e}); {offline}") from e
         if root := self.find_layout(extracted):
             return root
-        raise FileNotFoundError(f"{self.URL} did not unpack to the expected layout {self.LAYOUT}")
+        self._forget_download(dl_manager, extracted)
+        raise FileNotFoundError(f"{self.name}: {self.URL} did not unpack to the expected layout "
+                                f"{self.LAYOUT}; the archive was deleted, so that the next build "
+                                f"downloads it again; {offline}")
+
+    def _forget_download(self, dl_manager: tfds.download.DownloadManager,
+                         extracted: pathlib.Path | None = None) -> None:
+        """Deletes the archive of self.URL that TFDS downloaded (and EXTRACTED, its unpacked copy):
+        TFDS reuses both on every later build, so one that is not the dataset (a proxy's error page
+        saved as the zip, a truncated file) failed every build alike until found and deleted by hand."""
+        for archive in _downloads(dl_manager.download_dir, self.URL):
+            archive.unlink(missing_ok=True)
+            archive.with_name(archive.name + ".INFO").unlink(missing_ok=True)
+        if extracted is not None:
+            shutil.rmtree(extracted, ignore_errors=True)
 
     def _check(self, candidate: Candidate) -> tuple[_Example | None, list[tuple[str, pathlib.Path, str]]]:
         """Validate one pair: the example to write (or None) and report events."""
