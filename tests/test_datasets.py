@@ -1043,6 +1043,20 @@ def test_images_without_a_masks_folder_is_one_line(tmp_path):
         datasets.builder("person_folder", folder=str(root))
 
 
+def test_a_split_folder_of_photos_and_masks_side_by_side_is_named(tmp_path):
+    """train/a.jpg beside train/a_mask.png, not in train/images/ and train/masks/: the split was
+    said to hold no photos or masks."""
+    root = tmp_path / "split"
+    fx.make_simple_folder(root / "validation", ["v"])
+    for stem in ("a", "b", "c", "d"):
+        fx.write(root / "train" / f"{stem}.jpg", fx.photo(1))
+        fx.write(root / "train" / f"{stem}_mask.png", fx.person(1) * 255)
+    with pytest.raises(ValueError, match=r"split/train: holds image files \(a.jpg, a_mask.png, "
+                       r"b.jpg, ...\) but no images/ folder; put the photos in images/ and their "
+                       "masks in masks/ inside it"):
+        datasets.prepare("person_folder", data_dir=str(tmp_path / "dd"), folder=str(root))
+
+
 def test_an_empty_split_folder_or_a_file_as_the_folder_is_named(tmp_path):
     """Nothing was dropped: the message said files were; a file raised NotADirectoryError."""
     from jaxseg.datasets import person_folder

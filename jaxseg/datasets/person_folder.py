@@ -51,6 +51,12 @@ def layout(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     if not split_dirs:
         raise ValueError(f"{folder}: expected images/ and masks/, or train/ validation/ test/ folders holding them")
     for directory in split_dirs.values():
+        # Else the split was said to "hold no photos or masks", with them in plain sight.
+        loose = [f.name for f in _entries(directory) if f.suffix.lower() in photo_pixels.IMAGE_SUFFIXES]
+        if loose and not (directory / "images").is_dir():
+            raise ValueError(f"{directory}: holds image files ({', '.join(loose[:3])}"
+                             f"{', ...' if len(loose) > 3 else ''}) but no images/ folder; put the "
+                             "photos in images/ and their masks in masks/ inside it")
         # Else each photo would be "image without mask", one line each, and the cause unsaid.
         if (directory / "images").is_dir() and not (directory / "masks").is_dir():
             others = sorted(f"{d.name}/" for d in _entries(directory) if d.is_dir() and d.name != "images")
