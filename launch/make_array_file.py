@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxseg import datasets, resolution
 from jaxseg.arg_types import at_least
+from jaxseg.workdir import output_file_problem
 
 SPLITS = {"train": 0, "validation": 1}
 # How the masks were resized: "centre" (resolution.resize_mask samples pixel centres). Files without
@@ -40,6 +41,10 @@ def main():
     parser.add_argument("--output", required=True, help="the array file (.npz is added if missing)")
     parser.add_argument("--jpeg_quality", type=int, default=95)
     args = parser.parse_args()
+    out = npz_path(args.output)
+    # Before the encoding, not after it: np.savez failed there with a traceback.
+    if problem := output_file_problem(out):
+        parser.error(f"--output {out}: {problem}")
     images, masks, split_ids, source_ids = [], [], [], []
     names = args.datasets.split(",")
     for d, name in enumerate(names):
@@ -57,7 +62,6 @@ def main():
                 masks.append(cv2.imencode(".png", mask)[1])
                 split_ids.append(split_id)
                 source_ids.append(d)
-    out = npz_path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     offsets = lambda parts: np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
     np.savez(out, image_bytes=np.concatenate(images), image_offsets=offsets(images),
