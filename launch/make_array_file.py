@@ -41,6 +41,8 @@ def main():
     parser.add_argument("--output", required=True, help="the array file (.npz is added if missing)")
     parser.add_argument("--jpeg_quality", type=int, default=95)
     args = parser.parse_args()
+    if not 0 <= args.jpeg_quality <= 100:  # OpenCV clamps it, with a warning per image
+        parser.error(f"--jpeg_quality must be from 0 to 100, got {args.jpeg_quality}")
     out = npz_path(args.output)
     # Before the encoding, not after it: np.savez failed there with a traceback.
     if problem := output_file_problem(out):

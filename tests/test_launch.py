@@ -830,11 +830,17 @@ def test_gpu_array_train_refuses_a_mixture_the_file_cannot_give(monkeypatch, cap
 @pytest.mark.parametrize("argv,message", [
     (["--size", "0"], "argument --size: must be at least 1, got 0"),
     (["--datasets", "nope"], "--datasets: unknown dataset 'nope'"),
-    (["--datasets", "person_folder"], "--datasets: person_folder needs folder=")])
+    (["--datasets", "person_folder"], "--datasets: person_folder needs folder="),
+    # OpenCV took 900 (for 90) as 100, a larger file than asked for, and said so once per image.
+    (["--jpeg_quality", "900"], "--jpeg_quality must be from 0 to 100, got 900"),
+    (["--jpeg_quality", "-1"], "--jpeg_quality must be from 0 to 100, got -1")])
 def test_make_array_file_bad_arguments_are_usage_errors(monkeypatch, capsys, tmp_path, argv,
                                                         message):
-    """A size OpenCV cannot resize to and a dataset it cannot read gave tracebacks."""
+    """A size OpenCV cannot resize to, a dataset it cannot read and a JPEG quality it does not
+    take gave tracebacks or were taken as something else."""
     module = _load_launch_module("make_array_file")
+    if argv[0] == "--jpeg_quality":  # refused before any data is read
+        monkeypatch.setattr(module.datasets, "data_source", lambda name, split: [])
     monkeypatch.setattr(sys, "argv", ["make_array_file.py", "--output", str(tmp_path / "arr"),
                                       *argv])
     with pytest.raises(SystemExit) as e:
