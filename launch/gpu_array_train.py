@@ -36,7 +36,7 @@ from PIL import Image
 from configs import default
 from jaxseg import config_check, device_augment, losses, mixture, sharding, train_step
 from jaxseg.arg_types import at_least, positive_number
-from jaxseg.workdir import complete_or_absent, write_text_whole
+from jaxseg.workdir import complete_or_absent, output_file_problem, write_text_whole
 
 
 def decode(buf, offsets):
@@ -162,6 +162,9 @@ def main():
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out} is a file, not a folder")
+    # Created after the data is decoded and the step compiled: minutes of a rented machine.
+    if problem := output_file_problem(out / "model_state.npz"):
+        p.error(f"--out {out}: {problem}")
     if (out / "model_state.npz").exists():
         # The best-so-far tracking starts afresh in every run: its first validation would replace
         # the earlier run's (possibly better) weights.

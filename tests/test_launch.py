@@ -700,6 +700,21 @@ def test_gpu_array_train_refuses_an_impossible_config_or_step_count(monkeypatch,
     assert not (tmp_path / "run").exists()
 
 
+def test_gpu_array_train_refuses_an_out_it_cannot_write_before_the_data(monkeypatch, capsys,
+                                                                        tmp_path):
+    """--out is created after the data is decoded and the step compiled: one under a file failed
+    there, minutes into a rented machine, with a traceback."""
+    module = _load_launch_module("gpu_array_train")
+    (tmp_path / "file").write_text("a file, not a folder\n")
+    monkeypatch.setattr(sys, "argv", ["gpu_array_train.py", "--data", str(tmp_path / "none.npz"),
+                                      "--out", str(tmp_path / "file" / "run")])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    assert f"error: --out {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is not a folder" in (
+        capsys.readouterr().err)
+
+
 def _tiny_array_file(monkeypatch, path, datasets: str, *, per_split: int):
     """An array file (launch/make_array_file.py) of 16 px random examples: `per_split` in each
     split of each of the comma-separated `datasets`."""
