@@ -411,6 +411,9 @@ def input_bench(argv: list[str], sources=None) -> None:
         _check(sized)
     # The training mixture as training reads it, prepared on first use as training prepares it.
     sources, weights = sources or train.train_sources(config)
+    if batch_size < len(sources):  # TrainBatches raised it, a traceback
+        raise SystemExit(f"error: --batch_size {batch_size} is smaller than the {len(sources)} "
+                         "datasets of the training mixture, each of which needs a row")
     cores = len(os.sched_getaffinity(0))
     import cv2
 

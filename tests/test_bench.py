@@ -66,6 +66,17 @@ def test_input_pipeline_rates_from_in_memory_sources(capsys):
     assert all(float(r.split(": ")[1].split()[0]) > 0 for r in rates)
 
 
+def test_input_refuses_a_batch_smaller_than_the_mixture(capsys):
+    """Each dataset of the mixture needs a row of every batch: a traceback from TrainBatches."""
+    from fake_data import fake_source
+
+    sources = ([fake_source(6, seed=0), fake_source(4, seed=1)], [1.0, 1.0])
+    with pytest.raises(SystemExit, match="^error: --batch_size 1 is smaller than the 2 datasets"):
+        bench.input_bench(["--image_sizes", "32", "--workers", "1", "--batch_size", "1",
+                           "--batches", "1", "--warmup", "0", "--repeats", "1", "--steps", "0"],
+                          sources=sources)
+
+
 def test_subcommands_are_registered():
     assert set(bench.SUBCOMMANDS) == {"train", "infer", "input"}
     with pytest.raises(SystemExit, match="infer,input"):
