@@ -4,8 +4,10 @@
 # Usage: bash launch/cpu.sh [WORKDIR (default runs/default)] [--] [--config.field=value ...]
 # A first argument starting with '-' is not a WORKDIR: `bash launch/cpu.sh --config.x=1` trains
 # into runs/default. Arguments other than config overrides are refused before the setup.
+# A relative WORKDIR is relative to the repository root. Another config file: after
+# `source launch/setup_env.sh`, `python -m jaxseg.train --config FILE --workdir DIR`.
 set -euo pipefail
-usage() { sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 workdir=runs/default
 case ${1:-} in
   -h|--help) usage; exit 0 ;;

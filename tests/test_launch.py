@@ -355,6 +355,18 @@ def test_cpu_help_and_bad_option(cpu_tree):
     assert "setup done" not in out.stdout and "ran python" not in out.stdout
 
 
+def test_cpu_help_says_how_to_choose_what_it_refuses(cpu_tree):
+    """cpu.sh refuses --config and --workdir, naming its help as the place that says how to
+    choose them: it said nothing of another config."""
+    script, path = cpu_tree
+    help_text = _run([script, "--help"], path).stdout
+    for flag, how in (("--config", "python -m jaxseg.train --config FILE --workdir DIR"),
+                      ("--workdir", "[WORKDIR (default runs/default)]")):
+        out = _run([script, flag, "x"], path)
+        assert out.returncode == 2 and "its help says how to choose it" in out.stderr
+        assert how in " ".join(help_text.split()), help_text
+
+
 def test_local_cluster_dry_run(bin_dir):
     out = _run([LAUNCH / "local_cluster.sh", "-n", "3", "-d", "4", "-p", "12345", "--dry-run",
                 "--config.train.num_steps=5"], bin_dir, env={"PYTHON": sys.executable})
