@@ -488,7 +488,8 @@ def _boundary_recommendation(result: dict) -> str:
     upsampling = (f"; at model resolution boundary F1 is {at_model:.3f}, so edges are lost in "
                   "upsampling" if at_model > bf1 + BOUNDARY_MIN_GAP else "")
     remedies = "a boundary-aware loss term or a higher training resolution"
-    if not result.get("refine"):
+    # Not for a scored predictions folder: evaluate refuses --refine with --predictions.
+    if not result.get("refine") and "predictions_read_as" not in result:
         remedies = ("edge refinement (--refine in evaluate and predict), " + remedies)
     return (f"Boundaries are the weak point: boundary F1 {bf1:.3f} against IoU {iou:.3f}"
             f"{upsampling}. Try {remedies}.{edges}")

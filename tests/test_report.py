@@ -268,6 +268,14 @@ def test_boundary_advice_leaves_out_refinement_once_it_is_applied():
     assert "of the wrong pixels" not in plain  # an eval file from before the edge counts
 
 
+def test_boundary_advice_offers_no_refinement_for_scored_predictions():
+    """A --predictions eval was told to try --refine in evaluate, which refuses it there."""
+    result = {"boundary_f1": 0.70, "iou": 0.95, "model_resolution": None}
+    for read_as in ("masks", "soft maps"):
+        advice = report._boundary_recommendation(dict(result, predictions_read_as=read_as))
+        assert "--refine" not in advice and "boundary-aware loss" in advice
+
+
 def test_boundary_advice_splits_errors_between_edges_and_regions():
     result = {"boundary_f1": 0.95, "iou": 0.96, "model_resolution": None,
               "boundary_tolerance_px": {"original": 8, "model": 3},
