@@ -2,6 +2,7 @@
 arguments that choose a model; and what the absl ones without inputs (evaluate, report, train)
 check of their words, and how every absl one (evaluate, predict, report, train) runs."""
 import argparse
+import sys
 
 
 def at_least(minimum: int):
@@ -46,7 +47,8 @@ def refuse_positional(argv: list[str]) -> None:
 def run_absl(main, **kwargs) -> None:
     """absl.app.run(MAIN, **KWARGS), where asking for help (--help, -h, -?, --helpshort,
     --helpfull, --helpxml) exits 0: absl's help flags exit 1, which a script asking for help reads
-    as a failure. Usage errors keep absl's status."""
+    as a failure. A usage error MAIN raises is its message alone (absl prints the whole help above
+    it), with absl's status."""
     from absl import app, flags
 
     app.define_help_flags()  # app.run defines them too: it does so once
@@ -56,7 +58,21 @@ def run_absl(main, **kwargs) -> None:
         flags.DEFINE_alias("h", "help")
     for name in ("help", "helpshort", "helpfull", "helpxml"):
         flags.FLAGS[name].parse = _help_exits_0(flags.FLAGS[name].parse)
-    app.run(main, **kwargs)
+    app.run(_usage_error_in_one_line(main), **kwargs)
+
+
+def _usage_error_in_one_line(main):
+    # absl prints the module's docstring and every flag (about 55 lines) above a usage error's
+    # message, which scrolled it out of sight; the argparse CLIs and predict print the line alone.
+    def run(argv):
+        from absl import app
+
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            print(e, file=sys.stderr)
+            raise SystemExit(e.exitcode) from None
+    return run
 
 
 def _help_exits_0(parse):

@@ -237,6 +237,19 @@ def test_asking_for_help_exits_0(module, flag):
         assert result.returncode == 1 and "Unknown command line flag 'nosuch'" in result.stderr
 
 
+@pytest.mark.parametrize("module, args, message", [
+    ("evaluate", ["--threshold", "1"], "--threshold=1.0 must be between 0 and 1"),
+    ("report", ["stray"], "unexpected argument(s) stray: every setting is a --flag"),
+])
+def test_a_usage_error_is_its_line_alone(module, args, message):
+    """absl printed the module's docstring and every flag, about 55 lines, above the message."""
+    result = subprocess.run([sys.executable, "-m", f"jaxseg.{module}", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and not result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+
+
 def test_data_that_cannot_be_prepared_is_one_line(tmp_path):
     """A data folder that is a file stands for every data preparation failure (offline without a
     manual dir alike): one line with the cause, no traceback; a stray word is refused first."""
