@@ -372,6 +372,7 @@ def _single_split_folder(folder: pathlib.Path) -> bool:
 def _source_for(flags_):
     """(dataset, split, source, the user's folder or None, its files not scored or None)."""
     from jaxseg import config_check, datasets, distributed
+    from jaxseg.datasets import image_io
 
     # As the results record it for jaxseg.report: --data_dir=~/d (no shell expands it) was built
     # in ./~/d, and the results named ~/d.
@@ -383,11 +384,18 @@ def _source_for(flags_):
         # Prepared once: each prepare() fingerprints every file of the folder again.
         prepared = datasets.prepare("person_folder", data_dir=data_dir, folder=str(root))
         splits = prepared.info.splits
-        skipped = prepared.report()["skipped"]
+        build = prepared.report()
+        skipped = build["skipped"]
         if skipped and distributed.is_main_process():  # say what is not scored, and why
             print(f"{len(skipped)} file(s) of the folder are not scored:\n"
                   + "\n".join(f"  {s['file']}: {s['reason']}" for s in skipped[:20])
                   + ("\n  ..." if len(skipped) > 20 else ""), file=sys.stderr)
+        # Photos given as --masks (the two swapped) scored IoU 0.14 without a word.
+        odd = [w for w in build["warnings"]
+               if w["note"].startswith(image_io.ODD_MASK_VALUES)]
+        if odd and distributed.is_main_process():
+            print(f"{len(odd)} mask(s) hold values other than 0/1/255 (first: {odd[0]['file']}: "
+                  f"{odd[0]['note']}): check that --masks names the masks", file=sys.stderr)
         # A folder without split subfolders has one split, `train`: use it whatever --split
         # names, but cut as asked (test[:10], the default split sliced, scored the whole folder).
         split = flags_.split

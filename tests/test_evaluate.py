@@ -300,6 +300,26 @@ def test_a_users_folder_says_which_files_are_not_scored(tmp_path, monkeypatch):
     assert not (tmp_path / "report_dd").exists()
 
 
+def test_masks_of_odd_values_are_named_once(tmp_path):
+    """--images and --masks swapped (photos scored as masks) gave IoU 0.14 without a word."""
+    import subprocess
+    import sys
+
+    import fixtures_data as fx
+
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b"])
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.evaluate", "--images", str(root / "masks"), "--masks",
+         str(root / "images"), "--data_dir", str(tmp_path / "dd"), "--output",
+         str(tmp_path / "out.json"), "--members", "1"], capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = [line for line in result.stderr.splitlines() if "values other than 0/1/255" in line]
+    assert len(said) == 1 and said[0].startswith("2 mask(s) hold values other than 0/1/255 "
+                                                 "(first: "), result.stderr[-2000:]
+    assert said[0].endswith("check that --masks names the masks")
+
+
 def test_folders_with_a_tilde_are_the_home_folders(tmp_path):
     """No shell expands --images=~/x: the three folders were looked for in ./~/."""
     import subprocess

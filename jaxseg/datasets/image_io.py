@@ -202,6 +202,9 @@ def read_mat_mask(path: pathlib.Path, variable: str) -> np.ndarray:
     return values
 
 
+ODD_MASK_VALUES = "mask values other than "  # how binarize's note on them starts
+
+
 def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
     """0/1 uint8 mask from 0/1 or 0/255 (0/65535) values; a note when other values occur (0/1
     with a void of 255, as `_void_marked` tells: person = 1; a floating-point matte of 0-1 is cut
@@ -230,7 +233,7 @@ def binarize(values: np.ndarray) -> tuple[np.ndarray, str | None]:
         return (values > 0.5).astype(np.uint8), "soft 0-1 floating-point mask; person = value > 0.5"
     # Small maxima mean a 0/1-style (or label) mask with stray values.
     threshold = 0 if top < 128 else full // 2
-    note = f"mask values other than 0/1/{full} (max {top}); person = value > {threshold}"
+    note = f"{ODD_MASK_VALUES}0/1/{full} (max {top}); person = value > {threshold}"
     return (values > threshold).astype(np.uint8), note
 
 
