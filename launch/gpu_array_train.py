@@ -149,7 +149,9 @@ def main():
                    help="extra cross-entropy weight near mask edges (config loss.boundary_weight)")
     p.add_argument("--num_validations", type=int, default=4)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any config field, e.g. --set data.aug.copy_paste=0.5 (repeatable)")
+                   help="override a config field this script reads (model.*, loss.*, optim.*, "
+                        "data.aug.*, data.train, seed, eval.threshold, train.ema_decay), e.g. "
+                        "--set data.aug.copy_paste=0.5 (repeatable)")
     args = p.parse_args()
     try:  # a typo or an impossible value must fail here, not after the data is decoded
         config_check.validate(config_for(256, 1000, args), jax.device_count())
