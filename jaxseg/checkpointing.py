@@ -32,7 +32,30 @@ def _not_a_read_only_note(record: logging.LogRecord) -> bool:
                                                "Given directory is read only"))
 
 
+def _refused_by_storage(error: BaseException | None) -> bool:
+    """Whether ERROR is storage refusing a write (a full disk, no permission, a folder gone): an
+    OSError, or tensorstore's ValueError carrying the system's error code."""
+    return isinstance(error, OSError) or (isinstance(error, ValueError)
+                                          and "os_error_code=" in str(error))
+
+
+# Where orbax logs the traceback of a save's error and then raises it (in its background threads,
+# then where the save is waited for); the logs of errors it goes on past (an old checkpoint it
+# could not remove) come from elsewhere and stay.
+_RAISED_AFTER_LOGGING = {"run", "_thread_func", "wait_until_finished", "_write_and_log",
+                         "_update_and_log"}
+
+
+def _not_a_storage_trace(record: logging.LogRecord) -> bool:
+    # A save that storage refused was logged with its traceback up to ten times before the
+    # trainer said it in one line (SaveError).
+    return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname
+                and record.funcName in _RAISED_AFTER_LOGGING
+                and _refused_by_storage(record.exc_info[1]))
+
+
 logging.getLogger("absl").addFilter(_not_a_read_only_note)
+logging.getLogger("absl").addFilter(_not_a_storage_trace)
 
 
 class SaveError(RuntimeError):
@@ -41,6 +64,11 @@ class SaveError(RuntimeError):
     Orbax's background threads of the failed save never finish, so a process that meets this
     must end with os._exit: a normal exit waits for those threads forever.
     """
+
+    @property
+    def from_storage(self) -> bool:
+        """Whether the storage refused the save (its cause); other causes may be bugs."""
+        return _refused_by_storage(self.__cause__)
 
 
 class UnreadableCheckpoint(FileNotFoundError):
@@ -76,8 +104,9 @@ def _drop_closed_loop_notices() -> None:
     """From now on, drops the "Event loop is closed" errors of the reads that a failed restore
     leaves running: orbax closes its event loop at a restore's first failed read, and each read
     still running then reports its end to the closed loop, which Python prints as a traceback of
-    its own (a hundred after the one-line error of a garbled checkpoint, some at exit). Those
-    reads' results are not wanted; other unraisable errors are printed as before."""
+    its own (a hundred after the one-line error of a garbled checkpoint, some at exit). A save's
+    writes that storage refused (a full disk) end so too. Those results are not wanted; other
+    unraisable errors are printed as before."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_notices", False):
         return
@@ -119,6 +148,7 @@ def _reading(manager: ocp.CheckpointManager, step: int, which: str):
 def _saving(manager: ocp.CheckpointManager):
     # An asynchronous save's error surfaces at the next save, wait or close, as whatever orbax
     # met (often a bare Exception): one type, naming the folder, lets the trainer stop cleanly.
+    _drop_closed_loop_notices()  # before: the writes of a save end in its background
     try:
         yield
     except Exception as e:

@@ -587,7 +587,7 @@ def main(argv):
             DataUnavailable) as e:
         distributed.exit_with_error(f"error: {e}")
     except checkpointing.SaveError as e:
-        if not isinstance(e.__cause__, OSError):  # not storage: perhaps a bug, whose trace helps
+        if not e.from_storage:  # perhaps a bug, whose trace helps
             traceback.print_exception(e.__cause__)
         message = (f"error: {e}; the checkpoints saved before it are intact: rerun the same "
                    "command to resume from the latest once the cause is fixed")

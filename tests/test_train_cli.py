@@ -287,16 +287,28 @@ def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
     assert not (tmp_path / "tfds").exists()  # refused before touching data
 
 
-def test_a_failed_save_stops_the_run_with_one_line(manual_dir, tmp_path):
-    """A save that fails in orbax's background thread (here: its folder replaced by a file at
-    step 8; a full disk alike) ends the run with status 1 and a line naming the folder. The run
-    used to print tracebacks and then hang for ever at exit, waiting for orbax's threads."""
+# Before the save of step 8, what makes it fail: the checkpoint folder replaced by a file, or
+# (as a full disk does) the kernel refusing the writes, here past a file size limit with SIGXFSZ
+# ignored, which tensorstore reports as a ValueError, not an OSError.
+FOLDER_REPLACED = ("self.wait(); d = str(self.latest.directory); "
+                   "os.rename(d, d + '.aside'); open(d, 'w').close()")
+WRITES_REFUSED = ("self.wait(); import resource, signal; "
+                  "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                  "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))")
+
+
+# The refused writes fail the save of step 8 and the best one of step 12, which is made first.
+@pytest.mark.parametrize("failure, folders", [(FOLDER_REPLACED, ["checkpoints"]),
+                                              (WRITES_REFUSED, ["checkpoints", "best"])])
+def test_a_failed_save_stops_the_run_with_one_line(manual_dir, tmp_path, failure, folders):
+    """A save that fails in orbax's background thread ends the run with status 1 and a line
+    naming the folder. The run used to print tracebacks and then hang for ever at exit, waiting
+    for orbax's threads; a full disk still printed tensorstore's traceback before the line."""
     prelude = (
         "import os, sys, runpy; from jaxseg import checkpointing as c; save = c.Checkpoints.save\n"
         "def failing(self, step, *a, **k):\n"
         "    if step == 8:\n"
-        "        self.wait(); d = str(self.latest.directory)\n"
-        "        os.rename(d, d + '.aside'); open(d, 'w').close()\n"
+        f"        {failure}\n"
         "    return save(self, step, *a, **k)\n"
         "c.Checkpoints.save = failing; sys.argv = ['jaxseg.train'] + sys.argv[1:]\n"
         "runpy.run_module('jaxseg.train', run_name='__main__', alter_sys=True)")
@@ -306,9 +318,12 @@ def test_a_failed_save_stops_the_run_with_one_line(manual_dir, tmp_path):
                             timeout=240)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: saving a checkpoint in {workdir / 'checkpoints'} failed: ")
+    assert any(last.startswith(f"error: saving a checkpoint in {workdir / folder} failed: ")
+               for folder in folders), last
     assert "rerun the same command to resume" in last
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
     # What was saved before the failure is whole: step 4, restorable.
-    os.rename(workdir / "checkpoints", workdir / "failed")
-    os.rename(workdir / "checkpoints.aside", workdir / "checkpoints")
+    if failure == FOLDER_REPLACED:
+        os.rename(workdir / "checkpoints", workdir / "failed")
+        os.rename(workdir / "checkpoints.aside", workdir / "checkpoints")
     assert final_state(workdir)[1] == 4
