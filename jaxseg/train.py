@@ -9,6 +9,7 @@ scratch); the batch at step s depends only on (seed, s), so a resumed run is exa
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -596,6 +597,15 @@ def main(argv):
         # Orbax's threads of the failed save never finish: a normal exit would wait for them.
         print(message, file=sys.stderr, flush=True)
         os._exit(1)
+    except OSError as e:
+        # The workdir's small files (its lock, config.json, metrics) on a full disk, as a rerun
+        # after a save that failed there meets first.
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise  # not storage running out: a bug perhaps, whose traceback says where
+        distributed.exit_with_error(
+            f"error: {e.strerror} (writing {e.filename or 'in --workdir ' + FLAGS.workdir}); the "
+            "checkpoints saved before it are intact: free space, then rerun the same command to "
+            "resume from the latest")
     if distributed.is_main_process():
         print(json.dumps({k: v for k, v in result.items()}, indent=1, default=float))
     return STOPPED_EXIT_STATUS if result.get("preempted") else 0

@@ -250,6 +250,30 @@ def test_a_usage_error_is_its_line_alone(module, args, message):
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
 
 
+def test_a_full_disk_outside_a_save_is_one_line(manual_dir, tmp_path):
+    """A full disk met by the workdir's small files (metrics.jsonl here, at step 6; its lock and
+    config.json alike, as a rerun meets first) ended the run in a traceback."""
+    prelude = (
+        "import errno, sys, runpy; from jaxseg import metric_writer as m\n"
+        "scalars = m.MetricWriter.scalars\n"
+        "def full(self, step, *a, **k):\n"
+        "    if step == 6:\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return scalars(self, step, *a, **k)\n"
+        "m.MetricWriter.scalars = full; sys.argv = ['jaxseg.train'] + sys.argv[1:]\n"
+        "runpy.run_module('jaxseg.train', run_name='__main__', alter_sys=True)")
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", prelude, *train_command(workdir)[3:]],
+                            cwd=REPO, env=run_env(manual_dir), capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: No space left on device (writing in --workdir {workdir})")
+    assert "rerun the same command to resume" in last
+    assert final_state(workdir)[1] == 4  # saved before it, and whole
+
+
 def test_data_that_cannot_be_prepared_is_one_line(tmp_path):
     """A data folder that is a file stands for every data preparation failure (offline without a
     manual dir alike): one line with the cause, no traceback; a stray word is refused first."""
