@@ -176,8 +176,10 @@ def validate(config, num_devices: int) -> None:
     for field in SPLIT_FIELDS:
         if problem := split_problem(field, _get(config, field)):
             problems.append(problem)
-    if config.optim.step_decay < 0:
-        problems.append(f"optim.step_decay={config.optim.step_decay} must be >= 0")
+    # nan stopped the first step with optax's traceback; inf made the weights non-finite at the
+    # decay step.
+    if not 0 <= config.optim.step_decay < math.inf:
+        problems.append(f"optim.step_decay={config.optim.step_decay} must be >= 0 and finite")
     if numeric["optim.step_fractions"] and not all(0 < f <= 1 for f in config.optim.step_fractions):
         problems.append(f"optim.step_fractions={tuple(config.optim.step_fractions)}: each must be "
                         "in (0, 1], a fraction of train.num_steps")

@@ -185,6 +185,8 @@ def test_non_finite_step_leaves_state_unchanged(monkeypatch, where):
     ("data.eval_split", "val", "data.eval_split='val' is not a split"),
     ("data.eval_split", "validation+test", "data.eval_split='validation\\+test': the test split"),
     ("optim.step_decay", -0.1, "optim.step_decay=-0.1 must be >= 0"),
+    ("optim.step_decay", float("nan"), "optim.step_decay=nan must be >= 0 and finite"),
+    ("optim.step_decay", float("inf"), "optim.step_decay=inf must be >= 0 and finite"),
     ("optim.step_fractions", (0.5, 1.5), "optim.step_fractions=\\(0.5, 1.5\\): each must be in"),
     ("eval.batch_size", 12, "eval.batch_size=12 must be a positive multiple of the 8 devices"),
     ("eval.threshold", 1.0, "eval.threshold=1.0 must be in \\(0, 1\\)"),
