@@ -370,7 +370,10 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SweepError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
-    _check_same_sweep(workdir, config, extra)
+    try:  # a read-only folder or a full disk, said before any trial starts
+        _check_same_sweep(workdir, config, extra)
+    except OSError as e:
+        raise SweepError(f"--workdir {workdir}: cannot write in it ({e.strerror or e})") from None
     todo, taken = [], {}
     for values in combos:
         tdir = trial_dir(workdir, values, taken)
@@ -434,11 +437,18 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
                 failures.append(f"{len(todo) - number} trial(s) not started: run the same "
                                 "command again")
                 break
-            tdir.mkdir(parents=True, exist_ok=True)
-            write_text_whole(tdir / TRIAL_FILE, json.dumps(values) + "\n")
+            try:  # a disk that filled during the earlier trials: they are still summed up
+                tdir.mkdir(parents=True, exist_ok=True)
+                write_text_whole(tdir / TRIAL_FILE, json.dumps(values) + "\n")
+                log = open(tdir / "train.log", "a")
+            except OSError as e:
+                failures.append(f"{len(todo) - number} trial(s) not started, from {tdir.name} on "
+                                f"({e.strerror or e}): run the same command again once the cause "
+                                "is fixed")
+                break
             command = _command(config, tdir, values, list(extra))
             print(f"trial {tdir.name}: {' '.join(command)}", flush=True)
-            with open(tdir / "train.log", "a") as log:  # the trial holds its own copy
+            with log:  # the trial holds its own copy
                 proc = subprocess.Popen(_dying_with_the_sweep(command), stdout=log,
                                         stderr=subprocess.STDOUT, env=trial_environment(parallel))
             running.append((proc, tdir, values))
@@ -455,7 +465,10 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
     # another --grid adds its trials to the earlier ones' ranking instead of replacing it.
     rows = [json.loads(path.read_text()) for path in sorted(workdir.glob(f"*/{RESULT_FILE}"))]
     rows.sort(key=lambda r: -r["val_iou"])
-    write_table(workdir, rows)
+    try:
+        write_table(workdir, rows)
+    except OSError as e:  # a disk that filled during the trials: the summary still says what ran
+        failures.append(f"results.md and results.csv not written ({e.strerror or e})")
     if failures:
         raise SweepError("unfinished trials: " + "; ".join(failures), stopped=bool(stopping))
     return rows

@@ -365,6 +365,41 @@ def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     assert usage.value.code == 2 and "--workdir: give the sweep's folder" in capsys.readouterr().err
 
 
+def test_a_sweep_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """A full disk (or a read-only folder) ended the sweep in OSError's traceback: at its start,
+    between trials, and at its end, where it lost the summary of those that failed."""
+    import errno
+
+    full, write = set(), sweep.write_text_whole
+
+    def write_unless_full(path, text):
+        if path.name in full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, text)
+
+    monkeypatch.setattr(sweep, "write_text_whole", write_unless_full)
+    _record_trials(monkeypatch)
+    record = sweep._command
+    monkeypatch.setattr(sweep, "_command", lambda config, tdir, values, extra: (
+        record(config, tdir, values, extra) if values["seed"] == 0
+        else [sys.executable, "-c", "import sys; sys.exit('error: boom')"]))
+    full.add(sweep.SWEEP_FILE)
+    with pytest.raises(sweep.SweepError, match=r"^--workdir .*: cannot write in it \(No space "):
+        sweep.run("configs/smoke.py", tmp_path / "s", [{"seed": 0}])
+    assert not (tmp_path / "s" / "seed=0").exists()  # refused before any trial
+    full = {"results.csv", "results.md"}
+    with pytest.raises(sweep.SweepError) as failed:
+        sweep.run("configs/smoke.py", tmp_path / "s", [{"seed": 0}, {"seed": 1}])
+    assert "seed=1 failed (exit 1: error: boom" in str(failed.value)
+    assert "results.md and results.csv not written (No space left on device)" in str(failed.value)
+    assert (tmp_path / "s" / "seed=0" / sweep.RESULT_FILE).exists()
+    full = {sweep.TRIAL_FILE}  # between trials: the next cannot start
+    with pytest.raises(sweep.SweepError, match=r"unfinished trials: 2 trial\(s\) not started, from "
+                       r"seed=1 on \(No space left on device\): run the same command again"):
+        sweep.run("configs/smoke.py", tmp_path / "s", [{"seed": 0}, {"seed": 1}, {"seed": 2}])
+    assert (tmp_path / "s" / "results.md").exists()  # the finished trial's ranking
+
+
 def test_a_storage_url_workdir_is_refused_not_made_a_local_folder(tmp_path, monkeypatch, capsys):
     """--workdir gs://bucket/s trained every trial in the local folder gs:/bucket/s."""
     monkeypatch.chdir(tmp_path)
