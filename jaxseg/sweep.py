@@ -6,10 +6,10 @@ trial's values as `--config.a.b=v` overrides, run sequentially or `--parallel N`
 are ranked by validation IoU (the config's eval split, never the test split) into W/results.md and
 W/results.csv. Re-running skips finished trials; an interrupted one (preempted: its training saved
 and exited before num_steps) is not recorded and resumes from its checkpoint. A sweep folder keeps
-its config, extra overrides and the fields they make (W/sweep.json): once a trial has finished,
-re-running it with others, or with the config file edited, is refused, while another --grid adds
-its trials to the same ranking. SIGTERM to the sweep is passed on to its running trials, which
-save and stop; no further trial starts. Every trial's
+its config, extra overrides and the fields they make (W/sweep.json): once a trial has finished
+or saved a checkpoint, re-running it with others, or with the config file edited, is refused,
+while another --grid adds its trials to the same ranking. SIGTERM to the sweep is passed on to
+its running trials, which save and stop; no further trial starts. Every trial's
 config is built and checked as jaxseg.train does before any starts; arguments other than
 --config.* overrides are refused. On Linux a trial gets SIGTERM too when the sweep dies by
 SIGKILL: it saves and stops.
@@ -329,21 +329,28 @@ def trial_environment(parallel: int) -> dict | None:
 
 
 def _check_same_sweep(workdir: pathlib.Path, config: str, extra: list[str]) -> None:
-    """Refuses to add this command's trials to a folder whose finished trials came from another
-    command, or from its config file before an edit (they would be ranked as this one's);
-    records the command otherwise."""
+    """Refuses to add this command's trials to a folder whose finished or interrupted trials came
+    from another command, or from its config file before an edit (they would be ranked as this
+    one's, an interrupted one resumed from its checkpoint); records the command otherwise."""
+    from jaxseg import checkpointing
+
     # The config file by its absolute path: the same file named another way is the same command
     # (a folder from before stored it relative to the working directory, as it is resolved here).
     command = {"config": str(pathlib.Path(config).resolve()), "extra": list(extra)}
     settings = _settings(config, extra)
     path = workdir / SWEEP_FILE
     finished = any(workdir.glob(f"*/{RESULT_FILE}"))
-    if finished and path.exists():
+    # A trial that saved a checkpoint (a step's folder: orbax's unfinished saves carry a suffix)
+    # resumes from it on a rerun, with the settings it started with.
+    interrupted = not finished and any(
+        ckpt.name.isdigit() for ckpt in workdir.glob(f"*/{checkpointing.LATEST_DIR}/*"))
+    trained = "finished trials" if finished else "interrupted trials"
+    if (finished or interrupted) and path.exists():
         stored = json.loads(path.read_text())
         stored_config = str(pathlib.Path(stored["config"]).resolve())
         if [stored_config, stored["extra"]] != [command["config"], command["extra"]]:
             raise SweepError(
-                f"{workdir} holds finished trials of --config {stored['config']} with "
+                f"{workdir} holds {trained} of --config {stored['config']} with "
                 f"{' '.join(stored['extra']) or 'no overrides'}; this command is --config "
                 f"{command['config']} with {' '.join(extra) or 'no overrides'}: use a new --workdir")
         # The same file, edited since (or a config it imports): its trials would train otherwise.
@@ -351,12 +358,12 @@ def _check_same_sweep(workdir: pathlib.Path, config: str, extra: list[str]) -> N
         if stored.get("settings") and settings and (
                 changed := _changed_settings(stored["settings"], settings)):
             raise SweepError(
-                f"{workdir} holds finished trials of --config {stored['config']} as it was "
+                f"{workdir} holds {trained} of --config {stored['config']} as it was "
                 f"then; it has changed since ({'; '.join(changed[:5])}"
                 f"{'; ...' if len(changed) > 5 else ''}): use a new --workdir")
         return
-    if finished:  # a folder from before sweep.json existed: nothing to compare with
-        print(f"warning: {workdir} has finished trials but no {SWEEP_FILE}; assuming they come "
+    if finished or interrupted:  # a folder from before sweep.json existed: nothing to compare with
+        print(f"warning: {workdir} has {trained} but no {SWEEP_FILE}; assuming they come "
               "from this command", file=sys.stderr)
     write_text_whole(path, json.dumps({**command, "settings": settings}, indent=1) + "\n")
 

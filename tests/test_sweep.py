@@ -157,7 +157,7 @@ def test_a_trial_stopped_early_is_not_recorded_and_resumes(tmp_path, monkeypatch
     with pytest.raises(sweep.SweepError, match="stopped at step 2 of 4"):
         sweep.run("configs/smoke.py", tmp_path, combos, extra=["--config.train.typo=1"])
     assert not (tdir / sweep.RESULT_FILE).exists()
-    # Nothing finished yet: a corrected command may take the folder over.
+    # Nothing finished or saved yet: a corrected command may take the folder over.
 
     log({"step": 4, "kind": "train", "loss": 0.25},
         {"step": 4, "kind": "validation", "val_iou": 0.5})
@@ -169,6 +169,40 @@ def test_a_trial_stopped_early_is_not_recorded_and_resumes(tmp_path, monkeypatch
     # Its finished trials must not be reported as another command's.
     with pytest.raises(sweep.SweepError, match="use a new --workdir"):
         sweep.run("configs/smoke.py", tmp_path, combos, extra=["--config.train.num_steps=8"])
+
+
+def test_an_interrupted_trial_is_not_resumed_by_another_command(tmp_path, monkeypatch):
+    """With no trial finished, a rerun with other overrides rewrote sweep.json: the stopped trial
+    resumed from the old command's checkpoint and was ranked as the new command's."""
+    monkeypatch.chdir(REPO)
+    runs = []
+
+    def fake_train(config, tdir, values, extra):
+        # Saves at step 2 and stops (preempted) the first time; resumes and finishes the next.
+        runs.append(extra)
+        done = 4 if (tdir / "checkpoints" / "2").is_dir() else 2
+        (tdir / "checkpoints" / str(done)).mkdir(parents=True)
+        (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 4}}))
+        with open(tdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": done, "kind": "train", "loss": 0.5}) + "\n"
+                    + json.dumps({"step": done, "kind": "validation", "val_iou": done / 10}) + "\n")
+        return [sys.executable, "-c", f"raise SystemExit({0 if done == 4 else 75})"]
+
+    monkeypatch.setattr(sweep, "_command", fake_train)
+    combos = [{"seed": 0}]
+    with pytest.raises(sweep.SweepError, match="stopped at step 2 of 4"):
+        sweep.run("configs/smoke.py", tmp_path, combos)
+    stored = (tmp_path / sweep.SWEEP_FILE).read_text()
+    for config, extra in (("configs/smoke.py", ["--config.train.num_steps=8"]),
+                          ("configs/default.py", [])):
+        with pytest.raises(sweep.SweepError, match=re.escape(
+                f"{tmp_path} holds interrupted trials of --config {REPO / 'configs/smoke.py'} "
+                f"with no overrides; this command is --config {REPO / config} with "
+                f"{' '.join(extra) or 'no overrides'}: use a new --workdir")):
+            sweep.run(config, tmp_path, combos, extra=extra)
+    assert (tmp_path / sweep.SWEEP_FILE).read_text() == stored and len(runs) == 1
+    rows = sweep.run("configs/smoke.py", tmp_path, combos)  # the same command resumes it
+    assert runs == [[], []] and [(r["seed"], r["best_step"]) for r in rows] == [(0, 4)]
 
 
 def test_a_trial_without_a_record_is_reported_not_a_crash(tmp_path, monkeypatch):
