@@ -2,7 +2,8 @@
 builders share (one module, since prediction cannot import the builders' package: it imports
 TensorFlow). `decode_photo` applies them all; `encode_png` is the one way both write pixels.
 
-- Which files are photos (`IMAGE_SUFFIXES`; hidden files and folders never are: `is_hidden`).
+- Which files are photos (`IMAGE_SUFFIXES`; hidden files and folders, and the system's
+  Thumbs.db, desktop.ini and Icon\\r, never are: `is_hidden`).
 - Which photos PIL decodes (`decoded_by_pil`): those with transparency, so that colour and
   alpha come from one decode and a TIFF's colours unmultiplied (OpenCV multiplies them by the
   alpha); the others OpenCV decodes, 16-bit ones reduced to 8 bits (a 16-bit grey PNG's
@@ -26,10 +27,16 @@ from PIL import Image, ImageCms
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
+# Files that Windows (thumbnail caches, folder settings) and macOS (a folder's custom icon)
+# write into a folder the user browses, under names without a leading '.'.
+_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
+
+
 def is_hidden(relative: pathlib.PurePath) -> bool:
-    """Whether a path inside a folder of photos is hidden (a part starts with '.'): macOS's
-    ._x.jpg resource forks, .DS_Store and thumbnail folders are not the user's photos."""
-    return any(part.startswith(".") for part in relative.parts)
+    """Whether a path inside a folder of photos is hidden (a part starts with '.', or is one of
+    the system's files): macOS's ._x.jpg resource forks, .DS_Store and thumbnail folders, and
+    Windows' Thumbs.db, are not the user's photos."""
+    return any(part.startswith(".") or part.lower() in _SYSTEM_FILES for part in relative.parts)
 
 
 _EXIF_ORIENTATION = 0x0112

@@ -1124,8 +1124,9 @@ def test_folder_pairs_names_spelt_in_either_unicode_form(tmp_path):
 
 
 def test_folder_leaves_hidden_files_out(tmp_path):
-    # macOS copies ._x.jpg resource forks and .DS_Store beside the photos: neither is a photo
-    # without a mask, nor a change that makes the prepared data stale.
+    # macOS copies ._x.jpg resource forks and .DS_Store beside the photos, Windows writes
+    # Thumbs.db and desktop.ini, macOS a custom folder icon's Icon\r: none is a photo without a
+    # mask, nor a change that makes the prepared data stale.
     from jaxseg.datasets import person_folder
 
     root = tmp_path / "mac"
@@ -1134,6 +1135,9 @@ def test_folder_leaves_hidden_files_out(tmp_path):
     name = person_folder.config_for(root).name
     (root / "images" / "._a.jpg").write_bytes(b"\0\5\x16\7")
     (root / "images" / ".DS_Store").write_bytes(b"junk")
+    for litter in ("Thumbs.db", "desktop.ini", "Icon\r"):
+        (root / "images" / litter).write_bytes(b"junk")
+        (root / "masks" / litter).write_bytes(b"junk")
     pairs, bad = person_folder.pair_files(root)
     assert [stem for stem, _, _ in pairs] == ["a"] and bad == []
     assert person_folder.config_for(root).name == name

@@ -820,6 +820,18 @@ def test_odd_sized_and_short_videos_are_noted(tiny_model_dir, tmp_path, monkeypa
     assert "97x61 frames written as 96x60" in notes[0] and "only 3 of the 5 frames" in notes[1]
 
 
+def test_collect_inputs_leaves_out_the_systems_files(tmp_path):
+    """Windows' Thumbs.db and desktop.ini, macOS's Icon\\r: left out as .DS_Store is, not
+    counted among the files passed over in the input folders."""
+    photos = tmp_path / "photos"
+    for name in ("a.png", ".DS_Store", "Thumbs.db", "sub/desktop.ini", "Icon\r"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(b"")
+    images, videos, problems, passed_over, _ = predict.collect_inputs([photos], tmp_path / "out")
+    assert [p.name for p, _ in images] == ["a.png"] and videos == []
+    assert problems == [] and passed_over == 0
+
+
 def test_collect_inputs_skips_hidden_files_and_repeats_and_knows_more_videos(tmp_path):
     photos = tmp_path / "photos"
     for name in ("a.png", "._a.png", ".thumbnails/a.png", "clip.3gp", "clip2.mpg"):
