@@ -50,13 +50,13 @@ num=2 devices=2 port="" module=train config=configs/smoke.py workdir=runs/local_
 dry_run=""
 while (($#)); do
   case $1 in
-    -n) num=${2:?-n needs a value}; shift 2 ;;
-    -d) devices=${2:?-d needs a value}; shift 2 ;;
-    -p) port=${2:?-p needs a value}; shift 2 ;;
-    -m) module=${2:?-m needs a value}; shift 2 ;;
-    -c) config=${2:?-c needs a value}; shift 2 ;;
-    -w) workdir=${2:?-w needs a value}; shift 2 ;;
-    -l) logdir=${2:?-l needs a value}; shift 2 ;;
+    -n|-d|-p|-m|-c|-w|-l)
+      [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"
+      case $1 in
+        -n) num=$2 ;; -d) devices=$2 ;; -p) port=$2 ;; -m) module=$2 ;; -c) config=$2 ;;
+        -w) workdir=$2 ;; -l) logdir=$2 ;;
+      esac
+      shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -71,7 +71,8 @@ case $module in  # the modules that join a cluster: their places come from the e
 esac
 [[ $num =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$num'"
 [[ $devices =~ ^[1-9][0-9]*$ ]] || die "-d must be a positive integer, got '$devices'"
-[[ -z $port || $port =~ ^[0-9]+$ ]] || die "-p must be a port number, got '$port'"
+[[ -z $port || ($port =~ ^[1-9][0-9]{0,4}$ && $port -le 65535) ]] ||
+  die "-p must be a port number (1-65535), got '$port'"
 logdir=${logdir:-$workdir/logs}
 
 python=${PYTHON:-}

@@ -382,6 +382,17 @@ def test_local_cluster_dry_run(bin_dir):
     assert out.returncode != 0 and "-n must be a positive integer" in out.stderr
 
 
+@pytest.mark.parametrize("args, error", [
+    (["-n"], "-n needs a value"), (["--dry-run", "-w"], "-w needs a value"),
+    (["-p", "0", "--dry-run"], "-p must be a port number (1-65535), got '0'"),
+    (["-p", "65536", "--dry-run"], "-p must be a port number (1-65535), got '65536'")])
+def test_local_cluster_refuses_a_missing_value_or_port_in_its_error_format(bin_dir, args, error):
+    """An option without its value (the last argument), or a port outside 1-65535, is a usage
+    error (status 2) in the script's own words, as its other argument errors are."""
+    out = _run([LAUNCH / "local_cluster.sh", *args], bin_dir, env={"PYTHON": sys.executable})
+    assert (out.returncode, out.stderr) == (2, f"local_cluster.sh: error: {error}\n")
+
+
 CLUSTER_CHECK = textwrap.dedent('''
     """Joins the cluster from the JAXSEG_* variables and sums one value per device over processes."""
     import os
