@@ -142,11 +142,9 @@ def validate(config, num_devices: int) -> None:
                for field in ("model.output_shift", "optim.step_fractions")}
     for field in (f for f, ok in numeric.items() if not ok):
         problems.append(f"{field}={tuple(_get(config, field))} must hold numbers only")
-    shift = tuple(config.model.output_shift)
     if numeric["model.output_shift"] and (
-            len(shift) != 2 or not all(abs(v) <= size / 2 for v in shift)):
-        problems.append(f"model.output_shift={shift} must be (dy, dx), model pixels of at most "
-                        f"half the image size ({size / 2:g})")
+            problem := output_shift_problem(config.model.output_shift, size)):
+        problems.append(problem)
     if not 0 <= config.model.dropout < 1:
         problems.append(f"model.dropout={config.model.dropout} must be in [0, 1)")
     aug = config.data.aug
@@ -210,6 +208,16 @@ def validate(config, num_devices: int) -> None:
                                            evaluated="person_folder" in config.data.eval)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def output_shift_problem(shift, image_size: int) -> str | None:
+    """Why numbers SHIFT cannot be model.output_shift at IMAGE_SIZE, or None: (dy, dx), model
+    pixels of at most half the image (nan and inf are not: they stop the model's first call)."""
+    shift = tuple(shift)
+    if len(shift) != 2 or not all(abs(v) <= image_size / 2 for v in shift):
+        return (f"model.output_shift={shift} must be (dy, dx), model pixels of at most half the "
+                f"image size ({image_size / 2:g})")
+    return None
 
 
 SPLIT_FIELDS = ("data.train_split", "data.eval_split")

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxseg import inference
+from jaxseg import config_check, inference
 from jaxseg.models import create_model
 
 
@@ -35,6 +35,9 @@ def load_run(run: pathlib.Path, output_shift: tuple[float, float] | None = None)
             f"{run / 'summary.json'}: not a gpu_array_train.py summary ({e!r})") from None
     config.model.compute_dtype = "float32"  # trained with bf16 compute; fp32 params either way
     if output_shift is not None:
+        # nan or inf would be saved, and stop every later call of the model.
+        if problem := config_check.output_shift_problem(output_shift, config.data.image_size):
+            raise ValueError(f"--output_shift: {problem}")
         config.model.output_shift = output_shift
     model = create_model(config.model)
     try:

@@ -1261,6 +1261,31 @@ def test_save_pretrained_from_npz_saves_the_runs_in_order_as_float32_members(mon
     assert "ensemble members must share one image size and model config" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("shift", ["nan,0", "0,inf", "17,0", "0,-16.5"])
+def test_save_pretrained_from_npz_refuses_an_output_shift_out_of_range(monkeypatch, capsys,
+                                                                      tmp_path, shift):
+    """nan or inf was saved in the model's config, and stopped its every call; a shift beyond
+    half the image (the run's 32 pixels: 16) was saved too. Each is one usage error, as
+    config_check says of model.output_shift."""
+    saver = _load_launch_module("save_pretrained_from_npz")
+    run = _array_train_run(tmp_path / "run", seed=1, num_steps=10, selected_step=10)
+    saved = []
+    monkeypatch.setattr(saver.inference, "save_pretrained", lambda *a: saved.append(a))
+    monkeypatch.setattr(sys, "argv", ["save_pretrained_from_npz.py", str(run),
+                                      "--output_shift", shift])
+    with pytest.raises(SystemExit) as e:
+        saver.main()
+    assert e.value.code == 2 and not saved
+    err = capsys.readouterr().err
+    assert "--output_shift: model.output_shift=" in err and "at most half the image size (16)" in err
+    # Half the image is the most config_check allows.
+    monkeypatch.setattr(sys, "argv", ["save_pretrained_from_npz.py", str(run),
+                                      "--output_shift", "16,-16"])
+    saver.main()
+    [(_, config, _)] = saved
+    assert tuple(config.model.output_shift) == (16.0, -16.0)
+
+
 @pytest.mark.parametrize("damage,message", [
     ("other_width", "does not hold the weights of the model its summary.json describes"),
     ("truncated_npz", "model_state.npz: unreadable, a copy cut short?"),
