@@ -2,6 +2,7 @@
 arguments that choose a model; and what the absl ones without inputs (evaluate, report, train)
 check of their words, and how every absl one (evaluate, predict, report, train) runs."""
 import argparse
+import math
 import sys
 
 
@@ -21,6 +22,15 @@ def positive_number(text: str) -> float:
     value = float(text)
     if not 0 < value < float("inf"):  # NaN fails this too
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def number(text: str) -> float:
+    """argparse type: a float that is not nan (nan compares false with every bound: a nan deadline
+    never came)."""
+    value = float(text)
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be a number, got {text}")
     return value
 
 

@@ -35,7 +35,7 @@ from PIL import Image
 
 from configs import default
 from jaxseg import config_check, device_augment, losses, mixture, sharding, train_step
-from jaxseg.arg_types import at_least, positive_number
+from jaxseg.arg_types import at_least, number, positive_number
 from jaxseg.workdir import complete_or_absent, output_file_problem, write_text_whole
 
 
@@ -138,7 +138,7 @@ def main():
                    help="training seconds to plan for")
     p.add_argument("--num_steps", type=at_least(0), default=0,
                    help="train this many steps (0: fitted to --budget_s by a calibration run)")
-    p.add_argument("--deadline_s", type=float, default=0,
+    p.add_argument("--deadline_s", type=number, default=0,
                    help="stop training this many seconds after start, planned or not (0 = never)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--base_features", type=int, default=16)

@@ -708,7 +708,9 @@ def test_gpu_array_train_refuses_an_earlier_run(monkeypatch, capsys, tmp_path):
     (["--set", "train.ema_decay=1.5"], "train.ema_decay=1.5 must be in [0, 1)"),
     # A negative step count trained and saved nothing and exited 0.
     (["--num_steps", "-5"], "--num_steps: must be at least 0, got -5"),
-    (["--budget_s", "-1"], "--budget_s: must be a finite number above 0, got -1")])
+    (["--budget_s", "-1"], "--budget_s: must be a finite number above 0, got -1"),
+    # A nan deadline compared false with every time: the run never stopped.
+    (["--deadline_s", "nan"], "--deadline_s: must be a number, got nan")])
 def test_gpu_array_train_refuses_an_impossible_config_or_step_count(monkeypatch, capsys, tmp_path,
                                                                     argv, message):
     """Refused before the data is opened (the config checked by jaxseg.config_check, as
