@@ -512,6 +512,10 @@ def main(argv):
     if "predictions_warning" in result and distributed.is_main_process():
         print(f"warning: --predictions {f.predictions}: {result['predictions_warning']}",
               file=sys.stderr)
+    if (result.get("predictions_read_as") == "masks" and f.threshold != 0.5
+            and distributed.is_main_process()):  # the option was taken without a word
+        print(f"note: --threshold {f.threshold:g} cuts soft maps only; --predictions "
+              f"{f.predictions} holds masks, scored as they are", file=sys.stderr)
     if folder:  # where jaxseg.report finds the photos again for its overlays
         result.update(folder=folder, not_scored=not_scored)
     if f.data_dir:  # and the prepared data

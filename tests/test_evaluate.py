@@ -320,6 +320,28 @@ def test_masks_of_odd_values_are_named_once(tmp_path):
     assert said[0].endswith("check that --masks names the masks")
 
 
+def test_a_threshold_that_masks_do_not_use_is_noted(tmp_path):
+    """--threshold cuts soft maps; a folder of masks was scored as it is without a word."""
+    import subprocess
+    import sys
+
+    import fixtures_data as fx
+
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b"])
+    predictions = tmp_path / "pred"
+    for i, stem in enumerate(["a", "b"]):
+        fx.write(predictions / f"{stem}.png", fx.person(i) * 255)
+    command = [sys.executable, "-m", "jaxseg.evaluate", "--images", str(root / "images"),
+               "--masks", str(root / "masks"), "--predictions", str(predictions), "--data_dir",
+               str(tmp_path / "dd"), "--output", str(tmp_path / "out.json")]
+    for threshold, noted in (("0.5", False), ("0.3", True)):
+        result = subprocess.run(command + ["--threshold", threshold], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (f"note: --threshold 0.3 cuts soft maps only; --predictions {predictions} holds "
+                "masks, scored as they are" in result.stderr) == noted, result.stderr[-2000:]
+
+
 def test_folders_with_a_tilde_are_the_home_folders(tmp_path):
     """No shell expands --images=~/x: the three folders were looked for in ./~/."""
     import subprocess
