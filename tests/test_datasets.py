@@ -1,5 +1,8 @@
 """Dataset builders: fixture datasets in the real layouts, bad files, splits, download path, real data."""
+import contextlib
+import functools
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -10,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import zipfile
 import zlib
 
@@ -288,8 +292,6 @@ def test_a_dataset_is_built_by_one_process_at_a_time(tmp_path):
     """Two builds of one dataset into one data dir at once collided (the second's final rename
     failed: a sweep's parallel trials on a fresh machine). The second waits for the first's lock,
     then reads what the first built."""
-    import threading
-
     fx.make_ccp(tmp_path / "ccp")
     data_dir, manual_dir = str(tmp_path / "dd"), str(tmp_path / "ccp")
     target = datasets.builder("ccp_person", data_dir=data_dir).data_path
@@ -403,28 +405,33 @@ def test_a_no_proxy_list_alone_does_not_skip_the_host_check(monkeypatch):
     assert base._unreachable(ccp_person.CcpPerson.URL) is not None
 
 
-def test_an_archive_downloaded_before_is_rebuilt_from_offline(tmp_path, monkeypatch):
-    """TFDS keeps each downloaded archive in the data dir's downloads/ and builds from it again
-    without the network (a new dataset version, a deleted or interrupted build, compute nodes
-    without internet under a login node's download): the host check must not refuse that."""
-    import functools
-    import http.server
-    import threading
-
-    fx.make_ccp(tmp_path / "src")
-    (tmp_path / "www").mkdir()
-    fx.zip_archive(tmp_path / "src", ccp_person.CcpPerson.ARCHIVE_DIR, tmp_path / "www" / "master.zip")
+@contextlib.contextmanager
+def _serving_ccp_archive(folder: pathlib.Path, monkeypatch):
+    """Serves FOLDER/master.zip over HTTP on 127.0.0.1 as ccp_person's URL, without a manual dir,
+    until the block ends."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
-        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www")))
+        http.server.SimpleHTTPRequestHandler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(ccp_person.CcpPerson, "URL",
                         f"http://127.0.0.1:{server.server_address[1]}/master.zip")
     monkeypatch.delenv("JAXSEG_MANUAL_DIR", raising=False)
     try:
-        first = datasets.split_sizes("ccp_person", data_dir=str(tmp_path / "dd"))
+        yield
     finally:
         server.shutdown()
-        server.server_close()  # offline from here on
+        server.server_close()
+
+
+def test_an_archive_downloaded_before_is_rebuilt_from_offline(tmp_path, monkeypatch):
+    """TFDS keeps each downloaded archive in the data dir's downloads/ and builds from it again
+    without the network (a new dataset version, a deleted or interrupted build, compute nodes
+    without internet under a login node's download): the host check must not refuse that."""
+    fx.make_ccp(tmp_path / "src")
+    (tmp_path / "www").mkdir()
+    fx.zip_archive(tmp_path / "src", ccp_person.CcpPerson.ARCHIVE_DIR, tmp_path / "www" / "master.zip")
+    with _serving_ccp_archive(tmp_path / "www", monkeypatch):
+        first = datasets.split_sizes("ccp_person", data_dir=str(tmp_path / "dd"))
+    # Offline from here on.
     shutil.rmtree(tmp_path / "dd" / "ccp_person")
     assert datasets.split_sizes("ccp_person", data_dir=str(tmp_path / "dd")) == first
 
@@ -435,10 +442,6 @@ def test_a_downloaded_archive_that_is_not_the_dataset_is_fetched_again_next_time
     """TFDS keeps what it downloaded and reuses it on every later build: an error page that a
     proxy served as the zip, a truncated zip or another repository's archive failed every build
     alike (as 'could not download'), long after the server served the right archive again."""
-    import functools
-    import http.server
-    import threading
-
     fx.make_ccp(tmp_path / "src")
     good = fx.zip_archive(tmp_path / "src", ccp_person.CcpPerson.ARCHIVE_DIR, tmp_path / "good.zip")
     (tmp_path / "www").mkdir()
@@ -450,22 +453,13 @@ def test_a_downloaded_archive_that_is_not_the_dataset_is_fetched_again_next_time
         data = good.read_bytes()
         (tmp_path / "www" / "master.zip").write_bytes(
             b"<html>Access denied by proxy</html>" if served == "error page" else data[:len(data) // 2])
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
-        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www")))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(ccp_person.CcpPerson, "URL",
-                        f"http://127.0.0.1:{server.server_address[1]}/master.zip")
-    monkeypatch.delenv("JAXSEG_MANUAL_DIR", raising=False)
-    try:
+    with _serving_ccp_archive(tmp_path / "www", monkeypatch):
         with pytest.raises(FileNotFoundError, match="the archive was deleted, so that the next build "
                            "downloads it again" if served == "another repository" else
                            "cannot be unpacked .*; it was deleted, so that the next build downloads"):
             datasets.prepare("ccp_person", data_dir=str(tmp_path / "dd"))
         shutil.copy(good, tmp_path / "www" / "master.zip")
         sizes = datasets.split_sizes("ccp_person", data_dir=str(tmp_path / "dd"))
-    finally:
-        server.shutdown()
-        server.server_close()
     assert sum(sizes.values()) == len(fx.make_ccp(tmp_path / "expected")["ids"])
 
 
