@@ -250,22 +250,30 @@ def test_a_usage_error_is_its_line_alone(module, args, message):
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
 
 
+def _train_failing(manual_dir, workdir, method: str, step: int, failure: str):
+    """The smoke training (train_command) in a subprocess where METHOD ('module.Class.name' of
+    jaxseg, called with the step first) runs the Python line FAILURE (os and errno imported) when
+    called for STEP."""
+    module, cls, name = method.split(".")
+    prelude = (
+        f"import errno, os, sys, runpy; from jaxseg import {module} as m; "
+        f"original = m.{cls}.{name}\n"
+        "def failing(self, step, *a, **k):\n"
+        f"    if step == {step}:\n"
+        f"        {failure}\n"
+        "    return original(self, step, *a, **k)\n"
+        f"m.{cls}.{name} = failing; sys.argv = ['jaxseg.train'] + sys.argv[1:]\n"
+        "runpy.run_module('jaxseg.train', run_name='__main__', alter_sys=True)")
+    return subprocess.run([sys.executable, "-c", prelude, *train_command(workdir)[3:]], cwd=REPO,
+                          env=run_env(manual_dir), capture_output=True, text=True, timeout=240)
+
+
 def test_a_full_disk_outside_a_save_is_one_line(manual_dir, tmp_path):
     """A full disk met by the workdir's small files (metrics.jsonl here, at step 6; its lock and
     config.json alike, as a rerun meets first) ended the run in a traceback."""
-    prelude = (
-        "import errno, sys, runpy; from jaxseg import metric_writer as m\n"
-        "scalars = m.MetricWriter.scalars\n"
-        "def full(self, step, *a, **k):\n"
-        "    if step == 6:\n"
-        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "    return scalars(self, step, *a, **k)\n"
-        "m.MetricWriter.scalars = full; sys.argv = ['jaxseg.train'] + sys.argv[1:]\n"
-        "runpy.run_module('jaxseg.train', run_name='__main__', alter_sys=True)")
     workdir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-c", prelude, *train_command(workdir)[3:]],
-                            cwd=REPO, env=run_env(manual_dir), capture_output=True, text=True,
-                            timeout=240)
+    result = _train_failing(manual_dir, workdir, "metric_writer.MetricWriter.scalars", 6,
+                            "raise OSError(errno.ENOSPC, 'No space left on device')")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -328,18 +336,8 @@ def test_a_failed_save_stops_the_run_with_one_line(manual_dir, tmp_path, failure
     """A save that fails in orbax's background thread ends the run with status 1 and a line
     naming the folder. The run used to print tracebacks and then hang for ever at exit, waiting
     for orbax's threads; a full disk still printed tensorstore's traceback before the line."""
-    prelude = (
-        "import os, sys, runpy; from jaxseg import checkpointing as c; save = c.Checkpoints.save\n"
-        "def failing(self, step, *a, **k):\n"
-        "    if step == 8:\n"
-        f"        {failure}\n"
-        "    return save(self, step, *a, **k)\n"
-        "c.Checkpoints.save = failing; sys.argv = ['jaxseg.train'] + sys.argv[1:]\n"
-        "runpy.run_module('jaxseg.train', run_name='__main__', alter_sys=True)")
     workdir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-c", prelude, *train_command(workdir)[3:]],
-                            cwd=REPO, env=run_env(manual_dir), capture_output=True, text=True,
-                            timeout=240)
+    result = _train_failing(manual_dir, workdir, "checkpointing.Checkpoints.save", 8, failure)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert any(last.startswith(f"error: saving a checkpoint in {workdir / folder} failed: ")
