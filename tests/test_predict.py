@@ -441,8 +441,10 @@ def test_options_a_run_ignores_are_noted():
     assert notes(**dict(quiet, soft=True)) == [
         "--threshold is ignored with --soft (the probability itself is the alpha)"]
     assert notes(**dict(quiet, soft=True, threshold_given=False)) == []
-    assert "videos are written without their audio" == "videos are written without their audio"
-    assert "cutouts of videos are on black" in predict.video_note("cutout")
+    for mode in ("mask", "overlay", "background"):  # opaque outputs: nothing about black
+        assert predict.video_note(mode) == "videos are written without their audio", mode
+    assert predict.video_note("cutout") == ("videos are written without their audio; video has no "
+                                            "transparency, so cutouts of videos are on black")
 
 
 def test_a_bad_background_is_a_usage_error(tiny_model_dir, jax_cache, tmp_path):
