@@ -221,11 +221,12 @@ def test_la_varying_value_is_the_mask(tmp_path):
 
 def test_rgba_colour_mask_ignores_alpha(tmp_path):
     person = drawn(12)
-    red = np.zeros((H, W, 3), np.uint8)
-    red[person, 0] = 255
     alpha = np.where(np.arange(W) < W // 2, 128, 255).astype(np.uint8)[None].repeat(H, 0)
-    Image.fromarray(np.dstack([red, alpha])).save(tmp_path / "red_alpha.png")
-    assert_mask(tmp_path / "red_alpha.png", person)
+    for channel in range(3):  # any bright channel, not the first alone (red passed that too)
+        colour = np.zeros((H, W, 3), np.uint8)
+        colour[person, channel] = 255
+        Image.fromarray(np.dstack([colour, alpha])).save(tmp_path / f"alpha_{channel}.png")
+        assert_mask(tmp_path / f"alpha_{channel}.png", person)
 
 
 # ---------------------------------------------------------------- regressions
