@@ -208,13 +208,23 @@ def test_region_count_ignores_specks():
 
 class Draws:
     """Stands in for augment's generator, drawing these values in augment's order: zoom, angle,
-    (dy, dx) shift, brightness, contrast, saturation; and no flip."""
+    (dy, dx) shift, brightness, contrast, saturation; and no flip. Each is asked for over
+    aug_config()'s range (ignored, any range passed: brightness always raised, say)."""
 
     def __init__(self, zoom=1.0, angle=0.0, brightness=1.0, contrast=1.0, saturation=1.0):
-        self.values = iter([zoom, angle, np.zeros(2), brightness, contrast, saturation])
+        c = aug_config()
+        self.draws = iter([
+            ((c.scale_min, c.scale_max), zoom), ((-c.rotate_degrees, c.rotate_degrees), angle),
+            ((-c.max_shift, c.max_shift), np.zeros(2)),
+            ((1 - c.brightness, 1 + c.brightness), brightness),
+            ((1 - c.contrast, 1 + c.contrast), contrast),
+            ((1 - c.saturation, 1 + c.saturation), saturation)])
 
-    def uniform(self, *args, **kwargs):
-        return next(self.values)
+    def uniform(self, low, high, size=None):
+        expected_range, value = next(self.draws)
+        assert (low, high) == pytest.approx(expected_range)
+        assert np.shape(value) == (() if size is None else (size,))
+        return value
 
     def random(self):
         return 0.9  # no flip
@@ -285,6 +295,8 @@ def test_shifts_move_by_up_to_max_shift_of_the_image_size(identity):
             np.testing.assert_array_equal(image, example["image"])
             np.testing.assert_array_equal(mask, disc)
         moves.append(centroid(mask[..., 0].astype(float)) - (size - 1) / 2)
+    # Each axis its own amount: one draw for both moves every disc along the diagonal.
+    assert identity or np.abs(np.subtract(*np.transpose(moves))).max() > 0.05 * size
     moves = np.abs(moves)
     assert moves.max() <= 0.1 * size + 0.5
     assert identity or moves.max() > 0.05 * size
