@@ -178,6 +178,8 @@ def test_shifts_move_by_up_to_max_shift_of_the_image_size():
     images = np.repeat(masks * 255, 3, axis=-1)
     _, out_masks = _augmented(images, masks, _aug(max_shift=0.1))
     grid = np.mgrid[:size, :size].reshape(2, -1)
-    moves = np.abs([grid @ m.reshape(-1) / m.sum() - (size - 1) / 2
-                    for m in out_masks[..., 0].astype(float)])
-    assert 0.05 * size < moves.max() <= 0.1 * size + 0.5
+    moves = np.array([grid @ m.reshape(-1) / m.sum() - (size - 1) / 2
+                      for m in out_masks[..., 0].astype(float)])
+    assert 0.05 * size < np.abs(moves).max() <= 0.1 * size + 0.5
+    # Each axis its own amount: one draw for both moves every disc along the diagonal.
+    assert np.abs(moves[:, 0] - moves[:, 1]).max() > 0.05 * size
