@@ -168,8 +168,11 @@ def test_eval_covers_each_example_once(num_devices):
 def test_process_shards_cover_the_split_exactly_once():
     for n in (0, 1, 7, 13, 100):
         for count in (1, 2, 3):
-            covered = [i for p in range(count) for i in input_pipeline.process_shard(n, p, count)]
-            assert covered == list(range(n))
+            shards = [input_pipeline.process_shard(n, p, count) for p in range(count)]
+            assert [i for shard in shards for i in shard] == list(range(n))
+            # Each fits the batches every process runs (ceil(n / count) examples): one process
+            # holding the whole split covers it too, and its batches then dropped the rest.
+            assert all(len(shard) <= -(-n // count) for shard in shards), (n, count)
     # Every process runs the same number of batches even when the shards differ in size.
     for local_batch in (1, 2):  # shards of 4 and 3 examples
         sizes = [input_pipeline.EvalBatches(fake_source(7), local_batch=local_batch, image_size=32,
