@@ -157,6 +157,22 @@ def test_threshold_curves_match_the_headline_counts():
     assert curves["iou"][at] == pytest.approx(result["iou"])
     assert curves["precision"][at] == pytest.approx(result["precision"])
     assert curves["recall"][at] == pytest.approx(result["recall"])
+    # At every threshold, against the masks themselves: where false positives outnumber the
+    # person pixels found too (low thresholds), which the headline's 0.5 does not reach.
+    rng = np.random.default_rng(2)
+    target = rng.random(5000) < 0.3
+    probs = np.where(target, rng.uniform(0.2, 1, target.size), rng.uniform(0, 0.6, target.size))
+    sweep = {"thresholds": list(SWEEP_THRESHOLDS),
+             "person": [int((target & (probs >= t)).sum()) for t in SWEEP_THRESHOLDS],
+             "pixels": [int((probs >= t).sum()) for t in SWEEP_THRESHOLDS]}
+    curves = report.threshold_curves(sweep)
+    for j, t in enumerate(SWEEP_THRESHOLDS):
+        pred = probs >= t
+        tp = (pred & target).sum()
+        assert curves["iou"][j] == pytest.approx(tp / (pred | target).sum()), t
+        assert curves["precision"][j] == pytest.approx(tp / pred.sum() if pred.any() else 1.0), t
+        assert curves["recall"][j] == pytest.approx(tp / target.sum()), t
+    assert any((probs >= t).sum() > 2 * (target & (probs >= t)).sum() for t in SWEEP_THRESHOLDS)
 
 
 def test_threshold_advice_is_a_threshold_evaluate_takes():
