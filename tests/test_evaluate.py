@@ -130,12 +130,13 @@ def test_predictions_are_read_like_masks_and_meet_the_threshold(tmp_path):
 
     source = fake_source(4, seed=3)
     truth = [ex["mask"][..., 0] > 0 for ex in source]
-    # Soft maps: 0.75 inside the person, 0.3 on a band of background beside it; the first holds
-    # only 0 and 1/255 (as predict --soft writes a photo it finds no person in).
+    # Soft maps: 0.75 inside the person, 0.2 on a band of background beside it (51/255 and
+    # 13107/65535 exactly: at the threshold 0.2 it is person, as predict counts it); the first
+    # holds only 0 and 1/255 (as predict --soft writes a photo it finds no person in).
     soft = []
     for t in truth:
         p = np.where(t, 0.75, 0.0)
-        p[:, :4][~t[:, :4]] = 0.3
+        p[:, :4][~t[:, :4]] = 0.2
         soft.append(p)
     soft[0] = np.where(truth[0], 0.0, 1 / 255)
     mesh = sharding.make_mesh(1)
