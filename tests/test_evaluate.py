@@ -71,6 +71,18 @@ def test_original_resolution_counts_match_an_independent_numpy_pipeline(model):
     assert sweep["pixels"][0] == sum(ex["mask"].size for ex in source)
 
 
+def test_a_probability_at_the_threshold_is_person_at_both_resolutions():
+    """A model sure of nothing (logit 0: P(person) = 0.5 exactly) at the threshold 0.5 marks every
+    pixel a person, as predict and the threshold sweep count it; the random model's
+    probabilities above never fall on the threshold, so `>` passed them as well as `>=`."""
+    class Unsure(nnx.Module):
+        def __call__(self, images, *, train=False):
+            return jnp.zeros((*images.shape[:3], 1), jnp.float32)
+
+    result = run(Unsure(), fake_source(3, seed=2), 1)
+    assert result["model_resolution"]["recall"] == 1.0 and result["recall"] == 1.0
+
+
 def test_boundary_tolerance_at_original_resolution_follows_the_canvas(model):
     """0.75% of the canvas diagonal (5 px for photos up to 448 px), not of the model's input."""
     source = fake_source(2, seed=1, min_size=300, max_size=400)
