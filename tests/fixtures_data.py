@@ -260,3 +260,16 @@ def make_simple_folder(root: pathlib.Path, stems: list[str], seed: int = 0) -> p
         write(root / "images" / f"{stem}.jpg", photo(seed + i))
         write(root / "masks" / f"{stem}.png", person(seed + i) * 255)
     return root
+
+
+def refuse_stat_under(monkeypatch, folder: pathlib.Path) -> None:
+    """Makes pathlib's stat of anything inside FOLDER raise PermissionError, as in a folder this
+    user may not enter (another's home): chmod does not stop root, who may run the tests."""
+    stat = pathlib.Path.stat
+
+    def refusing_stat(self, **kwargs):
+        if folder in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return stat(self, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", refusing_stat)

@@ -459,14 +459,7 @@ def test_a_bad_background_is_a_usage_error(tiny_model_dir, jax_cache, tmp_path):
 def test_a_background_image_that_cannot_be_reached_is_a_value_error(tmp_path, monkeypatch):
     """A --background image in a folder this user may not enter ended the run in a
     PermissionError traceback. Monkeypatched: chmod does not stop root."""
-    stat = pathlib.Path.stat
-
-    def refusing_stat(self, **kwargs):
-        if tmp_path / "theirs" in self.parents:
-            raise PermissionError(13, "Permission denied", str(self))
-        return stat(self, **kwargs)
-
-    monkeypatch.setattr(pathlib.Path, "stat", refusing_stat)
+    fx.refuse_stat_under(monkeypatch, tmp_path / "theirs")
     with pytest.raises(ValueError, match=r"^cannot reach it \(Permission denied\)$"):
         predict.read_background(str(tmp_path / "theirs" / "bg.png"), 10**6)
 

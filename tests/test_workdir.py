@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from etils import epath
 
+import fixtures_data as fx
 from jaxseg import workdir
 from jaxseg.workdir import (WorkdirBusy, complete_or_absent, local_folder_problem,
                             local_output_folder, output_file_problem, training_lock, workdir_path,
@@ -45,14 +46,7 @@ def test_an_output_folder_with_a_tilde_is_under_home(tmp_path, monkeypatch):
 def test_an_output_folder_that_cannot_be_reached_is_one_line(tmp_path, monkeypatch):
     """--output in a folder this user may not enter (another's home) ended predict, export and
     evaluate in a PermissionError traceback. Monkeypatched: chmod does not stop root."""
-    stat = pathlib.Path.stat
-
-    def refusing_stat(self, **kwargs):
-        if tmp_path / "theirs" in self.parents:
-            raise PermissionError(13, "Permission denied", str(self))
-        return stat(self, **kwargs)
-
-    monkeypatch.setattr(pathlib.Path, "stat", refusing_stat)
+    fx.refuse_stat_under(monkeypatch, tmp_path / "theirs")
     with pytest.raises(SystemExit, match=r"^--output .*/theirs/out: cannot reach it "
                                          r"\(Permission denied\)$"):
         local_output_folder(str(tmp_path / "theirs" / "out"))
