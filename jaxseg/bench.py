@@ -400,7 +400,7 @@ def input_bench(argv: list[str], sources=None) -> None:
     `sources`: (sources, weights) instead of the default config's mixture of real train splits.
     """
     from configs import default
-    from jaxseg import input_pipeline, train
+    from jaxseg import input_pipeline, mixture, train
 
     args = _input_parser().parse_args(argv)
     config = default.get_config()
@@ -411,9 +411,10 @@ def input_bench(argv: list[str], sources=None) -> None:
         _check(sized)
     # The training mixture as training reads it, prepared on first use as training prepares it.
     sources, weights = sources or train.train_sources(config)
-    if batch_size < len(sources):  # TrainBatches raised it, a traceback
-        raise SystemExit(f"error: --batch_size {batch_size} is smaller than the {len(sources)} "
-                         "datasets of the training mixture, each of which needs a row")
+    try:  # TrainBatches raised it, a traceback
+        mixture.mixture_counts(weights, batch_size)
+    except ValueError as e:
+        raise SystemExit(f"error: --batch_size {batch_size}: {e}") from None
     cores = len(os.sched_getaffinity(0))
     import cv2
 

@@ -71,7 +71,7 @@ def test_input_refuses_a_batch_smaller_than_the_mixture(capsys):
     from fake_data import fake_source
 
     sources = ([fake_source(6, seed=0), fake_source(4, seed=1)], [1.0, 1.0])
-    with pytest.raises(SystemExit, match="^error: --batch_size 1 is smaller than the 2 datasets"):
+    with pytest.raises(SystemExit, match="^error: --batch_size 1: batch size 1 is smaller than the 2 mixed datasets$"):
         bench.input_bench(["--image_sizes", "32", "--workers", "1", "--batch_size", "1",
                            "--batches", "1", "--warmup", "0", "--repeats", "1", "--steps", "0"],
                           sources=sources)
