@@ -122,8 +122,8 @@ def validate(config, num_devices: int) -> None:
     # A negative clip norm, weight decay or loss weight turns descent into ascent, silently.
     # (eval.max_examples: 0 = all, and so was any negative number, without a word.)
     for field in ("seed", "data.prefetch", "train.num_logged_images", "optim.warmup_steps",
-                  "optim.weight_decay", "optim.final_lr_fraction", "loss.ce_weight",
-                  "loss.dice_weight", "eval.max_examples"):
+                  "optim.weight_decay", "optim.final_lr_fraction", "optim.step_decay",
+                  "loss.ce_weight", "loss.dice_weight", "eval.max_examples"):
         if not 0 <= _get(config, field) < math.inf:
             problems.append(f"{field}={_get(config, field)} must be >= 0 and finite")
     for field in ("optim.b1", "optim.b2"):
@@ -174,10 +174,6 @@ def validate(config, num_devices: int) -> None:
     for field in SPLIT_FIELDS:
         if problem := split_problem(field, _get(config, field)):
             problems.append(problem)
-    # nan stopped the first step with optax's traceback; inf made the weights non-finite at the
-    # decay step.
-    if not 0 <= config.optim.step_decay < math.inf:
-        problems.append(f"optim.step_decay={config.optim.step_decay} must be >= 0 and finite")
     if numeric["optim.step_fractions"] and not all(0 < f <= 1 for f in config.optim.step_fractions):
         problems.append(f"optim.step_fractions={tuple(config.optim.step_fractions)}: each must be "
                         "in (0, 1], a fraction of train.num_steps")
