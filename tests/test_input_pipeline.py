@@ -2,6 +2,7 @@
 import collections
 import itertools
 import re
+import types
 
 import jax
 import ml_collections
@@ -75,6 +76,39 @@ def test_resumed_and_sliced_batches_equal_the_uninterrupted_stream():
     np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), stream[2]["image"])
     for b in (full, resumed):
         b.close()
+
+
+@pytest.mark.parametrize("process_count, devices_each", [(2, 1), (3, 2)])
+def test_processes_rows_rebuild_the_one_process_batches(monkeypatch, process_count, devices_each):
+    """Each process decodes the rows of its devices (local_batch_slice); side by side they are
+    the one-process batch, also where a process's rows cut through a dataset's block of slots
+    (1:3:2 in 12 rows is 2, 6 and 4 slots; 2 processes split at row 6, 3 at rows 4 and 8) and
+    where a dataset holds fewer examples than its slots, so that each batch spans its epochs."""
+    sources = [fake_source(1, 0), fake_source(5, 1), fake_source(9, 2)]
+
+    def stream(start, slots=None):
+        tb = input_pipeline.TrainBatches(sources, [1, 3, 2], global_batch=12, image_size=16,
+                                         aug=aug_config(), seed=3, start_step=start, slots=slots)
+        out = [next(tb) for _ in range(start, 4)]
+        tb.close()
+        return out
+
+    devices = [types.SimpleNamespace(id=i, process_index=i // devices_each)
+               for i in range(process_count * devices_each)]
+    mesh = types.SimpleNamespace(devices=np.array(sharding.choose_devices(devices, None,
+                                                                          process_count)))
+    full = stream(0)
+    for start in (0, 2):  # from the start and resumed
+        parts = []
+        for p in range(process_count):
+            monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+            rows = sharding.local_batch_slice(12, mesh)
+            assert rows.stop - rows.start == sharding.local_batch_size(12, mesh)
+            parts.append(stream(start, rows))
+        for step, batches_at_step in zip(range(start, 4), zip(*parts)):
+            for key in ("image", "mask"):
+                np.testing.assert_array_equal(
+                    np.concatenate([b[key] for b in batches_at_step]), full[step][key])
 
 
 def test_each_epoch_visits_every_example_once():
