@@ -13,3 +13,10 @@ def test_layout_names_every_module_and_package_of_the_library():
     packages = {f"{p.name}/" for p in library.iterdir()
                 if p.is_dir() and not p.name.startswith((".", "__"))}
     assert modules | packages <= named, sorted((modules | packages) - named)
+
+
+def test_launch_readme_names_every_launch_script():
+    text = (REPO / "launch" / "README.md").read_text()
+    scripts = {p.name for p in (REPO / "launch").iterdir()
+               if p.is_file() and p.name != "README.md" and not p.name.startswith(".")}
+    assert {s for s in scripts if f"`{s}`" not in text and f"launch/{s}" not in text} == set()
