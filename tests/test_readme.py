@@ -20,3 +20,46 @@ def test_launch_readme_names_every_launch_script():
     scripts = {p.name for p in (REPO / "launch").iterdir()
                if p.is_file() and p.name != "README.md" and not p.name.startswith(".")}
     assert {s for s in scripts if f"`{s}`" not in text and f"launch/{s}" not in text} == set()
+
+
+READMES = ("README.md", "launch/README.md")
+
+
+def test_every_flag_of_a_readme_command_is_one_its_module_defines():
+    # By the module's source (absl DEFINE_*("name") or argparse "--name"), with the helpers that
+    # define the shared model and multi-process flags: no JAX start-up per module.
+    helpers = "".join((REPO / "jaxseg" / f).read_text() for f in ("arg_types.py", "distributed.py"))
+    unknown = []
+    for readme in READMES:
+        # To the end of the code span, line, comment or table cell.
+        for module, sub, rest in re.findall(r"python -m jaxseg\.(\w+)(?: (\w+))?([^`\n#|]*)",
+                                            (REPO / readme).read_text()):
+            package = REPO / "jaxseg" / module
+            source = ((package / "__main__.py") if package.is_dir() else
+                      package.with_suffix(".py")).read_text() + helpers
+            if module == "bench" and sub == "infer":
+                source += (REPO / "jaxseg" / "bench_infer.py").read_text()
+            for flag in re.findall(r"--(\w+)(?![\w.])", rest):  # not --config.FIELD overrides
+                if not re.search(rf"""DEFINE_\w+\(\s*"{flag}"|["']--{flag}["']""", source):
+                    unknown.append(f"{readme}: python -m jaxseg.{module} --{flag}")
+    assert not unknown, unknown
+
+
+def test_every_config_field_the_readmes_name_exists():
+    from configs import default
+
+    config = default.get_config()
+    not_fields = {"optim.learnig_rate",  # the sweep's example of a misspelt field
+                  "train.log"}  # a sweep trial's log file
+    unknown = []
+    for readme in READMES:
+        text = (REPO / readme).read_text()
+        for field in set(re.findall(r"(?<![\w/.-])((?:data|model|loss|optim|train|eval)(?:\.\w+)+)",
+                                    text)) - not_fields:
+            value = config
+            for part in field.split("."):
+                if not hasattr(value, "keys") or part not in value:
+                    unknown.append(f"{readme}: {field}")
+                    break
+                value = value[part]
+    assert not unknown, sorted(unknown)
