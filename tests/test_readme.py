@@ -13,6 +13,10 @@ def test_layout_names_every_module_and_package_of_the_library():
     packages = {f"{p.name}/" for p in library.iterdir()
                 if p.is_dir() and not p.name.startswith((".", "__"))}
     assert modules | packages <= named, sorted((modules | packages) - named)
+    # and names nothing that is gone: a module, a folder of the library or of the repository
+    gone = {n for n in named if not any(p.exists() for p in (
+        REPO / n, library / n, library / f"{n}.py"))}
+    assert not gone, sorted(gone)
 
 
 def test_launch_readme_names_every_launch_script():
