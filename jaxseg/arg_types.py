@@ -74,13 +74,14 @@ def run_absl(main, **kwargs) -> None:
 def _usage_error_in_one_line(main):
     # absl prints the module's docstring and every flag (about 55 lines) above a usage error's
     # message, which scrolled it out of sight; the argparse CLIs and predict print the line alone.
+    # With the `error:` of the commands' other one-line errors (distributed.exit_with_error's).
     def run(argv):
         from absl import app
 
         try:
             return main(argv)
         except app.UsageError as e:
-            print(e, file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
             raise SystemExit(e.exitcode) from None
     return run
 

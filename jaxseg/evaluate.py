@@ -500,7 +500,7 @@ def main(argv):
         try:
             result = evaluator.evaluate_predictions(f.predictions)
         except (ValueError, FileNotFoundError) as e:  # missing or unreadable prediction masks
-            distributed.exit_with_error(f"--predictions {f.predictions}: {e}")
+            distributed.exit_with_error(f"error: --predictions {f.predictions}: {e}")
     else:
         result = evaluator.evaluate_model(model, flip_tta=f.flip_tta, refined=f.refine,
                                           refine_radius=f.refine_radius, refine_eps=f.refine_eps)
@@ -531,7 +531,7 @@ def main(argv):
             output.parent.mkdir(parents=True, exist_ok=True)
             write_text_whole(output, json.dumps(result, indent=1) + "\n")
         except OSError as e:
-            raise SystemExit(f"could not write {output} ({e.strerror or e}): "
+            raise SystemExit(f"error: could not write {output} ({e.strerror or e}): "
                              "give --output a writable path") from None
         print(f"wrote {output}")
 

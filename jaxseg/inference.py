@@ -174,10 +174,10 @@ def load_or_exit(workdir: str | None = None, checkpoint: str = "best", members: 
 
     problem = checkpoint_problem(workdir, checkpoint)
     if problem:
-        distributed.exit_with_error(problem)
+        distributed.exit_with_error(f"error: {problem}")
     try:
         return load(workdir, checkpoint, members)
     except MembersError as e:
-        distributed.exit_with_error(f"--members {members}: {e}")
+        distributed.exit_with_error(f"error: --members {members}: {e}")
     except FileNotFoundError as e:
-        distributed.exit_with_error(str(e))
+        distributed.exit_with_error(f"error: {e}")

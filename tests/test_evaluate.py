@@ -1,6 +1,7 @@
 """The evaluator's integer counts do not depend on the device count or on batch padding."""
 import os
 import pathlib
+import re
 import shutil
 
 import cv2
@@ -255,7 +256,7 @@ def test_empty_prediction_scores_zero(tmp_path):
     (["--refine_eps", "inf"], "--refine_eps=inf a finite number >= 1e-6"),
     (["--refine_radius", "0"], "--refine_radius=0 must be >= 1"),
     (["--refine_eps", "1e-3"], "--refine_radius and --refine_eps set how --refine refines"),
-    (["--data_dir", "/dev/null"], "error: [Errno 20] Not a directory: '/dev/null/ccp_person'"),
+    (["--data_dir", "/dev/null"], "[Errno 20] Not a directory: '/dev/null/ccp_person'"),
     # Refused only once the whole split had been scored.
     (["--output", "/"], "--output /: is a folder: name the file to write"),
     (["--output", "/dev/null/r.json"], "--output /dev/null/r.json: /dev/null is not a folder"),
@@ -272,10 +273,35 @@ def test_bad_options_are_a_usage_error_before_any_work(options, message, tmp_pat
         [sys.executable, "-m", "jaxseg.evaluate", "--dataset", "ccp_person", "--predictions",
          str(predictions), *options], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert message in result.stderr
+    # One line beginning `error:` (absl's own flag errors: `... error: flag --batch_size=0: ...`).
+    assert re.search(r"error: .*" + re.escape(message), result.stderr), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     # Refused before any work: no metrics JSON beside the folder, where it would have gone.
     assert [p.name for p in tmp_path.iterdir()] == ["masks"]
+
+
+def test_a_model_or_predictions_that_cannot_be_scored_is_an_error_line(tmp_path):
+    """A missing --workdir and a --predictions folder without the split's masks ended in lines
+    without the `error:` that evaluate's other one-line errors (and train's) begin with."""
+    import subprocess
+    import sys
+
+    import fixtures_data as fx
+
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b"])
+    (tmp_path / "pred").mkdir()
+    command = [sys.executable, "-m", "jaxseg.evaluate", "--images", str(root / "images"),
+               "--masks", str(root / "masks"), "--data_dir", str(tmp_path / "dd"), "--output",
+               str(tmp_path / "out.json")]
+    for options, line in (
+            (["--workdir", str(tmp_path / "nowhere")],
+             f"error: --workdir {tmp_path / 'nowhere'}: no such folder"),
+            (["--predictions", str(tmp_path / "pred")],
+             f"error: --predictions {tmp_path / 'pred'}: 2 of 2 ids have no prediction")):
+        result = subprocess.run(command + options, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1
+        assert result.stderr.splitlines()[-1].startswith(line), result.stderr[-2000:]
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_a_users_folder_says_which_files_are_not_scored(tmp_path, monkeypatch):

@@ -247,7 +247,7 @@ def test_a_usage_error_is_its_line_alone(module, args, message):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and not result.stdout
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr[-2000:]
 
 
 def _train_failing(manual_dir, workdir, method: str, step: int, failure: str):
