@@ -240,16 +240,19 @@ def prediction_files(predictions_dir: pathlib.Path, ids: list[str]) -> dict[str,
     wanted = set(ids)
     named = _named_for(predictions_dir, wanted)
     found = {i: [p for p in paths if p.suffix.lower() == ".png"] for i, paths in named.items()}
-    missing = [i for i in ids if not found.get(i)]
+    # Sorted, each once: a TFDS split's order is shuffled, and a split of several folders may
+    # repeat an id (named, and counted, once per folder).
+    missing = sorted(i for i in wanted if not found.get(i))
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {len(ids)} ids have no prediction <id>.png, <id>_mask.png or "
+            f"{len(missing)} of {len(wanted)} ids have no prediction <id>.png, <id>_mask.png or "
             f"<id>_cutout.png in {predictions_dir}: " + ", ".join(missing[:20])
             + (" ..." if len(missing) > 20 else "") + _elsewhere(predictions_dir, named, missing))
-    several = [i for i in ids if len(found[i]) > 1]
+    several = sorted(i for i in wanted if len(found[i]) > 1)
     if several:
         raise ValueError(f"{len(several)} ids have several predictions, keep one of: " + "; ".join(
-            " or ".join(p.name for p in found[i]) for i in several[:5]))
+            " or ".join(p.name for p in found[i]) for i in several[:5])
+            + ("; ..." if len(several) > 5 else ""))
     return {i: found[i][0] for i in ids}
 
 

@@ -601,6 +601,19 @@ def test_prediction_files_take_cutouts_and_any_case_of_png(tmp_path):
         "a": tmp_path / "a_cutout.png", "b": tmp_path / "b.PNG"}
     with pytest.raises(FileNotFoundError, match="1 of 3 ids"):
         evaluate.prediction_files(tmp_path, ["a", "b", "c"])
+    # Missing and doubled ids sorted, each once: a TFDS split's order is shuffled, and a split
+    # of several folders may repeat an id.
+    (tmp_path / "a.png").write_bytes(b"")
+    ids = ["z9", "c", "y", "b", "x", "c"] + [f"m{i:02d}" for i in range(25, -1, -1)]
+    named = sorted(set(ids) - {"a", "b"})
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"{len(named)} of {len(set(ids))} ids have no prediction <id>.png, <id>_mask.png or "
+            f"<id>_cutout.png in {tmp_path}: " + ", ".join(named[:20]) + " ...")):
+        evaluate.prediction_files(tmp_path, ids)
+    (tmp_path / "b.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(
+            "2 ids have several predictions, keep one of: a.png or a_cutout.png; b.PNG or b.png")):
+        evaluate.prediction_files(tmp_path, ["b", "a"])
     with pytest.raises(FileNotFoundError, match="no folder .*c.jpg"):  # not a traceback
         evaluate.prediction_files(tmp_path / "c.jpg", ["c"])
 
