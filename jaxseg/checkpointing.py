@@ -251,6 +251,19 @@ class Checkpoints:
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out.state, dict(out.meta), step
 
+    def restore_nodes(self, which: str | int, abstract_state, names) -> tuple[dict, int]:
+        """Restores the top-level nodes NAMES of the train state onto `abstract_state` (the whole
+        state's shapes, dtypes and target shardings, all checked against the checkpoint's),
+        reading no array of the other nodes: ({name: node}, step). Not on a Checkpoints that has
+        saved or restored whole states: orbax keeps one handler per item."""
+        item = {name: node if name in names else jax.tree.map(lambda _: ocp.PLACEHOLDER, node)
+                for name, node in abstract_state.items()}
+        manager, step = self.resolve(str(which))
+        with _reading(manager, step, str(which)):
+            out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item, ocp.checkpoint_utils.construct_restore_args(item))))
+        return {name: out.state[name] for name in names}, step
+
     def read_meta(self, which: str | int) -> tuple[dict, int]:
         """Only the JSON metadata of a checkpoint: (meta, step)."""
         manager, step = self.resolve(str(which))

@@ -41,6 +41,11 @@ def inference_model(nodes):
     return nodes.get("ema", nodes["model"])
 
 
+def inference_node(config) -> str:
+    """The train-state node that inference_model takes for CONFIG's runs: 'ema' when kept."""
+    return "ema" if ema_decay(config) > 0 else "model"
+
+
 def update_ema(ema, model, decay: float, step: jax.Array) -> None:
     """ema <- d * ema + (1 - d) * model with d = min(decay, (1 + step) / (10 + step)).
 

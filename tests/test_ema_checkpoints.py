@@ -44,6 +44,45 @@ def test_a_workdir_loads_its_ema_model(tmp_path):
         assert not np.array_equal(got, trained)
 
 
+@pytest.mark.parametrize("decay", [0.99, 0.0])
+def test_a_workdir_model_is_read_without_the_rest_of_the_train_state(tmp_path, decay):
+    """Loading a workdir's model (to evaluate, predict, export) restored the whole train state,
+    the optimizer's moments and the model not evaluated included: 3 to 4 times the memory and
+    reading time of the weights it scores. Those nodes are not read now: garbled ones (arrays of
+    other shapes) load as well, and the model scores as the one saved."""
+    from fake_data import fake_source
+    from jaxseg import evaluate, sharding
+
+    config = ema_config(decay)
+    graphdef, state = train_step.create_train_state(config)
+    nodes = shifted(nnx.merge(graphdef, state), 1.0)  # the trained model unlike the EMA one
+    evaluated = "ema" if decay else "model"
+    garbled = {name: node if name == evaluated else
+               jax.tree.map(lambda _: np.zeros(1, np.int8), node)
+               for name, node in nnx.state(nodes).items()}
+    ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
+    ckpts.save(1, garbled, {"config": json.loads(config.to_json()), "step": 1}, force=True)
+    ckpts.close()
+    model, _, step = inference.load_from_workdir(str(tmp_path), "latest")
+    assert step == 1
+    saved = jax.tree.leaves(nnx.state(nodes[evaluated]))
+    loaded = jax.tree.leaves(nnx.state(model))
+    assert len(loaded) == len(saved)
+    for got, want in zip(loaded, saved):
+        np.testing.assert_array_equal(got, want)
+    evaluator = evaluate.Evaluator(fake_source(3), mesh=sharding.make_mesh(1), image_size=32,
+                                   batch_size=4)
+    assert evaluator.evaluate_model(model) == evaluator.evaluate_model(nodes[evaluated])
+    # The model read is still checked against the checkpoint: one without a layer of it is
+    # refused, not loaded with that layer's weights left as shapes.
+    del garbled[evaluated]["bottleneck"]
+    ckpts = checkpointing.Checkpoints(tmp_path / "other", async_save=False)
+    ckpts.save(1, garbled, {"config": json.loads(config.to_json()), "step": 1}, force=True)
+    ckpts.close()
+    with pytest.raises(ValueError, match="structures do not match"):
+        inference.load_from_workdir(str(tmp_path / "other"), "latest")
+
+
 def shifted(nodes, by: float):
     """NODES with the trained model's parameters moved by BY: a saved state that a freshly
     initialised model of the same seed does not equal."""
