@@ -25,7 +25,8 @@ from flax import nnx
 from jaxseg import input_pipeline, metrics, refine, resolution, sharding
 from jaxseg.arg_types import refuse_positional, run_absl
 from jaxseg.inference import person_probabilities, weights_digest
-from jaxseg.workdir import output_file_problem, workdir_path, write_text_whole
+from jaxseg.workdir import (escape_unencodable_stdout, output_file_problem, workdir_path,
+                            write_text_whole)
 
 # Thresholds at which per-pixel counts are kept for the threshold sweep and calibration.
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(20))
@@ -422,6 +423,7 @@ def main(argv):
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
+    escape_unencodable_stdout()  # a results path that is not UTF-8 in the last line
 
     from jaxseg import distributed, inference
 

@@ -402,6 +402,30 @@ def test_folders_with_a_tilde_are_the_home_folders(tmp_path):
     assert not (tmp_path / "work" / "~").exists()
 
 
+def test_a_results_path_that_is_not_utf8_is_written_and_said(tmp_path):
+    """Under a UTF-8 locale (strict), `wrote PATH` raised UnicodeEncodeError once the results of
+    the whole split were written: a traceback and status 1 instead of the line."""
+    import subprocess
+    import sys
+
+    import fixtures_data as fx
+
+    root = fx.make_simple_folder(tmp_path / "mine", ["a"])
+    fx.write(tmp_path / "pred" / "a.png", fx.person(0) * 255)  # the truth itself: IoU 1
+    output = tmp_path / os.fsdecode(b"r\xe9sultats.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.evaluate", "--images", str(root / "images"), "--masks",
+         str(root / "masks"), "--predictions", str(tmp_path / "pred"), "--data_dir",
+         str(tmp_path / "dd"), "--output", str(output)], capture_output=True, timeout=300,
+        env=dict(os.environ, PYTHONIOENCODING="utf-8:strict"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert b'"iou": 1.0' in result.stdout
+    # Escaped, as stderr prints such a name.
+    assert result.stdout.splitlines()[-1] == b"wrote " + str(output).encode("utf-8",
+                                                                           "backslashreplace")
+    assert output.exists()
+
+
 def test_a_default_results_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     """Only --output was checked first: the default path (here under a file named runs, as a
     read-only share beside a --predictions folder would be) failed once the split was scored."""
