@@ -504,7 +504,8 @@ def main(argv):
     if model is None:
         try:
             result = evaluator.evaluate_predictions(f.predictions)
-        except (ValueError, FileNotFoundError) as e:  # missing or unreadable prediction masks
+        # Missing or unreadable prediction masks, a folder that may not be listed.
+        except (ValueError, OSError) as e:
             distributed.exit_with_error(f"error: --predictions {f.predictions}: {e}")
     else:
         result = evaluator.evaluate_model(model, flip_tta=f.flip_tta, refined=f.refine,

@@ -304,6 +304,35 @@ def test_a_model_or_predictions_that_cannot_be_scored_is_an_error_line(tmp_path)
     assert not (tmp_path / "out.json").exists()
 
 
+def test_a_predictions_folder_that_cannot_be_listed_is_an_error_line(tmp_path):
+    """Another user's folder (mode 700; chmod does not stop root, who may run the tests, so
+    listing it is refused here by hand) ended in a PermissionError traceback."""
+    import subprocess
+    import sys
+
+    import fixtures_data as fx
+
+    root = fx.make_simple_folder(tmp_path / "mine", ["a"])
+    refused = tmp_path / "pred"
+    refused.mkdir()
+    prelude = (
+        "import pathlib, runpy, sys\n"
+        "iterdir = pathlib.Path.iterdir\n"
+        "def refusing(path):\n"
+        f"    if path == pathlib.Path({str(refused)!r}):\n"
+        "        raise PermissionError(13, 'Permission denied', str(path))\n"
+        "    return iterdir(path)\n"
+        "pathlib.Path.iterdir = refusing; sys.argv = ['jaxseg.evaluate'] + sys.argv[1:]\n"
+        "runpy.run_module('jaxseg.evaluate', run_name='__main__', alter_sys=True)")
+    result = subprocess.run(
+        [sys.executable, "-c", prelude, "--images", str(root / "images"), "--masks",
+         str(root / "masks"), "--predictions", str(refused), "--data_dir", str(tmp_path / "dd"),
+         "--output", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == (
+        f"error: --predictions {refused}: [Errno 13] Permission denied: '{refused}'")
+
+
 def test_a_users_folder_says_which_files_are_not_scored(tmp_path, monkeypatch):
     import subprocess
     import sys
