@@ -24,7 +24,9 @@ import numpy as np
 from PIL import Image, ImageCms
 
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+# .jfif and .jpe are JPEGs too: browsers' "save image" names them so.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif",
+                            ".tiff"})
 
 
 # Files that Windows (thumbnail caches, folder settings) and macOS (a folder's custom icon)

@@ -1117,6 +1117,18 @@ def test_folder_pairs_names_spelt_in_either_unicode_form(tmp_path):
                                 folder=str(root)) == {"train": 1}
 
 
+def test_folder_reads_jpegs_saved_as_jfif_or_jpe(tmp_path):
+    """Browsers save JPEGs as .jfif or .jpe: each was 'not an image file', its mask unpaired."""
+    root = tmp_path / "saved"
+    ok, jpeg = cv2.imencode(".jpg", fx.photo(2))
+    for stem, suffix in (("a", ".jfif"), ("b", ".jpe"), ("c", ".JFIF")):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "images" / f"{stem}{suffix}").write_bytes(jpeg.tobytes())
+        fx.write(root / "masks" / f"{stem}.png", fx.person(2) * 255)
+    assert datasets.split_sizes("person_folder", data_dir=str(tmp_path / "dd"),
+                                folder=str(root)) == {"train": 3}
+
+
 def test_folder_leaves_hidden_files_out(tmp_path):
     # macOS copies ._x.jpg resource forks and .DS_Store beside the photos, Windows writes
     # Thumbs.db and desktop.ini, macOS a custom folder icon's Icon\r: none is a photo without a

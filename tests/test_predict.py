@@ -524,6 +524,25 @@ def test_cli_threshold_and_flip_tta_reach_the_mask(tiny_model_dir, jax_cache, tm
     assert (written != np.where(probs[False] >= 0.501, 255, 0)).sum() > 10  # nor without flips
 
 
+def test_cli_takes_jpegs_saved_as_jfif_or_jpe_and_names_their_outputs_as_a_jpgs(
+        tiny_model_dir, jax_cache, tmp_path):
+    """Browsers save JPEGs as .jfif or .jpe: a folder of them was passed over."""
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(photo(40, 56), cv2.COLOR_RGB2BGR))
+    (tmp_path / "saved").mkdir()
+    for name in ("x.jpg", "y.jfif", "z.jpe", "w.JFIF"):
+        (tmp_path / "saved" / name).write_bytes(jpeg.tobytes())
+    result = run_cli(tiny_model_dir, tmp_path / "saved", "--output", tmp_path / "out",
+                     cache=jax_cache)
+    assert result.returncode == 0, result.stderr
+    assert "passed over" not in result.stdout
+    out = tmp_path / "out" / "saved"
+    assert sorted(p.name for p in out.iterdir()) == ["w_mask.png", "x_mask.png", "y_mask.png",
+                                                     "z_mask.png"]
+    for stem in "wyz":  # the same pixels as the .jpg, so the same mask
+        np.testing.assert_array_equal(read_rgb(out / f"{stem}_mask.png"),
+                                      read_rgb(out / "x_mask.png"))
+
+
 def test_parse_colour():
     assert predict.parse_colour("white") == (255, 255, 255)
     assert predict.parse_colour("Green") == (0, 255, 0)

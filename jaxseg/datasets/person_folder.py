@@ -163,7 +163,7 @@ class PersonFolder(base.PersonSegBuilder):
     FOLDER/validation/, FOLDER/test/ (any of them), each holding images/ and
     masks/, which become those splits. A mask pairs with the photo of the same
     stem, optionally with a suffix such as `_mask` (`a.jpg` <- `a_mask.png`);
-    jpg, jpeg, png, bmp, webp and tif(f) are read. Ids are the photo stems.
+    jpg (jpeg, jfif, jpe), png, bmp, webp and tif(f) are read. Ids are the photo stems.
 
     Masks may be 0/1, 0/255, 16-bit, 1-bit, colour or palette images (any
     bright channel of the colour, palettes by their colours, VOC's void of 255
