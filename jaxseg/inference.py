@@ -4,9 +4,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import pathlib
 import re
 import shutil
+import stat
 
 import jax
 import ml_collections
@@ -158,14 +160,28 @@ def checkpoint_problem(workdir: str | None, checkpoint: str) -> str | None:
     """Why a command line's --workdir and --checkpoint cannot apply (a checkpoint that is no
     checkpoint's name, a workdir that is no folder, a checkpoint other than 'best' without a
     workdir), or None."""
-    from jaxseg.workdir import workdir_path
+    from jaxseg.workdir import is_storage_url, workdir_path
 
     # Else report took a mistyped name for a workdir without checkpoints and went on without its
     # overlays, exit status 0.
     if problem := checkpointing.name_problem(checkpoint):
         return f"--checkpoint {checkpoint}: {problem}"
-    if workdir and not workdir_path(workdir).is_dir():
-        return f"--workdir {workdir}: no such folder"
+    if workdir:
+        path = workdir_path(workdir)
+        local = not is_storage_url(workdir)
+        try:
+            # Not epath's is_dir (os.path.isdir): that says False, "no such folder", of a folder
+            # in another user's home, where looking is not allowed.
+            is_dir = stat.S_ISDIR(pathlib.Path(path).stat().st_mode) if local else path.is_dir()
+        except (FileNotFoundError, NotADirectoryError):
+            is_dir = False
+        except OSError as e:
+            return f"--workdir {workdir}: cannot reach it ({e.strerror})"
+        if not is_dir:
+            return f"--workdir {workdir}: no such folder"
+        # A folder that may not be listed or entered has, to orbax, no checkpoints in it.
+        if local and not os.access(path, os.R_OK | os.X_OK):
+            return f"--workdir {workdir}: cannot read it (Permission denied)"
     if not workdir and checkpoint != "best":
         return (f"--checkpoint {checkpoint} needs --workdir: the pretrained model has one set of "
                 "weights")

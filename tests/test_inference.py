@@ -1,9 +1,13 @@
 """Pretrained models on disk: an ensemble round-trips as the mean of its members' logits."""
+import os
+import pathlib
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+import fixtures_data as fx
 from fake_data import tiny_config
 from jaxseg import inference
 from jaxseg.models import LogitAverage, create_model
@@ -109,6 +113,23 @@ def test_a_workdir_that_is_no_folder_is_named_before_any_checkpoint_is_looked_fo
         assert inference.checkpoint_problem(str(path), "best") == f"--workdir {path}: no such folder"
     assert inference.checkpoint_problem(str(tmp_path), "latest") is None
     assert "needs --workdir" in inference.checkpoint_problem(None, "latest")
+
+
+def test_a_workdir_this_user_may_not_read_is_said_so_not_missing(tmp_path, monkeypatch):
+    """A workdir in another user's home was 'no such folder'; one that may not be listed or
+    entered had 'no checkpoint in WORKDIR/checkpoints'. Monkeypatched: chmod does not stop root."""
+    fx.refuse_stat_under(monkeypatch, tmp_path / "theirs")
+    theirs = tmp_path / "theirs" / "run"
+    assert inference.checkpoint_problem(str(theirs), "best") == (
+        f"--workdir {theirs}: cannot reach it (Permission denied)")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        pathlib.Path(path) != locked and access(path, mode, **kw)))
+    assert inference.checkpoint_problem(str(locked), "best") == (
+        f"--workdir {locked}: cannot read it (Permission denied)")
+    assert inference.checkpoint_problem(str(tmp_path), "best") is None
 
 
 @pytest.mark.parametrize("checkpoint", ["foo", "-1", " 2", "\u00b2", "bset"])
