@@ -170,3 +170,14 @@ def test_empty_masks_score_what_could_not_be_wrong():
     blank = jnp.zeros_like(target)
     assert metrics.metrics_from_counts(
         metrics.per_image_counts(blank, blank, region, 1))["boundary_f1"] == 1.0
+
+
+def test_edges_far_from_every_true_edge_score_zero_boundary_f1():
+    """A person predicted in the wrong corner: every edge pixel misses (precision and recall 0),
+    so the split's boundary F1 is 0, not the score of a split without edges."""
+    pred, target = np.zeros((1, 40, 40), bool), np.zeros((1, 40, 40), bool)
+    pred[0, 2:10, 2:10], target[0, 25:35, 25:35] = True, True
+    region = jnp.ones(pred.shape, bool)
+    m = metrics.metrics_from_counts(
+        metrics.per_image_counts(jnp.asarray(pred), jnp.asarray(target), region, 1))
+    assert m["boundary_f1"] == 0.0 and m["iou"] == 0.0
