@@ -147,3 +147,32 @@ def test_lovasz_weight_adds_the_hinge_to_the_loss(example):
     hinge = float(losses.lovasz_hinge(logits, masks, valid))
     assert float(mixed_parts["lovasz_loss"]) == hinge
     np.testing.assert_allclose(float(mixed), float(base) + 0.5 * hinge, rtol=1e-6)
+
+
+def test_gradients_match_numpy_derivatives(example):
+    """Training follows the gradients, not the values: the cross-entropy's is (sigmoid(z) - t)
+    over the number of valid pixels; the Lovász hinge's is -sign times the Jaccard increment at
+    each pixel's rank by error (descending), where the hinge is active (Berman et al.'s rule)."""
+    import jax
+
+    logits, masks = example
+    valid = np.array([1, 0, 1], np.float32)
+    z, t = logits[..., 0].astype(np.float64), masks[..., 0].astype(np.float64)
+    w = valid[:, None, None]
+    got = np.asarray(jax.grad(lambda x: losses.cross_entropy(x, masks, valid))(logits))[..., 0]
+    ref = (1 / (1 + np.exp(-z)) - t) * w / (w.sum() * z[0].size)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-7)
+
+    got = np.asarray(jax.grad(lambda x: losses.lovasz_hinge(x, masks, valid))(logits))[..., 0]
+    ref = np.zeros_like(z)
+    for b in np.flatnonzero(valid):
+        s = (2 * t[b] - 1).ravel()
+        errors = 1 - z[b].ravel() * s
+        order = np.argsort(-errors)
+        ts = t[b].ravel()[order]
+        jaccard = 1 - (ts.sum() - np.cumsum(ts)) / (ts.sum() + np.cumsum(1 - ts))
+        increments = np.diff(jaccard, prepend=0.0)
+        g = np.zeros(errors.size)
+        g[order] = -s[order] * increments * (errors[order] > 0)
+        ref[b] = g.reshape(z[b].shape) / valid.sum()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-7)
