@@ -75,3 +75,25 @@ def test_refined_probabilities_apply_the_upsampled_fit_to_the_photo_and_stay_pro
                                        jnp.asarray(photo[None]), jnp.array([[height, width]]),
                                        (height, width))
     np.testing.assert_allclose(np.asarray(out)[0], np.clip(fitted, 0, 1), atol=1e-3)
+
+
+def test_full_resolution_refines_with_the_given_radius_and_eps_or_upsamples_plainly():
+    """The (radius, eps) that evaluation and prediction pass reach the filter (against the numpy
+    reference with a radius and eps other than the defaults); without refinement the map is
+    OpenCV's bilinear upsampling."""
+    rng = np.random.default_rng(3)
+    size, height, width = 10, 23, 31
+    guide = cv2.GaussianBlur(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), (3, 3), 0)
+    probs = rng.random((size, size)).astype(np.float32)
+    photo = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    args = (jnp.asarray(guide[None]), jnp.asarray(probs[None]), jnp.asarray(photo[None]),
+            jnp.array([[height, width]]), (height, width))
+    radius, eps = 1, 1e-2
+    a, b = reference_coefficients(guide, probs, radius, eps)
+    up = cv2.resize(np.concatenate([a, b[..., None]], -1).astype(np.float32), (width, height),
+                    interpolation=cv2.INTER_LINEAR)
+    fitted = np.clip(up[..., 3] + (up[..., :3] * (photo / 255.0)).sum(-1), 0, 1)
+    np.testing.assert_allclose(np.asarray(refine.full_resolution(*args, (radius, eps)))[0], fitted,
+                               atol=1e-3)
+    plain = cv2.resize(probs, (width, height), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(np.asarray(refine.full_resolution(*args, None))[0], plain, atol=1e-4)
