@@ -109,6 +109,27 @@ def test_upsample_to_sizes_matches_opencv_bilinear():
         assert not out[i, h:, :].any() and not out[i, :, w:].any()
 
 
+def test_photos_sit_top_left_on_the_canvas_inside_their_region():
+    """pad_to_canvas keeps the photo at the top left with zeros below and right, where
+    region_mask, the pixels that are scored, ends: row h and column w are already outside."""
+    rng = np.random.default_rng(5)
+    sizes = np.array([[5, 7], [8, 3]], np.int32)
+    canvas = (8, 8)
+    region = np.asarray(resolution.region_mask(jnp.asarray(sizes), canvas))
+    for (h, w), got in zip(sizes, region):
+        photo = rng.integers(1, 256, (h, w, 3), dtype=np.uint8)
+        padded = resolution.pad_to_canvas(photo, canvas)
+        assert padded.shape == (8, 8, 3)
+        np.testing.assert_array_equal(padded[:h, :w], photo)
+        expected = np.zeros(canvas, bool)
+        expected[:h, :w] = True
+        np.testing.assert_array_equal(padded.any(-1), expected)
+        np.testing.assert_array_equal(got, expected)
+    for shape in ((9, 8), (8, 9)):
+        with pytest.raises(ValueError, match="does not fit the canvas 8x8"):
+            resolution.pad_to_canvas(np.ones(shape, np.uint8), canvas)
+
+
 def test_model_inputs_average_when_shrinking_and_interpolate_when_growing():
     """Columns 255, 0, 0, 0 over and over: shrunk 4x each output pixel is their mean (64), not a
     sample (bilinear would give 0); grown 2x, OpenCV's bilinear."""
