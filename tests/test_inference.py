@@ -1,4 +1,5 @@
 """Pretrained models on disk: an ensemble round-trips as the mean of its members' logits."""
+import json
 import os
 import pathlib
 
@@ -47,7 +48,7 @@ def test_ensemble_saved_and_loaded_averages_its_members_logits(tmp_path, monkeyp
     # As the pretrained model, what --members gives predict, evaluate and export: the model and
     # the steps it records, of the first members only.
     monkeypatch.setattr(inference, "PRETRAINED_DIR", tmp_path)
-    for count, steps in ((1, 1), (3, [1, 2, 3])):  # 3: as many as there are
+    for count, steps in ((1, 1), (3, [1, 2, 3]), (0, [1, 2, 3])):  # 3: as many as there are
         model, _, described = inference.load(members=count)
         assert described == {"source": "pretrained", "checkpoint_step": steps}, count
     np.testing.assert_array_equal(logits(inference.load(members=1)[0], x), logits(members[0], x))
@@ -65,6 +66,7 @@ def test_a_single_model_is_saved_without_a_member_list(tmp_path):
     loaded, _, card = inference.load_pretrained(tmp_path)
     assert "member_weights" not in card and not isinstance(loaded, LogitAverage)
     np.testing.assert_array_equal(logits(loaded, images()), logits(model, images()))
+    assert inference.weights_digest(loaded) == inference.weights_digest(model)
     with pytest.raises(inference.MembersError, match="has 1"):
         inference.load_pretrained(tmp_path, members=2)
 
@@ -140,3 +142,29 @@ def test_a_checkpoint_that_is_no_checkpoints_name_is_refused_before_any_is_looke
     assert inference.checkpoint_problem(str(tmp_path), checkpoint) == (
         f"--checkpoint {checkpoint}: name 'best', 'latest' or a step number")
     assert inference.checkpoint_problem(str(tmp_path), "12") is None
+
+
+def test_the_weights_digest_sees_every_weight():
+    """Processes compare digests to know they hold one model: changing any single weight array
+    (here the last) must change it."""
+    model = create_model(tiny_config().model, seed=1)
+    before = inference.weights_digest(model)
+    state = nnx.state(model)
+    leaves, treedef = jax.tree.flatten(state)
+    leaves[-1] = leaves[-1] + 1
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    assert inference.weights_digest(model) != before
+
+
+def test_stored_configs_keep_their_values_and_get_only_absent_fields():
+    """An older card's config lacks fields added since (filled with what those runs had); a
+    newer one's values stay as stored (a shifted model must not load unshifted); the caller's
+    dict is left as it was."""
+    stored = tiny_config().to_dict()
+    stored["model"].update(attention_gates=True, output_shift=[0.5, -0.25])
+    kept = inference.config_from_json(json.dumps(stored))
+    assert kept.model.attention_gates is True and tuple(kept.model.output_shift) == (0.5, -0.25)
+    del stored["model"]["attention_gates"], stored["model"]["output_shift"]
+    filled = inference.config_from_json(stored)
+    assert filled.model.attention_gates is False and tuple(filled.model.output_shift) == (0.0, 0.0)
+    assert "attention_gates" not in stored["model"]
