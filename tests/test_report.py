@@ -218,6 +218,23 @@ def test_calibration_of_calibrated_probabilities():
     assert cal["ece"] < 0.01 and cal["pixels"].sum() == p.size
 
 
+def test_calibration_error_weighs_each_bin_by_its_pixels():
+    """An overconfident model (P(person) = p**2) with most pixels in its lowest bins: ECE is the
+    pixel-weighted mean gap between each bin's person fraction and its centre, against numpy."""
+    rng = np.random.default_rng(1)
+    p = rng.beta(0.5, 3.0, 200_000)
+    label = rng.uniform(0, 1, p.size) < p ** 2
+    thresholds = np.asarray(SWEEP_THRESHOLDS)
+    sweep = {"thresholds": list(SWEEP_THRESHOLDS),
+             "person": [int((label & (p >= t)).sum()) for t in SWEEP_THRESHOLDS],
+             "pixels": [int((p >= t).sum()) for t in SWEEP_THRESHOLDS]}
+    bins = np.digitize(p, thresholds) - 1
+    upper = np.append(thresholds[1:], 1.0)
+    ece = sum(np.sum(bins == i) * abs(label[bins == i].mean() - (thresholds[i] + upper[i]) / 2)
+              for i in range(len(thresholds)) if np.any(bins == i)) / p.size
+    assert report.calibration(sweep)["ece"] == pytest.approx(ece, rel=1e-9)
+
+
 def test_buckets_name_the_costliest_failure():
     # Totals: tp 100, fp 10, fn 90 -> IoU 0.5. The two small people hold every miss: without them
     # IoU would be 190 / 200; each people bucket holds only part of them.
@@ -539,6 +556,26 @@ def test_the_costliest_bucket_is_not_named_again_as_out_of_proportion():
     recs = report._bucket_recommendations(area, people, len(per_image))
     assert recs[0].startswith("Most IoU is lost on images whose person covers <10% of them") and "Suggested" in recs[0]
     assert len(recs) == 1, recs
+
+
+def test_a_sizeable_bucket_out_of_proportion_is_named_and_a_single_image_is_not():
+    """The costliest bucket (one person: 19 of 20 images, 480 of 540 error pixels) is in
+    proportion; five small people (25% of the images, 200/540 = 37% of the errors, 1.5x) are
+    named as out of proportion. One crowded image with 60 errors (2.2x) is too few to name."""
+    def rows(n, fraction, regions, tp, fp, fn, name):
+        return [{"id": f"{name}{i}", "iou": tp / (tp + fp + fn), "person_fraction": fraction,
+                 "regions": regions, "tp": tp, "fp": fp, "fn": fn} for i in range(n)]
+
+    per_image = (rows(14, 0.6, 1, 300, 10, 10, "b") + rows(5, 0.05, 1, 30, 20, 20, "s")
+                 + rows(1, 0.3, 3, 50, 30, 30, "c"))
+    area = report.bucket_rows(per_image, "person_fraction", report.AREA_BUCKETS)
+    people = report.bucket_rows(per_image, "regions", report.REGION_BUCKETS)
+    recs = report._bucket_recommendations(area, people, len(per_image))
+    assert recs[0].startswith("Most IoU is lost on images with 1 person") and "in proportion" in recs[0]
+    assert len(recs) == 2, recs
+    assert recs[1].startswith("Out of proportion: images whose person covers <10% of them are 25% "
+                              "of the images but 37% of the error pixels (1.5x)"), recs[1]
+    assert "small people" in recs[1]
 
 
 class RecordingExamples:
