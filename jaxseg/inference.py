@@ -73,9 +73,10 @@ def load_pretrained(directory: str | pathlib.Path | None = None, members: int = 
                          f"(use 1..{len(names)}, or 0 for all)")
     # Shapes only: initialising real weights that the restore overwrites costs seconds.
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(config.model)))
-    checkpointer = ocp.StandardCheckpointer()
-    models = [nnx.merge(graphdef, checkpointer.restore((directory / name).absolute(), abstract))
-              for name in names[:members or len(names)]]
+    # Closed after, as after saving: an orbax checkpointer holds a metadata store to release.
+    with ocp.StandardCheckpointer() as checkpointer:
+        models = [nnx.merge(graphdef, checkpointer.restore((directory / name).absolute(), abstract))
+                  for name in names[:members or len(names)]]
     return of_members(models), config, card
 
 
@@ -89,11 +90,11 @@ def save_pretrained(models, config, card: dict, directory: str | pathlib.Path = 
     models = models if isinstance(models, (list, tuple)) else [models]
     directory = pathlib.Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
     names = [PRETRAINED_WEIGHTS] + [f"{PRETRAINED_WEIGHTS}_{i}" for i in range(1, len(models))]
-    for name, model in zip(names, models):
-        checkpointer.save(directory / name, nnx.state(model), force=True)
-    checkpointer.wait_until_finished()
+    # Closing waits for the saves and releases the checkpointer's metadata store (its thread).
+    with ocp.StandardCheckpointer() as checkpointer:
+        for name, model in zip(names, models):
+            checkpointer.save(directory / name, nnx.state(model), force=True)
     card = dict(card, config=json.loads(config.to_json()))
     card.pop("member_weights", None)  # a card taken from an ensemble must not name absent members
     if len(models) > 1:
