@@ -150,9 +150,10 @@ def _shape_changes(stored, config) -> list[str]:
             for k in _SHAPE_FIELDS if stored.model.get(k, config.model[k]) != config.model[k]]
 
 
-def _check_resumable(config, ckpts) -> None:
+def _check_resumable(config, ckpts) -> dict:
     """Refuses a resume whose model shape or EMA setting differs from the checkpoint's, naming
-    the fields to set back (other state mismatches surface when restoring, in _initial_state)."""
+    the fields to set back (other state mismatches surface when restoring, in _initial_state).
+    Returns the checkpoint's metadata."""
     meta, _ = ckpts.read_meta("latest")
     stored = inference.config_from_json(meta["config"])
     changed = _shape_changes(stored, config)
@@ -167,6 +168,19 @@ def _check_resumable(config, ckpts) -> None:
             f"{train_step.ema_decay(config)}: resume with EMA {'on' if saved > 0 else 'off'} "
             f"(--config.train.ema_decay=...), or use a new workdir with "
             f"--config.train.init_checkpoint=OLD_WORKDIR")
+    return meta
+
+
+def _unfit_state(config, meta: dict, workdir) -> str:
+    """Why the checkpoint of META does not restore onto CONFIG's train state, in one line: the
+    optim fields changed since (one turns a part of the optimiser's state on or off, as
+    grad_clip_norm 0 does), instead of orbax's diff of the two trees."""
+    changed = _changed_fields(meta.get("config", {}), json.loads(config.to_json()), ("optim",))
+    # The workdir's config.json holds the old values until the run starts.
+    what = ", ".join(changed) if changed else "an optim or train setting (see its config.json)"
+    return (f"the workdir's checkpoint does not fit this config's optimiser state, changed since "
+            f"it was written by {what}: resume with the old values, or use a new workdir with "
+            f"--config.train.init_checkpoint={workdir} to start from its weights only")
 
 
 def _initial_state(config, ckpts, graphdef, state, mesh, init=None):
@@ -176,15 +190,13 @@ def _initial_state(config, ckpts, graphdef, state, mesh, init=None):
     rep = sharding.replicated(mesh)
     if ckpts.latest_step() is not None:
         try:
-            _check_resumable(config, ckpts)
+            meta = _check_resumable(config, ckpts)
             try:
                 restored, meta, step = ckpts.restore("latest",
                                                      checkpointing.abstract_like(state, rep))
-            except ValueError as e:  # another optimiser structure, e.g. gradient clipping on/off
+            except ValueError:  # another optimiser structure, e.g. gradient clipping turned off
                 raise config_check.ConfigError(
-                    "the workdir's checkpoint does not fit this config's train state (an optim or "
-                    "train setting changed since it was written; its config.json has the old "
-                    f"values): {str(e)[:300]}") from None
+                    _unfit_state(config, meta, ckpts.latest.directory.parent)) from None
         except checkpointing.UnreadableCheckpoint as e:  # read by either
             # Without it checkpoints/ holds none to resume from: the run starts as a new one does.
             afresh = ("" if e.fallback is not None else ": move it out of there to start afresh "
