@@ -76,12 +76,14 @@ class UnreadableCheckpoint(FileNotFoundError):
 
     A FileNotFoundError, as for a missing checkpoint, so that every command naming a missing one
     in one line names this one so too. FALLBACK: the newest other step of its folder, what moving
-    it out leaves there to use, or None.
+    it out leaves there to use, or None. ELSEWHERE: where FALLBACK is None, what a loading command
+    can name instead (--checkpoint of the workdir's other series), or that there is nothing.
     """
 
-    def __init__(self, message: str, fallback: int | None):
+    def __init__(self, message: str, fallback: int | None, elsewhere: str = ""):
         super().__init__(message)
         self.fallback = fallback
+        self.elsewhere = elsewhere
 
 
 # How tensorstore's ValueError begins for a data file that is gone, cut short or garbled (in the
@@ -123,10 +125,12 @@ def _drop_closed_loop_notices() -> None:
 
 
 @contextlib.contextmanager
-def _reading(manager: ocp.CheckpointManager, step: int, which: str):
+def _reading(manager: ocp.CheckpointManager, step: int, which: str,
+             other: tuple[str, int | None, epath.Path]):
     """Raises UnreadableCheckpoint for a damaged checkpoint at STEP, asked for as WHICH: one asked
     for by number is told to name another step, one found as 'latest' or 'best' to move this one
-    out of their way."""
+    out of their way. OTHER: the workdir's other series, as (its name for --checkpoint, the step
+    that name reads or None, its folder)."""
     _drop_closed_loop_notices()  # before: some reads end before the error reaches this frame
     try:
         yield
@@ -141,7 +145,14 @@ def _reading(manager: ocp.CheckpointManager, step: int, which: str):
                 f"it is the only checkpoint in {manager.directory}" if fallback is None else
                 f"name step {fallback} instead" if which not in ("best", "latest") else
                 f"move it out of {manager.directory} to use step {fallback} instead"),
-            fallback) from None
+            fallback, _elsewhere(*other)) from None
+
+
+def _elsewhere(name: str, step: int | None, directory: epath.Path) -> str:
+    # What a loading command can read where the damaged checkpoint is the only one of its folder.
+    if step is None:
+        return "train again (the workdir holds no other checkpoint)"
+    return f"use --checkpoint {name} (step {step}, in {directory}) instead, or train again"
 
 
 @contextlib.contextmanager
@@ -246,7 +257,7 @@ class Checkpoints:
     def restore(self, which: str | int, abstract_state) -> tuple[object, dict, int]:
         """Restores onto `abstract_state` (shapes, dtypes and target shardings): (state, meta, step)."""
         manager, step = self.resolve(str(which))
-        with _reading(manager, step, str(which)):
+        with _reading(manager, step, str(which), self._other(manager)):
             out = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out.state, dict(out.meta), step
@@ -267,9 +278,15 @@ class Checkpoints:
     def read_meta(self, which: str | int) -> tuple[dict, int]:
         """Only the JSON metadata of a checkpoint: (meta, step)."""
         manager, step = self.resolve(str(which))
-        with _reading(manager, step, str(which)):
+        with _reading(manager, step, str(which), self._other(manager)):
             out = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out.meta), step
+
+    def _other(self, manager: ocp.CheckpointManager) -> tuple[str, int | None, epath.Path]:
+        """The series other than MANAGER: (its name, its step that name reads, its folder)."""
+        if manager is self.best:
+            return "latest", self.latest_step(), self.latest.directory
+        return "best", self.best_step(), self.best.directory
 
     def wait(self) -> None:
         """Blocks until every asynchronous save has been committed."""

@@ -2,6 +2,7 @@
 import json
 import logging
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -264,8 +265,6 @@ def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage)
     and the loading commands with one line naming its folder and the step to fall back to; it
     was a KeyError, a bare Exception, tensorstore's ValueError (NOT_FOUND) or a JSONDecodeError,
     with tracebacks of hundreds of lines."""
-    import shutil
-
     from jaxseg import sharding
 
     config = ema_config(0.0)
@@ -321,6 +320,39 @@ def test_an_unreadable_only_checkpoint_says_what_moving_it_out_does(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         inference.load_from_workdir(str(tmp_path), "latest")
     assert str(error.value).endswith(f"; {only}")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_an_unreadable_sole_best_checkpoint_says_what_to_load_instead(tmp_path, damage):
+    """evaluate, predict, export and bench on a workdir whose only best/ checkpoint lost or cut
+    short its array files said only "it is the only checkpoint in WORKDIR/best"; the line goes on
+    to name the --checkpoint to use instead (the latest periodic one), or to train again where
+    the workdir holds no other."""
+    config = ema_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    save(tmp_path, config, nnx.merge(graphdef, state))  # periodic step 1
+    save_best(tmp_path, config, nnx.merge(graphdef, state), step=2)
+    folder = tmp_path / "best" / "2"
+    for data in (folder / "state").glob("d/*"):
+        if damage == "truncated":
+            data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+        else:
+            data.unlink()
+    with pytest.raises(SystemExit) as error:
+        inference.load_or_exit(str(tmp_path), "best")
+    message = str(error.value.code)
+    assert message.startswith(f"checkpoint {folder} cannot be read (") and "\n" not in message
+    assert message.endswith(
+        f"; it is the only checkpoint in {tmp_path / 'best'}: use --checkpoint latest (step 1, in "
+        f"{tmp_path / 'checkpoints'}) instead, or train again"), message
+    assert inference.load_or_exit(str(tmp_path), "latest")[2] == {"source": str(tmp_path),
+                                                                   "checkpoint_step": 1}
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.raises(SystemExit) as error:
+        inference.load_or_exit(str(tmp_path), "2")
+    assert str(error.value.code).endswith(
+        f"; it is the only checkpoint in {tmp_path / 'best'}: train again (the workdir holds no "
+        "other checkpoint)")
 
 
 def test_an_unreadable_checkpoint_leaves_no_tracebacks_behind_its_line(tmp_path):
