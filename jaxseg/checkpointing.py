@@ -145,7 +145,7 @@ def _reading(manager: ocp.CheckpointManager, step: int, which: str,
                 f"it is the only checkpoint in {manager.directory}" if fallback is None else
                 f"name step {fallback} instead" if which not in ("best", "latest") else
                 f"move it out of {manager.directory} to use step {fallback} instead"),
-            fallback, _elsewhere(*other)) from None
+            fallback, _elsewhere(*other) if fallback is None else "") from None
 
 
 def _elsewhere(name: str, step: int | None, directory: epath.Path) -> str:
@@ -172,7 +172,26 @@ def _manager(directory: epath.Path, options: ocp.CheckpointManagerOptions):
     # series saving one step at once (the last step, validated and saved) met in one barrier.
     options.multiprocessing_options = ocp.options.MultiprocessingOptions(
         barrier_sync_key_prefix=directory.name)
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+    try:
+        return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+    except ValueError:  # json's JSONDecodeError or UnicodeDecodeError
+        # Orbax reads each step's metrics (best/'s validation IoU) on opening: a garbled one
+        # stopped every command on the workdir, training too, with json's traceback.
+        garbled = [path.parent.parent for path in sorted(directory.glob("*/metrics/metrics"))
+                   if not _holds_json(path)]
+        if not garbled:
+            raise
+        raise UnreadableCheckpoint(
+            f"checkpoint {garbled[0]} cannot be read (its metrics file is not JSON): it is "
+            f"incomplete or not written by jaxseg; move it out of {directory}", None) from None
+
+
+def _holds_json(path: epath.Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def name_problem(which: str) -> str | None:

@@ -202,6 +202,6 @@ def load_or_exit(workdir: str | None = None, checkpoint: str = "best", members: 
     except MembersError as e:
         distributed.exit_with_error(f"error: --members {members}: {e}")
     except checkpointing.UnreadableCheckpoint as e:
-        distributed.exit_with_error(f"error: {e}{': ' + e.elsewhere if e.fallback is None else ''}")
+        distributed.exit_with_error(f"error: {e}{': ' + e.elsewhere if e.elsewhere else ''}")
     except FileNotFoundError as e:
         distributed.exit_with_error(f"error: {e}")

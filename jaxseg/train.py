@@ -597,7 +597,7 @@ def main(argv):
     try:
         result = train_and_evaluate(config, FLAGS.workdir)
     except (config_check.ConfigError, FloatingPointError, datasets.BadDataError,
-            DataUnavailable) as e:
+            DataUnavailable, checkpointing.UnreadableCheckpoint) as e:
         distributed.exit_with_error(f"error: {e}")
     except checkpointing.SaveError as e:
         if not e.from_storage:  # perhaps a bug, whose trace helps

@@ -1,6 +1,7 @@
 """Checkpoints with and without a weight EMA: what gets loaded, and resuming with another setting."""
 import json
 import logging
+import os
 import pathlib
 import shutil
 import subprocess
@@ -353,6 +354,32 @@ def test_an_unreadable_sole_best_checkpoint_says_what_to_load_instead(tmp_path, 
     assert str(error.value.code).endswith(
         f"; it is the only checkpoint in {tmp_path / 'best'}: train again (the workdir holds no "
         "other checkpoint)")
+
+
+def test_a_garbled_best_metrics_file_is_one_line_naming_its_checkpoint(tmp_path):
+    """Orbax reads best/'s metrics on opening the workdir: one cut short stopped evaluate, predict,
+    export and training (from that workdir or with it as train.init_checkpoint) with json's
+    traceback. One line names the checkpoint and says to move it out, which lets them go on."""
+    config = ema_config(0.0)
+    graphdef, state = train_step.create_train_state(config)
+    save(tmp_path, config, nnx.merge(graphdef, state))  # periodic step 1
+    save_best(tmp_path, config, nnx.merge(graphdef, state), step=2)
+    metrics = tmp_path / "best" / "2" / "metrics" / "metrics"
+    metrics.write_text(metrics.read_text()[:3])
+    line = (f"checkpoint {tmp_path / 'best' / '2'} cannot be read (its metrics file is not JSON): "
+            f"it is incomplete or not written by jaxseg; move it out of {tmp_path / 'best'}")
+    with pytest.raises(SystemExit) as error:
+        inference.load_or_exit(str(tmp_path), "latest")
+    assert str(error.value.code) == line
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.train", "--config", "configs/smoke.py", "--workdir",
+         str(tmp_path / "new"), f"--config.train.init_checkpoint={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAXSEG_MANUAL_DIR="/nonexistent", TFDS_DATA_DIR=str(tmp_path / "t")))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == f"error: {line}"
+    shutil.move(tmp_path / "best" / "2", tmp_path / "moved")
+    assert inference.load_or_exit(str(tmp_path), "best")[2]["checkpoint_step"] == 1
 
 
 def test_an_unreadable_checkpoint_leaves_no_tracebacks_behind_its_line(tmp_path):
