@@ -277,6 +277,10 @@ class Checkpoints:
         """Restores onto `abstract_state` (shapes, dtypes and target shardings): (state, meta, step)."""
         manager, step = self.resolve(str(which))
         with _reading(manager, step, str(which), self._other(manager)):
+            # Without it orbax guesses the tree from the arrays' names, as dicts that do not fit
+            # the state: jax's structure error, which a resume took for a changed optimiser.
+            if not (tree := manager.directory / str(step) / "state" / "_METADATA").exists():
+                raise FileNotFoundError(f"{tree} is missing")
             out = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out.state, dict(out.meta), step

@@ -260,12 +260,13 @@ def test_a_run_resumes_from_its_latest_checkpoint_not_its_best(tmp_path):
 
 @pytest.mark.parametrize("damage", ["an empty step folder", "array files deleted",
                                     "merged array files deleted", "merged array files garbled",
-                                    "metadata garbled"])
+                                    "metadata garbled", "tree metadata deleted"])
 def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage):
     """A latest checkpoint that cannot be read (a folder made by hand, files lost) stops the resume
     and the loading commands with one line naming its folder and the step to fall back to; it
     was a KeyError, a bare Exception, tensorstore's ValueError (NOT_FOUND) or a JSONDecodeError,
-    with tracebacks of hundreds of lines."""
+    with tracebacks of hundreds of lines (and without the tree's _METADATA, jax's structure error,
+    which a resume called a changed optimiser)."""
     from jaxseg import sharding
 
     config = ema_config(0.0)
@@ -281,7 +282,8 @@ def test_an_unreadable_latest_checkpoint_is_one_line_naming_it(tmp_path, damage)
         # A finished save merges each process's data files into state/d/ (the form that
         # evaluation and prediction meet); a save cut short has only the per-process ones.
         pattern = {"array files deleted": "ocdbt.process_*/d/*",
-                   "merged array files deleted": "d/*", "merged array files garbled": "d/*"}.get(damage)
+                   "merged array files deleted": "d/*", "merged array files garbled": "d/*",
+                   "tree metadata deleted": "_METADATA"}.get(damage)
         for data in (folder / "state").glob(pattern) if pattern else ():
             if damage.endswith("garbled"):
                 data.write_bytes(bytes(len(data.read_bytes())))  # its size, zeros: DATA_LOSS
