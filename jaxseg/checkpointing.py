@@ -138,14 +138,33 @@ def _reading(manager: ocp.CheckpointManager, step: int, which: str,
         if not _damaged(e):
             raise
         fallback = max((s for s in manager.all_steps() if s != step), default=None)
-        what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise UnreadableCheckpoint(
-            f"checkpoint {manager.directory / str(step)} cannot be read ({type(e).__name__}"
-            f"{': ' + what if what else ''}): it is incomplete or not written by jaxseg; " + (
+            f"checkpoint {manager.directory / str(step)} cannot be read ({_summary(e)}): it is "
+            "incomplete or not written by jaxseg; " + (
                 f"it is the only checkpoint in {manager.directory}" if fallback is None else
                 f"name step {fallback} instead" if which not in ("best", "latest") else
                 f"move it out of {manager.directory} to use step {fallback} instead"),
             fallback, _elsewhere(*other) if fallback is None else "") from None
+
+
+def _summary(e: Exception) -> str:
+    """ERROR's type and the start of its first line."""
+    what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}{': ' + what if what else ''}"
+
+
+@contextlib.contextmanager
+def damage_said(what: str, remedy: str):
+    """Raises FileNotFoundError "WHAT cannot be read (the error): REMEDY" in one line for an
+    orbax checkpoint found damaged inside (files lost, cut short or garbled), as the workdir's
+    checkpoints are refused; other errors pass as they are."""
+    _drop_closed_loop_notices()  # before: some reads end before the error reaches this frame
+    try:
+        yield
+    except Exception as e:
+        if not _damaged(e):
+            raise
+        raise FileNotFoundError(f"{what} cannot be read ({_summary(e)}): {remedy}") from None
 
 
 def _elsewhere(name: str, step: int | None, directory: epath.Path) -> str:

@@ -73,10 +73,16 @@ def load_pretrained(directory: str | pathlib.Path | None = None, members: int = 
                          f"(use 1..{len(names)}, or 0 for all)")
     # Shapes only: initialising real weights that the restore overwrites costs seconds.
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(config.model)))
+    models = []
     # Closed after, as after saving: an orbax checkpointer holds a metadata store to release.
     with ocp.StandardCheckpointer() as checkpointer:
-        models = [nnx.merge(graphdef, checkpointer.restore((directory / name).absolute(), abstract))
-                  for name in names[:members or len(names)]]
+        for name in names[:members or len(names)]:
+            path = (directory / name).absolute()
+            # A copy with files lost or cut short: one line, not orbax's traceback.
+            with checkpointing.damage_said(
+                    f"pretrained weights {path}", "the copy is damaged: restore it (git checkout "
+                    f"-- {path}), or pass --workdir with a trained run"):
+                models.append(nnx.merge(graphdef, checkpointer.restore(path, abstract)))
     return of_members(models), config, card
 
 

@@ -201,3 +201,26 @@ def test_saving_and_loading_close_their_checkpointers(tmp_path, monkeypatch):
     with pytest.raises(Exception):  # whichever orbax raises: only the closing is looked at here
         inference.load_pretrained(tmp_path)
     assert len(made) == 3 and all(c.closed for c in made)
+
+
+@pytest.mark.parametrize("damage", ["array files cut short", "member folder lost"])
+def test_damaged_pretrained_weights_are_one_line(tmp_path, monkeypatch, damage):
+    """Pretrained weights whose files were cut short stopped predict, evaluate, export and bench
+    with orbax's traceback (a lost member folder with its bare "not found"); one line names the
+    folder and what to do."""
+    config = tiny_config()
+    inference.save_pretrained([create_model(config.model, seed=s) for s in (1, 2)], config,
+                              {"steps": [1, 2]}, tmp_path)
+    member = tmp_path / "weights_1"
+    if damage == "member folder lost":
+        shutil.rmtree(member)
+    for data in member.rglob("d/*"):
+        data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    monkeypatch.setattr(inference, "PRETRAINED_DIR", tmp_path)
+    with pytest.raises(SystemExit) as error:
+        inference.load_or_exit()
+    message = str(error.value.code)
+    assert message.startswith(f"pretrained weights {member} cannot be read (") and "\n" not in message
+    assert message.endswith(f"): the copy is damaged: restore it (git checkout -- {member}), or "
+                            "pass --workdir with a trained run"), message
+    assert inference.load_or_exit(members=1)[2]["checkpoint_step"] == 1  # the other member
