@@ -294,12 +294,7 @@ class Checkpoints:
 
     def restore(self, which: str | int, abstract_state) -> tuple[object, dict, int]:
         """Restores onto `abstract_state` (shapes, dtypes and target shardings): (state, meta, step)."""
-        manager, step = self.resolve(str(which))
-        with _reading(manager, step, str(which), self._other(manager)):
-            # Without it orbax guesses the tree from the arrays' names, as dicts that do not fit
-            # the state: jax's structure error, which a resume took for a changed optimiser.
-            if not (tree := manager.directory / str(step) / "state" / "_METADATA").exists():
-                raise FileNotFoundError(f"{tree} is missing")
+        with self._reading_state(which) as (manager, step):
             out = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out.state, dict(out.meta), step
@@ -311,11 +306,22 @@ class Checkpoints:
         saved or restored whole states: orbax keeps one handler per item."""
         item = {name: node if name in names else jax.tree.map(lambda _: ocp.PLACEHOLDER, node)
                 for name, node in abstract_state.items()}
-        manager, step = self.resolve(str(which))
-        with _reading(manager, step, str(which)):
+        with self._reading_state(which) as (manager, step):
             out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item, ocp.checkpoint_utils.construct_restore_args(item))))
         return {name: out.state[name] for name in names}, step
+
+    @contextlib.contextmanager
+    def _reading_state(self, which: str | int):
+        """(manager, step) of WHICH, whose train state is read within: damage is an
+        UnreadableCheckpoint."""
+        manager, step = self.resolve(str(which))
+        with _reading(manager, step, str(which), self._other(manager)):
+            # Without it orbax guesses the tree from the arrays' names, as dicts that do not fit
+            # the state: jax's structure error, which a resume took for a changed optimiser.
+            if not (tree := manager.directory / str(step) / "state" / "_METADATA").exists():
+                raise FileNotFoundError(f"{tree} is missing")
+            yield manager, step
 
     def read_meta(self, which: str | int) -> tuple[dict, int]:
         """Only the JSON metadata of a checkpoint: (meta, step)."""

@@ -344,7 +344,7 @@ def test_an_unreadable_sole_best_checkpoint_says_what_to_load_instead(tmp_path, 
     with pytest.raises(SystemExit) as error:
         inference.load_or_exit(str(tmp_path), "best")
     message = str(error.value.code)
-    assert message.startswith(f"checkpoint {folder} cannot be read (") and "\n" not in message
+    assert message.startswith(f"error: checkpoint {folder} cannot be read (") and "\n" not in message
     assert message.endswith(
         f"; it is the only checkpoint in {tmp_path / 'best'}: use --checkpoint latest (step 1, in "
         f"{tmp_path / 'checkpoints'}) instead, or train again"), message
@@ -372,7 +372,7 @@ def test_a_garbled_best_metrics_file_is_one_line_naming_its_checkpoint(tmp_path)
             f"it is incomplete or not written by jaxseg; move it out of {tmp_path / 'best'}")
     with pytest.raises(SystemExit) as error:
         inference.load_or_exit(str(tmp_path), "latest")
-    assert str(error.value.code) == line
+    assert str(error.value.code) == f"error: {line}"
     result = subprocess.run(
         [sys.executable, "-m", "jaxseg.train", "--config", "configs/smoke.py", "--workdir",
          str(tmp_path / "new"), f"--config.train.init_checkpoint={tmp_path}"],
