@@ -1,8 +1,11 @@
 """What the argparse command lines (bench, export, bench infer) share: value types, and the
 arguments that choose a model; and what the absl ones without inputs (evaluate, report, train)
-check of their words, and how every absl one (evaluate, predict, report, train) runs."""
+check of their words, how every absl one (evaluate, predict, report, train) runs, and how a
+Ctrl-C ends them and export."""
 import argparse
 import math
+import os
+import signal
 import sys
 
 
@@ -58,7 +61,7 @@ def run_absl(main, **kwargs) -> None:
     """absl.app.run(MAIN, **KWARGS), where asking for help (--help, -h, -?, --helpshort,
     --helpfull, --helpxml) exits 0: absl's help flags exit 1, which a script asking for help reads
     as a failure. A usage error MAIN raises is its message alone (absl prints the whole help above
-    it), with absl's status."""
+    it), with absl's status; a Ctrl-C is one line too (interrupted_in_one_line)."""
     from absl import app, flags
 
     app.define_help_flags()  # app.run defines them too: it does so once
@@ -68,7 +71,28 @@ def run_absl(main, **kwargs) -> None:
         flags.DEFINE_alias("h", "help")
     for name in ("help", "helpshort", "helpfull", "helpxml"):
         flags.FLAGS[name].parse = _help_exits_0(flags.FLAGS[name].parse)
-    app.run(_usage_error_in_one_line(main), **kwargs)
+    app.run(_usage_error_in_one_line(interrupted_in_one_line(main)), **kwargs)
+
+
+def interrupted_in_one_line(main):
+    """MAIN, where a Ctrl-C ends the program with one line on stderr, not a traceback:
+    'interrupted', and what the KeyboardInterrupt carries (what was written, what to do), as MAIN
+    raises it again with that text. The program then dies by SIGINT, as Python ends one it does
+    not catch (status 130 in a shell), so that a shell script running it stops too: bash takes a
+    command that exits 130 itself for one that handled the Ctrl-C, and goes on with the script."""
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # At once, as Python's own ending would not: with several processes, a normal exit
+            # waits in JAX's shutdown barrier for the others (distributed.exit_with_error).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGINT)
+            os._exit(128 + signal.SIGINT)  # where SIGINT did not end it (blocked in this thread)
+    return run
 
 
 def _usage_error_in_one_line(main):

@@ -468,18 +468,46 @@ def claim_output(target: pathlib.Path, path: pathlib.Path, inputs_resolved, clai
     return None
 
 
+@contextlib.contextmanager
+def counted_write(target: pathlib.Path, written: list):
+    """Appends TARGET to WRITTEN once the block has put a new file there: as the block ends, or
+    as a Ctrl-C stops it after the file was renamed into place (whole all the same; writes sync
+    the folder after the rename, where a Ctrl-C most often lands)."""
+    before = _file_id(target)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if _file_id(target) != before:
+            written.append(target)
+        raise
+    written.append(target)
+
+
+def _file_id(path: pathlib.Path) -> tuple[int, int] | None:
+    # A new file renamed over an old one has another inode: the old one was still there when the
+    # new one was made.
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def predict_images(predictor, renderer, items, output, *, max_pixels, inputs_resolved, progress,
-                   claimed=None):
-    """Processes image files in chunks; returns [(path, problem)] for the skipped ones."""
+                   claimed=None, written=None):
+    """Processes image files in chunks; returns [(path, problem)] for the skipped ones. The
+    outputs are appended to WRITTEN as they are written in full."""
     problems = []
     claimed = {} if claimed is None else claimed
+    written = [] if written is None else written
     chunk = max(predictor.batch_size * 4, 16)
 
     def render_and_write(loaded):
         probs = predictor.probabilities([image for _, _, image, _ in loaded])
         for (path, target, image, alpha), p in zip(loaded, probs):
             try:
-                write_image(target, renderer.render(image, p, alpha))
+                with counted_write(target, written):
+                    write_image(target, renderer.render(image, p, alpha))
             except OSError as e:
                 claimed.pop(target.resolve())
                 problems.append((path, f"could not write {target} ({e.strerror or e})"))
@@ -669,27 +697,34 @@ def main(argv):
                           flip_tta=f.flip_tta, refined=f.refine)
     inputs_resolved = {p.resolve() for p, _ in images + videos}
     claimed = {}
-    with tqdm(total=len(images), desc="images", unit="img", disable=not images) as progress:
-        image_problems = predict_images(predictor, renderer, images, output,
-                                        max_pixels=f.max_pixels, inputs_resolved=inputs_resolved,
-                                        progress=progress, claimed=claimed)
-    video_problems = []
-    for path, stem in videos:
-        target = output_path(output, stem, f.mode, ".mp4")
-        why = claim_output(target, path, inputs_resolved, claimed)
-        if why:
-            video_problems.append((path, why))
-            continue
-        try:
-            with tqdm(desc=path.name, unit="frame") as progress:
-                _, notes = predict_video(predictor, renderer, path, target,
-                                         max_pixels=f.max_pixels, progress=progress)
-            for note in notes:
-                print(f"note: {note}", file=sys.stderr)
-        except (InputError, OSError) as e:
-            claimed.pop(target.resolve())
-            video_problems.append((path, str(e) if isinstance(e, InputError)
-                                   else f"could not write {target} ({e.strerror or e})"))
+    written = []  # the outputs written in full, counted for a Ctrl-C's line
+    try:
+        with tqdm(total=len(images), desc="images", unit="img", disable=not images) as progress:
+            image_problems = predict_images(
+                predictor, renderer, images, output, max_pixels=f.max_pixels,
+                inputs_resolved=inputs_resolved, progress=progress, claimed=claimed,
+                written=written)
+        video_problems = []
+        for path, stem in videos:
+            target = output_path(output, stem, f.mode, ".mp4")
+            why = claim_output(target, path, inputs_resolved, claimed)
+            if why:
+                video_problems.append((path, why))
+                continue
+            try:
+                with tqdm(desc=path.name, unit="frame") as progress, \
+                        counted_write(target, written):
+                    _, notes = predict_video(predictor, renderer, path, target,
+                                             max_pixels=f.max_pixels, progress=progress)
+                for note in notes:
+                    print(f"note: {note}", file=sys.stderr)
+            except (InputError, OSError) as e:
+                claimed.pop(target.resolve())
+                video_problems.append((path, str(e) if isinstance(e, InputError)
+                                       else f"could not write {target} ({e.strerror or e})"))
+    except KeyboardInterrupt:  # each output is whole or absent (complete_or_absent)
+        raise KeyboardInterrupt(f"{len(written)} of {len(images) + len(videos)} outputs written "
+                                f"to {output}; rerun the same command to write them all") from None
     if len(video_problems) < len(videos):  # said of videos written only: all may be refused
         print(f"note: {video_note(f.mode)}", file=sys.stderr)
     # Missing paths (already in `problems`) are neither images nor videos: not subtracted.

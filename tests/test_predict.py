@@ -9,6 +9,7 @@ import gc
 import hashlib
 import os
 import pathlib
+import signal
 import struct
 import subprocess
 import sys
@@ -51,13 +52,19 @@ def python(script, *args, cache=None, env=None, cwd=REPO):
     """Runs SCRIPT in a fresh interpreter on one CPU device, in the folder CWD; with CACHE, JAX's
     persistent compilation cache is used for every compilation (even the initialisers' small eager
     ones); ENV adds environment variables."""
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=cwd,
+                          env=subprocess_env(cache, env), capture_output=True, text=True,
+                          timeout=300)
+
+
+def subprocess_env(cache=None, env=None):
+    """The environment `python` runs its scripts in."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (env or {})
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     if cache:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return subprocess.run([sys.executable, "-c", script, *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -1292,3 +1299,56 @@ def test_a_run_removes_the_partial_files_a_killed_run_left(tiny_model_dir, jax_c
     assert f"note: removed 2 partial file(s) that killed runs left in {out}" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "sub"]
     assert elsewhere.exists()
+
+
+# The CLI as run_cli runs it, where the Nth file sync (the first argument; an output's write syncs
+# its hidden partial file, then, once it is renamed into place, the folder) says so on stderr and
+# then waits there for a Ctrl-C.
+WAITING_CLI = """
+import signal, sys, time
+# As under a terminal: a test run in the background starts it with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from jaxseg import workdir
+fsync, calls, wait_at = workdir._fsync, [], int(sys.argv.pop(1))
+def waiting(path, **options):
+    fsync(path, **options)
+    calls.append(path)
+    if len(calls) == wait_at:
+        print("waiting for Ctrl-C", file=sys.stderr, flush=True)
+        time.sleep(60)
+workdir._fsync = waiting
+""" + CLI
+
+
+@pytest.mark.parametrize("wait_at, whole", [
+    (5, 2),  # the third output's partial file synced, not yet renamed: it is not written
+    (6, 3),  # renamed, syncing the folder: it is written, whole
+])
+def test_ctrl_c_ends_a_run_in_one_line_with_whole_outputs_only(tiny_model_dir, jax_cache,
+                                                               tmp_path, wait_at, whole):
+    """A Ctrl-C ended a run with a KeyboardInterrupt traceback; it is one line now, counting the
+    outputs written whole, and no output is left half-written under its name or hidden."""
+    inputs = [fx.write(tmp_path / f"p{i}.png", photo(20 + i, 24, seed=i)) for i in range(6)]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", WAITING_CLI, *map(str, [
+                                wait_at, tiny_model_dir, *inputs, "--output", out])], cwd=REPO,
+                            env=subprocess_env(jax_cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in proc.stderr:  # ends, and the test fails, if the run ends before waiting
+        said.append(line)
+        if line.endswith("waiting for Ctrl-C\n"):  # perhaps after a progress bar
+            proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
+            break
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(said) + rest
+    # Ended by the SIGINT (status 130 in a shell): a script running the command stops too.
+    assert proc.returncode == -signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert err.rstrip("\n").splitlines()[-1] == (
+        f"interrupted: {whole} of 6 outputs written to {out}; rerun the same command to write "
+        "them all"), err[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [f"p{i}_mask.png" for i in range(whole)]
+    for i in range(whole):
+        path = out / f"p{i}_mask.png"
+        assert predict.written_by_predict(path) and read_rgb(path).shape == (20 + i, 24)
