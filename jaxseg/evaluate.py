@@ -501,15 +501,20 @@ def main(argv):
         canvas = evaluator.canvas
         print(f"note: batch {evaluator.batch_size} instead of {batch}: the largest photo needs a "
               f"{canvas[1]}x{canvas[0]} canvas", file=sys.stderr)
-    if model is None:
-        try:
-            result = evaluator.evaluate_predictions(f.predictions)
-        # Missing or unreadable prediction masks, a folder that may not be listed.
-        except (ValueError, OSError) as e:
-            distributed.exit_with_error(f"error: --predictions {f.predictions}: {e}")
-    else:
-        result = evaluator.evaluate_model(model, flip_tta=f.flip_tta, refined=f.refine,
-                                          refine_radius=f.refine_radius, refine_eps=f.refine_eps)
+    try:
+        if model is None:
+            try:
+                result = evaluator.evaluate_predictions(f.predictions)
+            # Missing or unreadable prediction masks, a folder that may not be listed.
+            except (ValueError, OSError) as e:
+                distributed.exit_with_error(f"error: --predictions {f.predictions}: {e}")
+        else:
+            result = evaluator.evaluate_model(model, flip_tta=f.flip_tta, refined=f.refine,
+                                              refine_radius=f.refine_radius,
+                                              refine_eps=f.refine_eps)
+    except KeyboardInterrupt:  # the results are written once the whole split is scored
+        raise KeyboardInterrupt(f"nothing written to {output}; rerun the same command to "
+                                "score the split") from None
     result.update(dataset=dataset, split=split, model=described["source"],
                   checkpoint_step=described["checkpoint_step"], flip_tta=bool(f.flip_tta),
                   refine=bool(f.refine), members=f.members or None)

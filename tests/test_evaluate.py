@@ -410,6 +410,58 @@ def test_a_threshold_that_masks_do_not_use_is_noted(tmp_path):
                 "masks, scored as they are" in result.stderr) == noted, result.stderr[-2000:]
 
 
+# `python -m jaxseg.evaluate ARGS...`, where scoring's first batch says so on stderr and then
+# waits there for a Ctrl-C.
+WAITING_EVALUATE = """
+import runpy, signal, sys, time
+# As under a terminal: a test run in the background starts it with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from jaxseg import sharding
+to_global = sharding.to_global
+def waiting(*args, **kwargs):
+    print("waiting for Ctrl-C", file=sys.stderr, flush=True)
+    time.sleep(60)
+    return to_global(*args, **kwargs)
+sharding.to_global = waiting
+sys.argv[0] = "jaxseg.evaluate"
+runpy.run_module("jaxseg.evaluate", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_while_scoring_is_one_line_and_writes_nothing(tmp_path):
+    """A Ctrl-C ended an evaluation with a KeyboardInterrupt traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    import fixtures_data as fx
+
+    root = fx.make_simple_folder(tmp_path / "mine", ["a", "b"])
+    predictions = tmp_path / "pred"
+    for i, stem in enumerate(["a", "b"]):
+        fx.write(predictions / f"{stem}.png", fx.person(i) * 255)
+    output = tmp_path / "out.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WAITING_EVALUATE, "--images", str(root / "images"), "--masks",
+         str(root / "masks"), "--predictions", str(predictions), "--data_dir",
+         str(tmp_path / "dd"), "--output", str(output)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in proc.stderr:  # ends, and the test fails, if the run ends before waiting
+        said.append(line)
+        if line.endswith("waiting for Ctrl-C\n"):  # perhaps after a library's note
+            proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
+            break
+    out, rest = proc.communicate(timeout=120)
+    err = "".join(said) + rest
+    # Ended by the SIGINT (status 130 in a shell): a script running the command stops too.
+    assert proc.returncode == -signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert err.splitlines()[-1] == (f"interrupted: nothing written to {output}; rerun the same "
+                                    "command to score the split"), err[-2000:]
+    assert not output.exists() and "\"iou\"" not in out
+
+
 def test_folders_with_a_tilde_are_the_home_folders(tmp_path):
     """No shell expands --images=~/x: the three folders were looked for in ./~/."""
     import subprocess
