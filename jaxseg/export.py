@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from jaxseg import inference
-from jaxseg.arg_types import add_model_arguments, at_least
+from jaxseg.arg_types import add_model_arguments, at_least, interrupted_in_one_line
 from jaxseg.workdir import (escape_unencodable_stdout, local_folder_problem, local_output_folder,
                             remove_stale_partials, write_text_whole)
 
@@ -205,14 +205,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, config, description = inference.load_or_exit(args.workdir, args.checkpoint,
                                                             args.members)
-    except SystemExit:
+    except (SystemExit, KeyboardInterrupt):
         for folder in created:  # no empty folders left behind by a run that wrote nothing
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
     remove_stale_partials(output)  # the hidden unfinished manifest of a run killed outright
-    manifest = export_all(model, config, output, batch_size=args.batch_size,
-                          description=dict(description, members=args.members or None))
+    try:
+        manifest = export_all(model, config, output, batch_size=args.batch_size,
+                              description=dict(description, members=args.members or None))
+    except KeyboardInterrupt:
+        # Before the earlier export's manifest is removed, or once this one's is written, the
+        # folder holds an export whole: the one its manifest describes.
+        raise KeyboardInterrupt(
+            f"the export in {output} is whole (see its {MANIFEST_FILE})"
+            if (output / MANIFEST_FILE).exists() else
+            f"{output} holds no whole export (its {MANIFEST_FILE}, written last, is missing); "
+            "rerun the same command to export") from None
     print(f"wrote {output}: {STABLEHLO_FILE} (symbolic batch), {SAVED_MODEL_DIR}/ "
           f"(signatures {manifest['saved_model']['signatures']}), "
           + (TFLITE_FILE if "file" in manifest["tflite"]
@@ -220,4 +229,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    interrupted_in_one_line(main)()

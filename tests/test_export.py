@@ -204,6 +204,19 @@ def test_a_model_that_cannot_be_loaded_leaves_no_empty_output(tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_a_ctrl_c_while_loading_leaves_no_empty_output(tmp_path, monkeypatch):
+    from jaxseg import export
+
+    def interrupted(*args):
+        assert (tmp_path / "a" / "b").is_dir()  # made to check that it can be written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "load_or_exit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.main(["--output", str(tmp_path / "a" / "b")])
+    assert not (tmp_path / "a").exists()
+
+
 def test_a_home_relative_output_is_written_in_home(tmp_path, monkeypatch, capsys):
     from jaxseg import export
 
@@ -238,6 +251,56 @@ def test_the_unfinished_manifest_of_a_killed_export_is_removed(tmp_path, monkeyp
                                                                "tflite": {"file": "x"}})
     export.main(["--members=1", "--output", str(out)])
     assert not left.exists() and mine.read_text() == "{}"
+
+
+# `python -m jaxseg.export ARGS...` with the "pretrained" model taken from the folder given as the
+# first argument, where the StableHLO form, once written, says so on stderr and then waits for a
+# Ctrl-C.
+WAITING_EXPORT = """
+import pathlib, runpy, signal, sys, time
+# As under a terminal: a test run in the background starts it with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from jaxseg import inference
+inference.PRETRAINED_DIR = pathlib.Path(sys.argv.pop(1))
+write_bytes = pathlib.Path.write_bytes
+def waiting(path, data):
+    written = write_bytes(path, data)
+    if path.name == "model.stablehlo":
+        print("waiting for Ctrl-C", file=sys.stderr, flush=True)
+        time.sleep(60)
+    return written
+pathlib.Path.write_bytes = waiting
+sys.argv[0] = "jaxseg.export"
+runpy.run_module("jaxseg.export", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_is_one_line_saying_the_export_is_not_whole(tmp_path):
+    """A Ctrl-C ended an export with a KeyboardInterrupt traceback."""
+    import signal
+
+    config = tiny_config()
+    inference.save_pretrained(create_model(config.model, seed=1), config, {"steps": 0},
+                              tmp_path / "pretrained")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", WAITING_EXPORT, str(tmp_path / "pretrained"),
+                             "--output", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in proc.stderr:  # ends, and the test fails, if the export ends before waiting
+        said.append(line)
+        if line.endswith("waiting for Ctrl-C\n"):  # perhaps after a library's note
+            proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
+            break
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(said) + rest
+    # Ended by the SIGINT (status 130 in a shell): a script running the command stops too.
+    assert proc.returncode == -signal.SIGINT, (said[-3:], err[-2000:])
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert err.splitlines()[-1] == (
+        f"interrupted: {out} holds no whole export (its {export.MANIFEST_FILE}, written last, is "
+        "missing); rerun the same command to export"), err[-2000:]
+    assert not (out / export.MANIFEST_FILE).exists() and not list(out.glob(".jaxseg-*"))
 
 
 def test_a_negative_member_count_is_a_usage_error(tmp_path, capsys):
