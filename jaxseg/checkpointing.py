@@ -46,16 +46,18 @@ _RAISED_AFTER_LOGGING = {"run", "_thread_func", "wait_until_finished", "_write_a
                          "_update_and_log"}
 
 
-def _not_a_storage_trace(record: logging.LogRecord) -> bool:
+def _not_a_trace_said_in_one_line(record: logging.LogRecord) -> bool:
     # A save that storage refused was logged with its traceback up to ten times before the
-    # trainer said it in one line (SaveError).
+    # trainer said it in one line (SaveError); a second Ctrl-C while a save was waited for, once
+    # before the trainer's line "interrupted".
     return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname
                 and record.funcName in _RAISED_AFTER_LOGGING
-                and _refused_by_storage(record.exc_info[1]))
+                and (_refused_by_storage(record.exc_info[1])
+                     or isinstance(record.exc_info[1], KeyboardInterrupt)))
 
 
 logging.getLogger("absl").addFilter(_not_a_read_only_note)
-logging.getLogger("absl").addFilter(_not_a_storage_trace)
+logging.getLogger("absl").addFilter(_not_a_trace_said_in_one_line)
 
 
 class SaveError(RuntimeError):

@@ -95,15 +95,18 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         del frame
+        again = self.requested
+        # Before the message: a Ctrl-C pressed again as it was written ran this handler inside
+        # this one, found no request yet, and was taken for the first.
+        self.reason = self.reason or signal.Signals(signum).name
+        self.requested = True
         if signum == signal.SIGINT:
-            if self.requested:
+            if again:
                 raise KeyboardInterrupt
             if jax.process_index() == 0:  # os.write: print() in a handler can re-enter stderr
                 os.write(sys.stderr.fileno(), b"\nCtrl-C: saving a checkpoint after this step, "
                          b"then stopping (press again to stop at once, losing the steps since "
                          b"the last checkpoint)\n")
-        self.reason = self.reason or signal.Signals(signum).name
-        self.requested = True
 
     def should_stop(self) -> bool:
         """Whether to stop after this step. With several processes: whether any had a request
@@ -596,6 +599,9 @@ def main(argv):
         distributed.exit_with_error(f"error: --config: {problem}")
     try:
         result = train_and_evaluate(config, FLAGS.workdir)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
+        raise KeyboardInterrupt("stopped at once; rerun the same command to go on from the "
+                                "latest checkpoint") from None
     except (config_check.ConfigError, FloatingPointError, datasets.BadDataError,
             DataUnavailable, checkpointing.UnreadableCheckpoint) as e:
         distributed.exit_with_error(f"error: {e}")

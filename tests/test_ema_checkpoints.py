@@ -472,6 +472,27 @@ def test_a_failed_wait_still_waits_for_the_other_series(tmp_path, monkeypatch):
     ckpts.close()
 
 
+def test_a_ctrl_c_in_a_wait_for_a_save_logs_no_trace():
+    """A second Ctrl-C while training waited for a save (the first one's) was logged by orbax,
+    traceback and all, above the trainer's line 'interrupted'. Orbax's other traces stay."""
+    import orbax.checkpoint as ocp
+
+    absl_log = logging.getLogger("absl")  # orbax logs through absl
+
+    def orbax_trace(error):  # as orbax's CheckpointManager logs a wait that failed
+        try:
+            raise error
+        except BaseException:
+            exc_info = sys.exc_info()
+        return absl_log.makeRecord(
+            "absl", logging.ERROR, str(pathlib.Path(ocp.__file__).parent / "checkpoint_manager.py"),
+            2107, "Save Finalize thread (save_finalize) failed.", (), exc_info,
+            "wait_until_finished")
+
+    assert not absl_log.filter(orbax_trace(KeyboardInterrupt()))
+    assert absl_log.filter(orbax_trace(RuntimeError("perhaps a bug")))
+
+
 def test_revalidating_a_step_the_best_series_holds_keeps_it(tmp_path):
     """A run killed after validating step N but before saving it periodically validates N again
     on resume; orbax refused the second best save of N, so the workdir could never resume."""

@@ -111,6 +111,37 @@ def test_a_stop_signal_saves_and_exits_cleanly(manual_dir, tmp_path, sig, said):
     assert last_train_record(tmp_path)["step"] == step  # the stop step is logged too
 
 
+def test_a_second_ctrl_c_stops_at_once_in_one_line(manual_dir, tmp_path):
+    """A second Ctrl-C ended the run with a KeyboardInterrupt traceback (pressed while the first
+    one's checkpoint was saved, with orbax's log of its interrupted wait and its save thread's
+    too: test_a_ctrl_c_in_a_wait_for_a_save_logs_no_trace)."""
+    proc = subprocess.Popen(train_command(tmp_path, "--config.train.num_steps=400"), cwd=REPO,
+                            env=run_env(manual_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not any(p.name.isdigit() for p in (tmp_path / "checkpoints").glob("*")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    said = []
+    for line in proc.stderr:  # the progress bar's updates are lines too
+        said.append(line)
+        if line.startswith("Ctrl-C: saving a checkpoint after this step"):
+            proc.send_signal(signal.SIGINT)  # pressed again before the stop step ends
+            break
+    _, rest = proc.communicate(timeout=300)
+    err = "".join(said) + rest
+    # Ended by the SIGINT (status 130 in a shell): a launch script running it stops too.
+    assert proc.returncode == -signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert err.splitlines()[-1] == ("interrupted: stopped at once; rerun the same command to go "
+                                    "on from the latest checkpoint"), err[-2000:]
+    # That checkpoint is whole: the run resumes from it.
+    meta, step = checkpointing.Checkpoints(tmp_path, read_only=True).read_meta("latest")
+    assert meta["step"] == step >= 4
+    inference.load_from_workdir(str(tmp_path), "latest")
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.train.batch_size=12", "train.batch_size=12 must be a positive multiple of the 8 devices"),
     ("--config.train.nope=1", "the config has no field 'nope'"),
