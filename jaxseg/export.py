@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     created = [p for p in (output, *output.parents) if not p.exists()]  # deepest first
     problem = local_folder_problem(output)  # before the minutes of loading and converting
     if problem:
-        raise SystemExit(f"--output {output}: {problem}")
+        raise SystemExit(f"error: --output {output}: {problem}")
     # The exports are CPU artifacts: traced on a GPU they would hold CUDA StableHLO and the
     # config's bf16 compute (create_model keeps bf16 off CPU only).
     jax.config.update("jax_platforms", "cpu")

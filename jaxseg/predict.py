@@ -665,7 +665,7 @@ def main(argv):
     if not inputs:
         raise SystemExit("usage: python -m jaxseg.predict INPUT... --output DIR [--mode mask]")
     if not 0 < f.threshold < 1:
-        raise SystemExit(f"--threshold={f.threshold} must be between 0 and 1, both excluded")
+        raise SystemExit(f"error: --threshold={f.threshold} must be between 0 and 1, both excluded")
     output = local_output_folder(f.output)
     images, videos, problems, passed_over, unmarked = collect_inputs(inputs, output)
     if unmarked:
@@ -682,12 +682,12 @@ def main(argv):
         try:
             background = read_background(f.background, f.max_pixels)
         except ValueError as e:  # InputError is one
-            raise SystemExit(f"--background {f.background}: {e}") from None
+            raise SystemExit(f"error: --background {f.background}: {e}") from None
     renderer = Renderer(mode=f.mode, threshold=f.threshold, soft=f.soft, background=background)
     model, config, described = inference.load_or_exit(f.workdir or None, f.checkpoint, f.members)
     problem = local_folder_problem(output) if images or videos else None  # before predicting
     if problem:
-        raise SystemExit(f"--output {output}: {problem}")
+        raise SystemExit(f"error: --output {output}: {problem}")
     # A run killed outright (SIGKILL, out of memory) left its unfinished outputs there, hidden.
     stale = sum(map(remove_stale_partials, {output / stem.parent for _, stem in images + videos}))
     if stale:

@@ -858,10 +858,10 @@ def main(argv):
     f = flags.FLAGS
     workdir = f.workdir
     if f.peer_dir and not workdir_path(f.peer_dir).is_dir():
-        raise SystemExit(f"--peer_dir {f.peer_dir}: no such folder")
+        raise SystemExit(f"error: --peer_dir {f.peer_dir}: no such folder")
     problem = inference.checkpoint_problem(workdir, f.checkpoint)  # as evaluate says it
     if problem:
-        raise SystemExit(problem)
+        raise SystemExit(f"error: {problem}")
     # The pretrained model's eval JSONs are where jaxseg.evaluate put them.
     workdir = workdir or workdir_path(evaluate.PRETRAINED_RUN_DIR)
     output = workdir_path(f.output) if f.output else workdir_path(workdir) / "report"
@@ -869,7 +869,7 @@ def main(argv):
     # written (a refused --output left runs/pretrained/config.json in the current folder).
     problem = local_folder_problem(output)
     if problem:
-        raise SystemExit(f"report folder {output}: {problem}; give --output a writable folder")
+        raise SystemExit(f"error: report folder {output}: {problem}; give --output a writable folder")
     if not f.workdir:
         model, config, card = inference.load_pretrained()
         workdir.mkdir(parents=True, exist_ok=True)

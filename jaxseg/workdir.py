@@ -218,17 +218,17 @@ def local_output_folder(text: str) -> pathlib.Path:
     quietly make gs://b/x the local folder gs:/b/x), for an existing file, for a path this user
     may not look at."""
     if not text:
-        raise SystemExit("--output: give the folder to write to")
+        raise SystemExit("error: --output: give the folder to write to")
     if is_storage_url(text):
-        raise SystemExit(f"--output {text}: give a local folder (this command writes local "
+        raise SystemExit(f"error: --output {text}: give a local folder (this command writes local "
                          "files; copy them to storage afterwards)")
     path = pathlib.Path(text).expanduser()  # --output=~/out: no shell expands it
     try:
         not_a_folder = path.exists() and not path.is_dir()
     except OSError as e:  # in a folder this user may not enter (another's home): not False
-        raise SystemExit(f"--output {path}: cannot reach it ({e.strerror})") from None
+        raise SystemExit(f"error: --output {path}: cannot reach it ({e.strerror})") from None
     if not_a_folder:
-        raise SystemExit(f"--output {path}: exists and is not a folder")
+        raise SystemExit(f"error: --output {path}: exists and is not a folder")
     return path
 
 

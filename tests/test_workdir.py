@@ -47,7 +47,7 @@ def test_an_output_folder_that_cannot_be_reached_is_one_line(tmp_path, monkeypat
     """--output in a folder this user may not enter (another's home) ended predict, export and
     evaluate in a PermissionError traceback. Monkeypatched: chmod does not stop root."""
     fx.refuse_stat_under(monkeypatch, tmp_path / "theirs")
-    with pytest.raises(SystemExit, match=r"^--output .*/theirs/out: cannot reach it "
+    with pytest.raises(SystemExit, match=r"^error: --output .*/theirs/out: cannot reach it "
                                          r"\(Permission denied\)$"):
         local_output_folder(str(tmp_path / "theirs" / "out"))
     # Nor evaluate's --output file, there or in a folder below.
