@@ -869,7 +869,8 @@ def main(argv):
     # written (a refused --output left runs/pretrained/config.json in the current folder).
     problem = local_folder_problem(output)
     if problem:
-        raise SystemExit(f"error: report folder {output}: {problem}; give --output a writable folder")
+        raise SystemExit(f"error: report folder {output}: {problem}; "
+                         "give --output a writable folder")
     if not f.workdir:
         model, config, card = inference.load_pretrained()
         workdir.mkdir(parents=True, exist_ok=True)

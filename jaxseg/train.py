@@ -601,7 +601,7 @@ def main(argv):
         result = train_and_evaluate(config, FLAGS.workdir)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
         raise KeyboardInterrupt("stopped at once; rerun the same command to go on from the "
-                                "latest checkpoint") from None
+                                "latest checkpoint, if one was saved") from None
     except (config_check.ConfigError, FloatingPointError, datasets.BadDataError,
             DataUnavailable, checkpointing.UnreadableCheckpoint) as e:
         distributed.exit_with_error(f"error: {e}")

@@ -344,7 +344,8 @@ def test_an_unreadable_sole_best_checkpoint_says_what_to_load_instead(tmp_path, 
     with pytest.raises(SystemExit) as error:
         inference.load_or_exit(str(tmp_path), "best")
     message = str(error.value.code)
-    assert message.startswith(f"error: checkpoint {folder} cannot be read (") and "\n" not in message
+    assert message.startswith(f"error: checkpoint {folder} cannot be read (")
+    assert "\n" not in message
     assert message.endswith(
         f"; it is the only checkpoint in {tmp_path / 'best'}: use --checkpoint latest (step 1, in "
         f"{tmp_path / 'checkpoints'}) instead, or train again"), message

@@ -220,7 +220,8 @@ def test_damaged_pretrained_weights_are_one_line(tmp_path, monkeypatch, damage):
     with pytest.raises(SystemExit) as error:
         inference.load_or_exit()
     message = str(error.value.code)
-    assert message.startswith(f"error: pretrained weights {member} cannot be read (") and "\n" not in message
+    assert message.startswith(f"error: pretrained weights {member} cannot be read (")
+    assert "\n" not in message
     assert message.endswith(f"): the copy is damaged: restore it (git checkout -- {member}), or "
                             "pass --workdir with a trained run"), message
     assert inference.load_or_exit(members=1)[2]["checkpoint_step"] == 1  # the other member

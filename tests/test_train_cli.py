@@ -135,7 +135,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(manual_dir, tmp_path):
     assert proc.returncode == -signal.SIGINT, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert err.splitlines()[-1] == ("interrupted: stopped at once; rerun the same command to go "
-                                    "on from the latest checkpoint"), err[-2000:]
+                                    "on from the latest checkpoint, if one was saved"), err[-2000:]
     # That checkpoint is whole: the run resumes from it.
     meta, step = checkpointing.Checkpoints(tmp_path, read_only=True).read_meta("latest")
     assert meta["step"] == step >= 4
