@@ -126,27 +126,35 @@ def _drop_closed_loop_notices() -> None:
     sys.unraisablehook = hook
 
 
-@contextlib.contextmanager
 def _reading(manager: ocp.CheckpointManager, step: int, which: str,
              other: tuple[str, int | None, epath.Path]):
-    """Raises UnreadableCheckpoint for a damaged checkpoint at STEP, asked for as WHICH: one asked
-    for by number is told to name another step, one found as 'latest' or 'best' to move this one
-    out of their way. OTHER: the workdir's other series, as (its name for --checkpoint, the step
-    that name reads or None, its folder)."""
+    """A context raising UnreadableCheckpoint for a damaged checkpoint at STEP, asked for as
+    WHICH: one asked for by number is told to name another step, one found as 'latest' or 'best'
+    to move this one out of their way. OTHER: the workdir's other series, as (its name for
+    --checkpoint, the step that name reads or None, its folder)."""
+    def unreadable(e: Exception) -> UnreadableCheckpoint:
+        fallback = max((s for s in manager.all_steps() if s != step), default=None)
+        return UnreadableCheckpoint(
+            f"checkpoint {manager.directory / str(step)} cannot be read ({_summary(e)}): it is "
+            "incomplete or not written by jaxseg; " + (
+                f"it is the only checkpoint in {manager.directory}" if fallback is None else
+                f"name step {fallback} instead" if which not in ("best", "latest") else
+                f"move it out of {manager.directory} to use step {fallback} instead"),
+            fallback, _elsewhere(*other) if fallback is None else "")
+    return _raising_on_damage(unreadable)
+
+
+@contextlib.contextmanager
+def _raising_on_damage(error_for):
+    """Within: an orbax read that found the checkpoint damaged (files lost, cut short or garbled)
+    raises ERROR_FOR(its error) instead; other errors pass as they are."""
     _drop_closed_loop_notices()  # before: some reads end before the error reaches this frame
     try:
         yield
     except Exception as e:
         if not _damaged(e):
             raise
-        fallback = max((s for s in manager.all_steps() if s != step), default=None)
-        raise UnreadableCheckpoint(
-            f"checkpoint {manager.directory / str(step)} cannot be read ({_summary(e)}): it is "
-            "incomplete or not written by jaxseg; " + (
-                f"it is the only checkpoint in {manager.directory}" if fallback is None else
-                f"name step {fallback} instead" if which not in ("best", "latest") else
-                f"move it out of {manager.directory} to use step {fallback} instead"),
-            fallback, _elsewhere(*other) if fallback is None else "") from None
+        raise error_for(e) from None
 
 
 def _summary(e: Exception) -> str:
@@ -155,18 +163,12 @@ def _summary(e: Exception) -> str:
     return f"{type(e).__name__}{': ' + what if what else ''}"
 
 
-@contextlib.contextmanager
 def damage_said(what: str, remedy: str):
-    """Raises FileNotFoundError "WHAT cannot be read (the error): REMEDY" in one line for an
-    orbax checkpoint found damaged inside (files lost, cut short or garbled), as the workdir's
-    checkpoints are refused; other errors pass as they are."""
-    _drop_closed_loop_notices()  # before: some reads end before the error reaches this frame
-    try:
-        yield
-    except Exception as e:
-        if not _damaged(e):
-            raise
-        raise FileNotFoundError(f"{what} cannot be read ({_summary(e)}): {remedy}") from None
+    """A context within which an orbax checkpoint found damaged inside (files lost, cut short or
+    garbled) raises FileNotFoundError "WHAT cannot be read (the error): REMEDY" in one line, as
+    the workdir's checkpoints are refused; other errors pass as they are."""
+    return _raising_on_damage(
+        lambda e: FileNotFoundError(f"{what} cannot be read ({_summary(e)}): {remedy}"))
 
 
 def _elsewhere(name: str, step: int | None, directory: epath.Path) -> str:
