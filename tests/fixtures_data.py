@@ -1,5 +1,6 @@
 """Tiny fixture datasets in the layouts of the real archives, and the image helpers behind them."""
 import pathlib
+import signal
 import struct
 import zipfile
 
@@ -273,3 +274,21 @@ def refuse_stat_under(monkeypatch, folder: pathlib.Path) -> None:
         return stat(self, **kwargs)
 
     monkeypatch.setattr(pathlib.Path, "stat", refusing_stat)
+
+
+def ctrl_c_once_said(proc, ready=lambda line: line.endswith("waiting for Ctrl-C\n"),
+                     timeout: float = 120) -> tuple[str, str]:
+    """Sends PROC (started with stderr piped, as text) a SIGINT, as a terminal's Ctrl-C does,
+    once a line of its stderr is READY; checks that it died of it (status 130 in a shell, so that
+    a script running it stops too) without a traceback: (its stdout, its whole stderr)."""
+    said = []
+    for line in proc.stderr:  # ends, and the test fails, if the run ends before it is ready
+        said.append(line)
+        if ready(line):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, rest = proc.communicate(timeout=timeout)
+    err = "".join(said) + rest
+    assert proc.returncode == -signal.SIGINT, (said[-3:], err[-2000:])
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    return out, err

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import fixtures_data as fx
 from fake_data import tiny_config
 from jaxseg import export, inference, resolution
 from jaxseg.models import create_model
@@ -277,8 +278,6 @@ runpy.run_module("jaxseg.export", run_name="__main__", alter_sys=True)
 
 def test_ctrl_c_is_one_line_saying_the_export_is_not_whole(tmp_path):
     """A Ctrl-C ended an export with a KeyboardInterrupt traceback."""
-    import signal
-
     config = tiny_config()
     inference.save_pretrained(create_model(config.model, seed=1), config, {"steps": 0},
                               tmp_path / "pretrained")
@@ -286,17 +285,7 @@ def test_ctrl_c_is_one_line_saying_the_export_is_not_whole(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", WAITING_EXPORT, str(tmp_path / "pretrained"),
                              "--output", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    said = []
-    for line in proc.stderr:  # ends, and the test fails, if the export ends before waiting
-        said.append(line)
-        if line.endswith("waiting for Ctrl-C\n"):  # perhaps after a library's note
-            proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
-            break
-    _, rest = proc.communicate(timeout=120)
-    err = "".join(said) + rest
-    # Ended by the SIGINT (status 130 in a shell): a script running the command stops too.
-    assert proc.returncode == -signal.SIGINT, (said[-3:], err[-2000:])
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    _, err = fx.ctrl_c_once_said(proc)
     assert err.splitlines()[-1] == (
         f"interrupted: {out} holds no whole export (its {export.MANIFEST_FILE}, written last, is "
         "missing); rerun the same command to export"), err[-2000:]

@@ -9,7 +9,6 @@ import gc
 import hashlib
 import os
 import pathlib
-import signal
 import struct
 import subprocess
 import sys
@@ -1334,17 +1333,7 @@ def test_ctrl_c_ends_a_run_in_one_line_with_whole_outputs_only(tiny_model_dir, j
                                 wait_at, tiny_model_dir, *inputs, "--output", out])], cwd=REPO,
                             env=subprocess_env(jax_cache), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    said = []
-    for line in proc.stderr:  # ends, and the test fails, if the run ends before waiting
-        said.append(line)
-        if line.endswith("waiting for Ctrl-C\n"):  # perhaps after a progress bar
-            proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
-            break
-    _, rest = proc.communicate(timeout=120)
-    err = "".join(said) + rest
-    # Ended by the SIGINT (status 130 in a shell): a script running the command stops too.
-    assert proc.returncode == -signal.SIGINT, err[-2000:]
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    _, err = fx.ctrl_c_once_said(proc)
     assert err.rstrip("\n").splitlines()[-1] == (
         f"interrupted: {whole} of 6 outputs written to {out}; rerun the same command to write "
         "them all"), err[-2000:]

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+import fixtures_data as fx
 from jaxseg import checkpointing, inference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -91,15 +92,21 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(manual_dir, uninterrupted, 
     (signal.SIGTERM, ""),
     (signal.SIGINT, "Ctrl-C: saving a checkpoint after this step"),
 ])
-def test_a_stop_signal_saves_and_exits_cleanly(manual_dir, tmp_path, sig, said):
-    proc = subprocess.Popen(train_command(tmp_path, "--config.train.num_steps=400"), cwd=REPO,
+def _training_past_its_first_save(manual_dir, workdir) -> subprocess.Popen:
+    """A 400-step training into WORKDIR, once it has saved a checkpoint (stderr piped)."""
+    proc = subprocess.Popen(train_command(workdir, "--config.train.num_steps=400"), cwd=REPO,
                             env=run_env(manual_dir), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     # Any saved step: with two kept, step 4's folder goes once step 12 is saved.
-    while not any(p.name.isdigit() for p in (tmp_path / "checkpoints").glob("*")):
+    while not any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.2)
+    return proc
+
+
+def test_a_stop_signal_saves_and_exits_cleanly(manual_dir, tmp_path, sig, said):
+    proc = _training_past_its_first_save(manual_dir, tmp_path)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-2000:]  # EX_TEMPFAIL, not 0: so launch scripts stop
@@ -115,25 +122,11 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(manual_dir, tmp_path):
     """A second Ctrl-C ended the run with a KeyboardInterrupt traceback (pressed while the first
     one's checkpoint was saved, with orbax's log of its interrupted wait and its save thread's
     too: test_a_ctrl_c_in_a_wait_for_a_save_logs_no_trace)."""
-    proc = subprocess.Popen(train_command(tmp_path, "--config.train.num_steps=400"), cwd=REPO,
-                            env=run_env(manual_dir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while not any(p.name.isdigit() for p in (tmp_path / "checkpoints").glob("*")):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.2)
+    proc = _training_past_its_first_save(manual_dir, tmp_path)
     proc.send_signal(signal.SIGINT)
-    said = []
-    for line in proc.stderr:  # the progress bar's updates are lines too
-        said.append(line)
-        if line.startswith("Ctrl-C: saving a checkpoint after this step"):
-            proc.send_signal(signal.SIGINT)  # pressed again before the stop step ends
-            break
-    _, rest = proc.communicate(timeout=300)
-    err = "".join(said) + rest
-    # Ended by the SIGINT (status 130 in a shell): a launch script running it stops too.
-    assert proc.returncode == -signal.SIGINT, err[-2000:]
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    # Pressed again before the stop step ends (the progress bar's updates are lines too).
+    _, err = fx.ctrl_c_once_said(
+        proc, lambda line: line.startswith("Ctrl-C: saving a checkpoint after this step"), 300)
     assert err.splitlines()[-1] == ("interrupted: stopped at once; rerun the same command to go "
                                     "on from the latest checkpoint, if one was saved"), err[-2000:]
     # That checkpoint is whole: the run resumes from it.
