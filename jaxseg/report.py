@@ -872,7 +872,10 @@ def main(argv):
         raise SystemExit(f"error: report folder {output}: {problem}; "
                          "give --output a writable folder")
     if not f.workdir:
-        model, config, card = inference.load_pretrained()
+        try:
+            model, config, card = inference.load_pretrained()
+        except FileNotFoundError as e:  # weights lost or cut short: one line, as predict says it
+            raise SystemExit(f"error: {e}") from None
         workdir.mkdir(parents=True, exist_ok=True)
         write_text_whole(workdir / "config.json", config.to_json(indent=2))
     try:

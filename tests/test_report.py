@@ -407,6 +407,31 @@ def test_an_unwritable_report_folder_is_one_line_before_any_work(tmp_path):
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
+def test_damaged_pretrained_weights_are_one_line_before_anything_is_written(tmp_path):
+    """The report of the pretrained model loaded it outside any handler: weights cut short (a
+    damaged copy) ended it in a traceback, where predict, evaluate and export say one line."""
+    from fake_data import tiny_config
+    from jaxseg.models import create_model
+
+    config = tiny_config()
+    pretrained = tmp_path / "pretrained"
+    inference.save_pretrained(create_model(config.model, seed=1), config, {"steps": 1}, pretrained)
+    for data in (pretrained / inference.PRETRAINED_WEIGHTS).rglob("d/*"):
+        data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    (tmp_path / "elsewhere").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", "import pathlib, runpy, sys; from jaxseg import inference; "
+         "inference.PRETRAINED_DIR = pathlib.Path(sys.argv.pop(1)); "
+         "runpy.run_module('jaxseg.report', run_name='__main__')",
+         str(pretrained), "--output", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path / "elsewhere",
+        env=dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1])))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: pretrained weights {pretrained / inference.PRETRAINED_WEIGHTS} cannot be read (")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_a_checkpoint_without_a_workdir_is_refused(tmp_path):
     """Once ignored: the report then showed the pretrained model's overlays."""
     result = subprocess.run(
