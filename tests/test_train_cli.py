@@ -88,10 +88,6 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(manual_dir, uninterrupted, 
     assert last_train_record(tmp_path)["loss"] == last_train_record(uninterrupted)["loss"]
 
 
-@pytest.mark.parametrize("sig, said", [
-    (signal.SIGTERM, ""),
-    (signal.SIGINT, "Ctrl-C: saving a checkpoint after this step"),
-])
 def _training_past_its_first_save(manual_dir, workdir) -> subprocess.Popen:
     """A 400-step training into WORKDIR, once it has saved a checkpoint (stderr piped)."""
     proc = subprocess.Popen(train_command(workdir, "--config.train.num_steps=400"), cwd=REPO,
@@ -105,6 +101,10 @@ def _training_past_its_first_save(manual_dir, workdir) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.parametrize("sig, said", [
+    (signal.SIGTERM, ""),
+    (signal.SIGINT, "Ctrl-C: saving a checkpoint after this step"),
+])
 def test_a_stop_signal_saves_and_exits_cleanly(manual_dir, tmp_path, sig, said):
     proc = _training_past_its_first_save(manual_dir, tmp_path)
     proc.send_signal(sig)
