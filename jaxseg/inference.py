@@ -120,15 +120,16 @@ def load_from_workdir(workdir: str, checkpoint: str = "best"):
     meta, _ = ckpts.read_meta(checkpoint)
     config = config_from_json(meta["config"])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    _, abstract = nnx.eval_shape(lambda: train_step.create_train_state(config))
+    graphdef, abstract = nnx.eval_shape(lambda: train_step.create_train_state(config))
     # That model's weights alone: the whole train state (the optimizer's moments, the other
     # model) took 3 to 4 times their memory and reading time.
     node = train_step.inference_node(config)
     nodes, step = ckpts.restore_nodes(checkpoint, checkpointing.abstract_like(abstract, device),
                                       (node,))
     ckpts.close()
-    return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: create_model(config.model))),
-                     nodes[node]), config, step
+    # Its structure from the train state's shapes, not from a second trace of the model.
+    model_graphdef = nnx.graphdef(nnx.merge(graphdef, abstract)[node])
+    return nnx.merge(model_graphdef, nodes[node]), config, step
 
 
 def weights_digest(model) -> str:
