@@ -468,6 +468,24 @@ def claim_output(target: pathlib.Path, path: pathlib.Path, inputs_resolved, clai
     return None
 
 
+def without_written(items, output, mode, suffix, inputs_resolved, claimed, problems) -> list:
+    """ITEMS less those whose output, of MODE and SUFFIX, an earlier run wrote (--skip_existing),
+    which are claimed as outputs written in this run are; a claim refused goes to PROBLEMS.
+
+    An output carrying the mark is whole: each is renamed into place once written in full
+    (complete_or_absent). Inputs sharing an output (a.jpg and a.png) are all kept: which one
+    wrote it is known only by reading them (an unreadable a.jpg leaves it to a.png)."""
+    shared = collections.Counter(output_path(output, stem, mode, suffix) for _, stem in items)
+    todo = []
+    for path, stem in items:
+        target = output_path(output, stem, mode, suffix)
+        if shared[target] > 1 or not written_by_predict(target):
+            todo.append((path, stem))
+        elif why := claim_output(target, path, inputs_resolved, claimed):
+            problems.append((path, why))
+    return todo
+
+
 @contextlib.contextmanager
 def counted_write(target: pathlib.Path, written: list):
     """Appends TARGET to WRITTEN once the block has put a new file there: as the block ends, or
@@ -642,6 +660,11 @@ def video_note(mode: str) -> str:
                if mode == "cutout" else ""))
 
 
+def _existing_note(existing: int) -> str:
+    return (f"; skipped {existing} input(s) whose output was already there (--skip_existing)"
+            if existing else "")
+
+
 # Exit status when some inputs were skipped (the others were processed); 1 stays for usage errors.
 EXIT_SKIPPED = 2
 
@@ -697,6 +720,14 @@ def main(argv):
                           flip_tta=f.flip_tta, refined=f.refine)
     inputs_resolved = {p.resolve() for p, _ in images + videos}
     claimed = {}
+    refused = []  # by --skip_existing's claims
+    existing = len(images) + len(videos)
+    if f.skip_existing:  # neither read nor predicted again
+        images = without_written(images, output, f.mode, ".png", inputs_resolved, claimed,
+                                 refused)
+        videos = without_written(videos, output, f.mode, ".mp4", inputs_resolved, claimed,
+                                 refused)
+    existing -= len(images) + len(videos) + len(refused)
     written = []  # the outputs written in full, counted for a Ctrl-C's line
     try:
         with tqdm(total=len(images), desc="images", unit="img", disable=not images) as progress:
@@ -724,14 +755,15 @@ def main(argv):
                                        else f"could not write {target} ({e.strerror or e})"))
     except KeyboardInterrupt:  # each output is whole or absent (complete_or_absent)
         raise KeyboardInterrupt(f"{len(written)} of {len(images) + len(videos)} outputs written "
-                                f"to {output}; rerun the same command to write them all") from None
+                                f"to {output}{_existing_note(existing)}; rerun with "
+                                "--skip_existing to write the rest") from None
     if len(video_problems) < len(videos):  # said of videos written only: all may be refused
         print(f"note: {video_note(f.mode)}", file=sys.stderr)
     # Missing paths (already in `problems`) are neither images nor videos: not subtracted.
     done = len(images) + len(videos) - len(image_problems) - len(video_problems)
-    problems += image_problems + video_problems
+    problems += refused + image_problems + video_problems
     print(f"model: {described['source']} (step {described['checkpoint_step']}); "
-          f"wrote {done} outputs to {output}"
+          f"wrote {done} outputs to {output}{_existing_note(existing)}"
           + (f"; passed over {passed_over} files in the input folders (not images or videos, "
              f"or earlier outputs)" if passed_over else ""))
     for path, why in problems:
@@ -760,6 +792,8 @@ def _define_flags():
     flags.DEFINE_integer("batch_size", 8, "Images per compiled batch.", lower_bound=1)
     flags.DEFINE_bool("flip_tta", False, "Average with the mirrored image.")
     flags.DEFINE_bool("refine", False, "Upsample along the photo's edges (guided filter).")
+    flags.DEFINE_bool("skip_existing", False, "Skip inputs whose output (of this --mode) an "
+                      "earlier run wrote, whatever its options: resumes a stopped run.")
     flags.DEFINE_integer("max_pixels", 80_000_000, "Refuse larger images and video "
                          "frames (decompression bombs).", lower_bound=1)
 

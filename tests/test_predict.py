@@ -1319,25 +1319,85 @@ workdir._fsync = waiting
 """ + CLI
 
 
-@pytest.mark.parametrize("wait_at, whole", [
-    (5, 2),  # the third output's partial file synced, not yet renamed: it is not written
-    (6, 3),  # renamed, syncing the folder: it is written, whole
+@pytest.mark.parametrize("wait_at, whole, existing", [
+    (5, 2, 0),  # the third output's partial file synced, not yet renamed: it is not written
+    (6, 3, 0),  # renamed, syncing the folder: it is written, whole
+    (5, 2, 1),  # with --skip_existing and the first output there: it is neither counted nor redone
 ])
 def test_ctrl_c_ends_a_run_in_one_line_with_whole_outputs_only(tiny_model_dir, jax_cache,
-                                                               tmp_path, wait_at, whole):
+                                                               tmp_path, wait_at, whole, existing):
     """A Ctrl-C ended a run with a KeyboardInterrupt traceback; it is one line now, counting the
     outputs written whole, and no output is left half-written under its name or hidden."""
     inputs = [fx.write(tmp_path / f"p{i}.png", photo(20 + i, 24, seed=i)) for i in range(6)]
     out = tmp_path / "out"
+    for i in range(existing):
+        predict.write_image(out / f"p{i}_mask.png", np.zeros((20 + i, 24), np.uint8))
     proc = subprocess.Popen([sys.executable, "-c", WAITING_CLI, *map(str, [
-                                wait_at, tiny_model_dir, *inputs, "--output", out])], cwd=REPO,
+                                wait_at, tiny_model_dir, *inputs, "--output", out])]
+                            + ["--skip_existing"] * bool(existing), cwd=REPO,
                             env=subprocess_env(jax_cache), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _, err = fx.ctrl_c_once_said(proc)
     assert err.rstrip("\n").splitlines()[-1] == (
-        f"interrupted: {whole} of 6 outputs written to {out}; rerun the same command to write "
-        "them all"), err[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == [f"p{i}_mask.png" for i in range(whole)]
-    for i in range(whole):
+        f"interrupted: {whole} of {6 - existing} outputs written to {out}"
+        + (f"; skipped {existing} input(s) whose output was already there (--skip_existing)"
+           if existing else "")
+        + "; rerun with --skip_existing to write the rest"), err[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [f"p{i}_mask.png"
+                                                     for i in range(existing + whole)]
+    for i in range(existing, existing + whole):
         path = out / f"p{i}_mask.png"
         assert predict.written_by_predict(path) and read_rgb(path).shape == (20 + i, 24)
+
+
+def test_skip_existing_writes_only_the_outputs_that_are_not_there(tiny_model_dir, jax_cache,
+                                                                  tmp_path):
+    """After a Ctrl-C a user was told to rerun the same command, which predicted every input
+    again, thousands of photos for a few: --skip_existing reads only those without an output."""
+    photos = tmp_path / "photos"
+    for i in range(4):
+        fx.write(photos / f"p{i}.png", photo(20 + i, 24, seed=i))
+    write_video(photos / "clip.mp4", frames=2)
+    out = tmp_path / "out" / "photos"
+    names = [f"p{i}_mask.png" for i in range(4)] + ["clip_mask.mp4"]
+
+    def stamps():  # a write renames a new file into place: another inode
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
+
+    result = run_cli(tiny_model_dir, photos, "--output", out.parent, cache=jax_cache)
+    assert result.returncode == 0 and "wrote 5 outputs" in result.stdout, result.stderr
+    (out / "p2_mask.png").unlink()
+    first = stamps()
+    # A skipped input is not even read: a p0.png that no longer decodes goes unnoticed.
+    kept = (photos / "p0.png").read_bytes()
+    (photos / "p0.png").write_bytes(b"junk")
+    result = run_cli(tiny_model_dir, photos, "--output", out.parent, "--skip_existing",
+                     cache=jax_cache)
+    assert result.returncode == 0, result.stderr
+    assert (f"wrote 1 outputs to {out.parent}; skipped 4 input(s) whose output was already "
+            "there (--skip_existing)") in result.stdout
+    second = stamps()
+    assert sorted(second) == sorted(names)
+    assert {n for n in names if second[n] != first.get(n)} == {"p2_mask.png"}
+    assert predict.written_by_predict(out / "p2_mask.png")
+    assert read_rgb(out / "p2_mask.png").shape == (22, 24)
+    (photos / "p0.png").write_bytes(kept)
+    result = run_cli(tiny_model_dir, photos, "--output", out.parent, cache=jax_cache)
+    assert result.returncode == 0 and "wrote 5 outputs" in result.stdout, result.stderr
+    third = stamps()
+    assert all(third[n] != second[n] for n in names)
+
+
+
+def test_skip_existing_reads_every_input_of_a_shared_output(tmp_path):
+    """a.jpg and a.png both go to a_mask.png, which the first readable one writes: skipping them
+    for it took an unreadable a.jpg as done, and refused a.png as writing a.jpg's output."""
+    out = tmp_path / "out"
+    for name in ("a_mask.png", "b_mask.png"):
+        predict.write_image(out / name, np.zeros((2, 2), np.uint8))
+    items = [(tmp_path / name, pathlib.PurePath(name[0])) for name in ("a.jpg", "a.png", "b.png",
+                                                                         "c.png")]
+    problems, claimed = [], {}
+    todo = predict.without_written(items, out, "mask", ".png", set(), claimed, problems)
+    assert todo == [items[0], items[1], items[3]] and not problems
+    assert claimed == {(out / "b_mask.png").resolve(): tmp_path / "b.png"}
