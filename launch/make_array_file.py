@@ -55,6 +55,10 @@ def main():
                 src = datasets.data_source(name, split)
             except ValueError as e:
                 parser.error(f"--datasets: {e}")
+            # No manual dir and no network, an unwritable data dir: the builder's message says
+            # what to do, and a traceback buried it.
+            except OSError as e:
+                sys.exit(f"error: {e}")
             for i in range(len(src)):
                 ex = src[i]
                 image = resolution.resize_image(ex["image"], args.size)

@@ -911,6 +911,33 @@ def test_make_array_file_refuses_an_unwritable_output_before_reading_data(
     assert message in capsys.readouterr().err
 
 
+def test_make_array_file_without_its_data_says_so_in_one_line(monkeypatch, capsys, tmp_path):
+    """No manual dir and no network: the builder's own message (how to build offline) ended in
+    a traceback, as jaxseg.datasets build, train and evaluate say it in one line."""
+    import socket
+
+    module = _load_launch_module("make_array_file")
+    build = module.datasets.data_source
+    monkeypatch.setattr(module.datasets, "data_source", lambda name, split: build(
+        name, split, data_dir=str(tmp_path / "dd")))
+
+    def offline(address, timeout):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    for name in list(os.environ):
+        if name == "JAXSEG_MANUAL_DIR" or name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(sys, "argv", ["make_array_file.py", "--datasets", "ccp_person",
+                                      "--output", str(tmp_path / "arr")])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    message = str(e.value.code)
+    assert message.startswith("error: ccp_person: could not download ") and "\n" not in message
+    assert "to build offline, point the manual dir at a folder holding photos" in message
+    assert not (tmp_path / "arr.npz").exists()
+
+
 @pytest.mark.parametrize("output,written", [("arr", "arr.npz"), ("arr.npz", "arr.npz"),
                                             ("sub/arr.v2", "sub/arr.v2.npz")])
 def test_make_array_file_output_path(monkeypatch, capsys, tmp_path, output, written):
