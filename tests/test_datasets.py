@@ -668,6 +668,26 @@ def test_real_portraits_split_sizes(real_data_dir, manual_dir):
         == sorted(f"data/images_data_crop/{i}.jpg" for i in repeats)
 
 
+def test_a_manual_dir_without_its_photos_is_a_short_error(manual_dir, tmp_path):
+    """An empty photo folder beside the real masks and lists (an interrupted copy): each of the
+    1887 masks was named, "mask without photo", in an error 1888 lines long."""
+    real = manual_dir / "portraits" / "data"
+    data = tmp_path / "portraits" / "data"
+    (data / "images_data_crop").mkdir(parents=True)
+    for name in ("images_mask", "trainlist.mat", "testlist.mat"):
+        (data / name).symlink_to(real / name)
+    masks = len(list((real / "images_mask").glob("*_mask.mat")))
+    with pytest.raises(datasets.BadDataError) as e:
+        datasets.prepare("portrait_segmentation", data_dir=str(tmp_path / "dd"),
+                         manual_dir=str(tmp_path / "portraits"))
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith(f"portrait_segmentation: {masks} file(s) dropped and no usable "
+                               "example left in ")
+    assert ": mask without photo" in lines[1]
+    assert len(lines) <= 22 and lines[-1] == f"  ... and {masks - base.MAX_NAMED} more"
+    assert len(e.value.files) == masks
+
+
 def test_real_ccp_split_sizes(real_data_dir, manual_dir):
     root = manual_dir / "ccp"
     photos = _stems(root / "photos", ".jpg")
