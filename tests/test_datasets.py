@@ -1292,6 +1292,34 @@ def test_build_command_refuses_a_manual_dir_or_folder_it_cannot_use(tmp_path, ca
     assert f"error: {message.format(tmp=tmp_path)}" in capsys.readouterr().err
 
 
+def test_a_manual_dir_missing_one_file_names_it(manual_dir, tmp_path, capsys, monkeypatch):
+    """The real portraits without testlist.mat: the build command and an offline build from
+    $JAXSEG_MANUAL_DIR (as training's) listed the whole layout, the three files present too, and
+    left the user to find the one missing."""
+    from jaxseg.datasets import __main__ as cli
+
+    data = tmp_path / "portraits" / "data"
+    data.mkdir(parents=True)
+    for name in ("images_data_crop", "images_mask", "trainlist.mat"):
+        (data / name).symlink_to(manual_dir / "portraits" / "data" / name)
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["build", "portrait_segmentation", "--manual_dir", str(tmp_path)])
+    assert usage.value.code == 2
+    assert f"(nearest: {tmp_path / 'portraits'} lacks data/testlist.mat)" in capsys.readouterr().err
+
+    def offline(address, timeout):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("JAXSEG_MANUAL_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"could not download .*; {tmp_path / 'portraits'} "
+                       "lacks data/testlist.mat; to build offline"):
+        datasets.prepare("portrait_segmentation", data_dir=str(tmp_path / "dd"))
+
+
 def test_every_build_option_says_what_it_does():
     """--on_bad was listed without a word (nor its default)."""
     from jaxseg.datasets import __main__ as cli

@@ -53,7 +53,7 @@ def main(argv=None):
             if not (builder.find_layout(folder) or builder.find_layout(folder / sub)):
                 p.error(f"--manual_dir {folder} holds neither {name}'s files "
                         f"({', '.join(builder.LAYOUT)}) nor {sub}/ or {builder.ARCHIVE_DIR}/ "
-                        "holding them")
+                        f"holding them (nearest: {builder.lacking(folder, folder / sub)})")
     for name in args.names:
         try:
             builder = datasets.prepare(name, data_dir=args.data_dir, folder=args.folder,

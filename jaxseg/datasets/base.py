@@ -290,6 +290,15 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 return root
         return None
 
+    def lacking(self, *folders: pathlib.Path) -> str:
+        """What the first of FOLDERS (or the archive's top folder inside one) nearest to holding
+        the layout lacks of it: 'F lacks data/testlist.mat'. Listing the whole layout left the
+        user to find the one file missing from a folder that held the rest."""
+        missing = {root: [p for p in self.LAYOUT if not (root / p).exists()]
+                   for folder in folders for root in (folder, folder / self.ARCHIVE_DIR)}
+        root = min(missing, key=lambda r: len(missing[r]))
+        return f"{root} lacks {', '.join(missing[root])}"
+
     def _locate(self, dl_manager: tfds.download.DownloadManager) -> pathlib.Path:
         """Source folder: the manual dir when it holds the dataset, else the downloaded archive."""
         try:
@@ -299,11 +308,13 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if manual:
             if root := self.find_layout(manual):
                 return root
-            logging.warning("%s: %s lacks %s; downloading %s", self.name, manual, self.LAYOUT, self.URL)
+            logging.warning("%s: %s; downloading %s", self.name, self.lacking(manual), self.URL)
         else:
             logging.warning("%s: no manual dir, or an empty one; downloading %s", self.name, self.URL)
         offline = (f"to build offline, point the manual dir at a folder holding {', '.join(self.LAYOUT)} "
                    "($JAXSEG_MANUAL_DIR/<portraits|ccp> or --manual_dir; see README)")
+        if manual:
+            offline = f"{self.lacking(manual)}; {offline}"
         try:
             # Not where TFDS has it from an earlier download: it builds from that offline.
             if not _downloads(dl_manager.download_dir, self.URL) and (why := _unreachable(self.URL)):
