@@ -30,3 +30,14 @@ def manual_dir():
     if not (path / "portraits").is_dir():
         pytest.skip(f"real data not found at {path}; set JAXSEG_MANUAL_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def real_data_dir(manual_dir, tmp_path_factory):
+    """Both real datasets prepared (reused from $TFDS_DATA_DIR when CI has them there)."""
+    from jaxseg import datasets
+
+    data_dir = os.environ.get("TFDS_DATA_DIR") or str(tmp_path_factory.mktemp("real"))
+    for name, sub in datasets.MANUAL_SUBDIRS.items():
+        datasets.prepare(name, data_dir=data_dir, manual_dir=str(manual_dir / sub))
+    return data_dir

@@ -626,15 +626,6 @@ def test_folder_fingerprint_survives_a_dangling_link(tmp_path):
 # ---------------------------------------------------------------- real data (runs in CI)
 
 
-@pytest.fixture(scope="module")
-def real_data_dir(manual_dir, tmp_path_factory):
-    """Both real datasets prepared (reused from $TFDS_DATA_DIR when CI has them there)."""
-    data_dir = os.environ.get("TFDS_DATA_DIR") or str(tmp_path_factory.mktemp("real"))
-    for name, sub in datasets.MANUAL_SUBDIRS.items():
-        datasets.prepare(name, data_dir=data_dir, manual_dir=str(manual_dir / sub))
-    return data_dir
-
-
 def _stems(folder: pathlib.Path, suffix: str) -> set[str]:
     return {p.name.removesuffix(suffix) for p in folder.iterdir() if p.name.endswith(suffix)}
 

@@ -67,3 +67,22 @@ def test_every_config_field_the_readmes_name_exists():
                     break
                 value = value[part]
     assert not unknown, sorted(unknown)
+
+
+def test_the_split_sizes_the_readme_gives_are_the_built_splits(real_data_dir):
+    """The Data table's train/validation/test counts, the Results columns' test counts and the
+    half-data run's slice, against the splits built from the real data."""
+    from jaxseg import datasets
+
+    text = (REPO / "README.md").read_text()
+    sizes = {name: datasets.split_sizes(name, data_dir=real_data_dir)
+             for name in datasets.MANUAL_SUBDIRS}
+    table = {name: [int(n) for n in counts] for name, *counts in re.findall(
+        r"^\| `(\w+)` \|[^|\n]*\| (\d+) \| (\d+) \| (\d+) \|$", text, re.MULTILINE)}
+    assert table == {name: [s["train"], s["validation"], s["test"]] for name, s in sizes.items()}
+    assert re.findall(r"portraits test IoU \((\d+)\)|CCP test IoU \((\d+)\)", text) == [
+        (str(sizes["portrait_segmentation"]["test"]), ""), ("", str(sizes["ccp_person"]["test"]))]
+    half = re.search(r"train_split='train\[:50%\]'` \((\d+) portraits, (\d+) CCP photos\)", text)
+    assert half and [int(n) for n in half.groups()] == [
+        len(datasets.data_source(name, "train[:50%]", data_dir=real_data_dir))
+        for name in datasets.MANUAL_SUBDIRS]
