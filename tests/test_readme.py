@@ -49,6 +49,30 @@ def test_every_flag_of_a_readme_command_is_one_its_module_defines():
     assert not unknown, unknown
 
 
+def test_every_option_of_a_readme_launch_command_is_one_its_script_takes():
+    # `launch/X.py --flag` by argparse's "--flag"; `launch/X.sh --flag` by a case pattern
+    # (`--flag)`, `-n|-d)`) or a getopts letter. Up to a lone `--` (the rest goes to
+    # jaxseg.train), `&&` or a comment; config overrides (--config.FIELD) are jaxseg.train's.
+    unknown = []
+    for readme in READMES:
+        text = (REPO / readme).read_text().replace("\\\n", " ")  # continued command lines
+        for script, rest in re.findall(r"launch/(\w+\.(?:py|sh))([^`\n#&;]*)", text):
+            source = (REPO / "launch" / script).read_text()
+            getopts = re.search(r'getopts "([^"]*)"', source)
+            for word in (w.strip("[]|") for w in rest.split()):
+                if word == "--":
+                    break
+                if not (flag := re.fullmatch(r"(--?[a-zA-Z][\w-]*)(?:=.*)?", word)):
+                    continue
+                flag = flag.group(1)
+                known = (re.search(rf"""["']{flag}["']""", source) if script.endswith(".py") else
+                         re.search(rf"(?<![\w-]){flag}[|)]", source)
+                         or (getopts and len(flag) == 2 and flag[1] in getopts.group(1)))
+                if not known:
+                    unknown.append(f"{readme}: launch/{script} {flag}")
+    assert not unknown, unknown
+
+
 def test_every_config_field_the_readmes_name_exists():
     from configs import default
 
