@@ -110,3 +110,25 @@ def test_the_split_sizes_the_readme_gives_are_the_built_splits(real_data_dir):
     assert half and [int(n) for n in half.groups()] == [
         len(datasets.data_source(name, "train[:50%]", data_dir=real_data_dir))
         for name in datasets.MANUAL_SUBDIRS]
+
+
+def test_the_exclusions_the_readme_gives_are_the_build_reports(real_data_dir):
+    """The Data section's counts of portraits masks without a photo (and of those on the
+    authors' lists), its train-list repeats of test photos and CCP's empty annotation, against
+    the build reports of the real data."""
+    from jaxseg import datasets
+
+    text = " ".join((REPO / "README.md").read_text().split())  # as one line: wrapped anywhere
+    portraits = datasets.build_report("portrait_segmentation", data_dir=real_data_dir)
+    counts = portraits["counts"]
+    said = re.search(r"Portraits: (\d+) masks without a photo \((\d+) of them ids on the "
+                     r"authors' train and test lists\)", text)
+    assert said and [int(n) for n in said.groups()] == [counts["masks_without_photo"], sum(
+        e["reason"].startswith("mask without photo (id in") for e in portraits["excluded"])]
+    pairs = re.search(r"the authors' train list repeats \w+ test portraits \(([^)]*)\)", text)
+    repeats = {re.search(r"(\d+)\.jpg$", e["file"]).group(1): e["reason"].rsplit(" ", 1)[1]
+               for e in portraits["excluded"] if e["reason"].startswith("the same photo as test")}
+    assert pairs and dict(re.findall(r"(\d+) = (?:test )?(\d+)", pairs.group(1))) == repeats
+    ccp = datasets.build_report("ccp_person", data_dir=real_data_dir)["excluded"]
+    said = re.search(r"CCP: the empty annotation (\d+) is excluded", text)
+    assert said and [e["file"] for e in ccp] == [f"annotations/pixel-level/{said.group(1)}.mat"]
