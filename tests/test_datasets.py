@@ -1286,7 +1286,7 @@ def test_build_command_refuses_a_manual_dir_or_folder_it_cannot_use(tmp_path, ca
 def test_a_manual_dir_missing_one_file_names_it(manual_dir, tmp_path, capsys, monkeypatch):
     """The real portraits without testlist.mat: the build command and an offline build from
     $JAXSEG_MANUAL_DIR (as training's) listed the whole layout, the three files present too, and
-    left the user to find the one missing."""
+    left the user to find the one missing; a $JAXSEG_MANUAL_DIR that does not exist is named."""
     from jaxseg.datasets import __main__ as cli
 
     data = tmp_path / "portraits" / "data"
@@ -1308,6 +1308,11 @@ def test_a_manual_dir_missing_one_file_names_it(manual_dir, tmp_path, capsys, mo
     monkeypatch.setenv("JAXSEG_MANUAL_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=f"could not download .*; {tmp_path / 'portraits'} "
                        "lacks data/testlist.mat; to build offline"):
+        datasets.prepare("portrait_segmentation", data_dir=str(tmp_path / "dd"))
+    # A mistyped one was "no manual dir, or an empty one", as if $JAXSEG_MANUAL_DIR were unset.
+    monkeypatch.setenv("JAXSEG_MANUAL_DIR", str(tmp_path / "typo"))
+    with pytest.raises(FileNotFoundError, match=f"could not download .*; the manual dir "
+                       f"{tmp_path / 'typo' / 'portraits'} does not exist or is empty; to build"):
         datasets.prepare("portrait_segmentation", data_dir=str(tmp_path / "dd"))
 
 

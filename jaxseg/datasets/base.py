@@ -243,6 +243,7 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if on_bad not in ON_BAD:
             raise ValueError(f"on_bad must be one of {ON_BAD}, not {on_bad!r}")
         self.on_bad = on_bad
+        self._manual_dir_asked = None  # the build's, named where TFDS gives _locate none (missing)
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
@@ -308,13 +309,17 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if manual:
             if root := self.find_layout(manual):
                 return root
-            logging.warning("%s: %s; downloading %s", self.name, self.lacking(manual), self.URL)
+            reason = self.lacking(manual)
+        elif self._manual_dir_asked:
+            # A mistyped $JAXSEG_MANUAL_DIR was met with "no manual dir", as if it were unset.
+            reason = f"the manual dir {self._manual_dir_asked} does not exist or is empty"
         else:
-            logging.warning("%s: no manual dir, or an empty one; downloading %s", self.name, self.URL)
+            reason = None
+        logging.warning("%s: %s; downloading %s", self.name, reason or "no manual dir", self.URL)
         offline = (f"to build offline, point the manual dir at a folder holding {', '.join(self.LAYOUT)} "
                    "($JAXSEG_MANUAL_DIR/<portraits|ccp> or --manual_dir; see README)")
-        if manual:
-            offline = f"{self.lacking(manual)}; {offline}"
+        if reason:
+            offline = f"{reason}; {offline}"
         try:
             # Not where TFDS has it from an earlier download: it builds from that offline.
             if not _downloads(dl_manager.download_dir, self.URL) and (why := _unreachable(self.URL)):
@@ -417,6 +422,7 @@ class PersonSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {name: split.num_examples for name, split in self.info.splits.items()}
 
     def _download_and_prepare(self, dl_manager, download_config):
+        self._manual_dir_asked = download_config.manual_dir
         super()._download_and_prepare(dl_manager, download_config)
         self._report.write(self.data_path / REPORT_FILE, self.split_sizes())
 
