@@ -66,6 +66,13 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
             if not 0 <= pid < count:
                 raise ValueError(f"process id {pid} must be from 0 to {count - 1}, one less than "
                                  f"the process count {count}")
+            # Without a port JAX failed with an IndexError; with a bad one process 0 crashed
+            # (SIGSEGV) and the others aborted after the whole start-up timeout.
+            port = re.fullmatch(r".+:([0-9]{1,5})", address)
+            if not port or not 0 < int(port[1]) <= 65535:
+                raise ValueError(f"the coordinator address must be HOST:PORT, process 0's host "
+                                 f"and a free port from 1 to 65535 (e.g. 10.0.0.1:8476), got "
+                                 f"{address!r}")
         heartbeat = heartbeat_timeout_s(timeout_s) if count > 1 or os.environ.get(
             HEARTBEAT_ENV) else None
     except ValueError as e:  # a launch mistake, before any process waits for this one

@@ -628,6 +628,8 @@ def test_explicit_launch_settings_reach_jax_with_the_heartbeat_timeout(no_launch
     assert no_launch_env == [(("127.0.0.1:1", 2, 1), {
         "initialization_timeout": 300,
         "heartbeat_timeout_seconds": distributed.heartbeat_timeout_s(300)})]
+    distributed.initialize("[::1]:65535", 2, 0)  # an IPv6 host, the highest port
+    assert no_launch_env[-1][0] == ("[::1]:65535", 2, 0)
 
 
 def test_launch_mistakes_are_one_line_before_joining(no_launch_env, monkeypatch):
@@ -638,7 +640,13 @@ def test_launch_mistakes_are_one_line_before_joining(no_launch_env, monkeypatch)
             # Both were ignored: the process ran alone.
             (("", -2, -1), "the process count must be at least 1, got -2"),
             (("", 0, 1), "process id 1 is one of several processes, but neither a coordinator"),
-            (("", 1, 3), "process id 3 is one of several processes")]:
+            (("", 1, 3), "process id 3 is one of several processes"),
+            # JAX's IndexError; then process 0's crash and the others' wait for it.
+            (("10.0.0.1", 2, 1), "coordinator address must be HOST:PORT.* got '10.0.0.1'"),
+            (("node0:http", 2, 0), "coordinator address must be HOST:PORT"),
+            (("node0:", 2, 0), "coordinator address must be HOST:PORT"),
+            (("node0:65536", 2, 1), "from 1 to 65535"),
+            ((":8476", 2, 1), "coordinator address must be HOST:PORT")]:
         with pytest.raises(SystemExit, match=f"^error: .*{message}"):
             distributed.initialize(*args)
     monkeypatch.setenv("JAXSEG_NUM_PROCESSES", "two")
