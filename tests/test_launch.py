@@ -223,6 +223,23 @@ def test_slurm_dry_run(bin_dir, tmp_path):
     assert "WORKDIR (default runs/slurm," in help_text and "resumes" in help_text
 
 
+def test_slurm_gives_each_task_the_cpus_per_task_of_the_job(bin_dir, tmp_path):
+    """Since Slurm 22.05, srun does not inherit sbatch's --cpus-per-task: the #SBATCH line's 8 CPUs
+    per task were not given to the processes, each left with one CPU for its decoding threads."""
+    _stub(bin_dir, "srun")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    env = {"SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_NTASKS_PER_NODE": "8",
+           "SLURM_CPUS_PER_TASK": "6", "VENV": str(venv)}
+    out = _run([LAUNCH / "slurm.sbatch", "--dry-run"], bin_dir, env=env)
+    assert out.returncode == 0, out.stderr
+    steps = [line for line in out.stdout.splitlines() if line.startswith("+ srun ")]
+    assert len(steps) == 3  # train, then the two evaluations
+    assert all("srun --ntasks-per-node=8 --cpus-per-task=6 --kill-on-bad-exit=1 " in line
+               for line in steps), steps
+
+
 def _logging_stub(path, name, log):
     """A fake `name` that records its call in `log` and fails."""
     (path / name).write_text(f"#!/bin/sh\necho \"{name} $*\" >> '{log}'\nexit 1\n")
