@@ -1,9 +1,11 @@
 """Joining the JAX multi-controller runtime when launched as one of several processes."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import socket
 import sys
 
 import jax
@@ -75,6 +77,13 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
                                  f"{address!r}")
         heartbeat = heartbeat_timeout_s(timeout_s) if count > 1 or os.environ.get(
             HEARTBEAT_ENV) else None
+        # JAX's coordinator on a port another program holds crashed process 0 (SIGSEGV), and
+        # the others waited for it through the whole start-up timeout.
+        if (count > 1 and pid == 0 and "JAX_COORDINATOR_BIND_ADDRESS" not in os.environ
+                and (why := _port_taken(int(address.rsplit(":", 1)[1])))):
+            raise ValueError(f"process 0 cannot serve the coordinator on {address} ({why}): "
+                             "another program, or another run's process 0, holds that port; "
+                             "choose another")
     except ValueError as e:  # a launch mistake, before any process waits for this one
         raise SystemExit(f"error: {e}") from None
     if address or count > 1:
@@ -92,6 +101,22 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
             f"error: this process is one of {jax.process_count()}, but JAX's distributed runtime "
             f"was not started: set {AUTO_ENV}=auto on every host (launch/tpu_vm.sh does) or pass "
             "--coordinator_address, --num_processes and --process_id")
+
+
+def _port_taken(port: int) -> str | None:
+    """Why a server could not listen on PORT of every address here, as JAX's coordinator does
+    (another program listens there, or the port is privileged); None where it can."""
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family) as s:
+                # As gRPC does: a port an earlier run left in TIME_WAIT is free to it.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, port))
+            return None
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                return e.strerror
+    return None  # no IPv6 nor IPv4 here to try: JAX will say what it finds
 
 
 def _env_int(name: str, unset: int) -> int:

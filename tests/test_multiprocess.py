@@ -628,8 +628,8 @@ def test_explicit_launch_settings_reach_jax_with_the_heartbeat_timeout(no_launch
     assert no_launch_env == [(("127.0.0.1:1", 2, 1), {
         "initialization_timeout": 300,
         "heartbeat_timeout_seconds": distributed.heartbeat_timeout_s(300)})]
-    distributed.initialize("[::1]:65535", 2, 0)  # an IPv6 host, the highest port
-    assert no_launch_env[-1][0] == ("[::1]:65535", 2, 0)
+    distributed.initialize("[::1]:65535", 2, 1)  # an IPv6 host, the highest port
+    assert no_launch_env[-1][0] == ("[::1]:65535", 2, 1)
 
 
 def test_launch_mistakes_are_one_line_before_joining(no_launch_env, monkeypatch):
@@ -656,6 +656,33 @@ def test_launch_mistakes_are_one_line_before_joining(no_launch_env, monkeypatch)
     with pytest.raises(SystemExit, match="^error: .*JAXSEG_HEARTBEAT_TIMEOUT_S must be a positive"):
         distributed.initialize("127.0.0.1:1", 2, 0)
     assert no_launch_env == []  # JAX's runtime was never asked to start
+
+
+def test_process_0_refuses_a_coordinator_port_another_program_listens_on(no_launch_env):
+    """JAX's coordinator could not listen there: process 0 crashed (SIGSEGV) and the others
+    waited for it through the whole start-up timeout."""
+    import socket
+
+    with socket.socket() as listener:
+        # As an earlier run's coordinator (gRPC) does: its closed connections then do not hold the
+        # port (with it unset, they do, for JAX's coordinator too).
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(SystemExit, match=rf"^error: process 0 cannot serve the coordinator "
+                                             rf"on 127.0.0.1:{port} \(.*\): another program"):
+            distributed.initialize(f"127.0.0.1:{port}", 2, 0)
+        assert no_launch_env == []
+        distributed.initialize(f"127.0.0.1:{port}", 2, 1)  # only process 0 listens there
+        assert len(no_launch_env) == 1
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # closed first by the server: its port lingers in TIME_WAIT
+        client.close()
+    # Once that listener is gone, the port serves again, TIME_WAIT or not (as it does JAX's).
+    distributed.initialize(f"127.0.0.1:{port}", 2, 0)
+    assert no_launch_env[-1][0] == (f"127.0.0.1:{port}", 2, 0)
 
 
 def test_several_processes_without_distributed_runtime_is_an_error(no_launch_env, monkeypatch):
