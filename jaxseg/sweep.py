@@ -27,6 +27,7 @@ import os
 import pathlib
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -454,7 +455,9 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
                                 "is fixed")
                 break
             command = _command(config, tdir, values, list(extra))
-            print(f"trial {tdir.name}: {' '.join(command)}", flush=True)
+            # Quoted as a shell reads it: a trial rerun by hand from this line gets its values
+            # whole (a tuple's parentheses, a value's spaces).
+            print(f"trial {tdir.name}: {shlex.join(command)}", flush=True)
             with log:  # the trial holds its own copy
                 proc = subprocess.Popen(_dying_with_the_sweep(command), stdout=log,
                                         stderr=subprocess.STDOUT, env=trial_environment(parallel))

@@ -5,6 +5,7 @@ import os
 import pathlib
 import random
 import re
+import shlex
 import sys
 
 import pytest
@@ -86,6 +87,27 @@ def test_parallel_trials_fill_the_slot_that_frees_first(tmp_path, monkeypatch):
     assert [sweep.trial_name(t) for t in combos] == ["x=0", "x=1", "x=2", "x=3"]
     sweep.run("configs/smoke.py", tmp_path, combos, parallel=2)
     assert (tmp_path / "x=0" / "saw_the_others_end").read_text() == "True"
+
+
+def test_a_trials_printed_command_reruns_it_in_a_shell(tmp_path, monkeypatch, capsys):
+    """The line naming a trial's command joined its words with spaces: pasted into a shell to
+    rerun the trial, a tuple's parentheses were a syntax error and a value's space split it."""
+    ran = []
+
+    def started(command):  # the trial's real command, recorded; a no-op runs instead
+        ran.append(command)
+        return [sys.executable, "-c", "pass"]
+
+    monkeypatch.setattr(sweep, "_dying_with_the_sweep", started)
+    combos = sweep.trials(sweep.parse_grid(
+        ["model.output_shift=(0.5, 0.0)", "data.train='portrait_segmentation:1, ccp_person:1'"]))
+    with pytest.raises(sweep.SweepError, match="left no usable record"):  # trained nothing
+        sweep.run("configs/smoke.py", tmp_path / "s w", combos, extra=["--config.seed=1"])
+    name = sweep.trial_name(combos[0])
+    printed, = [line.removeprefix(f"trial {name}: ")
+                for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
+    assert shlex.split(printed) == ran[0]
+    assert "--config.model.output_shift=(0.5, 0.0)" in ran[0]
 
 
 def test_parallel_trials_do_not_each_preallocate_the_gpu(tmp_path, monkeypatch):
