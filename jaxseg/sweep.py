@@ -382,9 +382,16 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
         _check_same_sweep(workdir, config, extra)
     except OSError as e:
         raise SweepError(f"--workdir {workdir}: cannot write in it ({e.strerror or e})") from None
+    # Each folder by the values it holds, whatever their fields' order: names follow the order
+    # of the --grid flags, so the same grids given in another order would train every trial
+    # again, in new folders, and rank each twice.
+    held = {}
+    for folder in sorted(workdir.iterdir()):
+        if folder.is_dir() and (recorded := _recorded_values(folder)) is not None:
+            held.setdefault(json.dumps(recorded, sort_keys=True), folder)
     todo, taken = [], {}
     for values in combos:
-        tdir = trial_dir(workdir, values, taken)
+        tdir = held.get(json.dumps(values, sort_keys=True)) or trial_dir(workdir, values, taken)
         taken[tdir] = values
         if not (tdir / RESULT_FILE).exists():
             todo.append((tdir, values))
