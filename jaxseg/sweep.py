@@ -45,11 +45,12 @@ TRIAL_FILE = "sweep_trial.json"  # the values a trial folder was started with
 
 class SweepError(RuntimeError):
     """Trials that failed or stopped early, or a sweep folder re-run with another command;
-    `stopped`: the sweep itself was stopped by a signal."""
+    `stopped`: the sweep itself was stopped by a signal; `ranked`: results.md ranks the trials
+    that finished all the same."""
 
-    def __init__(self, message: str, *, stopped: bool = False):
+    def __init__(self, message: str, *, stopped: bool = False, ranked: bool = False):
         super().__init__(message)
-        self.stopped = stopped
+        self.stopped, self.ranked = stopped, ranked
 
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
@@ -482,12 +483,15 @@ def run(config: str, workdir: str | pathlib.Path, combos: list[dict], *, paralle
     # another --grid adds its trials to the earlier ones' ranking instead of replacing it.
     rows = [json.loads(path.read_text()) for path in sorted(workdir.glob(f"*/{RESULT_FILE}"))]
     rows.sort(key=lambda r: -r["val_iou"])
+    ranked = False
     try:
         write_table(workdir, rows)
+        ranked = bool(rows)
     except OSError as e:  # a disk that filled during the trials: the summary still says what ran
         failures.append(f"results.md and results.csv not written ({e.strerror or e})")
     if failures:
-        raise SweepError("unfinished trials: " + "; ".join(failures), stopped=bool(stopping))
+        raise SweepError("unfinished trials: " + "; ".join(failures), stopped=bool(stopping),
+                         ranked=ranked)
     return rows
 
 
@@ -581,6 +585,8 @@ def main(argv=None):
     try:
         rows = run(args.config, args.workdir, combos, parallel=args.parallel, extra=extra)
     except SweepError as e:
+        if e.ranked:  # one failed trial hid the ranking of all the others
+            print((pathlib.Path(args.workdir) / "results.md").read_text())
         print(f"error: {e}", file=sys.stderr)
         # Stopped by a signal: rerunning resumes, as after a stopped training.
         raise SystemExit(STOPPED_EXIT_STATUS if e.stopped else 1) from None

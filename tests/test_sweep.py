@@ -444,7 +444,7 @@ def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     assert usage.value.code == 2 and "--workdir: give the sweep's folder" in capsys.readouterr().err
 
 
-def test_a_sweep_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+def test_a_sweep_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
     """A full disk (or a read-only folder) ended the sweep in OSError's traceback: at its start,
     between trials, and at its end, where it lost the summary of those that failed."""
     import errno
@@ -471,12 +471,21 @@ def test_a_sweep_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch
         sweep.run("configs/smoke.py", tmp_path / "s", [{"seed": 0}, {"seed": 1}])
     assert "seed=1 failed (exit 1: error: boom" in str(failed.value)
     assert "results.md and results.csv not written (No space left on device)" in str(failed.value)
+    assert not failed.value.ranked
     assert (tmp_path / "s" / "seed=0" / sweep.RESULT_FILE).exists()
     full = {sweep.TRIAL_FILE}  # between trials: the next cannot start
     with pytest.raises(sweep.SweepError, match=r"unfinished trials: 2 trial\(s\) not started, from "
                        r"seed=1 on \(No space left on device\): run the same command again"):
         sweep.run("configs/smoke.py", tmp_path / "s", [{"seed": 0}, {"seed": 1}, {"seed": 2}])
     assert (tmp_path / "s" / "results.md").exists()  # the finished trial's ranking
+    full = set()  # the command line shows that ranking above the failure
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        sweep.main(["--config", "configs/smoke.py", "--workdir", str(tmp_path / "s"),
+                    "--grid", "seed=0,1"])
+    out, err = capsys.readouterr()
+    assert out.endswith((tmp_path / "s" / "results.md").read_text() + "\n")
+    assert "| seed=0 |" in out and "seed=1 failed (exit 1: error: boom" in err
 
 
 def test_a_storage_url_workdir_is_refused_not_made_a_local_folder(tmp_path, monkeypatch, capsys):
