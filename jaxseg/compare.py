@@ -31,25 +31,34 @@ _CHUNK = 1000
 
 
 class Evaluation:
-    """One eval JSON's per-image counts, in the order of its image ids."""
+    """One evaluation's per-image counts (an eval JSON's result), in the order of its image ids;
+    ValueError where it has none."""
 
-    def __init__(self, path: pathlib.Path):
+    def __init__(self, result: dict, name: str):
         try:
-            result = json.loads(path.read_text())
             rows = sorted(result["per_image"], key=lambda row: row["id"])
             self.counts = {k: np.array([row[k] for row in rows], np.int64)
                            for k in ("tp", "fp", "fn")}
             self.ids = [row["id"] for row in rows]
             self.dataset, self.split = result["dataset"], result["split"]
+        except (KeyError, TypeError, ValueError) as e:  # not what evaluate writes
+            raise ValueError(f"{name} is not an eval JSON of jaxseg.evaluate with per-image "
+                             f"counts ({type(e).__name__}: {e})") from None
+        if not self.ids:
+            raise ValueError(f"{name} scores no images")
+        options = [option for option in ("flip_tta", "refine") if result.get(option)]
+        self.label = " --".join([str(result.get("model") or name)] + options)
+
+    @classmethod
+    def read(cls, path: pathlib.Path) -> "Evaluation":
+        """The eval JSON at PATH; SystemExit with one line where it cannot be read or used."""
+        try:
+            return cls(json.loads(path.read_text()), str(path))
         except OSError as e:
             raise SystemExit(f"error: {path}: cannot read it ({e.strerror or e})") from None
-        except (ValueError, KeyError, TypeError) as e:  # not JSON, or not what evaluate writes
-            raise SystemExit(f"error: {path} is not an eval JSON of jaxseg.evaluate with "
-                             f"per-image counts ({type(e).__name__}: {e})") from None
-        if not self.ids:
-            raise SystemExit(f"error: {path} scores no images")
-        options = [name for name in ("flip_tta", "refine") if result.get(name)]
-        self.label = " --".join([str(result.get("model") or path.stem)] + options)
+        except ValueError as e:  # not JSON (JSONDecodeError), or not what evaluate writes
+            raise SystemExit(f"error: {e}" if str(e).startswith(str(path)) else
+                             f"error: {path} is not an eval JSON ({e})") from None
 
 
 def sign_test_p(wins: int, trials: int) -> float:
@@ -106,7 +115,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--output", type=pathlib.Path, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
-    a, b = Evaluation(args.a), Evaluation(args.b)
+    a, b = Evaluation.read(args.a), Evaluation.read(args.b)
     if (a.dataset, a.split) != (b.dataset, b.split):
         sys.exit(f"error: {args.a} scores {a.dataset}/{a.split} and {args.b} "
                  f"{b.dataset}/{b.split}: compare evaluations of one split")

@@ -34,7 +34,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from jaxseg import config_check, inference, input_pipeline, metric_writer, metrics, refine
+from jaxseg import compare, config_check, inference, input_pipeline, metric_writer, metrics, refine
 from jaxseg.arg_types import refuse_positional, run_absl
 from jaxseg.models import LogitAverage, of_members
 from jaxseg.predict import Renderer
@@ -514,12 +514,30 @@ def recommendations(result: dict, area: list[dict], people: list[dict], peers: l
              _boundary_recommendation(result)]
     if result.get("model_resolution"):  # absent for scored prediction folders
         recs.append(_resolution_recommendation(result, image_size))
-    for peer in peers:
-        diff = result["iou"] - peer.result["iou"]
-        recs.append(f"{'Ahead of' if diff >= 0 else 'Behind'} {peer.label} by {abs(diff):.3f} IoU "
-                    f"({result['iou']:.3f} vs {peer.result['iou']:.3f}); boundary F1 "
-                    f"{result['boundary_f1']:.3f} vs {_fmt(peer.result.get('boundary_f1'))}.")
+    recs += [peer_comparison(result, peer) for peer in peers]
     return recs
+
+
+def peer_comparison(result: dict, peer: EvalFile) -> str:
+    """How far ahead of (or behind) PEER the evaluation RESULT is, and, where both score the same
+    images, whether that is more than the split's noise (jaxseg.compare, image by image)."""
+    diff = result["iou"] - peer.result["iou"]
+    text = (f"{'Ahead of' if diff >= 0 else 'Behind'} {peer.label} by {abs(diff):.3f} IoU "
+            f"({result['iou']:.3f} vs {peer.result['iou']:.3f})")
+    try:
+        paired = compare.compare(compare.Evaluation(result, "this evaluation"),
+                                 compare.Evaluation(peer.result, peer.label))
+    except ValueError:  # another cut of the split, or a peer JSON without per-image counts
+        paired = None
+    if paired:
+        low, high = paired["iou"]["interval_95"]
+        images = paired["images"]
+        text += (f", a difference whose 95% interval over images is {low:+.4f} to {high:+.4f}"
+                 f"{' (within noise)' if low <= 0 <= high else ''}; higher IoU on "
+                 f"{images['a_higher']} of {images['count']} images, {peer.label} on "
+                 f"{images['b_higher']}")
+    return (f"{text}; boundary F1 {result['boundary_f1']:.3f} vs "
+            f"{_fmt(peer.result.get('boundary_f1'))}.")
 
 
 # ----------------------------------------------------------------------------- figures

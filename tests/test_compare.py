@@ -70,7 +70,7 @@ def test_the_interval_is_the_normal_approximation_of_many_images(tmp_path):
         tp = np.round(union * iou).astype(int)
         paths.append(_counts_json(tmp_path / f"{name}.json", tp, (union - tp) // 2,
                                   union - tp - (union - tp) // 2))
-    a, b = (compare.Evaluation(p) for p in paths)
+    a, b = (compare.Evaluation.read(p) for p in paths)
     result = compare.compare(a, b, samples=4000, seed=3)
     image_a, image_b = (np.round(union * i) / union for i in (iou_a, iou_b))
     d = image_a - image_b

@@ -745,3 +745,27 @@ def test_the_metric_table_shows_both_resolutions_and_the_balance_its_numbers():
     swapped = [{"fp": r["fn"], "fn": r["fp"]} for r in per_image]
     assert "3.0 false-positive pixels per missed person pixel" in report._balance_recommendation(
         dict(result, per_image=swapped))
+
+
+def test_a_peer_is_compared_image_by_image_where_it_scores_the_same_images(tmp_path):
+    source = fake_source(30, seed=4, min_size=40, max_size=60)
+    own = fake_eval(source, 0.575, 0.3, boundary_f1=0.8, resolution_gain=0.0)
+    other = fake_eval(source, 0.57, 0.3, boundary_f1=0.7, resolution_gain=0.0, seed=1)
+    path = epath.Path(tmp_path / "mediapipe_fake_validation.json")
+    own_iou = np.array([r["iou"] for r in own["per_image"]])
+    other_iou = np.array([r["iou"] for r in other["per_image"]])
+    wins, losses = int(np.sum(own_iou > other_iou)), int(np.sum(own_iou < other_iou))
+    assert wins > losses > 0  # the peer misses a few more person pixels, not on every image
+
+    said = report.peer_comparison(own, report.EvalFile(path, other, peer=True))
+    assert said.startswith(f"Ahead of mediapipe (peer) by {own['iou'] - other['iou']:.3f} IoU")
+    assert f"higher IoU on {wins} of 30 images, mediapipe (peer) on {losses};" in said
+    low, high = map(float, re.search(r"interval over images is (\S+) to (\S+?)[ ;]", said).groups())
+    assert low < own["iou"] - other["iou"] < high
+    assert ("(within noise)" in said) == (low <= 0 <= high)
+    # Rows of other images (another cut of the split), or none: the two IoUs alone.
+    for peer in (dict(other, per_image=other["per_image"][1:]),
+                 {k: v for k, v in other.items() if k != "per_image"}):
+        said = report.peer_comparison(own, report.EvalFile(path, peer, peer=True))
+        assert "interval" not in said and "higher IoU" not in said
+        assert said.endswith("boundary F1 0.800 vs 0.700.")
