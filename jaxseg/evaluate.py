@@ -141,17 +141,23 @@ class Evaluator:
         when any of its files is soft (`is_soft`): then a map holding only 0 and 1/255 (a
         person-free photo) is not taken for a 0/1 mask. Otherwise its files are masks. Where files
         of 0 and 1 alone outnumber the soft ones, `predictions_warning` says so: one antialiased
-        file among 0/1 masks reads them all as near-0 probabilities."""
+        file among 0/1 masks reads them all as near-0 probabilities. It also says when no value of
+        any soft map reaches the threshold while the photos hold people (label maps of 0, 1, 2,
+        or 8-bit values in 16-bit files): nothing is then scored as a person."""
         predictions_dir = pathlib.Path(predictions_dir)
         files = prediction_files(predictions_dir,
                                  [self.source[i]["id"] for i in range(len(self.source))])
         soft_files, zero_one_files = [], []
+        highest = (-1.0, "", 0, 0.0)  # (probability, file, value, bit depth's top) of the largest
         for path in files.values():
             values = read_prediction_values(path)
             if is_soft(values):
                 soft_files.append(path.name)
             elif values.max() == 1:
                 zero_one_files.append(path.name)
+            top, depth = int(values.max()), soft_depth(values)
+            if top / depth > highest[0]:
+                highest = (top / depth, path.name, top, depth)
         soft = bool(soft_files)
         step = jax.jit(functools.partial(_predictions_step, canvas=self.canvas,
                                          threshold=self.threshold, tol_full=self.tol_full),
@@ -167,6 +173,16 @@ class Evaluator:
                 f"{zero_one_files[0]}), and were read as soft maps of near-0 probabilities, "
                 f"because {len(soft_files)} file(s) hold other values (e.g. {soft_files[0]}); "
                 "if they are masks, save every prediction as a 0/255 mask")
+        elif soft and highest[0] < self.threshold and any(
+                r["tp"] + r["fn"] for r in result["per_image"]):
+            # Else IoU 0 without a word: every file read as probabilities that never reach it.
+            _, name, top, depth = highest
+            result["predictions_warning"] = (
+                f"no value of any file reaches the threshold {self.threshold:g} (the highest is "
+                f"{top} of {depth:g}, in {name}), so nothing was scored as a person: soft maps are "
+                "scaled by their bit depth (255, or 65535 for 16 bits); if they are label maps "
+                "(0, 1, 2, ...), save every prediction as a 0/255 mask, and 8-bit values in 8-bit "
+                "files")
         return result
 
     def _with_predictions(self, files: dict, soft: bool):
@@ -309,6 +325,11 @@ def is_soft(values: np.ndarray) -> bool:
     return bool(((values != low) & (values != high)).any())
 
 
+def soft_depth(values: np.ndarray) -> float:
+    """The value of probability 1 in a soft map: 65535 for 16 bits, else 255."""
+    return 65535.0 if values.dtype == np.uint16 or values.max() > 255 else 255.0
+
+
 def prediction_probabilities(values: np.ndarray, size: tuple[int, int], *, soft: bool) -> np.ndarray:
     """float32 P(person) at `size` (height, width) from a prediction image's values.
 
@@ -322,7 +343,7 @@ def prediction_probabilities(values: np.ndarray, size: tuple[int, int], *, soft:
     if not soft:
         probs = image_io.binarize(values)[0]
     else:
-        probs = values / (65535.0 if values.dtype == np.uint16 or values.max() > 255 else 255.0)
+        probs = values / soft_depth(values)
     return image_io.fit_to_size(probs.astype(np.float32), size)[0]  # BadFile is a ValueError
 
 

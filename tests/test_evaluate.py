@@ -190,7 +190,9 @@ def test_predictions_are_read_like_masks_and_meet_the_threshold(tmp_path):
             r = score(folders[kind], threshold)
             assert r["iou"] == pytest.approx(numpy_iou(threshold)), (kind, threshold)
             assert r["threshold"] == threshold and r["predictions_read_as"] == "soft maps"
-            assert "predictions_warning" not in r  # one person-free map of 0 and 1 is no mask
+            # One person-free map of 0 and 1 is no mask; at 0.8, above every value of every map,
+            # nothing is a person, and that is said.
+            assert ("predictions_warning" in r) == (threshold == 0.8), (kind, threshold)
     assert numpy_iou(0.2) < numpy_iou(0.5) < 1.0 and numpy_iou(0.8) == 0.0
     # 0/1 masks with one antialiased file among them: all read soft, as the rule says, and said.
     zero_one = tmp_path / "zero_one"
@@ -211,6 +213,31 @@ def test_predictions_are_read_like_masks_and_meet_the_threshold(tmp_path):
     cv2.imwrite(str(folders["named"] / f"{source[0]['id']}.png"), truth[0].astype(np.uint8))
     with pytest.raises(ValueError, match="several predictions"):
         score(folders["named"])
+
+
+def test_soft_maps_that_never_reach_the_threshold_are_said(tmp_path):
+    """Label maps (0 background, 1 person, 2 another class) and 8-bit soft values saved in 16-bit
+    files are soft maps whose values never reach the threshold: IoU 0, said with the file and
+    value, not without a word."""
+    source = fake_source(3, seed=5)
+    truth = [ex["mask"][..., 0] > 0 for ex in source]
+    labels, wide = tmp_path / "labels", tmp_path / "wide"
+    labels.mkdir()
+    wide.mkdir()
+    for ex, t in zip(source, truth):
+        label = t.astype(np.uint8)
+        label[0, 0] = 2
+        cv2.imwrite(str(labels / f"{ex['id']}.png"), label)
+        soft = np.where(t, 0.9, 0.1)
+        soft[0, 0] = 0.5  # three levels: a soft map
+        cv2.imwrite(str(wide / f"{ex['id']}.png"), np.round(soft * 255).astype(np.uint16))
+    ev = evaluate.Evaluator(source, mesh=sharding.make_mesh(1), image_size=32, batch_size=2)
+    for folder, highest in ((labels, "2 of 255"), (wide, "230 of 65535")):
+        r = ev.evaluate_predictions(folder)
+        assert r["predictions_read_as"] == "soft maps" and r["iou"] == 0.0
+        assert sum(map(np.sum, truth)) > 0  # the photos hold people that nothing was scored as
+        assert r["predictions_warning"].startswith("no value of any file reaches the threshold 0.5")
+        assert f"(the highest is {highest}, in {source[0]['id']}.png)" in r["predictions_warning"]
 
 
 def test_a_prediction_of_another_aspect_ratio_is_refused(tmp_path):
