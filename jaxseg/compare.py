@@ -14,6 +14,7 @@ chance.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import pathlib
@@ -75,7 +76,11 @@ def dataset_iou(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
 def compare(a: Evaluation, b: Evaluation, samples: int = 10_000, seed: int = 0) -> dict:
     """A minus B: point estimates, paired-bootstrap 95% intervals and per-image wins."""
     if a.ids != b.ids:
-        only_a, only_b = sorted(set(a.ids) - set(b.ids)), sorted(set(b.ids) - set(a.ids))
+        # Counted, not as sets: an id scored twice in one (a split of several folders' photos
+        # repeats ids) and once in the other was "0 only in the first; 0 only in the second".
+        count_a, count_b = collections.Counter(a.ids), collections.Counter(b.ids)
+        only_a, only_b = (sorted((x - y).elements()) for x, y in ((count_a, count_b),
+                                                                 (count_b, count_a)))
         raise ValueError(f"the two evaluations score different images ({len(only_a)} only in "
                          f"the first, e.g. {only_a[:3]}; {len(only_b)} only in the second, e.g. "
                          f"{only_b[:3]}): compare evaluations of one split")

@@ -93,6 +93,9 @@ def test_the_sign_test_is_the_binomial_tail():
 @pytest.mark.parametrize("case, said", [
     ("other_split", "scores fake/test and .* fake/validation: compare evaluations of one split"),
     ("other_images", "1 only in the first, e.g. \\['0002'\\]; 1 only in the second"),
+    # Id 0001 scored twice in B (a split of several folders' photos repeats ids): the
+    # same set of ids, but not the same images.
+    ("repeated_id", "0 only in the first, e.g. \\[\\]; 1 only in the second, e.g. \\['0001'\\]"),
     ("not_an_eval", "is not an eval JSON of jaxseg.evaluate"),
     ("missing", "cannot read it"),
 ])
@@ -102,6 +105,8 @@ def test_evaluations_that_do_not_pair_are_one_line(tmp_path, case, said):
                                                split="validation"),
          "other_images": lambda p: _counts_json(p, [5, 6, 7], [1, 1, 1], [1, 1, 1],
                                                 ids=["0000", "0001", "0003"]),
+         "repeated_id": lambda p: _counts_json(p, [5, 6, 6, 7], [1, 1, 1, 1], [1, 1, 1, 1],
+                                               ids=["0000", "0001", "0001", "0002"]),
          "not_an_eval": lambda p: p.write_text('{"iou": 0.9}') and p,
          "missing": lambda p: p}[case](tmp_path / "b.json")
     with pytest.raises(SystemExit, match=f"^error: .*{said}"):
