@@ -81,8 +81,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
         # the others waited for it through the whole start-up timeout.
         if (count > 1 and pid == 0 and "JAX_COORDINATOR_BIND_ADDRESS" not in os.environ
                 and (why := _port_taken(int(address.rsplit(":", 1)[1])))):
-            raise ValueError(f"process 0 cannot serve the coordinator on {address} ({why}): "
-                             "another program, or another run's process 0, holds that port; "
+            raise ValueError(f"process 0 cannot serve the coordinator on {address} {why}; "
                              "choose another")
     except ValueError as e:  # a launch mistake, before any process waits for this one
         raise SystemExit(f"error: {e}") from None
@@ -114,8 +113,12 @@ def _port_taken(port: int) -> str | None:
                 s.bind((host, port))
             return None
         except OSError as e:
-            if e.errno in (errno.EADDRINUSE, errno.EACCES):
-                return e.strerror
+            if e.errno == errno.EADDRINUSE:
+                return (f"({e.strerror}): another program, or another run's process 0, holds "
+                        "that port")
+            if e.errno == errno.EACCES:  # held by no one: "another program" misled
+                return (f"({e.strerror}): this user may not listen on it (ports below 1024 "
+                        "need root)")
     return None  # no IPv6 nor IPv4 here to try: JAX will say what it finds
 
 

@@ -685,6 +685,23 @@ def test_process_0_refuses_a_coordinator_port_another_program_listens_on(no_laun
     assert no_launch_env[-1][0] == (f"127.0.0.1:{port}", 2, 0)
 
 
+def test_process_0_refuses_a_privileged_coordinator_port_as_such(no_launch_env, monkeypatch):
+    """A port below 1024 that a user may not listen on was said to be held by another program."""
+    import errno
+    import socket
+
+    def refused(self, address):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "bind", refused)  # as for a user who is not root
+    with pytest.raises(SystemExit) as e:
+        distributed.initialize("127.0.0.1:80", 2, 0)
+    assert str(e.value).startswith("error: process 0 cannot serve the coordinator on "
+                                   "127.0.0.1:80 (Permission denied)")
+    assert "another program" not in str(e.value) and "choose another" in str(e.value)
+    assert no_launch_env == []
+
+
 def test_several_processes_without_distributed_runtime_is_an_error(no_launch_env, monkeypatch):
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax, "process_count", lambda: 4)
