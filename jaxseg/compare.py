@@ -48,6 +48,8 @@ class Evaluation:
         if not self.ids:
             raise ValueError(f"{name} scores no images")
         options = [option for option in ("flip_tta", "refine") if result.get(option)]
+        if result.get("members"):
+            options.append(f"members {result['members']}")
         self.label = " --".join([str(result.get("model") or name)] + options)
 
     @classmethod
@@ -69,8 +71,7 @@ def sign_test_p(wins: int, trials: int) -> float:
 
 def dataset_iou(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     """Dataset IoU of the counts summed over the last axis (1 where nothing is person)."""
-    tp, union = tp.sum(-1), (tp + fp + fn).sum(-1)
-    return np.where(union > 0, tp / np.maximum(union, 1), 1.0)
+    return metrics.image_iou({"tp": tp.sum(-1), "fp": fp.sum(-1), "fn": fn.sum(-1)})
 
 
 def compare(a: Evaluation, b: Evaluation, samples: int = 10_000, seed: int = 0) -> dict:
@@ -117,7 +118,7 @@ def main(argv=None) -> None:
     parser.add_argument("b", type=pathlib.Path, help="eval JSON of the one it is compared with")
     parser.add_argument("--samples", type=at_least(100), default=10_000,
                         help="bootstrap resamples (default 10000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--output", type=pathlib.Path, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
     a, b = Evaluation.read(args.a), Evaluation.read(args.b)
