@@ -754,9 +754,16 @@ def main(argv):
                 video_problems.append((path, str(e) if isinstance(e, InputError)
                                        else f"could not write {target} ({e.strerror or e})"))
     except KeyboardInterrupt:  # each output is whole or absent (complete_or_absent)
+        # Outputs of an earlier run this one had not replaced yet (it was run with other
+        # options, say): --skip_existing would keep them, a silent mix of old and new.
+        older = sum(written_by_predict(target) and target not in written for target in
+                    [output_path(output, stem, f.mode, ".png") for _, stem in images]
+                    + [output_path(output, stem, f.mode, ".mp4") for _, stem in videos])
+        advice = (f"{older} output(s) of an earlier run are not replaced yet: rerun the same "
+                  "command to replace them (--skip_existing would keep them)" if older else
+                  "rerun with --skip_existing to write the rest")
         raise KeyboardInterrupt(f"{len(written)} of {len(images) + len(videos)} outputs written "
-                                f"to {output}{_existing_note(existing)}; rerun with "
-                                "--skip_existing to write the rest") from None
+                                f"to {output}{_existing_note(existing)}; {advice}") from None
     if len(video_problems) < len(videos):  # said of videos written only: all may be refused
         print(f"note: {video_note(f.mode)}", file=sys.stderr)
     # Missing paths (already in `problems`) are neither images nor videos: not subtracted.

@@ -1319,18 +1319,19 @@ workdir._fsync = waiting
 """ + CLI
 
 
-@pytest.mark.parametrize("wait_at, whole, existing", [
-    (5, 2, 0),  # the third output's partial file synced, not yet renamed: it is not written
-    (6, 3, 0),  # renamed, syncing the folder: it is written, whole
-    (5, 2, 1),  # with --skip_existing and the first output there: it is neither counted nor redone
+@pytest.mark.parametrize("wait_at, whole, existing, older", [
+    (5, 2, 0, 0),  # the third output's partial file synced, not yet renamed: it is not written
+    (6, 3, 0, 0),  # renamed, syncing the folder: it is written, whole
+    (5, 2, 1, 0),  # with --skip_existing and the first output there: neither counted nor redone
+    (5, 2, 0, 6),  # replacing an earlier run's outputs: --skip_existing would keep 4 of them
 ])
-def test_ctrl_c_ends_a_run_in_one_line_with_whole_outputs_only(tiny_model_dir, jax_cache,
-                                                               tmp_path, wait_at, whole, existing):
+def test_ctrl_c_ends_a_run_in_one_line_with_whole_outputs_only(
+        tiny_model_dir, jax_cache, tmp_path, wait_at, whole, existing, older):
     """A Ctrl-C ended a run with a KeyboardInterrupt traceback; it is one line now, counting the
     outputs written whole, and no output is left half-written under its name or hidden."""
     inputs = [fx.write(tmp_path / f"p{i}.png", photo(20 + i, 24, seed=i)) for i in range(6)]
     out = tmp_path / "out"
-    for i in range(existing):
+    for i in range(max(existing, older)):
         predict.write_image(out / f"p{i}_mask.png", np.zeros((20 + i, 24), np.uint8))
     proc = subprocess.Popen([sys.executable, "-c", WAITING_CLI, *map(str, [
                                 wait_at, tiny_model_dir, *inputs, "--output", out])]
@@ -1342,9 +1343,11 @@ def test_ctrl_c_ends_a_run_in_one_line_with_whole_outputs_only(tiny_model_dir, j
         f"interrupted: {whole} of {6 - existing} outputs written to {out}"
         + (f"; skipped {existing} input(s) whose output was already there (--skip_existing)"
            if existing else "")
-        + "; rerun with --skip_existing to write the rest"), err[-2000:]
+        + (f"; {older - whole} output(s) of an earlier run are not replaced yet: rerun the same "
+           "command to replace them (--skip_existing would keep them)" if older else
+           "; rerun with --skip_existing to write the rest")), err[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [f"p{i}_mask.png"
-                                                     for i in range(existing + whole)]
+                                                     for i in range(max(existing + whole, older))]
     for i in range(existing, existing + whole):
         path = out / f"p{i}_mask.png"
         assert predict.written_by_predict(path) and read_rgb(path).shape == (20 + i, 24)
@@ -1386,7 +1389,6 @@ def test_skip_existing_writes_only_the_outputs_that_are_not_there(tiny_model_dir
     assert result.returncode == 0 and "wrote 5 outputs" in result.stdout, result.stderr
     third = stamps()
     assert all(third[n] != second[n] for n in names)
-
 
 
 def test_skip_existing_reads_every_input_of_a_shared_output(tmp_path):
