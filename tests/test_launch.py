@@ -204,11 +204,17 @@ def test_slurm_outside_allocation(bin_dir):
     assert out.returncode != 0 and "sbatch" in out.stderr
 
 
-def test_slurm_dry_run(bin_dir, tmp_path):
-    _stub(bin_dir, "srun")
+@pytest.fixture
+def venv(tmp_path):
+    """A venv for slurm.sbatch's VENV whose python is this one."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to(sys.executable)
+    return venv
+
+
+def test_slurm_dry_run(bin_dir, tmp_path, venv):
+    _stub(bin_dir, "srun")
     env = {"SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_NTASKS_PER_NODE": "4(x2)",
            "SLURM_JOB_NUM_NODES": "2", "VENV": str(venv)}
     out = _run([LAUNCH / "slurm.sbatch", "--dry-run", "--config.train.batch_size=128"], bin_dir,
@@ -223,13 +229,10 @@ def test_slurm_dry_run(bin_dir, tmp_path):
     assert "WORKDIR (default runs/slurm," in help_text and "resumes" in help_text
 
 
-def test_slurm_gives_each_task_the_cpus_per_task_of_the_job(bin_dir, tmp_path):
+def test_slurm_gives_each_task_the_cpus_per_task_of_the_job(bin_dir, venv):
     """Since Slurm 22.05, srun does not inherit sbatch's --cpus-per-task: the #SBATCH line's 8 CPUs
     per task were not given to the processes, each left with one CPU for its decoding threads."""
     _stub(bin_dir, "srun")
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").symlink_to(sys.executable)
     env = {"SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_NTASKS_PER_NODE": "8",
            "SLURM_CPUS_PER_TASK": "6", "VENV": str(venv)}
     out = _run([LAUNCH / "slurm.sbatch", "--dry-run"], bin_dir, env=env)
@@ -247,14 +250,11 @@ def _logging_stub(path, name, log):
 
 
 @pytest.fixture
-def all_stubs(bin_dir, tmp_path):
+def all_stubs(bin_dir, tmp_path, venv):
     """bin_dir with logging gcloud/srun/nvidia-smi, and the environment each script needs."""
     log = tmp_path / "calls.log"
     for tool in ("gcloud", "srun", "nvidia-smi"):
         _logging_stub(bin_dir, tool, log)
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").symlink_to(sys.executable)
     env = {"SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_NTASKS_PER_NODE": "2",
            "VENV": str(venv), "PYTHON": sys.executable}
     return bin_dir, env, log
