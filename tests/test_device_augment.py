@@ -157,7 +157,7 @@ def test_contrast_and_saturation_scale_distances_from_the_image_mean_and_the_pix
         factors.append(np.sum(centred * (out - image.mean())) / np.sum(centred ** 2))
         assert 0.5 <= factors[-1] <= 1.5
         np.testing.assert_allclose(out, factors[-1] * centred + image.mean(), atol=1.0)
-    assert np.ptp(factors) > 0.2  # drawn per image, not left at 1
+    assert min(factors) < 0.9 and max(factors) > 1.1  # drawn per image over 1 -+ contrast
     # Saturation scales each pixel's distance from its own grey, by a factor drawn apart from
     # contrast's (the same key would tie the two jitters together).
     out_images, _ = _augmented(images, masks, _aug(saturation=0.5))
@@ -181,5 +181,52 @@ def test_shifts_move_by_up_to_max_shift_of_the_image_size():
     moves = np.array([grid @ m.reshape(-1) / m.sum() - (size - 1) / 2
                       for m in out_masks[..., 0].astype(float)])
     assert 0.05 * size < np.abs(moves).max() <= 0.1 * size + 0.5
+    # Both ways along each axis: a range of [0, max_shift) moves everything down and right.
+    assert (moves.min(axis=0) < -0.05 * size).all() and (moves.max(axis=0) > 0.05 * size).all()
     # Each axis its own amount: one draw for both moves every disc along the diagonal.
     assert np.abs(moves[:, 0] - moves[:, 1]).max() > 0.05 * size
+
+
+def test_a_turned_and_zoomed_ramp_stays_a_ramp_tilted_by_up_to_the_angle_both_ways():
+    """A ramp 3 * column, zoomed by 1.25 and turned by theta about the centre, is (bilinear
+    sampling is exact on a linear image) the ramp with gradient 3 / 1.25 * (cos theta, +-sin theta)
+    and the centre's value 3 * 31.5, to the rounding: nearest-pixel sampling leaves steps of up to
+    half a source pixel, turns of one sign or past rotate_degrees (degrees taken as radians) show
+    in the gradient's direction."""
+    size, zoom, degrees = 64, 1.25, 30.0
+    c = (size - 1) / 2
+    ramp = np.broadcast_to(3 * np.arange(size, dtype=np.uint8), (size, size))
+    images = np.repeat(np.repeat(ramp[None, ..., None], 3, axis=-1), 32, axis=0)
+    masks = np.zeros((32, size, size, 1), np.uint8)
+    out_images, _ = _augmented(images, masks, _aug(scale_min=zoom, scale_max=zoom,
+                                                   rotate_degrees=degrees))
+    yy, xx = np.mgrid[:size, :size] - c
+    inside = np.hypot(yy, xx) <= 20  # its source lies inside the photo (no reflected border)
+    design = np.stack([np.ones(inside.sum()), xx[inside], yy[inside]], axis=1)
+    angles = []
+    for out in out_images[..., 0].astype(float):
+        (centre, gx, gy), *_ = np.linalg.lstsq(design, out[inside], rcond=None)
+        assert np.abs(design @ [centre, gx, gy] - out[inside]).max() <= 0.6
+        assert centre == pytest.approx(3 * c, abs=0.2)
+        assert np.hypot(gx, gy) == pytest.approx(3 / zoom, abs=0.01)
+        angles.append(np.degrees(np.arctan2(gy, gx)))
+    assert max(np.abs(angles)) <= degrees + 0.5
+    assert min(angles) < -degrees / 3 and max(angles) > degrees / 3, angles
+
+
+def test_brightness_scales_every_value_by_its_own_draw_and_saturates_at_255():
+    """Halves of 100 and 250 brightened by f (100 f read from the dark half) are 100 f and
+    min(255, 250 f): uint8 cast without the clip wraps 250 * 1.2 to 44. f spreads over
+    1 -+ brightness, drawn apart from contrast's factor (one key would tie the two)."""
+    images = np.full((32, 8, 8, 3), 100, np.uint8)
+    images[:, :, 4:] = 250
+    masks = np.zeros((32, 8, 8, 1), np.uint8)
+    out, _ = _augmented(images, masks, _aug(brightness=0.5))
+    factors = out[:, :, :4].mean(axis=(1, 2, 3)) / 100
+    high = out[:, :, 4:].astype(float)
+    expected = np.minimum(255, 250 * factors)[:, None, None, None]
+    np.testing.assert_allclose(high, np.broadcast_to(expected, high.shape), atol=1.5)
+    assert 0.495 <= factors.min() < 0.8 and 1.2 < factors.max() <= 1.505, factors
+    out, _ = _augmented(images, masks, _aug(contrast=0.5))  # distances from the mean, 175
+    contrasts = (175 - out[:, :, :4].mean(axis=(1, 2, 3))) / 75
+    assert np.abs(factors - contrasts).max() > 0.1
