@@ -276,6 +276,11 @@ def test_colour_jitter_rounds_to_the_nearest_level():
     out, mask = preprocess.augment(image, np.ones((8, 8, 1), np.uint8), aug_config(),
                                    Draws(brightness=1.127))
     assert (out == 113).all() and (mask == 1).all()
+    # Past 255 it saturates: a uint8 cast of 250 * 1.2 without the clip wraps to 44.
+    image[:, 4:] = 250
+    out, _ = preprocess.augment(image, np.ones((8, 8, 1), np.uint8), aug_config(),
+                                Draws(brightness=1.2))
+    assert (out[:, :4] == 120).all() and (out[:, 4:] == 255).all()
 
 
 def test_contrast_and_saturation_scale_distances_from_the_image_mean_and_the_pixels_grey():
@@ -308,6 +313,51 @@ def test_zoom_and_rotation_turn_about_the_image_centre(zoom, angle):
     for out in (out_mask[..., 0].astype(float), out_image[..., 0] / 255.0):
         np.testing.assert_allclose(centroid(out), [(size - 1) / 2] * 2, atol=0.05)
         assert out.sum() == pytest.approx(disc.sum() * zoom ** 2, rel=0.03)
+
+
+@pytest.mark.parametrize("zoom, angle", [(2.0, 0.0), (1.25, 30.0), (0.8, -20.0)])
+def test_a_zoomed_and_turned_ramp_is_the_ramp_tilted_by_the_angle(zoom, angle):
+    """A ramp 3 * column, zoomed and turned about the centre, is (bilinear sampling is exact on a
+    linear image) the ramp with gradient 3 / zoom * (cos angle, +-sin angle) and the centre's
+    value 3 * 31.5, to the rounding: nearest-pixel sampling leaves steps, an angle taken as
+    radians tilts it elsewhere."""
+    from jaxseg import preprocess
+
+    size = 64
+    c = (size - 1) / 2
+    ramp = np.broadcast_to(3 * np.arange(size, dtype=np.uint8), (size, size))
+    image = np.repeat(ramp[..., None], 3, axis=-1)
+    out, _ = preprocess.augment(image, np.zeros((size, size, 1), np.uint8), aug_config(),
+                                Draws(zoom=zoom, angle=angle))
+    yy, xx = np.mgrid[:size, :size] - c
+    inside = np.hypot(yy, xx) <= 20 * min(zoom, 1)  # its source lies inside the photo
+    design = np.stack([np.ones(inside.sum()), xx[inside], yy[inside]], axis=1)
+    values = out[..., 0][inside].astype(float)
+    (centre, gx, gy), *_ = np.linalg.lstsq(design, values, rcond=None)
+    assert np.abs(design @ [centre, gx, gy] - values).max() <= 0.6
+    assert centre == pytest.approx(3 * c, abs=0.2)
+    assert gx == pytest.approx(3 / zoom * np.cos(np.radians(angle)), abs=0.01)
+    assert abs(gy) == pytest.approx(3 / zoom * abs(np.sin(np.radians(angle))), abs=0.01)
+
+
+def test_a_flip_mirrors_about_half_the_slots_image_and_mask_alike():
+    from jaxseg import preprocess
+
+    rng = np.random.default_rng(2)
+    aug = aug_config()
+    aug.update(scale_min=1.0, scale_max=1.0, rotate_degrees=0.0, max_shift=0.0, brightness=0.0,
+               contrast=0.0, saturation=0.0)
+    flipped = 0
+    for slot in range(64):
+        example = {"image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+                   "mask": (rng.random((16, 16, 1)) < 0.5).astype(np.uint8)}
+        image, mask = preprocess.train_example(example, 16, aug, 0, 1, slot)
+        mirrored = np.array_equal(image, example["image"][:, ::-1])
+        assert mirrored or np.array_equal(image, example["image"])
+        expected = example["mask"][:, ::-1] if mirrored else example["mask"]
+        np.testing.assert_array_equal(mask, expected)
+        flipped += mirrored
+    assert 16 <= flipped <= 48
 
 
 @pytest.mark.parametrize("identity", [True, False])
