@@ -199,6 +199,36 @@ def test_eval_covers_each_example_once(num_devices):
     assert padded == len(eb) * global_batch - len(source)
 
 
+def test_an_eval_row_holds_the_photo_and_mask_at_full_size_on_the_canvas():
+    """Beside the model-size input, each row carries the photo and mask as they are, at the
+    canvas's top left (zeros below and right), their (height, width), and the person regions
+    counted at full size: two people 2 pixels apart in a 150x200 photo merge at 32 pixels."""
+    rng = np.random.default_rng(4)
+    source = []
+    for h, w in ((150, 200), (90, 60)):
+        mask = np.zeros((h, w, 1), np.uint8)
+        mask[20:80, 10:42] = 1
+        source.append({"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "mask": mask,
+                       "id": f"p{h}", "source": "fake"})
+    source[0]["mask"][20:80, 44:90] = 1  # no model pixel samples the gap's columns
+    canvas = (160, 256)
+    eb = input_pipeline.EvalBatches(source, local_batch=3, image_size=32, canvas=canvas)
+    (batch,) = eb.iterate(full_image=True)
+    np.testing.assert_array_equal(batch["size"], [[150, 200], [90, 60], [0, 0]])
+    np.testing.assert_array_equal(batch["regions"], [2, 1, 0])
+    np.testing.assert_array_equal(batch["index"], [0, 1, -1])
+    np.testing.assert_array_equal(batch["valid"], [1, 1, 0])
+    for i, ex in enumerate(source):
+        h, w = ex["image"].shape[:2]
+        full_image = np.zeros((*canvas, 3), np.uint8)
+        full_image[:h, :w] = ex["image"]
+        full_mask = np.zeros(canvas, np.uint8)
+        full_mask[:h, :w] = ex["mask"][..., 0]
+        np.testing.assert_array_equal(batch["full_image"][i], full_image)
+        np.testing.assert_array_equal(batch["full_mask"][i], full_mask)
+    assert not batch["full_image"][2].any() and not batch["full_mask"][2].any()
+
+
 def test_process_shards_cover_the_split_exactly_once():
     for n in (0, 1, 7, 13, 100):
         for count in (1, 2, 3):
@@ -241,6 +271,10 @@ def test_region_count_ignores_specks():
     mask[95, 95] = 1  # a 1-pixel annotation speck (< 0.1% of the image)
     assert input_pipeline.count_regions(mask) == 2
     assert input_pipeline.count_regions(np.zeros((10, 10), np.uint8)) == 0
+    mask[40:50, 30:40] = 1  # touches the first person at a corner only: 8-connected, one region
+    assert input_pipeline.count_regions(mask) == 2
+    mask[0:2, 80:85] = 1  # exactly 0.1% of the image: at least the minimum, a region
+    assert input_pipeline.count_regions(mask) == 3
 
 
 class Draws:
