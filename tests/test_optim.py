@@ -19,6 +19,7 @@ def optim_config(**overrides):
 
 @pytest.mark.parametrize("fractions,num_steps,warmup", [
     ((0.5, 0.8), 100, 0), ((0.5, 0.8), 100, 10),
+    ((0.5, 0.8), 10, 1),  # one warmup step: step 0 at rate 0, not the peak
     ((0.6, 0.62), 20, 0),  # both land on step 12: the rate is divided by 10 twice there
     ((0.6, 0.62), 20, 4),
     ((0.29, 0.57), 100, 0),  # in floats 0.29 * 100 and 0.57 * 100 fall just short of 29 and 57
