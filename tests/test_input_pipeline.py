@@ -29,6 +29,7 @@ def test_a_mixture_that_a_batch_cannot_hold_exactly_is_noted_with_its_rounded_sh
     assert mixture.rounding_note("a:1,b:1", 16) is None
     assert mixture.rounding_note("a:3,b:1", 8) is None
     assert mixture.rounding_note("a:0.25,b:0.75", 64) is None
+    assert mixture.rounding_note("a:0.3,b:0.6", 3) is None  # 0.3 / 0.9 is not 1 / 3 in floats
     note = mixture.rounding_note("a:1,b:99", 8)
     assert note.endswith("each batch of 8 holds 1 a (12.5%, asked 1.0%), 7 b (87.5%, asked 99.0%)")
     counts = [int(c) for c in re.findall(r"(\d+) [abc] \(", mixture.rounding_note("a:1,b:1,c:1", 16))]
@@ -54,11 +55,14 @@ def test_mixture_counts_and_parsing():
         assert counts == list(closest), (weights, counts)
         assert mixture.mixture_counts(weights[::-1], batch) == counts[::-1]
     assert mixture.parse_mixture("a:2, b") == [("a", 2.0), ("b", 1.0)]
+    assert mixture.parse_mixture("a : 2,b,") == [("a", 2.0), ("b", 1.0)]  # no '' dataset
     for bad in ("a:0", "a:nan", "a:inf", "a:-1", "a:1/2"):
         with pytest.raises(ValueError, match=f"for 'a' must be a positive number, got {bad[2:]}"):
             mixture.parse_mixture(bad)
     with pytest.raises(ValueError, match="'a' is named twice"):
         mixture.parse_mixture("a:1, b, a:1")
+    with pytest.raises(ValueError, match="'a' is named twice"):
+        mixture.parse_mixture("a, a :1")
 
 
 def test_resumed_and_sliced_batches_equal_the_uninterrupted_stream():
