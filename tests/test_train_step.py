@@ -257,6 +257,8 @@ def test_a_mesh_of_fewer_devices_takes_an_equal_share_of_each_process():
     uneven = devices[:6]  # process 1 holds 4, process 0 only 2
     with pytest.raises(ValueError, match="all 6 devices, 3 from each of 2 processes, but they hold 2, 4"):
         sharding.choose_devices(uneven, None, process_count=2)
+    with pytest.raises(ValueError, match="3 devices, 1 from each of 3 processes, but they hold 4, 4"):
+        sharding.choose_devices(devices, 3, process_count=3)  # process 2 holds none
 
 
 @pytest.mark.parametrize("num_devices", [1, 2, 8])
