@@ -776,6 +776,7 @@ def test_a_grid_over_how_validation_is_measured_is_noted(tmp_path, monkeypatch, 
     (tmp_path / "results.md").write_text("")  # what main prints after the run
     for grid, noted in ((["eval.threshold=0.4,0.5", "seed=0,1"], "eval.threshold"),
                         (["data.eval=ccp_person,portrait_segmentation"], "data.eval"),
+                        (["data.eval_split=validation,train[:10%]"], "data.eval_split"),
                         (["eval.batch_size=16,32", "optim.learning_rate=1e-3,3e-3"], None)):
         sweep.main(["--workdir", str(tmp_path), *[a for g in grid for a in ("--grid", g)]])
         err = capsys.readouterr().err

@@ -144,6 +144,7 @@ def test_non_finite_step_leaves_state_unchanged(monkeypatch, where):
 
 @pytest.mark.parametrize("field,value,message", [
     ("train.batch_size", 12, "multiple of the 8 devices"),
+    ("train.batch_size", 0, "train.batch_size=0 must be a positive multiple"),  # 0 % 8 is 0
     ("data.image_size", 102, "divisible by 2\\*\\*model.depth"),
     ("data.image_size", 0, "data.image_size=0 must be positive"),  # 0 is divisible by anything
     ("model.norm", "layer", "model.norm"),
@@ -211,6 +212,17 @@ def test_tfds_slices_and_sums_of_train_and_validation_are_splits():
     config = tiny_config()
     config.data.train_split, config.data.eval_split = "train[:90%]+validation", "train[90%:]"
     config_check.validate(config, num_devices=8)
+
+
+def test_the_edges_of_each_allowed_range_are_accepted():
+    """Each bound the errors call inclusive holds: no zoom (scale_min = scale_max), copy-paste on
+    every example, Adam's b1 and b2 of 0, a decay at the very end (fraction 1), one row for each
+    dataset of the mixture."""
+    config = tiny_config()
+    config.data.aug.update(scale_min=1.0, scale_max=1.0, copy_paste=1.0)
+    config.optim.update(b1=0.0, b2=0.0, step_fractions=(1.0,))
+    config.data.train, config.train.batch_size = "portrait_segmentation:1,ccp_person:1", 2
+    config_check.validate(config, num_devices=2)
 
 
 def test_a_batch_smaller_than_the_mixture_is_refused():
