@@ -875,6 +875,16 @@ def test_an_orientation_after_a_pngs_pixels_is_ignored_by_builder_and_prediction
         np.testing.assert_array_equal(photo_pixels.decode_photo(png)[0], expected)
 
 
+@pytest.mark.parametrize("shape, mode", [((5, 7), "L"), ((5, 7, 3), "RGB"), ((5, 7, 4), "RGBA")])
+def test_encode_png_writes_the_array_as_pil_reads_it(shape, mode):
+    """Grey, RGB and RGBA (predict's cutouts) round-trip through PIL's own decoder: channels in
+    order, and the alpha kept."""
+    array = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    decoded = Image.open(io.BytesIO(photo_pixels.encode_png(array)))
+    assert decoded.mode == mode
+    np.testing.assert_array_equal(np.asarray(decoded), array)
+
+
 def test_a_16_bit_grey_pngs_transparent_value_gives_the_alpha():
     values = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
     encoded = io.BytesIO()
