@@ -86,6 +86,22 @@ def test_a_residual_block_adds_its_projected_input():
     assert not np.allclose(block(x, train=False), jax.nn.relu(body), atol=1e-3)
 
 
+def test_batch_norm_keeps_running_statistics_with_momentum_0_9():
+    """A training call moves each running mean a tenth of the way to the batch's mean (and the
+    variance likewise): evaluation normalises by these, so a slower average (flax's default,
+    0.99) leaves a short run's model evaluated with statistics near their initial 0 and 1."""
+    from jaxseg.models.unet import ConvBlock
+
+    block = ConvBlock(3, 4, norm="batch", residual=False, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)) * 5 + 2, jnp.float32)
+    features = np.asarray(block.conv1(x), np.float64)
+    block(x, train=True)
+    np.testing.assert_allclose(block.norm1.mean[...], 0.1 * features.mean(axis=(0, 1, 2)),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(block.norm1.var[...], 0.9 + 0.1 * features.var(axis=(0, 1, 2)),
+                               rtol=1e-4)
+
+
 def test_a_config_without_the_attention_field_builds_the_plain_model():
     from jaxseg.inference import config_from_json
 
@@ -123,8 +139,9 @@ def test_bfloat16_config_computes_float32_on_cpu():
 
 def test_size_not_divisible_is_a_clear_error():
     model = UNet(depth=3, base_features=8, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="divisible by 2\\*\\*depth = 8"):
-        model(jnp.zeros((1, 60, 64, 3), jnp.uint8))
+    for shape in ((1, 60, 64, 3), (1, 64, 60, 3)):  # the height, or the width alone
+        with pytest.raises(ValueError, match="divisible by 2\\*\\*depth = 8"):
+            model(jnp.zeros(shape, jnp.uint8))
 
 
 def test_max_pool_equals_reduce_window_max_pool():
