@@ -162,6 +162,17 @@ def test_depth_to_space_conv_equals_transposed_conv():
     np.testing.assert_allclose(ours, transposed(x), rtol=1e-5, atol=1e-5)
 
 
+def test_resize_upsampling_convolves_the_nearest_neighbour_enlargement():
+    """upsample='resize': output pixel (y, x) comes from input pixel (y // 2, x // 2), then the
+    3x3 convolution; checked on a non-square map, whose axes cannot be confused."""
+    from jaxseg.models.unet import Upsample
+
+    up = Upsample(3, 2, mode="resize", dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(2, 3, 5, 3)).astype(np.float32)
+    nearest = x[:, np.arange(6) // 2][:, :, np.arange(10) // 2]
+    np.testing.assert_allclose(up(jnp.asarray(x)), up.conv(jnp.asarray(nearest)), rtol=1e-6)
+
+
 def test_dropout_needs_a_key_only_in_training():
     model = UNet(depth=2, base_features=4, dropout=0.5, rngs=nnx.Rngs(0))
     x = jax.random.randint(jax.random.key(0), (1, 16, 16, 3), 0, 255).astype(jnp.uint8)
