@@ -65,6 +65,21 @@ def test_of_two_examples_each_always_gets_the_other_ones_person():
             np.testing.assert_array_equal(g, e, err_msg=seed)
 
 
+def test_every_other_example_of_the_batch_is_a_donor_under_some_key():
+    """The offset is drawn from all of [1, B): under 32 keys a batch of 5 takes its donors at
+    each of the offsets 1 to 4 (one never drawn pairs some examples never)."""
+    images, masks = batch(seed=4)
+    valid = np.ones(len(images), np.float32)
+    references = {s: pasted_reference(images, masks, valid, s, [True] * len(images))
+                  for s in range(1, len(images))}
+    offsets = set()
+    for seed in range(32):
+        got = device_augment.copy_paste(jax.random.key(seed), images, masks, valid, 1.0)
+        offsets |= {s for s, ref in references.items()
+                    if all(np.array_equal(g, r) for g, r in zip(got, ref))}
+    assert offsets == {1, 2, 3, 4}
+
+
 def test_probability_zero_changes_nothing_and_a_half_pastes_some():
     images, masks = batch(b=64, size=4)
     valid = np.ones(64, np.float32)
@@ -230,3 +245,24 @@ def test_brightness_scales_every_value_by_its_own_draw_and_saturates_at_255():
     out, _ = _augmented(images, masks, _aug(contrast=0.5))  # distances from the mean, 175
     contrasts = (175 - out[:, :, :4].mean(axis=(1, 2, 3))) / 75
     assert np.abs(factors - contrasts).max() > 0.1
+
+
+def test_zoom_and_flip_are_drawn_apart_over_the_zoom_range():
+    """A ramp 3 * column zoomed by z and perhaps flipped has gradient +-3 / z along the row: each
+    example's zoom and flip read from it. Zooms spread over [scale_min, scale_max], and flipped
+    and unflipped examples each zoom both in and out (a flip drawn from the zoom's key flips
+    exactly the zoomed-out ones)."""
+    size, c = 64, 31.5
+    ramp = np.broadcast_to(3 * np.arange(size, dtype=np.uint8), (size, size))
+    images = np.repeat(np.repeat(ramp[None, ..., None], 3, axis=-1), 48, axis=0)
+    masks = np.zeros((48, size, size, 1), np.uint8)
+    out_images, _ = _augmented(images, masks, _aug(scale_min=0.75, scale_max=1.25, hflip=True))
+    yy, xx = np.mgrid[:size, :size] - c
+    inside = np.hypot(yy, xx) <= 20  # its source lies inside the photo at every zoom
+    design = np.stack([np.ones(inside.sum()), xx[inside]], axis=1)
+    gradients = np.array([np.linalg.lstsq(design, out[inside], rcond=None)[0][1]
+                          for out in out_images[..., 0].astype(float)])
+    zooms, flipped = 3 / np.abs(gradients), gradients < 0
+    assert 0.745 <= zooms.min() < 0.85 and 1.15 < zooms.max() <= 1.255, zooms
+    for group in (zooms[flipped], zooms[~flipped]):
+        assert len(group) >= 12 and group.min() < 0.95 and group.max() > 1.05, (zooms, flipped)
