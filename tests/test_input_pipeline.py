@@ -233,6 +233,17 @@ def test_an_eval_row_holds_the_photo_and_mask_at_full_size_on_the_canvas():
     assert not batch["full_image"][2].any() and not batch["full_mask"][2].any()
 
 
+@pytest.mark.parametrize("size", [0, 2, 9])
+def test_prefetch_to_mesh_yields_every_batch_in_order(size):
+    """Batches ahead or none, the prefetched stream is the input's, to its last batch."""
+    mesh = sharding.make_mesh(2)
+    batches = [{"x": np.full((4, 3), i, np.float32)} for i in range(5)]
+    out = list(input_pipeline.prefetch_to_mesh(iter(batches), mesh, size=size))
+    assert [float(np.asarray(b["x"])[0, 0]) for b in out] == [0, 1, 2, 3, 4]
+    for got, batch in zip(out, batches):
+        np.testing.assert_array_equal(np.asarray(got["x"]), batch["x"])
+
+
 def test_process_shards_cover_the_split_exactly_once():
     for n in (0, 1, 7, 13, 100):
         for count in (1, 2, 3):
