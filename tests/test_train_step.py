@@ -149,6 +149,7 @@ def test_non_finite_step_leaves_state_unchanged(monkeypatch, where):
     ("data.image_size", 0, "data.image_size=0 must be positive"),  # 0 is divisible by anything
     ("model.norm", "layer", "model.norm"),
     ("data.train", "nosuchset:1", "unknown dataset"),
+    ("data.train", "person_folder", "person_folder needs --config.data.folder=PATH"),
     ("loss.boundary_weight", -1.0, "loss.boundary_weight=-1.0 must be >= 0"),
     ("loss.boundary_radius", 0, "loss.boundary_radius=0 must be >= 1"),
     ("loss.lovasz_weight", -1.0, "loss.lovasz_weight=-1.0 must be >= 0"),
@@ -211,6 +212,8 @@ def test_impossible_config_fails_before_any_work(field, value, message):
 def test_tfds_slices_and_sums_of_train_and_validation_are_splits():
     config = tiny_config()
     config.data.train_split, config.data.eval_split = "train[:90%]+validation", "train[90%:]"
+    config_check.validate(config, num_devices=8)
+    config.data.train_split = "train[:90%] + validation"  # TFDS reads it with the spaces too
     config_check.validate(config, num_devices=8)
 
 
