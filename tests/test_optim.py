@@ -61,13 +61,15 @@ def test_a_warmup_longer_than_the_run_still_reaches_the_peak_at_the_last_step():
                                rtol=1e-6)
 
 
-def test_the_optimizer_is_clipped_adamw_decaying_kernels_only():
-    """Three steps against a numpy AdamW: gradients clipped by their global norm, Adam's moments
-    with b1 and b2 as configured, weight decay on kernels (ndim > 1) but not biases or scales."""
+@pytest.mark.parametrize("clip", [2.0, 0.0])
+def test_the_optimizer_is_clipped_adamw_decaying_kernels_only(clip):
+    """Three steps against a numpy AdamW: gradients clipped by their global norm (not at all at
+    grad_clip_norm 0, which is off, not a clip to nothing), Adam's moments with b1 and b2 as
+    configured, weight decay on kernels (ndim > 1) but not biases or scales."""
     import jax
 
     c = optim_config(schedule="constant", optimizer="adamw", b1=0.8, b2=0.95, weight_decay=0.1,
-                     grad_clip_norm=1.0)
+                     grad_clip_norm=clip)
     rng = np.random.default_rng(0)
     params = {"kernel": rng.normal(size=(3, 2)).astype(np.float32),
               "bias": rng.normal(size=(2,)).astype(np.float32)}
@@ -85,7 +87,7 @@ def test_the_optimizer_is_clipped_adamw_decaying_kernels_only():
     for t, g in enumerate(grads, start=1):
         norm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in g.values()))
         for k in p:
-            gk = g[k] * min(1.0, 1.0 / norm)
+            gk = g[k] * min(1.0, clip / norm) if clip else g[k]
             m[k] = 0.8 * m[k] + 0.2 * gk
             v2[k] = 0.95 * v2[k] + 0.05 * gk ** 2
             step = (m[k] / (1 - 0.8 ** t)) / (np.sqrt(v2[k] / (1 - 0.95 ** t)) + 1e-8)
