@@ -169,6 +169,11 @@ def validate(config, num_devices: int) -> None:
     for field in ("optim.grad_clip_norm", "loss.boundary_weight", "loss.lovasz_weight"):
         if not 0 <= _get(config, field) < math.inf:
             problems.append(f"{field}={_get(config, field)} must be >= 0 and finite (0 = off)")
+    # boundary_weight only scales the cross-entropy: with these three at 0 the loss is 0 and the
+    # whole run trains nothing (weight decay alone shrinks the weights), without a word.
+    if not any(_get(config, f) for f in ("loss.ce_weight", "loss.dice_weight", "loss.lovasz_weight")):
+        problems.append("loss.ce_weight, loss.dice_weight and loss.lovasz_weight are all 0: the "
+                        "loss is 0 and nothing is learnt; give at least one a weight above 0")
     if config.loss.boundary_radius < 1:
         problems.append(f"loss.boundary_radius={config.loss.boundary_radius} must be >= 1")
     for field in SPLIT_FIELDS:

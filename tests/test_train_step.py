@@ -209,6 +209,30 @@ def test_impossible_config_fails_before_any_work(field, value, message):
         config_check.validate(config, num_devices=8)
 
 
+@pytest.mark.parametrize("weights,trains", [
+    ((0.0, 0.0, 0.0), False), ((0.0, 0.0, 1.0), True), ((0.0, 0.5, 0.0), True),
+    ((2.0, 0.0, 0.0), True)])
+def test_a_loss_with_every_term_weighted_0_is_refused(weights, trains):
+    """ce, dice and lovasz all 0 (boundary_weight only scales ce): the loss is a constant 0,
+    nothing is learnt, and the run used to go on regardless."""
+    config = tiny_config()
+    config.loss.ce_weight, config.loss.dice_weight, config.loss.lovasz_weight = weights
+    config.loss.boundary_weight = 3.0
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32)
+    masks = jnp.asarray(rng.integers(0, 2, size=(2, 8, 8, 1)), jnp.float32)
+    loss, _ = losses.segmentation_loss(logits, masks, jnp.ones(2, bool), **{
+        k: config.loss[k] for k in ("ce_weight", "dice_weight", "lovasz_weight",
+                                    "boundary_weight", "boundary_radius")})
+    assert (float(loss) != 0.0) == trains  # the premise, from the loss itself
+    if trains:
+        config_check.validate(config, num_devices=8)
+    else:
+        with pytest.raises(config_check.ConfigError, match="loss.ce_weight, loss.dice_weight and "
+                           "loss.lovasz_weight are all 0"):
+            config_check.validate(config, num_devices=8)
+
+
 def test_tfds_slices_and_sums_of_train_and_validation_are_splits():
     config = tiny_config()
     config.data.train_split, config.data.eval_split = "train[:90%]+validation", "train[90%:]"
