@@ -28,12 +28,21 @@ class ConfigError(ValueError):
 def unknown_field(error: Exception, argv: list[str]) -> tuple[str, str | None] | None:
     """(the field, the nearest field name or None) when ml_collections' AttributeError or
     KeyError is about a field that an override in ARGV (--config.a.b=..., --noconfig.a.b) names
-    and the config lacks; None otherwise (an error of the config file's own code, say)."""
+    and the config lacks; None otherwise (an error of the config file's own code, say). An
+    override below a field that is no section (--config.train.num_steps.x=1) lacks the whole
+    dotted name."""
     text = str(error).replace("\\", "")
+    # absl takes a flag after one dash as well as two.
+    overrides = {arg.split("=", 1)[0].split(".", 1)[1] for arg in argv
+                 if arg.startswith(("--config.", "--noconfig.", "-config.", "-noconfig."))}
+    # ml_collections' KeyError for a lookup inside a value: "Attribute <class 'int'>.x does not
+    # exist ... Attempting to lookup: train.num_steps.x".
+    below = re.search(r"Attribute <class '\w+'>\.\w+ does not exist.*lookup: ([\w.]+)", text,
+                      re.DOTALL)
+    if below and below.group(1) in overrides:
+        return below.group(1), None
     name = re.search(r"'([^']+)'", text)
-    fields = {part for arg in argv if arg.startswith(("--config.", "--noconfig."))
-              for part in arg.split("=", 1)[0].split(".")[1:]}
-    if not name or name.group(1) not in fields:
+    if not name or name.group(1) not in {part for o in overrides for part in o.split(".")}:
         return None
     suggestion = re.search(r'Did you mean "([^"]+)"', text)
     return name.group(1), suggestion.group(1) if suggestion else None

@@ -157,6 +157,11 @@ def test_impossible_config_fails_before_touching_data(tmp_path, override, messag
 @pytest.mark.parametrize("args, message", [
     # With --config left at its default, ml_collections applies overrides while defining the flag.
     (["--config.train.nope=1"], "the config has no field 'nope'"),
+    # absl takes one dash too; and an override below a field that is no section: both were
+    # ml_collections' AttributeError / KeyError tracebacks.
+    (["-config.train.num_step=5"], "the config has no field 'num_step'; did you mean 'num_steps'?"),
+    (["--config", "configs/smoke.py", "--config.train.num_steps.x=5"],
+     "the config has no field 'train.num_steps.x'"),
     (["--config", "configs/missing.py"], "error: --config: [Errno 2] No such file or directory"),
     (["--workdir="], "error: --workdir: give the run's folder"),  # not the current folder
 ])
