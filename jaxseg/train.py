@@ -626,7 +626,23 @@ def main(argv):
             "resume from the latest")
     if distributed.is_main_process():
         print(json.dumps({k: v for k, v in result.items()}, indent=1, default=float))
+        if not result.get("preempted"):
+            print(finished_note(FLAGS.workdir, config), file=sys.stderr)
     return STOPPED_EXIT_STATUS if result.get("preempted") else 0
+
+
+def finished_note(workdir: str, config) -> str:
+    """Where a finished run keeps its model and logs, and the command that scores it on a test
+    split: the summary above it is JSON alone, for scripts."""
+    ckpts = checkpointing.Checkpoints(workdir, read_only=True)
+    best, where = ckpts.best_step(), ckpts.best.directory
+    ckpts.close()
+    names = " or ".join(name for name, _ in mixture.parse_mixture(config.data.eval))
+    dataset = ("--images DIR --masks DIR" if config.data.folder
+               else f"--dataset D --split test (D: {names})")
+    return (f"done: the best checkpoint by validation IoU is step {best} in {where}; score it "
+            f"with: python -m jaxseg.evaluate --workdir {workdir} {dataset}; logs: "
+            f"{workdir}/metrics.jsonl and TensorBoard's {workdir}/tensorboard")
 
 
 _DEFAULT_CONFIG = "configs/default.py"

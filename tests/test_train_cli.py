@@ -45,14 +45,26 @@ def last_train_record(workdir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(manual_dir, tmp_path_factory):
+def uninterrupted_run(manual_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    subprocess.run(train_command(workdir), cwd=REPO, env=run_env(manual_dir), check=True,
-                   timeout=600, capture_output=True)
-    return workdir
+    return workdir, subprocess.run(train_command(workdir), cwd=REPO, env=run_env(manual_dir),
+                                   check=True, timeout=600, capture_output=True, text=True)
 
 
-def test_run_writes_checkpoints_logs_and_best(uninterrupted):
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return uninterrupted_run[0]
+
+
+def test_run_writes_checkpoints_logs_and_best(uninterrupted_run):
+    uninterrupted, finished = uninterrupted_run
+    # stdout is the JSON summary alone; the last line of stderr says where the model is.
+    assert json.loads(finished.stdout)["step"] == STEPS
+    assert finished.stderr.rstrip("\n").splitlines()[-1] == (
+        f"done: the best checkpoint by validation IoU is step {STEPS} in {uninterrupted}/best; "
+        f"score it with: python -m jaxseg.evaluate --workdir {uninterrupted} --dataset D --split "
+        "test (D: portrait_segmentation or ccp_person); logs: "
+        f"{uninterrupted}/metrics.jsonl and TensorBoard's {uninterrupted}/tensorboard")
     ckpts = checkpointing.Checkpoints(uninterrupted, read_only=True)
     assert ckpts.latest.all_steps() == [8, 12]  # saved at 4, 8 and 12, keeping two
     assert ckpts.best_step() == STEPS
