@@ -558,6 +558,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 break
         ckpts.wait()
         last["step"] = step
+        last["best_step"] = ckpts.best_step()
         return last
 
 
@@ -627,22 +628,20 @@ def main(argv):
     if distributed.is_main_process():
         print(json.dumps({k: v for k, v in result.items()}, indent=1, default=float))
         if not result.get("preempted"):
-            print(finished_note(FLAGS.workdir, config), file=sys.stderr)
+            print(finished_note(FLAGS.workdir, config, result["best_step"]), file=sys.stderr)
     return STOPPED_EXIT_STATUS if result.get("preempted") else 0
 
 
-def finished_note(workdir: str, config) -> str:
+def finished_note(workdir: str, config, best_step: int) -> str:
     """Where a finished run keeps its model and logs, and the command that scores it on a test
     split: the summary above it is JSON alone, for scripts."""
-    ckpts = checkpointing.Checkpoints(workdir, read_only=True)
-    best, where = ckpts.best_step(), ckpts.best.directory
-    ckpts.close()
     names = " or ".join(name for name, _ in mixture.parse_mixture(config.data.eval))
     dataset = ("--images DIR --masks DIR" if config.data.folder
                else f"--dataset D --split test (D: {names})")
-    return (f"done: the best checkpoint by validation IoU is step {best} in {where}; score it "
-            f"with: python -m jaxseg.evaluate --workdir {workdir} {dataset}; logs: "
-            f"{workdir}/metrics.jsonl and TensorBoard's {workdir}/tensorboard")
+    return (f"done: the best checkpoint by validation IoU is step {best_step} in "
+            f"{workdir_path(workdir) / checkpointing.BEST_DIR}; score it with: python -m "
+            f"jaxseg.evaluate --workdir {workdir} {dataset}; logs: {workdir}/metrics.jsonl and "
+            f"TensorBoard's {workdir}/tensorboard")
 
 
 _DEFAULT_CONFIG = "configs/default.py"
