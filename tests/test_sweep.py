@@ -261,17 +261,7 @@ def test_another_grid_joins_the_ranking_of_the_finished_trials(tmp_path):
 def test_the_same_grids_in_another_order_reuse_the_finished_trials(tmp_path, monkeypatch):
     """Folders are named by the fields in --grid's order: the same command with its --grid flags
     swapped named every trial otherwise, trained each finished one again and ranked it twice."""
-    started = []
-
-    def fake_train(config, tdir, values, extra):
-        started.append(values)
-        (tdir / "config.json").write_text(json.dumps({"train": {"num_steps": 1}}))
-        (tdir / "metrics.jsonl").write_text(
-            json.dumps({"step": 1, "kind": "train", "loss": 0.5}) + "\n"
-            + json.dumps({"step": 1, "kind": "validation", "val_iou": values["x"] / 10}) + "\n")
-        return [sys.executable, "-c", "pass"]
-
-    monkeypatch.setattr(sweep, "_command", fake_train)
+    started = _record_trials(monkeypatch)
     first = sweep.run("configs/smoke.py", tmp_path, sweep.trials(sweep.parse_grid(["x=1,2", "y=0"])))
     assert len(started) == 2
     swapped = sweep.trials(sweep.parse_grid(["y=0", "x=1,2,3"]))
